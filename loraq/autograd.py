@@ -1,0 +1,77 @@
+"""Autograd for a LoRA linear layer on a frozen (compressed) base.
+
+Forward: ``y = x·Ŵᵀ + s·(x_l·Aᵀ)·Bᵀ + b`` where ``x_l`` is ``x`` after LoRA dropout (the same
+tensor when dropout is off). With the base frozen the backward is (DESIGN.md)::
+
+    dX   = dY·Ŵ                  (to x; a compressed matmul with the weight transposed)
+    dX_l = s·(dY·B)·A            (to x_l; autograd adds it to dX when x_l is x)
+    dA   = s·(dY·B)ᵀ·X_l
+    dB   = s·dYᵀ·(X_l·Aᵀ)
+    db   = Σ_rows dY
+
+Only ``x_l``, ``A`` and ``B`` are saved (``x_l·Aᵀ`` ``[M, r]`` is recomputed): the dense ``Ŵ`` is
+never kept between forward and backward, so at most one layer's ``Ŵ`` exists at a time (and
+none with a fused kernel backend).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import ops
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """``LoraLinearFunction.apply(x, x_lora, lora_A, lora_B, bias, weight, scaling, backend)``.
+
+    ``lora_A``/``lora_B`` may be ``None`` (adapter disabled) and ``bias`` may be ``None``.
+    ``x`` has any leading shape ``[..., K]``; the computation runs in ``x.dtype`` and the
+    gradients of the parameters come back in the parameters' own dtypes.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_lora, lora_A, lora_B, bias, weight, scaling: float, backend: Optional[str]):
+        N, K = weight.shape
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, K)
+        dtype = x.dtype
+        b = None if bias is None else bias.to(dtype)
+        if lora_A is None:
+            y = ops.lora_linear(x2, weight, None, None, 1.0, b, backend=backend)
+        elif x_lora is x:  # the fused path: one pass over the packed weight
+            y = ops.lora_linear(x2, weight, lora_A.to(dtype), lora_B.to(dtype), scaling, b, backend=backend)
+        else:  # LoRA dropout: the adapter sees another input than the base
+            xl2 = x_lora.reshape(-1, K)
+            y = ops.lora_linear(x2, weight, None, None, 1.0, b, backend=backend)
+            y = y + scaling * ((xl2 @ lora_A.to(dtype).t()) @ lora_B.to(dtype).t())
+        if lora_A is not None:
+            ctx.save_for_backward(x_lora.reshape(-1, K), lora_A, lora_B)
+        ctx.weight, ctx.scaling, ctx.backend, ctx.lead = weight, scaling, backend, lead
+        ctx.has_lora = lora_A is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y.reshape(*lead, N)
+
+    @staticmethod
+    def backward(ctx, dy):
+        N, K = ctx.weight.shape
+        dy2 = dy.reshape(-1, N)
+        need = ctx.needs_input_grad
+        dx = dxl = dA = dB = db = None
+        if need[0]:
+            dx = ops.base_matmul_t(dy2, ctx.weight, backend=ctx.backend).reshape(*ctx.lead, K)
+        if ctx.has_lora and (need[1] or need[2] or need[3]):
+            xl2, A, B = ctx.saved_tensors
+            s, dtype = ctx.scaling, dy2.dtype
+            Ac, Bc = A.to(dtype), B.to(dtype)
+            dyB = dy2 @ Bc
+            if need[1]:
+                dxl = (s * (dyB @ Ac)).reshape(*ctx.lead, K)
+            if need[2]:
+                dA = (s * (dyB.t() @ xl2)).to(A.dtype)
+            if need[3]:
+                dB = (s * (dy2.t() @ (xl2 @ Ac.t()))).to(B.dtype)  # x_l·Aᵀ recomputed: [M, r], cheap
+        if ctx.bias_dtype is not None and need[4]:
+            db = dy2.sum(0).to(ctx.bias_dtype)
+        return dx, dxl, dA, dB, db, None, None, None

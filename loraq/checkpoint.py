@@ -1,0 +1,185 @@
+"""``save`` and ``load``: a compressed model as safetensors plus a JSON description.
+
+A checkpoint is a folder with ``model.safetensors`` (the whole state dict: packed bases,
+adapters and every other parameter and buffer) and ``loraq_config.json`` (format version,
+each compressed layer's configuration, ``modules_to_save``, the tensors' shapes and the
+file's SHA-256). ``load`` takes the *uncompressed* architecture, checks everything first and
+only then rebuilds the layers, so a bad checkpoint leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ._version import __version__
+from .api import CONFIG_ATTR, _inside, _set_submodule, set_trainable
+from .formats import format_class
+from .nn import LoraLinear
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "loraq_config.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, truncated, or made for another architecture."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: never a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
+    """Save a compressed model to the folder ``path`` (created if needed); returns the folder."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors: Dict[str, torch.Tensor] = {}
+    seen = set()
+    for k, v in model.state_dict().items():
+        v = v.detach()
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)) if v.numel() else None
+        # safetensors refuses tensors that share memory (tied weights): give repeats their own copy.
+        tensors[k] = v.clone().contiguous() if key in seen else v.contiguous()
+        if key is not None:
+            seen.add(key)
+    tensors = {k: v.cpu() for k, v in tensors.items()}
+    _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    meta = getattr(model, CONFIG_ATTR, {"config": None, "modules_to_save": []})
+    description = {
+        "format": "loraq",
+        "format_version": FORMAT_VERSION,
+        "loraq_version": __version__,
+        "config": meta["config"],
+        "modules_to_save": meta["modules_to_save"],
+        "layers": {n: m.layer_config() for n, m in model.named_modules() if isinstance(m, LoraLinear)},
+        "tensors": {k: [list(v.shape), str(v.dtype).replace("torch.", "")] for k, v in tensors.items()},
+        "sha256": _sha256(folder / WEIGHTS_NAME),
+    }
+    text = json.dumps(description, indent=1)
+    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    return folder
+
+
+def read_description(path: Union[str, os.PathLike]) -> dict:
+    """The parsed ``loraq_config.json`` of a checkpoint folder (clear errors if it is unusable)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a loraq checkpoint folder (it does not exist or is a file)")
+    try:
+        desc = json.loads((folder / CONFIG_NAME).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder} has no {CONFIG_NAME}; was it written by loraq.save?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{folder / CONFIG_NAME} is corrupt or truncated ({e})") from None
+    if not isinstance(desc, dict) or desc.get("format") != "loraq":
+        raise CheckpointError(f"{folder / CONFIG_NAME} is not a loraq checkpoint description")
+    if desc.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint format version {desc.get('format_version')} is not supported "
+                              f"(this loraq reads version {FORMAT_VERSION})")
+    return desc
+
+
+def _skeleton(cfg: dict, device: torch.device) -> LoraLinear:
+    """An empty LoraLinear with the tensor shapes of the saved one, to load the tensors into."""
+    dtype = getattr(torch, cfg["dtype"])
+    shape = (cfg["out_features"], cfg["in_features"])
+    options = {"group_size": cfg["group_size"], "scale": cfg["scale"]} if cfg["compression"] == "int1" else {}
+    base = format_class(cfg["compression"]).empty(shape, dtype, device, **options)
+    bias = torch.zeros(shape[0], dtype=dtype, device=device) if cfg["bias"] else None
+    return LoraLinear(base, cfg["rank"], cfg["alpha"], cfg["rslora"], cfg["dropout"], bias)
+
+
+def _describe(problems: list, what: str) -> str:
+    return f"{what}: {', '.join(problems[:8])}{' ...' if len(problems) > 8 else ''}"
+
+
+def load(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
+    """Restore a checkpoint written by :func:`save` into ``model`` (the architecture before compression).
+
+    The compressed layers are rebuilt from the checkpoint alone (no dense weights needed) and
+    every tensor is restored bit-exactly. Returns ``model``. Raises :class:`CheckpointError`,
+    leaving ``model`` untouched, if the checkpoint is corrupt, truncated or for another model.
+    """
+    folder = Path(path)
+    desc = read_description(folder)
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"{folder} has no {WEIGHTS_NAME}")
+    if _sha256(weights) != desc.get("sha256"):
+        raise CheckpointError(f"{weights} is corrupt or truncated: its SHA-256 differs from the one saved with it")
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{weights} cannot be read ({type(e).__name__}: {e})") from None
+
+    # Build the new layers and check every name and shape before touching the model.
+    modules = dict(model.named_modules())
+    new_layers: Dict[str, LoraLinear] = {}
+    for name, cfg in desc["layers"].items():
+        old = modules.get(name)
+        if not isinstance(old, (nn.Linear, LoraLinear)):
+            found = "nothing" if old is None else type(old).__name__
+            raise CheckpointError(f"checkpoint made for another architecture: it compresses {name!r}, "
+                                  f"which is {found} in this model, not an nn.Linear")
+        if (old.out_features, old.in_features) != (cfg["out_features"], cfg["in_features"]):
+            raise CheckpointError(
+                f"checkpoint made for another architecture: {name!r} is [{old.out_features}, {old.in_features}] "
+                f"here but [{cfg['out_features']}, {cfg['in_features']}] in the checkpoint")
+        device = next(iter(old.parameters()), torch.empty(0)).device
+        try:
+            new_layers[name] = _skeleton(cfg, device)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"layer {name!r} has an unusable description in {CONFIG_NAME} ({e})") from None
+    for name in desc.get("modules_to_save", []):
+        if name not in modules:
+            raise CheckpointError(f"checkpoint made for another architecture: modules_to_save {name!r} does not exist")
+
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not _inside(k.rsplit(".", 1)[0], new_layers)}
+    for name, layer in new_layers.items():
+        expected.update({f"{name}.{k}": tuple(v.shape) for k, v in layer.state_dict().items()})
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(f"{k} {tuple(state[k].shape)} vs {expected[k]}" for k in set(expected) & set(state)
+                        if tuple(state[k].shape) != expected[k])
+    if missing or unexpected or mismatched:
+        parts = [_describe(p, w) for p, w in ((missing, "missing"), (unexpected, "unexpected"),
+                                               (mismatched, "shape mismatch (file vs model)")) if p]
+        raise CheckpointError("checkpoint made for another architecture; " + "; ".join(parts))
+
+    originals = {name: modules[name] for name in new_layers}
+    try:
+        for name, layer in new_layers.items():
+            _set_submodule(model, name, layer.train(originals[name].training))
+        model.load_state_dict(state, strict=True)
+    except Exception:
+        for name, old in originals.items():  # put the original layers back
+            _set_submodule(model, name, old)
+        raise
+    set_trainable(model, desc.get("modules_to_save", []))
+    setattr(model, CONFIG_ATTR, {"config": desc.get("config"), "modules_to_save": desc.get("modules_to_save", [])})
+    return model

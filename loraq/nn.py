@@ -1,0 +1,201 @@
+"""``LoraLinear``: a frozen compressed base plus trainable LoRA adapters."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .autograd import LoraLinearFunction
+from .formats import FORMATS, CompressedWeight, check_dense_weight, format_class
+from .lora_init import INITS, init_lora, lora_scaling
+from .reference import check_input
+
+
+def check_rank(rank, N: int, K: int, name: str = "") -> None:
+    where = f" for layer {name!r}" if name else ""
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"rank must be an int, got {type(rank).__name__}{where}")
+    if not 1 <= rank <= min(N, K):
+        raise ValueError(f"rank must be between 1 and min(out, in) = {min(N, K)}{where} ([{N}, {K}]), got {rank}")
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+class LoraLinear(nn.Module):
+    """``y = x·Ŵᵀ + s·(dropout(x)·Aᵀ)·Bᵀ + b`` with ``Ŵ`` a frozen compressed weight.
+
+    Attributes: ``lora_A`` ``[r, K]`` and ``lora_B`` ``[N, r]`` (trainable parameters),
+    ``scaling``, ``base`` (the format object: :class:`~loraq.formats.Int1Weight`,
+    :class:`~loraq.formats.Sparse4x4Weight` or :class:`~loraq.formats.DenseWeight`) and ``bias``
+    (a frozen parameter or ``None``). The base's tensors are buffers, so ``.to()``,
+    ``.half()``, ``state_dict()`` and ``load_state_dict()`` work as for any module.
+    Build one with :meth:`from_linear`.
+    """
+
+    def __init__(
+        self,
+        base: CompressedWeight,
+        rank: int = 8,
+        alpha: Optional[float] = None,
+        rslora: bool = False,
+        dropout: float = 0.0,
+        bias: Optional[torch.Tensor] = None,
+        lora_A: Optional[torch.Tensor] = None,
+        lora_B: Optional[torch.Tensor] = None,
+        backend: Optional[str] = None,
+    ):
+        super().__init__()
+        if not isinstance(base, CompressedWeight):
+            raise TypeError(f"base must be a loraq format object, got {type(base).__name__}")
+        N, K = base.shape
+        check_rank(rank, N, K)
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if alpha is not None and not float(alpha) > 0:
+            raise ValueError(f"alpha must be > 0, got {alpha}")
+        self.in_features, self.out_features = K, N
+        self.compression = base.kind
+        self.rank, self.alpha, self.rslora = rank, float(rank if alpha is None else alpha), bool(rslora)
+        self.scaling = lora_scaling(rank, self.alpha, rslora)
+        self.backend = backend
+        self.base = base
+        dev, dt = base.device, base.dtype
+        A = torch.zeros(rank, K, device=dev, dtype=dt) if lora_A is None else lora_A.detach().to(dev, dt)
+        B = torch.zeros(N, rank, device=dev, dtype=dt) if lora_B is None else lora_B.detach().to(dev, dt)
+        if tuple(A.shape) != (rank, K) or tuple(B.shape) != (N, rank):
+            raise ValueError(f"lora_A/lora_B must be [{rank}, {K}] and [{N}, {rank}], got "
+                             f"{tuple(A.shape)} and {tuple(B.shape)}")
+        self.lora_A = nn.Parameter(A.clone())
+        self.lora_B = nn.Parameter(B.clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dev, dt).clone(), requires_grad=False)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.adapter_enabled = True
+
+    # -- the base: its tensors live in buffers named base_<tensor> -------------------------
+    @property
+    def base(self) -> CompressedWeight:
+        cls = format_class(self.compression)
+        tensors = {n: getattr(self, f"base_{n}") for n in cls._tensor_names}
+        return cls(**self._meta, **tensors)
+
+    @base.setter
+    def base(self, value: CompressedWeight) -> None:
+        if value.kind != self.compression or tuple(value.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"base must be a {self.compression} weight of shape "
+                             f"{(self.out_features, self.in_features)}, got {value!r}")
+        self._meta = value.meta()
+        for n, t in value.tensors().items():
+            self.register_buffer(f"base_{n}", t, persistent=True)
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        compression: str = "int1",
+        rank: int = 8,
+        alpha: Optional[float] = None,
+        rslora: bool = False,
+        init: str = "gaussian",
+        loftq_iters: int = 1,
+        dropout: float = 0.0,
+        group_size: Optional[int] = None,
+        scale: str = "mean_abs",
+        backend: Optional[str] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> "LoraLinear":
+        """Compress ``linear``'s weight and attach LoRA adapters.
+
+        Args:
+            linear: the ``nn.Linear`` to replace (left untouched).
+            compression: ``"int1"``, ``"sparse4x4"`` or ``"dense"``.
+            rank: LoRA rank ``r``, ``1 <= r <= min(in, out)``.
+            alpha: LoRA alpha (default ``rank``); ``s = alpha/r`` or ``alpha/sqrt(r)`` with ``rslora``.
+            init: ``"gaussian"`` (B = 0), ``"svd"`` (best rank-r repair of ``W − Ŵ``) or ``"loftq"``.
+            loftq_iters: alternation steps for ``init="loftq"``.
+            dropout: LoRA dropout on the adapter's input.
+            group_size: int1 inputs per scale (``None``: one scale per row).
+            scale: int1 scale, ``"mean_abs"`` or ``"onebit"``.
+            backend: ``None`` (``LORAQ_BACKEND``/auto), ``"cuda"``, ``"triton"`` or ``"reference"``.
+            generator: RNG for the gaussian init.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        if compression not in FORMATS:
+            raise ValueError(f"unknown compression {compression!r}; expected one of {sorted(FORMATS)}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        W = linear.weight.detach()
+        check_dense_weight(W, "linear.weight")
+        check_rank(rank, *W.shape)
+        s = lora_scaling(rank, alpha, rslora)
+        base, A, B = init_lora(W, compression, rank, s, init, loftq_iters, group_size, scale, generator)
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(base, rank, alpha, rslora, dropout, bias, A, B, backend)
+
+    # -- behaviour ---------------------------------------------------------------------------
+    def enable_adapter(self) -> None:
+        self.adapter_enabled = True
+
+    def disable_adapter(self) -> None:
+        """Compute only the compressed base (and bias) until :meth:`enable_adapter`."""
+        self.adapter_enabled = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.in_features)
+        if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        with torch.autocast(x.device.type, enabled=False):
+            if not self.adapter_enabled:
+                return LoraLinearFunction.apply(x, x, None, None, self.bias, self.base, self.scaling, self.backend)
+            return LoraLinearFunction.apply(
+                x, self.lora_dropout(x), self.lora_A, self.lora_B, self.bias, self.base, self.scaling, self.backend
+            )
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """``Ŵ + s·B·A`` (without the adapter if it is disabled), in the base dtype."""
+        W = self.base.dequantize().float()
+        if self.adapter_enabled:
+            W = W + self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        return W.to(self.base.dtype)
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` holding ``Ŵ + s·B·A`` and the bias (e.g. for export)."""
+        W = self.merged_weight()
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=W.device, dtype=W.dtype)
+        lin.weight.copy_(W)
+        if self.bias is not None:
+            lin.bias.copy_(self.bias)
+        return lin
+
+    def layer_config(self) -> dict:
+        """What :func:`loraq.load` needs to rebuild this layer without its dense weight."""
+        return {
+            "compression": self.compression, "in_features": self.in_features, "out_features": self.out_features,
+            "rank": self.rank, "alpha": self.alpha, "rslora": self.rslora,
+            "dropout": float(getattr(self.lora_dropout, "p", 0.0)), "bias": self.bias is not None,
+            "group_size": self._meta.get("group_size"), "scale": self._meta.get("scale_mode", "mean_abs"),
+            "dtype": str(self.base.dtype).replace("torch.", ""),
+        }
+
+    def extra_repr(self) -> str:
+        base = self.base
+        lora = (self.lora_A.numel() + self.lora_B.numel()) * self.lora_A.element_size()
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, compression={self.compression}, "
+            f"rank={self.rank}, scaling={self.scaling:.4g}, bias={self.bias is not None}, "
+            f"base={format_bytes(base.nbytes)} ({base.bits_per_weight:.3g} bits/weight, "
+            f"dense {format_bytes(base.dense_nbytes)}), lora={format_bytes(lora)}"
+            + ("" if self.adapter_enabled else ", adapter disabled")
+        )

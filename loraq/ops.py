@@ -1,0 +1,165 @@
+"""Public functional ops and the choice of backend (``cuda`` | ``triton`` | ``reference``).
+
+Backends register implementations of two primitives per weight format:
+
+* ``lora_linear_fwd(x2d, weight, lora_A, lora_B, scaling, bias) -> y2d``
+* ``base_matmul_t(dy2d, weight) -> dx2d`` (``dY·Ŵ``, the weight read transposed)
+
+``reference`` implements both for every format and is always available. The kernel packages
+(``loraq.kernels`` for Triton, ``loraq._C`` for CUDA) add theirs through :func:`register`;
+callers never change. ``LORAQ_BACKEND`` (``auto`` by default) or a per-call ``backend=``
+picks one; ``auto`` takes the fastest available for the device and dtype and falls back to
+``reference`` with one warning on CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from . import reference
+from .formats import CompressedWeight
+
+BACKENDS = ("auto", "cuda", "triton", "reference")
+_PRIMITIVES = ("lora_linear_fwd", "base_matmul_t")
+# _IMPLS[backend][primitive][format kind] = callable
+_IMPLS: Dict[str, Dict[str, Dict[str, Callable]]] = {b: {p: {} for p in _PRIMITIVES} for b in BACKENDS[1:]}
+_WARNED = set()
+
+
+def register(backend: str, primitive: str, kind: str, fn: Callable) -> None:
+    """Register ``fn`` as ``backend``'s implementation of ``primitive`` for weights of ``kind``."""
+    if backend not in _IMPLS or primitive not in _PRIMITIVES:
+        raise ValueError(f"unknown backend/primitive {backend!r}/{primitive!r}")
+    _IMPLS[backend][primitive][kind] = fn
+
+
+def _reference_fwd(x, weight, lora_A, lora_B, scaling, bias):
+    return reference.lora_linear_ref(x, weight, lora_A, lora_B, scaling, bias)
+
+
+for _kind in ("int1", "sparse4x4", "dense"):
+    register("reference", "lora_linear_fwd", _kind, _reference_fwd)
+    register("reference", "base_matmul_t", _kind, reference.base_matmul_t_ref)
+
+
+def _load_kernel_packages() -> Dict[str, str]:
+    """Import the optional kernel packages (they call :func:`register`); why each is missing."""
+    why: Dict[str, str] = {}
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        why["triton"] = f"triton is not importable ({type(e).__name__}: {e}); pip install 'loraq[triton]'"
+    else:
+        try:
+            importlib.import_module("loraq.kernels")
+        except Exception as e:
+            why["triton"] = f"loraq.kernels failed to import ({type(e).__name__}: {e})"
+    try:
+        importlib.import_module("loraq._C")
+    except Exception as e:
+        why["cuda"] = (
+            f"the compiled extension loraq._C is not built ({type(e).__name__}); build it with "
+            "CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e ."
+        )
+    return why
+
+
+_IMPORT_PROBLEMS: Optional[Dict[str, str]] = None
+
+
+def _import_problems() -> Dict[str, str]:
+    global _IMPORT_PROBLEMS
+    if _IMPORT_PROBLEMS is None:
+        _IMPORT_PROBLEMS = _load_kernel_packages()
+    return _IMPORT_PROBLEMS
+
+
+def backend_status(device: Optional[torch.device] = None) -> Dict[str, Tuple[bool, str]]:
+    """``{backend: (available, reason)}`` for ``device`` (CUDA if present, else CPU)."""
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    problems = _import_problems()
+    status: Dict[str, Tuple[bool, str]] = {"reference": (True, "pure PyTorch, runs on every device")}
+    for name in ("triton", "cuda"):
+        if name in problems:
+            status[name] = (False, problems[name])
+        elif not any(_IMPLS[name][p] for p in _PRIMITIVES):
+            status[name] = (False, f"this build of loraq registers no {name} kernels yet")
+        elif name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            status[name] = (False, "Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on the CPU)")
+        elif name == "cuda" and device.type != "cuda":
+            status[name] = (False, f"CUDA kernels need a CUDA device, got {device}")
+        else:
+            kinds = sorted(set().union(*(_IMPLS[name][p] for p in _PRIMITIVES)))
+            status[name] = (True, f"kernels for {', '.join(kinds)}")
+    return status
+
+
+def resolve_backend(backend: Optional[str], device: torch.device, kind: str) -> str:
+    """The concrete backend to run ``kind`` weights on ``device``; errors name what is missing."""
+    backend = backend or os.environ.get("LORAQ_BACKEND", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} (or LORAQ_BACKEND), got {backend!r}")
+    if backend == "reference":
+        return backend
+    status = backend_status(device)
+    if backend != "auto":
+        ok, why = status[backend]
+        if not ok:
+            raise RuntimeError(f"backend {backend!r} is not available: {why}")
+        if not all(kind in _IMPLS[backend][p] for p in _PRIMITIVES):
+            raise RuntimeError(f"backend {backend!r} has no kernels for {kind!r} weights")
+        return backend
+    for name in ("cuda", "triton"):
+        if status[name][0] and all(kind in _IMPLS[name][p] for p in _PRIMITIVES):
+            return name
+    if torch.device(device).type == "cuda" and kind not in _WARNED:
+        _WARNED.add(kind)
+        reasons = "; ".join(f"{n}: {status[n][1]}" for n in ("cuda", "triton"))
+        warnings.warn(f"loraq: no fused kernel for {kind!r} weights on CUDA, using the reference backend ({reasons})")
+    return "reference"
+
+
+def _kind(weight) -> str:
+    return weight.kind if isinstance(weight, CompressedWeight) else "dense"
+
+
+def _impl(primitive: str, weight, device, backend: Optional[str]) -> Callable:
+    kind = _kind(weight)
+    return _IMPLS[resolve_backend(backend, device, kind)][primitive][kind]
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight,
+    lora_A: Optional[torch.Tensor] = None,
+    lora_B: Optional[torch.Tensor] = None,
+    scaling: float = 1.0,
+    bias: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """``y = x·Ŵᵀ + s·(x·Aᵀ)·Bᵀ + b`` for ``x [..., K]`` and a compressed or dense ``[N, K]`` weight.
+
+    The public functional entry: ``backend`` (or ``LORAQ_BACKEND``) picks the implementation;
+    every backend returns what :func:`loraq.reference.lora_linear_ref` returns.
+    """
+    N, K = reference.weight_shape(weight)
+    reference.check_input(x, K)
+    reference.check_lora(lora_A, lora_B, N, K)
+    fn = _impl("lora_linear_fwd", weight, x.device, backend)
+    y = fn(x.reshape(-1, K), weight, lora_A, lora_B, float(scaling), bias)
+    return y.reshape(*x.shape[:-1], N)
+
+
+def base_matmul_t(dy: torch.Tensor, weight, backend: Optional[str] = None) -> torch.Tensor:
+    """``dy·Ŵ``: ``[..., N]`` → ``[..., K]``, the base part of ``dX`` in the backward pass."""
+    N, K = reference.weight_shape(weight)
+    reference.check_input(dy, N, name="dy", what="out_features")
+    fn = _impl("base_matmul_t", weight, dy.device, backend)
+    return fn(dy.reshape(-1, N), weight).reshape(*dy.shape[:-1], K)

@@ -1,0 +1,102 @@
+"""Pure-PyTorch ground truth for every loraq op. Runs anywhere; kernels are tested against it.
+
+Shapes: ``x [..., K]``, weight ``[N, K]`` (dense tensor or a compressed format),
+``lora_A [r, K]``, ``lora_B [N, r]``, ``bias [N]``. Everything is computed in ``x.dtype``
+(the dequantized weight and the adapters are cast to it), like ``torch.nn.functional.linear``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from .formats import CompressedWeight
+
+Weight = Union[torch.Tensor, CompressedWeight]
+
+
+def weight_shape(weight: Weight) -> Tuple[int, int]:
+    return tuple(weight.shape)  # both tensors and formats expose .shape
+
+
+def dequantize_ref(weight: Weight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The dense ``Ŵ`` ``[N, K]`` of a compressed or dense weight, optionally cast to ``dtype``."""
+    W = weight.dequantize() if isinstance(weight, CompressedWeight) else weight
+    return W if dtype is None else W.to(dtype)
+
+
+def check_input(x: torch.Tensor, K: int, name: str = "x", what: str = "in_features") -> None:
+    """Raise a clear error unless ``x`` is a floating tensor whose last dimension is ``K``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != K:
+        got = "a scalar" if x.dim() == 0 else f"{x.shape[-1]} (shape {tuple(x.shape)})"
+        raise ValueError(f"{name}: expected last dimension {K} ({what}), got {got}")
+
+
+def check_lora(lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor], N: int, K: int) -> None:
+    if (lora_A is None) != (lora_B is None):
+        raise ValueError("lora_A and lora_B must be given together (or both None)")
+    if lora_A is None:
+        return
+    if lora_A.dim() != 2 or lora_A.shape[1] != K:
+        raise ValueError(f"lora_A: expected shape [r, {K}], got {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if tuple(lora_B.shape) != (N, r):
+        raise ValueError(f"lora_B: expected shape [{N}, {r}] to match lora_A, got {tuple(lora_B.shape)}")
+
+
+def base_matmul_ref(x: torch.Tensor, weight: Weight) -> torch.Tensor:
+    """``x·Ŵᵀ``: ``[..., K]`` → ``[..., N]``."""
+    return x @ dequantize_ref(weight, x.dtype).t()
+
+
+def base_matmul_t_ref(dy: torch.Tensor, weight: Weight) -> torch.Tensor:
+    """``dy·Ŵ`` (the weight read transposed): ``[..., N]`` → ``[..., K]``."""
+    return dy @ dequantize_ref(weight, dy.dtype)
+
+
+def lora_linear_ref(
+    x: torch.Tensor,
+    weight: Weight,
+    lora_A: Optional[torch.Tensor],
+    lora_B: Optional[torch.Tensor],
+    scaling: float,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``y = x·Ŵᵀ + s·(x·Aᵀ)·Bᵀ + b`` for a compressed or dense weight; x of any leading shape."""
+    N, K = weight_shape(weight)
+    check_input(x, K)
+    check_lora(lora_A, lora_B, N, K)
+    y = base_matmul_ref(x, weight)
+    if lora_A is not None:
+        y = y + scaling * ((x @ lora_A.to(x.dtype).t()) @ lora_B.to(x.dtype).t())
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y
+
+
+def lora_linear_bwd_ref(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: Weight,
+    lora_A: Optional[torch.Tensor],
+    lora_B: Optional[torch.Tensor],
+    scaling: float,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
+    """The gradients of DESIGN.md with the base frozen, for 2-D ``x [M, K]`` and ``dy [M, N]``.
+
+    ``dX = dY·Ŵ + s·(dY·B)·A``, ``dA = s·(dY·B)ᵀ·X``, ``dB = s·dYᵀ·(X·Aᵀ)``, ``db = Σ dY``.
+    """
+    dx = base_matmul_t_ref(dy, weight)
+    dA = dB = None
+    if lora_A is not None:
+        A, B = lora_A.to(dy.dtype), lora_B.to(dy.dtype)
+        dyB = dy @ B
+        dx = dx + scaling * (dyB @ A)
+        dA = scaling * (dyB.t() @ x)
+        dB = scaling * (dy.t() @ (x @ A.t()))
+    return dx, dA, dB, dy.sum(0)
