@@ -73,8 +73,9 @@ class LoraLinear(nn.Module):
         if tuple(A.shape) != (rank, K) or tuple(B.shape) != (N, rank):
             raise ValueError(f"lora_A/lora_B must be [{rank}, {K}] and [{N}, {rank}], got "
                              f"{tuple(A.shape)} and {tuple(B.shape)}")
-        self.lora_A = nn.Parameter(A.clone())
-        self.lora_B = nn.Parameter(B.clone())
+        # Contiguous copies: the same values then give the same results after a save/load round trip.
+        self.lora_A = nn.Parameter(A.clone(memory_format=torch.contiguous_format))
+        self.lora_B = nn.Parameter(B.clone(memory_format=torch.contiguous_format))
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dev, dt).clone(), requires_grad=False)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.adapter_enabled = True
@@ -93,7 +94,7 @@ class LoraLinear(nn.Module):
                              f"{(self.out_features, self.in_features)}, got {value!r}")
         self._meta = value.meta()
         for n, t in value.tensors().items():
-            self.register_buffer(f"base_{n}", t, persistent=True)
+            self.register_buffer(f"base_{n}", t.contiguous(), persistent=True)
 
     # -- construction ------------------------------------------------------------------------
     @classmethod

@@ -1,0 +1,162 @@
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import loraq
+from loraq import CheckpointError, CompressionConfig, LoraLinear, compress_, load, save
+from loraq.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from models import mlp, resnet18, tiny_bert
+
+
+def state_equal(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) and sa[k].dtype == sb[k].dtype for k in sa)
+
+
+def _train_one_step(model, x):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    out = model(x)
+    out = out.logits if hasattr(out, "logits") else out
+    out.square().mean().backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("cfg", [
+    CompressionConfig(compression="int1", rank=8, target_modules=["fc"], init="svd"),
+    CompressionConfig(compression="int1", rank=4, target_modules=["fc"], group_size=96, init="loftq", loftq_iters=2),
+    CompressionConfig(compression="int1", rank=4, target_modules=["fc"], scale="onebit"),
+    CompressionConfig(compression="sparse4x4", rank=4, target_modules=["fc"]),
+])
+def test_resnet18_round_trip_is_exact(tmp_path, cfg):
+    model = resnet18()
+    compress_(model, cfg)
+    x = torch.randn(2, 3, 48, 48)
+    model.train()
+    _train_one_step(model, x)  # adapters and batch-norm statistics move away from their init
+    model.eval()
+    save(model, tmp_path / "ckpt")
+    fresh = resnet18(seed=99)  # different random weights: everything must come from the checkpoint
+    load(fresh, tmp_path / "ckpt")
+    fresh.eval()
+    assert isinstance(fresh.fc, LoraLinear) and fresh.fc.rank == cfg.rank
+    assert state_equal(model, fresh)
+    assert torch.equal(model(x), fresh(x))
+    assert {n for n, p in fresh.named_parameters() if p.requires_grad} == {"fc.lora_A", "fc.lora_B"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bert_round_trip_is_exact(tmp_path, dtype):
+    model = tiny_bert().to(dtype)
+    compress_(model, CompressionConfig(compression="sparse4x4", rank=3, init="svd", modules_to_save=["classifier"]))
+    ids = torch.randint(0, 101, (2, 11))
+    _train_one_step(model, ids)
+    save(model, tmp_path)
+    fresh = tiny_bert(seed=5).to(dtype)
+    load(fresh, tmp_path)
+    assert state_equal(model, fresh)
+    assert torch.equal(model(ids).logits, fresh(ids).logits)
+    assert isinstance(fresh.classifier, nn.Linear) and fresh.classifier.weight.requires_grad
+    trainable = sum(p.numel() for p in fresh.parameters() if p.requires_grad)
+    assert trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_checkpoint_files_and_description(tmp_path):
+    model = mlp()
+    compress_(model, CompressionConfig(compression="int1", rank=2, group_size=8))
+    save(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]  # no temporary leftovers
+    desc = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert desc["layers"]["0"]["group_size"] == 8 and desc["layers"]["0"]["compression"] == "int1"
+    assert desc["config"]["rank"] == 2 and len(desc["sha256"]) == 64
+
+
+def test_compressed_checkpoint_is_small(tmp_path):
+    model = nn.Sequential(nn.Linear(512, 512, bias=False))
+    compress_(model, compression="int1", rank=1)
+    save(model, tmp_path)
+    size = (tmp_path / WEIGHTS_NAME).stat().st_size
+    assert size < 512 * 512 * 4 / 20
+
+
+def test_load_into_an_already_compressed_model(tmp_path):
+    model = mlp()
+    compress_(model, rank=2)
+    save(model, tmp_path)
+    other = mlp(seed=3)
+    compress_(other, rank=2, seed=4)
+    load(other, tmp_path)
+    assert state_equal(model, other)
+
+
+# -- bad checkpoints: clear error, model untouched ---------------------------------------------
+@pytest.fixture
+def saved(tmp_path):
+    model = mlp()
+    compress_(model, CompressionConfig(rank=2))
+    save(model, tmp_path / "ck")
+    return tmp_path / "ck"
+
+
+def _load_fails(model_fn, path, match):
+    model = model_fn()
+    snap = copy.deepcopy(model)
+    with pytest.raises(CheckpointError, match=match):
+        load(model, path)
+    assert type(model) is type(snap) and state_equal(model, snap)
+    assert not any(isinstance(m, LoraLinear) for m in model.modules())
+
+
+def test_truncated_weights(saved):
+    data = (saved / WEIGHTS_NAME).read_bytes()
+    (saved / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
+    _load_fails(mlp, saved, "corrupt or truncated")
+
+
+def test_flipped_byte_in_weights(saved):
+    data = bytearray((saved / WEIGHTS_NAME).read_bytes())
+    data[-3] ^= 0xFF
+    (saved / WEIGHTS_NAME).write_bytes(bytes(data))
+    _load_fails(mlp, saved, "corrupt or truncated")
+
+
+def test_unreadable_weights_with_matching_hash(saved):
+    (saved / WEIGHTS_NAME).write_bytes(b"not a safetensors file")
+    desc = json.loads((saved / CONFIG_NAME).read_text())
+    import hashlib
+    desc["sha256"] = hashlib.sha256(b"not a safetensors file").hexdigest()
+    (saved / CONFIG_NAME).write_text(json.dumps(desc))
+    _load_fails(mlp, saved, "cannot be read")
+
+
+def test_corrupt_or_missing_description(saved, tmp_path):
+    text = (saved / CONFIG_NAME).read_text()
+    (saved / CONFIG_NAME).write_text(text[:40])
+    _load_fails(mlp, saved, "corrupt or truncated")
+    (saved / CONFIG_NAME).unlink()
+    _load_fails(mlp, saved, "has no loraq_config.json")
+    _load_fails(mlp, tmp_path / "nowhere", "is not a loraq checkpoint folder")
+
+
+def test_other_architecture(saved):
+    _load_fails(lambda: nn.Sequential(nn.Linear(19, 45), nn.ReLU(), nn.Linear(45, 34), nn.ReLU(), nn.Linear(34, 5)),
+                saved, r"'2' is \[34, 45\] here but \[33, 45\]")
+    _load_fails(lambda: nn.Sequential(nn.Linear(19, 45)), saved, "compresses '2', which is nothing in this model")
+    _load_fails(resnet18, saved, "compresses '0', which is nothing")
+
+
+def test_extra_parameters_in_model(saved):
+    def wider():
+        m = mlp()
+        m.add_module("5", nn.LayerNorm(5))
+        return m
+    _load_fails(wider, saved, "another architecture; missing: 5.bias, 5.weight")
+
+
+def test_wrong_format_version(saved):
+    desc = json.loads((saved / CONFIG_NAME).read_text())
+    desc["format_version"] = 99
+    (saved / CONFIG_NAME).write_text(json.dumps(desc))
+    _load_fails(mlp, saved, "format version 99 is not supported")

@@ -1,0 +1,38 @@
+"""The compiled extension loraq._C (built with CUDA_HOME=... pip install --no-build-isolation -e .)."""
+
+import pytest
+import torch
+
+from loraq.formats import Int1Weight, Sparse4x4Weight
+
+_C = pytest.importorskip("loraq._C", reason="loraq._C is not built (LORAQ_BUILD_EXT=0 or no CUDA toolkit)")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("N, K, group_size", [(7, 45, None), (13, 70, 16), (1, 1, None), (33, 100, 7)])
+def test_int1_dequantize_matches_python(device, dtype, N, K, group_size):
+    q = Int1Weight.from_dense(torch.randn(N, K, dtype=dtype), group_size=group_size).to(device)
+    out = torch.ops.loraq.int1_dequantize(q.packed, q.scale, K, group_size or K)
+    assert out.dtype == dtype and torch.equal(out, q.dequantize())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("N, K", [(7, 45), (4, 4), (1, 1), (30, 37)])
+def test_sparse4x4_dequantize_matches_python(device, dtype, N, K):
+    s = Sparse4x4Weight.from_dense(torch.randn(N, K, dtype=dtype)).to(device)
+    out = torch.ops.loraq.sparse4x4_dequantize(s.values, s.positions, N, K)
+    assert out.dtype == dtype and torch.equal(out, s.dequantize())
+
+
+def test_bad_arguments_raise_clear_errors():
+    q = Int1Weight.from_dense(torch.randn(5, 40))
+    with pytest.raises(RuntimeError, match="words per row"):
+        torch.ops.loraq.int1_dequantize(q.packed, q.scale, 70, 70)
+    with pytest.raises(RuntimeError, match="packed must be Int"):
+        torch.ops.loraq.int1_dequantize(q.packed.float(), q.scale, 40, 40)
+    s = Sparse4x4Weight.from_dense(torch.randn(5, 40))
+    with pytest.raises(RuntimeError, match="values must be"):
+        torch.ops.loraq.sparse4x4_dequantize(s.values, s.positions, 9, 40)

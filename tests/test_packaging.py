@@ -1,0 +1,46 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_kernels_install_as_loraq_kernels():
+    import loraq.kernels
+
+    assert Path(loraq.kernels.__file__).parent.name == "kernels"
+
+
+def test_import_needs_no_gpu_triton_or_extension():
+    code = ("import sys; sys.modules['triton'] = None; sys.modules['loraq._C'] = None; import loraq, torch;"
+            "from loraq import ops; s = ops.backend_status(torch.device('cpu'));"
+            "assert s['reference'][0] and not s['triton'][0] and 'triton is not importable' in s['triton'][1];"
+            "print(loraq.__version__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+def _setup_name(tmp_path, env, break_torch=False):
+    env = {**os.environ, **env}
+    if break_torch:  # what an isolated build environment without torch looks like
+        (tmp_path / "torch").mkdir()
+        (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('no torch here')")
+        env["PYTHONPATH"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "loraq"
+    return [line for line in out.stderr.splitlines() if line.startswith("loraq: not building")]
+
+
+def test_setup_skips_the_extension_on_request(tmp_path):
+    assert _setup_name(tmp_path, {"LORAQ_BUILD_EXT": "0"}) == [
+        "loraq: not building the optional extension loraq._C: LORAQ_BUILD_EXT=0"]
+
+
+def test_setup_skips_the_extension_without_torch_at_build_time(tmp_path):
+    (line,) = _setup_name(tmp_path, {"LORAQ_BUILD_EXT": "1"}, break_torch=True)
+    assert "torch is not importable at build time" in line and "--no-build-isolation" in line
