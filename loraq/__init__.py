@@ -11,9 +11,11 @@ from .checkpoint import CheckpointError, load, save
 from .formats import DenseWeight, Int1Weight, Sparse4x4Weight
 from .nn import LoraLinear
 from .ops import lora_linear
+from .train import TrainConfig, train
+from .evaluate import evaluate
 
 __all__ = [
     "__version__", "CompressionConfig", "CompressionReport", "Footprint", "compress_", "footprint",
     "CheckpointError", "load", "save", "DenseWeight", "Int1Weight", "Sparse4x4Weight", "LoraLinear",
-    "lora_linear",
+    "lora_linear", "TrainConfig", "train", "evaluate",
 ]

@@ -1,4 +1,4 @@
-"""The ``loraq`` command. Sub-commands: ``info`` (versions, devices, backends)."""
+"""The ``loraq`` command: ``info``, ``train``, ``evaluate``. Each has a Python function with the same options."""
 
 from __future__ import annotations
 
@@ -47,17 +47,105 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"loraq {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("info", help="versions, devices and which backends are available (and why not)")
+    add_train_parser(sub)
+    add_evaluate_parser(sub)
     return parser
+
+
+def _csv(text: str) -> List[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _ints(text: str) -> List[int]:
+    try:
+        return [int(t) for t in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="compress a model and train LoRA adapters on the frozen compressed base",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="mlp", help="mlp | resnet18 | minilm | hf:NAME_OR_PATH")
+    g.add_argument("--data", default="digits", help="digits | mnist:PATH | imagefolder:PATH | hf:PATH")
+    g.add_argument("--weights", help="local state dict for resnet18")
+    g.add_argument("--hidden", type=_ints, default=[1000, 2000], help="mlp hidden sizes")
+    g.add_argument("--limit", type=int, help="use at most this many examples")
+    g.add_argument("--pretrain-epochs", type=int, default=0, help="train the dense model first")
+    g.add_argument("--pretrain-lr", type=float, default=1e-3)
+    g = p.add_argument_group("compression and LoRA")
+    g.add_argument("--compression", default="int1", help="int1 | sparse4x4 | dense")
+    g.add_argument("--targets", type=_csv, help="comma-separated Linear names or regexes (default: the model's)")
+    g.add_argument("--modules-to-save", type=_csv, help="comma-separated modules kept dense and trainable")
+    g.add_argument("--rank", type=int, default=8)
+    g.add_argument("--alpha", type=float)
+    g.add_argument("--rslora", action="store_true")
+    g.add_argument("--init", default="gaussian", help="gaussian | svd | loftq")
+    g.add_argument("--loftq-iters", type=int, default=1)
+    g.add_argument("--group-size", type=int, help="int1 inputs per scale (default: one per row)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--optimizer", default="adam", help="adam | adamw | sgd")
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--patience", type=int, help="stop after this many epochs without a better validation accuracy")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--output", help="run folder (default: a new folder under ./loraq-runs/)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_evaluate_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="evaluate a run's checkpoint: accuracy, macro P/R/F1, confusion matrix, "
+                       "latency, memory, footprint", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run", help="a run folder written by loraq train (or its checkpoint/ folder)")
+    p.add_argument("--split", default="test", help="train | val | test")
+    p.add_argument("--data", help="another data set spec (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--output", help="where to write the results (default: the run folder)")
+
+
+def run_train(args) -> int:
+    from .train import TrainConfig, train
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "output", "quiet")}
+    summary = train(TrainConfig(**options), output=args.output, quiet=args.quiet)
+    print(f"best epoch {summary['best_epoch']}: validation accuracy {summary['best_val_acc']:.4f}, "
+          f"test accuracy {summary['test_acc']:.4f}; {summary['trainable_params']:,} trainable parameters, "
+          f"{summary['compression_ratio']:.2f}x smaller than dense; run folder {summary['output']}")
+    return 0
+
+
+def run_evaluate(args) -> int:
+    from .evaluate import evaluate
+
+    r = evaluate(args.run, split=args.split, data=args.data, output=args.output, device=args.device,
+                 batch_size=args.batch_size)
+    print(f"{r['split']} ({r['examples']} examples): accuracy {r['accuracy']:.4f}, macro precision "
+          f"{r['macro_precision']:.4f}, recall {r['macro_recall']:.4f}, F1 {r['macro_f1']:.4f}; "
+          f"{r['median_latency_ms_per_batch']:.2f} ms per batch of {r['batch_size']}; "
+          f"stored {r['footprint']['stored_bytes']:,} bytes ({r['footprint']['ratio']:.2f}x smaller than dense)")
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     if args.command == "info":
         print(info_text())
         return 0
-    parser.print_help()
-    return 0 if args.command is None else 2
+    handler = {"train": run_train, "evaluate": run_evaluate}[args.command]
+    try:
+        return handler(args)
+    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, nonzero exit
+        print(f"loraq {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

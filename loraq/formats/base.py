@@ -101,7 +101,12 @@ class CompressedWeight(abc.ABC):
         return type(self)(**{**self.meta(), **{n: fn(t) for n, t in self.tensors().items()}})
 
     def to(self, device=None, dtype=None) -> "CompressedWeight":
-        """Move to ``device`` and/or cast the floating-point tensors (scales, values) to ``dtype``."""
+        """Move to ``device`` and/or cast the floating-point tensors (scales, values) to ``dtype``.
+
+        Like ``Tensor.to``, a dtype may be given positionally: ``w.to(torch.float16)``.
+        """
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
         if dtype is not None and dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
 

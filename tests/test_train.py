@@ -1,0 +1,110 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import loraq
+from loraq.report import read_csv
+
+TINY = dict(model="mlp", data="digits", hidden=(32, 24), limit=400, rank=3, epochs=3, batch_size=32, lr=3e-3)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    summary = loraq.train(output=out, quiet=True, pretrain_epochs=2, init="svd", compression="sparse4x4", **TINY)
+    return out, summary
+
+
+def test_run_folder_holds_everything(run):
+    out, summary = run
+    for name in ("config.json", "metrics.csv", "curves.png", "summary.json", "checkpoint/model.safetensors"):
+        assert (out / name).is_file(), name
+    rows = read_csv(out / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"}
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["best_val_acc"] == summary["best_val_acc"]
+    assert 0 <= summary["test_acc"] <= 1 and summary["trainable_params"] > 0
+    assert summary["compression_ratio"] > 1
+    cfg = loraq.TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
+    assert cfg.compression == "sparse4x4" and cfg.rank == 3
+
+
+def test_checkpoint_is_the_best_epoch(run):
+    out, summary = run
+    result = loraq.evaluate(out, split="val")
+    assert result["accuracy"] == pytest.approx(summary["best_val_acc"])
+    best = max(float(r["val_acc"]) for r in read_csv(out / "metrics.csv"))
+    assert summary["best_val_acc"] >= best
+
+
+def test_evaluate_reports_metrics_plots_and_costs(run):
+    out, _ = run
+    r = loraq.evaluate(out / "checkpoint", split="test")
+    cm = torch.tensor(r["confusion_matrix"])
+    assert cm.shape == (10, 10) and int(cm.sum()) == r["examples"] == 60
+    assert r["accuracy"] == pytest.approx(float(cm.diag().sum()) / 60)
+    for k in ("macro_precision", "macro_recall", "macro_f1"):
+        assert 0 <= r[k] <= 1
+    assert r["median_latency_ms_per_batch"] > 0 and r["peak_rss_bytes"] > 0
+    assert r["footprint"]["ratio"] > 1
+    assert (out / "confusion_test.png").is_file() and (out / "evaluation_test.json").is_file()
+
+
+def test_training_improves_the_adapters_and_respects_seed(tmp_path):
+    a = loraq.train(output=tmp_path / "a", quiet=True, seed=5, **TINY)
+    b = loraq.train(output=tmp_path / "b", quiet=True, seed=5, **TINY)
+    assert a["best_val_acc"] == b["best_val_acc"] and a["test_acc"] == b["test_acc"]
+    assert a["best_val_acc"] >= a["start_val_acc"]
+
+
+def test_early_stopping(tmp_path):
+    s = loraq.train(output=tmp_path, quiet=True, **{**TINY, "epochs": 30, "patience": 1, "lr": 1e-6})
+    assert s["epochs_run"] < 30
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(rank=0), "rank must be an integer >= 1"),
+    (dict(lr=-1.0), "lr must be > 0"),
+    (dict(batch_size=0), "batch_size must be an integer >= 1"),
+    (dict(compression="int3"), "unknown compression"),
+    (dict(optimizer="lion"), "unknown optimizer"),
+    (dict(device="tpu"), "device must be"),
+])
+def test_bad_options_raise_before_any_work(tmp_path, bad, match):
+    with pytest.raises(ValueError, match=match):
+        loraq.train(output=tmp_path / "x", quiet=True, **{**TINY, **bad})
+    assert not (tmp_path / "x").exists()
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "loraq", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_train_and_evaluate(tmp_path):
+    out = _cli("train", "--hidden", "16,16", "--limit", "200", "--epochs", "1", "--rank", "2", "--quiet",
+               "--output", str(tmp_path / "r"))
+    assert out.returncode == 0, out.stderr
+    assert "best epoch" in out.stdout and (tmp_path / "r" / "checkpoint").is_dir()
+    ev = _cli("evaluate", str(tmp_path / "r"), "--split", "val")
+    assert ev.returncode == 0, ev.stderr
+    assert "accuracy" in ev.stdout and (tmp_path / "r" / "confusion_val.png").is_file()
+
+
+@pytest.mark.parametrize("args, match", [
+    (["train", "--rank", "0"], "rank must be an integer >= 1"),
+    (["train", "--lr", "-0.1"], "lr must be > 0"),
+    (["train", "--batch-size", "0"], "batch_size must be"),
+    (["train", "--compression", "int3"], "unknown compression"),
+    (["train", "--data", "mnist:/does/not/exist", "--limit", "10"], "/does/not/exist"),
+    (["train", "--model", "vgg99", "--limit", "10"], "vgg99"),
+    (["train", "--limit", "200", "--hidden", "8,8", "--rank", "9"], "rank must be between 1 and min"),
+    (["evaluate", "/does/not/exist"], "not a loraq run folder"),
+])
+def test_cli_bad_input_is_one_clear_error(args, match):
+    out = _cli(*args)
+    assert out.returncode == 2
+    assert match in out.stderr and "Traceback" not in out.stderr
