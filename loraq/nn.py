@@ -164,9 +164,10 @@ class LoraLinear(nn.Module):
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """``Ŵ + s·B·A`` (without the adapter if it is disabled), in the base dtype."""
-        W = self.base.dequantize().float()
+        acc = torch.promote_types(self.base.dtype, torch.float32)
+        W = self.base.dequantize().to(acc)
         if self.adapter_enabled:
-            W = W + self.scaling * (self.lora_B.float() @ self.lora_A.float())
+            W = W + self.scaling * (self.lora_B.to(acc) @ self.lora_A.to(acc))
         return W.to(self.base.dtype)
 
     @torch.no_grad()

@@ -473,8 +473,6 @@ def test_dense_matches_peft(rslora, bias, r, alpha, dtype):
                                rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="loraq bug: LoraLinear.merged_weight() computes in float32 even for a "
-                   "float64 base, so to_linear() of a float64 layer loses precision")
 def test_merged_weight_float64_precision():
     m = randomize_adapters(LoraLinear.from_linear(make_linear(dtype=torch.float64), "dense", rank=4))
     exact = m.base.dequantize() + m.scaling * m.lora_B.detach() @ m.lora_A.detach()

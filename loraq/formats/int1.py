@@ -47,14 +47,15 @@ def _group_mean_abs(W: torch.Tensor, group_size: int) -> torch.Tensor:
     """``[N, G]`` mean of ``|W|`` per group; a partial last group averages only its real elements."""
     N, K = W.shape
     G = (K + group_size - 1) // group_size
-    A = torch.zeros(N, G * group_size, dtype=torch.float32, device=W.device)
-    A[:, :K] = W.abs().float()
-    counts = torch.full((G,), float(group_size), device=W.device)
+    acc = torch.promote_types(W.dtype, torch.float32)  # float64 weights keep float64 accuracy
+    A = torch.zeros(N, G * group_size, dtype=acc, device=W.device)
+    A[:, :K] = W.abs().to(acc)
+    counts = torch.full((G,), float(group_size), dtype=acc, device=W.device)
     counts[-1] = K - (G - 1) * group_size
     return A.view(N, G, group_size).sum(-1) / counts
 
 
-def _rank1_nonnegative(M: torch.Tensor, iters: int = 100, tol: float = 1e-7) -> Tuple[torch.Tensor, torch.Tensor]:
+def _rank1_nonnegative(M: torch.Tensor, iters: int = 500, tol: float = 1e-13) -> Tuple[torch.Tensor, torch.Tensor]:
     """``h, g`` with ``h gᵀ`` the best rank-1 approximation of a non-negative matrix (SVID).
 
     Power iteration from the all-ones vector: for a non-negative matrix the leading singular
@@ -78,10 +79,10 @@ def _rank1_nonnegative(M: torch.Tensor, iters: int = 100, tol: float = 1e-7) -> 
     sigma_u = Md @ v  # = sigma * u
     sigma = sigma_u.norm()
     if sigma == 0:
-        return torch.zeros(M.shape[0], device=M.device), torch.zeros(M.shape[1], device=M.device)
+        return torch.zeros(M.shape[0], dtype=Md.dtype, device=M.device), torch.zeros(M.shape[1], dtype=Md.dtype, device=M.device)
     u = sigma_u / sigma
     root = sigma.sqrt()
-    return (u * root).float(), (v * root).float()
+    return u * root, v * root  # float64: the caller rounds once to the weight dtype
 
 
 class Int1Weight(CompressedWeight):
@@ -133,7 +134,7 @@ class Int1Weight(CompressedWeight):
             s = _group_mean_abs(W, group_size or K)
             col = torch.empty(0, dtype=W.dtype, device=W.device)
         else:
-            h, g = _rank1_nonnegative(W.abs().float())
+            h, g = _rank1_nonnegative(W.abs())
             s, col = h.unsqueeze(1), g.to(W.dtype)
         return cls(packed, s.to(W.dtype), col, (N, K), group_size, scale)
 
@@ -160,9 +161,10 @@ class Int1Weight(CompressedWeight):
         N, K = self.shape
         signs = self.signs()
         if self.scale_mode == "onebit":
-            # One rounding to the target dtype: h·g computed in float32.
-            outer = self.scale.float() * self.col_scale.float().unsqueeze(0)
-            return (signs.float() * outer).to(self.dtype)
+            # One rounding to the target dtype: h·g computed in float32 (float64 for float64 weights).
+            acc = torch.promote_types(self.dtype, torch.float32)
+            outer = self.scale.to(acc) * self.col_scale.to(acc).unsqueeze(0)
+            return (signs.to(acc) * outer).to(self.dtype)
         gs = self.group_size or K
         alpha = self.scale.repeat_interleave(gs, dim=1)[:, :K]
         return signs * alpha  # exact: α times ±1

@@ -365,16 +365,12 @@ def test_float64_is_accepted():
         assert torch.equal(q.dequantize() >= 0, W >= 0)
 
 
-@pytest.mark.xfail(strict=True, reason="loraq bug: Int1Weight.from_dense computes mean_abs scales in float32 "
-                   "and stores them as float64 (about 1e-8 relative error for a float64 weight)")
 def test_float64_mean_abs_scale_has_float64_accuracy():
     W = torch.randn(7, 45, dtype=torch.float64)
     q = Int1Weight.from_dense(W)
     torch.testing.assert_close(q.scale[:, 0], W.abs().mean(1), rtol=1e-12, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="loraq bug: the onebit rank-1 factors are returned as float32 "
-                   "(_rank1_nonnegative ends in .float()), so a float64 weight gets float32-accurate h, g")
 def test_float64_onebit_has_float64_accuracy():
     W = torch.randn(7, 45, dtype=torch.float64)
     q = Int1Weight.from_dense(W, scale="onebit")
