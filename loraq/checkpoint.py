@@ -42,7 +42,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename: never a half-written file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -68,7 +68,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
         if key is not None:
             seen.add(key)
     tensors = {k: v.cpu() for k, v in tensors.items()}
-    _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     meta = getattr(model, CONFIG_ATTR, {"config": None, "modules_to_save": []})
     description = {
         "format": "loraq",
@@ -81,7 +81,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
         "sha256": _sha256(folder / WEIGHTS_NAME),
     }
     text = json.dumps(description, indent=1)
-    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
     return folder
 
 

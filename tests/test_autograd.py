@@ -95,7 +95,8 @@ def test_gradcheck_dropout_mask_of_x(kind):
     def fn(x, A, B, b):
         return LoraLinearFunction.apply(x, x * mask / 0.7, A, B, b, base, 1.3, "reference")
 
-    assert torch.autograd.gradcheck(fn, (f64(5, K), f64(r, K), f64(N, r), f64(N)), eps=1e-6, atol=1e-7, rtol=1e-6)
+    inputs = (f64(5, K), f64(r, K), f64(N, r), f64(N))
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["int1", "sparse4x4"])

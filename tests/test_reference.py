@@ -82,7 +82,8 @@ def test_lora_linear_ref_explicit_loops(kind):
     weight = make_weight(kind, W)
     What = weight.dequantize().tolist()
     x = torch.randn(3, k_, dtype=torch.float64)
-    A, B, b = torch.randn(r_, k_, dtype=torch.float64), torch.randn(n_, r_, dtype=torch.float64), torch.randn(n_, dtype=torch.float64)
+    A, B = torch.randn(r_, k_, dtype=torch.float64), torch.randn(n_, r_, dtype=torch.float64)
+    b = torch.randn(n_, dtype=torch.float64)
     s = 1.5
     xl, Al, Bl, bl = x.tolist(), A.tolist(), B.tolist(), b.tolist()
     expected = []
@@ -107,7 +108,8 @@ def test_computes_in_x_dtype(dtype):
     A, B, b = torch.randn(R, K), torch.randn(N, R), torch.randn(N)
     y = lora_linear_ref(x, weight, A, B, 0.5, b)
     assert y.dtype == dtype
-    expected = x @ weight.dequantize().to(dtype).t() + 0.5 * ((x @ A.to(dtype).t()) @ B.to(dtype).t()) + b.to(dtype)
+    expected = x @ weight.dequantize().to(dtype).t()
+    expected = expected + 0.5 * ((x @ A.to(dtype).t()) @ B.to(dtype).t()) + b.to(dtype)
     assert torch.equal(y, expected)
 
 
@@ -122,7 +124,9 @@ def test_wrong_last_dim(kind, xshape):
     with pytest.raises(ValueError, match=f"expected last dimension {K}") as ei:
         lora_linear_ref(x, weight, None, None, 1.0)
     # the message names the argument, what was expected and what came
-    assert str(ei.value) == f"x: expected last dimension {K} (in_features), got {xshape[-1]} (shape {tuple(xshape)})"
+    msg = str(ei.value)
+    assert msg.startswith("x:") and f"expected last dimension {K}" in msg
+    assert f"got {xshape[-1]}" in msg and str(tuple(xshape)) in msg
     with pytest.raises(ValueError, match=f"expected last dimension {K}.*got {xshape[-1]}"):
         ops.lora_linear(x, weight, backend="reference")
 
@@ -139,14 +143,19 @@ def test_scalar_and_integer_x():
 
 @pytest.mark.parametrize("fn", ["ref", "ops"])
 def test_lora_shape_errors(fn):
-    call = (lambda *a: lora_linear_ref(*a)) if fn == "ref" else (lambda *a: ops.lora_linear(*a, backend="reference"))
+    if fn == "ref":
+        call = lora_linear_ref
+    else:
+        def call(*a):
+            return ops.lora_linear(*a, backend="reference")
     weight = make_weight("int1", torch.randn(N, K))
     x = torch.randn(3, K)
     with pytest.raises(ValueError, match=rf"lora_A: expected shape \[r, {K}\], got \(4, 44\)"):
         call(x, weight, torch.randn(4, 44), torch.randn(N, 4), 1.0)
     with pytest.raises(ValueError, match=rf"lora_A: expected shape \[r, {K}\], got \({K},\)"):
         call(x, weight, torch.randn(K), torch.randn(N, 4), 1.0)
-    with pytest.raises(ValueError, match=rf"lora_B: expected shape \[{N}, 4\] to match lora_A, got \({N}, 5\)"):
+    with pytest.raises(ValueError, match=rf"lora_B: expected shape \[{N}, 4\] to match lora_A, "
+                                         rf"got \({N}, 5\)"):
         call(x, weight, torch.randn(4, K), torch.randn(N, 5), 1.0)
     with pytest.raises(ValueError, match=rf"lora_B: expected shape \[{N}, 4\].*got \(4, {N}\)"):
         call(x, weight, torch.randn(4, K), torch.randn(4, N), 1.0)
@@ -176,12 +185,9 @@ def test_named_unavailable_backend_raises(monkeypatch, kind, backend):
     assert ok is False and why
 
 
-@pytest.mark.parametrize("bad", ["Reference", "cpu", "", "fast"])
+@pytest.mark.parametrize("bad", ["Reference", "cpu", "fast", "triton "])
 def test_unknown_backend(bad):
     weight = make_weight("int1", torch.randn(N, K))
-    if bad == "":  # an empty name means "not given": LORAQ_BACKEND / auto
-        ops.lora_linear(torch.randn(3, K), weight, backend=bad)
-        return
     with pytest.raises(ValueError, match=rf"backend must be one of .*got '{bad}'"):
         ops.lora_linear(torch.randn(3, K), weight, backend=bad)
 

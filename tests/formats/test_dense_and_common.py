@@ -287,7 +287,8 @@ def test_compress_weight():
                        Int1Weight.from_dense(W, group_size=8).dequantize())
     assert torch.equal(compress_weight(W, "int1", scale="onebit").dequantize(),
                        Int1Weight.from_dense(W, scale="onebit").dequantize())
-    assert torch.equal(compress_weight(W, "sparse4x4").dequantize(), Sparse4x4Weight.from_dense(W).dequantize())
+    assert torch.equal(compress_weight(W, "sparse4x4").dequantize(),
+                       Sparse4x4Weight.from_dense(W).dequantize())
     assert torch.equal(compress_weight(W, "dense").dequantize(), W)
     for name in ("sparse4x4", "dense"):
         with pytest.raises(ValueError, match="group_size applies to compression='int1' only"):

@@ -262,7 +262,10 @@ def test_onebit_is_rank1_svd_of_abs(shape, dtype):
 
 
 def test_onebit_error_is_optimal_rank1_and_beats_per_row_mean():
-    """‖W − Ŵ‖² = ‖|W| − h gᵀ‖² = Σ_{i≥2} σ_i² of |W|, never worse than one mean per row (a rank-1 choice)."""
+    """‖W − Ŵ‖² = ‖|W| − h gᵀ‖² = Σ_{i≥2} σ_i² of |W|.
+
+    Never worse than one mean per row, which is also a rank-1 choice.
+    """
     W = torch.randn(13, 70, dtype=torch.float64) * torch.linspace(0.2, 3.0, 70, dtype=torch.float64)
     q1 = Int1Weight.from_dense(W, scale="onebit")
     q0 = Int1Weight.from_dense(W)
