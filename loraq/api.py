@@ -51,6 +51,8 @@ class CompressionConfig:
         modules_to_save: modules left dense and trainable (e.g. a new classifier head).
         backend: kernel backend for the new layers (``None`` follows ``LORAQ_BACKEND``).
         seed: seeds the gaussian init, so the same config gives the same adapters.
+        clip_rank: a layer narrower than ``rank`` gets a full-rank adapter, ``min(out, in)``,
+            instead of an error (sweeps over large ranks on models with a small head).
     """
 
     compression: str = "int1"
@@ -67,6 +69,7 @@ class CompressionConfig:
     modules_to_save: Sequence[str] = field(default_factory=tuple)
     backend: Optional[str] = None
     seed: int = 0
+    clip_rank: bool = False
 
     def __post_init__(self):
         if self.compression not in FORMATS:
@@ -92,6 +95,8 @@ class CompressionConfig:
             raise ValueError(f"scale must be one of {SCALE_MODES}, got {self.scale!r}")
         if self.scale != "mean_abs" and self.compression != "int1":
             raise ValueError(f"scale={self.scale!r} applies to compression='int1' only")
+        if not isinstance(self.clip_rank, bool):
+            raise TypeError(f"clip_rank must be a bool, got {self.clip_rank!r}")
         if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or None, got {self.backend!r}")
         self.target_modules = _as_tuple(self.target_modules, "target_modules")
@@ -111,6 +116,10 @@ class CompressionConfig:
         if unknown:
             raise ValueError(f"unknown CompressionConfig fields {unknown}")
         return cls(**d)
+
+
+def _layer_rank(config: CompressionConfig, linear: nn.Linear) -> int:
+    return min(config.rank, *linear.weight.shape) if config.clip_rank else config.rank
 
 
 def matches(name: str, patterns: Iterable[str]) -> bool:
@@ -175,15 +184,12 @@ class CompressionReport:
         return "\n".join(rows)
 
 
-def compress_(model: nn.Module, config: Optional[CompressionConfig] = None, progress: Optional[bool] = None,
-              **overrides) -> CompressionReport:
-    """Replace the matching ``nn.Linear`` layers of ``model`` in place by :class:`LoraLinear`.
+def resolve_targets(model: nn.Module, config: CompressionConfig) -> Tuple[List[str], List[str]]:
+    """The names of the ``nn.Linear`` layers ``config`` compresses in ``model``, and of its modules to save.
 
-    Everything is checked and every new layer is built before the first replacement, so a bad
-    input raises and leaves ``model`` exactly as it was. Afterwards only the LoRA adapters and
-    ``modules_to_save`` are trainable. ``overrides`` update fields of ``config`` (or build one).
+    Checks everything :func:`compress_` needs (a match for every pattern, finite float weights,
+    a rank each layer can hold) and raises ``ValueError`` otherwise; changes nothing.
     """
-    config = CompressionConfig(**{**(config.to_dict() if config else {}), **overrides})
     if any(isinstance(m, LoraLinear) for m in model.modules()):
         raise ValueError("model already holds LoraLinear layers; compress_ the original model")
     all_names = [n for n, _ in model.named_modules()]
@@ -203,7 +209,21 @@ def compress_(model: nn.Module, config: Optional[CompressionConfig] = None, prog
         )
     for n in targets:
         check_dense_weight(linears[n].weight.detach(), f"{n}.weight")
-        check_rank(config.rank, *linears[n].weight.shape, name=n)
+        check_rank(_layer_rank(config, linears[n]), *linears[n].weight.shape, name=n)
+    return targets, save_names
+
+
+def compress_(model: nn.Module, config: Optional[CompressionConfig] = None, progress: Optional[bool] = None,
+              **overrides) -> CompressionReport:
+    """Replace the matching ``nn.Linear`` layers of ``model`` in place by :class:`LoraLinear`.
+
+    Everything is checked and every new layer is built before the first replacement, so a bad
+    input raises and leaves ``model`` exactly as it was. Afterwards only the LoRA adapters and
+    ``modules_to_save`` are trainable. ``overrides`` update fields of ``config`` (or build one).
+    """
+    config = CompressionConfig(**{**(config.to_dict() if config else {}), **overrides})
+    targets, save_names = resolve_targets(model, config)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
     generator = torch.Generator().manual_seed(config.seed)
     new_layers: Dict[str, LoraLinear] = {}
@@ -212,7 +232,7 @@ def compress_(model: nn.Module, config: Optional[CompressionConfig] = None, prog
                   disable=None if progress is None else not progress, leave=False):
         lin = linears[n]
         layer = LoraLinear.from_linear(
-            lin, config.compression, config.rank, config.alpha, config.rslora, config.init, config.loftq_iters,
+            lin, config.compression, _layer_rank(config, lin), config.alpha, config.rslora, config.init, config.loftq_iters,
             config.dropout, config.group_size, config.scale, config.backend, generator,
         )
         with torch.no_grad():
@@ -220,7 +240,7 @@ def compress_(model: nn.Module, config: Optional[CompressionConfig] = None, prog
             norm = float(W.norm()) or 1.0
             base_err = float((W - layer.base.dequantize().float()).norm()) / norm
             init_err = float((W - layer.merged_weight().float()).norm()) / norm
-        reports.append(LayerReport(n, tuple(lin.weight.shape), config.compression, config.rank,
+        reports.append(LayerReport(n, tuple(lin.weight.shape), config.compression, layer.rank,
                                    layer.base.dense_nbytes, layer.base.nbytes, base_err, init_err))
         new_layers[n] = layer.train(lin.training)
 

@@ -1,4 +1,4 @@
-"""The ``loraq`` command: ``info``, ``train``, ``evaluate``. Each has a Python function with the same options."""
+"""The ``loraq`` command: ``info``, ``train``, ``sweep``, ``evaluate``, ``demo``. Each has a Python function with the same options."""
 
 from __future__ import annotations
 
@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("info", help="versions, devices and which backends are available (and why not)")
     add_train_parser(sub)
+    add_sweep_parser(sub)
     add_evaluate_parser(sub)
+    add_demo_parser(sub)
     return parser
 
 
@@ -63,9 +65,7 @@ def _ints(text: str) -> List[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def add_train_parser(sub) -> None:
-    p = sub.add_parser("train", help="compress a model and train LoRA adapters on the frozen compressed base",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def _model_options(p) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="mlp", help="mlp | resnet18 | minilm | hf:NAME_OR_PATH")
     g.add_argument("--data", default="digits", help="digits | mnist:PATH | imagefolder:PATH | hf:PATH")
@@ -74,16 +74,28 @@ def add_train_parser(sub) -> None:
     g.add_argument("--limit", type=int, help="use at most this many examples")
     g.add_argument("--pretrain-epochs", type=int, default=0, help="train the dense model first")
     g.add_argument("--pretrain-lr", type=float, default=1e-3)
-    g = p.add_argument_group("compression and LoRA")
-    g.add_argument("--compression", default="int1", help="int1 | sparse4x4 | dense")
+
+
+def _lora_options(g) -> None:
     g.add_argument("--targets", type=_csv, help="comma-separated Linear names or regexes (default: the model's)")
     g.add_argument("--modules-to-save", type=_csv, help="comma-separated modules kept dense and trainable")
-    g.add_argument("--rank", type=int, default=8)
-    g.add_argument("--alpha", type=float)
+    g.add_argument("--clip-rank", action="store_true",
+                   help="give layers narrower than the rank a full-rank adapter instead of an error")
     g.add_argument("--rslora", action="store_true")
-    g.add_argument("--init", default="gaussian", help="gaussian | svd | loftq")
     g.add_argument("--loftq-iters", type=int, default=1)
     g.add_argument("--group-size", type=int, help="int1 inputs per scale (default: one per row)")
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="compress a model and train LoRA adapters on the frozen compressed base",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _model_options(p)
+    g = p.add_argument_group("compression and LoRA")
+    g.add_argument("--compression", default="int1", help="int1 | sparse4x4 | dense")
+    g.add_argument("--rank", type=int, default=8)
+    g.add_argument("--alpha", type=float)
+    g.add_argument("--init", default="gaussian", help="gaussian | svd | loftq")
+    _lora_options(g)
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", default="adam", help="adam | adamw | sgd")
     g.add_argument("--lr", type=float, default=1e-3)
@@ -94,6 +106,40 @@ def add_train_parser(sub) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--output", help="run folder (default: a new folder under ./loraq-runs/)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_sweep_parser(sub) -> None:
+    p = sub.add_parser("sweep", help="compressions x ranks x inits, an Optuna study per cell, one evaluation table",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _model_options(p)
+    g = p.add_argument_group("cells")
+    g.add_argument("--compressions", type=_csv, default=["int1", "sparse4x4"], help="comma-separated")
+    g.add_argument("--ranks", type=_ints, default=[2, 4, 8, 16, 32, 64, 128], help="comma-separated")
+    g.add_argument("--inits", type=_csv, default=["gaussian", "svd", "loftq"], help="comma-separated")
+    _lora_options(g)
+    g = p.add_argument_group("search")
+    g.add_argument("--trials", type=int, default=10, help="finished (complete or pruned) trials per cell")
+    g.add_argument("--epochs", type=int, default=10, help="LoRA training epochs per trial")
+    g.add_argument("--patience", type=int)
+    g.add_argument("--search-space", help="JSON (or a JSON file) overriding parameters of the default space, "
+                   'e.g. \'{"lr": {"low": 1e-4, "high": 1e-2, "log": true}, "optimizer": ["adamw"]}\'')
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    g.add_argument("--storage", help="Optuna storage URL shared by workers, e.g. postgresql://user@host/db "
+                   "(default: sqlite in the output folder)")
+    g.add_argument("--study-prefix", help="study names are PREFIX-<cell> (default: loraq-<settings hash>)")
+    p.add_argument("--output", help="sweep folder (default: ./loraq-runs/sweep-<model>-<data>-<settings hash>, "
+                   "so rerunning a command resumes it)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="the whole pipeline on scikit-learn's digits: pretrain, sweep int1 and "
+                       "sparse4x4 x ranks x inits, report (about 8 minutes on 2 cores)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="two ranks, two trials per cell (about a minute)")
+    p.add_argument("--output", help="demo folder (default: a new folder under ./loraq-runs/)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -119,6 +165,28 @@ def run_train(args) -> int:
     return 0
 
 
+def _print_sweep(result) -> None:
+    print(result["table"])
+    print(f"\nevaluation.csv, accuracy_vs_rank.png and per-cell reports in {result['output']}")
+
+
+def run_sweep(args) -> int:
+    from .sweep import SweepConfig, sweep
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "output", "quiet")}
+    _print_sweep(sweep(SweepConfig(**options), output=args.output, quiet=args.quiet))
+    return 0
+
+
+def run_demo(args) -> int:
+    from .demo import demo
+
+    result = demo(quick=args.quick, output=args.output, quiet=args.quiet)
+    _print_sweep(result)
+    print(f"demo finished in {result['seconds']:.0f} s")
+    return 0
+
+
 def run_evaluate(args) -> int:
     from .evaluate import evaluate
 
@@ -140,7 +208,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "info":
         print(info_text())
         return 0
-    handler = {"train": run_train, "evaluate": run_evaluate}[args.command]
+    handler = {"train": run_train, "sweep": run_sweep, "evaluate": run_evaluate, "demo": run_demo}[args.command]
     try:
         return handler(args)
     except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, nonzero exit

@@ -21,6 +21,7 @@ def _plt():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    plt.style.use("default")  # optuna's matplotlib plots switch the global style to ggplot
     return plt
 
 
@@ -83,21 +84,42 @@ def plot_curves(metrics: Sequence[Dict], path, title: str = "") -> Path:
 
 
 def plot_accuracy_vs_rank(rows: Sequence[Dict], path, references: Dict[str, float]) -> Path:
-    """Test accuracy against LoRA rank, one line per (compression, init); references as dashed levels."""
+    """Test accuracy against LoRA rank: one colour per compression, one line style per init.
+
+    ``references`` (label → accuracy) are drawn as horizontal levels, in the colour of the
+    compression their label starts with (black for anything else); a level far below every
+    LoRA point is listed in the legend instead of stretching the axis.
+    """
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 4.8))
     lines: Dict[tuple, List[tuple]] = {}
     for r in rows:
         lines.setdefault((r["compression"], r["init"]), []).append((int(r["rank"]), float(r["test_acc"])))
+    comps = sorted({c for c, _ in lines})
+    color = {c: f"C{i % 10}" for i, c in enumerate(comps)}
+    styles = {i: s for i, s in zip(sorted({i for _, i in lines}), [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")] * 4)}
     for (comp, init), pts in sorted(lines.items()):
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", label=f"{comp} + LoRA ({init})", markersize=4)
-    for i, (label, acc) in enumerate(references.items()):
-        ax.axhline(acc, linestyle="--", color=f"C{(i + len(lines)) % 10}", alpha=0.8, label=f"{label}: {acc:.3f}")
+        ls, marker = styles[init]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle=ls, marker=marker, color=color[comp],
+                label=f"{comp} + LoRA ({init})", markersize=5)
+    accs = [a for pts in lines.values() for _, a in pts]
+    lo = min(accs) if accs else min(references.values(), default=0.0)
+    for label, acc in references.items():
+        c = next((color[k] for k in comps if label.startswith(k)), "black")
+        if acc < lo - 0.1:  # would squash every LoRA line into the top of the plot
+            ax.plot([], [], linestyle=(0, (1, 1)), color=c, label=f"{label}: {acc:.3f} (below the axis)")
+        else:
+            ax.axhline(acc, linestyle=(0, (1, 1)) if c != "black" else "--", color=c, alpha=0.9,
+                       label=f"{label}: {acc:.3f}")
+            lo = min(lo, acc)
+    ax.set_ylim(max(0.0, lo - 0.02), min(1.0, max(accs + list(references.values()), default=1.0) + 0.01))
     ax.set_xscale("log", base=2)
-    ax.set(xlabel="LoRA rank", ylabel="test accuracy", title="accuracy recovered by the adapters")
+    ranks = sorted({p[0] for pts in lines.values() for p in pts})
+    ax.set_xticks(ranks, [str(r) for r in ranks])
+    ax.set(xlabel="LoRA rank", ylabel="test accuracy", title="accuracy the adapters win back")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _save(fig, path)
 
 
@@ -113,3 +135,58 @@ def plot_confusion(matrix, path, title: str = "confusion matrix") -> Path:
     ax.set(xlabel="predicted", ylabel="true", title=title)
     fig.colorbar(im, ax=ax)
     return _save(fig, path)
+
+
+def plot_trials(series: Sequence[Dict], path, best: int = None, title: str = "") -> Path:
+    """Validation accuracy per epoch of every trial of a cell: pruned trials dotted, the best one bold.
+
+    ``series`` holds ``{"number", "state", "values": {epoch: accuracy}}`` per trial.
+    """
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for s in series:
+        pts = sorted((int(k), float(v)) for k, v in s["values"].items())
+        is_best = s["number"] == best
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], ":" if s["state"] == "pruned" else "-",
+                marker="o", markersize=3, linewidth=2.5 if is_best else 1, alpha=1 if is_best else 0.6,
+                label=f"trial {s['number']} ({'best' if is_best else s['state']})")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="epoch", ylabel="validation accuracy", title=title)
+    ax.grid(alpha=0.3)
+    if len(series) <= 12:
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_study(study, folder) -> List[Path]:
+    """Optuna's optimisation history and parameter importances of ``study``: interactive HTML when
+    plotly is installed, PNG otherwise. Importances need two complete trials and are skipped before."""
+    import warnings
+
+    folder = Path(folder)
+    try:
+        import plotly  # noqa: F401
+
+        from optuna import visualization as vis
+
+        def write(fig, name):
+            path = folder / f"{name}.html"
+            atomic_write(path, lambda tmp: fig.write_html(tmp, include_plotlyjs="cdn"))
+            return path
+    except ImportError:
+        from optuna.visualization import matplotlib as vis
+
+        def write(ax, name):
+            return _save(ax.figure, folder / f"{name}.png")
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    with warnings.catch_warnings():  # optuna's matplotlib backend is marked experimental
+        warnings.simplefilter("ignore")
+        written.append(write(vis.plot_optimization_history(study), "history"))
+        complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+        if len(complete) >= 2 and any(len({repr(t.params.get(k)) for t in complete}) > 1 for k in complete[0].params):
+            written.append(write(vis.plot_param_importances(study), "importance"))
+    return written

@@ -41,6 +41,7 @@ class TrainConfig:
     targets: Optional[Sequence[str]] = None
     modules_to_save: Optional[Sequence[str]] = None
     rank: int = 8
+    clip_rank: bool = False
     alpha: Optional[float] = None
     rslora: bool = False
     init: str = "gaussian"
@@ -84,7 +85,8 @@ class TrainConfig:
         self.hidden = tuple(int(h) for h in self.hidden)
         # Options that CompressionConfig checks (scale/group-size/init combinations) fail here, early.
         CompressionConfig(compression=self.compression, rank=self.rank, alpha=self.alpha, rslora=self.rslora,
-                          init=self.init, loftq_iters=self.loftq_iters, group_size=self.group_size)
+                          init=self.init, loftq_iters=self.loftq_iters, group_size=self.group_size,
+                          clip_rank=self.clip_rank)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -179,7 +181,7 @@ def pretrain(model: nn.Module, splits, cfg: TrainConfig, device, quiet: bool = T
 
 def compression_config(cfg: TrainConfig, bundle) -> CompressionConfig:
     return CompressionConfig(
-        compression=cfg.compression, rank=cfg.rank, alpha=cfg.alpha, rslora=cfg.rslora, init=cfg.init,
+        compression=cfg.compression, rank=cfg.rank, clip_rank=cfg.clip_rank, alpha=cfg.alpha, rslora=cfg.rslora, init=cfg.init,
         loftq_iters=cfg.loftq_iters, group_size=cfg.group_size, seed=cfg.seed,
         target_modules=cfg.targets if cfg.targets is not None else bundle.default_targets,
         exclude_modules=bundle.exclude_modules,
