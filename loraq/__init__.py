@@ -13,9 +13,11 @@ from .nn import LoraLinear
 from .ops import lora_linear
 from .train import TrainConfig, train
 from .evaluate import evaluate
+from .sweep import SweepConfig, sweep
+from .demo import demo
 
 __all__ = [
     "__version__", "CompressionConfig", "CompressionReport", "Footprint", "compress_", "footprint",
     "CheckpointError", "load", "save", "DenseWeight", "Int1Weight", "Sparse4x4Weight", "LoraLinear",
-    "lora_linear", "TrainConfig", "train", "evaluate",
+    "lora_linear", "TrainConfig", "train", "evaluate", "SweepConfig", "sweep", "demo",
 ]

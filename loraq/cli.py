@@ -211,7 +211,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     handler = {"train": run_train, "sweep": run_sweep, "evaluate": run_evaluate, "demo": run_demo}[args.command]
     try:
         return handler(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, nonzero exit
+    except (ValueError, FileNotFoundError, ImportError) as e:  # bad input or a missing extra: one line, exit 2
         print(f"loraq {args.command}: error: {e}", file=sys.stderr)
         return 2
 

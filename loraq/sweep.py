@@ -19,6 +19,7 @@ import re
 import shutil
 import socket
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence
@@ -32,7 +33,7 @@ from .formats import FORMATS
 from .lora_init import INITS
 from .report import atomic_write_text, plot_accuracy_vs_rank, plot_study, plot_trials, write_csv, write_json
 from .search_space import parse_search_space, suggest
-from .train import TrainConfig, _loaders, compression_config, prepare, run_epoch, train
+from .train import TrainConfig, _loaders, compression_config, prepare, pretrain, run_epoch, train
 
 DEFAULT_RANKS = (2, 4, 8, 16, 32, 64, 128)
 HEARTBEAT_INTERVAL = 10  # seconds between a running trial's heartbeats
@@ -179,18 +180,46 @@ def _retry_callback():
     import optuna
 
     cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
-    return cls(max_retry=MAX_RETRY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return cls(max_retry=MAX_RETRY)
+
+
+def _with_driver(url: str) -> str:
+    """``postgresql://`` with the PostgreSQL driver that is installed (SQLAlchemy's default differs by version)."""
+    if not url.startswith("postgresql://"):
+        return url
+    import importlib.util
+
+    for module, dialect in (("psycopg", "psycopg"), ("psycopg2", "psycopg2")):
+        if importlib.util.find_spec(module) is not None:
+            return f"postgresql+{dialect}://" + url[len("postgresql://"):]
+    raise ImportError("a postgresql:// storage needs a PostgreSQL driver: pip install 'loraq[postgres]'")
 
 
 def open_storage(url: str):
     """An Optuna RDB storage with heartbeats; trials found dead are retried with the same parameters."""
     import optuna
 
+    url = _with_driver(url)
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     callback = ("heartbeat_stale_trial_callback" if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
                 else "failed_trial_callback")
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
-                                      grace_period=GRACE_PERIOD, **{callback: _retry_callback()})
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" in optuna
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
+                                                  heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD,
+                                                  **{callback: _retry_callback()})
+        except (IntegrityError, ProgrammingError):
+            # Workers started together on an empty database race to create its tables: the loser
+            # retries and finds them made.
+            if attempt == 4:
+                raise
+            time.sleep(0.5 * (attempt + 1))
 
 
 def _alive(pid: int) -> bool:
@@ -322,13 +351,26 @@ def _state_path(out: Path) -> Path:
 
 
 def _base_model(cfg: SweepConfig, out: Path, quiet: bool):
-    """The dense model every trial starts from: pretrained once, saved, and reloaded on a rerun."""
+    """The dense model every trial starts from: pretrained once, saved, and reloaded on a rerun.
+
+    Every compression's widest rank is checked against the model's layers first, so an
+    impossible rank fails before any training.
+    """
     path = _state_path(out)
     tcfg = cfg.train_config(cfg.cells()[0], {})
     saved = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
-    splits, bundle, device = prepare(tcfg, quiet=quiet, init_state=saved)
+    untrained = copy.copy(tcfg)
+    untrained.pretrain_epochs = 0
+    splits, bundle, device = prepare(untrained, quiet=quiet, init_state=saved)
+    for comp in cfg.compressions:
+        widest = copy.copy(tcfg)
+        widest.compression, widest.rank = comp, max(cfg.ranks)
+        resolve_targets(bundle.model, compression_config(widest, bundle))
+    if saved is None and tcfg.pretrain_epochs > 0:
+        pretrain(bundle.model, splits, tcfg, device, quiet)
     state = {k: v.detach().cpu().clone() for k, v in bundle.model.state_dict().items()}
     if saved is None:
+        out.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: torch.save(state, tmp))
     return tcfg, splits, bundle, device, state
 
@@ -427,19 +469,11 @@ def sweep(config: Optional[SweepConfig] = None, output=None, quiet: bool = False
     """
     cfg = config if config is not None else SweepConfig(**options)
     out = Path(output) if output is not None else default_sweep_output(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "sweep.json", {**cfg.to_dict(), "key": cfg.key()})
     url = cfg.storage or f"sqlite:///{(out / 'optuna.db').resolve()}"
-
-    tcfg, splits, bundle, device, state = _base_model(cfg, out, quiet)
-    for comp in cfg.compressions:  # an impossible rank fails now, not in the middle of the sweep
-        widest = copy.copy(tcfg)
-        widest.compression, widest.rank = comp, max(cfg.ranks)
-        resolve_targets(bundle.model, compression_config(widest, bundle))
+    tcfg, splits, bundle, device, state = _base_model(cfg, out, quiet)  # raises before writing anything
+    write_json(out / "sweep.json", {**cfg.to_dict(), "key": cfg.key()})
     references = _reference_rows(cfg, tcfg, splits, bundle, device)
     del bundle
-
-    import warnings
 
     import optuna
 
