@@ -13,8 +13,12 @@ from typing import Any, Dict
 from .sweep import DEFAULT_RANKS, SweepConfig, sweep
 from .train import default_output
 
+# Three trials per cell only sample well from a space without the hopeless corners (plain SGD,
+# learning rates far from Adam's range); `loraq sweep` searches the full default space.
+DEMO_SPACE = {"optimizer": ["adam", "adamw"], "lr": {"low": 3e-4, "high": 1e-2, "log": True}}
 DEMO = dict(model="mlp", data="digits", hidden=(1000, 2000), pretrain_epochs=20, compressions=("int1", "sparse4x4"),
-            inits=("gaussian", "svd", "loftq"), clip_rank=True, loftq_iters=3, seed=0, device="cpu")
+            inits=("gaussian", "svd", "loftq"), clip_rank=True, loftq_iters=3, seed=0, device="cpu",
+            search_space=DEMO_SPACE)
 FULL = dict(ranks=DEFAULT_RANKS, trials=3, epochs=4)
 QUICK = dict(ranks=(4, 64), trials=2, epochs=3, pretrain_epochs=10)
 
