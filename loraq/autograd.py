@@ -26,6 +26,8 @@ from . import ops
 class LoraLinearFunction(torch.autograd.Function):
     """``LoraLinearFunction.apply(x, x_lora, lora_A, lora_B, bias, weight, scaling, backend)``.
 
+    ``x_lora`` is the adapter's input after dropout, or ``None`` when it is ``x`` itself (the fused
+    path; passing ``x`` twice works too, but ``torch.compile`` cannot trace a tensor given twice).
     ``lora_A``/``lora_B`` may be ``None`` (adapter disabled) and ``bias`` may be ``None``.
     ``x`` has any leading shape ``[..., K]``; the computation runs in ``x.dtype`` and the
     gradients of the parameters come back in the parameters' own dtypes.
@@ -40,14 +42,15 @@ class LoraLinearFunction(torch.autograd.Function):
         b = None if bias is None else bias.to(dtype)
         if lora_A is None:
             y = ops.lora_linear(x2, weight, None, None, 1.0, b, backend=backend)
-        elif x_lora is x:  # the fused path: one pass over the packed weight
+        elif x_lora is None or x_lora is x:  # the fused path: one pass over the packed weight
             y = ops.lora_linear(x2, weight, lora_A.to(dtype), lora_B.to(dtype), scaling, b, backend=backend)
         else:  # LoRA dropout: the adapter sees another input than the base
             xl2 = x_lora.reshape(-1, K)
             y = ops.lora_linear(x2, weight, None, None, 1.0, b, backend=backend)
             y = y + scaling * ((xl2 @ lora_A.to(dtype).t()) @ lora_B.to(dtype).t())
+        ctx.same_input = x_lora is None
         if lora_A is not None:
-            ctx.save_for_backward(x_lora.reshape(-1, K), lora_A, lora_B)
+            ctx.save_for_backward((x if x_lora is None else x_lora).reshape(-1, K), lora_A, lora_B)
         ctx.weight, ctx.scaling, ctx.backend, ctx.lead = weight, scaling, backend, lead
         ctx.has_lora = lora_A is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -66,7 +69,7 @@ class LoraLinearFunction(torch.autograd.Function):
             s, dtype = ctx.scaling, dy2.dtype
             Ac, Bc = A.to(dtype), B.to(dtype)
             dyB = dy2 @ Bc
-            if need[1]:
+            if need[1] or (ctx.same_input and need[0]):
                 dxl = (s * (dyB @ Ac)).reshape(*ctx.lead, K)
             if need[2]:
                 dA = (s * (dyB.t() @ xl2)).to(A.dtype)
@@ -74,4 +77,7 @@ class LoraLinearFunction(torch.autograd.Function):
                 dB = (s * (dy2.t() @ (xl2 @ Ac.t()))).to(B.dtype)  # x_l·Aᵀ recomputed: [M, r], cheap
         if ctx.bias_dtype is not None and need[4]:
             db = dy2.sum(0).to(ctx.bias_dtype)
+        if ctx.same_input:  # x_lora was x: its gradient joins x's
+            dx = dx + dxl if dx is not None and dxl is not None else dx
+            dxl = None
         return dx, dxl, dA, dB, db, None, None, None

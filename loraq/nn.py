@@ -156,9 +156,11 @@ class LoraLinear(nn.Module):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         with torch.autocast(x.device.type, enabled=False):
             if not self.adapter_enabled:
-                return LoraLinearFunction.apply(x, x, None, None, self.bias, self.base, self.scaling, self.backend)
+                return LoraLinearFunction.apply(x, None, None, None, self.bias, self.base, self.scaling, self.backend)
+            # x_lora None: the adapter sees x itself (no dropout active), the fused single-pass path
+            x_lora = None if isinstance(self.lora_dropout, nn.Identity) or not self.training else self.lora_dropout(x)
             return LoraLinearFunction.apply(
-                x, self.lora_dropout(x), self.lora_A, self.lora_B, self.bias, self.base, self.scaling, self.backend
+                x, x_lora, self.lora_A, self.lora_B, self.bias, self.base, self.scaling, self.backend
             )
 
     @torch.no_grad()

@@ -57,8 +57,13 @@ def _load_kernel_packages() -> Dict[str, str]:
     else:
         try:
             importlib.import_module("loraq.kernels")
+            custom = importlib.import_module("loraq.custom_ops")
         except Exception as e:
             why["triton"] = f"loraq.kernels failed to import ({type(e).__name__}: {e})"
+        else:
+            for kind in ("int1", "sparse4x4", "dense"):
+                register("triton", "lora_linear_fwd", kind, custom.triton_lora_linear_fwd)
+                register("triton", "base_matmul_t", kind, custom.triton_base_matmul_t)
     try:
         importlib.import_module("loraq._C")
     except Exception as e:
@@ -118,7 +123,8 @@ def resolve_backend(backend: Optional[str], device: torch.device, kind: str) -> 
             raise RuntimeError(f"backend {backend!r} has no kernels for {kind!r} weights")
         return backend
     for name in ("cuda", "triton"):
-        if status[name][0] and all(kind in _IMPLS[name][p] for p in _PRIMITIVES):
+        # On the CPU the Triton interpreter is a test tool, never faster than the reference.
+        if torch.device(device).type == "cuda" and status[name][0] and all(kind in _IMPLS[name][p] for p in _PRIMITIVES):
             return name
     if torch.device(device).type == "cuda" and kind not in _WARNED:
         _WARNED.add(kind)

@@ -1,0 +1,265 @@
+"""Time loraq's compressed matmul + LoRA against cuBLAS and the usual alternatives, in one run.
+
+    python bench/bench_kernels.py                      # the issue's shapes and batches on a GPU
+    python bench/bench_kernels.py --csv out.csv --plot out.png --backward
+    TRITON_INTERPRET=1 python bench/bench_kernels.py   # on a CPU: small shapes, the harness itself
+
+Providers (each skipped with its reason when unavailable):
+  cublas       torch fp16 dense ``x·Wᵀ`` (cuBLAS on a GPU)
+  cublas_lora  dense + the unfused LoRA path ``s·(x·Aᵀ)·Bᵀ``
+  naive        dequantize ``Ŵ`` to dense, then matmul + LoRA (what you get without kernels)
+  triton       loraq's fused Triton kernels
+  cuda         loraq's CUDA kernels (when the extension registers them)
+  bnb_nf4      bitsandbytes NF4 ``matmul_4bit`` + unfused LoRA (when bitsandbytes is installed)
+
+Times are medians: on a GPU from ``triton.testing.do_bench`` (L2 flushed between runs) and, for
+launch-bound sizes, also under a CUDA graph; on a CPU from ``time.perf_counter``. Each row gives
+the bytes the op must move at least (weights as stored, x, y, LoRA), the achieved GB/s, and the
+percentage of the copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loraq import ops, reference  # noqa: E402
+from loraq.formats import compress_weight  # noqa: E402
+
+GPU_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672), (512, 1000)]  # (K, N)
+GPU_BATCHES = [1, 4, 16, 64, 256, 4096]
+CPU_SHAPES = [(96, 80), (45, 37)]
+CPU_BATCHES = [1, 3, 17]
+PROVIDERS = ["cublas", "cublas_lora", "naive", "triton", "cuda", "bnb_nf4"]
+COLUMNS = ["device", "op", "format", "K", "N", "M", "rank", "dtype", "provider", "median_us", "graph_us", "bytes",
+           "GBps", "pct_copy_bw", "speedup_vs_cublas", "note"]
+
+
+def parse_shapes(text: str) -> List[Tuple[int, int]]:
+    out = []
+    for item in text.split(","):
+        try:
+            k, n = item.lower().split("x")
+            out.append((int(k), int(n)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"shapes are KxN pairs like 4096x14336, got {item!r}") from None
+    return out
+
+
+def ints(text: str) -> List[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def timer(device: torch.device, reps: int) -> Callable[[Callable], Tuple[float, Optional[float]]]:
+    """``time(fn) -> (median µs, CUDA-graph median µs or None)``."""
+    if device.type == "cuda":
+        import triton.testing
+
+        def run(fn):
+            t = triton.testing.do_bench(fn, warmup=10, rep=max(20, reps), return_mode="median")
+            try:
+                g = triton.testing.do_bench_cudagraph(fn, rep=max(20, reps), return_mode="median")
+            except Exception:  # an op that cannot be captured
+                g = None
+            return 1e3 * t, (None if g is None else 1e3 * g)
+
+        return run
+
+    def run(fn):
+        fn()
+        samples = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+        return 1e6 * statistics.median(samples), None
+
+    return run
+
+
+def copy_bandwidth(device: torch.device, reps: int) -> float:
+    """Bytes per second of a device-to-device copy (read + write), the roofline for memory-bound ops."""
+    n = (1 << 28) if device.type == "cuda" else (1 << 24)  # 512 MiB / 32 MiB of fp16
+    src = torch.empty(n, dtype=torch.float16, device=device).normal_()
+    dst = torch.empty_like(src)
+    us, _ = timer(device, reps)(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / (us * 1e-6)
+
+
+def _nbytes(*ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+def providers_for(fmt: str, weight, W16, x, A, B, s, device, backward: bool) -> Dict[str, Tuple[Optional[Callable], int, str]]:
+    """``{provider: (fn or None, bytes moved, note)}`` for one problem."""
+    M, K = x.shape
+    N = W16.shape[0]
+    act = _nbytes(x) + M * N * x.element_size()
+    lora = _nbytes(A, B)
+    out: Dict[str, Tuple[Optional[Callable], int, str]] = {}
+    status = ops.backend_status(device)
+    if backward:
+        dy = torch.randn(M, N, dtype=x.dtype, device=device)
+        out["cublas"] = (lambda: dy @ W16, _nbytes(W16) + act, "")
+        out["naive"] = (lambda: dy @ weight.dequantize().to(x.dtype), weight.nbytes + act, "dequantize, then matmul")
+        for name in ("triton", "cuda"):
+            ok, why = _status(status, name, device)
+            out[name] = ((lambda b=name: ops.base_matmul_t(dy, weight, backend=b)) if ok else None,
+                         weight.nbytes + act, why)
+        return out
+    out["cublas"] = (lambda: x @ W16.t(), _nbytes(W16) + act, "")
+    out["cublas_lora"] = (lambda: x @ W16.t() + s * ((x @ A.t()) @ B.t()), _nbytes(W16) + act + lora, "")
+    out["naive"] = (lambda: reference.lora_linear_ref(x, weight, A, B, s), weight.nbytes + act + lora,
+                    "dequantize, then matmul + LoRA")
+    for name in ("triton", "cuda"):
+        ok, why = _status(status, name, device)
+        out[name] = ((lambda b=name: ops.lora_linear(x, weight, A, B, s, backend=b)) if ok else None,
+                     weight.nbytes + act + lora, why)
+    out["bnb_nf4"] = _bnb(W16, x, A, B, s, act + lora, device)
+    return out
+
+
+def _status(status, name: str, device) -> Tuple[bool, str]:
+    ok, why = status[name]
+    if not ok:
+        return False, why
+    return True, "" if device.type == "cuda" else "Triton interpreter on the CPU: correctness only, not a speed"
+
+
+def _bnb(W16, x, A, B, s, act_bytes, device):
+    if device.type != "cuda":
+        return None, 0, "bitsandbytes NF4 needs a CUDA device"
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bf
+    except Exception as e:
+        return None, 0, f"bitsandbytes not installed ({type(e).__name__})"
+    packed, state = bf.quantize_4bit(W16, quant_type="nf4")
+    return (lambda: bnb.matmul_4bit(x, packed.t(), quant_state=state) + s * ((x @ A.t()) @ B.t()),
+            _nbytes(packed) + act_bytes, "")
+
+
+def run(args) -> List[Dict]:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    shapes = args.shapes or (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    batches = args.batches or (GPU_BATCHES if device.type == "cuda" else CPU_BATCHES)
+    unknown = set(args.providers) - set(PROVIDERS)
+    if unknown:
+        raise SystemExit(f"bench_kernels: unknown providers {sorted(unknown)}; known: {PROVIDERS}")
+    measure = timer(device, args.reps)
+    bw = copy_bandwidth(device, args.reps)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {name}; measured copy bandwidth {bw / 1e9:.1f} GB/s; dtype {args.dtype}; rank {args.rank}")
+    rows: List[Dict] = []
+    ops_to_run = ["forward"] + (["backward_dx"] if args.backward else [])
+    for K, N in shapes:
+        gen = torch.Generator().manual_seed(0)
+        W = torch.randn(N, K, generator=gen) / K**0.5
+        W16 = W.to(device, dtype)
+        A = (torch.randn(args.rank, K, generator=gen) / K**0.5).to(device, dtype)
+        B = (torch.randn(N, args.rank, generator=gen) / args.rank**0.5).to(device, dtype)
+        for fmt in args.formats:
+            weight = compress_weight(W, fmt).to(dtype).to(device)
+            for M in batches:
+                x = torch.randn(M, K, device=device, dtype=dtype)
+                for op in ops_to_run:
+                    provs = providers_for(fmt, weight, W16, x, A, B, 2.0, device, op != "forward")
+                    base_us = None
+                    for p in args.providers:
+                        if p not in provs:
+                            continue
+                        fn, nbytes, note = provs[p]
+                        row = {"device": name, "op": op, "format": fmt, "K": K, "N": N, "M": M, "rank": args.rank,
+                               "dtype": args.dtype, "provider": p, "bytes": nbytes, "note": note}
+                        if fn is not None:
+                            us, g = measure(fn)
+                            best = min(us, g) if g is not None else us
+                            row.update(median_us=round(us, 2), graph_us=None if g is None else round(g, 2),
+                                       GBps=round(nbytes / (best * 1e-6) / 1e9, 1),
+                                       pct_copy_bw=round(100 * nbytes / (best * 1e-6) / bw, 1))
+                            if p == "cublas":
+                                base_us = best
+                            if base_us:
+                                row["speedup_vs_cublas"] = round(base_us / best, 2)
+                        rows.append(row)
+                        if not args.quiet:
+                            print(format_row(row))
+    return rows
+
+
+def format_row(r: Dict) -> str:
+    t = f"{r['median_us']:>10.1f}" if r.get("median_us") is not None else f"{'-':>10}"
+    g = f"{r['graph_us']:>9.1f}" if r.get("graph_us") is not None else f"{'-':>9}"
+    extra = (f"{r['GBps']:>8.1f} GB/s {r['pct_copy_bw']:>5.1f}% bw  x{r.get('speedup_vs_cublas', 0):>5.2f}"
+             if r.get("median_us") is not None else "")
+    return (f"{r['op']:<11} {r['format']:<9} K={r['K']:<6} N={r['N']:<6} M={r['M']:<5} {r['provider']:<12} {t} µs "
+            f"{g} µs(graph) {extra} {r['note']}")
+
+
+def plot(rows: List[Dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(r["op"], r["format"], r["K"], r["N"]) for r in rows})
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.8), squeeze=False)
+    for ax, (op, fmt, K, N) in zip(axes[0], keys):
+        for p in PROVIDERS:
+            pts = sorted((r["M"], min(v for v in (r.get("median_us"), r.get("graph_us")) if v is not None))
+                         for r in rows if (r["op"], r["format"], r["K"], r["N"], r["provider"]) == (op, fmt, K, N, p)
+                         and r.get("median_us") is not None)
+            if pts:
+                ax.plot([a for a, _ in pts], [b for _, b in pts], "-o", markersize=3, label=p)
+        ax.set(xscale="log", yscale="log", xlabel="M (batch)", ylabel="µs", title=f"{op} {fmt} {K}→{N}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", type=parse_shapes, help="KxN,... (default: the issue's on a GPU, tiny on a CPU)")
+    p.add_argument("--batches", type=ints, help="M values (default: 1,4,16,64,256,4096 on a GPU)")
+    p.add_argument("--formats", type=lambda t: t.split(","), default=["int1", "sparse4x4"])
+    p.add_argument("--providers", type=lambda t: t.split(","), default=PROVIDERS)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    p.add_argument("--backward", action="store_true", help="also time dX = dY·Ŵ")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--csv", help="write every row here")
+    p.add_argument("--plot", help="draw time vs M per shape here (PNG)")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    rows = run(args)
+    if args.csv:
+        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        print(f"csv: {args.csv}")
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Tile configurations for the kernels, tuned once per (op, M bucket, N, K, dtype) and GPU.
+
+The winner of a small list of configs is measured with ``triton.testing.do_bench`` the first
+time a shape is seen and cached in memory and on disk (``$LORAQ_CACHE_DIR``, default
+``~/.cache/loraq``) in one JSON file per GPU name and Triton version, so a second process does
+not tune again. Off the GPU (the interpreter) the first, smallest config is used untimed.
+"""
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+# BLOCK_M, output tile (BLOCK_N forward / BLOCK_K for dX), reduction tile, split of the
+# reduction over programs (fp32 atomics), num_warps, num_stages.
+Config = Tuple[int, int, int, int, int, int]
+
+# Small batches: one 16-row tile of x, wide weight tiles, the reduction split so that a few
+# thousand output columns still fill every SM (the weight stream is the cost).
+SMALL_M: List[Config] = [(16, 32, 32, 1, 4, 2), (16, 64, 128, 1, 4, 3), (16, 128, 128, 1, 4, 3),
+                         (16, 64, 256, 1, 4, 3), (16, 64, 128, 4, 4, 3), (16, 128, 128, 4, 4, 3),
+                         (16, 64, 256, 8, 4, 3), (16, 128, 256, 8, 8, 3), (16, 256, 128, 4, 8, 3)]
+# Large batches: tensor-core tiles.
+LARGE_M: List[Config] = [(64, 64, 32, 1, 4, 2), (128, 128, 64, 1, 8, 3), (128, 64, 64, 1, 4, 3),
+                         (64, 128, 64, 1, 4, 3), (128, 256, 64, 1, 8, 3), (256, 128, 64, 1, 8, 3)]
+
+_MEMORY: Dict[str, Dict[str, Config]] = {}
+
+
+def m_bucket(M: int) -> int:
+    """Batch sizes that share a config: powers of two up to 4096."""
+    return min(4096, 1 << max(0, (M - 1).bit_length()))
+
+
+def configs_for(M: int) -> List[Config]:
+    return SMALL_M if M <= 16 else LARGE_M
+
+
+def gpu_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
+def cache_file(device: torch.device) -> Path:
+    """``$LORAQ_CACHE_DIR/autotune/<GPU name>-triton<version>.json``."""
+    import triton
+
+    name = re.sub(r"[^A-Za-z0-9]+", "_", gpu_name(device)).strip("_")
+    root = Path(os.environ.get("LORAQ_CACHE_DIR", Path.home() / ".cache" / "loraq"))
+    return root / "autotune" / f"{name}-triton{triton.__version__}.json"
+
+
+def _load(path: Path) -> Dict[str, Config]:
+    key = str(path)
+    if key not in _MEMORY:
+        try:
+            _MEMORY[key] = {k: tuple(v) for k, v in json.loads(path.read_text()).items()}
+        except (OSError, ValueError):
+            _MEMORY[key] = {}
+    return _MEMORY[key]
+
+
+def _store(path: Path, table: Dict[str, Config]) -> None:
+    """Merge ``table`` into the file (another process may have added shapes) via a temporary file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        merged = {}
+        if path.is_file():
+            try:
+                merged = json.loads(path.read_text())
+            except ValueError:
+                merged = {}
+        merged.update({k: list(v) for k, v in table.items()})
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(merged, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:  # a read-only home: keep the in-memory table
+        pass
+
+
+def pick_config(op: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
+                run: Callable[[Config], None], bench: Optional[Callable] = None) -> Config:
+    """The config for this problem: cached, or the fastest of :func:`configs_for` (timed with
+    ``bench(fn) -> ms``, by default ``triton.testing.do_bench``). Off CUDA: the first config."""
+    candidates = configs_for(M)
+    if device.type != "cuda":
+        return candidates[0]
+    path = cache_file(device)
+    table = _load(path)
+    key = f"{op}|M{m_bucket(M)}|N{N}|K{K}|{str(dtype).replace('torch.', '')}"
+    if key not in table:
+        if bench is None:
+            import triton.testing
+
+            def bench(fn):
+                return triton.testing.do_bench(fn, warmup=5, rep=20)
+
+        timings = {}
+        for c in candidates:
+            try:
+                timings[c] = bench(lambda: run(c))
+            except Exception:  # a config this GPU cannot hold (shared memory, registers)
+                continue
+        if not timings:
+            raise RuntimeError(f"no kernel config of {op} runs for M={M}, N={N}, K={K}, {dtype}")
+        table[key] = min(timings, key=timings.get)
+        _store(path, table)
+    return table[key]
+
+
+def interpreter_upcast(dtype: torch.dtype) -> bool:
+    """Whether the kernels must feed ``tl.dot`` fp32 copies of bf16 tiles: the Triton interpreter
+    (numpy, which has no bfloat16) multiplies bf16 operands as raw bits. Never on a GPU."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def weight_args(fmt: str, tensors: Dict[str, torch.Tensor], meta: Dict) -> Tuple[list, list, bool]:
+    """The kernel's three weight pointers and four format integers, and whether int1 is onebit.
+
+    int1: ``packed [N, KW]``, ``scale [N, G]``, ``col_scale [K]`` (onebit) and
+    ``(KW, G, group_size, 0)``; sparse4x4: ``values [TN, TK]``, ``positions [TN, PW]`` and
+    ``(TK, PW, 0, 0)``.
+    """
+    if fmt == "int1":
+        packed, scale = tensors["packed"].contiguous(), tensors["scale"].contiguous()
+        onebit = meta["scale_mode"] == "onebit"
+        col = tensors["col_scale"].contiguous() if onebit else scale
+        K = meta["K"]
+        group = meta.get("group_size") or K
+        return [packed, scale, col], [packed.shape[1], scale.shape[1], group, 0], onebit
+    if fmt == "sparse4x4":
+        values, positions = tensors["values"].contiguous(), tensors["positions"].contiguous()
+        return [values, positions, values], [values.shape[1], positions.shape[1], 0, 0], False
+    raise ValueError(f"no Triton kernel for weight format {fmt!r}")

@@ -1,0 +1,82 @@
+"""``dX = dY·Ŵ``: the backward of the base matmul, the packed weight read transposed.
+
+Each program owns a ``[BLOCK_M, BLOCK_K]`` tile of ``dX`` and walks N, decoding the
+``[BLOCK_N, BLOCK_K]`` tile of ``Ŵ`` it needs (the same decoders as the forward) and feeding it
+to ``tl.dot``. The LoRA part of ``dX`` (``s·(dY·B)·A``, rank r) is added by the autograd code.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .autotune import interpreter_upcast, pick_config, weight_args
+from .decode import _int1_tile, _sparse4x4_tile
+
+
+@triton.jit
+def _base_matmul_t_kernel(
+    dy_ptr, w0_ptr, w1_ptr, w2_ptr, dx_ptr,
+    M, N, K, N_PER_SPLIT,
+    W_A, W_B, W_C, W_D,
+    stride_dym, stride_dxm,
+    FORMAT: tl.constexpr, ONEBIT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_s = tl.program_id(2)  # split of the N reduction; fp32 atomics join the partial sums
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    n_end = tl.minimum(N, (pid_s + 1) * N_PER_SPLIT)
+    for n0 in range(pid_s * N_PER_SPLIT, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        g = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :],
+                    mask=(offs_m[:, None] < M) & (offs_n[None, :] < n_end), other=0.0)
+        if FORMAT == 0:
+            w = _int1_tile(w0_ptr, w1_ptr, w2_ptr, offs_n, offs_k, n_end, K, W_A, W_B, W_C, ONEBIT)
+        else:
+            w = _sparse4x4_tile(w0_ptr, w1_ptr, offs_n, offs_k, n_end, K, W_A, W_B)
+        if UPCAST:  # interpreter only: fp32 operands (numpy cannot multiply bf16)
+            acc += tl.dot(g.to(tl.float32), w, input_precision="ieee")
+        elif IEEE:
+            acc += tl.dot(g, w, input_precision="ieee")
+        else:  # Ŵ in the activation dtype, as the reference casts it
+            acc += tl.dot(g, w.to(g.dtype))
+    dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :]
+    inside = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    if SPLIT_N == 1:
+        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=inside)
+    else:
+        tl.atomic_add(dx_ptrs, acc, mask=inside)
+
+
+def base_matmul_t(dy, fmt: str, tensors, meta, config=None):
+    """Launch ``dY·Ŵ`` for ``dy [M, N]`` (fp16/bf16/fp32); returns ``[M, K]`` in ``dy.dtype``.
+    ``config`` forces a tile config (``autotune.Config``) instead of the tuned one."""
+    M, N = dy.shape
+    K = meta["K"]
+    dy = dy.contiguous()
+    if M == 0:
+        return torch.empty(M, K, device=dy.device, dtype=dy.dtype)
+    ptrs, ints, onebit = weight_args(fmt, tensors, meta)
+
+    def run(cfg):
+        bm, bk, bn, split, warps, stages = cfg
+        split = max(1, min(split, triton.cdiv(N, bn)))
+        n_per_split = triton.cdiv(triton.cdiv(N, split), bn) * bn
+        split = triton.cdiv(N, n_per_split)
+        # Split partial sums meet in fp32; so does the interpreter's output (it truncates to bf16).
+        fp32_out = split > 1 or interpreter_upcast(dy.dtype)
+        dx = (torch.zeros if split > 1 else torch.empty)(M, K, device=dy.device,
+                                                           dtype=torch.float32 if fp32_out else dy.dtype)
+        _base_matmul_t_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk), split)](
+            dy, *ptrs, dx, M, N, K, n_per_split, *ints, dy.stride(0), dx.stride(0),
+            FORMAT=0 if fmt == "int1" else 1, ONEBIT=onebit, IEEE=dy.dtype == torch.float32,
+            UPCAST=interpreter_upcast(dy.dtype), BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, SPLIT_N=split,
+            num_warps=warps, num_stages=stages,
+        )
+        return dx
+
+    cfg = config or pick_config("base_matmul_t", M, N, K, dy.dtype, dy.device, run)
+    return run(cfg).to(dy.dtype)

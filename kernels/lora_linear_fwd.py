@@ -1,0 +1,116 @@
+"""``y = x·Ŵᵀ + s·(x·Aᵀ)·Bᵀ + b`` in one pass over the packed weight (int1 or sparse4x4).
+
+Each program owns a ``[BLOCK_M, BLOCK_N]`` tile of ``y``: it walks K, decodes the matching
+``[BLOCK_N, BLOCK_K]`` tile of ``Ŵ`` in registers (no dense ``Ŵ`` in memory) and feeds it to
+``tl.dot``; the epilogue adds the LoRA path from ``xa = x·Aᵀ`` (``[M, r]``, computed once
+beforehand: it is tiny) and the bias. Small batches use ``BLOCK_M = 16`` tiles.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .autotune import interpreter_upcast, pick_config, weight_args
+from .decode import _int1_tile, _sparse4x4_tile
+
+INT1, SPARSE4X4 = 0, 1
+
+
+@triton.jit
+def _lora_linear_fwd_kernel(
+    x_ptr, w0_ptr, w1_ptr, w2_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr,
+    M, N, K, s, K_PER_SPLIT,
+    W_A, W_B, W_C, W_D,  # format integers: int1 (KW, G, group_size, -), sparse4x4 (TK, PW, -, -)
+    stride_xm, stride_ym, stride_am, stride_bn,
+    R,
+    FORMAT: tl.constexpr, ONEBIT: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)  # split-K: each program sums one K slice; fp32 atomics join them
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_end = tl.minimum(K, (pid_s + 1) * K_PER_SPLIT)
+    for k0 in range(pid_s * K_PER_SPLIT, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_end), other=0.0)
+        if FORMAT == 0:
+            w = _int1_tile(w0_ptr, w1_ptr, w2_ptr, offs_n, offs_k, N, k_end, W_A, W_B, W_C, ONEBIT)
+        else:
+            w = _sparse4x4_tile(w0_ptr, w1_ptr, offs_n, offs_k, N, k_end, W_A, W_B)
+        if UPCAST:  # interpreter only: fp32 operands (bf16 holds the values but numpy cannot multiply it)
+            acc += tl.dot(xt.to(tl.float32), tl.trans(w), input_precision="ieee")
+        elif IEEE:
+            acc += tl.dot(xt, tl.trans(w), input_precision="ieee")
+        else:  # Ŵ in the activation dtype, as the reference casts it
+            acc += tl.dot(xt, tl.trans(w.to(xt.dtype)))
+    if HAS_LORA and pid_s == 0:
+        offs_r = tl.arange(0, BLOCK_R)
+        xa = tl.load(xa_ptr + offs_m[:, None] * stride_am + offs_r[None, :],
+                     mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
+        bt = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :],
+                     mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0)
+        if UPCAST:
+            acc += s * tl.dot(xa.to(tl.float32), tl.trans(bt.to(tl.float32)), input_precision="ieee")
+        elif IEEE:
+            acc += s * tl.dot(xa, tl.trans(bt), input_precision="ieee")
+        else:
+            acc += s * tl.dot(xa, tl.trans(bt))
+    if HAS_BIAS and pid_s == 0:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=inside)
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=inside)
+
+
+def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1.0, bias=None,
+                    config=None):
+    """Launch the fused forward. ``x [M, K]`` (fp16/bf16/fp32); ``tensors``/``meta`` are the
+    format's (``weight_args`` explains them); returns ``y [M, N]`` in ``x.dtype``. ``config``
+    forces a tile config (``autotune.Config``) instead of the tuned one."""
+    M, K = x.shape
+    N = meta["N"]
+    x = x.contiguous()
+    if M == 0:
+        return torch.empty(M, N, device=x.device, dtype=x.dtype)
+    ptrs, ints, onebit = weight_args(fmt, tensors, meta)
+    has_lora = lora_A is not None
+    if has_lora:
+        A = lora_A.to(x.dtype)
+        B = lora_B.to(x.dtype).contiguous()
+        xa = (x @ A.t()).contiguous()  # [M, r]: the LoRA prologue, tiny next to the weight stream
+        R = A.shape[0]
+    else:
+        xa = B = x  # unused placeholders
+        R = 1
+
+    def run(cfg):
+        bm, bn, bk, split, warps, stages = cfg
+        split = max(1, min(split, triton.cdiv(K, bk)))
+        k_per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
+        split = triton.cdiv(K, k_per_split)
+        # Split-K partial sums meet in fp32; so does the interpreter's output, which truncates
+        # fp32 → bf16 where a GPU rounds (torch rounds it instead).
+        fp32_out = split > 1 or interpreter_upcast(x.dtype)
+        y = (torch.zeros if split > 1 else torch.empty)(M, N, device=x.device,
+                                                          dtype=torch.float32 if fp32_out else x.dtype)
+        _lora_linear_fwd_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn), split)](
+            x, *ptrs, xa, B, bias if bias is not None else x, y,
+            M, N, K, float(scaling), k_per_split, *ints,
+            x.stride(0), y.stride(0), xa.stride(0), B.stride(0), R,
+            FORMAT=INT1 if fmt == "int1" else SPARSE4X4, ONEBIT=onebit, HAS_LORA=has_lora,
+            HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, UPCAST=interpreter_upcast(x.dtype),
+            BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
+            num_warps=warps, num_stages=stages,
+        )
+        return y
+
+    cfg = config or pick_config("lora_linear_fwd", M, N, K, x.dtype, x.device, run)
+    return run(cfg).to(x.dtype)

@@ -1,0 +1,118 @@
+"""The Triton kernels as ``torch.library`` custom ops (``loraq::*``), with fake implementations.
+
+Custom ops are opaque to ``torch.compile``: the fake implementations give it output shapes and
+dtypes, so a model with ``LoraLinear`` layers compiles without graph breaks and the kernels run
+as they are. The adapters at the bottom turn a format object into the ops' tensor arguments;
+:mod:`loraq.ops` registers them as the ``triton`` backend.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _int1_parts(packed, scale, col_scale, K, group_size, onebit):
+    return ({"packed": packed, "scale": scale, "col_scale": col_scale},
+            {"N": packed.shape[0], "K": K, "group_size": group_size or None,
+             "scale_mode": "onebit" if onebit else "mean_abs"})
+
+
+@torch.library.custom_op("loraq::int1_lora_linear", mutates_args=())
+def int1_lora_linear(x: Tensor, packed: Tensor, scale: Tensor, col_scale: Tensor, K: int, group_size: int,
+                     onebit: bool, lora_A: Optional[Tensor], lora_B: Optional[Tensor], scaling: float,
+                     bias: Optional[Tensor]) -> Tensor:
+    """``x·Ŵᵀ + s·(x·Aᵀ)·Bᵀ + b`` for int1 ``Ŵ`` (``group_size`` 0: one scale per row)."""
+    from loraq.kernels import lora_linear_fwd
+
+    tensors, meta = _int1_parts(packed, scale, col_scale, K, group_size, onebit)
+    return lora_linear_fwd(x, "int1", tensors, meta, lora_A, lora_B, scaling, bias)
+
+
+@int1_lora_linear.register_fake
+def _(x, packed, scale, col_scale, K, group_size, onebit, lora_A, lora_B, scaling, bias):
+    return x.new_empty(x.shape[0], packed.shape[0])
+
+
+@torch.library.custom_op("loraq::int1_matmul_t", mutates_args=())
+def int1_matmul_t(dy: Tensor, packed: Tensor, scale: Tensor, col_scale: Tensor, K: int, group_size: int,
+                  onebit: bool) -> Tensor:
+    """``dY·Ŵ`` for int1 ``Ŵ``."""
+    from loraq.kernels import base_matmul_t
+
+    tensors, meta = _int1_parts(packed, scale, col_scale, K, group_size, onebit)
+    return base_matmul_t(dy, "int1", tensors, meta)
+
+
+@int1_matmul_t.register_fake
+def _(dy, packed, scale, col_scale, K, group_size, onebit):
+    return dy.new_empty(dy.shape[0], K)
+
+
+@torch.library.custom_op("loraq::sparse4x4_lora_linear", mutates_args=())
+def sparse4x4_lora_linear(x: Tensor, values: Tensor, positions: Tensor, N: int, K: int, lora_A: Optional[Tensor],
+                          lora_B: Optional[Tensor], scaling: float, bias: Optional[Tensor]) -> Tensor:
+    """``x·Ŵᵀ + s·(x·Aᵀ)·Bᵀ + b`` for sparse4x4 ``Ŵ``."""
+    from loraq.kernels import lora_linear_fwd
+
+    return lora_linear_fwd(x, "sparse4x4", {"values": values, "positions": positions}, {"N": N, "K": K},
+                           lora_A, lora_B, scaling, bias)
+
+
+@sparse4x4_lora_linear.register_fake
+def _(x, values, positions, N, K, lora_A, lora_B, scaling, bias):
+    return x.new_empty(x.shape[0], N)
+
+
+@torch.library.custom_op("loraq::sparse4x4_matmul_t", mutates_args=())
+def sparse4x4_matmul_t(dy: Tensor, values: Tensor, positions: Tensor, N: int, K: int) -> Tensor:
+    """``dY·Ŵ`` for sparse4x4 ``Ŵ``."""
+    from loraq.kernels import base_matmul_t
+
+    return base_matmul_t(dy, "sparse4x4", {"values": values, "positions": positions}, {"N": N, "K": K})
+
+
+@sparse4x4_matmul_t.register_fake
+def _(dy, values, positions, N, K):
+    return dy.new_empty(dy.shape[0], K)
+
+
+def _check_device(t: Tensor, weight, name: str) -> None:
+    for field, v in weight.tensors().items():
+        if v.device != t.device:
+            raise ValueError(f"{name} is on {t.device} but the weight's {field} is on {v.device}; move them together")
+
+
+def triton_lora_linear_fwd(x, weight, lora_A, lora_B, scaling, bias):
+    """The ``triton`` backend's ``lora_linear_fwd``: the fused kernels for int1 and sparse4x4,
+    cuBLAS through torch for a dense weight, the reference for dtypes the kernels lack (fp64)."""
+    kind = getattr(weight, "kind", "dense")
+    if kind == "dense" or x.dtype not in KERNEL_DTYPES:
+        return reference.lora_linear_ref(x, weight, lora_A, lora_B, scaling, bias)
+    _check_device(x, weight, "x")
+    N, K = weight.shape
+    if kind == "int1":
+        return torch.ops.loraq.int1_lora_linear(x, weight.packed, weight.scale, weight.col_scale, K,
+                                                weight.group_size or 0, weight.scale_mode == "onebit",
+                                                lora_A, lora_B, float(scaling), bias)
+    return torch.ops.loraq.sparse4x4_lora_linear(x, weight.values, weight.positions, N, K, lora_A, lora_B,
+                                                 float(scaling), bias)
+
+
+def triton_base_matmul_t(dy, weight):
+    """The ``triton`` backend's ``base_matmul_t`` (``dY·Ŵ``)."""
+    kind = getattr(weight, "kind", "dense")
+    if kind == "dense" or dy.dtype not in KERNEL_DTYPES:
+        return reference.base_matmul_t_ref(dy, weight)
+    _check_device(dy, weight, "dy")
+    N, K = weight.shape
+    if kind == "int1":
+        return torch.ops.loraq.int1_matmul_t(dy, weight.packed, weight.scale, weight.col_scale, K,
+                                             weight.group_size or 0, weight.scale_mode == "onebit")
+    return torch.ops.loraq.sparse4x4_matmul_t(dy, weight.values, weight.positions, N, K)

@@ -1,0 +1,304 @@
+"""The Triton kernels against loraq.reference: output and every gradient, odd shapes, every dtype.
+
+Without a GPU they run in Triton's interpreter (conftest sets TRITON_INTERPRET=1) at tiny shapes;
+the tests marked ``gpu`` repeat them at larger shapes on CUDA. The rule (DESIGN.md): a kernel's
+error against a float64 reference may be at most twice plain PyTorch's in the same dtype, plus a
+small absolute slack.
+"""
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from loraq import LoraLinear, ops, reference  # noqa: E402
+from loraq.autograd import LoraLinearFunction  # noqa: E402
+from loraq.formats import Int1Weight, Sparse4x4Weight  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda" if CUDA else "cpu")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+FORMATS = ["int1", "int1_g16", "int1_onebit", "sparse4x4"]
+SLACK = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def make(fmt, W):
+    if fmt == "int1":
+        return Int1Weight.from_dense(W)
+    if fmt == "int1_g16":
+        return Int1Weight.from_dense(W, group_size=16)
+    if fmt == "int1_onebit":
+        return Int1Weight.from_dense(W, scale="onebit")
+    return Sparse4x4Weight.from_dense(W)
+
+
+def check(out, ref64, low, name=""):
+    """|out − ref| ≤ 2·|low − ref| + slack·max|ref| elementwise-max, ``low`` = PyTorch in out's dtype."""
+    err = (out.double() - ref64).abs().max().item()
+    base = (low.double() - ref64).abs().max().item()
+    slack = SLACK[out.dtype] * max(1.0, ref64.abs().max().item())
+    assert err <= 2 * base + slack, f"{name}: kernel error {err:.3g} > 2 x torch {base:.3g} + {slack:.3g}"
+
+
+def problem(fmt, dtype, M, N, K, r=5, lora=True, bias=True, device=DEV):
+    W = torch.randn(N, K)
+    w = make(fmt, W).to(dtype).to(device)
+    x = torch.randn(M, K, dtype=dtype, device=device)
+    A = torch.randn(r, K, dtype=dtype, device=device) / K**0.5 if lora else None
+    B = torch.randn(N, r, dtype=dtype, device=device) if lora else None
+    b = torch.randn(N, dtype=dtype, device=device) if bias else None
+    return w, x, A, B, b
+
+
+def f64(t):
+    return None if t is None else t.double()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M", [1, 3, 17, 70])
+@pytest.mark.parametrize("lora_bias", [(True, True), (False, False), (True, False)], ids=["lora+bias", "plain", "lora"])
+def test_forward_matches_reference(fmt, dtype, M, lora_bias):
+    N, K = (37, 45) if M < 70 else (21, 75)
+    w, x, A, B, b = problem(fmt, dtype, M, N, K, lora=lora_bias[0], bias=lora_bias[1])
+    y = ops.lora_linear(x, w, A, B, 0.7, b, backend="triton")
+    assert y.shape == (M, N) and y.dtype == dtype
+    ref = reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 0.7, f64(b))
+    low = reference.lora_linear_ref(x, w, A, B, 0.7, b)
+    check(y, ref, low, f"{fmt} {dtype} M={M}")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M", [1, 3, 17, 70])
+def test_base_matmul_t_matches_reference(fmt, dtype, M):
+    N, K = (37, 45) if M < 70 else (50, 19)
+    w, *_ = problem(fmt, dtype, 1, N, K)
+    dy = torch.randn(M, N, dtype=dtype, device=DEV)
+    dx = ops.base_matmul_t(dy, w, backend="triton")
+    assert dx.shape == (M, K) and dx.dtype == dtype
+    check(dx, reference.base_matmul_t_ref(dy.double(), w.to(torch.float64)), reference.base_matmul_t_ref(dy, w),
+          f"{fmt} {dtype} M={M}")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_gradient_matches_reference(fmt, dtype):
+    M, N, K, r = 13, 29, 38, 6
+    w, x, A, B, b = problem(fmt, dtype, M, N, K, r=r)
+    dy = torch.randn(M, N, dtype=dtype, device=DEV)
+
+    def grads(backend, *tensors):
+        leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+        xx, AA, BB, bb = leaves
+        weight = w if backend != "f64" else w.to(torch.float64)
+        y = LoraLinearFunction.apply(xx, None, AA, BB, bb, weight, 0.7, "reference" if backend == "f64" else backend)
+        y.backward(dy.to(y.dtype))
+        return [y] + [t.grad for t in leaves]
+
+    got = grads("triton", x, A, B, b)
+    ref = grads("f64", *(t.double() for t in (x, A, B, b)))
+    low = grads("reference", x, A, B, b)
+    for name, g, r64, lo in zip(["y", "dx", "dA", "dB", "db"], got, ref, low):
+        assert g.dtype == dtype
+        check(g, r64, lo, f"{fmt} {dtype} {name}")
+
+
+def test_leading_dimensions_and_empty_batch():
+    w, x, A, B, b = problem("int1", torch.float16, 6, 11, 20)
+    x3 = x.reshape(2, 3, 20)
+    y = ops.lora_linear(x3, w, A, B, 1.5, b, backend="triton")
+    assert y.shape == (2, 3, 11)
+    assert torch.equal(y.reshape(6, 11), ops.lora_linear(x, w, A, B, 1.5, b, backend="triton"))
+    empty = ops.lora_linear(x[:0], w, A, B, 1.5, b, backend="triton")
+    assert empty.shape == (0, 11)
+    assert ops.base_matmul_t(torch.randn(0, 11, dtype=torch.float16, device=DEV), w, backend="triton").shape == (0, 20)
+
+
+def test_float64_and_dense_fall_back_to_torch():
+    w, x, A, B, b = problem("sparse4x4", torch.float64, 4, 9, 10)
+    assert torch.equal(ops.lora_linear(x, w, A, B, 0.5, b, backend="triton"),
+                       reference.lora_linear_ref(x, w, A, B, 0.5, b))
+    W = torch.randn(9, 10, device=DEV)
+    x32 = torch.randn(4, 10, device=DEV)
+    assert torch.equal(ops.lora_linear(x32, W, backend="triton"), reference.lora_linear_ref(x32, W, None, None, 1.0))
+
+
+def test_weight_on_another_device_is_a_clear_error():
+    if CUDA:
+        w = make("int1", torch.randn(8, 16)).to(torch.float16)  # CPU weight, CUDA input
+        x = torch.randn(2, 16, dtype=torch.float16, device="cuda")
+    else:
+        w = make("int1", torch.randn(8, 16))
+        w.packed = w.packed.to("meta")
+        x = torch.randn(2, 16)
+    with pytest.raises(ValueError, match="x is on .* but the weight's packed is on"):
+        ops.lora_linear(x, w, backend="triton")
+
+
+@pytest.mark.parametrize("op, args", [
+    ("int1_lora_linear", lambda: (torch.randn(3, 40, device=DEV), *_int1(), torch.randn(4, 40, device=DEV),
+                                  torch.randn(9, 4, device=DEV), 0.5, torch.randn(9, device=DEV))),
+    ("int1_matmul_t", lambda: (torch.randn(3, 9, device=DEV), *_int1())),
+    ("sparse4x4_lora_linear", lambda: (torch.randn(3, 40, device=DEV), *_sparse(), None, None, 1.0, None)),
+    ("sparse4x4_matmul_t", lambda: (torch.randn(3, 9, device=DEV), *_sparse())),
+])
+def test_custom_ops_pass_opcheck(op, args):
+    """Schema, fake (meta) implementation and dispatch of every loraq:: op."""
+    ops.backend_status()  # imports the kernels and defines the custom ops
+    torch.library.opcheck(getattr(torch.ops.loraq, op).default, args(),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def _int1():
+    w = make("int1_g16", torch.randn(9, 40)).to(DEV)
+    return w.packed, w.scale, w.col_scale, 40, 16, False
+
+
+def _sparse():
+    w = make("sparse4x4", torch.randn(9, 40)).to(DEV)
+    return w.values, w.positions, 9, 40
+
+
+def _model(fmt, dtype, backend, seed=0):
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.GELU(), torch.nn.Linear(40, 10))
+    net[0] = LoraLinear.from_linear(net[0], fmt, rank=4, init="svd", backend=backend)
+    net[2] = LoraLinear.from_linear(net[2], fmt, rank=4, backend=backend)
+    return net.to(DEV, dtype)
+
+
+@pytest.mark.parametrize("fmt", ["int1", "sparse4x4"])
+def test_torch_compile_has_no_graph_break(fmt):
+    net = _model(fmt, torch.float32, "triton")
+    x = torch.randn(5, 24, device=DEV)
+    eager = net(x)
+    eager.sum().backward()
+    grads = [p.grad.clone() for p in net.parameters() if p.requires_grad]
+    net.zero_grad()
+    compiled = torch.compile(net, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break raises
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, eager)
+    for g, p in zip(grads, [p for p in net.parameters() if p.requires_grad]):
+        torch.testing.assert_close(p.grad, g)
+
+
+@pytest.mark.parametrize("fmt", ["int1", "sparse4x4"])
+def test_training_gives_the_same_losses_with_each_backend(fmt):
+    xb = torch.randn(32, 24, device=DEV)
+    yb = torch.randint(0, 10, (32,), device=DEV)
+    losses = {}
+    for backend in ("reference", "triton"):
+        net = _model(fmt, torch.float32, backend)
+        opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+        losses[backend] = []
+        for _ in range(8):
+            loss = torch.nn.functional.cross_entropy(net(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[backend].append(loss.item())
+    assert losses["triton"][-1] < losses["triton"][0]  # it learns
+    torch.testing.assert_close(torch.tensor(losses["triton"]), torch.tensor(losses["reference"]), rtol=1e-4, atol=1e-5)
+
+
+def test_auto_never_picks_the_interpreter_on_the_cpu():
+    w = make("int1", torch.randn(8, 16))
+    assert ops.resolve_backend("auto", torch.device("cpu"), "int1") == "reference"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M", [1, 16, 300, 4100])
+def test_gpu_large_shapes(fmt, dtype, M):
+    N, K = 1000, 1537
+    w, x, A, B, b = problem(fmt, dtype, M, N, K, r=16)
+    y = ops.lora_linear(x, w, A, B, 2.0, b, backend="triton")
+    ref = reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 2.0, f64(b))
+    check(y, ref, reference.lora_linear_ref(x, w, A, B, 2.0, b), f"{fmt} {dtype} M={M}")
+    dy = torch.randn(M, N, dtype=dtype, device=DEV)
+    dx = ops.base_matmul_t(dy, w, backend="triton")
+    check(dx, reference.base_matmul_t_ref(dy.double(), w.to(torch.float64)), reference.base_matmul_t_ref(dy, w))
+
+
+@pytest.mark.gpu
+def test_gpu_auto_picks_triton():
+    assert ops.resolve_backend("auto", torch.device("cuda"), "int1") in ("triton", "cuda")
+    assert os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def _kernel_args(w):
+    meta = {"N": w.shape[0], "K": w.shape[1]}
+    if isinstance(w, Int1Weight):
+        meta.update(group_size=w.group_size, scale_mode=w.scale_mode)
+    return w.tensors(), meta
+
+
+@pytest.mark.parametrize("fmt", ["int1_g16", "int1_onebit", "sparse4x4"])
+@pytest.mark.parametrize("cfg_index", range(15))
+def test_every_tile_config_and_split_is_correct(fmt, cfg_index):
+    """Each autotune candidate (tile sizes, split of the reduction) gives the reference's answer."""
+    from loraq.kernels import base_matmul_t, lora_linear_fwd
+    from loraq.kernels.autotune import LARGE_M, SMALL_M
+
+    configs = SMALL_M + LARGE_M
+    if cfg_index >= len(configs):
+        pytest.fail(f"only {len(configs)} configs; shrink the range")
+    cfg = configs[cfg_index]
+    M, N, K = (5, 37, 300) if cfg[0] == 16 else (40, 70, 150)
+    w, x, A, B, b = problem(fmt, torch.float16, M, N, K, r=3)
+    tensors, meta = _kernel_args(w)
+    y = lora_linear_fwd(x, fmt.split("_")[0], tensors, meta, A, B, 0.5, b, config=cfg)
+    check(y, reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 0.5, f64(b)),
+          reference.lora_linear_ref(x, w, A, B, 0.5, b), f"fwd {cfg}")
+    dy = torch.randn(M, N, dtype=torch.float16, device=DEV)
+    dx = base_matmul_t(dy, fmt.split("_")[0], tensors, meta, config=cfg)
+    check(dx, reference.base_matmul_t_ref(dy.double(), w.to(torch.float64)), reference.base_matmul_t_ref(dy, w),
+          f"dx {cfg}")
+
+
+def test_autotune_caches_the_winner_on_disk_per_gpu(tmp_path, monkeypatch):
+    """A second process (a cleared memory cache) reads the winner instead of timing again."""
+    from loraq.kernels import autotune
+
+    monkeypatch.setenv("LORAQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "gpu_name", lambda device: "Fake GPU 80GB")
+    monkeypatch.setattr(autotune, "_MEMORY", {})
+    timed = []
+    fastest = autotune.SMALL_M[3]
+
+    def bench(fn):
+        fn()
+        return 1.0 if timed[-1] == fastest else 2.0
+
+    def run(cfg):
+        timed.append(cfg)
+
+    dev = torch.device("cuda")
+    assert autotune.pick_config("op", 3, 4096, 4096, torch.float16, dev, run, bench) == fastest
+    assert timed == autotune.SMALL_M
+    files = list((tmp_path / "autotune").glob("Fake_GPU_80GB-triton*.json"))
+    assert len(files) == 1 and "op|M4|N4096|K4096|float16" in files[0].read_text()
+    monkeypatch.setattr(autotune, "_MEMORY", {})  # a new process
+    timed.clear()
+    assert autotune.pick_config("op", 4, 4096, 4096, torch.float16, dev, run, bench) == fastest  # same M bucket
+    assert timed == []
+    # another bucket is tuned (and appended to the same file)
+    autotune.pick_config("op", 300, 4096, 4096, torch.float16, dev, run, bench)
+    assert timed == autotune.LARGE_M
+    assert "op|M512|" in files[0].read_text() and "op|M4|" in files[0].read_text()
+
+
+def test_autotune_off_the_gpu_uses_the_first_config_untimed():
+    from loraq.kernels import autotune
+
+    def never(_):
+        raise AssertionError("timed off the GPU")
+
+    assert autotune.pick_config("op", 1, 8, 8, torch.float16, torch.device("cpu"), never) == autotune.SMALL_M[0]
+    assert autotune.pick_config("op", 99, 8, 8, torch.float16, torch.device("cpu"), never) == autotune.LARGE_M[0]
+    assert [autotune.m_bucket(m) for m in (1, 2, 3, 16, 17, 4096, 9000)] == [1, 2, 4, 16, 32, 4096, 4096]
