@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import ops
 from .autograd import LoraLinearFunction
 from .formats import FORMATS, CompressedWeight, check_dense_weight, format_class
 from .lora_init import INITS, init_lora, lora_scaling
@@ -61,6 +62,7 @@ class LoraLinear(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if alpha is not None and not float(alpha) > 0:
             raise ValueError(f"alpha must be > 0, got {alpha}")
+        ops.load_backends()  # once per process, here rather than inside a torch.compile trace
         self.in_features, self.out_features = K, N
         self.compression = base.kind
         self.rank, self.alpha, self.rslora = rank, float(rank if alpha is None else alpha), bool(rslora)

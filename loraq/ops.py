@@ -84,6 +84,12 @@ def _import_problems() -> Dict[str, str]:
     return _IMPORT_PROBLEMS
 
 
+def load_backends() -> None:
+    """Import the kernel packages now (once per process). ``LoraLinear`` calls it on construction
+    so that ``torch.compile`` never meets the import inside a traced forward."""
+    _import_problems()
+
+
 def backend_status(device: Optional[torch.device] = None) -> Dict[str, Tuple[bool, str]]:
     """``{backend: (available, reason)}`` for ``device`` (CUDA if present, else CPU)."""
     if device is None:

@@ -302,3 +302,18 @@ def test_autotune_off_the_gpu_uses_the_first_config_untimed():
     assert autotune.pick_config("op", 1, 8, 8, torch.float16, torch.device("cpu"), never) == autotune.SMALL_M[0]
     assert autotune.pick_config("op", 99, 8, 8, torch.float16, torch.device("cpu"), never) == autotune.LARGE_M[0]
     assert [autotune.m_bucket(m) for m in (1, 2, 3, 16, 17, 4096, 9000)] == [1, 2, 4, 16, 32, 4096, 4096]
+
+
+def test_compile_before_any_eager_call_in_a_fresh_process():
+    """The kernel packages are imported when a layer is built, never inside the traced forward."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from loraq import LoraLinear;"
+            "net = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.GELU(), torch.nn.Linear(40, 10));"
+            "net[0] = LoraLinear.from_linear(net[0], 'sparse4x4', rank=4, backend='triton');"
+            f"net = net.to('{DEV.type}');"
+            "y = torch.compile(net, backend='aot_eager', fullgraph=True)(torch.randn(3, 24, device='" + DEV.type + "'));"
+            "assert y.shape == (3, 10); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
