@@ -9,6 +9,8 @@ tensor when dropout is off). With the base frozen the backward is (DESIGN.md)::
     dB   = s·dYᵀ·(X_l·Aᵀ)
     db   = Σ_rows dY
 
+Without dropout ``dX`` and ``dX_l`` are one kernel call (``ops.lora_linear_dx``: ``dY·Ŵ`` with the
+LoRA term in its epilogue), and ``dY·B`` is computed once for it and ``dA``.
 Only ``x_l``, ``A`` and ``B`` are saved (``x_l·Aᵀ`` ``[M, r]`` is recomputed): the dense ``Ŵ`` is
 never kept between forward and backward, so at most one layer's ``Ŵ`` exists at a time (and
 none with a fused kernel backend).
@@ -62,22 +64,24 @@ class LoraLinearFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, N)
         need = ctx.needs_input_grad
         dx = dxl = dA = dB = db = None
-        if need[0]:
-            dx = ops.base_matmul_t(dy2, ctx.weight, backend=ctx.backend).reshape(*ctx.lead, K)
-        if ctx.has_lora and (need[1] or need[2] or need[3]):
+        fused_dx = ctx.has_lora and ctx.same_input  # dX = dY·Ŵ + s·(dY·B)·A in one kernel
+        if ctx.has_lora and (need[1] or need[2] or need[3] or (fused_dx and need[0])):
             xl2, A, B = ctx.saved_tensors
             s, dtype = ctx.scaling, dy2.dtype
             Ac, Bc = A.to(dtype), B.to(dtype)
-            dyB = dy2 @ Bc
-            if need[1] or (ctx.same_input and need[0]):
+            dyB = dy2 @ Bc  # [M, r]: shared by dX and dA
+            if need[1]:
                 dxl = (s * (dyB @ Ac)).reshape(*ctx.lead, K)
             if need[2]:
                 dA = (s * (dyB.t() @ xl2)).to(A.dtype)
             if need[3]:
                 dB = (s * (dy2.t() @ (xl2 @ Ac.t()))).to(B.dtype)  # x_l·Aᵀ recomputed: [M, r], cheap
+        if need[0]:
+            if fused_dx:
+                dx = ops.lora_linear_dx(dy2, ctx.weight, Ac, dyB, s, backend=ctx.backend)
+            else:
+                dx = ops.base_matmul_t(dy2, ctx.weight, backend=ctx.backend)
+            dx = dx.reshape(*ctx.lead, K)
         if ctx.bias_dtype is not None and need[4]:
             db = dy2.sum(0).to(ctx.bias_dtype)
-        if ctx.same_input:  # x_lora was x: its gradient joins x's
-            dx = dx + dxl if dx is not None and dxl is not None else dx
-            dxl = None
         return dx, dxl, dA, dB, db, None, None, None

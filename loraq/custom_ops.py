@@ -40,18 +40,18 @@ def _(x, packed, scale, col_scale, K, group_size, onebit, lora_A, lora_B, scalin
     return x.new_empty(x.shape[0], packed.shape[0])
 
 
-@torch.library.custom_op("loraq::int1_matmul_t", mutates_args=())
-def int1_matmul_t(dy: Tensor, packed: Tensor, scale: Tensor, col_scale: Tensor, K: int, group_size: int,
-                  onebit: bool) -> Tensor:
-    """``dY·Ŵ`` for int1 ``Ŵ``."""
-    from loraq.kernels import base_matmul_t
+@torch.library.custom_op("loraq::int1_lora_linear_dx", mutates_args=())
+def int1_lora_linear_dx(dy: Tensor, packed: Tensor, scale: Tensor, col_scale: Tensor, K: int, group_size: int,
+                        onebit: bool, lora_A: Optional[Tensor], dy_B: Optional[Tensor], scaling: float) -> Tensor:
+    """``dY·Ŵ + s·(dY·B)·A`` for int1 ``Ŵ`` (``dy_B = dY·B``; both LoRA tensors None: ``dY·Ŵ``)."""
+    from loraq.kernels import lora_linear_dx
 
     tensors, meta = _int1_parts(packed, scale, col_scale, K, group_size, onebit)
-    return base_matmul_t(dy, "int1", tensors, meta)
+    return lora_linear_dx(dy, "int1", tensors, meta, lora_A, dy_B, scaling)
 
 
-@int1_matmul_t.register_fake
-def _(dy, packed, scale, col_scale, K, group_size, onebit):
+@int1_lora_linear_dx.register_fake
+def _(dy, packed, scale, col_scale, K, group_size, onebit, lora_A, dy_B, scaling):
     return dy.new_empty(dy.shape[0], K)
 
 
@@ -70,16 +70,18 @@ def _(x, values, positions, N, K, lora_A, lora_B, scaling, bias):
     return x.new_empty(x.shape[0], N)
 
 
-@torch.library.custom_op("loraq::sparse4x4_matmul_t", mutates_args=())
-def sparse4x4_matmul_t(dy: Tensor, values: Tensor, positions: Tensor, N: int, K: int) -> Tensor:
-    """``dY·Ŵ`` for sparse4x4 ``Ŵ``."""
-    from loraq.kernels import base_matmul_t
+@torch.library.custom_op("loraq::sparse4x4_lora_linear_dx", mutates_args=())
+def sparse4x4_lora_linear_dx(dy: Tensor, values: Tensor, positions: Tensor, N: int, K: int,
+                             lora_A: Optional[Tensor], dy_B: Optional[Tensor], scaling: float) -> Tensor:
+    """``dY·Ŵ + s·(dY·B)·A`` for sparse4x4 ``Ŵ``."""
+    from loraq.kernels import lora_linear_dx
 
-    return base_matmul_t(dy, "sparse4x4", {"values": values, "positions": positions}, {"N": N, "K": K})
+    return lora_linear_dx(dy, "sparse4x4", {"values": values, "positions": positions}, {"N": N, "K": K},
+                          lora_A, dy_B, scaling)
 
 
-@sparse4x4_matmul_t.register_fake
-def _(dy, values, positions, N, K):
+@sparse4x4_lora_linear_dx.register_fake
+def _(dy, values, positions, N, K, lora_A, dy_B, scaling):
     return dy.new_empty(dy.shape[0], K)
 
 
@@ -105,14 +107,16 @@ def triton_lora_linear_fwd(x, weight, lora_A, lora_B, scaling, bias):
                                                  float(scaling), bias)
 
 
-def triton_base_matmul_t(dy, weight):
-    """The ``triton`` backend's ``base_matmul_t`` (``dY·Ŵ``)."""
+def triton_lora_linear_dx(dy, weight, lora_A, dy_B, scaling):
+    """The ``triton`` backend's ``lora_linear_dx`` (``dY·Ŵ + s·(dY·B)·A``)."""
     kind = getattr(weight, "kind", "dense")
     if kind == "dense" or dy.dtype not in KERNEL_DTYPES:
-        return reference.base_matmul_t_ref(dy, weight)
+        return reference.lora_linear_dx_ref(dy, weight, lora_A, dy_B, scaling)
     _check_device(dy, weight, "dy")
     N, K = weight.shape
     if kind == "int1":
-        return torch.ops.loraq.int1_matmul_t(dy, weight.packed, weight.scale, weight.col_scale, K,
-                                             weight.group_size or 0, weight.scale_mode == "onebit")
-    return torch.ops.loraq.sparse4x4_matmul_t(dy, weight.values, weight.positions, N, K)
+        return torch.ops.loraq.int1_lora_linear_dx(dy, weight.packed, weight.scale, weight.col_scale, K,
+                                                   weight.group_size or 0, weight.scale_mode == "onebit",
+                                                   lora_A, dy_B, float(scaling))
+    return torch.ops.loraq.sparse4x4_lora_linear_dx(dy, weight.values, weight.positions, N, K, lora_A, dy_B,
+                                                    float(scaling))

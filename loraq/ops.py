@@ -3,7 +3,9 @@
 Backends register implementations of two primitives per weight format:
 
 * ``lora_linear_fwd(x2d, weight, lora_A, lora_B, scaling, bias) -> y2d``
-* ``base_matmul_t(dy2d, weight) -> dx2d`` (``dY·Ŵ``, the weight read transposed)
+* ``lora_linear_dx(dy2d, weight, lora_A, dy_B, scaling) -> dx2d``: ``dY·Ŵ + s·(dY·B)·A`` (the weight
+  read transposed; ``dY·B`` comes computed, the LoRA weight gradient needs it too; ``lora_A``
+  None: ``dY·Ŵ`` alone)
 
 ``reference`` implements both for every format and is always available. The kernel packages
 (``loraq.kernels`` for Triton, ``loraq._C`` for CUDA) add theirs through :func:`register`;
@@ -25,7 +27,7 @@ from . import reference
 from .formats import CompressedWeight
 
 BACKENDS = ("auto", "cuda", "triton", "reference")
-_PRIMITIVES = ("lora_linear_fwd", "base_matmul_t")
+_PRIMITIVES = ("lora_linear_fwd", "lora_linear_dx")
 # _IMPLS[backend][primitive][format kind] = callable
 _IMPLS: Dict[str, Dict[str, Dict[str, Callable]]] = {b: {p: {} for p in _PRIMITIVES} for b in BACKENDS[1:]}
 _WARNED = set()
@@ -44,7 +46,7 @@ def _reference_fwd(x, weight, lora_A, lora_B, scaling, bias):
 
 for _kind in ("int1", "sparse4x4", "dense"):
     register("reference", "lora_linear_fwd", _kind, _reference_fwd)
-    register("reference", "base_matmul_t", _kind, reference.base_matmul_t_ref)
+    register("reference", "lora_linear_dx", _kind, reference.lora_linear_dx_ref)
 
 
 def _load_kernel_packages() -> Dict[str, str]:
@@ -63,7 +65,7 @@ def _load_kernel_packages() -> Dict[str, str]:
         else:
             for kind in ("int1", "sparse4x4", "dense"):
                 register("triton", "lora_linear_fwd", kind, custom.triton_lora_linear_fwd)
-                register("triton", "base_matmul_t", kind, custom.triton_base_matmul_t)
+                register("triton", "lora_linear_dx", kind, custom.triton_lora_linear_dx)
     try:
         importlib.import_module("loraq._C")
     except Exception as e:
@@ -172,7 +174,21 @@ def lora_linear(
 
 def base_matmul_t(dy: torch.Tensor, weight, backend: Optional[str] = None) -> torch.Tensor:
     """``dy·Ŵ``: ``[..., N]`` → ``[..., K]``, the base part of ``dX`` in the backward pass."""
+    return lora_linear_dx(dy, weight, None, None, 1.0, backend)
+
+
+def lora_linear_dx(dy: torch.Tensor, weight, lora_A: Optional[torch.Tensor] = None,
+                   dy_B: Optional[torch.Tensor] = None, scaling: float = 1.0,
+                   backend: Optional[str] = None) -> torch.Tensor:
+    """``dX = dy·Ŵ + s·dy_B·A`` for ``dy [..., N]`` and ``dy_B = dy·B`` ``[..., r]``, in one pass."""
     N, K = reference.weight_shape(weight)
     reference.check_input(dy, N, name="dy", what="out_features")
-    fn = _impl("base_matmul_t", weight, dy.device, backend)
-    return fn(dy.reshape(-1, N), weight).reshape(*dy.shape[:-1], K)
+    if (lora_A is None) != (dy_B is None):
+        raise ValueError("lora_A and dy_B must be given together (or both None)")
+    if lora_A is not None and (lora_A.dim() != 2 or lora_A.shape[1] != K or dy_B.shape[:-1] != dy.shape[:-1]
+                               or dy_B.shape[-1] != lora_A.shape[0]):
+        raise ValueError(f"lora_A must be [r, {K}] and dy_B [..., r] with dy's leading shape; got "
+                         f"{tuple(lora_A.shape)} and {tuple(dy_B.shape)}")
+    fn = _impl("lora_linear_dx", weight, dy.device, backend)
+    r = None if dy_B is None else dy_B.reshape(-1, dy_B.shape[-1])
+    return fn(dy.reshape(-1, N), weight, lora_A, r, float(scaling)).reshape(*dy.shape[:-1], K)

@@ -59,6 +59,21 @@ def base_matmul_t_ref(dy: torch.Tensor, weight: Weight) -> torch.Tensor:
     return dy @ dequantize_ref(weight, dy.dtype)
 
 
+def lora_linear_dx_ref(
+    dy: torch.Tensor,
+    weight: Weight,
+    lora_A: Optional[torch.Tensor] = None,
+    dy_B: Optional[torch.Tensor] = None,
+    scaling: float = 1.0,
+) -> torch.Tensor:
+    """``dX = dY·Ŵ + s·(dY·B)·A`` given ``dY·B`` (``[..., r]``, which ``dA`` needs too); ``dY·Ŵ`` alone
+    when ``lora_A`` is None."""
+    dx = base_matmul_t_ref(dy, weight)
+    if lora_A is not None:
+        dx = dx + scaling * (dy_B @ lora_A.to(dy.dtype))
+    return dx
+
+
 def lora_linear_ref(
     x: torch.Tensor,
     weight: Weight,

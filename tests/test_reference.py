@@ -275,3 +275,20 @@ def test_dequantize_ref():
     assert reference.dequantize_ref(w, torch.float16).dtype == torch.float16
     assert reference.dequantize_ref(W) is W
     assert reference.weight_shape(w) == (N, K) == reference.weight_shape(W)
+
+
+def test_lora_linear_dx_reference_and_its_checks():
+    weight = make_weight("int1", torch.randn(N, K, dtype=torch.float64))
+    dy = torch.randn(2, 3, N, dtype=torch.float64)
+    A = torch.randn(4, K, dtype=torch.float64)
+    B = torch.randn(N, 4, dtype=torch.float64)
+    dx = ops.lora_linear_dx(dy, weight, A, dy @ B, 0.5, backend="reference")
+    expected = dy @ weight.dequantize() + 0.5 * (dy @ B) @ A
+    torch.testing.assert_close(dx, expected)
+    assert torch.equal(ops.lora_linear_dx(dy, weight, backend="reference"), ops.base_matmul_t(dy, weight, backend="reference"))
+    with pytest.raises(ValueError, match="lora_A and dy_B must be given together"):
+        ops.lora_linear_dx(dy, weight, A, None)
+    with pytest.raises(ValueError, match=r"lora_A must be \[r, "):
+        ops.lora_linear_dx(dy, weight, A, torch.randn(2, 3, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="dy: expected last dimension"):
+        ops.lora_linear_dx(torch.randn(3, N + 1), weight)

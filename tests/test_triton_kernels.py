@@ -73,6 +73,21 @@ def test_forward_matches_reference(fmt, dtype, M, lora_bias):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M", [1, 3, 17, 70])
+def test_lora_linear_dx_matches_reference(fmt, dtype, M):
+    N, K, r = (37, 45, 5) if M < 70 else (50, 19, 3)
+    w, *_ = problem(fmt, dtype, 1, N, K)
+    A = torch.randn(r, K, dtype=dtype, device=DEV)
+    dy = torch.randn(M, N, dtype=dtype, device=DEV)
+    dyB = dy @ torch.randn(N, r, dtype=dtype, device=DEV)
+    dx = ops.lora_linear_dx(dy, w, A, dyB, 0.3, backend="triton")
+    assert dx.shape == (M, K) and dx.dtype == dtype
+    check(dx, reference.lora_linear_dx_ref(dy.double(), w.to(torch.float64), A.double(), dyB.double(), 0.3),
+          reference.lora_linear_dx_ref(dy, w, A, dyB, 0.3), f"{fmt} {dtype} M={M}")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M", [1, 3, 17, 70])
 def test_base_matmul_t_matches_reference(fmt, dtype, M):
     N, K = (37, 45) if M < 70 else (50, 19)
     w, *_ = problem(fmt, dtype, 1, N, K)
@@ -141,9 +156,10 @@ def test_weight_on_another_device_is_a_clear_error():
 @pytest.mark.parametrize("op, args", [
     ("int1_lora_linear", lambda: (torch.randn(3, 40, device=DEV), *_int1(), torch.randn(4, 40, device=DEV),
                                   torch.randn(9, 4, device=DEV), 0.5, torch.randn(9, device=DEV))),
-    ("int1_matmul_t", lambda: (torch.randn(3, 9, device=DEV), *_int1())),
+    ("int1_lora_linear_dx", lambda: (torch.randn(3, 9, device=DEV), *_int1(), torch.randn(4, 40, device=DEV),
+                                     torch.randn(3, 4, device=DEV), 0.5)),
     ("sparse4x4_lora_linear", lambda: (torch.randn(3, 40, device=DEV), *_sparse(), None, None, 1.0, None)),
-    ("sparse4x4_matmul_t", lambda: (torch.randn(3, 9, device=DEV), *_sparse())),
+    ("sparse4x4_lora_linear_dx", lambda: (torch.randn(3, 9, device=DEV), *_sparse(), None, None, 1.0)),
 ])
 def test_custom_ops_pass_opcheck(op, args):
     """Schema, fake (meta) implementation and dispatch of every loraq:: op."""
@@ -242,7 +258,7 @@ def _kernel_args(w):
 @pytest.mark.parametrize("cfg_index", range(15))
 def test_every_tile_config_and_split_is_correct(fmt, cfg_index):
     """Each autotune candidate (tile sizes, split of the reduction) gives the reference's answer."""
-    from loraq.kernels import base_matmul_t, lora_linear_fwd
+    from loraq.kernels import lora_linear_dx, lora_linear_fwd
     from loraq.kernels.autotune import LARGE_M, SMALL_M
 
     configs = SMALL_M + LARGE_M
@@ -256,9 +272,10 @@ def test_every_tile_config_and_split_is_correct(fmt, cfg_index):
     check(y, reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 0.5, f64(b)),
           reference.lora_linear_ref(x, w, A, B, 0.5, b), f"fwd {cfg}")
     dy = torch.randn(M, N, dtype=torch.float16, device=DEV)
-    dx = base_matmul_t(dy, fmt.split("_")[0], tensors, meta, config=cfg)
-    check(dx, reference.base_matmul_t_ref(dy.double(), w.to(torch.float64)), reference.base_matmul_t_ref(dy, w),
-          f"dx {cfg}")
+    dyB = dy @ B
+    dx = lora_linear_dx(dy, fmt.split("_")[0], tensors, meta, A, dyB, 0.5, config=cfg)
+    check(dx, reference.lora_linear_dx_ref(dy.double(), w.to(torch.float64), f64(A), f64(dyB), 0.5),
+          reference.lora_linear_dx_ref(dy, w, A, dyB, 0.5), f"dx {cfg}")
 
 
 def test_autotune_caches_the_winner_on_disk_per_gpu(tmp_path, monkeypatch):

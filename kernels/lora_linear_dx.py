@@ -1,8 +1,9 @@
-"""``dX = dY·Ŵ``: the backward of the base matmul, the packed weight read transposed.
+"""``dX = dY·Ŵ + s·(dY·B)·A``: the input gradient of the layer, the packed weight read transposed.
 
 Each program owns a ``[BLOCK_M, BLOCK_K]`` tile of ``dX`` and walks N, decoding the
 ``[BLOCK_N, BLOCK_K]`` tile of ``Ŵ`` it needs (the same decoders as the forward) and feeding it
-to ``tl.dot``. The LoRA part of ``dX`` (``s·(dY·B)·A``, rank r) is added by the autograd code.
+to ``tl.dot``; the epilogue adds the LoRA term from ``dY·B`` (``[M, r]``, computed by the caller,
+which needs it for ``dA`` too).
 """
 
 import torch
@@ -14,12 +15,14 @@ from .decode import _int1_tile, _sparse4x4_tile
 
 
 @triton.jit
-def _base_matmul_t_kernel(
-    dy_ptr, w0_ptr, w1_ptr, w2_ptr, dx_ptr,
-    M, N, K, N_PER_SPLIT,
+def _lora_linear_dx_kernel(
+    dy_ptr, w0_ptr, w1_ptr, w2_ptr, dyb_ptr, a_ptr, dx_ptr,
+    M, N, K, N_PER_SPLIT, s,
     W_A, W_B, W_C, W_D,
-    stride_dym, stride_dxm,
-    FORMAT: tl.constexpr, ONEBIT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    stride_dym, stride_dxm, stride_bm, stride_ar,
+    R,
+    FORMAT: tl.constexpr, ONEBIT: tl.constexpr, HAS_LORA: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -43,6 +46,18 @@ def _base_matmul_t_kernel(
             acc += tl.dot(g, w, input_precision="ieee")
         else:  # Ŵ in the activation dtype, as the reference casts it
             acc += tl.dot(g, w.to(g.dtype))
+    if HAS_LORA and pid_s == 0:
+        offs_r = tl.arange(0, BLOCK_R)
+        dyb = tl.load(dyb_ptr + offs_m[:, None] * stride_bm + offs_r[None, :],
+                      mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
+        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :],
+                    mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0)
+        if UPCAST:
+            acc += s * tl.dot(dyb.to(tl.float32), a.to(tl.float32), input_precision="ieee")
+        elif IEEE:
+            acc += s * tl.dot(dyb, a, input_precision="ieee")
+        else:
+            acc += s * tl.dot(dyb, a)
     dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :]
     inside = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     if SPLIT_N == 1:
@@ -51,15 +66,23 @@ def _base_matmul_t_kernel(
         tl.atomic_add(dx_ptrs, acc, mask=inside)
 
 
-def base_matmul_t(dy, fmt: str, tensors, meta, config=None):
-    """Launch ``dY·Ŵ`` for ``dy [M, N]`` (fp16/bf16/fp32); returns ``[M, K]`` in ``dy.dtype``.
-    ``config`` forces a tile config (``autotune.Config``) instead of the tuned one."""
+def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling: float = 1.0, config=None):
+    """Launch ``dY·Ŵ (+ s·dy_B·A)`` for ``dy [M, N]`` (fp16/bf16/fp32) and ``dy_B [M, r]``; returns
+    ``[M, K]`` in ``dy.dtype``. ``config`` forces a tile config (``autotune.Config``)."""
     M, N = dy.shape
     K = meta["K"]
     dy = dy.contiguous()
     if M == 0:
         return torch.empty(M, K, device=dy.device, dtype=dy.dtype)
     ptrs, ints, onebit = weight_args(fmt, tensors, meta)
+    has_lora = lora_A is not None
+    if has_lora:
+        A = lora_A.to(dy.dtype).contiguous()
+        dyb = dy_B.to(dy.dtype).contiguous()
+        R = A.shape[0]
+    else:
+        A = dyb = dy  # unused placeholders
+        R = 1
 
     def run(cfg):
         bm, bk, bn, split, warps, stages = cfg
@@ -70,13 +93,15 @@ def base_matmul_t(dy, fmt: str, tensors, meta, config=None):
         fp32_out = split > 1 or interpreter_upcast(dy.dtype)
         dx = (torch.zeros if split > 1 else torch.empty)(M, K, device=dy.device,
                                                            dtype=torch.float32 if fp32_out else dy.dtype)
-        _base_matmul_t_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk), split)](
-            dy, *ptrs, dx, M, N, K, n_per_split, *ints, dy.stride(0), dx.stride(0),
-            FORMAT=0 if fmt == "int1" else 1, ONEBIT=onebit, IEEE=dy.dtype == torch.float32,
-            UPCAST=interpreter_upcast(dy.dtype), BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, SPLIT_N=split,
+        _lora_linear_dx_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk), split)](
+            dy, *ptrs, dyb, A, dx, M, N, K, n_per_split, float(scaling), *ints,
+            dy.stride(0), dx.stride(0), dyb.stride(0), A.stride(0), R,
+            FORMAT=0 if fmt == "int1" else 1, ONEBIT=onebit, HAS_LORA=has_lora, IEEE=dy.dtype == torch.float32,
+            UPCAST=interpreter_upcast(dy.dtype), BLOCK_R=max(16, triton.next_power_of_2(R)),
+            BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, SPLIT_N=split,
             num_warps=warps, num_stages=stages,
         )
         return dx
 
-    cfg = config or pick_config("base_matmul_t", M, N, K, dy.dtype, dy.device, run)
+    cfg = config or pick_config("lora_linear_dx", M, N, K, dy.dtype, dy.device, run)
     return run(cfg).to(dy.dtype)
