@@ -110,29 +110,3 @@ def pick_config(op: str, M: int, N: int, K: int, dtype: torch.dtype, device: tor
         table[key] = min(timings, key=timings.get)
         _store(path, table)
     return table[key]
-
-
-def interpreter_upcast(dtype: torch.dtype) -> bool:
-    """Whether the kernels must feed ``tl.dot`` fp32 copies of bf16 tiles: the Triton interpreter
-    (numpy, which has no bfloat16) multiplies bf16 operands as raw bits. Never on a GPU."""
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def weight_args(fmt: str, tensors: Dict[str, torch.Tensor], meta: Dict) -> Tuple[list, list, bool]:
-    """The kernel's three weight pointers and four format integers, and whether int1 is onebit.
-
-    int1: ``packed [N, KW]``, ``scale [N, G]``, ``col_scale [K]`` (onebit) and
-    ``(KW, G, group_size, 0)``; sparse4x4: ``values [TN, TK]``, ``positions [TN, PW]`` and
-    ``(TK, PW, 0, 0)``.
-    """
-    if fmt == "int1":
-        packed, scale = tensors["packed"].contiguous(), tensors["scale"].contiguous()
-        onebit = meta["scale_mode"] == "onebit"
-        col = tensors["col_scale"].contiguous() if onebit else scale
-        K = meta["K"]
-        group = meta.get("group_size") or K
-        return [packed, scale, col], [packed.shape[1], scale.shape[1], group, 0], onebit
-    if fmt == "sparse4x4":
-        values, positions = tensors["values"].contiguous(), tensors["positions"].contiguous()
-        return [values, positions, values], [values.shape[1], positions.shape[1], 0, 0], False
-    raise ValueError(f"no Triton kernel for weight format {fmt!r}")

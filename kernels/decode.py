@@ -1,32 +1,44 @@
-"""Decoding a tile of the packed weight ``Ŵ[offs_n, offs_k]`` into fp32 registers.
+"""Decoding tiles of the packed weights in registers; shared by the forward and ``dX`` kernels.
 
-Shared by the forward (``x·Ŵᵀ``) and backward (``dY·Ŵ``) kernels; both layouts are the ones
-documented in ``loraq/formats/int1.py`` and ``loraq/formats/sparse4x4.py``. Elements outside
+Layouts: ``loraq/formats/int1.py`` and ``loraq/formats/sparse4x4.py``. Elements outside
 ``[N, K]`` decode to 0, so padding never reaches a result.
+
+int1 decodes signs only: a ``[BLOCK_N, BLOCK_K // 32]`` tile of words is loaded once and each
+word is spread over its 32 bits with one shift and one and per weight. The scales are applied by
+the kernels where they cost least: per-row ``α`` and onebit ``h`` once per output column in the
+epilogue (or on the ``dY`` side for ``dX``), onebit ``g`` as a broadcast vector, and only
+per-group scales per weight.
 """
 
+import os
+from typing import Dict, Tuple
+
+import torch
 import triton
 import triton.language as tl
 
+SCALE_ROW, SCALE_GROUP, SCALE_ONEBIT = 0, 1, 2
+
 
 @triton.jit
-def _int1_tile(packed_ptr, scale_ptr, col_ptr, offs_n, offs_k, N, K, KW, G, group_size, ONEBIT: tl.constexpr):
-    """``α · sign`` (or ``h_n · sign · g_k`` for onebit, in fp32) as fp32 ``[BN, BK]``."""
+def _int1_signs(packed_ptr, offs_n, k0, N, K, KW, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """±1.0 (fp32) for ``Ŵ[offs_n, k0:k0+BLOCK_K]``'s signs; ``k0`` is a multiple of 32."""
+    offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    words = tl.load(packed_ptr + offs_n[:, None] * KW + offs_w[None, :],
+                    mask=(offs_n[:, None] < N) & (offs_w[None, :] * 32 < K), other=0)
+    bits = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1  # bit j of word w is k = 32w + j
+    bits = tl.reshape(bits, (BLOCK_N, BLOCK_K))
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    inside = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    return tl.where(inside, tl.where(bits != 0, 1.0, -1.0), 0.0)
+
+
+@triton.jit
+def _int1_group_scale(scale_ptr, offs_n, offs_k, N, K, G, group_size):
+    """``α[n, k // group_size]`` as fp32 ``[BLOCK_N, BLOCK_K]`` (the per-group mode only)."""
     n = offs_n[:, None]
     k = offs_k[None, :]
-    inside = (n < N) & (k < K)
-    words = tl.load(packed_ptr + n * KW + k // 32, mask=inside, other=0)
-    bit = (words >> (k % 32)) & 1
-    sign = tl.where(bit != 0, 1.0, -1.0)
-    if ONEBIT:
-        h = tl.load(scale_ptr + n, mask=n < N, other=0.0).to(tl.float32)
-        g = tl.load(col_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-        w = sign * (h * g)  # the caller rounds it once, to the activation dtype
-
-    else:
-        a = tl.load(scale_ptr + n * G + k // group_size, mask=inside, other=0.0).to(tl.float32)
-        w = sign * a
-    return tl.where(inside, w, 0.0)
+    return tl.load(scale_ptr + n * G + k // group_size, mask=(n < N) & (k < K), other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -42,3 +54,31 @@ def _sparse4x4_tile(values_ptr, pos_ptr, offs_n, offs_k, N, K, TK, PW):
     here = nibble == (n % 4) * 4 + (k % 4)  # row-major flat position inside the tile
     v = tl.load(values_ptr + tn * TK + tk, mask=inside & here, other=0.0).to(tl.float32)
     return tl.where(inside & here, v, 0.0)
+
+
+def interpreter_upcast(dtype: torch.dtype) -> bool:
+    """Whether the kernels must feed ``tl.dot`` fp32 copies of bf16 tiles: the Triton interpreter
+    (numpy, which has no bfloat16) multiplies bf16 operands as raw bits. Never on a GPU."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def weight_args(fmt: str, tensors: Dict[str, torch.Tensor], meta: Dict) -> Tuple[list, list, int]:
+    """The kernel's three weight pointers, four format integers and the int1 scale mode
+    (``decode.SCALE_ROW``, ``SCALE_GROUP`` or ``SCALE_ONEBIT``; 0 for sparse4x4).
+
+    int1: ``packed [N, KW]``, ``scale [N, G]``, ``col_scale [K]`` (onebit) and
+    ``(KW, G, group_size, 0)``; sparse4x4: ``values [TN, TK]``, ``positions [TN, PW]`` and
+    ``(TK, PW, 0, 0)``.
+    """
+    if fmt == "int1":
+        packed, scale = tensors["packed"].contiguous(), tensors["scale"].contiguous()
+        onebit = meta["scale_mode"] == "onebit"
+        col = tensors["col_scale"].contiguous() if onebit else scale
+        K = meta["K"]
+        group = meta.get("group_size") or K
+        mode = SCALE_ONEBIT if onebit else (SCALE_ROW if scale.shape[1] == 1 else SCALE_GROUP)
+        return [packed, scale, col], [packed.shape[1], scale.shape[1], group, 0], mode
+    if fmt == "sparse4x4":
+        values, positions = tensors["values"].contiguous(), tensors["positions"].contiguous()
+        return [values, positions, values], [values.shape[1], positions.shape[1], 0, 0], 0
+    raise ValueError(f"no Triton kernel for weight format {fmt!r}")

@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import interpreter_upcast, pick_config, weight_args
-from .decode import _int1_tile, _sparse4x4_tile
+from .autotune import pick_config
+from .decode import _int1_group_scale, _int1_signs, _sparse4x4_tile, interpreter_upcast, weight_args
 
 
 @triton.jit
@@ -21,7 +21,7 @@ def _lora_linear_dx_kernel(
     W_A, W_B, W_C, W_D,
     stride_dym, stride_dxm, stride_bm, stride_ar,
     R,
-    FORMAT: tl.constexpr, ONEBIT: tl.constexpr, HAS_LORA: tl.constexpr, IEEE: tl.constexpr,
+    FORMAT: tl.constexpr, SCALE: tl.constexpr, HAS_LORA: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr,
 ):
@@ -37,7 +37,11 @@ def _lora_linear_dx_kernel(
         g = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :],
                     mask=(offs_m[:, None] < M) & (offs_n[None, :] < n_end), other=0.0)
         if FORMAT == 0:
-            w = _int1_tile(w0_ptr, w1_ptr, w2_ptr, offs_n, offs_k, n_end, K, W_A, W_B, W_C, ONEBIT)
+            w = _int1_signs(w0_ptr, offs_n, pid_k * BLOCK_K, n_end, K, W_A, BLOCK_N, BLOCK_K)
+            if SCALE == 1:  # per group
+                w = w * _int1_group_scale(w1_ptr, offs_n, offs_k, n_end, K, W_B, W_C)
+            else:  # per-row α or onebit h: a vector along N (onebit g goes in the epilogue)
+                w = w * tl.load(w1_ptr + offs_n * W_B, mask=offs_n < n_end, other=0.0).to(tl.float32)[:, None]
         else:
             w = _sparse4x4_tile(w0_ptr, w1_ptr, offs_n, offs_k, n_end, K, W_A, W_B)
         if UPCAST:  # interpreter only: fp32 operands (numpy cannot multiply bf16)
@@ -46,6 +50,8 @@ def _lora_linear_dx_kernel(
             acc += tl.dot(g, w, input_precision="ieee")
         else:  # Ŵ in the activation dtype, as the reference casts it
             acc += tl.dot(g, w.to(g.dtype))
+    if FORMAT == 0 and SCALE == 2:  # onebit g: once per output column of dX
+        acc = acc * tl.load(w2_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)[None, :]
     if HAS_LORA and pid_s == 0:
         offs_r = tl.arange(0, BLOCK_R)
         dyb = tl.load(dyb_ptr + offs_m[:, None] * stride_bm + offs_r[None, :],
@@ -74,7 +80,7 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
     dy = dy.contiguous()
     if M == 0:
         return torch.empty(M, K, device=dy.device, dtype=dy.dtype)
-    ptrs, ints, onebit = weight_args(fmt, tensors, meta)
+    ptrs, ints, scale_mode = weight_args(fmt, tensors, meta)
     has_lora = lora_A is not None
     if has_lora:
         A = lora_A.to(dy.dtype).contiguous()
@@ -96,7 +102,7 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
         _lora_linear_dx_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk), split)](
             dy, *ptrs, dyb, A, dx, M, N, K, n_per_split, float(scaling), *ints,
             dy.stride(0), dx.stride(0), dyb.stride(0), A.stride(0), R,
-            FORMAT=0 if fmt == "int1" else 1, ONEBIT=onebit, HAS_LORA=has_lora, IEEE=dy.dtype == torch.float32,
+            FORMAT=0 if fmt == "int1" else 1, SCALE=scale_mode, HAS_LORA=has_lora, IEEE=dy.dtype == torch.float32,
             UPCAST=interpreter_upcast(dy.dtype), BLOCK_R=max(16, triton.next_power_of_2(R)),
             BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, SPLIT_N=split,
             num_warps=warps, num_stages=stages,

@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import interpreter_upcast, pick_config, weight_args
-from .decode import _int1_tile, _sparse4x4_tile
+from .autotune import pick_config
+from .decode import _int1_group_scale, _int1_signs, _sparse4x4_tile, interpreter_upcast, weight_args
 
 INT1, SPARSE4X4 = 0, 1
 
@@ -23,7 +23,7 @@ def _lora_linear_fwd_kernel(
     W_A, W_B, W_C, W_D,  # format integers: int1 (KW, G, group_size, -), sparse4x4 (TK, PW, -, -)
     stride_xm, stride_ym, stride_am, stride_bn,
     R,
-    FORMAT: tl.constexpr, ONEBIT: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
+    FORMAT: tl.constexpr, SCALE: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
@@ -39,7 +39,11 @@ def _lora_linear_fwd_kernel(
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                      mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_end), other=0.0)
         if FORMAT == 0:
-            w = _int1_tile(w0_ptr, w1_ptr, w2_ptr, offs_n, offs_k, N, k_end, W_A, W_B, W_C, ONEBIT)
+            w = _int1_signs(w0_ptr, offs_n, k0, N, k_end, W_A, BLOCK_N, BLOCK_K)
+            if SCALE == 1:  # per group: the one scale that varies along K
+                w = w * _int1_group_scale(w1_ptr, offs_n, offs_k, N, k_end, W_B, W_C)
+            elif SCALE == 2:  # onebit: Ŵ = diag(h)·sign·diag(g); g here, h in the epilogue
+                w = w * tl.load(w2_ptr + offs_k, mask=offs_k < k_end, other=0.0).to(tl.float32)[None, :]
         else:
             w = _sparse4x4_tile(w0_ptr, w1_ptr, offs_n, offs_k, N, k_end, W_A, W_B)
         if UPCAST:  # interpreter only: fp32 operands (bf16 holds the values but numpy cannot multiply it)
@@ -48,6 +52,8 @@ def _lora_linear_fwd_kernel(
             acc += tl.dot(xt, tl.trans(w), input_precision="ieee")
         else:  # Ŵ in the activation dtype, as the reference casts it
             acc += tl.dot(xt, tl.trans(w.to(xt.dtype)))
+    if FORMAT == 0 and SCALE != 1:  # per-row α (or onebit h): once per output column
+        acc = acc * tl.load(w1_ptr + offs_n * W_B, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     if HAS_LORA and pid_s == 0:
         offs_r = tl.arange(0, BLOCK_R)
         xa = tl.load(xa_ptr + offs_m[:, None] * stride_am + offs_r[None, :],
@@ -80,7 +86,7 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
     x = x.contiguous()
     if M == 0:
         return torch.empty(M, N, device=x.device, dtype=x.dtype)
-    ptrs, ints, onebit = weight_args(fmt, tensors, meta)
+    ptrs, ints, scale_mode = weight_args(fmt, tensors, meta)
     has_lora = lora_A is not None
     if has_lora:
         A = lora_A.to(x.dtype)
@@ -105,7 +111,7 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
             x, *ptrs, xa, B, bias if bias is not None else x, y,
             M, N, K, float(scaling), k_per_split, *ints,
             x.stride(0), y.stride(0), xa.stride(0), B.stride(0), R,
-            FORMAT=INT1 if fmt == "int1" else SPARSE4X4, ONEBIT=onebit, HAS_LORA=has_lora,
+            FORMAT=INT1 if fmt == "int1" else SPARSE4X4, SCALE=scale_mode, HAS_LORA=has_lora,
             HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, UPCAST=interpreter_upcast(x.dtype),
             BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
             num_warps=warps, num_stages=stages,

@@ -254,7 +254,7 @@ def _kernel_args(w):
     return w.tensors(), meta
 
 
-@pytest.mark.parametrize("fmt", ["int1_g16", "int1_onebit", "sparse4x4"])
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("cfg_index", range(15))
 def test_every_tile_config_and_split_is_correct(fmt, cfg_index):
     """Each autotune candidate (tile sizes, split of the reduction) gives the reference's answer."""
