@@ -21,6 +21,18 @@ SCALE_ROW, SCALE_GROUP, SCALE_ONEBIT = 0, 1, 2
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """``a·b`` accumulated in fp32: IEEE fp32 for fp32 inputs (no TF32); in the interpreter, bf16
+    operands are multiplied as fp32 copies (numpy has no bfloat16 and would use the raw bits)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
 def _int1_signs(packed_ptr, offs_n, k0, N, K, KW, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """±1.0 (fp32) for ``Ŵ[offs_n, k0:k0+BLOCK_K]``'s signs; ``k0`` is a multiple of 32."""
     offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
@@ -82,3 +94,19 @@ def weight_args(fmt: str, tensors: Dict[str, torch.Tensor], meta: Dict) -> Tuple
         values, positions = tensors["values"].contiguous(), tensors["positions"].contiguous()
         return [values, positions, values], [values.shape[1], positions.shape[1], 0, 0], 0
     raise ValueError(f"no Triton kernel for weight format {fmt!r}")
+
+
+def split_plan(total: int, block: int, split: int) -> Tuple[int, int]:
+    """``(programs, length per program)`` to split a reduction of ``total`` into at most ``split``
+    slices of whole ``block``s (slice starts stay aligned to the block, hence to int1 words)."""
+    split = max(1, min(split, triton.cdiv(total, block)))
+    per = triton.cdiv(triton.cdiv(total, split), block) * block
+    return triton.cdiv(total, per), per
+
+
+def output_buffer(rows: int, cols: int, like: torch.Tensor, split: int) -> torch.Tensor:
+    """Where a kernel writes: zeros in fp32 when split partial sums meet through atomics, fp32 in
+    the interpreter for bf16 (it truncates fp32 → bf16 where a GPU rounds), else the input dtype."""
+    fp32 = split > 1 or interpreter_upcast(like.dtype)
+    make = torch.zeros if split > 1 else torch.empty
+    return make(rows, cols, device=like.device, dtype=torch.float32 if fp32 else like.dtype)

@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 
 from .autotune import pick_config
-from .decode import _int1_group_scale, _int1_signs, _sparse4x4_tile, interpreter_upcast, weight_args
+from .decode import (_dot, _int1_group_scale, _int1_signs, _sparse4x4_tile, interpreter_upcast, output_buffer,
+                     split_plan, weight_args)
 
 
 @triton.jit
@@ -44,12 +45,7 @@ def _lora_linear_dx_kernel(
                 w = w * tl.load(w1_ptr + offs_n * W_B, mask=offs_n < n_end, other=0.0).to(tl.float32)[:, None]
         else:
             w = _sparse4x4_tile(w0_ptr, w1_ptr, offs_n, offs_k, n_end, K, W_A, W_B)
-        if UPCAST:  # interpreter only: fp32 operands (numpy cannot multiply bf16)
-            acc += tl.dot(g.to(tl.float32), w, input_precision="ieee")
-        elif IEEE:
-            acc += tl.dot(g, w, input_precision="ieee")
-        else:  # Ŵ in the activation dtype, as the reference casts it
-            acc += tl.dot(g, w.to(g.dtype))
+        acc += _dot(g, w.to(g.dtype), IEEE, UPCAST)  # Ŵ in the activation dtype, as the reference
     if FORMAT == 0 and SCALE == 2:  # onebit g: once per output column of dX
         acc = acc * tl.load(w2_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)[None, :]
     if HAS_LORA and pid_s == 0:
@@ -58,12 +54,7 @@ def _lora_linear_dx_kernel(
                       mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
         a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :],
                     mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0)
-        if UPCAST:
-            acc += s * tl.dot(dyb.to(tl.float32), a.to(tl.float32), input_precision="ieee")
-        elif IEEE:
-            acc += s * tl.dot(dyb, a, input_precision="ieee")
-        else:
-            acc += s * tl.dot(dyb, a)
+        acc += s * _dot(dyb, a, IEEE, UPCAST)
     dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :]
     inside = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     if SPLIT_N == 1:
@@ -92,13 +83,8 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
 
     def run(cfg):
         bm, bk, bn, split, warps, stages = cfg
-        split = max(1, min(split, triton.cdiv(N, bn)))
-        n_per_split = triton.cdiv(triton.cdiv(N, split), bn) * bn
-        split = triton.cdiv(N, n_per_split)
-        # Split partial sums meet in fp32; so does the interpreter's output (it truncates to bf16).
-        fp32_out = split > 1 or interpreter_upcast(dy.dtype)
-        dx = (torch.zeros if split > 1 else torch.empty)(M, K, device=dy.device,
-                                                           dtype=torch.float32 if fp32_out else dy.dtype)
+        split, n_per_split = split_plan(N, bn, split)
+        dx = output_buffer(M, K, dy, split)
         _lora_linear_dx_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk), split)](
             dy, *ptrs, dyb, A, dx, M, N, K, n_per_split, float(scaling), *ints,
             dy.stride(0), dx.stride(0), dyb.stride(0), A.stride(0), R,

@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 
 from .autotune import pick_config
-from .decode import _int1_group_scale, _int1_signs, _sparse4x4_tile, interpreter_upcast, weight_args
+from .decode import (_dot, _int1_group_scale, _int1_signs, _sparse4x4_tile, interpreter_upcast, output_buffer,
+                     split_plan, weight_args)
 
 INT1, SPARSE4X4 = 0, 1
 
@@ -46,12 +47,7 @@ def _lora_linear_fwd_kernel(
                 w = w * tl.load(w2_ptr + offs_k, mask=offs_k < k_end, other=0.0).to(tl.float32)[None, :]
         else:
             w = _sparse4x4_tile(w0_ptr, w1_ptr, offs_n, offs_k, N, k_end, W_A, W_B)
-        if UPCAST:  # interpreter only: fp32 operands (bf16 holds the values but numpy cannot multiply it)
-            acc += tl.dot(xt.to(tl.float32), tl.trans(w), input_precision="ieee")
-        elif IEEE:
-            acc += tl.dot(xt, tl.trans(w), input_precision="ieee")
-        else:  # Ŵ in the activation dtype, as the reference casts it
-            acc += tl.dot(xt, tl.trans(w.to(xt.dtype)))
+        acc += _dot(xt, tl.trans(w.to(xt.dtype)), IEEE, UPCAST)  # Ŵ in the activation dtype, as the reference
     if FORMAT == 0 and SCALE != 1:  # per-row α (or onebit h): once per output column
         acc = acc * tl.load(w1_ptr + offs_n * W_B, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     if HAS_LORA and pid_s == 0:
@@ -60,12 +56,7 @@ def _lora_linear_fwd_kernel(
                      mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
         bt = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :],
                      mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0)
-        if UPCAST:
-            acc += s * tl.dot(xa.to(tl.float32), tl.trans(bt.to(tl.float32)), input_precision="ieee")
-        elif IEEE:
-            acc += s * tl.dot(xa, tl.trans(bt), input_precision="ieee")
-        else:
-            acc += s * tl.dot(xa, tl.trans(bt))
+        acc += s * _dot(xa, tl.trans(bt), IEEE, UPCAST)
     if HAS_BIAS and pid_s == 0:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
@@ -99,14 +90,8 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
 
     def run(cfg):
         bm, bn, bk, split, warps, stages = cfg
-        split = max(1, min(split, triton.cdiv(K, bk)))
-        k_per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
-        split = triton.cdiv(K, k_per_split)
-        # Split-K partial sums meet in fp32; so does the interpreter's output, which truncates
-        # fp32 → bf16 where a GPU rounds (torch rounds it instead).
-        fp32_out = split > 1 or interpreter_upcast(x.dtype)
-        y = (torch.zeros if split > 1 else torch.empty)(M, N, device=x.device,
-                                                          dtype=torch.float32 if fp32_out else x.dtype)
+        split, k_per_split = split_plan(K, bk, split)
+        y = output_buffer(M, N, x, split)
         _lora_linear_fwd_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn), split)](
             x, *ptrs, xa, B, bias if bias is not None else x, y,
             M, N, K, float(scaling), k_per_split, *ints,
