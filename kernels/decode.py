@@ -4,7 +4,8 @@ Layouts: ``loraq/formats/int1.py`` and ``loraq/formats/sparse4x4.py``. Elements 
 ``[N, K]`` decode to 0, so padding never reaches a result.
 
 int1 decodes signs only: a ``[BLOCK_N, BLOCK_K // 32]`` tile of words is loaded once and each
-word is spread over its 32 bits with one shift and one and per weight. The scales are applied by
+word is spread over its 32 bits with one shift and one and per weight. sparse4x4 loads one value
+and one nibble per 4x4 tile and spreads them over the tile. The scales are applied by
 the kernels where they cost least: per-row ``α`` and onebit ``h`` once per output column in the
 epilogue (or on the ``dY`` side for ``dX``), onebit ``g`` as a broadcast vector, and only
 per-group scales per weight.
@@ -54,18 +55,31 @@ def _int1_group_scale(scale_ptr, offs_n, offs_k, N, K, G, group_size):
 
 
 @triton.jit
-def _sparse4x4_tile(values_ptr, pos_ptr, offs_n, offs_k, N, K, TK, PW):
-    """The kept value of each 4x4 tile at its position, 0 elsewhere, as fp32 ``[BN, BK]``."""
-    n = offs_n[:, None]
-    k = offs_k[None, :]
-    inside = (n < N) & (k < K)
-    tn = n // 4
-    tk = k // 4
-    byte = tl.load(pos_ptr + tn * PW + tk // 2, mask=inside, other=0).to(tl.int32)
-    nibble = (byte >> ((tk % 2) * 4)) & 15  # low nibble: even tile column
-    here = nibble == (n % 4) * 4 + (k % 4)  # row-major flat position inside the tile
-    v = tl.load(values_ptr + tn * TK + tk, mask=inside & here, other=0.0).to(tl.float32)
-    return tl.where(inside & here, v, 0.0)
+def _sparse4x4_tile(values_ptr, pos_ptr, n0, k0, N, K, TK, PW, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The kept value of each 4x4 tile at its position, 0 elsewhere, as fp32 ``[BLOCK_N, BLOCK_K]``.
+
+    ``n0`` and ``k0`` are multiples of 4 and 8: the ``[BLOCK_N/4, BLOCK_K/4]`` values and
+    ``[BLOCK_N/4, BLOCK_K/8]`` position bytes are loaded once and spread over their tiles.
+    """
+    TN_B: tl.constexpr = BLOCK_N // 4
+    TK_B: tl.constexpr = BLOCK_K // 4
+    tn = n0 // 4 + tl.arange(0, TN_B)
+    tk = k0 // 4 + tl.arange(0, TK_B)
+    tiles_in = (tn[:, None] * 4 < N) & (tk[None, :] * 4 < K)
+    vals = tl.load(values_ptr + tn[:, None] * TK + tk[None, :], mask=tiles_in, other=0.0).to(tl.float32)
+    pb = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    byte = tl.load(pos_ptr + tn[:, None] * PW + pb[None, :], mask=(tn[:, None] * 4 < N) & (pb[None, :] * 8 < K),
+                   other=0).to(tl.int32)
+    nib = (byte[:, :, None] >> (tl.arange(0, 2) * 4)[None, None, :]) & 15  # low nibble: even tile column
+    nib = tl.reshape(nib, (TN_B, TK_B))
+    # spread each tile's value and position over its 4x4 elements
+    vals4 = tl.reshape(tl.broadcast_to(vals[:, None, :, None], (TN_B, 4, TK_B, 4)), (BLOCK_N, BLOCK_K))
+    nib4 = tl.reshape(tl.broadcast_to(nib[:, None, :, None], (TN_B, 4, TK_B, 4)), (BLOCK_N, BLOCK_K))
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    here = nib4 == (offs_n[:, None] % 4) * 4 + (offs_k[None, :] % 4)  # row-major flat position in the tile
+    inside = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    return tl.where(here & inside, vals4, 0.0)
 
 
 def interpreter_upcast(dtype: torch.dtype) -> bool:

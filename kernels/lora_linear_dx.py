@@ -44,7 +44,7 @@ def _lora_linear_dx_kernel(
             else:  # per-row α or onebit h: a vector along N (onebit g goes in the epilogue)
                 w = w * tl.load(w1_ptr + offs_n * W_B, mask=offs_n < n_end, other=0.0).to(tl.float32)[:, None]
         else:
-            w = _sparse4x4_tile(w0_ptr, w1_ptr, offs_n, offs_k, n_end, K, W_A, W_B)
+            w = _sparse4x4_tile(w0_ptr, w1_ptr, n0, pid_k * BLOCK_K, n_end, K, W_A, W_B, BLOCK_N, BLOCK_K)
         acc += _dot(g, w.to(g.dtype), IEEE, UPCAST)  # Ŵ in the activation dtype, as the reference
     if FORMAT == 0 and SCALE == 2:  # onebit g: once per output column of dX
         acc = acc * tl.load(w2_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)[None, :]

@@ -46,7 +46,7 @@ def _lora_linear_fwd_kernel(
             elif SCALE == 2:  # onebit: Ŵ = diag(h)·sign·diag(g); g here, h in the epilogue
                 w = w * tl.load(w2_ptr + offs_k, mask=offs_k < k_end, other=0.0).to(tl.float32)[None, :]
         else:
-            w = _sparse4x4_tile(w0_ptr, w1_ptr, offs_n, offs_k, N, k_end, W_A, W_B)
+            w = _sparse4x4_tile(w0_ptr, w1_ptr, pid_n * BLOCK_N, k0, N, k_end, W_A, W_B, BLOCK_N, BLOCK_K)
         acc += _dot(xt, tl.trans(w.to(xt.dtype)), IEEE, UPCAST)  # Ŵ in the activation dtype, as the reference
     if FORMAT == 0 and SCALE != 1:  # per-row α (or onebit h): once per output column
         acc = acc * tl.load(w1_ptr + offs_n * W_B, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
