@@ -152,7 +152,7 @@ def _bnb(W16, x, A, B, s, act_bytes, device):
             _nbytes(packed) + act_bytes, "")
 
 
-def run(args) -> List[Dict]:
+def run(args) -> Tuple[List[Dict], str]:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     shapes = args.shapes or (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
@@ -163,7 +163,11 @@ def run(args) -> List[Dict]:
     measure = timer(device, args.reps)
     bw = copy_bandwidth(device, args.reps)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device {name}; measured copy bandwidth {bw / 1e9:.1f} GB/s; dtype {args.dtype}; rank {args.rank}")
+    import triton
+
+    header = (f"device {name}; torch {torch.__version__}; triton {triton.__version__}; measured copy bandwidth "
+              f"{bw / 1e9:.1f} GB/s; dtype {args.dtype}; rank {args.rank}; {time.strftime('%Y-%m-%d')}")
+    print(header)
     rows: List[Dict] = []
     ops_to_run = ["forward"] + (["backward_dx"] if args.backward else [])
     for K, N in shapes:
@@ -198,7 +202,7 @@ def run(args) -> List[Dict]:
                         rows.append(row)
                         if not args.quiet:
                             print(format_row(row))
-    return rows
+    return rows, header
 
 
 def format_row(r: Dict) -> str:
@@ -208,6 +212,63 @@ def format_row(r: Dict) -> str:
              if r.get("median_us") is not None else "")
     return (f"{r['op']:<11} {r['format']:<9} K={r['K']:<6} N={r['N']:<6} M={r['M']:<5} {r['provider']:<12} {t} µs "
             f"{g} µs(graph) {extra} {r['note']}")
+
+
+# The issue's targets (H100, fp16, rank 16): (what, check(rows) -> (measured text, met?) or None).
+def _best(rows, **key) -> Optional[float]:
+    """The row's best time (plain or CUDA graph); GPU rows only (interpreter times mean nothing)."""
+    for r in rows:
+        if (r["device"] != "cpu" and all(r.get(k) == v for k, v in key.items())
+                and r.get("median_us") is not None):
+            return min(v for v in (r["median_us"], r.get("graph_us")) if v is not None)
+    return None
+
+
+def targets(rows: List[Dict]) -> List[Tuple[str, str]]:
+    """Each performance target with what this run measured ("not measured" where it did not)."""
+    out = []
+
+    def limit(what, us, bound):
+        out.append((what, "not measured" if us is None else
+                    f"{us:.1f} µs: {'met' if us <= bound else f'missed by {us / bound:.2f}x'}"))
+
+    fwd = dict(op="forward", provider="triton")
+    limit("int1 + LoRA, M=1, 8192→28672 ≤ 15 µs", _best(rows, format="int1", K=8192, N=28672, M=1, **fwd), 15)
+    limit("int1 + LoRA, M=1, 4096² ≤ 6 µs", _best(rows, format="int1", K=4096, N=4096, M=1, **fwd), 6)
+    limit("sparse4x4 + LoRA, M=1, 8192→28672 ≤ 20 µs",
+          _best(rows, format="sparse4x4", K=8192, N=28672, M=1, **fwd), 20)
+    for fmt in ("int1", "sparse4x4"):
+        for K, N in sorted({(r["K"], r["N"]) for r in rows}):
+            one, sixteen = (_best(rows, format=fmt, K=K, N=N, M=m, **fwd) for m in (1, 16))
+            if one is not None and sixteen is not None:
+                limit(f"{fmt} {K}→{N}: M=16 ≤ 1.5x M=1 ({one:.1f} µs)", sixteen, 1.5 * one)
+            for op in ("forward", "backward_dx"):
+                mine = _best(rows, op=op, format=fmt, K=K, N=N, M=4096, provider="triton")
+                ref = _best(rows, op=op, format=fmt, K=K, N=N, M=4096, provider="cublas")
+                if mine is not None and ref is not None:
+                    limit(f"{fmt} {K}→{N} {op}, M=4096 ≤ 1.25x cuBLAS ({ref:.1f} µs)", mine, 1.25 * ref)
+    return out
+
+
+def markdown(rows: List[Dict], path: str, header: str) -> None:
+    """The run as a Markdown report: the targets, then every measured row."""
+    lines = [f"# Kernel benchmark", "", header, "", "## Targets", "", "| target | measured |", "|---|---|"]
+    lines += [f"| {what} | {got} |" for what, got in targets(rows)]
+    lines += ["", "## All rows (median µs; graph = under a CUDA graph)", "",
+              "| op | format | K→N | M | provider | µs | graph µs | GB/s | % copy bw | vs cuBLAS |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("median_us") is None:
+            continue
+        lines.append(f"| {r['op']} | {r['format']} | {r['K']}→{r['N']} | {r['M']} | {r['provider']} | "
+                     f"{r['median_us']} | {r.get('graph_us') or '-'} | {r['GBps']} | {r['pct_copy_bw']} | "
+                     f"{r.get('speedup_vs_cublas', '-')} |")
+    skipped = sorted({(r["provider"], r["note"]) for r in rows if r.get("median_us") is None})
+    if skipped:
+        lines += ["", "Not run: " + "; ".join(f"{p} ({n})" for p, n in skipped)]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(lines) + "\n")
+    print(f"markdown: {path}")
 
 
 def plot(rows: List[Dict], path: str) -> None:
@@ -246,9 +307,10 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--csv", help="write every row here")
     p.add_argument("--plot", help="draw time vs M per shape here (PNG)")
+    p.add_argument("--markdown", help="write the targets and every row as a Markdown report here")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    rows = run(args)
+    rows, header = run(args)
     if args.csv:
         Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
         with open(args.csv, "w", newline="") as f:
@@ -258,6 +320,8 @@ def main(argv=None) -> int:
         print(f"csv: {args.csv}")
     if args.plot:
         plot(rows, args.plot)
+    if args.markdown:
+        markdown(rows, args.markdown, header)
     return 0
 
 

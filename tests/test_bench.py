@@ -16,7 +16,7 @@ def test_bench_kernels_writes_csv_and_plot(tmp_path):
     out = subprocess.run(
         [sys.executable, "bench/bench_kernels.py", "--shapes", "40x24", "--batches", "1,3", "--formats",
          "int1,sparse4x4", "--providers", "cublas,cublas_lora,naive,triton", "--reps", "2", "--backward",
-         "--csv", str(csv_path), "--plot", str(png)],
+         "--csv", str(csv_path), "--plot", str(png), "--markdown", str(tmp_path / "bench.md")],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert "measured copy bandwidth" in out.stdout
@@ -30,9 +30,36 @@ def test_bench_kernels_writes_csv_and_plot(tmp_path):
     triton_rows = [r for r in rows if r["provider"] == "triton"]
     assert triton_rows and all("interpreter" in r["note"] for r in triton_rows)
     assert png.stat().st_size > 1000
+    report = (tmp_path / "bench.md").read_text()
+    # a CPU run measures none of the GPU targets, and says so
+    assert "int1 + LoRA, M=1, 8192→28672 ≤ 15 µs | not measured" in report
+    assert "| forward | int1 | 40→24 | 1 | cublas |" in report
 
 
 def test_bench_kernels_rejects_bad_shapes():
     out = subprocess.run([sys.executable, "bench/bench_kernels.py", "--shapes", "40by24"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "KxN" in out.stderr
+
+
+def test_targets_report_met_missed_and_not_measured():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import bench_kernels as bk
+    finally:
+        sys.path.pop(0)
+
+    def row(fmt, K, N, M, provider, us, op="forward", device="NVIDIA H100"):
+        return {"device": device, "op": op, "format": fmt, "K": K, "N": N, "M": M, "provider": provider,
+                "median_us": us, "graph_us": None}
+
+    rows = [row("int1", 8192, 28672, 1, "triton", 12.0), row("int1", 8192, 28672, 16, "triton", 30.0),
+            row("int1", 4096, 4096, 1, "triton", 9.0),
+            row("int1", 4096, 4096, 4096, "triton", 500.0), row("int1", 4096, 4096, 4096, "cublas", 450.0),
+            row("sparse4x4", 8192, 28672, 1, "triton", 1.0, device="cpu")]  # interpreter rows never count
+    got = dict(bk.targets(rows))
+    assert got["int1 + LoRA, M=1, 8192→28672 ≤ 15 µs"] == "12.0 µs: met"
+    assert got["int1 + LoRA, M=1, 4096² ≤ 6 µs"] == "9.0 µs: missed by 1.50x"
+    assert got["sparse4x4 + LoRA, M=1, 8192→28672 ≤ 20 µs"] == "not measured"
+    assert got["int1 8192→28672: M=16 ≤ 1.5x M=1 (12.0 µs)"] == "30.0 µs: missed by 1.67x"
+    assert got["int1 4096→4096 forward, M=4096 ≤ 1.25x cuBLAS (450.0 µs)"] == "500.0 µs: met"
