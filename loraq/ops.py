@@ -31,6 +31,7 @@ _PRIMITIVES = ("lora_linear_fwd", "lora_linear_dx")
 # _IMPLS[backend][primitive][format kind] = callable
 _IMPLS: Dict[str, Dict[str, Dict[str, Callable]]] = {b: {p: {} for p in _PRIMITIVES} for b in BACKENDS[1:]}
 _WARNED = set()
+_RESOLVED: Dict[tuple, str] = {}  # (backend, device type, kind, interpreter) -> concrete backend
 
 
 def register(backend: str, primitive: str, kind: str, fn: Callable) -> None:
@@ -38,6 +39,7 @@ def register(backend: str, primitive: str, kind: str, fn: Callable) -> None:
     if backend not in _IMPLS or primitive not in _PRIMITIVES:
         raise ValueError(f"unknown backend/primitive {backend!r}/{primitive!r}")
     _IMPLS[backend][primitive][kind] = fn
+    _RESOLVED.clear()
 
 
 def _reference_fwd(x, weight, lora_A, lora_B, scaling, bias):
@@ -116,8 +118,20 @@ def backend_status(device: Optional[torch.device] = None) -> Dict[str, Tuple[boo
 
 
 def resolve_backend(backend: Optional[str], device: torch.device, kind: str) -> str:
-    """The concrete backend to run ``kind`` weights on ``device``; errors name what is missing."""
+    """The concrete backend to run ``kind`` weights on ``device``; errors name what is missing.
+
+    Remembered per (asked backend, device type, kind), so a layer's forward pays a dict lookup."""
     backend = backend or os.environ.get("LORAQ_BACKEND", "auto")
+    key = (backend, torch.device(device).type, kind, os.environ.get("TRITON_INTERPRET"))
+    found = _RESOLVED.get(key)
+    if found is None:
+        found = _resolve(backend, device, kind)
+        if not torch.compiler.is_compiling():  # no global side effect inside a traced autograd.Function
+            _RESOLVED[key] = found
+    return found
+
+
+def _resolve(backend: str, device: torch.device, kind: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} (or LORAQ_BACKEND), got {backend!r}")
     if backend == "reference":
