@@ -95,5 +95,7 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
         )
         return dx
 
-    cfg = config or pick_config("lora_linear_dx", M, N, K, dy.dtype, dy.device, run)
+    # tuned per format, scale mode and LoRA on/off: each compiles to a different kernel
+    op = f"lora_linear_dx:{fmt}:{scale_mode}:{int(has_lora)}"
+    cfg = config or pick_config(op, M, N, K, dy.dtype, dy.device, run)
     return run(cfg).to(dy.dtype)

@@ -103,5 +103,7 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
         )
         return y
 
-    cfg = config or pick_config("lora_linear_fwd", M, N, K, x.dtype, x.device, run)
+    # tuned per format, scale mode and LoRA on/off: each compiles to a different kernel
+    op = f"lora_linear_fwd:{fmt}:{scale_mode}:{int(has_lora)}"
+    cfg = config or pick_config(op, M, N, K, x.dtype, x.device, run)
     return run(cfg).to(x.dtype)
