@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import statistics
 import sys
 import time
@@ -252,7 +251,7 @@ def targets(rows: List[Dict]) -> List[Tuple[str, str]]:
 
 def markdown(rows: List[Dict], path: str, header: str) -> None:
     """The run as a Markdown report: the targets, then every measured row."""
-    lines = [f"# Kernel benchmark", "", header, "", "## Targets", "", "| target | measured |", "|---|---|"]
+    lines = ["# Kernel benchmark", "", header, "", "## Targets", "", "| target | measured |", "|---|---|"]
     lines += [f"| {what} | {got} |" for what, got in targets(rows)]
     lines += ["", "## All rows (median µs; graph = under a CUDA graph)", "",
               "| op | format | K→N | M | provider | µs | graph µs | GB/s | % copy bw | vs cuBLAS |",

@@ -20,7 +20,7 @@ import shutil
 import socket
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 

@@ -11,10 +11,8 @@ from pathlib import Path
 
 import optuna
 import pytest
-import torch
 from optuna.trial import TrialState
 
-import loraq
 from loraq.cli import main
 from loraq.report import read_csv
 from loraq.sweep import HOST, Cell, SweepConfig, default_sweep_output, fail_dead_local_trials, open_storage, sweep

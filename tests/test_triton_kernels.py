@@ -222,7 +222,6 @@ def test_training_gives_the_same_losses_with_each_backend(fmt):
 
 
 def test_auto_never_picks_the_interpreter_on_the_cpu():
-    w = make("int1", torch.randn(8, 16))
     assert ops.resolve_backend("auto", torch.device("cpu"), "int1") == "reference"
 
 
