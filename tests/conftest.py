@@ -9,6 +9,12 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from loraq import ops  # noqa: E402
+
+# Define the kernels now, while TRITON_INTERPRET holds: a test that unsets it (to see the CPU-only
+# backend status) must not be the first to import them, or they would be built for a GPU.
+ops.load_backends()
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

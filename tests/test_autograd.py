@@ -10,23 +10,12 @@ import pytest
 import torch
 
 from loraq.autograd import LoraLinearFunction
-from loraq.formats import DenseWeight, Int1Weight, Sparse4x4Weight
+from loraq.formats import Int1Weight
+from weights import make_weight
 
 KINDS = ["int1", "int1_g8", "int1_onebit", "sparse4x4", "dense"]
 
-
-def make_base(kind, W):
-    if kind == "int1":
-        return Int1Weight.from_dense(W)
-    if kind == "int1_g8":
-        return Int1Weight.from_dense(W, group_size=8)
-    if kind == "int1_onebit":
-        return Int1Weight.from_dense(W, scale="onebit")
-    if kind == "sparse4x4":
-        return Sparse4x4Weight.from_dense(W)
-    if kind == "dense":
-        return DenseWeight.from_dense(W)
-    raise AssertionError(kind)
+make_base = make_weight
 
 
 def f64(*shape):

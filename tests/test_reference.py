@@ -6,27 +6,12 @@ import pytest
 import torch
 
 from loraq import ops, reference
-from loraq.formats import DenseWeight, Int1Weight, Sparse4x4Weight
+from loraq.formats import Int1Weight
 from loraq.reference import lora_linear_bwd_ref, lora_linear_ref
+from weights import make_weight
 
 N, K, R = 23, 45, 4
 X_SHAPES = [(K,), (1, K), (3, K), (17, K), (2, 3, K)]
-
-
-def make_weight(kind, W):
-    if kind == "tensor":
-        return W.clone()
-    if kind == "dense":
-        return DenseWeight.from_dense(W)
-    if kind == "int1":
-        return Int1Weight.from_dense(W)
-    if kind == "int1_g8":
-        return Int1Weight.from_dense(W, group_size=8)
-    if kind == "int1_onebit":
-        return Int1Weight.from_dense(W, scale="onebit")
-    if kind == "sparse4x4":
-        return Sparse4x4Weight.from_dense(W)
-    raise AssertionError(kind)
 
 
 KINDS = ["tensor", "dense", "int1", "int1_g8", "int1_onebit", "sparse4x4"]

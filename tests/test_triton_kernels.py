@@ -15,7 +15,8 @@ pytest.importorskip("triton")
 
 from loraq import LoraLinear, ops, reference  # noqa: E402
 from loraq.autograd import LoraLinearFunction  # noqa: E402
-from loraq.formats import Int1Weight, Sparse4x4Weight  # noqa: E402
+from loraq.formats import Int1Weight  # noqa: E402
+from weights import make_weight  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -24,14 +25,7 @@ FORMATS = ["int1", "int1_g16", "int1_onebit", "sparse4x4"]
 SLACK = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
-def make(fmt, W):
-    if fmt == "int1":
-        return Int1Weight.from_dense(W)
-    if fmt == "int1_g16":
-        return Int1Weight.from_dense(W, group_size=16)
-    if fmt == "int1_onebit":
-        return Int1Weight.from_dense(W, scale="onebit")
-    return Sparse4x4Weight.from_dense(W)
+make = make_weight
 
 
 def check(out, ref64, low, name=""):

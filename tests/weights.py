@@ -1,0 +1,23 @@
+"""Test helper: a weight of a named kind from a dense matrix (shared by the op and kernel tests)."""
+
+import re
+
+from loraq.formats import DenseWeight, Int1Weight, Sparse4x4Weight
+
+
+def make_weight(kind: str, W):
+    """``tensor`` (W itself), ``dense``, ``int1``, ``int1_g<N>`` (groups of N), ``int1_onebit``, ``sparse4x4``."""
+    if kind == "tensor":
+        return W.clone()
+    if kind == "dense":
+        return DenseWeight.from_dense(W)
+    if kind == "int1":
+        return Int1Weight.from_dense(W)
+    group = re.fullmatch(r"int1_g(\d+)", kind)
+    if group:
+        return Int1Weight.from_dense(W, group_size=int(group.group(1)))
+    if kind == "int1_onebit":
+        return Int1Weight.from_dense(W, scale="onebit")
+    if kind == "sparse4x4":
+        return Sparse4x4Weight.from_dense(W)
+    raise AssertionError(f"unknown weight kind {kind!r}")
