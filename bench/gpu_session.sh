@@ -2,14 +2,26 @@
 # One call on a GPU machine: install loraq in place, run the kernel tests on the GPU, then the
 # benchmark. Everything lands in $OUT (default bench/results/run-<time>): info.txt, tests.txt,
 # bench.txt, bench.csv, bench.png and bench.md (the targets, met or missed, and every row).
+# TEST_TIMEOUT / BENCH_TIMEOUT (seconds) keep the call inside a device lease; TESTS picks the
+# tests (default: the GPU-marked large shapes and every tile config; "all" for both whole files,
+# which compile for many minutes); extra arguments go to bench_kernels.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/run-$(date +%Y%m%d-%H%M%S)}"
 mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
 LORAQ_BUILD_EXT="${LORAQ_BUILD_EXT:-0}" python3 -m pip install -q --no-deps --no-build-isolation -e . \
   > "$OUT/install.txt" 2>&1 || { cat "$OUT/install.txt"; exit 1; }
 python3 -m loraq info | tee "$OUT/info.txt"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv >> "$OUT/info.txt" 2>&1
-python3 -m pytest -q -ra -p no:cacheprovider tests/test_triton_kernels.py tests/test_bench.py 2>&1 | tee "$OUT/tests.txt"
-python3 bench/bench_kernels.py --backward --csv "$OUT/bench.csv" --plot "$OUT/bench.png" --markdown "$OUT/bench.md" \
-  "$@" 2>&1 | tee "$OUT/bench.txt"
+python3 bench/profile_host.py > "$OUT/host.txt" 2>&1; head -n 8 "$OUT/host.txt"
+XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+if [ "${TESTS:-gpu}" = all ]; then SELECT=(tests/test_triton_kernels.py tests/test_bench.py)
+else SELECT=(tests/test_triton_kernels.py -k "gpu or every_tile"); fi
+timeout "${TEST_TIMEOUT:-900}" python3 -m pytest -q -ra -p no:cacheprovider $XDIST "${SELECT[@]}" \
+  > "$OUT/tests.txt" 2>&1
+echo "tests exit $?"; tail -n 25 "$OUT/tests.txt"
+timeout "${BENCH_TIMEOUT:-1800}" python3 bench/bench_kernels.py --backward --csv "$OUT/bench.csv" \
+  --plot "$OUT/bench.png" --markdown "$OUT/bench.md" "$@" > "$OUT/bench.txt" 2>&1
+echo "bench exit $?"; grep -v '^forward\|^backward' "$OUT/bench.txt" | tail -n 20
+[ -f "$OUT/bench.md" ] && sed -n '/## Targets/,/## All rows/p' "$OUT/bench.md"

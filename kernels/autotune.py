@@ -4,6 +4,7 @@ The winner of a small list of configs is measured with ``triton.testing.do_bench
 time a shape is seen and cached in memory and on disk (``$LORAQ_CACHE_DIR``, default
 ``~/.cache/loraq``) in one JSON file per GPU name and Triton version, so a second process does
 not tune again. Off the GPU (the interpreter) the first, smallest config is used untimed.
+``LORAQ_AUTOTUNE_VERBOSE=1`` prints every candidate's time when a shape is tuned.
 """
 
 import json
@@ -16,19 +17,24 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 # BLOCK_M, output tile (BLOCK_N forward / BLOCK_K for dX), reduction tile, split of the
-# reduction over programs (fp32 atomics), num_warps, num_stages.
-Config = Tuple[int, int, int, int, int, int]
+# reduction over programs (fp32 atomics), num_warps, num_stages, swap (1: the decoded weight tile
+# is the dot's first operand, read by the tensor cores from registers; 0: the second).
+Config = Tuple[int, int, int, int, int, int, int]
 
 # Small batches: one 16-row tile of x, wide weight tiles, the reduction split so that a few
 # thousand output columns still fill every SM (the weight stream is the cost).
-SMALL_M: List[Config] = [(16, 32, 32, 1, 4, 2), (16, 64, 128, 1, 4, 3), (16, 128, 128, 1, 4, 3),
-                         (16, 64, 256, 1, 4, 3), (16, 64, 128, 4, 4, 3), (16, 128, 128, 4, 4, 3),
-                         (16, 64, 256, 8, 4, 3), (16, 128, 256, 8, 8, 3), (16, 256, 128, 4, 8, 3)]
+SMALL_M: List[Config] = [(16, 32, 32, 1, 4, 2, 1), (16, 64, 128, 1, 4, 3, 1), (16, 128, 128, 1, 4, 3, 1),
+                         (16, 128, 256, 1, 8, 3, 1), (16, 64, 256, 4, 4, 3, 1), (16, 128, 128, 4, 4, 3, 1),
+                         (16, 64, 128, 1, 4, 3, 0), (16, 128, 128, 4, 4, 3, 0), (16, 64, 256, 8, 4, 3, 0)]
 # Large batches: tensor-core tiles.
-LARGE_M: List[Config] = [(64, 64, 32, 1, 4, 2), (128, 128, 64, 1, 8, 3), (128, 64, 64, 1, 4, 3),
-                         (64, 128, 64, 1, 4, 3), (128, 256, 64, 1, 8, 3), (256, 128, 64, 1, 8, 3)]
+LARGE_M: List[Config] = [(64, 64, 32, 1, 4, 2, 0), (128, 128, 64, 1, 8, 3, 0), (256, 128, 64, 1, 8, 3, 0),
+                         (128, 128, 64, 1, 8, 3, 1), (64, 128, 64, 1, 4, 3, 1), (128, 256, 64, 1, 8, 3, 1),
+                         (64, 256, 64, 1, 8, 3, 1)]
+CACHE_VERSION = 2  # bumped when Config changes meaning: old files are not read
 
 _MEMORY: Dict[str, Dict[str, Config]] = {}
+# (op, M bucket, N, K, dtype, device) -> config: the per-call fast path, no file or string work
+_PICKED: Dict[tuple, Config] = {}
 
 
 def m_bucket(M: int) -> int:
@@ -50,7 +56,7 @@ def cache_file(device: torch.device) -> Path:
 
     name = re.sub(r"[^A-Za-z0-9]+", "_", gpu_name(device)).strip("_")
     root = Path(os.environ.get("LORAQ_CACHE_DIR", Path.home() / ".cache" / "loraq"))
-    return root / "autotune" / f"{name}-triton{triton.__version__}.json"
+    return root / "autotune" / f"{name}-triton{triton.__version__}-v{CACHE_VERSION}.json"
 
 
 def _load(path: Path) -> Dict[str, Config]:
@@ -89,6 +95,10 @@ def pick_config(op: str, M: int, N: int, K: int, dtype: torch.dtype, device: tor
     candidates = configs_for(M)
     if device.type != "cuda":
         return candidates[0]
+    fast = (op, m_bucket(M), N, K, dtype, device.index)
+    hit = _PICKED.get(fast)
+    if hit is not None:
+        return hit
     path = cache_file(device)
     table = _load(path)
     key = f"{op}|M{m_bucket(M)}|N{N}|K{K}|{str(dtype).replace('torch.', '')}"
@@ -105,8 +115,12 @@ def pick_config(op: str, M: int, N: int, K: int, dtype: torch.dtype, device: tor
                 timings[c] = bench(lambda: run(c))
             except Exception:  # a config this GPU cannot hold (shared memory, registers)
                 continue
+        if os.environ.get("LORAQ_AUTOTUNE_VERBOSE") == "1":
+            ranked = sorted(timings.items(), key=lambda kv: kv[1])
+            print(f"loraq autotune {key}: " + ", ".join(f"{c}={1e3 * t:.1f}µs" for c, t in ranked), flush=True)
         if not timings:
             raise RuntimeError(f"no kernel config of {op} runs for M={M}, N={N}, K={K}, {dtype}")
         table[key] = min(timings, key=timings.get)
         _store(path, table)
+    _PICKED[fast] = table[key]
     return table[key]

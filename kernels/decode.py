@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 SCALE_ROW, SCALE_GROUP, SCALE_ONEBIT = 0, 1, 2
+W_FP16, W_BF16, W_FP32 = 0, 1, 2  # the dtype a kernel decodes Ŵ to (that of its tl.dot)
 
 
 @triton.jit
@@ -34,16 +35,40 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _int1_signs(packed_ptr, offs_n, k0, N, K, KW, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """±1.0 (fp32) for ``Ŵ[offs_n, k0:k0+BLOCK_K]``'s signs; ``k0`` is a multiple of 32."""
+def _int1_k(k0, BLOCK_K: tl.constexpr):
+    """The ``k`` of each column of an :func:`_int1_signs` tile: within each 32-bit word, bits ``j``
+    and ``j + 16`` sit side by side (``k0 + 32w + j`` at column ``32w + 2j``, ``+16`` at ``+1``).
+    Loads and stores along K use these offsets, so the permutation never shows outside a kernel."""
+    p = tl.arange(0, BLOCK_K)
+    r = p % 32
+    return k0 + (p - r) + (r % 2) * 16 + r // 2
+
+
+@triton.jit
+def _int1_signs(packed_ptr, offs_n, k0, N, KW, WDT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """±1 for ``Ŵ[offs_n, _int1_k(k0)]`` in the dot's dtype (``WDT``: ``W_FP16``, ``W_BF16`` or
+    ``W_FP32``); ``k0`` is a multiple of 32.
+
+    Each sign is built from its bit with one shift and one and-or (the bit lands on the sign bit
+    of the constant 1.0) instead of shift, compare, select and convert: the decode, not the weight
+    stream, is what limits a 1-bit matmul. Rows past ``N`` and bits past ``K`` decode to ±1, not
+    0: the kernels zero ``x`` (``dY``) there, and never store those rows.
+    """
     offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
     words = tl.load(packed_ptr + offs_n[:, None] * KW + offs_w[None, :],
-                    mask=(offs_n[:, None] < N) & (offs_w[None, :] * 32 < K), other=0)
-    bits = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1  # bit j of word w is k = 32w + j
-    bits = tl.reshape(bits, (BLOCK_N, BLOCK_K))
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    inside = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    return tl.where(inside, tl.where(bits != 0, 1.0, -1.0), 0.0)
+                    mask=(offs_n[:, None] < N) & (offs_w[None, :] < KW), other=0)
+    w = (~words).to(tl.uint32, bitcast=True)[:, :, None]  # a set bit is +1: clear sign bit
+    jj = tl.arange(0, 16).to(tl.uint32)[None, None, :]
+    if WDT == 2:  # fp32: 1.0 = 0x3F800000, sign bit 31
+        lo = ((w << (31 - jj)) & 0x80000000) | 0x3F800000  # bit jj
+        hi = ((w << (15 - jj)) & 0x80000000) | 0x3F800000  # bit jj + 16
+        signs = tl.join(lo, hi).to(tl.float32, bitcast=True)
+    else:  # 16-bit: 1.0 = 0x3C00 (fp16) or 0x3F80 (bf16), sign bit 15
+        lo = ((w << (15 - jj)) & 0x8000) | (0x3C00 if WDT == 0 else 0x3F80)
+        hi = ((w >> (jj + 1)) & 0x8000) | (0x3C00 if WDT == 0 else 0x3F80)
+        bits = tl.join(lo, hi).to(tl.uint16)
+        signs = bits.to(tl.float16, bitcast=True) if WDT == 0 else bits.to(tl.bfloat16, bitcast=True)
+    return tl.reshape(signs, (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
@@ -56,17 +81,20 @@ def _int1_group_scale(scale_ptr, offs_n, offs_k, N, K, G, group_size):
 
 @triton.jit
 def _sparse4x4_tile(values_ptr, pos_ptr, n0, k0, N, K, TK, PW, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The kept value of each 4x4 tile at its position, 0 elsewhere, as fp32 ``[BLOCK_N, BLOCK_K]``.
+    """The kept value of each 4x4 tile at its position, 0 elsewhere, ``[BLOCK_N, BLOCK_K]`` in the
+    values' dtype.
 
     ``n0`` and ``k0`` are multiples of 4 and 8: the ``[BLOCK_N/4, BLOCK_K/4]`` values and
-    ``[BLOCK_N/4, BLOCK_K/8]`` position bytes are loaded once and spread over their tiles.
+    ``[BLOCK_N/4, BLOCK_K/8]`` position bytes are loaded once and spread over their tiles. Tiles
+    past the edge decode to 0; inside an edge tile, elements past ``N``/``K`` are not masked (the
+    kernels zero ``x``/``dY`` there and never store those rows).
     """
     TN_B: tl.constexpr = BLOCK_N // 4
     TK_B: tl.constexpr = BLOCK_K // 4
     tn = n0 // 4 + tl.arange(0, TN_B)
     tk = k0 // 4 + tl.arange(0, TK_B)
-    tiles_in = (tn[:, None] * 4 < N) & (tk[None, :] * 4 < K)
-    vals = tl.load(values_ptr + tn[:, None] * TK + tk[None, :], mask=tiles_in, other=0.0).to(tl.float32)
+    vals = tl.load(values_ptr + tn[:, None] * TK + tk[None, :],
+                   mask=(tn[:, None] * 4 < N) & (tk[None, :] * 4 < K), other=0.0)
     pb = k0 // 8 + tl.arange(0, BLOCK_K // 8)
     byte = tl.load(pos_ptr + tn[:, None] * PW + pb[None, :], mask=(tn[:, None] * 4 < N) & (pb[None, :] * 8 < K),
                    other=0).to(tl.int32)
@@ -75,11 +103,19 @@ def _sparse4x4_tile(values_ptr, pos_ptr, n0, k0, N, K, TK, PW, BLOCK_N: tl.const
     # spread each tile's value and position over its 4x4 elements
     vals4 = tl.reshape(tl.broadcast_to(vals[:, None, :, None], (TN_B, 4, TK_B, 4)), (BLOCK_N, BLOCK_K))
     nib4 = tl.reshape(tl.broadcast_to(nib[:, None, :, None], (TN_B, 4, TK_B, 4)), (BLOCK_N, BLOCK_K))
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    here = nib4 == (offs_n[:, None] % 4) * 4 + (offs_k[None, :] % 4)  # row-major flat position in the tile
-    inside = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    return tl.where(here & inside, vals4, 0.0)
+    # row-major flat position inside the tile: loop-invariant, so computed once per program
+    flat = (tl.arange(0, BLOCK_N) % 4)[:, None] * 4 + (tl.arange(0, BLOCK_K) % 4)[None, :]
+    return tl.where(nib4 == flat, vals4, 0.0)
+
+
+def decode_dtype(dtype: torch.dtype) -> int:
+    """``W_FP16``/``W_BF16``/``W_FP32``: what the kernels decode Ŵ to for activations of ``dtype``
+    (fp32 for bf16 under the interpreter, which cannot multiply bf16)."""
+    if dtype == torch.float16:
+        return W_FP16
+    if dtype == torch.bfloat16 and not interpreter_upcast(dtype):
+        return W_BF16
+    return W_FP32
 
 
 def interpreter_upcast(dtype: torch.dtype) -> bool:

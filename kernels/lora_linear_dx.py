@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 
 from .autotune import pick_config
-from .decode import (_dot, _int1_group_scale, _int1_signs, _sparse4x4_tile, interpreter_upcast, output_buffer,
-                     split_plan, weight_args)
+from .decode import (_dot, _int1_group_scale, _int1_k, _int1_signs, _sparse4x4_tile, decode_dtype, interpreter_upcast,
+                     output_buffer, split_plan, weight_args)
 
 
 @triton.jit
@@ -23,29 +23,44 @@ def _lora_linear_dx_kernel(
     stride_dym, stride_dxm, stride_bm, stride_ar,
     R,
     FORMAT: tl.constexpr, SCALE: tl.constexpr, HAS_LORA: tl.constexpr, IEEE: tl.constexpr,
-    UPCAST: tl.constexpr, BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr, WDT: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr,
+    SWAP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_s = tl.program_id(2)  # split of the N reduction; fp32 atomics join the partial sums
+    k0 = pid_k * BLOCK_K
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    if FORMAT == 0:
+        offs_k = _int1_k(k0, BLOCK_K)  # the order _int1_signs decodes in
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+    # SWAP computes dXᵀ = Ŵᵀ·dYᵀ, the decoded tile as the dot's first (register) operand
+    if SWAP:
+        acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     n_end = tl.minimum(N, (pid_s + 1) * N_PER_SPLIT)
     for n0 in range(pid_s * N_PER_SPLIT, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         g = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :],
                     mask=(offs_m[:, None] < M) & (offs_n[None, :] < n_end), other=0.0)
         if FORMAT == 0:
-            w = _int1_signs(w0_ptr, offs_n, pid_k * BLOCK_K, n_end, K, W_A, BLOCK_N, BLOCK_K)
+            w = _int1_signs(w0_ptr, offs_n, k0, N, W_A, WDT, BLOCK_N, BLOCK_K)
             if SCALE == 1:  # per group
-                w = w * _int1_group_scale(w1_ptr, offs_n, offs_k, n_end, K, W_B, W_C)
+                w = w * _int1_group_scale(w1_ptr, offs_n, offs_k, n_end, K, W_B, W_C).to(w.dtype)
             else:  # per-row α or onebit h: a vector along N (onebit g goes in the epilogue)
-                w = w * tl.load(w1_ptr + offs_n * W_B, mask=offs_n < n_end, other=0.0).to(tl.float32)[:, None]
+                w = w * tl.load(w1_ptr + offs_n * W_B, mask=offs_n < n_end, other=0.0).to(w.dtype)[:, None]
         else:
-            w = _sparse4x4_tile(w0_ptr, w1_ptr, n0, pid_k * BLOCK_K, n_end, K, W_A, W_B, BLOCK_N, BLOCK_K)
-        acc += _dot(g, w.to(g.dtype), IEEE, UPCAST)  # Ŵ in the activation dtype, as the reference
+            w = _sparse4x4_tile(w0_ptr, w1_ptr, n0, k0, n_end, K, W_A, W_B, BLOCK_N, BLOCK_K)
+        w = w.to(g.dtype)  # Ŵ in the activation dtype, as the reference
+        if SWAP:
+            acc += _dot(tl.trans(w), tl.trans(g), IEEE, UPCAST)
+        else:
+            acc += _dot(g, w, IEEE, UPCAST)
+    if SWAP:
+        acc = tl.trans(acc)
     if FORMAT == 0 and SCALE == 2:  # onebit g: once per output column of dX
         acc = acc * tl.load(w2_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)[None, :]
     if HAS_LORA and pid_s == 0:
@@ -82,15 +97,15 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
         R = 1
 
     def run(cfg):
-        bm, bk, bn, split, warps, stages = cfg
+        bm, bk, bn, split, warps, stages, swap = cfg
         split, n_per_split = split_plan(N, bn, split)
         dx = output_buffer(M, K, dy, split)
         _lora_linear_dx_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk), split)](
             dy, *ptrs, dyb, A, dx, M, N, K, n_per_split, float(scaling), *ints,
             dy.stride(0), dx.stride(0), dyb.stride(0), A.stride(0), R,
             FORMAT=0 if fmt == "int1" else 1, SCALE=scale_mode, HAS_LORA=has_lora, IEEE=dy.dtype == torch.float32,
-            UPCAST=interpreter_upcast(dy.dtype), BLOCK_R=max(16, triton.next_power_of_2(R)),
-            BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, SPLIT_N=split,
+            UPCAST=interpreter_upcast(dy.dtype), WDT=decode_dtype(dy.dtype), BLOCK_R=max(16, triton.next_power_of_2(R)),
+            BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, SPLIT_N=split, SWAP=bool(swap),
             num_warps=warps, num_stages=stages,
         )
         return dx

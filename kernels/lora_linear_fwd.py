@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 
 from .autotune import pick_config
-from .decode import (_dot, _int1_group_scale, _int1_signs, _sparse4x4_tile, interpreter_upcast, output_buffer,
-                     split_plan, weight_args)
+from .decode import (_dot, _int1_group_scale, _int1_k, _int1_signs, _sparse4x4_tile, decode_dtype, interpreter_upcast,
+                     output_buffer, split_plan, weight_args)
 
 INT1, SPARSE4X4 = 0, 1
 
@@ -25,29 +25,44 @@ def _lora_linear_fwd_kernel(
     stride_xm, stride_ym, stride_am, stride_bn,
     R,
     FORMAT: tl.constexpr, SCALE: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_R: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, WDT: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    SWAP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)  # split-K: each program sums one K slice; fp32 atomics join them
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # SWAP computes yᵀ = Ŵ·xᵀ: the decoded tile is then the dot's first operand, which Hopper's
+    # tensor cores (wgmma) read straight from registers; unswapped, it goes through shared memory.
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_end = tl.minimum(K, (pid_s + 1) * K_PER_SPLIT)
     for k0 in range(pid_s * K_PER_SPLIT, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+        if FORMAT == 0:
+            offs_k = _int1_k(k0, BLOCK_K)  # the order _int1_signs decodes in
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                      mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_end), other=0.0)
         if FORMAT == 0:
-            w = _int1_signs(w0_ptr, offs_n, k0, N, k_end, W_A, BLOCK_N, BLOCK_K)
+            w = _int1_signs(w0_ptr, offs_n, k0, N, W_A, WDT, BLOCK_N, BLOCK_K)
             if SCALE == 1:  # per group: the one scale that varies along K
-                w = w * _int1_group_scale(w1_ptr, offs_n, offs_k, N, k_end, W_B, W_C)
+                w = w * _int1_group_scale(w1_ptr, offs_n, offs_k, N, k_end, W_B, W_C).to(w.dtype)
             elif SCALE == 2:  # onebit: Ŵ = diag(h)·sign·diag(g); g here, h in the epilogue
-                w = w * tl.load(w2_ptr + offs_k, mask=offs_k < k_end, other=0.0).to(tl.float32)[None, :]
+                w = w * tl.load(w2_ptr + offs_k, mask=offs_k < k_end, other=0.0).to(w.dtype)[None, :]
         else:
             w = _sparse4x4_tile(w0_ptr, w1_ptr, pid_n * BLOCK_N, k0, N, k_end, W_A, W_B, BLOCK_N, BLOCK_K)
-        acc += _dot(xt, tl.trans(w.to(xt.dtype)), IEEE, UPCAST)  # Ŵ in the activation dtype, as the reference
+        w = w.to(xt.dtype)  # Ŵ in the activation dtype, as the reference
+        if SWAP:
+            acc += _dot(w, tl.trans(xt), IEEE, UPCAST)
+        else:
+            acc += _dot(xt, tl.trans(w), IEEE, UPCAST)
+    if SWAP:  # the epilogue works on [BLOCK_M, BLOCK_N]
+        acc = tl.trans(acc)
     if FORMAT == 0 and SCALE != 1:  # per-row α (or onebit h): once per output column
         acc = acc * tl.load(w1_ptr + offs_n * W_B, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     if HAS_LORA and pid_s == 0:
@@ -89,7 +104,7 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
         R = 1
 
     def run(cfg):
-        bm, bn, bk, split, warps, stages = cfg
+        bm, bn, bk, split, warps, stages, swap = cfg
         split, k_per_split = split_plan(K, bk, split)
         y = output_buffer(M, N, x, split)
         _lora_linear_fwd_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn), split)](
@@ -98,7 +113,7 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
             x.stride(0), y.stride(0), xa.stride(0), B.stride(0), R,
             FORMAT=INT1 if fmt == "int1" else SPARSE4X4, SCALE=scale_mode, HAS_LORA=has_lora,
             HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, UPCAST=interpreter_upcast(x.dtype),
-            BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
+            WDT=decode_dtype(x.dtype), BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, SWAP=bool(swap),
             num_warps=warps, num_stages=stages,
         )
         return y

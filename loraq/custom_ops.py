@@ -85,10 +85,30 @@ def _(dy, values, positions, N, K, lora_A, dy_B, scaling):
     return dy.new_empty(dy.shape[0], K)
 
 
+def _meta(weight) -> dict:
+    N, K = weight.shape
+    if weight.kind == "int1":
+        return {"N": N, "K": K, "group_size": weight.group_size or None, "scale_mode": weight.scale_mode}
+    return {"N": N, "K": K}
+
+
 def _check_device(t: Tensor, weight, name: str) -> None:
     for field, v in weight.tensors().items():
         if v.device != t.device:
             raise ValueError(f"{name} is on {t.device} but the weight's {field} is on {v.device}; move them together")
+
+
+def _direct(*tensors) -> bool:
+    """Whether to launch the kernel without the custom op's dispatch (about 10 µs of host time a
+    call): in eager mode when no input needs a gradient (``LoraLinear``'s autograd function calls
+    in here without grad tracking). Under ``torch.compile``, or when a gradient is wanted, the
+    custom op is called: compile needs it, and it refuses to backpropagate instead of silently
+    dropping the gradient."""
+    if torch.compiler.is_compiling():
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    return not any(t is not None and t.requires_grad for t in tensors)
 
 
 def triton_lora_linear_fwd(x, weight, lora_A, lora_B, scaling, bias):
@@ -99,6 +119,10 @@ def triton_lora_linear_fwd(x, weight, lora_A, lora_B, scaling, bias):
         return reference.lora_linear_ref(x, weight, lora_A, lora_B, scaling, bias)
     _check_device(x, weight, "x")
     N, K = weight.shape
+    if _direct(x, lora_A, lora_B, bias):
+        from loraq.kernels import lora_linear_fwd
+
+        return lora_linear_fwd(x, kind, weight.tensors(), _meta(weight), lora_A, lora_B, float(scaling), bias)
     if kind == "int1":
         return torch.ops.loraq.int1_lora_linear(x, weight.packed, weight.scale, weight.col_scale, K,
                                                 weight.group_size or 0, weight.scale_mode == "onebit",
@@ -114,6 +138,10 @@ def triton_lora_linear_dx(dy, weight, lora_A, dy_B, scaling):
         return reference.lora_linear_dx_ref(dy, weight, lora_A, dy_B, scaling)
     _check_device(dy, weight, "dy")
     N, K = weight.shape
+    if _direct(dy, lora_A, dy_B):
+        from loraq.kernels import lora_linear_dx
+
+        return lora_linear_dx(dy, kind, weight.tensors(), _meta(weight), lora_A, dy_B, float(scaling))
     if kind == "int1":
         return torch.ops.loraq.int1_lora_linear_dx(dy, weight.packed, weight.scale, weight.col_scale, K,
                                                    weight.group_size or 0, weight.scale_mode == "onebit",

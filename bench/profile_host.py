@@ -1,0 +1,90 @@
+"""Host (CPU) time per call of loraq's entry points, and where it goes.
+
+At small batches a fused kernel runs for a few microseconds, so the Python between the call and
+the launch decides what a user sees outside a CUDA graph. This prints the median host time per
+call of each layer of the stack (queued without synchronizing, so the GPU never waits on the
+host), then a cProfile of the public entry.
+
+    python bench/profile_host.py [--format int1] [--K 4096 --N 4096 --M 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loraq import nn as lnn  # noqa: E402
+from loraq import ops  # noqa: E402
+from loraq.formats import compress_weight  # noqa: E402
+
+
+def host_us(fn, calls: int = 300, rounds: int = 5) -> float:
+    """Median over ``rounds`` of the mean host time of ``calls`` back-to-back calls."""
+    fn()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    out = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        out.append((time.perf_counter() - t0) / calls * 1e6)
+        sync()
+    return statistics.median(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--format", default="int1")
+    p.add_argument("--K", type=int, default=4096)
+    p.add_argument("--N", type=int, default=4096)
+    p.add_argument("--M", type=int, default=1)
+    p.add_argument("--rank", type=int, default=16)
+    args = p.parse_args(argv)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dt = torch.float16 if dev.type == "cuda" else torch.float32
+    W = torch.randn(args.N, args.K) / args.K**0.5
+    w = compress_weight(W, args.format).to(dt).to(dev)
+    x = torch.randn(args.M, args.K, device=dev, dtype=dt)
+    A = torch.randn(args.rank, args.K, device=dev, dtype=dt) / args.K**0.5
+    B = torch.randn(args.N, args.rank, device=dev, dtype=dt)
+    layer = lnn.LoraLinear(w, rank=args.rank).to(dev, dt)
+    Wd = W.to(dev, dt)
+    be = "triton" if dev.type == "cuda" else "reference"  # the interpreter would time numpy
+    rows = [("torch x @ Wᵀ (cuBLAS)", lambda: x @ Wd.t()),
+            (f"ops.lora_linear ({be})", lambda: ops.lora_linear(x, w, A, B, 2.0, backend=be)),
+            ("LoraLinear forward, no grad", lambda: torch.no_grad()(layer)(x)),
+            ("LoraLinear forward + autograd graph", lambda: layer(x))]
+    if dev.type == "cuda":
+        from loraq.kernels import lora_linear_fwd
+        from loraq.custom_ops import _meta
+
+        rows.insert(2, ("kernels.lora_linear_fwd (launcher)",
+                        lambda: lora_linear_fwd(x, args.format, w.tensors(), _meta(w), A, B, 2.0)))
+    print(f"{torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}; {args.format} "
+          f"K={args.K} N={args.N} M={args.M}")
+    for name, fn in rows:
+        print(f"  {name:<40} {host_us(fn):8.1f} µs host per call")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(200):
+        ops.lora_linear(x, w, A, B, 2.0, backend=be)
+    prof.disable()
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
+    print(s.getvalue())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
