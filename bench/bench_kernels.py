@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import signal
 import statistics
 import sys
 import time
@@ -151,7 +152,10 @@ def _bnb(W16, x, A, B, s, act_bytes, device):
             _nbytes(packed) + act_bytes, "")
 
 
-def run(args) -> Tuple[List[Dict], str]:
+def run(args, rows: List[Dict], info: Dict) -> str:
+    """Time every (shape, format, M, op, provider) of ``args``, appending to ``rows`` as it goes
+    (so an interrupted run keeps what it measured); returns the report header (also
+    ``info["header"]``, set before the first row)."""
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     shapes = args.shapes or (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
@@ -167,7 +171,7 @@ def run(args) -> Tuple[List[Dict], str]:
     header = (f"device {name}; torch {torch.__version__}; triton {triton.__version__}; measured copy bandwidth "
               f"{bw / 1e9:.1f} GB/s; dtype {args.dtype}; rank {args.rank}; {time.strftime('%Y-%m-%d')}")
     print(header)
-    rows: List[Dict] = []
+    info["header"] = header
     ops_to_run = ["forward"] + (["backward_dx"] if args.backward else [])
     for K, N in shapes:
         gen = torch.Generator().manual_seed(0)
@@ -201,7 +205,7 @@ def run(args) -> Tuple[List[Dict], str]:
                         rows.append(row)
                         if not args.quiet:
                             print(format_row(row))
-    return rows, header
+    return header
 
 
 def format_row(r: Dict) -> str:
@@ -309,7 +313,15 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", help="write the targets and every row as a Markdown report here")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    rows, header = run(args)
+    rows: List[Dict] = []
+    info: Dict = {}
+    # a time limit (SIGTERM) or ^C ends the run early but still writes what was measured
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        header = run(args, rows, info)
+    except KeyboardInterrupt:
+        header = f"{info.get('header', '')}; INTERRUPTED after {len(rows)} rows (this report is partial)"
+        print(header)
     if args.csv:
         Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
         with open(args.csv, "w", newline="") as f:

@@ -35,40 +35,31 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _int1_k(k0, BLOCK_K: tl.constexpr):
-    """The ``k`` of each column of an :func:`_int1_signs` tile: within each 32-bit word, bits ``j``
-    and ``j + 16`` sit side by side (``k0 + 32w + j`` at column ``32w + 2j``, ``+16`` at ``+1``).
-    Loads and stores along K use these offsets, so the permutation never shows outside a kernel."""
-    p = tl.arange(0, BLOCK_K)
-    r = p % 32
-    return k0 + (p - r) + (r % 2) * 16 + r // 2
-
-
-@triton.jit
 def _int1_signs(packed_ptr, offs_n, k0, N, KW, WDT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """±1 for ``Ŵ[offs_n, _int1_k(k0)]`` in the dot's dtype (``WDT``: ``W_FP16``, ``W_BF16`` or
+    """±1 for ``Ŵ[offs_n, k0:k0+BLOCK_K]`` in the dot's dtype (``WDT``: ``W_FP16``, ``W_BF16`` or
     ``W_FP32``); ``k0`` is a multiple of 32.
 
-    Each sign is built from its bit with one shift and one and-or (the bit lands on the sign bit
-    of the constant 1.0) instead of shift, compare, select and convert: the decode, not the weight
-    stream, is what limits a 1-bit matmul. Rows past ``N`` and bits past ``K`` decode to ±1, not
-    0: the kernels zero ``x`` (``dY``) there, and never store those rows.
+    Each sign is built from its bit in two instructions instead of shift, compare, select and
+    convert: a rotate (one funnel shift) brings bit ``j`` of the word onto the sign bit of the
+    constant 1.0, and one and-or keeps it. The decode, not the weight stream, is what limits a
+    1-bit matmul. Rows past ``N`` and bits past ``K`` decode to ±1, not 0: the kernels zero ``x``
+    (``dY``) there, and never store those rows.
     """
     offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
     words = tl.load(packed_ptr + offs_n[:, None] * KW + offs_w[None, :],
                     mask=(offs_n[:, None] < N) & (offs_w[None, :] < KW), other=0)
-    w = (~words).to(tl.uint32, bitcast=True)[:, :, None]  # a set bit is +1: clear sign bit
-    jj = tl.arange(0, 16).to(tl.uint32)[None, None, :]
-    if WDT == 2:  # fp32: 1.0 = 0x3F800000, sign bit 31
-        lo = ((w << (31 - jj)) & 0x80000000) | 0x3F800000  # bit jj
-        hi = ((w << (15 - jj)) & 0x80000000) | 0x3F800000  # bit jj + 16
-        signs = tl.join(lo, hi).to(tl.float32, bitcast=True)
-    else:  # 16-bit: 1.0 = 0x3C00 (fp16) or 0x3F80 (bf16), sign bit 15
-        lo = ((w << (15 - jj)) & 0x8000) | (0x3C00 if WDT == 0 else 0x3F80)
-        hi = ((w >> (jj + 1)) & 0x8000) | (0x3C00 if WDT == 0 else 0x3F80)
-        bits = tl.join(lo, hi).to(tl.uint16)
+    w = (~words).to(tl.uint32, bitcast=True)[:, :, None]  # a set bit is +1: a clear sign bit
+    j = tl.arange(0, 32).to(tl.uint32)[None, None, :]
+    if WDT == 2:  # fp32: 1.0 = 0x3F800000, sign bit 31; rotate left by 31 - j
+        r = (31 - j) & 31
+        rot = (w << r) | (w >> ((32 - r) & 31))
+        signs = ((rot & 0x80000000) | 0x3F800000).to(tl.float32, bitcast=True)
+    else:  # 16-bit: 1.0 = 0x3C00 (fp16) or 0x3F80 (bf16), sign bit 15; rotate left by 15 - j
+        r = (47 - j) & 31
+        rot = (w << r) | (w >> ((32 - r) & 31))
+        bits = ((rot & 0x8000) | (0x3C00 if WDT == 0 else 0x3F80)).to(tl.uint16)
         signs = bits.to(tl.float16, bitcast=True) if WDT == 0 else bits.to(tl.bfloat16, bitcast=True)
-    return tl.reshape(signs, (BLOCK_N, BLOCK_K))
+    return tl.reshape(signs, (BLOCK_N, BLOCK_K))  # bit j of word w is k = 32w + j
 
 
 @triton.jit

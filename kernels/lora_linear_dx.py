@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .autotune import pick_config
-from .decode import (_dot, _int1_group_scale, _int1_k, _int1_signs, _sparse4x4_tile, decode_dtype, interpreter_upcast,
+from .decode import (_dot, _int1_group_scale, _int1_signs, _sparse4x4_tile, decode_dtype, interpreter_upcast,
                      output_buffer, split_plan, weight_args)
 
 
@@ -32,10 +32,7 @@ def _lora_linear_dx_kernel(
     pid_s = tl.program_id(2)  # split of the N reduction; fp32 atomics join the partial sums
     k0 = pid_k * BLOCK_K
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if FORMAT == 0:
-        offs_k = _int1_k(k0, BLOCK_K)  # the order _int1_signs decodes in
-    else:
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
     # SWAP computes dXᵀ = Ŵᵀ·dYᵀ, the decoded tile as the dot's first (register) operand
     if SWAP:
         acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)

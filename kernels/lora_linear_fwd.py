@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .autotune import pick_config
-from .decode import (_dot, _int1_group_scale, _int1_k, _int1_signs, _sparse4x4_tile, decode_dtype, interpreter_upcast,
+from .decode import (_dot, _int1_group_scale, _int1_signs, _sparse4x4_tile, decode_dtype, interpreter_upcast,
                      output_buffer, split_plan, weight_args)
 
 INT1, SPARSE4X4 = 0, 1
@@ -42,10 +42,7 @@ def _lora_linear_fwd_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_end = tl.minimum(K, (pid_s + 1) * K_PER_SPLIT)
     for k0 in range(pid_s * K_PER_SPLIT, k_end, BLOCK_K):
-        if FORMAT == 0:
-            offs_k = _int1_k(k0, BLOCK_K)  # the order _int1_signs decodes in
-        else:
-            offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                      mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_end), other=0.0)
         if FORMAT == 0:
