@@ -275,26 +275,48 @@ def markdown(rows: List[Dict], path: str, header: str) -> None:
 
 
 def plot(rows: List[Dict], path: str) -> None:
+    """Time vs M per provider: one row of panels per (op, format), one column per shape."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = sorted({(r["op"], r["format"], r["K"], r["N"]) for r in rows})
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.8), squeeze=False)
-    for ax, (op, fmt, K, N) in zip(axes[0], keys):
-        for p in PROVIDERS:
-            pts = sorted((r["M"], min(v for v in (r.get("median_us"), r.get("graph_us")) if v is not None))
-                         for r in rows if (r["op"], r["format"], r["K"], r["N"], r["provider"]) == (op, fmt, K, N, p)
-                         and r.get("median_us") is not None)
-            if pts:
-                ax.plot([a for a, _ in pts], [b for _, b in pts], "-o", markersize=3, label=p)
-        ax.set(xscale="log", yscale="log", xlabel="M (batch)", ylabel="µs", title=f"{op} {fmt} {K}→{N}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    kinds = sorted({(r["op"], r["format"]) for r in rows}, key=lambda k: (k[0] != "forward", k[1]))
+    shapes = sorted({(r["K"], r["N"]) for r in rows}, key=lambda kn: kn[0] * kn[1])
+    fig, axes = plt.subplots(len(kinds), len(shapes), figsize=(3.6 * len(shapes), 3.0 * len(kinds)), squeeze=False)
+    for i, (op, fmt) in enumerate(kinds):
+        for j, (K, N) in enumerate(shapes):
+            ax = axes[i][j]
+            for p in PROVIDERS:
+                pts = sorted((int(r["M"]), min(float(v) for v in (r.get("median_us"), r.get("graph_us"))
+                                                 if v not in (None, "")))
+                             for r in rows if (r["op"], r["format"], r["K"], r["N"], r["provider"]) ==
+                             (op, fmt, K, N, p) and r.get("median_us") not in (None, ""))
+                if pts:
+                    ax.plot([a for a, _ in pts], [b for _, b in pts], "-o", markersize=3, label=p,
+                            color=f"C{PROVIDERS.index(p)}")  # one colour per provider in every panel
+            ax.set(xscale="log", yscale="log", title=f"{op} {fmt} {K}→{N}")
+            ax.title.set_fontsize(9)
+            if i == len(kinds) - 1:
+                ax.set_xlabel("M (batch)")
+            if j == 0:
+                ax.set_ylabel("µs (best of plain / graph)")
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     print(f"plot: {path}")
+
+
+def read_csv(path: str) -> List[Dict]:
+    """Rows written by ``--csv`` (numbers parsed back), to redraw a GPU run's plot anywhere."""
+    ints_ = {"K", "N", "M", "rank", "bytes"}
+    out = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            out.append({k: (int(v) if k in ints_ and v != "" else v) for k, v in r.items()})
+    return out
 
 
 def main(argv=None) -> int:
@@ -312,7 +334,13 @@ def main(argv=None) -> int:
     p.add_argument("--plot", help="draw time vs M per shape here (PNG)")
     p.add_argument("--markdown", help="write the targets and every row as a Markdown report here")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--from-csv", help="measure nothing: redraw --plot from a CSV an earlier run wrote")
     args = p.parse_args(argv)
+    if args.from_csv:
+        if not args.plot:
+            p.error("--from-csv needs --plot")
+        plot(read_csv(args.from_csv), args.plot)
+        return 0
     rows: List[Dict] = []
     info: Dict = {}
     # a time limit (SIGTERM) or ^C ends the run early but still writes what was measured

@@ -34,6 +34,15 @@ def test_bench_kernels_writes_csv_and_plot(tmp_path):
     # a CPU run measures none of the GPU targets, and says so
     assert "int1 + LoRA, M=1, 8192→28672 ≤ 15 µs | not measured" in report
     assert "| forward | int1 | 40→24 | 1 | cublas |" in report
+    # the plot can be redrawn from the CSV alone (a GPU run's table, on any machine)
+    png.unlink()
+    again = subprocess.run([sys.executable, "bench/bench_kernels.py", "--from-csv", str(csv_path), "--plot", str(png)],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert png.stat().st_size > 1000 and "measured copy bandwidth" not in again.stdout
+    no_plot = subprocess.run([sys.executable, "bench/bench_kernels.py", "--from-csv", str(csv_path)],
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert no_plot.returncode == 2 and "--plot" in no_plot.stderr
 
 
 def test_bench_kernels_rejects_bad_shapes():
