@@ -30,6 +30,13 @@ SMALL_M: List[Config] = [(16, 32, 32, 1, 4, 2, 1), (16, 64, 128, 1, 4, 3, 0), (1
 LARGE_M: List[Config] = [(64, 64, 32, 1, 4, 2, 0), (128, 128, 64, 1, 8, 3, 0), (256, 128, 64, 1, 8, 3, 0),
                          (128, 128, 64, 1, 8, 3, 1), (64, 128, 64, 1, 4, 3, 1), (128, 256, 64, 1, 8, 3, 1),
                          (256, 128, 64, 1, 8, 3, 1)]
+# Middle batches (17-256 rows): the large-batch tiles (which won there on an H100, yet at 1.3-10x
+# cuBLAS's time) plus narrower x tiles that split the reduction to fill the GPU like small M does.
+MID_M: List[Config] = LARGE_M + [(32, 128, 128, 4, 4, 3, 1), (64, 128, 128, 4, 4, 3, 1), (32, 128, 256, 8, 4, 3, 1)]
+# One row of x, int1 weights: the lookup-table GEMV (kernels/int1_gemv_lut.py), timed against
+# SMALL_M. (1, BLOCK_N, CHUNK_K, table bits, num_warps, num_stages, 0): BLOCK_M = 1 marks it.
+LUT_M1: List[Config] = [(1, 512, 256, 4, 4, 1, 0), (1, 1024, 128, 4, 8, 1, 0), (1, 256, 256, 4, 4, 1, 0),
+                        (1, 1024, 256, 4, 8, 1, 0), (1, 512, 256, 8, 4, 1, 0)]
 CACHE_VERSION = 2  # bumped when Config changes meaning: old files are not read
 
 _MEMORY: Dict[str, Dict[str, Config]] = {}
@@ -43,7 +50,7 @@ def m_bucket(M: int) -> int:
 
 
 def configs_for(M: int) -> List[Config]:
-    return SMALL_M if M <= 16 else LARGE_M
+    return SMALL_M if M <= 16 else (MID_M if M <= 256 else LARGE_M)
 
 
 def gpu_name(device: torch.device) -> str:
@@ -89,10 +96,12 @@ def _store(path: Path, table: Dict[str, Config]) -> None:
 
 
 def pick_config(op: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
-                run: Callable[[Config], None], bench: Optional[Callable] = None) -> Config:
-    """The config for this problem: cached, or the fastest of :func:`configs_for` (timed with
-    ``bench(fn) -> ms``, by default ``triton.testing.do_bench``). Off CUDA: the first config."""
-    candidates = configs_for(M)
+                run: Callable[[Config], None], bench: Optional[Callable] = None,
+                extra: Optional[List[Config]] = None) -> Config:
+    """The config for this problem: cached, or the fastest of :func:`configs_for` plus ``extra``
+    (timed with ``bench(fn) -> ms``, by default ``triton.testing.do_bench``). Off CUDA: the first
+    of :func:`configs_for`. ``op`` must name the candidate set (it keys the cache)."""
+    candidates = configs_for(M) + list(extra or [])
     if device.type != "cuda":
         return candidates[0]
     fast = (op, m_bucket(M), N, K, dtype, device.index)

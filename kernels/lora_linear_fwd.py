@@ -10,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import pick_config
+from .autotune import LUT_M1, pick_config
+from .int1_gemv_lut import int1_gemv_lut, lut_supported
 from .decode import (_dot, _int1_group_scale, _int1_signs, _sparse4x4_tile, decode_dtype, interpreter_upcast,
                      output_buffer, split_plan, weight_args)
 
@@ -101,6 +102,10 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
         R = 1
 
     def run(cfg):
+        if cfg[0] == 1:  # the lookup-table GEMV (one row, int1)
+            _, bn, chunk, bits, warps, stages, _ = cfg
+            return int1_gemv_lut(x, tensors, meta, lora_A, lora_B, scaling, bias, xa=xa if has_lora else None,
+                                 block_n=bn, chunk_k=chunk, bits=bits, num_warps=warps, num_stages=stages)
         bm, bn, bk, split, warps, stages, swap = cfg
         split, k_per_split = split_plan(K, bk, split)
         y = output_buffer(M, N, x, split)
@@ -116,6 +121,7 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
         return y
 
     # tuned per format, scale mode and LoRA on/off: each compiles to a different kernel
-    op = f"lora_linear_fwd:{fmt}:{scale_mode}:{int(has_lora)}"
-    cfg = config or pick_config(op, M, N, K, x.dtype, x.device, run)
+    lut = M == 1 and fmt == "int1" and lut_supported(meta)
+    op = f"lora_linear_fwd:{fmt}:{scale_mode}:{int(has_lora)}" + (":lut" if lut else "")
+    cfg = config or pick_config(op, M, N, K, x.dtype, x.device, run, extra=LUT_M1 if lut else None)
     return run(cfg).to(x.dtype)

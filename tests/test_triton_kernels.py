@@ -248,15 +248,15 @@ def _kernel_args(w):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("cfg_index", range(16))
+@pytest.mark.parametrize("cfg_index", range(19))
 def test_every_tile_config_and_split_is_correct(fmt, cfg_index):
     """Each autotune candidate (tile sizes, split of the reduction) gives the reference's answer."""
     from loraq.kernels import lora_linear_dx, lora_linear_fwd
-    from loraq.kernels.autotune import LARGE_M, SMALL_M
+    from loraq.kernels.autotune import LARGE_M, MID_M, SMALL_M
 
-    configs = SMALL_M + LARGE_M
-    if cfg_index >= len(configs):
-        pytest.fail(f"only {len(configs)} configs; shrink the range")
+    configs = SMALL_M + LARGE_M + [c for c in MID_M if c not in LARGE_M]
+    if len(configs) != 19:
+        pytest.fail(f"{len(configs)} configs; make the parametrize range match")
     cfg = configs[cfg_index]
     M, N, K = (5, 37, 300) if cfg[0] == 16 else (40, 70, 150)
     w, x, A, B, b = problem(fmt, torch.float16, M, N, K, r=3)
@@ -312,7 +312,8 @@ def test_autotune_off_the_gpu_uses_the_first_config_untimed():
         raise AssertionError("timed off the GPU")
 
     assert autotune.pick_config("op", 1, 8, 8, torch.float16, torch.device("cpu"), never) == autotune.SMALL_M[0]
-    assert autotune.pick_config("op", 99, 8, 8, torch.float16, torch.device("cpu"), never) == autotune.LARGE_M[0]
+    assert autotune.pick_config("op", 99, 8, 8, torch.float16, torch.device("cpu"), never) == autotune.MID_M[0]
+    assert autotune.pick_config("op", 300, 8, 8, torch.float16, torch.device("cpu"), never) == autotune.LARGE_M[0]
     assert [autotune.m_bucket(m) for m in (1, 2, 3, 16, 17, 4096, 9000)] == [1, 2, 4, 16, 32, 4096, 4096]
 
 

@@ -1,0 +1,115 @@
+"""Compile a loraq kernel for Hopper (sm_90) on any machine and summarise its SASS, no GPU needed.
+
+Answers "did the config get wgmma (HGMMA) or mma.sync (HMMA)?", "does it spill (LDL/STL)?",
+"how much shared memory?" and "which instructions dominate?" before any device time is spent.
+
+    python bench/sass_report.py fwd int1 "(16, 128, 128, 4, 4, 3, 1)"
+    python bench/sass_report.py dx sparse4x4 "(128, 128, 64, 1, 8, 3, 1)" --dtype bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.pop("TRITON_INTERPRET", None)  # this compiles (never runs) kernels: the interpreter has no compiler
+
+SASS_OP = re.compile(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]+)")
+
+
+def cuobjdump() -> str:
+    """The cuobjdump Triton ships (or the one on PATH)."""
+    import shutil
+
+    import triton
+
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    found = str(bundled) if bundled.is_file() else shutil.which("cuobjdump")
+    if not found:
+        raise SystemExit("sass_report: no cuobjdump (neither Triton's bundled one nor on PATH)")
+    return found
+
+
+def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90):
+    """``(compiled kernel, SASS text)`` for the forward (``fwd``) or ``dx`` kernel with LoRA on."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels.lora_linear_dx import _lora_linear_dx_kernel
+    from kernels.lora_linear_fwd import _lora_linear_fwd_kernel
+
+    bm, out_tile, red_tile, split, warps, stages, swap = cfg
+    F = 0 if fmt == "int1" else 1
+    act, w0, w1 = f"*{dtype}", ("*i32" if F == 0 else f"*{dtype}"), (f"*{dtype}" if F == 0 else "*u8")
+    out = act if split == 1 else "*fp32"
+    wdt = {"fp16": 0, "bf16": 1, "fp32": 2}[dtype]
+    if op == "fwd":
+        fn = _lora_linear_fwd_kernel
+        ptrs = [("x_ptr", act), ("w0_ptr", w0), ("w1_ptr", w1), ("w2_ptr", act), ("xa_ptr", act), ("b_ptr", act),
+                ("bias_ptr", act), ("y_ptr", out)]
+        scalars = ["M", "N", "K", "s", "K_PER_SPLIT", "W_A", "W_B", "W_C", "W_D", "stride_xm", "stride_ym",
+                   "stride_am", "stride_bn", "R"]
+        cx = dict(FORMAT=F, SCALE=0, HAS_LORA=True, HAS_BIAS=False, IEEE=dtype == "fp32", UPCAST=False, WDT=wdt,
+                  BLOCK_R=16, BLOCK_M=bm, BLOCK_N=out_tile, BLOCK_K=red_tile, SPLIT_K=split, SWAP=bool(swap))
+    elif op == "dx":
+        fn = _lora_linear_dx_kernel
+        ptrs = [("dy_ptr", act), ("w0_ptr", w0), ("w1_ptr", w1), ("w2_ptr", act), ("dyb_ptr", act), ("a_ptr", act),
+                ("dx_ptr", out)]
+        scalars = ["M", "N", "K", "N_PER_SPLIT", "s", "W_A", "W_B", "W_C", "W_D", "stride_dym", "stride_dxm",
+                   "stride_bm", "stride_ar", "R"]
+        cx = dict(FORMAT=F, SCALE=0, HAS_LORA=True, IEEE=dtype == "fp32", UPCAST=False, WDT=wdt, BLOCK_R=16,
+                  BLOCK_M=bm, BLOCK_K=out_tile, BLOCK_N=red_tile, SPLIT_N=split, SWAP=bool(swap))
+    else:
+        raise SystemExit(f"sass_report: op is fwd or dx, got {op!r}")
+    sig = dict(ptrs)
+    sig.update({n: ("fp32" if n == "s" else "i32") for n in scalars})
+    sig.update({k: "constexpr" for k in cx})
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx), target=GPUTarget("cuda", arch, 32),
+                            options=dict(num_warps=warps, num_stages=stages))
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "k.cubin"
+        path.write_bytes(kernel.asm["cubin"])
+        sass = subprocess.run([cuobjdump(), "-sass", str(path)], capture_output=True, text=True, check=True).stdout
+    return kernel, sass
+
+
+def summarise(sass: str) -> collections.Counter:
+    """Static count of each SASS opcode (modifiers dropped)."""
+    return collections.Counter(SASS_OP.findall(sass))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("op", choices=["fwd", "dx"])
+    p.add_argument("format", choices=["int1", "sparse4x4"])
+    p.add_argument("config", help="an autotune Config tuple, e.g. \"(16, 128, 128, 4, 4, 3, 1)\"")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    p.add_argument("--top", type=int, default=24)
+    args = p.parse_args(argv)
+    try:
+        cfg = tuple(ast.literal_eval(args.config))
+        assert len(cfg) == 7 and all(isinstance(v, int) for v in cfg)
+    except Exception:
+        p.error(f"config must be a tuple of 7 integers, got {args.config!r}")
+    kernel, sass = compile_kernel(args.op, args.format, cfg, args.dtype)
+    ops = summarise(sass)
+    mma = "HGMMA (wgmma)" if ops["HGMMA"] else ("HMMA (mma.sync)" if ops["HMMA"] else "none")
+    spills = ops["LDL"] + ops["STL"]
+    print(f"{args.op} {args.format} {cfg} {args.dtype}: tensor cores {mma}; shared memory "
+          f"{kernel.metadata.shared} B; local-memory instructions (spills) {spills}; "
+          f"{sum(ops.values())} instructions")
+    print("  " + " ".join(f"{k}:{v}" for k, v in ops.most_common(args.top)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

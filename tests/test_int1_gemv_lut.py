@@ -1,0 +1,97 @@
+"""The lookup-table GEMV (one row of x, int1 weights) against loraq.reference, every scale mode,
+both table widths, every dtype; and how the forward launcher offers it to the autotuner."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from loraq import reference  # noqa: E402
+from test_triton_kernels import DEV, DTYPES, check, f64, problem  # noqa: E402
+
+INT1_KINDS = ["int1", "int1_g16", "int1_onebit"]
+
+
+def _meta(w):
+    return {"N": w.shape[0], "K": w.shape[1], "group_size": w.group_size, "scale_mode": w.scale_mode}
+
+
+@pytest.mark.parametrize("kind", INT1_KINDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("lora_bias", [(True, True), (False, False)], ids=["lora+bias", "plain"])
+def test_lut_gemv_matches_reference(kind, dtype, bits, lora_bias):
+    from loraq.kernels.int1_gemv_lut import int1_gemv_lut
+
+    # odd N and K: a partial last block of rows, a partial last word and a partial last chunk
+    w, x, A, B, b = problem(kind, dtype, 1, 37, 300, r=5, lora=lora_bias[0], bias=lora_bias[1])
+    y = int1_gemv_lut(x, w.tensors(), _meta(w), A, B, 0.7, b, block_n=32, chunk_k=64, bits=bits)
+    assert y.shape == (1, 37) and y.dtype == dtype
+    check(y, reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 0.7, f64(b)),
+          reference.lora_linear_ref(x, w, A, B, 0.7, b), f"lut{bits} {kind} {dtype}")
+
+
+@pytest.mark.parametrize("cfg_index", range(5))
+def test_every_lut_config_through_the_forward_launcher(cfg_index):
+    """Each LUT candidate the autotuner may pick, forced through ``lora_linear_fwd``."""
+    from loraq.kernels import lora_linear_fwd
+    from loraq.kernels.autotune import LUT_M1
+
+    assert len(LUT_M1) == 5, "make the parametrize range match LUT_M1"
+    cfg = LUT_M1[cfg_index]
+    w, x, A, B, b = problem("int1", torch.float16, 1, 600, 520, r=3)
+    y = lora_linear_fwd(x, "int1", w.tensors(), _meta(w), A, B, 0.5, b, config=cfg)
+    check(y, reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 0.5, f64(b)),
+          reference.lora_linear_ref(x, w, A, B, 0.5, b), f"{cfg}")
+
+
+def test_lut_refuses_what_it_cannot_do():
+    from loraq.kernels.int1_gemv_lut import int1_gemv_lut, lut_supported
+
+    w, x, *_ = problem("int1", torch.float16, 2, 16, 64, lora=False, bias=False)
+    with pytest.raises(ValueError, match="one row"):
+        int1_gemv_lut(x, w.tensors(), _meta(w))
+    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+        int1_gemv_lut(x[:1], w.tensors(), _meta(w), bits=2)
+    with pytest.raises(ValueError, match="power of two"):
+        int1_gemv_lut(x[:1], w.tensors(), _meta(w), chunk_k=96)
+    g12, x12, *_ = problem("int1_g12", torch.float16, 1, 16, 48, lora=False, bias=False)
+    assert not lut_supported(_meta(g12)) and lut_supported(_meta(w))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        int1_gemv_lut(x12, g12.tensors(), _meta(g12))
+
+
+def test_the_launcher_offers_the_lut_only_for_one_row_of_int1(monkeypatch):
+    """The LUT candidates join the tuning for M = 1 int1 (supported scales) under their own cache
+    key, never for more rows, sparse4x4 or groups the table cannot scale."""
+    import sys
+
+    from loraq.kernels import autotune, lora_linear_fwd
+
+    seen = []
+
+    def spy(op, M, N, K, dtype, device, run, bench=None, extra=None):
+        seen.append((op, M, bool(extra)))
+        return autotune.configs_for(M)[0]
+
+    monkeypatch.setattr(sys.modules[lora_linear_fwd.__module__], "pick_config", spy)
+    for kind, M in [("int1", 1), ("int1", 3), ("int1_g12", 1), ("int1_onebit", 1), ("sparse4x4", 1)]:
+        w, x, *_ = problem(kind, torch.float16, M, 16, 48, lora=False, bias=False)
+        meta = _meta(w) if kind.startswith("int1") else {"N": 16, "K": 48}
+        lora_linear_fwd(x, kind.split("_")[0], w.tensors(), meta)
+    assert [(op.endswith(":lut"), M, extra) for op, M, extra in seen] == [
+        (True, 1, True), (False, 3, False), (False, 1, False), (True, 1, True), (False, 1, False)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gpu_every_lut_config_at_a_large_shape(dtype):
+    from loraq.kernels import lora_linear_fwd
+    from loraq.kernels.autotune import LUT_M1
+
+    w, x, A, B, b = problem("int1", dtype, 1, 3000, 4100, r=16)
+    ref = reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 2.0, f64(b))
+    low = reference.lora_linear_ref(x, w, A, B, 2.0, b)
+    for cfg in LUT_M1:
+        check(lora_linear_fwd(x, "int1", w.tensors(), _meta(w), A, B, 2.0, b, config=cfg), ref, low, f"{cfg}")
