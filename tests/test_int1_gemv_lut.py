@@ -7,7 +7,7 @@ import torch
 pytest.importorskip("triton")
 
 from loraq import reference  # noqa: E402
-from test_triton_kernels import DEV, DTYPES, check, f64, problem  # noqa: E402
+from test_triton_kernels import DTYPES, check, f64, problem  # noqa: E402
 
 INT1_KINDS = ["int1", "int1_g16", "int1_onebit"]
 
