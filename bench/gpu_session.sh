@@ -3,7 +3,7 @@
 # benchmark. Everything lands in $OUT (default bench/results/run-<time>): info.txt, tests.txt,
 # bench.txt, bench.csv, bench.png and bench.md (the targets, met or missed, and every row).
 # TEST_TIMEOUT / BENCH_TIMEOUT (seconds) keep the call inside a device lease; TESTS picks the
-# tests (default: the GPU-marked large shapes and every tile config; "all" for both whole files,
+# tests (default: the GPU-marked large shapes and every tile and lookup config; "all" for the files,
 # which compile for many minutes); extra arguments go to bench_kernels.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,8 +16,8 @@ python3 -m loraq info | tee "$OUT/info.txt"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv >> "$OUT/info.txt" 2>&1
 python3 bench/profile_host.py > "$OUT/host.txt" 2>&1; head -n 8 "$OUT/host.txt"
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-if [ "${TESTS:-gpu}" = all ]; then SELECT=(tests/test_triton_kernels.py tests/test_bench.py)
-else SELECT=(tests/test_triton_kernels.py -k "gpu or every_tile"); fi
+if [ "${TESTS:-gpu}" = all ]; then SELECT=(tests/test_triton_kernels.py tests/test_int1_gemv_lut.py tests/test_bench.py)
+else SELECT=(tests/test_triton_kernels.py tests/test_int1_gemv_lut.py -k "gpu or every_tile or every_lut"); fi
 timeout "${TEST_TIMEOUT:-900}" python3 -m pytest -q -ra -p no:cacheprovider $XDIST "${SELECT[@]}" \
   > "$OUT/tests.txt" 2>&1
 echo "tests exit $?"; tail -n 25 "$OUT/tests.txt"
