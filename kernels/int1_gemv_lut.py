@@ -84,12 +84,11 @@ def lut_supported(meta) -> bool:
     return meta.get("scale_mode") == "onebit" or not group or group % 8 == 0
 
 
-def int1_gemv_lut(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1.0, bias=None, xa=None,
+def int1_gemv_lut(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1.0, bias=None,
                   block_n: int = 512, chunk_k: int = 256, bits: int = 8, num_warps: int = 4, num_stages: int = 1):
     """Launch the lookup GEMV for ``x [1, K]``; returns ``y [1, N]`` in ``x.dtype``. Each program
     covers ``block_n`` rows and ``chunk_k`` inputs; ``bits`` is 8 (a table entry per byte of
-    weights) or 4 (per nibble: smaller tables, twice the lookups). ``xa = x·Aᵀ`` may be passed in
-    when the caller has it."""
+    weights) or 4 (per nibble: smaller tables, twice the lookups)."""
     M, K = x.shape
     if M != 1:
         raise ValueError(f"int1_gemv_lut takes one row of x, got {M}")
@@ -99,17 +98,29 @@ def int1_gemv_lut(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     if chunk_k % 32 or chunk_k & (chunk_k - 1):
         raise ValueError(f"chunk_k must be a power of two and a multiple of 32, got {chunk_k}")
-    N = meta["N"]
     x = x.contiguous()
-    (packed, scale, col), (KW, G, group, _), mode = weight_args("int1", tensors, meta)
-    has_lora = lora_A is not None
-    if has_lora:
+    ptrs, ints, mode = weight_args("int1", tensors, meta)
+    if lora_A is not None:
         B = lora_B.to(x.dtype).contiguous()
-        xa = (x @ lora_A.to(x.dtype).t() if xa is None else xa).contiguous()
+        xa = (x @ lora_A.to(x.dtype).t()).contiguous()
         R = lora_A.shape[0]
     else:
-        xa = B = x
+        xa = B = None
         R = 1
+    return launch_lut(x, ptrs, ints, mode, meta["N"], xa, B, R, scaling, bias,
+                      (1, block_n, chunk_k, bits, num_warps, num_stages, 0))
+
+
+def launch_lut(x, ptrs, ints, mode, N, xa, B, R, scaling, bias, cfg):
+    """The launch on arguments already prepared (``weight_args``'s, ``xa = x·Aᵀ`` and ``B`` in
+    ``x``'s dtype, or None without LoRA) and checked; ``cfg`` is an ``autotune.LUT_M1`` entry.
+    ``lora_linear_fwd`` calls this directly, so the forward prepares its arguments once."""
+    _, block_n, chunk_k, bits, num_warps, num_stages, _ = cfg
+    (packed, scale, col), (KW, G, group, _) = ptrs, ints
+    has_lora = xa is not None
+    if not has_lora:
+        xa = B = x  # unused placeholders
+    K = x.shape[1]
     y = torch.zeros(1, N, device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(N, block_n), triton.cdiv(K, chunk_k))
     _int1_gemv_lut_kernel[grid](

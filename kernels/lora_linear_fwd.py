@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .autotune import LUT_M1, pick_config
-from .int1_gemv_lut import int1_gemv_lut, lut_supported
+from .int1_gemv_lut import launch_lut, lut_supported
 from .decode import (_dot, _int1_group_scale, _int1_signs, _sparse4x4_tile, decode_dtype, interpreter_upcast,
                      output_buffer, split_plan, weight_args)
 
@@ -102,10 +102,8 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
         R = 1
 
     def run(cfg):
-        if cfg[0] == 1:  # the lookup-table GEMV (one row, int1)
-            _, bn, chunk, bits, warps, stages, _ = cfg
-            return int1_gemv_lut(x, tensors, meta, lora_A, lora_B, scaling, bias, xa=xa if has_lora else None,
-                                 block_n=bn, chunk_k=chunk, bits=bits, num_warps=warps, num_stages=stages)
+        if cfg[0] == 1:  # the lookup-table GEMV (one row, int1), on the arguments prepared above
+            return launch_lut(x, ptrs, ints, scale_mode, N, xa if has_lora else None, B, R, scaling, bias, cfg)
         bm, bn, bk, split, warps, stages, swap = cfg
         split, k_per_split = split_plan(K, bk, split)
         y = output_buffer(M, N, x, split)
@@ -122,6 +120,9 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
 
     # tuned per format, scale mode and LoRA on/off: each compiles to a different kernel
     lut = M == 1 and fmt == "int1" and lut_supported(meta)
+    if config is not None and config[0] == 1 and not lut:
+        raise ValueError(f"config {config} is the lookup GEMV: it takes one row of x and an int1 weight whose "
+                         f"group size is a multiple of 8 (got M={M}, {fmt}, group {meta.get('group_size')})")
     op = f"lora_linear_fwd:{fmt}:{scale_mode}:{int(has_lora)}" + (":lut" if lut else "")
     cfg = config or pick_config(op, M, N, K, x.dtype, x.device, run, extra=LUT_M1 if lut else None)
     return run(cfg).to(x.dtype)

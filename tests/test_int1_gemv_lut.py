@@ -59,6 +59,14 @@ def test_lut_refuses_what_it_cannot_do():
     assert not lut_supported(_meta(g12)) and lut_supported(_meta(w))
     with pytest.raises(ValueError, match="multiple of 8"):
         int1_gemv_lut(x12, g12.tensors(), _meta(g12))
+    # the same limits hold when a lookup config is forced through the forward launcher
+    from loraq.kernels import lora_linear_fwd
+    from loraq.kernels.autotune import LUT_M1
+
+    with pytest.raises(ValueError, match="one row of x"):
+        lora_linear_fwd(x, "int1", w.tensors(), _meta(w), config=LUT_M1[0])
+    with pytest.raises(ValueError, match="one row of x"):
+        lora_linear_fwd(x12, "int1", g12.tensors(), _meta(g12), config=LUT_M1[0])
 
 
 def test_the_launcher_offers_the_lut_only_for_one_row_of_int1(monkeypatch):
