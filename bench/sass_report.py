@@ -38,21 +38,42 @@ def cuobjdump() -> str:
     return found
 
 
-def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90):
-    """``(compiled kernel, SASS text)`` for the forward (``fwd``) or ``dx`` kernel with LoRA on."""
+def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, aligned: bool = True):
+    """``(compiled kernel, SASS text)`` for the forward (``fwd``) or ``dx`` kernel with LoRA on;
+    a forward config whose variant is ``LUT`` or ``GATHER`` compiles that GEMV. ``aligned``:
+    compile as for the large shapes, whose pointers and sizes Triton knows to be multiples of 16."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from kernels.autotune import GATHER, LUT
+    from kernels.int1_gemv_lut import _int1_gemv_lut_kernel
     from kernels.lora_linear_dx import _lora_linear_dx_kernel
     from kernels.lora_linear_fwd import _lora_linear_fwd_kernel
+    from kernels.sparse4x4_gemv import _sparse4x4_gemv_kernel
 
     bm, out_tile, red_tile, split, warps, stages, swap = cfg
     F = 0 if fmt == "int1" else 1
     act, w0, w1 = f"*{dtype}", ("*i32" if F == 0 else f"*{dtype}"), (f"*{dtype}" if F == 0 else "*u8")
     out = act if split == 1 else "*fp32"
     wdt = {"fp16": 0, "bf16": 1, "fp32": 2}[dtype]
-    if op == "fwd":
+    if swap in (LUT, GATHER) and (op != "fwd" or fmt != ("int1" if swap == LUT else "sparse4x4")):
+        raise SystemExit(f"sass_report: config {cfg} is a forward GEMV of {'int1' if swap == LUT else 'sparse4x4'}")
+    if swap == LUT:
+        fn = _int1_gemv_lut_kernel
+        ptrs = [("x_ptr", act), ("packed_ptr", "*i32"), ("scale_ptr", act), ("col_ptr", act), ("xa_ptr", act),
+                ("b_ptr", act), ("bias_ptr", act), ("y_ptr", "*fp32")]
+        scalars = ["N", "K", "KW", "G", "group_size", "s", "R", "stride_bn"]
+        cx = dict(SCALE=0, HAS_LORA=True, HAS_BIAS=False, BLOCK_R=16, BLOCK_N=out_tile, CHUNK_K=red_tile,
+                  BITS=split)
+    elif swap == GATHER:
+        fn = _sparse4x4_gemv_kernel
+        ptrs = [("x_ptr", act), ("values_ptr", act), ("pos_ptr", "*u8"), ("xa_ptr", act), ("b_ptr", act),
+                ("bias_ptr", act), ("y_ptr", out)]
+        scalars = ["M", "N", "K", "TK", "PW", "s", "R", "K_PER_SPLIT", "stride_xm", "stride_ym", "stride_am",
+                   "stride_bn"]
+        cx = dict(HAS_LORA=True, HAS_BIAS=False, BLOCK_R=16, BLOCK_N=out_tile, BLOCK_K=red_tile, SPLIT_K=split)
+    elif op == "fwd":
         fn = _lora_linear_fwd_kernel
         ptrs = [("x_ptr", act), ("w0_ptr", w0), ("w1_ptr", w1), ("w2_ptr", act), ("xa_ptr", act), ("b_ptr", act),
                 ("bias_ptr", act), ("y_ptr", out)]
@@ -73,18 +94,43 @@ def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90):
     sig = dict(ptrs)
     sig.update({n: ("fp32" if n == "s" else "i32") for n in scalars})
     sig.update({k: "constexpr" for k in cx})
-    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx), target=GPUTarget("cuda", arch, 32),
-                            options=dict(num_warps=warps, num_stages=stages))
+    # as Triton specializes a launch at the large shapes: 16-byte aligned pointers, and sizes and
+    # strides that are multiples of 16 (what lets it vectorize loads); M is the batch, so left out
+    names = list(fn.arg_names)
+    aligned = [n for n, _ in ptrs] + [n for n in scalars if n not in ("s", "M")] if aligned else []
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs),
+                            target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "k.cubin"
         path.write_bytes(kernel.asm["cubin"])
         sass = subprocess.run([cuobjdump(), "-sass", str(path)], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([cuobjdump(), "-res-usage", str(path)], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", usage)
+    kernel.registers = int(regs.group(1)) if regs else None  # per thread: with num_warps, the occupancy
     return kernel, sass
 
 
 def summarise(sass: str) -> collections.Counter:
     """Static count of each SASS opcode (modifiers dropped)."""
     return collections.Counter(SASS_OP.findall(sass))
+
+
+SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+SASS_TARGET = re.compile(r"BRA\b.*?0x([0-9a-f]+)")
+
+
+def loops(sass: str):
+    """``[(start, end, Counter)]`` for each loop in the SASS (a branch back to an earlier
+    address): what one iteration executes, the count that matters for a streaming kernel."""
+    body = [(int(a, 16), text) for a, text in SASS_LINE.findall(sass)]
+    found = []
+    for addr, text in body:
+        target = SASS_TARGET.search(text)
+        if target and int(target.group(1), 16) < addr:
+            start = int(target.group(1), 16)
+            found.append((start, addr, summarise("\n".join(f"/*{a:04x}*/ {t};" for a, t in body if start <= a <= addr))))
+    return found
 
 
 def main(argv=None) -> int:
@@ -94,20 +140,25 @@ def main(argv=None) -> int:
     p.add_argument("config", help="an autotune Config tuple, e.g. \"(16, 128, 128, 4, 4, 3, 1)\"")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     p.add_argument("--top", type=int, default=24)
+    p.add_argument("--unaligned", action="store_true",
+                   help="compile without the multiple-of-16 hints of large shapes (as for odd sizes)")
     args = p.parse_args(argv)
     try:
         cfg = tuple(ast.literal_eval(args.config))
         assert len(cfg) == 7 and all(isinstance(v, int) for v in cfg)
     except Exception:
         p.error(f"config must be a tuple of 7 integers, got {args.config!r}")
-    kernel, sass = compile_kernel(args.op, args.format, cfg, args.dtype)
+    kernel, sass = compile_kernel(args.op, args.format, cfg, args.dtype, aligned=not args.unaligned)
     ops = summarise(sass)
     mma = "HGMMA (wgmma)" if ops["HGMMA"] else ("HMMA (mma.sync)" if ops["HMMA"] else "none")
     spills = ops["LDL"] + ops["STL"]
     print(f"{args.op} {args.format} {cfg} {args.dtype}: tensor cores {mma}; shared memory "
-          f"{kernel.metadata.shared} B; local-memory instructions (spills) {spills}; "
+          f"{kernel.metadata.shared} B; {kernel.registers} registers a thread; local-memory instructions (spills) {spills}; "
           f"{sum(ops.values())} instructions")
     print("  " + " ".join(f"{k}:{v}" for k, v in ops.most_common(args.top)))
+    for start, end, body in loops(sass):
+        print(f"  loop {start:#x}-{end:#x}, one iteration: {sum(body.values())} instructions; "
+              + " ".join(f"{k}:{v}" for k, v in body.most_common(args.top)))
     return 0
 
 

@@ -8,12 +8,15 @@ tensors (the format's fields) and know nothing of autograd, ``nn`` or the backen
 * :func:`lora_linear_dx`: ``dX = dY·Ŵ + s·(dY·B)·A`` (int1, sparse4x4)
 * :func:`int1_gemv_lut`: the forward for one row of ``x`` and an int1 weight, by table lookup
   (an autotune candidate of :func:`lora_linear_fwd` at ``M = 1``)
+* :func:`sparse4x4_gemv`: the forward for up to 16 rows of ``x`` and a sparse4x4 weight, by
+  gathering one input per stored value (an autotune candidate of :func:`lora_linear_fwd`)
 """
 
 from .int1_gemv_lut import int1_gemv_lut
 from .lora_linear_dx import lora_linear_dx
 from .lora_linear_fwd import lora_linear_fwd
+from .sparse4x4_gemv import sparse4x4_gemv
 
 FORMATS = ("int1", "sparse4x4")
 
-__all__ = ["lora_linear_fwd", "lora_linear_dx", "int1_gemv_lut", "FORMATS"]
+__all__ = ["lora_linear_fwd", "lora_linear_dx", "int1_gemv_lut", "sparse4x4_gemv", "FORMATS"]

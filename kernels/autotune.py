@@ -17,9 +17,13 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 # BLOCK_M, output tile (BLOCK_N forward / BLOCK_K for dX), reduction tile, split of the
-# reduction over programs (fp32 atomics), num_warps, num_stages, swap (1: the decoded weight tile
-# is the dot's first operand, read by the tensor cores from registers; 0: the second).
+# reduction over programs (fp32 atomics), num_warps, num_stages, variant (below).
 Config = Tuple[int, int, int, int, int, int, int]
+# The variant, a config's last field: the tiled tl.dot kernel with the decoded weight tile as the
+# dot's second operand (DOT) or its first (DOT_SWAP: Hopper's tensor cores read it from
+# registers); the int1 lookup-table GEMV (LUT, kernels/int1_gemv_lut.py: the third field is then
+# the table's bits); the sparse4x4 gathering GEMV (GATHER, kernels/sparse4x4_gemv.py).
+DOT, DOT_SWAP, LUT, GATHER = 0, 1, 2, 3
 
 # Small batches: one 16-row tile of x, wide weight tiles, the reduction split so that a few
 # thousand output columns still fill every SM (the weight stream is the cost).
@@ -33,11 +37,17 @@ LARGE_M: List[Config] = [(64, 64, 32, 1, 4, 2, 0), (128, 128, 64, 1, 8, 3, 0), (
 # Middle batches (17-256 rows): the large-batch tiles (which won there on an H100, yet at 1.3-10x
 # cuBLAS's time) plus narrower x tiles that split the reduction to fill the GPU like small M does.
 MID_M: List[Config] = LARGE_M + [(32, 128, 128, 4, 4, 3, 1), (64, 128, 128, 4, 4, 3, 1), (32, 128, 256, 8, 4, 3, 1)]
-# One row of x, int1 weights: the lookup-table GEMV (kernels/int1_gemv_lut.py), timed against
-# SMALL_M. (1, BLOCK_N, CHUNK_K, table bits, num_warps, num_stages, 0): BLOCK_M = 1 marks it.
-LUT_M1: List[Config] = [(1, 512, 256, 4, 4, 1, 0), (1, 1024, 128, 4, 8, 1, 0), (1, 256, 256, 4, 4, 1, 0),
-                        (1, 1024, 256, 4, 8, 1, 0), (1, 512, 256, 8, 4, 1, 0)]
-CACHE_VERSION = 2  # bumped when Config changes meaning: old files are not read
+# One row of x, int1 weights: the lookup-table GEMV, timed against SMALL_M.
+# (1, BLOCK_N, CHUNK_K, table bits, num_warps, num_stages, LUT).
+LUT_M1: List[Config] = [(1, 512, 256, 4, 4, 1, LUT), (1, 1024, 128, 4, 8, 1, LUT), (1, 256, 256, 4, 4, 1, LUT),
+                        (1, 1024, 256, 4, 8, 1, LUT), (1, 512, 256, 8, 4, 1, LUT)]
+# Small batches of sparse4x4: the gathering GEMV, timed against SMALL_M. One row of x per
+# program (BLOCK_M = 1), BLOCK_N, BLOCK_K, split of K.
+GATHER_SMALL_M: List[Config] = [(1, 128, 256, 4, 4, 2, GATHER), (1, 128, 256, 8, 4, 2, GATHER),
+                                (1, 256, 128, 4, 4, 2, GATHER), (1, 64, 512, 8, 4, 2, GATHER),
+                                (1, 256, 256, 8, 8, 2, GATHER)]
+GATHER_MAX_M = 16
+CACHE_VERSION = 3  # bumped when Config changes meaning: old files are not read
 
 _MEMORY: Dict[str, Dict[str, Config]] = {}
 # (op, M bucket, N, K, dtype, device) -> config: the per-call fast path, no file or string work

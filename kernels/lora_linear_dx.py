@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import pick_config
+from .autotune import DOT, DOT_SWAP, pick_config
 from .decode import (_dot, _int1_group_scale, _int1_signs, _sparse4x4_tile, decode_dtype, interpreter_upcast,
                      output_buffer, split_plan, weight_args)
 
@@ -92,6 +92,9 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
     else:
         A = dyb = dy  # unused placeholders
         R = 1
+
+    if config is not None and config[6] not in (DOT, DOT_SWAP):
+        raise ValueError(f"config {config} is a forward GEMV's; dX takes tiled configs (variant DOT or DOT_SWAP)")
 
     def run(cfg):
         bm, bk, bn, split, warps, stages, swap = cfg

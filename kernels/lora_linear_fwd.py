@@ -4,14 +4,19 @@ Each program owns a ``[BLOCK_M, BLOCK_N]`` tile of ``y``: it walks K, decodes th
 ``[BLOCK_N, BLOCK_K]`` tile of ``Ŵ`` in registers (no dense ``Ŵ`` in memory) and feeds it to
 ``tl.dot``; the epilogue adds the LoRA path from ``xa = x·Aᵀ`` (``[M, r]``, computed once
 beforehand: it is tiny) and the bias. Small batches use ``BLOCK_M = 16`` tiles.
+
+Small batches also time a GEMV that never decodes a tile, and take it when it is faster: the
+table lookup for one row of int1 (``int1_gemv_lut.py``), and the gather for up to 16 rows of
+sparse4x4 (``sparse4x4_gemv.py``).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .autotune import LUT_M1, pick_config
+from .autotune import GATHER, GATHER_MAX_M, GATHER_SMALL_M, LUT, LUT_M1, pick_config
 from .int1_gemv_lut import launch_lut, lut_supported
+from .sparse4x4_gemv import launch_gather
 from .decode import (_dot, _int1_group_scale, _int1_signs, _sparse4x4_tile, decode_dtype, interpreter_upcast,
                      output_buffer, split_plan, weight_args)
 
@@ -102,8 +107,11 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
         R = 1
 
     def run(cfg):
-        if cfg[0] == 1:  # the lookup-table GEMV (one row, int1), on the arguments prepared above
+        # the GEMVs of small batches, on the arguments prepared above
+        if cfg[6] == LUT:
             return launch_lut(x, ptrs, ints, scale_mode, N, xa if has_lora else None, B, R, scaling, bias, cfg)
+        if cfg[6] == GATHER:
+            return launch_gather(x, ptrs, ints, N, xa if has_lora else None, B, R, scaling, bias, cfg)
         bm, bn, bk, split, warps, stages, swap = cfg
         split, k_per_split = split_plan(K, bk, split)
         y = output_buffer(M, N, x, split)
@@ -118,11 +126,16 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
         )
         return y
 
-    # tuned per format, scale mode and LoRA on/off: each compiles to a different kernel
+    # tuned per format, scale mode and LoRA on/off: each compiles to a different kernel. Small
+    # batches also time a GEMV, under their own cache key.
     lut = M == 1 and fmt == "int1" and lut_supported(meta)
-    if config is not None and config[0] == 1 and not lut:
+    gather = M <= GATHER_MAX_M and fmt == "sparse4x4"
+    if config is not None and config[6] == LUT and not lut:
         raise ValueError(f"config {config} is the lookup GEMV: it takes one row of x and an int1 weight whose "
                          f"group size is a multiple of 8 (got M={M}, {fmt}, group {meta.get('group_size')})")
-    op = f"lora_linear_fwd:{fmt}:{scale_mode}:{int(has_lora)}" + (":lut" if lut else "")
-    cfg = config or pick_config(op, M, N, K, x.dtype, x.device, run, extra=LUT_M1 if lut else None)
+    if config is not None and config[6] == GATHER and fmt != "sparse4x4":
+        raise ValueError(f"config {config} is the gathering GEMV: it takes a sparse4x4 weight, got {fmt}")
+    op = f"lora_linear_fwd:{fmt}:{scale_mode}:{int(has_lora)}" + (":lut" if lut else "") + (":gather" if gather else "")
+    extra = LUT_M1 if lut else (GATHER_SMALL_M if gather else None)
+    cfg = config or pick_config(op, M, N, K, x.dtype, x.device, run, extra=extra)
     return run(cfg).to(x.dtype)

@@ -1,0 +1,163 @@
+"""``y = x·Ŵᵀ + s·(x·Aᵀ)·Bᵀ + b`` for a few rows of ``x`` and a sparse4x4 ``Ŵ``, by gathering.
+
+The tiled kernel (``lora_linear_fwd``) spreads each stored value over its 4x4 tile and compares
+every element with the tile's position before ``tl.dot``: sixteen selects per stored value, for a
+product that is almost all zeros. At small batches that decode is the whole cost. This kernel
+never builds the tile. A stored value ``v`` at tile ``(tn, tk)`` and position ``p`` has one
+product: ``y[m, 4·tn + p // 4] += v · x[m, 4·tk + p % 4]``. Each program loads a block of values
+and their positions, gathers the one input each value needs (from L1: a row of ``x`` is a few
+KB), and multiply-adds it into one of four accumulators, one per row inside a tile. Nothing is
+reduced across threads until the end. Compiled for sm_90, one value costs about 24 instructions
+(``bench/sass_report.py``), about 1.5 per weight.
+
+Programs split N (``BLOCK_N`` rows, a multiple of 4) and K (``K_PER_SPLIT`` each, walked
+``BLOCK_K`` at a time) and take one row of ``x`` each; split partial sums meet through fp32
+atomics. The LoRA path and the bias are added by the programs of the first K slice.
+"""
+
+import triton
+import triton.language as tl
+
+from .autotune import GATHER
+from .decode import output_buffer, split_plan, weight_args
+
+
+@triton.jit
+def _gather_step(x_row, values_ptr, pos_ptr, tn, k0, k_end, K, TK, PW, acc0, acc1, acc2, acc3,
+                 TK_B: tl.constexpr, MASKED: tl.constexpr):
+    """Add the products of one ``[TN_B, TK_B]`` block of stored values to the four accumulators
+    (one per row inside a tile). ``MASKED`` only for the last block of a slice: the others lie
+    inside ``K`` (rows past ``N`` were clamped by the caller), so they load without masks."""
+    j = tl.arange(0, TK_B)[None, :]  # tile column inside the block
+    v_ptrs = values_ptr + tn[:, None] * TK + (k0 // 4 + j)
+    # each value loads the byte holding its nibble (low: even tile column), the same shape as
+    # the values and the gathered inputs, so that all three share one layout (a [TN_B, TK_B / 2]
+    # byte load gets another, and costs a shuffle of every position between threads)
+    p_ptrs = pos_ptr + tn[:, None] * PW + (k0 // 8 + j // 2)
+    if MASKED:
+        inside = k0 + j * 4 < k_end
+        vals = tl.load(v_ptrs, mask=inside, other=0.0)
+        byte = tl.load(p_ptrs, mask=inside, other=0)
+    else:
+        vals = tl.load(v_ptrs)
+        byte = tl.load(p_ptrs)
+    vals = vals.to(tl.float32)
+    nib = (byte.to(tl.int32) >> ((j & 1) * 4)) & 15  # k0 is a multiple of 8: j's parity is the column's
+    row = nib >> 2  # the output row (inside the tile) it adds to
+    col = j * 4 + (nib & 3)  # the input it multiplies, from k0
+    if MASKED:  # a position inside the padding must not read past the row of x
+        xv = tl.load(x_row + k0 + col, mask=inside & (k0 + col < K), other=0.0)
+    else:
+        xv = tl.load(x_row + k0 + col)
+    xv = xv.to(tl.float32)
+    acc0 += tl.where(row == 0, vals, 0.0) * xv
+    acc1 += tl.where(row == 1, vals, 0.0) * xv
+    acc2 += tl.where(row == 2, vals, 0.0) * xv
+    acc3 += tl.where(row == 3, vals, 0.0) * xv
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _sparse4x4_gemv_kernel(
+    x_ptr, values_ptr, pos_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr,
+    M, N, K, TK, PW, s, R, K_PER_SPLIT,
+    stride_xm, stride_ym, stride_am, stride_bn,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    TN_B: tl.constexpr = BLOCK_N // 4  # tile rows per program
+    TK_B: tl.constexpr = BLOCK_K // 4  # tile columns per step
+    # the row of x varies fastest over the grid: the programs that read the same block of
+    # weights for different rows run together, so all but the first find it in L2
+    m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    # rows of Ŵ past N are clamped to the last real one: their loads stay in bounds without
+    # masks, and their results are never stored
+    tn = tl.minimum(pid_n * TN_B + tl.arange(0, TN_B), (N + 3) // 4 - 1)
+    x_row = x_ptr + m * stride_xm
+    # one accumulator per row inside the tile, summed over K only at the end: the loop does no
+    # reduction across threads, only multiply-adds in registers
+    acc0 = tl.zeros((TN_B, TK_B), dtype=tl.float32)
+    acc1 = tl.zeros((TN_B, TK_B), dtype=tl.float32)
+    acc2 = tl.zeros((TN_B, TK_B), dtype=tl.float32)
+    acc3 = tl.zeros((TN_B, TK_B), dtype=tl.float32)
+    k_start = pid_s * K_PER_SPLIT  # a multiple of BLOCK_K (decode.split_plan)
+    k_end = tl.minimum(K, k_start + K_PER_SPLIT)
+    # whole blocks of whole tiles first, unmasked; then the slice's last, partial block
+    k_full = k_start + (((k_end // 4) * 4 - k_start) // BLOCK_K) * BLOCK_K
+    for k0 in range(k_start, k_full, BLOCK_K):
+        acc0, acc1, acc2, acc3 = _gather_step(x_row, values_ptr, pos_ptr, tn, tl.multiple_of(k0, BLOCK_K), k_end,
+                                              K, TK, PW, acc0, acc1, acc2, acc3, TK_B, False)
+    if k_full < k_end:
+        acc0, acc1, acc2, acc3 = _gather_step(x_row, values_ptr, pos_ptr, tn, k_full, k_end, K, TK, PW,
+                                              acc0, acc1, acc2, acc3, TK_B, True)
+    r4 = tl.arange(0, 4)[None, :]
+    acc = tl.where(r4 == 0, tl.sum(acc0, axis=1)[:, None], 0.0)
+    acc += tl.where(r4 == 1, tl.sum(acc1, axis=1)[:, None], 0.0)
+    acc += tl.where(r4 == 2, tl.sum(acc2, axis=1)[:, None], 0.0)
+    acc += tl.where(r4 == 3, tl.sum(acc3, axis=1)[:, None], 0.0)
+    y = tl.reshape(acc, (BLOCK_N,))  # output row 4·tn + r
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if HAS_LORA and pid_s == 0:
+        offs_r = tl.arange(0, BLOCK_R)
+        xa = tl.load(xa_ptr + m * stride_am + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)
+        bt = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :],
+                     mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0).to(tl.float32)
+        y += s * tl.sum(bt * xa[None, :], axis=1)
+    if HAS_BIAS and pid_s == 0:
+        y += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    y_ptrs = y_ptr + m * stride_ym + offs_n
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
+    else:
+        tl.atomic_add(y_ptrs, y, mask=offs_n < N)
+
+
+def sparse4x4_gemv(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1.0, bias=None,
+                   block_n: int = 128, block_k: int = 256, split: int = 4, num_warps: int = 4, num_stages: int = 2):
+    """Launch the gathering forward for ``x [M, K]`` (meant for small ``M``) and a sparse4x4
+    weight (``tensors``/``meta`` as in ``decode.weight_args``); returns ``y [M, N]`` in
+    ``x.dtype``. Each program covers one row of ``x``, ``block_n`` outputs and a ``1/split``
+    slice of K, walked ``block_k`` inputs at a time."""
+    if x.dim() != 2 or x.shape[1] != meta["K"]:
+        raise ValueError(f"x must be [M, {meta['K']}], got {tuple(x.shape)}")
+    for name, v, low in (("block_n", block_n, 4), ("block_k", block_k, 8)):
+        if v < low or v & (v - 1):
+            raise ValueError(f"{name} must be a power of two ≥ {low}, got {v}")
+    if split < 1:
+        raise ValueError(f"split must be ≥ 1, got {split}")
+    x = x.contiguous()
+    ptrs, ints, _ = weight_args("sparse4x4", tensors, meta)
+    if lora_A is not None:
+        B = lora_B.to(x.dtype).contiguous()
+        xa = (x @ lora_A.to(x.dtype).t()).contiguous()
+        R = lora_A.shape[0]
+    else:
+        xa = B = None
+        R = 1
+    return launch_gather(x, ptrs, ints, meta["N"], xa, B, R, scaling, bias,
+                         (1, block_n, block_k, split, num_warps, num_stages, GATHER)).to(x.dtype)
+
+
+def launch_gather(x, ptrs, ints, N, xa, B, R, scaling, bias, cfg):
+    """The launch on arguments already prepared (``weight_args``'s, ``xa = x·Aᵀ`` and ``B`` in
+    ``x``'s dtype, or None without LoRA); ``cfg`` is an ``autotune.GATHER_SMALL_M`` entry. Returns
+    the output buffer (fp32 when the reduction is split)."""
+    _, block_n, block_k, split, num_warps, num_stages, _ = cfg
+    (values, positions, _), (TK, PW, _, _) = ptrs, ints
+    M, K = x.shape
+    has_lora = xa is not None
+    if not has_lora:
+        xa = B = x  # unused placeholders
+    split, k_per_split = split_plan(K, block_k, split)
+    y = output_buffer(M, N, x, split)
+    grid = (M, triton.cdiv(N, block_n), split)
+    _sparse4x4_gemv_kernel[grid](
+        x, values, positions, xa, B, bias if bias is not None else x, y,
+        M, N, K, TK, PW, float(scaling), R, k_per_split,
+        x.stride(0), y.stride(0), xa.stride(0), B.stride(0),
+        HAS_LORA=has_lora, HAS_BIAS=bias is not None, BLOCK_R=max(16, triton.next_power_of_2(R)),
+        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=num_warps, num_stages=num_stages,
+    )
+    return y

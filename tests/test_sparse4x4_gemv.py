@@ -1,0 +1,138 @@
+"""The gathering GEMV (a few rows of x, sparse4x4 weights) against loraq.reference: every dtype,
+odd shapes, split and unsplit reductions, positions that point into the padding; and how the
+forward launcher offers it to the autotuner."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from loraq import reference  # noqa: E402
+from loraq.formats import Sparse4x4Weight  # noqa: E402
+from loraq.formats.sparse4x4 import pack_nibbles  # noqa: E402
+from test_triton_kernels import DTYPES, check, f64, problem  # noqa: E402
+
+
+def _refs(x, w, A, B, s, b):
+    return (reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), s, f64(b)),
+            reference.lora_linear_ref(x, w, A, B, s, b))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M", [1, 3, 17])
+@pytest.mark.parametrize("lora_bias", [(True, True), (False, False), (True, False)], ids=["lora+bias", "plain", "lora"])
+def test_gather_gemv_matches_reference(dtype, M, lora_bias):
+    from loraq.kernels.sparse4x4_gemv import sparse4x4_gemv
+
+    # N = 37 and K = 301: a partial last tile row and tile column, a partial last block of rows;
+    # split 3 of 301 inputs in blocks of 64: slices of two blocks, the last one partial
+    w, x, A, B, b = problem("sparse4x4", dtype, M, 37, 301, r=5, lora=lora_bias[0], bias=lora_bias[1])
+    y = sparse4x4_gemv(x, w.tensors(), {"N": 37, "K": 301}, A, B, 0.7, b, block_n=16, block_k=64, split=3)
+    assert y.shape == (M, 37) and y.dtype == dtype
+    check(y, *_refs(x, w, A, B, 0.7, b), f"gather {dtype} M={M}")
+
+
+@pytest.mark.parametrize("split", [1, 2, 8])
+@pytest.mark.parametrize("shape", [(8, 32), (13, 70), (64, 129)], ids=str)
+def test_gather_gemv_shapes_and_splits(split, shape):
+    """Sizes that are multiples of 4 and 8 (no padding: only the unmasked blocks) and sizes that
+    are not, with every split of the reduction (more splits than blocks included)."""
+    from loraq.kernels.sparse4x4_gemv import sparse4x4_gemv
+
+    N, K = shape
+    w, x, A, B, b = problem("sparse4x4", torch.float16, 2, N, K, r=3)
+    y = sparse4x4_gemv(x, w.tensors(), {"N": N, "K": K}, A, B, 1.5, b, block_n=8, block_k=32, split=split)
+    check(y, *_refs(x, w, A, B, 1.5, b), f"{shape} split {split}")
+
+
+def test_positions_in_the_padding_contribute_nothing():
+    """A weight loaded from elsewhere may keep an element of the padding (rows past N, inputs past
+    K). dequantize() crops it; the kernel must ignore it too and read nothing past x."""
+    from loraq.kernels.sparse4x4_gemv import sparse4x4_gemv
+
+    N, K = 7, 13  # tile rows 2 (rows 4..7, row 7 is padding), tile columns 4 (column 12 real, 13..15 padding)
+    torch.manual_seed(5)
+    values = torch.randn(2, 4, dtype=torch.float16) + 3.0
+    pos = torch.randint(0, 16, (2, 4))
+    pos[1, :] = 12 + torch.arange(4) % 4  # the last tile row keeps row 3 of its tile: output row 7, padding
+    pos[0, 3] = 3  # the last tile column keeps input 15: padding
+    pos[1, 3] = 13  # output row 7 and input 13: both padding
+    w = Sparse4x4Weight(values, pack_nibbles(pos), (N, K))
+    x = torch.randn(2, K, dtype=torch.float16)
+    y = sparse4x4_gemv(x, w.tensors(), {"N": N, "K": K}, block_n=8, block_k=8, split=1)
+    check(y, *_refs(x, w, None, None, 1.0, None), "padding")
+    assert (w.dequantize() != 0).sum() == 3  # 5 of the 8 kept elements lie in the padding
+
+
+@pytest.mark.parametrize("cfg_index", range(5))
+def test_every_gather_config_through_the_forward_launcher(cfg_index):
+    """Each gathering candidate the autotuner may pick, forced through ``lora_linear_fwd``."""
+    from loraq.kernels import lora_linear_fwd
+    from loraq.kernels.autotune import GATHER_SMALL_M
+
+    assert len(GATHER_SMALL_M) == 5, "make the parametrize range match GATHER_SMALL_M"
+    cfg = GATHER_SMALL_M[cfg_index]
+    w, x, A, B, b = problem("sparse4x4", torch.float16, 3, 300, 530, r=3)
+    y = lora_linear_fwd(x, "sparse4x4", w.tensors(), {"N": 300, "K": 530}, A, B, 0.5, b, config=cfg)
+    check(y, *_refs(x, w, A, B, 0.5, b), f"{cfg}")
+
+
+def test_gather_refuses_what_it_cannot_do():
+    from loraq.kernels import lora_linear_dx, lora_linear_fwd
+    from loraq.kernels.autotune import GATHER_SMALL_M, LUT_M1
+    from loraq.kernels.sparse4x4_gemv import sparse4x4_gemv
+
+    w, x, *_ = problem("sparse4x4", torch.float16, 2, 16, 64, lora=False, bias=False)
+    meta = {"N": 16, "K": 64}
+    with pytest.raises(ValueError, match=r"x must be \[M, 64\]"):
+        sparse4x4_gemv(x[:, :60], w.tensors(), meta)
+    with pytest.raises(ValueError, match="block_n must be a power of two"):
+        sparse4x4_gemv(x, w.tensors(), meta, block_n=12)
+    with pytest.raises(ValueError, match="block_k must be a power of two ≥ 8"):
+        sparse4x4_gemv(x, w.tensors(), meta, block_k=4)
+    with pytest.raises(ValueError, match="split must be ≥ 1"):
+        sparse4x4_gemv(x, w.tensors(), meta, split=0)
+    i1, xi, *_ = problem("int1", torch.float16, 2, 16, 64, lora=False, bias=False)
+    i1_meta = {"N": 16, "K": 64, "group_size": None, "scale_mode": "mean_abs"}
+    with pytest.raises(ValueError, match="gathering GEMV: it takes a sparse4x4 weight"):
+        lora_linear_fwd(xi, "int1", i1.tensors(), i1_meta, config=GATHER_SMALL_M[0])
+    # dX has tiled configs only
+    for cfg in (GATHER_SMALL_M[0], LUT_M1[0]):
+        with pytest.raises(ValueError, match="dX takes tiled configs"):
+            lora_linear_dx(torch.randn(2, 16, dtype=torch.float16), "sparse4x4", w.tensors(), meta, config=cfg)
+
+
+def test_the_launcher_offers_the_gather_for_small_batches_of_sparse4x4(monkeypatch):
+    """The gathering candidates join the tuning of sparse4x4 up to GATHER_MAX_M rows under their
+    own cache key; int1 and larger batches never see them."""
+    import sys
+
+    from loraq.kernels import autotune, lora_linear_fwd
+
+    seen = []
+
+    def spy(op, M, N, K, dtype, device, run, bench=None, extra=None):
+        seen.append((op.endswith(":gather"), M, extra == autotune.GATHER_SMALL_M))
+        return autotune.configs_for(M)[0]
+
+    monkeypatch.setattr(sys.modules[lora_linear_fwd.__module__], "pick_config", spy)
+    int1_meta = {"N": 16, "K": 48, "group_size": None, "scale_mode": "mean_abs"}
+    for kind, M in [("sparse4x4", 1), ("sparse4x4", 16), ("sparse4x4", 17), ("int1", 2)]:
+        w, x, *_ = problem(kind, torch.float16, M, 16, 48, lora=False, bias=False)
+        lora_linear_fwd(x, kind, w.tensors(), {"N": 16, "K": 48} if kind == "sparse4x4" else int1_meta)
+    assert seen == [(True, 1, True), (True, 16, True), (False, 17, False), (False, 2, False)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M", [1, 5])
+def test_gpu_every_gather_config_at_a_large_shape(dtype, M):
+    from loraq.kernels import lora_linear_fwd
+    from loraq.kernels.autotune import GATHER_SMALL_M
+
+    w, x, A, B, b = problem("sparse4x4", dtype, M, 3001, 4099, r=16)
+    ref, low = _refs(x, w, A, B, 2.0, b)
+    for cfg in GATHER_SMALL_M:
+        y = lora_linear_fwd(x, "sparse4x4", w.tensors(), {"N": 3001, "K": 4099}, A, B, 2.0, b, config=cfg)
+        check(y, ref, low, f"{cfg}")
