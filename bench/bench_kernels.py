@@ -10,7 +10,13 @@ Providers (each skipped with its reason when unavailable):
   naive        dequantize ``Ŵ`` to dense, then matmul + LoRA (what you get without kernels)
   triton       loraq's fused Triton kernels
   cuda         loraq's CUDA kernels (when the extension registers them)
+  gemlite      GemLite's 1-bit Triton matmul on the same int1 weight + unfused LoRA (when gemlite
+               is installed; int1 per-row or per-group scales only)
   bnb_nf4      bitsandbytes NF4 ``matmul_4bit`` + unfused LoRA (when bitsandbytes is installed)
+
+The other libraries' providers live in ``bench/baselines.py``; each checks its output against
+``x·Ŵᵀ`` once before it is timed. ``bench/fetch_baselines.sh`` downloads them for a GPU machine
+that has no network.
 
 Times are medians: on a GPU from ``triton.testing.do_bench`` (L2 flushed between runs) and, for
 launch-bound sizes, also under a CUDA graph; on a CPU from ``time.perf_counter``. Each row gives
@@ -32,7 +38,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from baselines import bnb_nf4, gemlite_int1  # noqa: E402
 from loraq import ops, reference  # noqa: E402
 from loraq.formats import compress_weight  # noqa: E402
 
@@ -40,7 +48,7 @@ GPU_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672), (512, 1
 GPU_BATCHES = [1, 4, 16, 64, 256, 4096]
 CPU_SHAPES = [(96, 80), (45, 37)]
 CPU_BATCHES = [1, 3, 17]
-PROVIDERS = ["cublas", "cublas_lora", "naive", "triton", "cuda", "bnb_nf4"]
+PROVIDERS = ["cublas", "cublas_lora", "naive", "triton", "cuda", "gemlite", "bnb_nf4"]
 COLUMNS = ["device", "op", "format", "K", "N", "M", "rank", "dtype", "provider", "median_us", "graph_us", "bytes",
            "GBps", "pct_copy_bw", "speedup_vs_cublas", "note"]
 
@@ -128,7 +136,8 @@ def providers_for(fmt: str, weight, W16, x, A, B, s, device, backward: bool) -> 
         ok, why = _status(status, name, device)
         out[name] = ((lambda b=name: ops.lora_linear(x, weight, A, B, s, backend=b)) if ok else None,
                      weight.nbytes + act + lora, why)
-    out["bnb_nf4"] = _bnb(W16, x, A, B, s, act + lora, device)
+    out["gemlite"] = gemlite_int1(weight, x, A, B, s, act + lora, device)
+    out["bnb_nf4"] = bnb_nf4(W16, x, A, B, s, act + lora, device)
     return out
 
 
@@ -137,19 +146,6 @@ def _status(status, name: str, device) -> Tuple[bool, str]:
     if not ok:
         return False, why
     return True, "" if device.type == "cuda" else "Triton interpreter on the CPU: correctness only, not a speed"
-
-
-def _bnb(W16, x, A, B, s, act_bytes, device):
-    if device.type != "cuda":
-        return None, 0, "bitsandbytes NF4 needs a CUDA device"
-    try:
-        import bitsandbytes as bnb
-        import bitsandbytes.functional as bf
-    except Exception as e:
-        return None, 0, f"bitsandbytes not installed ({type(e).__name__})"
-    packed, state = bf.quantize_4bit(W16, quant_type="nf4")
-    return (lambda: bnb.matmul_4bit(x, packed.t(), quant_state=state) + s * ((x @ A.t()) @ B.t()),
-            _nbytes(packed) + act_bytes, "")
 
 
 def run(args, rows: List[Dict], info: Dict) -> str:

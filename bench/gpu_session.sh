@@ -3,8 +3,9 @@
 # benchmark. Everything lands in $OUT (default bench/results/run-<time>): info.txt, tests.txt,
 # bench.txt, bench.csv, bench.png and bench.md (the targets, met or missed, and every row).
 # TEST_TIMEOUT / BENCH_TIMEOUT (seconds) keep the call inside a device lease; TESTS picks the
-# tests (default: the GPU-marked large shapes and every tile and lookup config; "all" for the files,
-# which compile for many minutes); extra arguments go to bench_kernels.py.
+# tests (default: the GPU-marked large shapes and every tile, lookup and gather config; "all" for
+# the files, which compile for many minutes); extra arguments go to bench_kernels.py. Run
+# bench/fetch_baselines.sh first (and carry bench/wheels) to compare with GemLite and bitsandbytes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/run-$(date +%Y%m%d-%H%M%S)}"
@@ -12,12 +13,18 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 LORAQ_BUILD_EXT="${LORAQ_BUILD_EXT:-0}" python3 -m pip install -q --no-deps --no-build-isolation -e . \
   > "$OUT/install.txt" 2>&1 || { cat "$OUT/install.txt"; exit 1; }
+# the other libraries, when bench/fetch_baselines.sh downloaded them (this machine has no network)
+if compgen -G "bench/wheels/*" > /dev/null; then
+  python3 -m pip install -q --no-deps --no-build-isolation bench/wheels/* >> "$OUT/install.txt" 2>&1 \
+    || echo "installing bench/wheels failed (see install.txt): those providers will be skipped"
+fi
 python3 -m loraq info | tee "$OUT/info.txt"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv >> "$OUT/info.txt" 2>&1
 python3 bench/profile_host.py > "$OUT/host.txt" 2>&1; head -n 8 "$OUT/host.txt"
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-if [ "${TESTS:-gpu}" = all ]; then SELECT=(tests/test_triton_kernels.py tests/test_int1_gemv_lut.py tests/test_bench.py)
-else SELECT=(tests/test_triton_kernels.py tests/test_int1_gemv_lut.py -k "gpu or every_tile or every_lut"); fi
+KERNEL_TESTS=(tests/test_triton_kernels.py tests/test_int1_gemv_lut.py tests/test_sparse4x4_gemv.py)
+if [ "${TESTS:-gpu}" = all ]; then SELECT=("${KERNEL_TESTS[@]}" tests/test_bench.py)
+else SELECT=("${KERNEL_TESTS[@]}" tests/test_bench.py -k "gpu or every_tile or every_lut or every_gather"); fi
 timeout "${TEST_TIMEOUT:-900}" python3 -m pytest -q -ra -p no:cacheprovider $XDIST "${SELECT[@]}" \
   > "$OUT/tests.txt" 2>&1
 echo "tests exit $?"; tail -n 25 "$OUT/tests.txt"

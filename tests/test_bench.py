@@ -1,4 +1,5 @@
-"""The kernel benchmark harness runs on a CPU (reference and interpreter providers, tiny shapes)."""
+"""The kernel benchmark harness runs on a CPU (reference and interpreter providers, tiny shapes);
+the other libraries' providers pack exactly our weights."""
 
 import csv
 import subprocess
@@ -6,8 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))  # bench/baselines.py
 
 
 def test_bench_kernels_writes_csv_and_plot(tmp_path):
@@ -105,3 +108,64 @@ def test_sass_report_compiles_the_gemvs(fmt, cfg):
     bad = subprocess.run([sys.executable, "bench/sass_report.py", "fwd", other, cfg], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and f"is a forward GEMV of {fmt}" in bad.stderr
+
+
+@pytest.mark.parametrize("group", [None, 16, 32])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gemlite_packing_is_exactly_the_int1_weight(group, dtype):
+    """GemLite dequantizes (W_q − zeros)·scales per group: the arguments we pack must give Ŵ."""
+    from baselines import gemlite_pack_args
+
+    from loraq.formats import compress_weight
+
+    w = compress_weight(torch.randn(24, 96), "int1", group_size=group).to(dtype)
+    W_q, scales, zeros, g = gemlite_pack_args(w)
+    assert W_q.dtype == torch.uint8 and set(W_q.unique().tolist()) <= {0, 1} and g == (group or 96)
+    deq = (W_q.to(dtype) - zeros.repeat_interleave(g, 1)) * scales.repeat_interleave(g, 1)
+    assert torch.equal(deq, w.dequantize())
+
+
+def test_gemlite_packing_refuses_what_gemlite_cannot_hold():
+    from baselines import gemlite_pack_args
+
+    from loraq.formats import compress_weight
+
+    W = torch.randn(8, 96)
+    for w, why in [(compress_weight(W, "sparse4x4"), "int1 weights only"),
+                   (compress_weight(W, "int1", scale="onebit"), "onebit"),
+                   (compress_weight(W, "int1", group_size=12), "groups of ≥ 16"),
+                   (compress_weight(torch.randn(8, 80), "int1"), "K a multiple of 32")]:
+        with pytest.raises(ValueError, match=why):
+            gemlite_pack_args(w)
+
+
+def test_other_libraries_are_skipped_with_their_reason_off_the_gpu():
+    from baselines import bnb_nf4, gemlite_int1
+
+    from loraq.formats import compress_weight
+
+    w = compress_weight(torch.randn(8, 64), "int1")
+    x = torch.randn(2, 64)
+    cpu = torch.device("cpu")
+    assert gemlite_int1(w, x, None, None, 1.0, 0, cpu) == (None, 0, "GemLite needs a CUDA device")
+    assert bnb_nf4(w.dequantize(), x, None, None, 1.0, 0, cpu) == (None, 0, "bitsandbytes NF4 needs a CUDA device")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_gemlite_provider_matches_the_int1_weight():
+    """On a GPU with gemlite installed, the provider passes its own check and returns x·Ŵᵀ + LoRA."""
+    pytest.importorskip("gemlite")
+    from baselines import gemlite_int1
+
+    from loraq import reference
+    from loraq.formats import compress_weight
+
+    w = compress_weight(torch.randn(512, 1024), "int1").to(torch.float16).cuda()
+    x, A, B = (torch.randn(*s, dtype=torch.float16, device="cuda") for s in ((4, 1024), (16, 1024), (512, 16)))
+    A /= 32
+    fn, nbytes, note = gemlite_int1(w, x, A, B, 0.5, 0, torch.device("cuda"))
+    assert fn is not None, note
+    ref = reference.lora_linear_ref(x.double(), w.to(torch.float64), A.double(), B.double(), 0.5)
+    assert (fn().double() - ref).abs().max().item() <= 0.02 * ref.abs().max().item()
+    assert nbytes >= 512 * 1024 // 8
