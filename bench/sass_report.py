@@ -63,8 +63,9 @@ def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, 
         fn = _int1_gemv_lut_kernel
         ptrs = [("x_ptr", act), ("packed_ptr", "*i32"), ("scale_ptr", act), ("col_ptr", act), ("xa_ptr", act),
                 ("b_ptr", act), ("bias_ptr", act), ("y_ptr", "*fp32")]
-        scalars = ["N", "K", "KW", "G", "group_size", "s", "R", "stride_bn"]
-        cx = dict(SCALE=0, HAS_LORA=True, HAS_BIAS=False, BLOCK_R=16, BLOCK_N=out_tile, CHUNK_K=red_tile,
+        scalars = ["M", "N", "K", "KW", "G", "group_size", "s", "R", "stride_xm", "stride_am", "stride_bn",
+                   "stride_ym"]
+        cx = dict(SCALE=0, HAS_LORA=True, HAS_BIAS=False, BLOCK_R=16, ROWS=bm, BLOCK_N=out_tile, CHUNK_K=red_tile,
                   BITS=split)
     elif swap == GATHER:
         fn = _sparse4x4_gemv_kernel

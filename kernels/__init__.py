@@ -6,8 +6,8 @@ tensors (the format's fields) and know nothing of autograd, ``nn`` or the backen
 
 * :func:`lora_linear_fwd`: ``y = x·Ŵᵀ + s·(x·Aᵀ)·Bᵀ + b`` (int1, sparse4x4)
 * :func:`lora_linear_dx`: ``dX = dY·Ŵ + s·(dY·B)·A`` (int1, sparse4x4)
-* :func:`int1_gemv_lut`: the forward for one row of ``x`` and an int1 weight, by table lookup
-  (an autotune candidate of :func:`lora_linear_fwd` at ``M = 1``)
+* :func:`int1_gemv_lut`: the forward for up to 4 rows of ``x`` and an int1 weight, by table lookup
+  (an autotune candidate of :func:`lora_linear_fwd` for up to 4 rows)
 * :func:`sparse4x4_gemv`: the forward for up to 16 rows of ``x`` and a sparse4x4 weight, by
   gathering one input per stored value (an autotune candidate of :func:`lora_linear_fwd`)
 """

@@ -1,4 +1,4 @@
-"""``y = x·Ŵᵀ + s·(x·Aᵀ)·Bᵀ + b`` for one row of ``x`` and an int1 ``Ŵ``, by table lookup.
+"""``y = x·Ŵᵀ + s·(x·Aᵀ)·Bᵀ + b`` for a few rows of ``x`` and an int1 ``Ŵ``, by table lookup.
 
 A 1-bit matmul decoded weight by weight spends several instructions per weight, which limits it
 well below the memory bandwidth (``bench/results/NOTES.md``). With one row of ``x``, a field of
@@ -9,8 +9,10 @@ of ``BITS`` inputs. It then reads one table entry per field of weights: one look
 half]``), and ``tl.gather`` reads it. On an H100 with Triton 3.6 the gather is warp-local
 (shuffles), and the 16-entry nibble tables measured about twice as fast as the byte tables.
 
-Programs split K (``CHUNK_K`` each) and N (``BLOCK_N`` rows each); partial sums meet through
-fp32 atomics. The per-row ``α`` (or onebit ``h``) multiplies each partial sum. Onebit ``g`` is
+Programs split K (``CHUNK_K`` each), N (``BLOCK_N`` rows each) and M (``ROWS`` rows of ``x``
+each: the weights are loaded and split into fields once, and each row builds its own tables and
+does its own lookups, so the work grows with the rows while the weight stream does not). Partial
+sums meet through fp32 atomics. The per-row ``α`` (or onebit ``h``) multiplies each partial sum. Onebit ``g`` is
 folded into the table, and per-group scales multiply each field's entry (``group_size`` must be a
 multiple of 8). The LoRA path and the bias are added by the programs of the first K chunk.
 """
@@ -19,63 +21,79 @@ import torch
 import triton
 import triton.language as tl
 
+from .autotune import LUT
 from .decode import weight_args
 
 
 @triton.jit
 def _int1_gemv_lut_kernel(
     x_ptr, packed_ptr, scale_ptr, col_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr,
-    N, K, KW, G, group_size, s, R, stride_bn,
+    M, N, K, KW, G, group_size, s, R, stride_xm, stride_am, stride_bn, stride_ym,
     SCALE: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_N: tl.constexpr, CHUNK_K: tl.constexpr, BITS: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_K: tl.constexpr, BITS: tl.constexpr,
 ):
     ENTRIES: tl.constexpr = 1 << BITS  # table entries per group: 256 (bytes) or 16 (nibbles)
     GROUPS: tl.constexpr = CHUNK_K // BITS
     PER_WORD: tl.constexpr = 32 // BITS
+    HALF: tl.constexpr = BITS // 2
+    HALF_ENTRIES: tl.constexpr = 1 << HALF
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
     k0 = pid_k * CHUNK_K
-    # the table: for each group of BITS inputs and each pattern b, Σ_i (bit i of b ? +x : −x),
-    # built from two halves of BITS/2 inputs (a byte's entry is lo[b & 15] + hi[b >> 4])
-    HALF: tl.constexpr = BITS // 2
-    offs_k = k0 + tl.arange(0, GROUPS)[:, None] * BITS + tl.arange(0, HALF)[None, :]  # [GROUPS, HALF]
-    x_lo = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-    x_hi = tl.load(x_ptr + offs_k + HALF, mask=offs_k + HALF < K, other=0.0).to(tl.float32)
-    if SCALE == 2:  # onebit: Ŵ = diag(h)·sign·diag(g); g goes into the table
-        x_lo = x_lo * tl.load(col_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-        x_hi = x_hi * tl.load(col_ptr + offs_k + HALF, mask=offs_k + HALF < K, other=0.0).to(tl.float32)
-    HALF_ENTRIES: tl.constexpr = 1 << HALF
-    pat = tl.arange(0, HALF_ENTRIES)
-    sign = tl.where(((pat[:, None] >> tl.arange(0, HALF)[None, :]) & 1) != 0, 1.0, -1.0)  # [2^HALF, HALF]
-    lo = tl.sum(x_lo[:, None, :] * sign[None, :, :], axis=2)  # [GROUPS, 2^HALF]
-    hi = tl.sum(x_hi[:, None, :] * sign[None, :, :], axis=2)
-    lut = tl.reshape(hi[:, :, None] + lo[:, None, :], (GROUPS, ENTRIES))  # pattern = hi·2^HALF + lo
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 
     # the weights, transposed to [group, row] so that each thread sums whole rows of lookups in
-    # registers: [CHUNK_K / 32, BLOCK_N] words; field j of word w is group PER_WORD·w + j
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # registers: [CHUNK_K / 32, BLOCK_N] words; field j of word w is group PER_WORD·w + j. Loaded
+    # and split into fields once for all the rows of x this program takes.
     offs_w = k0 // 32 + tl.arange(0, CHUNK_K // 32)
     words = tl.load(packed_ptr + offs_n[None, :] * KW + offs_w[:, None],
                     mask=(offs_n[None, :] < N) & (offs_w[:, None] < KW), other=0)
     field = (words[:, None, :] >> (tl.arange(0, PER_WORD) * BITS)[None, :, None]) & (ENTRIES - 1)
     field = tl.reshape(field, (GROUPS, BLOCK_N))
-    part = tl.gather(lut, field, 1)  # [GROUPS, BLOCK_N]: lut[g, field[g, n]]
     if SCALE == 1:  # per group: one scale per field (group_size is a multiple of 8)
         gk = (k0 + tl.arange(0, GROUPS) * BITS) // group_size
-        part = part * tl.load(scale_ptr + offs_n[None, :] * G + gk[:, None],
-                              mask=(offs_n[None, :] < N) & (gk[:, None] < G), other=0.0).to(tl.float32)
-    acc = tl.sum(part, axis=0)  # [BLOCK_N]
-    if SCALE != 1:  # per-row α (or onebit h)
-        acc = acc * tl.load(scale_ptr + offs_n * G, mask=offs_n < N, other=0.0).to(tl.float32)
-    if HAS_LORA and pid_k == 0:
+        gscale = tl.load(scale_ptr + offs_n[None, :] * G + gk[:, None],
+                         mask=(offs_n[None, :] < N) & (gk[:, None] < G), other=0.0).to(tl.float32)
+    else:  # per-row α (or onebit h)
+        rscale = tl.load(scale_ptr + offs_n * G, mask=offs_n < N, other=0.0).to(tl.float32)
+    if HAS_LORA:
         offs_r = tl.arange(0, BLOCK_R)
-        xa = tl.load(xa_ptr + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)
         bt = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :],
                      mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0).to(tl.float32)
-        acc += s * tl.sum(bt * xa[None, :], axis=1)
-    if HAS_BIAS and pid_k == 0:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-    tl.atomic_add(y_ptr + offs_n, acc, mask=offs_n < N)
+    # the table's inputs: for each group of BITS inputs, two halves of BITS/2
+    offs_k = k0 + tl.arange(0, GROUPS)[:, None] * BITS + tl.arange(0, HALF)[None, :]  # [GROUPS, HALF]
+    if SCALE == 2:  # onebit: Ŵ = diag(h)·sign·diag(g); g goes into the table
+        g_lo = tl.load(col_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        g_hi = tl.load(col_ptr + offs_k + HALF, mask=offs_k + HALF < K, other=0.0).to(tl.float32)
+    pat = tl.arange(0, HALF_ENTRIES)
+    sign = tl.where(((pat[:, None] >> tl.arange(0, HALF)[None, :]) & 1) != 0, 1.0, -1.0)  # [2^HALF, HALF]
+
+    for i in tl.static_range(ROWS):
+        m = pid_m * ROWS + i
+        live = m < M
+        # the table: for each group and each pattern b, Σ_i (bit i of b ? +x : −x), built from two
+        # halves (a byte's entry is lo[b & 15] + hi[b >> 4])
+        x_lo = tl.load(x_ptr + m * stride_xm + offs_k, mask=(offs_k < K) & live, other=0.0).to(tl.float32)
+        x_hi = tl.load(x_ptr + m * stride_xm + offs_k + HALF, mask=(offs_k + HALF < K) & live, other=0.0).to(tl.float32)
+        if SCALE == 2:
+            x_lo = x_lo * g_lo
+            x_hi = x_hi * g_hi
+        lo = tl.sum(x_lo[:, None, :] * sign[None, :, :], axis=2)  # [GROUPS, 2^HALF]
+        hi = tl.sum(x_hi[:, None, :] * sign[None, :, :], axis=2)
+        lut = tl.reshape(hi[:, :, None] + lo[:, None, :], (GROUPS, ENTRIES))  # pattern = hi·2^HALF + lo
+        part = tl.gather(lut, field, 1)  # [GROUPS, BLOCK_N]: lut[g, field[g, n]]
+        if SCALE == 1:
+            part = part * gscale
+        acc = tl.sum(part, axis=0)  # [BLOCK_N]
+        if SCALE != 1:
+            acc = acc * rscale
+        if HAS_LORA and pid_k == 0:
+            xa = tl.load(xa_ptr + m * stride_am + offs_r, mask=(offs_r < R) & live, other=0.0).to(tl.float32)
+            acc += s * tl.sum(bt * xa[None, :], axis=1)
+        if HAS_BIAS and pid_k == 0:
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        tl.atomic_add(y_ptr + m * stride_ym + offs_n, acc, mask=(offs_n < N) & live)
 
 
 def lut_supported(meta) -> bool:
@@ -84,20 +102,23 @@ def lut_supported(meta) -> bool:
     return meta.get("scale_mode") == "onebit" or not group or group % 8 == 0
 
 
-def int1_gemv_lut(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1.0, bias=None,
+def int1_gemv_lut(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1.0, bias=None, rows: int = 1,
                   block_n: int = 512, chunk_k: int = 256, bits: int = 8, num_warps: int = 4, num_stages: int = 1):
-    """Launch the lookup GEMV for ``x [1, K]``; returns ``y [1, N]`` in ``x.dtype``. Each program
-    covers ``block_n`` rows and ``chunk_k`` inputs; ``bits`` is 8 (a table entry per byte of
-    weights) or 4 (per nibble: smaller tables, twice the lookups)."""
-    M, K = x.shape
-    if M != 1:
-        raise ValueError(f"int1_gemv_lut takes one row of x, got {M}")
+    """Launch the lookup GEMV for ``x [M, K]`` (meant for ``M`` of 1 to 4); returns ``y [M, N]``
+    in ``x.dtype``. Each program covers ``rows`` rows of ``x`` (the weights are read once for
+    them; each row builds its own tables), ``block_n`` outputs and ``chunk_k`` inputs; ``bits``
+    is 8 (a table entry per byte of weights) or 4 (per nibble: smaller tables, twice the
+    lookups)."""
+    if x.dim() != 2 or x.shape[1] != meta["K"]:
+        raise ValueError(f"x must be [M, {meta['K']}], got {tuple(x.shape)}")
     if not lut_supported(meta):
         raise ValueError(f"int1_gemv_lut needs a group size that is a multiple of 8, got {meta.get('group_size')}")
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     if chunk_k % 32 or chunk_k & (chunk_k - 1):
         raise ValueError(f"chunk_k must be a power of two and a multiple of 32, got {chunk_k}")
+    if rows < 1:
+        raise ValueError(f"rows must be ≥ 1, got {rows}")
     x = x.contiguous()
     ptrs, ints, mode = weight_args("int1", tensors, meta)
     if lora_A is not None:
@@ -108,25 +129,25 @@ def int1_gemv_lut(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1
         xa = B = None
         R = 1
     return launch_lut(x, ptrs, ints, mode, meta["N"], xa, B, R, scaling, bias,
-                      (1, block_n, chunk_k, bits, num_warps, num_stages, 0))
+                      (rows, block_n, chunk_k, bits, num_warps, num_stages, LUT))
 
 
 def launch_lut(x, ptrs, ints, mode, N, xa, B, R, scaling, bias, cfg):
     """The launch on arguments already prepared (``weight_args``'s, ``xa = x·Aᵀ`` and ``B`` in
-    ``x``'s dtype, or None without LoRA) and checked; ``cfg`` is an ``autotune.LUT_M1`` entry.
-    ``lora_linear_fwd`` calls this directly, so the forward prepares its arguments once."""
-    _, block_n, chunk_k, bits, num_warps, num_stages, _ = cfg
+    ``x``'s dtype, or None without LoRA) and checked; ``cfg`` is an ``autotune.lut_configs``
+    entry. ``lora_linear_fwd`` calls this directly, so the forward prepares its arguments once."""
+    rows, block_n, chunk_k, bits, num_warps, num_stages, _ = cfg
     (packed, scale, col), (KW, G, group, _) = ptrs, ints
     has_lora = xa is not None
     if not has_lora:
         xa = B = x  # unused placeholders
-    K = x.shape[1]
-    y = torch.zeros(1, N, device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(N, block_n), triton.cdiv(K, chunk_k))
+    M, K = x.shape
+    y = torch.zeros(M, N, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(N, block_n), triton.cdiv(K, chunk_k), triton.cdiv(M, rows))
     _int1_gemv_lut_kernel[grid](
         x, packed, scale, col, xa, B, bias if bias is not None else x, y,
-        N, K, KW, G, group, float(scaling), R, B.stride(0),
+        M, N, K, KW, G, group, float(scaling), R, x.stride(0), xa.stride(0), B.stride(0), y.stride(0),
         SCALE=mode, HAS_LORA=has_lora, HAS_BIAS=bias is not None, BLOCK_R=max(16, triton.next_power_of_2(R)),
-        BLOCK_N=block_n, CHUNK_K=chunk_k, BITS=bits, num_warps=num_warps, num_stages=num_stages,
+        ROWS=rows, BLOCK_N=block_n, CHUNK_K=chunk_k, BITS=bits, num_warps=num_warps, num_stages=num_stages,
     )
     return y.to(x.dtype)

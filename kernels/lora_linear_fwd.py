@@ -6,15 +6,15 @@ Each program owns a ``[BLOCK_M, BLOCK_N]`` tile of ``y``: it walks K, decodes th
 beforehand: it is tiny) and the bias. Small batches use ``BLOCK_M = 16`` tiles.
 
 Small batches also time a GEMV that never decodes a tile, and take it when it is faster: the
-table lookup for one row of int1 (``int1_gemv_lut.py``), and the gather for up to 16 rows of
-sparse4x4 (``sparse4x4_gemv.py``).
+table lookup for up to 4 rows of int1 (``int1_gemv_lut.py``), and the gather for up to 16 rows
+of sparse4x4 (``sparse4x4_gemv.py``).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .autotune import GATHER, GATHER_MAX_M, GATHER_SMALL_M, LUT, LUT_M1, pick_config
+from .autotune import GATHER, GATHER_MAX_M, GATHER_SMALL_M, LUT, LUT_MAX_M, lut_configs, pick_config
 from .int1_gemv_lut import launch_lut, lut_supported
 from .sparse4x4_gemv import launch_gather
 from .decode import (_dot, _int1_group_scale, _int1_signs, _sparse4x4_tile, decode_dtype, interpreter_upcast,
@@ -128,14 +128,14 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
 
     # tuned per format, scale mode and LoRA on/off: each compiles to a different kernel. Small
     # batches also time a GEMV, under their own cache key.
-    lut = M == 1 and fmt == "int1" and lut_supported(meta)
+    lut = M <= LUT_MAX_M and fmt == "int1" and lut_supported(meta)
     gather = M <= GATHER_MAX_M and fmt == "sparse4x4"
-    if config is not None and config[6] == LUT and not lut:
-        raise ValueError(f"config {config} is the lookup GEMV: it takes one row of x and an int1 weight whose "
-                         f"group size is a multiple of 8 (got M={M}, {fmt}, group {meta.get('group_size')})")
+    if config is not None and config[6] == LUT and not (fmt == "int1" and lut_supported(meta)):
+        raise ValueError(f"config {config} is the lookup GEMV: it takes an int1 weight whose group size is a "
+                         f"multiple of 8 (got {fmt}, group {meta.get('group_size')})")
     if config is not None and config[6] == GATHER and fmt != "sparse4x4":
         raise ValueError(f"config {config} is the gathering GEMV: it takes a sparse4x4 weight, got {fmt}")
     op = f"lora_linear_fwd:{fmt}:{scale_mode}:{int(has_lora)}" + (":lut" if lut else "") + (":gather" if gather else "")
-    extra = LUT_M1 if lut else (GATHER_SMALL_M if gather else None)
+    extra = lut_configs(M) if lut else (GATHER_SMALL_M if gather else None)
     cfg = config or pick_config(op, M, N, K, x.dtype, x.device, run, extra=extra)
     return run(cfg).to(x.dtype)

@@ -1,5 +1,5 @@
-"""The lookup-table GEMV (one row of x, int1 weights) against loraq.reference, every scale mode,
-both table widths, every dtype; and how the forward launcher offers it to the autotuner."""
+"""The lookup-table GEMV (a few rows of x, int1 weights) against loraq.reference, every scale
+mode, both table widths, every dtype; and how the forward launcher offers it to the autotuner."""
 
 import pytest
 import torch
@@ -20,26 +20,29 @@ def _meta(w):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("lora_bias", [(True, True), (False, False)], ids=["lora+bias", "plain"])
-def test_lut_gemv_matches_reference(kind, dtype, bits, lora_bias):
+@pytest.mark.parametrize("M, rows", [(1, 1), (3, 4), (5, 2)], ids=["M1", "M3-rows4", "M5-rows2"])
+def test_lut_gemv_matches_reference(kind, dtype, bits, lora_bias, M, rows):
     from loraq.kernels.int1_gemv_lut import int1_gemv_lut
 
-    # odd N and K: a partial last block of rows, a partial last word and a partial last chunk
-    w, x, A, B, b = problem(kind, dtype, 1, 37, 300, r=5, lora=lora_bias[0], bias=lora_bias[1])
-    y = int1_gemv_lut(x, w.tensors(), _meta(w), A, B, 0.7, b, block_n=32, chunk_k=64, bits=bits)
-    assert y.shape == (1, 37) and y.dtype == dtype
+    # odd N and K: a partial last block of rows, a partial last word and a partial last chunk;
+    # M not a multiple of the rows a program takes: its last program has rows past M
+    w, x, A, B, b = problem(kind, dtype, M, 37, 300, r=5, lora=lora_bias[0], bias=lora_bias[1])
+    y = int1_gemv_lut(x, w.tensors(), _meta(w), A, B, 0.7, b, rows=rows, block_n=32, chunk_k=64, bits=bits)
+    assert y.shape == (M, 37) and y.dtype == dtype
     check(y, reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 0.7, f64(b)),
-          reference.lora_linear_ref(x, w, A, B, 0.7, b), f"lut{bits} {kind} {dtype}")
+          reference.lora_linear_ref(x, w, A, B, 0.7, b), f"lut{bits} {kind} {dtype} M={M} rows={rows}")
 
 
-@pytest.mark.parametrize("cfg_index", range(5))
-def test_every_lut_config_through_the_forward_launcher(cfg_index):
+@pytest.mark.parametrize("cfg_index", range(6))
+@pytest.mark.parametrize("M", [1, 3])
+def test_every_lut_config_through_the_forward_launcher(cfg_index, M):
     """Each LUT candidate the autotuner may pick, forced through ``lora_linear_fwd``."""
     from loraq.kernels import lora_linear_fwd
-    from loraq.kernels.autotune import LUT_M1
+    from loraq.kernels.autotune import lut_configs
 
-    assert len(LUT_M1) == 5, "make the parametrize range match LUT_M1"
-    cfg = LUT_M1[cfg_index]
-    w, x, A, B, b = problem("int1", torch.float16, 1, 600, 520, r=3)
+    assert len(lut_configs(M)) == 6, "make the parametrize range match LUT_M1"
+    cfg = lut_configs(M)[cfg_index]
+    w, x, A, B, b = problem("int1", torch.float16, M, 600, 520, r=3)
     y = lora_linear_fwd(x, "int1", w.tensors(), _meta(w), A, B, 0.5, b, config=cfg)
     check(y, reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 0.5, f64(b)),
           reference.lora_linear_ref(x, w, A, B, 0.5, b), f"{cfg}")
@@ -49,8 +52,10 @@ def test_lut_refuses_what_it_cannot_do():
     from loraq.kernels.int1_gemv_lut import int1_gemv_lut, lut_supported
 
     w, x, *_ = problem("int1", torch.float16, 2, 16, 64, lora=False, bias=False)
-    with pytest.raises(ValueError, match="one row"):
-        int1_gemv_lut(x, w.tensors(), _meta(w))
+    with pytest.raises(ValueError, match=r"x must be \[M, 64\]"):
+        int1_gemv_lut(x[:, :63], w.tensors(), _meta(w))
+    with pytest.raises(ValueError, match="rows must be ≥ 1"):
+        int1_gemv_lut(x, w.tensors(), _meta(w), rows=0)
     with pytest.raises(ValueError, match="bits must be 4 or 8"):
         int1_gemv_lut(x[:1], w.tensors(), _meta(w), bits=2)
     with pytest.raises(ValueError, match="power of two"):
@@ -63,14 +68,15 @@ def test_lut_refuses_what_it_cannot_do():
     from loraq.kernels import lora_linear_fwd
     from loraq.kernels.autotune import LUT_M1
 
-    with pytest.raises(ValueError, match="one row of x"):
-        lora_linear_fwd(x, "int1", w.tensors(), _meta(w), config=LUT_M1[0])
-    with pytest.raises(ValueError, match="one row of x"):
+    with pytest.raises(ValueError, match="lookup GEMV: it takes an int1 weight whose group size"):
         lora_linear_fwd(x12, "int1", g12.tensors(), _meta(g12), config=LUT_M1[0])
+    s4, xs, *_ = problem("sparse4x4", torch.float16, 1, 16, 48, lora=False, bias=False)
+    with pytest.raises(ValueError, match="lookup GEMV: it takes an int1 weight"):
+        lora_linear_fwd(xs, "sparse4x4", s4.tensors(), {"N": 16, "K": 48}, config=LUT_M1[0])
 
 
-def test_the_launcher_offers_the_lut_only_for_one_row_of_int1(monkeypatch):
-    """The LUT candidates join the tuning for M = 1 int1 (supported scales) under their own cache
+def test_the_launcher_offers_the_lut_only_for_a_few_rows_of_int1(monkeypatch):
+    """The LUT candidates join the tuning for M ≤ 4 int1 (supported scales) under their own cache
     key, never for more rows, sparse4x4 or groups the table cannot scale."""
     import sys
 
@@ -83,24 +89,25 @@ def test_the_launcher_offers_the_lut_only_for_one_row_of_int1(monkeypatch):
         return autotune.configs_for(M)[0]
 
     monkeypatch.setattr(sys.modules[lora_linear_fwd.__module__], "pick_config", spy)
-    for kind, M in [("int1", 1), ("int1", 3), ("int1_g12", 1), ("int1_onebit", 1), ("sparse4x4", 1)]:
+    for kind, M in [("int1", 1), ("int1", 5), ("int1_g12", 1), ("int1_onebit", 3), ("sparse4x4", 1)]:
         w, x, *_ = problem(kind, torch.float16, M, 16, 48, lora=False, bias=False)
         meta = _meta(w) if kind.startswith("int1") else {"N": 16, "K": 48}
         lora_linear_fwd(x, kind.split("_")[0], w.tensors(), meta)
     # sparse4x4 gets the gathering GEMV instead (tests/test_sparse4x4_gemv.py)
     assert [(op.endswith(":lut"), M, extra) for op, M, extra in seen] == [
-        (True, 1, True), (False, 3, False), (False, 1, False), (True, 1, True), (False, 1, True)]
+        (True, 1, True), (False, 5, False), (False, 1, False), (True, 3, True), (False, 1, True)]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_gpu_every_lut_config_at_a_large_shape(dtype):
+@pytest.mark.parametrize("M", [1, 3])
+def test_gpu_every_lut_config_at_a_large_shape(dtype, M):
     from loraq.kernels import lora_linear_fwd
-    from loraq.kernels.autotune import LUT_M1
+    from loraq.kernels.autotune import lut_configs
 
-    w, x, A, B, b = problem("int1", dtype, 1, 3000, 4100, r=16)
+    w, x, A, B, b = problem("int1", dtype, M, 3000, 4100, r=16)
     ref = reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 2.0, f64(b))
     low = reference.lora_linear_ref(x, w, A, B, 2.0, b)
-    for cfg in LUT_M1:
+    for cfg in lut_configs(M):
         check(lora_linear_fwd(x, "int1", w.tensors(), _meta(w), A, B, 2.0, b, config=cfg), ref, low, f"{cfg}")
