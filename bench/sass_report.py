@@ -5,6 +5,7 @@ Answers "did the config get wgmma (HGMMA) or mma.sync (HMMA)?", "does it spill (
 
     python bench/sass_report.py fwd int1 "(16, 128, 128, 4, 4, 3, 1)"
     python bench/sass_report.py dx sparse4x4 "(128, 128, 64, 1, 8, 3, 1)" --dtype bf16
+    python bench/sass_report.py fwd int1 lut          # every lookup-GEMV candidate, one line each
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.pop("TRITON_INTERPRET", None)  # this compiles (never runs) kernels: the interpreter has no compiler
 
-SASS_OP = re.compile(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]+)")
+SASS_OP = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]+)")
 
 
 def cuobjdump() -> str:
@@ -134,32 +135,60 @@ def loops(sass: str):
     return found
 
 
+def candidates(name: str):
+    """``(format, config)`` for every candidate of a GEMV the autotuner may time: ``lut`` (int1,
+    for each batch bucket it covers) or ``gather`` (sparse4x4)."""
+    from kernels.autotune import GATHER_SMALL_M, LUT_MAX_M, lut_configs, m_bucket
+
+    if name == "lut":
+        buckets = sorted({m_bucket(m) for m in range(1, LUT_MAX_M + 1)})
+        return [("int1", c) for m in buckets for c in lut_configs(m)]
+    return [("sparse4x4", c) for c in GATHER_SMALL_M]
+
+
+def report(op: str, fmt: str, cfg, dtype: str, aligned: bool, top: int) -> int:
+    """Print the summary of one config; returns its spill instructions."""
+    kernel, sass = compile_kernel(op, fmt, cfg, dtype, aligned=aligned)
+    ops = summarise(sass)
+    mma = "HGMMA (wgmma)" if ops["HGMMA"] else ("HMMA (mma.sync)" if ops["HMMA"] else "none")
+    spills = ops["LDL"] + ops["STL"]
+    print(f"{op} {fmt} {cfg} {dtype}: tensor cores {mma}; shared memory "
+          f"{kernel.metadata.shared} B; {kernel.registers} registers a thread; local-memory instructions (spills) {spills}; "
+          f"{sum(ops.values())} instructions")
+    if top:
+        print("  " + " ".join(f"{k}:{v}" for k, v in ops.most_common(top)))
+    for start, end, body in loops(sass):
+        print(f"  loop {start:#x}-{end:#x}, one iteration: {sum(body.values())} instructions; "
+              + " ".join(f"{k}:{v}" for k, v in body.most_common(top or 8)))
+    return spills
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("op", choices=["fwd", "dx"])
     p.add_argument("format", choices=["int1", "sparse4x4"])
-    p.add_argument("config", help="an autotune Config tuple, e.g. \"(16, 128, 128, 4, 4, 3, 1)\"")
+    p.add_argument("config", help="an autotune Config tuple, e.g. \"(16, 128, 128, 4, 4, 3, 1)\", or \"lut\" / "
+                                  "\"gather\": every candidate of that GEMV, one line each (exit 1 if one spills)")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     p.add_argument("--top", type=int, default=24)
     p.add_argument("--unaligned", action="store_true",
                    help="compile without the multiple-of-16 hints of large shapes (as for odd sizes)")
     args = p.parse_args(argv)
+    if args.config in ("lut", "gather"):
+        want = "int1" if args.config == "lut" else "sparse4x4"
+        if args.op != "fwd" or args.format != want:
+            p.error(f"{args.config} is a forward GEMV of {want}")
+        spilled = [cfg for fmt, cfg in candidates(args.config)
+                   if report("fwd", fmt, cfg, args.dtype, not args.unaligned, 0)]
+        if spilled:
+            print(f"these candidates spill: {spilled}")
+        return 1 if spilled else 0
     try:
         cfg = tuple(ast.literal_eval(args.config))
         assert len(cfg) == 7 and all(isinstance(v, int) for v in cfg)
     except Exception:
-        p.error(f"config must be a tuple of 7 integers, got {args.config!r}")
-    kernel, sass = compile_kernel(args.op, args.format, cfg, args.dtype, aligned=not args.unaligned)
-    ops = summarise(sass)
-    mma = "HGMMA (wgmma)" if ops["HGMMA"] else ("HMMA (mma.sync)" if ops["HMMA"] else "none")
-    spills = ops["LDL"] + ops["STL"]
-    print(f"{args.op} {args.format} {cfg} {args.dtype}: tensor cores {mma}; shared memory "
-          f"{kernel.metadata.shared} B; {kernel.registers} registers a thread; local-memory instructions (spills) {spills}; "
-          f"{sum(ops.values())} instructions")
-    print("  " + " ".join(f"{k}:{v}" for k, v in ops.most_common(args.top)))
-    for start, end, body in loops(sass):
-        print(f"  loop {start:#x}-{end:#x}, one iteration: {sum(body.values())} instructions; "
-              + " ".join(f"{k}:{v}" for k, v in body.most_common(args.top)))
+        p.error(f"config must be a tuple of 7 integers (or lut / gather), got {args.config!r}")
+    report(args.op, args.format, cfg, args.dtype, not args.unaligned, args.top)
     return 0
 
 

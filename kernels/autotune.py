@@ -39,9 +39,10 @@ LARGE_M: List[Config] = [(64, 64, 32, 1, 4, 2, 0), (128, 128, 64, 1, 8, 3, 0), (
 MID_M: List[Config] = LARGE_M + [(32, 128, 128, 4, 4, 3, 1), (64, 128, 128, 4, 4, 3, 1), (32, 128, 256, 8, 4, 3, 1)]
 # Up to LUT_MAX_M rows of x, int1 weights: the lookup-table GEMV, timed against SMALL_M.
 # (rows of x per program, BLOCK_N, CHUNK_K, table bits, num_warps, num_stages, LUT); rows is 1
-# here and the batch's bucket in lut_configs. The first five were measured at M = 1 on an H100.
+# here and the batch's bucket in lut_configs. Nibble tables only: the byte tables (bits 8) measured
+# about 2x slower at M = 1 on an H100, and their 512-row config spills.
 LUT_M1: List[Config] = [(1, 512, 256, 4, 4, 1, LUT), (1, 1024, 128, 4, 8, 1, LUT), (1, 256, 256, 4, 4, 1, LUT),
-                        (1, 1024, 256, 4, 8, 1, LUT), (1, 512, 256, 8, 4, 1, LUT), (1, 128, 256, 4, 4, 1, LUT)]
+                        (1, 1024, 256, 4, 8, 1, LUT), (1, 128, 256, 4, 4, 1, LUT)]
 LUT_MAX_M = 4
 # Small batches of sparse4x4: the gathering GEMV, timed against SMALL_M. One row of x per
 # program (BLOCK_M = 1), BLOCK_N, BLOCK_K, split of K.
@@ -67,10 +68,12 @@ def configs_for(M: int) -> List[Config]:
 
 def lut_configs(M: int) -> List[Config]:
     """The lookup GEMV's candidates for ``1 ≤ M ≤ LUT_MAX_M`` rows of x: one program takes them
-    all (the batch's bucket), so the weights are read once."""
+    all (the batch's bucket), so the weights are read once. With ``rows`` rows a program covers
+    ``1/rows`` as many outputs (at least 128): compiled for sm_90, the wider ones spill."""
     if not 1 <= M <= LUT_MAX_M:
         raise ValueError(f"the lookup GEMV is tuned for 1 to {LUT_MAX_M} rows of x, got {M}")
-    return [(m_bucket(M),) + c[1:] for c in LUT_M1]
+    rows = m_bucket(M)
+    return list(dict.fromkeys((rows, max(128, c[1] // rows)) + c[2:] for c in LUT_M1))  # distinct, in order
 
 
 def gpu_name(device: torch.device) -> str:

@@ -44,28 +44,14 @@ def _int1_gemv_lut_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 
     # the weights, transposed to [group, row] so that each thread sums whole rows of lookups in
-    # registers: [CHUNK_K / 32, BLOCK_N] words; field j of word w is group PER_WORD·w + j. Loaded
-    # and split into fields once for all the rows of x this program takes.
+    # registers: [CHUNK_K / 32, BLOCK_N] words, loaded once for all the rows of x this program
+    # takes. Everything larger (the fields, the scales, B) is made or loaded again for each row,
+    # from registers or L1: held across rows, it would not fit in the registers.
     offs_w = k0 // 32 + tl.arange(0, CHUNK_K // 32)
     words = tl.load(packed_ptr + offs_n[None, :] * KW + offs_w[:, None],
                     mask=(offs_n[None, :] < N) & (offs_w[:, None] < KW), other=0)
-    field = (words[:, None, :] >> (tl.arange(0, PER_WORD) * BITS)[None, :, None]) & (ENTRIES - 1)
-    field = tl.reshape(field, (GROUPS, BLOCK_N))
-    if SCALE == 1:  # per group: one scale per field (group_size is a multiple of 8)
-        gk = (k0 + tl.arange(0, GROUPS) * BITS) // group_size
-        gscale = tl.load(scale_ptr + offs_n[None, :] * G + gk[:, None],
-                         mask=(offs_n[None, :] < N) & (gk[:, None] < G), other=0.0).to(tl.float32)
-    else:  # per-row α (or onebit h)
-        rscale = tl.load(scale_ptr + offs_n * G, mask=offs_n < N, other=0.0).to(tl.float32)
-    if HAS_LORA:
-        offs_r = tl.arange(0, BLOCK_R)
-        bt = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :],
-                     mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0).to(tl.float32)
     # the table's inputs: for each group of BITS inputs, two halves of BITS/2
     offs_k = k0 + tl.arange(0, GROUPS)[:, None] * BITS + tl.arange(0, HALF)[None, :]  # [GROUPS, HALF]
-    if SCALE == 2:  # onebit: Ŵ = diag(h)·sign·diag(g); g goes into the table
-        g_lo = tl.load(col_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-        g_hi = tl.load(col_ptr + offs_k + HALF, mask=offs_k + HALF < K, other=0.0).to(tl.float32)
     pat = tl.arange(0, HALF_ENTRIES)
     sign = tl.where(((pat[:, None] >> tl.arange(0, HALF)[None, :]) & 1) != 0, 1.0, -1.0)  # [2^HALF, HALF]
 
@@ -76,20 +62,28 @@ def _int1_gemv_lut_kernel(
         # halves (a byte's entry is lo[b & 15] + hi[b >> 4])
         x_lo = tl.load(x_ptr + m * stride_xm + offs_k, mask=(offs_k < K) & live, other=0.0).to(tl.float32)
         x_hi = tl.load(x_ptr + m * stride_xm + offs_k + HALF, mask=(offs_k + HALF < K) & live, other=0.0).to(tl.float32)
-        if SCALE == 2:
-            x_lo = x_lo * g_lo
-            x_hi = x_hi * g_hi
+        if SCALE == 2:  # onebit: Ŵ = diag(h)·sign·diag(g); g goes into the table
+            x_lo = x_lo * tl.load(col_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+            x_hi = x_hi * tl.load(col_ptr + offs_k + HALF, mask=offs_k + HALF < K, other=0.0).to(tl.float32)
         lo = tl.sum(x_lo[:, None, :] * sign[None, :, :], axis=2)  # [GROUPS, 2^HALF]
         hi = tl.sum(x_hi[:, None, :] * sign[None, :, :], axis=2)
         lut = tl.reshape(hi[:, :, None] + lo[:, None, :], (GROUPS, ENTRIES))  # pattern = hi·2^HALF + lo
+        # field j of word w is group PER_WORD·w + j
+        field = (words[:, None, :] >> (tl.arange(0, PER_WORD) * BITS)[None, :, None]) & (ENTRIES - 1)
+        field = tl.reshape(field, (GROUPS, BLOCK_N))
         part = tl.gather(lut, field, 1)  # [GROUPS, BLOCK_N]: lut[g, field[g, n]]
-        if SCALE == 1:
-            part = part * gscale
+        if SCALE == 1:  # per group: one scale per field (group_size is a multiple of 8)
+            gk = (k0 + tl.arange(0, GROUPS) * BITS) // group_size
+            part = part * tl.load(scale_ptr + offs_n[None, :] * G + gk[:, None],
+                                  mask=(offs_n[None, :] < N) & (gk[:, None] < G), other=0.0).to(tl.float32)
         acc = tl.sum(part, axis=0)  # [BLOCK_N]
-        if SCALE != 1:
-            acc = acc * rscale
+        if SCALE != 1:  # per-row α (or onebit h)
+            acc = acc * tl.load(scale_ptr + offs_n * G, mask=offs_n < N, other=0.0).to(tl.float32)
         if HAS_LORA and pid_k == 0:
+            offs_r = tl.arange(0, BLOCK_R)
             xa = tl.load(xa_ptr + m * stride_am + offs_r, mask=(offs_r < R) & live, other=0.0).to(tl.float32)
+            bt = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :],
+                         mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0).to(tl.float32)
             acc += s * tl.sum(bt * xa[None, :], axis=1)
         if HAS_BIAS and pid_k == 0:
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)

@@ -169,3 +169,15 @@ def test_gpu_gemlite_provider_matches_the_int1_weight():
     ref = reference.lora_linear_ref(x.double(), w.to(torch.float64), A.double(), B.double(), 0.5)
     assert (fn().double() - ref).abs().max().item() <= 0.02 * ref.abs().max().item()
     assert nbytes >= 512 * 1024 // 8
+
+
+@pytest.mark.parametrize("fmt, gemv", [("int1", "lut"), ("sparse4x4", "gather")])
+def test_no_gemv_candidate_spills_on_hopper(fmt, gemv):
+    """Every candidate of the two GEMVs compiles for sm_90 without spilling registers: a spilling
+    candidate only costs tuning time, and a change that makes one spill should be noticed."""
+    pytest.importorskip("triton")
+    out = subprocess.run([sys.executable, "bench/sass_report.py", "fwd", fmt, gemv],
+                         cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("fwd ")]
+    assert len(lines) >= 5 and all("(spills) 0;" in line for line in lines)

@@ -7,6 +7,7 @@ import torch
 pytest.importorskip("triton")
 
 from loraq import reference  # noqa: E402
+from loraq.kernels.autotune import lut_configs  # noqa: E402
 from test_triton_kernels import DTYPES, check, f64, problem  # noqa: E402
 
 INT1_KINDS = ["int1", "int1_g16", "int1_onebit"]
@@ -33,15 +34,11 @@ def test_lut_gemv_matches_reference(kind, dtype, bits, lora_bias, M, rows):
           reference.lora_linear_ref(x, w, A, B, 0.7, b), f"lut{bits} {kind} {dtype} M={M} rows={rows}")
 
 
-@pytest.mark.parametrize("cfg_index", range(6))
-@pytest.mark.parametrize("M", [1, 3])
-def test_every_lut_config_through_the_forward_launcher(cfg_index, M):
+@pytest.mark.parametrize("M, cfg", [(M, c) for M in (1, 3) for c in lut_configs(M)], ids=str)
+def test_every_lut_config_through_the_forward_launcher(M, cfg):
     """Each LUT candidate the autotuner may pick, forced through ``lora_linear_fwd``."""
     from loraq.kernels import lora_linear_fwd
-    from loraq.kernels.autotune import lut_configs
 
-    assert len(lut_configs(M)) == 6, "make the parametrize range match LUT_M1"
-    cfg = lut_configs(M)[cfg_index]
     w, x, A, B, b = problem("int1", torch.float16, M, 600, 520, r=3)
     y = lora_linear_fwd(x, "int1", w.tensors(), _meta(w), A, B, 0.5, b, config=cfg)
     check(y, reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 0.5, f64(b)),
