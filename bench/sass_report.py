@@ -74,7 +74,8 @@ def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, 
                 ("bias_ptr", act), ("y_ptr", out)]
         scalars = ["M", "N", "K", "TK", "PW", "s", "R", "K_PER_SPLIT", "stride_xm", "stride_ym", "stride_am",
                    "stride_bn"]
-        cx = dict(HAS_LORA=True, HAS_BIAS=False, BLOCK_R=16, BLOCK_N=out_tile, BLOCK_K=red_tile, SPLIT_K=split)
+        cx = dict(HAS_LORA=True, HAS_BIAS=False, BLOCK_R=16, ROWS=bm, BLOCK_N=out_tile, BLOCK_K=red_tile,
+                  SPLIT_K=split)
     elif op == "fwd":
         fn = _lora_linear_fwd_kernel
         ptrs = [("x_ptr", act), ("w0_ptr", w0), ("w1_ptr", w1), ("w2_ptr", act), ("xa_ptr", act), ("b_ptr", act),
@@ -138,12 +139,10 @@ def loops(sass: str):
 def candidates(name: str):
     """``(format, config)`` for every candidate of a GEMV the autotuner may time: ``lut`` (int1,
     for each batch bucket it covers) or ``gather`` (sparse4x4)."""
-    from kernels.autotune import GATHER_SMALL_M, LUT_MAX_M, lut_configs, m_bucket
+    from kernels.autotune import GATHER_MAX_M, LUT_MAX_M, gather_configs, lut_configs, m_bucket
 
-    if name == "lut":
-        buckets = sorted({m_bucket(m) for m in range(1, LUT_MAX_M + 1)})
-        return [("int1", c) for m in buckets for c in lut_configs(m)]
-    return [("sparse4x4", c) for c in GATHER_SMALL_M]
+    fmt, configs, top = ("int1", lut_configs, LUT_MAX_M) if name == "lut" else ("sparse4x4", gather_configs, GATHER_MAX_M)
+    return [(fmt, c) for m in sorted({m_bucket(m) for m in range(1, top + 1)}) for c in configs(m)]
 
 
 def report(op: str, fmt: str, cfg, dtype: str, aligned: bool, top: int) -> int:

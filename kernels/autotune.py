@@ -44,8 +44,9 @@ MID_M: List[Config] = LARGE_M + [(32, 128, 128, 4, 4, 3, 1), (64, 128, 128, 4, 4
 LUT_M1: List[Config] = [(1, 512, 256, 4, 4, 1, LUT), (1, 1024, 128, 4, 8, 1, LUT), (1, 256, 256, 4, 4, 1, LUT),
                         (1, 1024, 256, 4, 8, 1, LUT), (1, 128, 256, 4, 4, 1, LUT)]
 LUT_MAX_M = 4
-# Small batches of sparse4x4: the gathering GEMV, timed against SMALL_M. One row of x per
-# program (BLOCK_M = 1), BLOCK_N, BLOCK_K, split of K.
+# Small batches of sparse4x4: the gathering GEMV, timed against SMALL_M. (rows of x per program,
+# BLOCK_N, BLOCK_K, split of K, ...): rows is 1 here; gather_configs sets the batch's bucket and
+# shrinks the tile to match.
 GATHER_SMALL_M: List[Config] = [(1, 128, 256, 4, 4, 2, GATHER), (1, 128, 256, 8, 4, 2, GATHER),
                                 (1, 256, 128, 4, 4, 2, GATHER), (1, 64, 512, 8, 4, 2, GATHER),
                                 (1, 256, 256, 8, 8, 2, GATHER)]
@@ -74,6 +75,25 @@ def lut_configs(M: int) -> List[Config]:
         raise ValueError(f"the lookup GEMV is tuned for 1 to {LUT_MAX_M} rows of x, got {M}")
     rows = m_bucket(M)
     return list(dict.fromkeys((rows, max(128, c[1] // rows)) + c[2:] for c in LUT_M1))  # distinct, in order
+
+
+def gather_configs(M: int) -> List[Config]:
+    """The gathering GEMV's candidates for ``1 ≤ M ≤ GATHER_MAX_M`` rows of x: one program takes
+    them all (the batch's bucket: the weights are loaded and decoded once), on a tile that many
+    times smaller (BLOCK_K first, down to 32, then BLOCK_N, down to 16), so that the four
+    accumulators of every row still fit in the registers."""
+    if not 1 <= M <= GATHER_MAX_M:
+        raise ValueError(f"the gathering GEMV is tuned for 1 to {GATHER_MAX_M} rows of x, got {M}")
+    rows = m_bucket(M)
+    out = []
+    for _, bn, bk, split, warps, stages, variant in GATHER_SMALL_M:
+        shrink = rows
+        while shrink > 1 and bk > 32:
+            bk, shrink = bk // 2, shrink // 2
+        while shrink > 1 and bn > 16:
+            bn, shrink = bn // 2, shrink // 2
+        out.append((rows, bn, bk, split, warps, stages, variant))
+    return list(dict.fromkeys(out))  # distinct, in order
 
 
 def gpu_name(device: torch.device) -> str:

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import GATHER, GATHER_MAX_M, GATHER_SMALL_M, LUT, LUT_MAX_M, lut_configs, pick_config
+from .autotune import GATHER, GATHER_MAX_M, LUT, LUT_MAX_M, gather_configs, lut_configs, pick_config
 from .int1_gemv_lut import launch_lut, lut_supported
 from .sparse4x4_gemv import launch_gather
 from .decode import (_dot, _int1_group_scale, _int1_signs, _sparse4x4_tile, decode_dtype, interpreter_upcast,
@@ -136,6 +136,6 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
     if config is not None and config[6] == GATHER and fmt != "sparse4x4":
         raise ValueError(f"config {config} is the gathering GEMV: it takes a sparse4x4 weight, got {fmt}")
     op = f"lora_linear_fwd:{fmt}:{scale_mode}:{int(has_lora)}" + (":lut" if lut else "") + (":gather" if gather else "")
-    extra = lut_configs(M) if lut else (GATHER_SMALL_M if gather else None)
+    extra = lut_configs(M) if lut else (gather_configs(M) if gather else None)
     cfg = config or pick_config(op, M, N, K, x.dtype, x.device, run, extra=extra)
     return run(cfg).to(x.dtype)

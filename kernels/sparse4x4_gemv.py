@@ -23,17 +23,20 @@ from .decode import output_buffer, split_plan, weight_args
 
 
 @triton.jit
-def _gather_step(x_row, values_ptr, pos_ptr, tn, k0, k_end, K, TK, PW, acc0, acc1, acc2, acc3,
+def _gather_step(x_rows, values_ptr, pos_ptr, rows, tn, k0, k_end, K, TK, PW, acc0, acc1, acc2, acc3,
                  TK_B: tl.constexpr, MASKED: tl.constexpr):
-    """Add the products of one ``[TN_B, TK_B]`` block of stored values to the four accumulators
-    (one per row inside a tile). ``MASKED`` only for the last block of a slice: the others lie
-    inside ``K`` (rows past ``N`` were clamped by the caller), so they load without masks."""
-    j = tl.arange(0, TK_B)[None, :]  # tile column inside the block
-    v_ptrs = values_ptr + tn[:, None] * TK + (k0 // 4 + j)
-    # each value loads the byte holding its nibble (low: even tile column), the same shape as
-    # the values and the gathered inputs, so that all three share one layout (a [TN_B, TK_B / 2]
-    # byte load gets another, and costs a shuffle of every position between threads)
-    p_ptrs = pos_ptr + tn[:, None] * PW + (k0 // 8 + j // 2)
+    """Add the products of one ``[TN_B, TK_B]`` block of stored values with ``ROWS`` rows of x to
+    the four accumulators ``[ROWS, TN_B, TK_B]`` (one per row inside a tile). ``MASKED`` only for
+    the last block of a slice: the others lie inside ``K`` (rows past ``N`` and ``M`` were
+    clamped by the caller), so they load without masks."""
+    j = tl.arange(0, TK_B)[None, None, :]  # tile column inside the block
+    # The values and position bytes are addressed as [ROWS, TN_B, TK_B] (the same address for
+    # every row, which Triton loads once): with the shape of the gathered inputs they get the same
+    # register layout, and nothing moves between threads. Each value loads the byte that holds its
+    # nibble (low nibble: even tile column).
+    same = rows[:, None, None] * 0
+    v_ptrs = values_ptr + tn[None, :, None] * TK + (k0 // 4 + j) + same
+    p_ptrs = pos_ptr + tn[None, :, None] * PW + (k0 // 8 + j // 2) + same
     if MASKED:
         inside = k0 + j * 4 < k_end
         vals = tl.load(v_ptrs, mask=inside, other=0.0)
@@ -45,10 +48,10 @@ def _gather_step(x_row, values_ptr, pos_ptr, tn, k0, k_end, K, TK, PW, acc0, acc
     nib = (byte.to(tl.int32) >> ((j & 1) * 4)) & 15  # k0 is a multiple of 8: j's parity is the column's
     row = nib >> 2  # the output row (inside the tile) it adds to
     col = j * 4 + (nib & 3)  # the input it multiplies, from k0
-    if MASKED:  # a position inside the padding must not read past the row of x
-        xv = tl.load(x_row + k0 + col, mask=inside & (k0 + col < K), other=0.0)
+    if MASKED:  # a position inside the padding must not read past a row of x
+        xv = tl.load(x_rows + k0 + col, mask=inside & (k0 + col < K), other=0.0)
     else:
-        xv = tl.load(x_row + k0 + col)
+        xv = tl.load(x_rows + k0 + col)
     xv = xv.to(tl.float32)
     acc0 += tl.where(row == 0, vals, 0.0) * xv
     acc1 += tl.where(row == 1, vals, 0.0) * xv
@@ -63,66 +66,73 @@ def _sparse4x4_gemv_kernel(
     M, N, K, TK, PW, s, R, K_PER_SPLIT,
     stride_xm, stride_ym, stride_am, stride_bn,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     TN_B: tl.constexpr = BLOCK_N // 4  # tile rows per program
     TK_B: tl.constexpr = BLOCK_K // 4  # tile columns per step
-    # the row of x varies fastest over the grid: the programs that read the same block of
-    # weights for different rows run together, so all but the first find it in L2
-    m = tl.program_id(0)
+    # the rows of x vary fastest over the grid: the programs that read the same block of weights
+    # for other rows run together, and find it in L2
+    pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
-    # rows of Ŵ past N are clamped to the last real one: their loads stay in bounds without
-    # masks, and their results are never stored
+    rows = tl.arange(0, ROWS)
+    offs_m = pid_m * ROWS + rows
+    # rows of Ŵ past N and of x past M are clamped to the last real ones: their loads stay in
+    # bounds without masks, and their results are never stored
     tn = tl.minimum(pid_n * TN_B + tl.arange(0, TN_B), (N + 3) // 4 - 1)
-    x_row = x_ptr + m * stride_xm
+    x_rows = x_ptr + tl.minimum(offs_m, M - 1)[:, None, None] * stride_xm  # [ROWS, 1, 1]
     # one accumulator per row inside the tile, summed over K only at the end: the loop does no
     # reduction across threads, only multiply-adds in registers
-    acc0 = tl.zeros((TN_B, TK_B), dtype=tl.float32)
-    acc1 = tl.zeros((TN_B, TK_B), dtype=tl.float32)
-    acc2 = tl.zeros((TN_B, TK_B), dtype=tl.float32)
-    acc3 = tl.zeros((TN_B, TK_B), dtype=tl.float32)
+    acc0 = tl.zeros((ROWS, TN_B, TK_B), dtype=tl.float32)
+    acc1 = tl.zeros((ROWS, TN_B, TK_B), dtype=tl.float32)
+    acc2 = tl.zeros((ROWS, TN_B, TK_B), dtype=tl.float32)
+    acc3 = tl.zeros((ROWS, TN_B, TK_B), dtype=tl.float32)
     k_start = pid_s * K_PER_SPLIT  # a multiple of BLOCK_K (decode.split_plan)
     k_end = tl.minimum(K, k_start + K_PER_SPLIT)
     # whole blocks of whole tiles first, unmasked; then the slice's last, partial block
     k_full = k_start + (((k_end // 4) * 4 - k_start) // BLOCK_K) * BLOCK_K
     for k0 in range(k_start, k_full, BLOCK_K):
-        acc0, acc1, acc2, acc3 = _gather_step(x_row, values_ptr, pos_ptr, tn, tl.multiple_of(k0, BLOCK_K), k_end,
-                                              K, TK, PW, acc0, acc1, acc2, acc3, TK_B, False)
+        acc0, acc1, acc2, acc3 = _gather_step(x_rows, values_ptr, pos_ptr, rows, tn, tl.multiple_of(k0, BLOCK_K),
+                                              k_end, K, TK, PW, acc0, acc1, acc2, acc3, TK_B, False)
     if k_full < k_end:
-        acc0, acc1, acc2, acc3 = _gather_step(x_row, values_ptr, pos_ptr, tn, k_full, k_end, K, TK, PW,
+        acc0, acc1, acc2, acc3 = _gather_step(x_rows, values_ptr, pos_ptr, rows, tn, k_full, k_end, K, TK, PW,
                                               acc0, acc1, acc2, acc3, TK_B, True)
-    r4 = tl.arange(0, 4)[None, :]
-    acc = tl.where(r4 == 0, tl.sum(acc0, axis=1)[:, None], 0.0)
-    acc += tl.where(r4 == 1, tl.sum(acc1, axis=1)[:, None], 0.0)
-    acc += tl.where(r4 == 2, tl.sum(acc2, axis=1)[:, None], 0.0)
-    acc += tl.where(r4 == 3, tl.sum(acc3, axis=1)[:, None], 0.0)
-    y = tl.reshape(acc, (BLOCK_N,))  # output row 4·tn + r
+    r4 = tl.arange(0, 4)[None, None, :]
+    acc = tl.where(r4 == 0, tl.sum(acc0, axis=2)[:, :, None], 0.0)
+    acc += tl.where(r4 == 1, tl.sum(acc1, axis=2)[:, :, None], 0.0)
+    acc += tl.where(r4 == 2, tl.sum(acc2, axis=2)[:, :, None], 0.0)
+    acc += tl.where(r4 == 3, tl.sum(acc3, axis=2)[:, :, None], 0.0)
+    y = tl.reshape(acc, (ROWS, BLOCK_N))  # output row 4·tn + r
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if HAS_LORA and pid_s == 0:
         offs_r = tl.arange(0, BLOCK_R)
-        xa = tl.load(xa_ptr + m * stride_am + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)
         bt = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :],
                      mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0).to(tl.float32)
-        y += s * tl.sum(bt * xa[None, :], axis=1)
+        for i in tl.static_range(ROWS):
+            xa = tl.load(xa_ptr + (pid_m * ROWS + i) * stride_am + offs_r,
+                         mask=(offs_r < R) & (pid_m * ROWS + i < M), other=0.0).to(tl.float32)
+            y += tl.where(rows[:, None] == i, (s * tl.sum(bt * xa[None, :], axis=1))[None, :], 0.0)
     if HAS_BIAS and pid_s == 0:
-        y += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-    y_ptrs = y_ptr + m * stride_ym + offs_n
+        y += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if SPLIT_K == 1:
-        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=inside)
     else:
-        tl.atomic_add(y_ptrs, y, mask=offs_n < N)
+        tl.atomic_add(y_ptrs, y, mask=inside)
 
 
 def sparse4x4_gemv(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1.0, bias=None,
-                   block_n: int = 128, block_k: int = 256, split: int = 4, num_warps: int = 4, num_stages: int = 2):
+                   rows: int = 1, block_n: int = 128, block_k: int = 256, split: int = 4, num_warps: int = 4,
+                   num_stages: int = 2):
     """Launch the gathering forward for ``x [M, K]`` (meant for small ``M``) and a sparse4x4
     weight (``tensors``/``meta`` as in ``decode.weight_args``); returns ``y [M, N]`` in
-    ``x.dtype``. Each program covers one row of ``x``, ``block_n`` outputs and a ``1/split``
-    slice of K, walked ``block_k`` inputs at a time."""
+    ``x.dtype``. Each program covers ``rows`` rows of ``x`` (the weights are loaded and decoded
+    once for them), ``block_n`` outputs and a ``1/split`` slice of K, walked ``block_k`` inputs at
+    a time."""
     if x.dim() != 2 or x.shape[1] != meta["K"]:
         raise ValueError(f"x must be [M, {meta['K']}], got {tuple(x.shape)}")
-    for name, v, low in (("block_n", block_n, 4), ("block_k", block_k, 8)):
+    for name, v, low in (("rows", rows, 1), ("block_n", block_n, 4), ("block_k", block_k, 8)):
         if v < low or v & (v - 1):
             raise ValueError(f"{name} must be a power of two ≥ {low}, got {v}")
     if split < 1:
@@ -137,14 +147,14 @@ def sparse4x4_gemv(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 
         xa = B = None
         R = 1
     return launch_gather(x, ptrs, ints, meta["N"], xa, B, R, scaling, bias,
-                         (1, block_n, block_k, split, num_warps, num_stages, GATHER)).to(x.dtype)
+                         (rows, block_n, block_k, split, num_warps, num_stages, GATHER)).to(x.dtype)
 
 
 def launch_gather(x, ptrs, ints, N, xa, B, R, scaling, bias, cfg):
     """The launch on arguments already prepared (``weight_args``'s, ``xa = x·Aᵀ`` and ``B`` in
-    ``x``'s dtype, or None without LoRA); ``cfg`` is an ``autotune.GATHER_SMALL_M`` entry. Returns
+    ``x``'s dtype, or None without LoRA); ``cfg`` is an ``autotune.gather_configs`` entry. Returns
     the output buffer (fp32 when the reduction is split)."""
-    _, block_n, block_k, split, num_warps, num_stages, _ = cfg
+    rows, block_n, block_k, split, num_warps, num_stages, _ = cfg
     (values, positions, _), (TK, PW, _, _) = ptrs, ints
     M, K = x.shape
     has_lora = xa is not None
@@ -152,12 +162,12 @@ def launch_gather(x, ptrs, ints, N, xa, B, R, scaling, bias, cfg):
         xa = B = x  # unused placeholders
     split, k_per_split = split_plan(K, block_k, split)
     y = output_buffer(M, N, x, split)
-    grid = (M, triton.cdiv(N, block_n), split)
+    grid = (triton.cdiv(M, rows), triton.cdiv(N, block_n), split)
     _sparse4x4_gemv_kernel[grid](
         x, values, positions, xa, B, bias if bias is not None else x, y,
         M, N, K, TK, PW, float(scaling), R, k_per_split,
         x.stride(0), y.stride(0), xa.stride(0), B.stride(0),
         HAS_LORA=has_lora, HAS_BIAS=bias is not None, BLOCK_R=max(16, triton.next_power_of_2(R)),
-        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=num_warps, num_stages=num_stages,
+        ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=num_warps, num_stages=num_stages,
     )
     return y

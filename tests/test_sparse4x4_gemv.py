@@ -10,6 +10,7 @@ pytest.importorskip("triton")
 from loraq import reference  # noqa: E402
 from loraq.formats import Sparse4x4Weight  # noqa: E402
 from loraq.formats.sparse4x4 import pack_nibbles  # noqa: E402
+from loraq.kernels.autotune import gather_configs  # noqa: E402
 from test_triton_kernels import DTYPES, check, f64, problem  # noqa: E402
 
 
@@ -19,17 +20,19 @@ def _refs(x, w, A, B, s, b):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("M", [1, 3, 17])
+@pytest.mark.parametrize("M, rows", [(1, 1), (3, 4), (17, 2), (5, 8)], ids=["M1", "M3-rows4", "M17-rows2", "M5-rows8"])
 @pytest.mark.parametrize("lora_bias", [(True, True), (False, False), (True, False)], ids=["lora+bias", "plain", "lora"])
-def test_gather_gemv_matches_reference(dtype, M, lora_bias):
+def test_gather_gemv_matches_reference(dtype, M, rows, lora_bias):
     from loraq.kernels.sparse4x4_gemv import sparse4x4_gemv
 
     # N = 37 and K = 301: a partial last tile row and tile column, a partial last block of rows;
-    # split 3 of 301 inputs in blocks of 64: slices of two blocks, the last one partial
+    # split 3 of 301 inputs in blocks of 64: slices of two blocks, the last one partial; M not a
+    # multiple of the rows a program takes (or fewer): its last program has rows past M
     w, x, A, B, b = problem("sparse4x4", dtype, M, 37, 301, r=5, lora=lora_bias[0], bias=lora_bias[1])
-    y = sparse4x4_gemv(x, w.tensors(), {"N": 37, "K": 301}, A, B, 0.7, b, block_n=16, block_k=64, split=3)
+    y = sparse4x4_gemv(x, w.tensors(), {"N": 37, "K": 301}, A, B, 0.7, b, rows=rows, block_n=16, block_k=64,
+                       split=3)
     assert y.shape == (M, 37) and y.dtype == dtype
-    check(y, *_refs(x, w, A, B, 0.7, b), f"gather {dtype} M={M}")
+    check(y, *_refs(x, w, A, B, 0.7, b), f"gather {dtype} M={M} rows={rows}")
 
 
 @pytest.mark.parametrize("split", [1, 2, 8])
@@ -41,7 +44,7 @@ def test_gather_gemv_shapes_and_splits(split, shape):
 
     N, K = shape
     w, x, A, B, b = problem("sparse4x4", torch.float16, 2, N, K, r=3)
-    y = sparse4x4_gemv(x, w.tensors(), {"N": N, "K": K}, A, B, 1.5, b, block_n=8, block_k=32, split=split)
+    y = sparse4x4_gemv(x, w.tensors(), {"N": N, "K": K}, A, B, 1.5, b, rows=2, block_n=8, block_k=32, split=split)
     check(y, *_refs(x, w, A, B, 1.5, b), f"{shape} split {split}")
 
 
@@ -64,15 +67,12 @@ def test_positions_in_the_padding_contribute_nothing():
     assert (w.dequantize() != 0).sum() == 3  # 5 of the 8 kept elements lie in the padding
 
 
-@pytest.mark.parametrize("cfg_index", range(5))
-def test_every_gather_config_through_the_forward_launcher(cfg_index):
+@pytest.mark.parametrize("M, cfg", [(M, c) for M in (1, 3, 16) for c in gather_configs(M)], ids=str)
+def test_every_gather_config_through_the_forward_launcher(M, cfg):
     """Each gathering candidate the autotuner may pick, forced through ``lora_linear_fwd``."""
     from loraq.kernels import lora_linear_fwd
-    from loraq.kernels.autotune import GATHER_SMALL_M
 
-    assert len(GATHER_SMALL_M) == 5, "make the parametrize range match GATHER_SMALL_M"
-    cfg = GATHER_SMALL_M[cfg_index]
-    w, x, A, B, b = problem("sparse4x4", torch.float16, 3, 300, 530, r=3)
+    w, x, A, B, b = problem("sparse4x4", torch.float16, M, 300, 530, r=3)
     y = lora_linear_fwd(x, "sparse4x4", w.tensors(), {"N": 300, "K": 530}, A, B, 0.5, b, config=cfg)
     check(y, *_refs(x, w, A, B, 0.5, b), f"{cfg}")
 
@@ -90,6 +90,8 @@ def test_gather_refuses_what_it_cannot_do():
         sparse4x4_gemv(x, w.tensors(), meta, block_n=12)
     with pytest.raises(ValueError, match="block_k must be a power of two ≥ 8"):
         sparse4x4_gemv(x, w.tensors(), meta, block_k=4)
+    with pytest.raises(ValueError, match="rows must be a power of two ≥ 1"):
+        sparse4x4_gemv(x, w.tensors(), meta, rows=3)
     with pytest.raises(ValueError, match="split must be ≥ 1"):
         sparse4x4_gemv(x, w.tensors(), meta, split=0)
     i1, xi, *_ = problem("int1", torch.float16, 2, 16, 64, lora=False, bias=False)
@@ -112,7 +114,7 @@ def test_the_launcher_offers_the_gather_for_small_batches_of_sparse4x4(monkeypat
     seen = []
 
     def spy(op, M, N, K, dtype, device, run, bench=None, extra=None):
-        seen.append((op.endswith(":gather"), M, extra == autotune.GATHER_SMALL_M))
+        seen.append((op.endswith(":gather"), M, M <= autotune.GATHER_MAX_M and extra == autotune.gather_configs(M)))
         return autotune.configs_for(M)[0]
 
     monkeypatch.setattr(sys.modules[lora_linear_fwd.__module__], "pick_config", spy)
@@ -126,13 +128,29 @@ def test_the_launcher_offers_the_gather_for_small_batches_of_sparse4x4(monkeypat
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("M", [1, 5])
+@pytest.mark.parametrize("M", [1, 5, 16])
 def test_gpu_every_gather_config_at_a_large_shape(dtype, M):
     from loraq.kernels import lora_linear_fwd
-    from loraq.kernels.autotune import GATHER_SMALL_M
 
     w, x, A, B, b = problem("sparse4x4", dtype, M, 3001, 4099, r=16)
     ref, low = _refs(x, w, A, B, 2.0, b)
-    for cfg in GATHER_SMALL_M:
+    for cfg in gather_configs(M):
         y = lora_linear_fwd(x, "sparse4x4", w.tensors(), {"N": 3001, "K": 4099}, A, B, 2.0, b, config=cfg)
         check(y, ref, low, f"{cfg}")
+
+
+def test_gather_configs_take_the_whole_batch_on_smaller_tiles():
+    """A program takes the batch's bucket of rows; its tile shrinks so the accumulators fit (the
+    registers a thread needs stay those of one row on the full tile)."""
+    from loraq.kernels.autotune import GATHER_SMALL_M, m_bucket
+
+    base = {c[3:]: c[1] * c[2] for c in GATHER_SMALL_M}
+    for M in range(1, 17):
+        configs = gather_configs(M)
+        assert configs and len(set(configs)) == len(configs)
+        for rows, bn, bk, *rest in configs:
+            assert rows == m_bucket(M) and bn % 4 == 0 and bk >= 32
+            assert rows * bn * bk <= base[tuple(rest)]
+    for bad in (0, 17):
+        with pytest.raises(ValueError, match="1 to 16 rows"):
+            gather_configs(bad)
