@@ -26,12 +26,14 @@ def gemlite_pack_args(weight) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
     ``(W_q − zeros)·scales``, each scale repeated over its group, is the int1 weight's ``Ŵ``.
     Raises ValueError for what GemLite cannot hold (onebit's column scales; groups of fewer than
     16 inputs or that do not divide K; K not a multiple of 32)."""
-    if getattr(weight, "kind", None) != "int1":
-        raise ValueError("GemLite has no 1:16 sparse format: it takes int1 weights only")
+    kind = getattr(weight, "kind", "dense")
+    if kind != "int1":
+        raise ValueError(f"the GemLite provider takes int1 weights only, got {kind}"
+                         + (" (GemLite has no 1:16 sparse format)" if kind == "sparse4x4" else ""))
     if weight.scale_mode == "onebit":
         raise ValueError("GemLite cannot apply onebit's per-input scales g")
     N, K = weight.shape
-    group = weight.group_size or K
+    group = min(weight.group_size or K, K)  # a group wider than K is one scale per row
     if K % 32 or K % group or group < 16:
         raise ValueError(f"GemLite needs K a multiple of 32 and groups of ≥ 16 that divide it (K={K}, group {group})")
     deq = weight.dequantize()

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -143,7 +144,9 @@ def pick_config(op: str, M: int, N: int, K: int, dtype: torch.dtype, device: tor
                 extra: Optional[List[Config]] = None) -> Config:
     """The config for this problem: cached, or the fastest of :func:`configs_for` plus ``extra``
     (timed with ``bench(fn) -> ms``, by default ``triton.testing.do_bench``). Off CUDA: the first
-    of :func:`configs_for`. ``op`` must name the candidate set (it keys the cache)."""
+    of :func:`configs_for`. The cache key holds ``op`` (which must name the kernel), the batch
+    bucket, N, K, the dtype and a checksum of the candidates, so that a changed list is tuned
+    again."""
     candidates = configs_for(M) + list(extra or [])
     if device.type != "cuda":
         return candidates[0]
@@ -153,7 +156,8 @@ def pick_config(op: str, M: int, N: int, K: int, dtype: torch.dtype, device: tor
         return hit
     path = cache_file(device)
     table = _load(path)
-    key = f"{op}|M{m_bucket(M)}|N{N}|K{K}|{str(dtype).replace('torch.', '')}"
+    # the candidate set is part of the key: a winner cached from another list is not reused
+    key = f"{op}|M{m_bucket(M)}|N{N}|K{K}|{str(dtype).replace('torch.', '')}|c{zlib.crc32(repr(candidates).encode()):08x}"
     if key not in table:
         if bench is None:
             import triton.testing

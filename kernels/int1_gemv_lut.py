@@ -107,12 +107,8 @@ def int1_gemv_lut(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1
         raise ValueError(f"x must be [M, {meta['K']}], got {tuple(x.shape)}")
     if not lut_supported(meta):
         raise ValueError(f"int1_gemv_lut needs a group size that is a multiple of 8, got {meta.get('group_size')}")
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, got {bits}")
-    if chunk_k % 32 or chunk_k & (chunk_k - 1):
-        raise ValueError(f"chunk_k must be a power of two and a multiple of 32, got {chunk_k}")
-    if rows < 1:
-        raise ValueError(f"rows must be ≥ 1, got {rows}")
+    cfg = (rows, block_n, chunk_k, bits, num_warps, num_stages, LUT)
+    check_lut_config(cfg)
     x = x.contiguous()
     ptrs, ints, mode = weight_args("int1", tensors, meta)
     if lora_A is not None:
@@ -122,8 +118,23 @@ def int1_gemv_lut(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1
     else:
         xa = B = None
         R = 1
-    return launch_lut(x, ptrs, ints, mode, meta["N"], xa, B, R, scaling, bias,
-                      (rows, block_n, chunk_k, bits, num_warps, num_stages, LUT))
+    return launch_lut(x, ptrs, ints, mode, meta["N"], xa, B, R, scaling, bias, cfg)
+
+
+def check_lut_config(cfg) -> None:
+    """Raise ValueError unless ``cfg`` is a config the lookup kernel computes correctly:
+    ``(rows, block_n, chunk_k, bits, num_warps, num_stages, LUT)``."""
+    rows, block_n, chunk_k, bits, num_warps, num_stages, variant = cfg
+    if variant != LUT:
+        raise ValueError(f"config {cfg} is not a lookup GEMV config (its last field must be {LUT})")
+    if rows < 1:
+        raise ValueError(f"rows must be ≥ 1, got {rows}")
+    if block_n < 1 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two, got {block_n}")
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if chunk_k % 32 or chunk_k & (chunk_k - 1):
+        raise ValueError(f"chunk_k must be a power of two and a multiple of 32, got {chunk_k}")
 
 
 def launch_lut(x, ptrs, ints, mode, N, xa, B, R, scaling, bias, cfg):

@@ -14,9 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import GATHER, GATHER_MAX_M, LUT, LUT_MAX_M, gather_configs, lut_configs, pick_config
-from .int1_gemv_lut import launch_lut, lut_supported
-from .sparse4x4_gemv import launch_gather
+from .autotune import DOT, DOT_SWAP, GATHER, GATHER_MAX_M, LUT, LUT_MAX_M, gather_configs, lut_configs, pick_config
+from .int1_gemv_lut import check_lut_config, launch_lut, lut_supported
+from .sparse4x4_gemv import check_gather_config, launch_gather
 from .decode import (_dot, _int1_group_scale, _int1_signs, _sparse4x4_tile, decode_dtype, interpreter_upcast,
                      output_buffer, split_plan, weight_args)
 
@@ -135,6 +135,11 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
                          f"multiple of 8 (got {fmt}, group {meta.get('group_size')})")
     if config is not None and config[6] == GATHER and fmt != "sparse4x4":
         raise ValueError(f"config {config} is the gathering GEMV: it takes a sparse4x4 weight, got {fmt}")
+    if config is not None:  # a forced GEMV config gets the checks its public launcher makes
+        if config[6] not in (DOT, DOT_SWAP, LUT, GATHER):
+            raise ValueError(f"config {config}: its last field (the variant) must be one of "
+                             f"{(DOT, DOT_SWAP, LUT, GATHER)} (kernels/autotune.py)")
+        {LUT: check_lut_config, GATHER: check_gather_config}.get(config[6], lambda c: None)(config)
     op = f"lora_linear_fwd:{fmt}:{scale_mode}:{int(has_lora)}" + (":lut" if lut else "") + (":gather" if gather else "")
     extra = lut_configs(M) if lut else (gather_configs(M) if gather else None)
     cfg = config or pick_config(op, M, N, K, x.dtype, x.device, run, extra=extra)

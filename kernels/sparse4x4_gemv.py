@@ -132,11 +132,8 @@ def sparse4x4_gemv(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 
     a time."""
     if x.dim() != 2 or x.shape[1] != meta["K"]:
         raise ValueError(f"x must be [M, {meta['K']}], got {tuple(x.shape)}")
-    for name, v, low in (("rows", rows, 1), ("block_n", block_n, 4), ("block_k", block_k, 8)):
-        if v < low or v & (v - 1):
-            raise ValueError(f"{name} must be a power of two ≥ {low}, got {v}")
-    if split < 1:
-        raise ValueError(f"split must be ≥ 1, got {split}")
+    cfg = (rows, block_n, block_k, split, num_warps, num_stages, GATHER)
+    check_gather_config(cfg)
     x = x.contiguous()
     ptrs, ints, _ = weight_args("sparse4x4", tensors, meta)
     if lora_A is not None:
@@ -146,8 +143,21 @@ def sparse4x4_gemv(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 
     else:
         xa = B = None
         R = 1
-    return launch_gather(x, ptrs, ints, meta["N"], xa, B, R, scaling, bias,
-                         (rows, block_n, block_k, split, num_warps, num_stages, GATHER)).to(x.dtype)
+    return launch_gather(x, ptrs, ints, meta["N"], xa, B, R, scaling, bias, cfg).to(x.dtype)
+
+
+def check_gather_config(cfg) -> None:
+    """Raise ValueError unless ``cfg`` is a config the gathering kernel computes correctly:
+    ``(rows, block_n, block_k, split, num_warps, num_stages, GATHER)`` with powers of two for
+    the first three (block_n ≥ 4: whole tiles; block_k ≥ 8: whole position bytes)."""
+    rows, block_n, block_k, split, num_warps, num_stages, variant = cfg
+    if variant != GATHER:
+        raise ValueError(f"config {cfg} is not a gathering GEMV config (its last field must be {GATHER})")
+    for name, v, low in (("rows", rows, 1), ("block_n", block_n, 4), ("block_k", block_k, 8)):
+        if v < low or v & (v - 1):
+            raise ValueError(f"{name} must be a power of two ≥ {low}, got {v}")
+    if split < 1:
+        raise ValueError(f"split must be ≥ 1, got {split}")
 
 
 def launch_gather(x, ptrs, ints, N, xa, B, R, scaling, bias, cfg):

@@ -110,7 +110,7 @@ def test_sass_report_compiles_the_gemvs(fmt, cfg):
     assert bad.returncode != 0 and f"is a forward GEMV of {fmt}" in bad.stderr
 
 
-@pytest.mark.parametrize("group", [None, 16, 32])
+@pytest.mark.parametrize("group", [None, 16, 32, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_gemlite_packing_is_exactly_the_int1_weight(group, dtype):
     """GemLite dequantizes (W_q − zeros)·scales per group: the arguments we pack must give Ŵ."""
@@ -120,7 +120,7 @@ def test_gemlite_packing_is_exactly_the_int1_weight(group, dtype):
 
     w = compress_weight(torch.randn(24, 96), "int1", group_size=group).to(dtype)
     W_q, scales, zeros, g = gemlite_pack_args(w)
-    assert W_q.dtype == torch.uint8 and set(W_q.unique().tolist()) <= {0, 1} and g == (group or 96)
+    assert W_q.dtype == torch.uint8 and set(W_q.unique().tolist()) <= {0, 1} and g == min(group or 96, 96)
     deq = (W_q.to(dtype) - zeros.repeat_interleave(g, 1)) * scales.repeat_interleave(g, 1)
     assert torch.equal(deq, w.dequantize())
 
@@ -131,7 +131,8 @@ def test_gemlite_packing_refuses_what_gemlite_cannot_hold():
     from loraq.formats import compress_weight
 
     W = torch.randn(8, 96)
-    for w, why in [(compress_weight(W, "sparse4x4"), "int1 weights only"),
+    for w, why in [(compress_weight(W, "sparse4x4"), "int1 weights only, got sparse4x4 .GemLite has no 1:16"),
+                   (compress_weight(W, "dense"), "int1 weights only, got dense"),
                    (compress_weight(W, "int1", scale="onebit"), "onebit"),
                    (compress_weight(W, "int1", group_size=12), "groups of ≥ 16"),
                    (compress_weight(torch.randn(8, 80), "int1"), "K a multiple of 32")]:
@@ -153,15 +154,17 @@ def test_other_libraries_are_skipped_with_their_reason_off_the_gpu():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_gemlite_provider_matches_the_int1_weight():
-    """On a GPU with gemlite installed, the provider passes its own check and returns x·Ŵᵀ + LoRA."""
+@pytest.mark.parametrize("group", [None, 64])
+def test_gpu_gemlite_provider_matches_the_int1_weight(group):
+    """On a GPU with gemlite installed, the provider passes its own check and returns x·Ŵᵀ + LoRA
+    (per-row scales: GemLite's channel-wise path; groups: its grouped path)."""
     pytest.importorskip("gemlite")
     from baselines import gemlite_int1
 
     from loraq import reference
     from loraq.formats import compress_weight
 
-    w = compress_weight(torch.randn(512, 1024), "int1").to(torch.float16).cuda()
+    w = compress_weight(torch.randn(512, 1024), "int1", group_size=group).to(torch.float16).cuda()
     x, A, B = (torch.randn(*s, dtype=torch.float16, device="cuda") for s in ((4, 1024), (16, 1024), (512, 16)))
     A /= 32
     fn, nbytes, note = gemlite_int1(w, x, A, B, 0.5, 0, torch.device("cuda"))

@@ -63,10 +63,16 @@ def test_lut_refuses_what_it_cannot_do():
         int1_gemv_lut(x12, g12.tensors(), _meta(g12))
     # the same limits hold when a lookup config is forced through the forward launcher
     from loraq.kernels import lora_linear_fwd
-    from loraq.kernels.autotune import LUT_M1
+    from loraq.kernels.autotune import LUT, LUT_M1
 
     with pytest.raises(ValueError, match="lookup GEMV: it takes an int1 weight whose group size"):
         lora_linear_fwd(x12, "int1", g12.tensors(), _meta(g12), config=LUT_M1[0])
+    # a forced lookup config gets the checks int1_gemv_lut makes
+    for cfg, why in [((0, 256, 256, 4, 4, 1, LUT), "rows must be ≥ 1"), ((1, 256, 48, 4, 4, 1, LUT), "chunk_k"),
+                     ((1, 96, 256, 4, 4, 1, LUT), "block_n must be a power of two"),
+                     ((1, 256, 256, 2, 4, 1, LUT), "bits must be 4 or 8")]:
+        with pytest.raises(ValueError, match=why):
+            lora_linear_fwd(x, "int1", w.tensors(), _meta(w), config=cfg)
     s4, xs, *_ = problem("sparse4x4", torch.float16, 1, 16, 48, lora=False, bias=False)
     with pytest.raises(ValueError, match="lookup GEMV: it takes an int1 weight"):
         lora_linear_fwd(xs, "sparse4x4", s4.tensors(), {"N": 16, "K": 48}, config=LUT_M1[0])
@@ -86,13 +92,13 @@ def test_the_launcher_offers_the_lut_only_for_a_few_rows_of_int1(monkeypatch):
         return autotune.configs_for(M)[0]
 
     monkeypatch.setattr(sys.modules[lora_linear_fwd.__module__], "pick_config", spy)
-    for kind, M in [("int1", 1), ("int1", 5), ("int1_g12", 1), ("int1_onebit", 3), ("sparse4x4", 1)]:
+    for kind, M in [("int1", 1), ("int1", 5), ("int1_g12", 1), ("int1_onebit", 3), ("sparse4x4", 1), ("int1", 2)]:
         w, x, *_ = problem(kind, torch.float16, M, 16, 48, lora=False, bias=False)
         meta = _meta(w) if kind.startswith("int1") else {"N": 16, "K": 48}
         lora_linear_fwd(x, kind.split("_")[0], w.tensors(), meta)
     # sparse4x4 gets the gathering GEMV instead (tests/test_sparse4x4_gemv.py)
     assert [(op.endswith(":lut"), M, extra) for op, M, extra in seen] == [
-        (True, 1, True), (False, 5, False), (False, 1, False), (True, 3, True), (False, 1, True)]
+        (True, 1, True), (False, 5, False), (False, 1, False), (True, 3, True), (False, 1, True), (True, 2, True)]
 
 
 @pytest.mark.gpu

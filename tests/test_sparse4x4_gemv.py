@@ -39,12 +39,12 @@ def test_gather_gemv_matches_reference(dtype, M, rows, lora_bias):
 @pytest.mark.parametrize("shape", [(8, 32), (13, 70), (64, 129)], ids=str)
 def test_gather_gemv_shapes_and_splits(split, shape):
     """Sizes that are multiples of 4 and 8 (no padding: only the unmasked blocks) and sizes that
-    are not, with every split of the reduction (more splits than blocks included)."""
+    are not, unsplit and split (2, 5 and 9 blocks of 16 inputs: split 8 exceeds the first two)."""
     from loraq.kernels.sparse4x4_gemv import sparse4x4_gemv
 
     N, K = shape
     w, x, A, B, b = problem("sparse4x4", torch.float16, 2, N, K, r=3)
-    y = sparse4x4_gemv(x, w.tensors(), {"N": N, "K": K}, A, B, 1.5, b, rows=2, block_n=8, block_k=32, split=split)
+    y = sparse4x4_gemv(x, w.tensors(), {"N": N, "K": K}, A, B, 1.5, b, rows=2, block_n=8, block_k=16, split=split)
     check(y, *_refs(x, w, A, B, 1.5, b), f"{shape} split {split}")
 
 
@@ -79,7 +79,7 @@ def test_every_gather_config_through_the_forward_launcher(M, cfg):
 
 def test_gather_refuses_what_it_cannot_do():
     from loraq.kernels import lora_linear_dx, lora_linear_fwd
-    from loraq.kernels.autotune import GATHER_SMALL_M, LUT_M1
+    from loraq.kernels.autotune import GATHER, GATHER_SMALL_M, LUT_M1
     from loraq.kernels.sparse4x4_gemv import sparse4x4_gemv
 
     w, x, *_ = problem("sparse4x4", torch.float16, 2, 16, 64, lora=False, bias=False)
@@ -98,6 +98,13 @@ def test_gather_refuses_what_it_cannot_do():
     i1_meta = {"N": 16, "K": 64, "group_size": None, "scale_mode": "mean_abs"}
     with pytest.raises(ValueError, match="gathering GEMV: it takes a sparse4x4 weight"):
         lora_linear_fwd(xi, "int1", i1.tensors(), i1_meta, config=GATHER_SMALL_M[0])
+    # a forced config gets the same checks (a block_k of 4 would split position bytes: wrong sums)
+    for cfg, why in [((1, 16, 4, 1, 4, 2, GATHER), "block_k must be a power of two ≥ 8"),
+                     ((3, 16, 32, 1, 4, 2, GATHER), "rows must be a power of two"),
+                     ((1, 16, 32, 0, 4, 2, GATHER), "split must be ≥ 1"),
+                     ((16, 64, 64, 1, 4, 2, 7), "the variant")]:
+        with pytest.raises(ValueError, match=why):
+            lora_linear_fwd(x, "sparse4x4", w.tensors(), meta, config=cfg)
     # dX has tiled configs only
     for cfg in (GATHER_SMALL_M[0], LUT_M1[0]):
         with pytest.raises(ValueError, match="dX takes tiled configs"):
@@ -119,10 +126,12 @@ def test_the_launcher_offers_the_gather_for_small_batches_of_sparse4x4(monkeypat
 
     monkeypatch.setattr(sys.modules[lora_linear_fwd.__module__], "pick_config", spy)
     int1_meta = {"N": 16, "K": 48, "group_size": None, "scale_mode": "mean_abs"}
-    for kind, M in [("sparse4x4", 1), ("sparse4x4", 16), ("sparse4x4", 17), ("int1", 2)]:
+    for kind, M in [("sparse4x4", 1), ("sparse4x4", 2), ("sparse4x4", 7), ("sparse4x4", 16), ("sparse4x4", 17),
+                    ("int1", 5)]:
         w, x, *_ = problem(kind, torch.float16, M, 16, 48, lora=False, bias=False)
         lora_linear_fwd(x, kind, w.tensors(), {"N": 16, "K": 48} if kind == "sparse4x4" else int1_meta)
-    assert seen == [(True, 1, True), (True, 16, True), (False, 17, False), (False, 2, False)]
+    assert seen == [(True, 1, True), (True, 2, True), (True, 7, True), (True, 16, True), (False, 17, False),
+                    (False, 5, False)]
 
 
 @pytest.mark.gpu

@@ -303,6 +303,13 @@ def test_autotune_caches_the_winner_on_disk_per_gpu(tmp_path, monkeypatch):
     autotune.pick_config("op", 300, 4096, 4096, torch.float16, dev, run, bench)
     assert timed == autotune.LARGE_M
     assert "op|M512|" in files[0].read_text() and "op|M4|" in files[0].read_text()
+    # a changed candidate list (here: extra GEMV configs) is tuned again, not read from the cache
+    monkeypatch.setattr(autotune, "_MEMORY", {})
+    monkeypatch.setattr(autotune, "_PICKED", {})
+    timed.clear()
+    extra = [(1, 256, 256, 4, 4, 1, autotune.LUT)]
+    autotune.pick_config("op", 4, 4096, 4096, torch.float16, dev, run, bench, extra=extra)
+    assert timed == autotune.SMALL_M + extra
 
 
 def test_autotune_off_the_gpu_uses_the_first_config_untimed():
