@@ -83,7 +83,7 @@ def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, 
         scalars = ["M", "N", "K", "s", "K_PER_SPLIT", "W_A", "W_B", "W_C", "W_D", "stride_xm", "stride_ym",
                    "stride_am", "stride_bn", "R"]
         cx = dict(FORMAT=F, SCALE=0, HAS_LORA=True, HAS_BIAS=False, IEEE=dtype == "fp32", UPCAST=False, WDT=wdt,
-                  BLOCK_R=16, BLOCK_M=bm, BLOCK_N=out_tile, BLOCK_K=red_tile, SPLIT_K=split, SWAP=bool(swap))
+                  BLOCK_R=16, BLOCK_M=bm, BLOCK_N=out_tile, BLOCK_K=red_tile, SPLIT_K=split, SWAP=bool(swap), ASM=True)
     elif op == "dx":
         fn = _lora_linear_dx_kernel
         ptrs = [("dy_ptr", act), ("w0_ptr", w0), ("w1_ptr", w1), ("w2_ptr", act), ("dyb_ptr", act), ("a_ptr", act),
@@ -91,7 +91,7 @@ def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, 
         scalars = ["M", "N", "K", "N_PER_SPLIT", "s", "W_A", "W_B", "W_C", "W_D", "stride_dym", "stride_dxm",
                    "stride_bm", "stride_ar", "R"]
         cx = dict(FORMAT=F, SCALE=0, HAS_LORA=True, IEEE=dtype == "fp32", UPCAST=False, WDT=wdt, BLOCK_R=16,
-                  BLOCK_M=bm, BLOCK_K=out_tile, BLOCK_N=red_tile, SPLIT_N=split, SWAP=bool(swap))
+                  BLOCK_M=bm, BLOCK_K=out_tile, BLOCK_N=red_tile, SPLIT_N=split, SWAP=bool(swap), ASM=True)
     else:
         raise SystemExit(f"sass_report: op is fwd or dx, got {op!r}")
     sig = dict(ptrs)

@@ -35,29 +35,43 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _int1_signs(packed_ptr, offs_n, k0, N, KW, WDT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _rotl(w, r, ASM: tl.constexpr):
+    """``w`` rotated left by ``r`` (``0 ≤ r < 32``), uint32. On the GPU one funnel shift
+    (``shf.l.wrap``): written as two shifts and an or, LLVM keeps the two shifts, since Triton
+    guards each shift against amounts of 32 or more. ``ASM=False`` for the interpreter, which
+    runs no PTX."""
+    if ASM:
+        return tl.inline_asm_elementwise("shf.l.wrap.b32 $0, $1, $1, $2;", "=r,r,r", [w, r], dtype=tl.uint32,
+                                         is_pure=True, pack=1)
+    else:
+        return (w << r) | (w >> ((32 - r) & 31))
+
+
+@triton.jit
+def _int1_signs(packed_ptr, offs_n, k0, N, KW, WDT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                ASM: tl.constexpr):
     """±1 for ``Ŵ[offs_n, k0:k0+BLOCK_K]`` in the dot's dtype (``WDT``: ``W_FP16``, ``W_BF16`` or
     ``W_FP32``); ``k0`` is a multiple of 32.
 
     Each sign is built from its bit in two instructions instead of shift, compare, select and
-    convert: a rotate (one funnel shift) brings bit ``j`` of the word onto the sign bit of the
-    constant 1.0, and one and-or keeps it. The decode, not the weight stream, is what limits a
+    convert: a rotate (one funnel shift, ``_rotl``) brings bit ``j`` of the word onto the sign bit
+    of the constant 1.0, and one and-or keeps it. The decode, not the weight stream, is what limits a
     1-bit matmul. Rows past ``N`` and bits past ``K`` decode to ±1, not 0: the kernels zero ``x``
     (``dY``) there, and never store those rows.
     """
     offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
     words = tl.load(packed_ptr + offs_n[:, None] * KW + offs_w[None, :],
                     mask=(offs_n[:, None] < N) & (offs_w[None, :] < KW), other=0)
-    w = (~words).to(tl.uint32, bitcast=True)[:, :, None]  # a set bit is +1: a clear sign bit
+    w = words.to(tl.uint32, bitcast=True)[:, :, None]
     j = tl.arange(0, 32).to(tl.uint32)[None, None, :]
-    if WDT == 2:  # fp32: 1.0 = 0x3F800000, sign bit 31; rotate left by 31 - j
-        r = (31 - j) & 31
-        rot = (w << r) | (w >> ((32 - r) & 31))
-        signs = ((rot & 0x80000000) | 0x3F800000).to(tl.float32, bitcast=True)
-    else:  # 16-bit: 1.0 = 0x3C00 (fp16) or 0x3F80 (bf16), sign bit 15; rotate left by 15 - j
-        r = (47 - j) & 31
-        rot = (w << r) | (w >> ((32 - r) & 31))
-        bits = ((rot & 0x8000) | (0x3C00 if WDT == 0 else 0x3F80)).to(tl.uint16)
+    # rotate left so that bit j lands on the sign bit; a set bit is +1, a clear sign bit, hence
+    # the xor (ptxas folds and, xor and or into one LOP3)
+    r = ((31 if WDT == 2 else 15) - j) & 31
+    rot = _rotl(tl.broadcast_to(w, (BLOCK_N, BLOCK_K // 32, 32)), tl.broadcast_to(r, (BLOCK_N, BLOCK_K // 32, 32)), ASM)
+    if WDT == 2:  # fp32: 1.0 = 0x3F800000, sign bit 31
+        signs = (((rot & 0x80000000) ^ 0x80000000) | 0x3F800000).to(tl.float32, bitcast=True)
+    else:  # 16-bit: 1.0 = 0x3C00 (fp16) or 0x3F80 (bf16), sign bit 15
+        bits = (((rot & 0x8000) ^ 0x8000) | (0x3C00 if WDT == 0 else 0x3F80)).to(tl.uint16)
         signs = bits.to(tl.float16, bitcast=True) if WDT == 0 else bits.to(tl.bfloat16, bitcast=True)
     return tl.reshape(signs, (BLOCK_N, BLOCK_K))  # bit j of word w is k = 32w + j
 
@@ -107,6 +121,11 @@ def decode_dtype(dtype: torch.dtype) -> int:
     if dtype == torch.bfloat16 and not interpreter_upcast(dtype):
         return W_BF16
     return W_FP32
+
+
+def use_asm() -> bool:
+    """Whether the kernels may use inline PTX (``_rotl``): everywhere but Triton's interpreter."""
+    return os.environ.get("TRITON_INTERPRET") != "1"
 
 
 def interpreter_upcast(dtype: torch.dtype) -> bool:

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .autotune import DOT, DOT_SWAP, pick_config
-from .decode import (_dot, _int1_group_scale, _int1_signs, _sparse4x4_tile, decode_dtype, interpreter_upcast,
+from .decode import (_dot, _int1_group_scale, _int1_signs, _sparse4x4_tile, decode_dtype, interpreter_upcast, use_asm,
                      output_buffer, split_plan, weight_args)
 
 
@@ -25,7 +25,7 @@ def _lora_linear_dx_kernel(
     FORMAT: tl.constexpr, SCALE: tl.constexpr, HAS_LORA: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr, WDT: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr,
-    SWAP: tl.constexpr,
+    SWAP: tl.constexpr, ASM: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -44,7 +44,7 @@ def _lora_linear_dx_kernel(
         g = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :],
                     mask=(offs_m[:, None] < M) & (offs_n[None, :] < n_end), other=0.0)
         if FORMAT == 0:
-            w = _int1_signs(w0_ptr, offs_n, k0, N, W_A, WDT, BLOCK_N, BLOCK_K)
+            w = _int1_signs(w0_ptr, offs_n, k0, N, W_A, WDT, BLOCK_N, BLOCK_K, ASM)
             if SCALE == 1:  # per group
                 w = w * _int1_group_scale(w1_ptr, offs_n, offs_k, n_end, K, W_B, W_C).to(w.dtype)
             else:  # per-row α or onebit h: a vector along N (onebit g goes in the epilogue)
@@ -105,7 +105,7 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
             dy.stride(0), dx.stride(0), dyb.stride(0), A.stride(0), R,
             FORMAT=0 if fmt == "int1" else 1, SCALE=scale_mode, HAS_LORA=has_lora, IEEE=dy.dtype == torch.float32,
             UPCAST=interpreter_upcast(dy.dtype), WDT=decode_dtype(dy.dtype), BLOCK_R=max(16, triton.next_power_of_2(R)),
-            BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, SPLIT_N=split, SWAP=bool(swap),
+            BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, SPLIT_N=split, SWAP=bool(swap), ASM=use_asm(),
             num_warps=warps, num_stages=stages,
         )
         return dx

@@ -17,7 +17,7 @@ import triton.language as tl
 from .autotune import DOT, DOT_SWAP, GATHER, GATHER_MAX_M, LUT, LUT_MAX_M, gather_configs, lut_configs, pick_config
 from .int1_gemv_lut import check_lut_config, launch_lut, lut_supported
 from .sparse4x4_gemv import check_gather_config, launch_gather
-from .decode import (_dot, _int1_group_scale, _int1_signs, _sparse4x4_tile, decode_dtype, interpreter_upcast,
+from .decode import (_dot, _int1_group_scale, _int1_signs, _sparse4x4_tile, decode_dtype, interpreter_upcast, use_asm,
                      output_buffer, split_plan, weight_args)
 
 INT1, SPARSE4X4 = 0, 1
@@ -33,7 +33,7 @@ def _lora_linear_fwd_kernel(
     FORMAT: tl.constexpr, SCALE: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr, WDT: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    SWAP: tl.constexpr,
+    SWAP: tl.constexpr, ASM: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -52,7 +52,7 @@ def _lora_linear_fwd_kernel(
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                      mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_end), other=0.0)
         if FORMAT == 0:
-            w = _int1_signs(w0_ptr, offs_n, k0, N, W_A, WDT, BLOCK_N, BLOCK_K)
+            w = _int1_signs(w0_ptr, offs_n, k0, N, W_A, WDT, BLOCK_N, BLOCK_K, ASM)
             if SCALE == 1:  # per group: the one scale that varies along K
                 w = w * _int1_group_scale(w1_ptr, offs_n, offs_k, N, k_end, W_B, W_C).to(w.dtype)
             elif SCALE == 2:  # onebit: Ŵ = diag(h)·sign·diag(g); g here, h in the epilogue
@@ -121,7 +121,7 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
             x.stride(0), y.stride(0), xa.stride(0), B.stride(0), R,
             FORMAT=INT1 if fmt == "int1" else SPARSE4X4, SCALE=scale_mode, HAS_LORA=has_lora,
             HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, UPCAST=interpreter_upcast(x.dtype),
-            WDT=decode_dtype(x.dtype), BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, SWAP=bool(swap),
+            WDT=decode_dtype(x.dtype), BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, SWAP=bool(swap), ASM=use_asm(),
             num_warps=warps, num_stages=stages,
         )
         return y
