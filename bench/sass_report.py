@@ -6,6 +6,7 @@ Answers "did the config get wgmma (HGMMA) or mma.sync (HMMA)?", "does it spill (
     python bench/sass_report.py fwd int1 "(16, 128, 128, 4, 4, 3, 1)"
     python bench/sass_report.py dx sparse4x4 "(128, 128, 64, 1, 8, 3, 1)" --dtype bf16
     python bench/sass_report.py fwd int1 lut          # every lookup-GEMV candidate, one line each
+    python bench/sass_report.py dx sparse4x4 tiled    # every tiled candidate (small, middle, large batches)
 """
 
 from __future__ import annotations
@@ -136,11 +137,15 @@ def loops(sass: str):
     return found
 
 
-def candidates(name: str):
-    """``(format, config)`` for every candidate of a GEMV the autotuner may time: ``lut`` (int1,
-    for each batch bucket it covers) or ``gather`` (sparse4x4)."""
-    from kernels.autotune import GATHER_MAX_M, LUT_MAX_M, gather_configs, lut_configs, m_bucket
+def candidates(name: str, fmt: str = "int1"):
+    """``(format, config)`` for every candidate the autotuner may time: of a GEMV, ``lut`` (int1,
+    for each batch bucket it covers) or ``gather`` (sparse4x4), or ``tiled``: the tiled kernels'
+    small-, middle- and large-batch lists for ``fmt``."""
+    from kernels.autotune import (GATHER_MAX_M, LARGE_M, LUT_MAX_M, MID_M, SMALL_M, gather_configs, lut_configs,
+                                  m_bucket)
 
+    if name == "tiled":
+        return [(fmt, c) for c in dict.fromkeys(SMALL_M + MID_M + LARGE_M)]
     fmt, configs, top = ("int1", lut_configs, LUT_MAX_M) if name == "lut" else ("sparse4x4", gather_configs, GATHER_MAX_M)
     return [(fmt, c) for m in sorted({m_bucket(m) for m in range(1, top + 1)}) for c in configs(m)]
 
@@ -167,18 +172,19 @@ def main(argv=None) -> int:
     p.add_argument("op", choices=["fwd", "dx"])
     p.add_argument("format", choices=["int1", "sparse4x4"])
     p.add_argument("config", help="an autotune Config tuple, e.g. \"(16, 128, 128, 4, 4, 3, 1)\", or \"lut\" / "
-                                  "\"gather\": every candidate of that GEMV, one line each (exit 1 if one spills)")
+                                  "\"gather\" / \"tiled\": every candidate of that kernel, one line each (exit 1 if "
+                                  "one spills)")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     p.add_argument("--top", type=int, default=24)
     p.add_argument("--unaligned", action="store_true",
                    help="compile without the multiple-of-16 hints of large shapes (as for odd sizes)")
     args = p.parse_args(argv)
-    if args.config in ("lut", "gather"):
-        want = "int1" if args.config == "lut" else "sparse4x4"
-        if args.op != "fwd" or args.format != want:
+    if args.config in ("lut", "gather", "tiled"):
+        want = {"lut": "int1", "gather": "sparse4x4"}.get(args.config, args.format)
+        if args.config != "tiled" and (args.op != "fwd" or args.format != want):
             p.error(f"{args.config} is a forward GEMV of {want}")
-        spilled = [cfg for fmt, cfg in candidates(args.config)
-                   if report("fwd", fmt, cfg, args.dtype, not args.unaligned, 0)]
+        spilled = [cfg for fmt, cfg in candidates(args.config, args.format)
+                   if report(args.op, fmt, cfg, args.dtype, not args.unaligned, 0)]
         if spilled:
             print(f"these candidates spill: {spilled}")
         return 1 if spilled else 0
