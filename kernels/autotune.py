@@ -31,10 +31,11 @@ DOT, DOT_SWAP, LUT, GATHER = 0, 1, 2, 3
 SMALL_M: List[Config] = [(16, 32, 32, 1, 4, 2, 1), (16, 64, 128, 1, 4, 3, 0), (16, 64, 256, 4, 4, 3, 1),
                          (16, 64, 256, 8, 4, 3, 0), (16, 128, 128, 4, 4, 3, 1), (16, 128, 128, 4, 4, 3, 0),
                          (16, 128, 128, 8, 4, 3, 1), (16, 128, 256, 4, 8, 3, 1), (16, 256, 128, 4, 8, 3, 1)]
-# Large batches: tensor-core tiles.
+# Large batches: tensor-core tiles. The 256-row tiles decode each weight tile once for more rows
+# of x, and won most large shapes on an H100 although they spill; (256, 64, 64) does not spill.
 LARGE_M: List[Config] = [(64, 64, 32, 1, 4, 2, 0), (128, 128, 64, 1, 8, 3, 0), (256, 128, 64, 1, 8, 3, 0),
                          (128, 128, 64, 1, 8, 3, 1), (64, 128, 64, 1, 4, 3, 1), (128, 256, 64, 1, 8, 3, 1),
-                         (256, 128, 64, 1, 8, 3, 1)]
+                         (256, 128, 64, 1, 8, 3, 1), (256, 64, 64, 1, 8, 3, 1)]
 # Middle batches (17-256 rows): the large-batch tiles (which won there on an H100, yet at 1.3-10x
 # cuBLAS's time) plus narrower x tiles that split the reduction to fill the GPU like small M does.
 MID_M: List[Config] = LARGE_M + [(32, 128, 128, 4, 4, 3, 1), (64, 128, 128, 4, 4, 3, 1), (32, 128, 256, 8, 4, 3, 1)]
