@@ -22,7 +22,8 @@ python3 -m loraq info | tee "$OUT/info.txt"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv >> "$OUT/info.txt" 2>&1
 python3 bench/profile_host.py > "$OUT/host.txt" 2>&1; head -n 8 "$OUT/host.txt"
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-KERNEL_TESTS=(tests/test_triton_kernels.py tests/test_int1_gemv_lut.py tests/test_sparse4x4_gemv.py)
+KERNEL_TESTS=(tests/test_triton_kernels.py tests/test_int1_gemv_lut.py tests/test_sparse4x4_gemv.py
+              tests/test_sparse4x4_gemv_dx.py)
 if [ "${TESTS:-gpu}" = all ]; then SELECT=("${KERNEL_TESTS[@]}" tests/test_bench.py)
 else SELECT=("${KERNEL_TESTS[@]}" tests/test_bench.py -k "gpu or every_tile or every_lut or every_gather"); fi
 timeout "${TEST_TIMEOUT:-900}" python3 -m pytest -q -ra -p no:cacheprovider $XDIST "${SELECT[@]}" \

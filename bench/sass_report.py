@@ -53,14 +53,17 @@ def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, 
     from kernels.lora_linear_dx import _lora_linear_dx_kernel
     from kernels.lora_linear_fwd import _lora_linear_fwd_kernel
     from kernels.sparse4x4_gemv import _sparse4x4_gemv_kernel
+    from kernels.sparse4x4_gemv_dx import _sparse4x4_gemv_dx_kernel
 
     bm, out_tile, red_tile, split, warps, stages, swap = cfg
     F = 0 if fmt == "int1" else 1
     act, w0, w1 = f"*{dtype}", ("*i32" if F == 0 else f"*{dtype}"), (f"*{dtype}" if F == 0 else "*u8")
     out = act if split == 1 else "*fp32"
     wdt = {"fp16": 0, "bf16": 1, "fp32": 2}[dtype]
-    if swap in (LUT, GATHER) and (op != "fwd" or fmt != ("int1" if swap == LUT else "sparse4x4")):
-        raise SystemExit(f"sass_report: config {cfg} is a forward GEMV of {'int1' if swap == LUT else 'sparse4x4'}")
+    if swap == LUT and (op != "fwd" or fmt != "int1"):
+        raise SystemExit(f"sass_report: config {cfg} is a forward GEMV of int1")
+    if swap == GATHER and fmt != "sparse4x4":
+        raise SystemExit(f"sass_report: config {cfg} is a GEMV of sparse4x4")
     if swap == LUT:
         fn = _int1_gemv_lut_kernel
         ptrs = [("x_ptr", act), ("packed_ptr", "*i32"), ("scale_ptr", act), ("col_ptr", act), ("xa_ptr", act),
@@ -69,6 +72,13 @@ def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, 
                    "stride_ym"]
         cx = dict(SCALE=0, HAS_LORA=True, HAS_BIAS=False, BLOCK_R=16, ROWS=bm, BLOCK_N=out_tile, CHUNK_K=red_tile,
                   BITS=split)
+    elif swap == GATHER and op == "dx":
+        fn = _sparse4x4_gemv_dx_kernel
+        ptrs = [("dy_ptr", act), ("values_ptr", act), ("pos_ptr", "*u8"), ("dyb_ptr", act), ("a_ptr", act),
+                ("dx_ptr", out)]
+        scalars = ["M", "N", "K", "TK", "PW", "s", "R", "N_PER_SPLIT", "stride_dym", "stride_dxm", "stride_bm",
+                   "stride_ar"]
+        cx = dict(HAS_LORA=True, BLOCK_R=16, ROWS=bm, BLOCK_K=out_tile, BLOCK_N=red_tile, SPLIT_N=split)
     elif swap == GATHER:
         fn = _sparse4x4_gemv_kernel
         ptrs = [("x_ptr", act), ("values_ptr", act), ("pos_ptr", "*u8"), ("xa_ptr", act), ("b_ptr", act),
@@ -181,8 +191,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.config in ("lut", "gather", "tiled"):
         want = {"lut": "int1", "gather": "sparse4x4"}.get(args.config, args.format)
-        if args.config != "tiled" and (args.op != "fwd" or args.format != want):
-            p.error(f"{args.config} is a forward GEMV of {want}")
+        if args.format != want or (args.config == "lut" and args.op != "fwd"):
+            p.error(f"{args.config} is a {'forward ' if args.config == 'lut' else ''}GEMV of {want}")
         spilled = [cfg for fmt, cfg in candidates(args.config, args.format)
                    if report(args.op, fmt, cfg, args.dtype, not args.unaligned, 0)]
         if spilled:

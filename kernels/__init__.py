@@ -10,13 +10,16 @@ tensors (the format's fields) and know nothing of autograd, ``nn`` or the backen
   (an autotune candidate of :func:`lora_linear_fwd` for up to 4 rows)
 * :func:`sparse4x4_gemv`: the forward for up to 16 rows of ``x`` and a sparse4x4 weight, by
   gathering one input per stored value (an autotune candidate of :func:`lora_linear_fwd`)
+* :func:`sparse4x4_gemv_dx`: its transpose, ``dX`` for up to 16 rows of ``dY`` (an autotune
+  candidate of :func:`lora_linear_dx`)
 """
 
 from .int1_gemv_lut import int1_gemv_lut
 from .lora_linear_dx import lora_linear_dx
 from .lora_linear_fwd import lora_linear_fwd
 from .sparse4x4_gemv import sparse4x4_gemv
+from .sparse4x4_gemv_dx import sparse4x4_gemv_dx
 
 FORMATS = ("int1", "sparse4x4")
 
-__all__ = ["lora_linear_fwd", "lora_linear_dx", "int1_gemv_lut", "sparse4x4_gemv", "FORMATS"]
+__all__ = ["lora_linear_fwd", "lora_linear_dx", "int1_gemv_lut", "sparse4x4_gemv", "sparse4x4_gemv_dx", "FORMATS"]

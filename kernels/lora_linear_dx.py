@@ -3,16 +3,19 @@
 Each program owns a ``[BLOCK_M, BLOCK_K]`` tile of ``dX`` and walks N, decoding the
 ``[BLOCK_N, BLOCK_K]`` tile of ``Ŵ`` it needs (the same decoders as the forward) and feeding it
 to ``tl.dot``; the epilogue adds the LoRA term from ``dY·B`` (``[M, r]``, computed by the caller,
-which needs it for ``dA`` too).
+which needs it for ``dA`` too). For up to 16 rows of sparse4x4 the autotuner also times the
+gathering GEMV (``sparse4x4_gemv_dx.py``).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .autotune import DOT, DOT_SWAP, pick_config
+from .autotune import DOT, DOT_SWAP, GATHER, GATHER_MAX_M, gather_configs, pick_config
 from .decode import (_dot, _int1_group_scale, _int1_signs, _sparse4x4_tile, decode_dtype, interpreter_upcast, use_asm,
                      output_buffer, split_plan, weight_args)
+from .sparse4x4_gemv import check_gather_config
+from .sparse4x4_gemv_dx import DX_LIMITS, launch_gather_dx
 
 
 @triton.jit
@@ -93,10 +96,17 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
         A = dyb = dy  # unused placeholders
         R = 1
 
-    if config is not None and config[6] not in (DOT, DOT_SWAP):
-        raise ValueError(f"config {config} is a forward GEMV's; dX takes tiled configs (variant DOT or DOT_SWAP)")
+    gather = M <= GATHER_MAX_M and fmt == "sparse4x4"
+    if config is not None:
+        if config[6] == GATHER and fmt == "sparse4x4":
+            check_gather_config(config, DX_LIMITS)
+        elif config[6] not in (DOT, DOT_SWAP):
+            raise ValueError(f"config {config}: dX takes tiled configs (variant DOT or DOT_SWAP), or for sparse4x4 "
+                             f"the gathering GEMV's (GATHER)")
 
     def run(cfg):
+        if cfg[6] == GATHER:  # small batches of sparse4x4, on the arguments prepared above
+            return launch_gather_dx(dy, ptrs, ints, K, A if has_lora else None, dyb, R, scaling, cfg)
         bm, bk, bn, split, warps, stages, swap = cfg
         split, n_per_split = split_plan(N, bn, split)
         dx = output_buffer(M, K, dy, split)
@@ -110,7 +120,8 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
         )
         return dx
 
-    # tuned per format, scale mode and LoRA on/off: each compiles to a different kernel
-    op = f"lora_linear_dx:{fmt}:{scale_mode}:{int(has_lora)}"
-    cfg = config or pick_config(op, M, N, K, dy.dtype, dy.device, run)
+    # tuned per format, scale mode and LoRA on/off: each compiles to a different kernel. Small
+    # batches of sparse4x4 also time the gathering GEMV, under their own cache key.
+    op = f"lora_linear_dx:{fmt}:{scale_mode}:{int(has_lora)}" + (":gather" if gather else "")
+    cfg = config or pick_config(op, M, N, K, dy.dtype, dy.device, run, extra=gather_configs(M) if gather else None)
     return run(cfg).to(dy.dtype)

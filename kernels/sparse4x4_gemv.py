@@ -146,14 +146,15 @@ def sparse4x4_gemv(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 
     return launch_gather(x, ptrs, ints, meta["N"], xa, B, R, scaling, bias, cfg).to(x.dtype)
 
 
-def check_gather_config(cfg) -> None:
+def check_gather_config(cfg, limits=(("rows", 1), ("block_n", 4), ("block_k", 8))) -> None:
     """Raise ValueError unless ``cfg`` is a config the gathering kernel computes correctly:
-    ``(rows, block_n, block_k, split, num_warps, num_stages, GATHER)`` with powers of two for
-    the first three (block_n ≥ 4: whole tiles; block_k ≥ 8: whole position bytes)."""
-    rows, block_n, block_k, split, num_warps, num_stages, variant = cfg
+    ``(rows, output tile, reduction tile, split, num_warps, num_stages, GATHER)`` with powers of
+    two for the first three, each at least its ``limits`` entry (forward: block_n ≥ 4, whole
+    tiles; block_k ≥ 8, whole position bytes)."""
+    *sizes, split, num_warps, num_stages, variant = cfg
     if variant != GATHER:
         raise ValueError(f"config {cfg} is not a gathering GEMV config (its last field must be {GATHER})")
-    for name, v, low in (("rows", rows, 1), ("block_n", block_n, 4), ("block_k", block_k, 8)):
+    for (name, low), v in zip(limits, sizes):
         if v < low or v & (v - 1):
             raise ValueError(f"{name} must be a power of two ≥ {low}, got {v}")
     if split < 1:

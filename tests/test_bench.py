@@ -107,7 +107,7 @@ def test_sass_report_compiles_the_gemvs(fmt, cfg):
     other = "int1" if fmt == "sparse4x4" else "sparse4x4"
     bad = subprocess.run([sys.executable, "bench/sass_report.py", "fwd", other, cfg], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0 and f"is a forward GEMV of {fmt}" in bad.stderr
+    assert bad.returncode != 0 and "GEMV of" in bad.stderr and fmt in bad.stderr
 
 
 @pytest.mark.parametrize("group", [None, 16, 32, 128])
@@ -174,13 +174,14 @@ def test_gpu_gemlite_provider_matches_the_int1_weight(group):
     assert nbytes >= 512 * 1024 // 8
 
 
-@pytest.mark.parametrize("fmt, gemv", [("int1", "lut"), ("sparse4x4", "gather")])
-def test_no_gemv_candidate_spills_on_hopper(fmt, gemv):
-    """Every candidate of the two GEMVs compiles for sm_90 without spilling registers: a spilling
+@pytest.mark.parametrize("op, fmt, gemv", [("fwd", "int1", "lut"), ("fwd", "sparse4x4", "gather"),
+                                           ("dx", "sparse4x4", "gather")])
+def test_no_gemv_candidate_spills_on_hopper(op, fmt, gemv):
+    """Every candidate of the GEMVs compiles for sm_90 without spilling registers: a spilling
     candidate only costs tuning time, and a change that makes one spill should be noticed."""
     pytest.importorskip("triton")
-    out = subprocess.run([sys.executable, "bench/sass_report.py", "fwd", fmt, gemv],
+    out = subprocess.run([sys.executable, "bench/sass_report.py", op, fmt, gemv],
                          cwd=REPO, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    lines = [line for line in out.stdout.splitlines() if line.startswith("fwd ")]
+    lines = [line for line in out.stdout.splitlines() if line.startswith(f"{op} ")]
     assert len(lines) >= 5 and all("(spills) 0;" in line for line in lines)

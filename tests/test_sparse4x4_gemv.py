@@ -105,10 +105,12 @@ def test_gather_refuses_what_it_cannot_do():
                      ((16, 64, 64, 1, 4, 2, 7), "the variant")]:
         with pytest.raises(ValueError, match=why):
             lora_linear_fwd(x, "sparse4x4", w.tensors(), meta, config=cfg)
-    # dX has tiled configs only
-    for cfg in (GATHER_SMALL_M[0], LUT_M1[0]):
-        with pytest.raises(ValueError, match="dX takes tiled configs"):
-            lora_linear_dx(torch.randn(2, 16, dtype=torch.float16), "sparse4x4", w.tensors(), meta, config=cfg)
+    # dX has no lookup GEMV, and gathers only for sparse4x4 (its own tests: test_sparse4x4_gemv_dx.py)
+    with pytest.raises(ValueError, match="dX takes tiled configs"):
+        lora_linear_dx(torch.randn(2, 16, dtype=torch.float16), "sparse4x4", w.tensors(), meta, config=LUT_M1[0])
+    with pytest.raises(ValueError, match="dX takes tiled configs"):
+        lora_linear_dx(torch.randn(2, 16, dtype=torch.float16), "int1", i1.tensors(), i1_meta,
+                       config=GATHER_SMALL_M[0])
 
 
 def test_the_launcher_offers_the_gather_for_small_batches_of_sparse4x4(monkeypatch):
