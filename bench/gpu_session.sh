@@ -2,7 +2,8 @@
 # One call on a GPU machine: install loraq in place, run the kernel tests on the GPU, then the
 # benchmark. Everything lands in $OUT (default bench/results/run-<time>): info.txt, tests.txt,
 # bench.txt, bench.csv, bench.png and bench.md (the targets, met or missed, and every row).
-# TEST_TIMEOUT / BENCH_TIMEOUT (seconds) keep the call inside a device lease; TESTS picks the
+# TEST_TIMEOUT / BENCH_TIMEOUT (seconds; 270 each by default, so that install, tests and benchmark
+# fit one 10-minute device call) keep the call inside a device lease; TESTS picks the
 # tests (default: the GPU-marked large shapes and every tile, lookup and gather config; "all" for
 # the files, which compile for many minutes); extra arguments go to bench_kernels.py. Run
 # bench/fetch_baselines.sh first (and carry bench/wheels) to compare with GemLite and bitsandbytes.
@@ -26,10 +27,10 @@ KERNEL_TESTS=(tests/test_triton_kernels.py tests/test_int1_gemv_lut.py tests/tes
               tests/test_sparse4x4_gemv_dx.py)
 if [ "${TESTS:-gpu}" = all ]; then SELECT=("${KERNEL_TESTS[@]}" tests/test_bench.py)
 else SELECT=("${KERNEL_TESTS[@]}" tests/test_bench.py -k "gpu or every_tile or every_lut or every_gather"); fi
-timeout "${TEST_TIMEOUT:-900}" python3 -m pytest -q -ra -p no:cacheprovider $XDIST "${SELECT[@]}" \
+timeout "${TEST_TIMEOUT:-270}" python3 -m pytest -q -ra -p no:cacheprovider $XDIST "${SELECT[@]}" \
   > "$OUT/tests.txt" 2>&1
 echo "tests exit $?"; tail -n 25 "$OUT/tests.txt"
-timeout "${BENCH_TIMEOUT:-1800}" python3 bench/bench_kernels.py --backward --csv "$OUT/bench.csv" \
+timeout "${BENCH_TIMEOUT:-270}" python3 bench/bench_kernels.py --backward --csv "$OUT/bench.csv" \
   --plot "$OUT/bench.png" --markdown "$OUT/bench.md" "$@" > "$OUT/bench.txt" 2>&1
 echo "bench exit $?"; grep -v '^forward\|^backward' "$OUT/bench.txt" | tail -n 20
 [ -f "$OUT/bench.md" ] && sed -n '/## Targets/,/## All rows/p' "$OUT/bench.md"
