@@ -8,11 +8,12 @@ product: ``y[m, 4·tn + p // 4] += v · x[m, 4·tk + p % 4]``. Each program load
 and their positions, gathers the one input each value needs (from L1: a row of ``x`` is a few
 KB), and multiply-adds it into one of four accumulators, one per row inside a tile. Nothing is
 reduced across threads until the end. Compiled for sm_90, one value costs about 24 instructions
-(``bench/sass_report.py``), about 1.5 per weight.
+for one row of ``x`` (about 1.5 per weight) and 11.5 per row from 4 rows, whose values and
+positions are loaded and decoded once (``bench/sass_report.py``).
 
-Programs split N (``BLOCK_N`` rows, a multiple of 4) and K (``K_PER_SPLIT`` each, walked
-``BLOCK_K`` at a time) and take one row of ``x`` each; split partial sums meet through fp32
-atomics. The LoRA path and the bias are added by the programs of the first K slice.
+Programs split N (``BLOCK_N`` rows, a multiple of 4), K (``K_PER_SPLIT`` each, walked
+``BLOCK_K`` at a time) and M (``ROWS`` rows of ``x`` each); split partial sums meet through
+fp32 atomics. The LoRA path and the bias are added by the programs of the first K slice.
 """
 
 import triton
