@@ -38,7 +38,7 @@ LARGE_M: List[Config] = [(64, 64, 32, 1, 4, 2, 0), (128, 128, 64, 1, 8, 3, 0), (
                          (256, 128, 64, 1, 8, 3, 1), (256, 64, 64, 1, 8, 3, 1)]
 # Middle batches (17-256 rows): the large-batch tiles (which won there on an H100, yet at 1.3-10x
 # cuBLAS's time) plus narrower x tiles that split the reduction to fill the GPU like small M does
-# (not measured yet; none spills on sm_90).
+# (these three: not measured yet; none spills on sm_90).
 MID_M: List[Config] = LARGE_M + [(32, 128, 128, 4, 4, 3, 1), (64, 128, 128, 4, 4, 3, 1), (32, 128, 128, 8, 4, 3, 1)]
 # Up to LUT_MAX_M rows of x, int1 weights: the lookup-table GEMV, timed against SMALL_M.
 # (rows of x per program, BLOCK_N, CHUNK_K, table bits, num_warps, num_stages, LUT); rows is 1
@@ -47,9 +47,10 @@ MID_M: List[Config] = LARGE_M + [(32, 128, 128, 4, 4, 3, 1), (64, 128, 128, 4, 4
 LUT_M1: List[Config] = [(1, 512, 256, 4, 4, 1, LUT), (1, 1024, 128, 4, 8, 1, LUT), (1, 256, 256, 4, 4, 1, LUT),
                         (1, 1024, 256, 4, 8, 1, LUT), (1, 128, 256, 4, 4, 1, LUT)]
 LUT_MAX_M = 4
-# Small batches of sparse4x4: the gathering GEMV, timed against SMALL_M. (rows of x per program,
-# BLOCK_N, BLOCK_K, split of K, ...): rows is 1 here; gather_configs sets the batch's bucket and
-# shrinks the tile to match.
+# Small batches of sparse4x4: the gathering GEMVs, timed against SMALL_M. (rows of x per program,
+# output tile, reduction tile, split of the reduction, ...) as for the tiled kernels (forward:
+# BLOCK_N, BLOCK_K; dX: BLOCK_K, BLOCK_N): rows is 1 here; gather_configs sets the batch's bucket
+# and shrinks the tile to match.
 GATHER_SMALL_M: List[Config] = [(1, 128, 256, 4, 4, 2, GATHER), (1, 128, 256, 8, 4, 2, GATHER),
                                 (1, 256, 128, 4, 4, 2, GATHER), (1, 64, 512, 8, 4, 2, GATHER),
                                 (1, 256, 256, 8, 8, 2, GATHER)]
