@@ -84,8 +84,8 @@ def lut_configs(M: int) -> List[Config]:
 def gather_configs(M: int) -> List[Config]:
     """The gathering GEMV's candidates for ``1 ≤ M ≤ GATHER_MAX_M`` rows of x: one program takes
     them all (the batch's bucket: the weights are loaded and decoded once), on a tile that many
-    times smaller (BLOCK_K first, down to 32, then BLOCK_N, down to 16), so that the four
-    accumulators of every row still fit in the registers."""
+    times smaller (the reduction tile first, down to 32, then the output tile, down to 16), so
+    that the four accumulators of every row still fit in the registers."""
     if not 1 <= M <= GATHER_MAX_M:
         raise ValueError(f"the gathering GEMV is tuned for 1 to {GATHER_MAX_M} rows of x, got {M}")
     rows = m_bucket(M)
