@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from baselines import bnb_nf4, gemlite_int1  # noqa: E402
 from loraq import ops, reference  # noqa: E402
+from loraq.kernels.autotune import describe, picked  # noqa: E402
 from loraq.formats import compress_weight  # noqa: E402
 
 GPU_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672), (512, 1000)]  # (K, N)
@@ -196,6 +197,10 @@ def run(args, rows: List[Dict], info: Dict) -> str:
                                        pct_copy_bw=round(100 * nbytes / (best * 1e-6) / bw, 1))
                             if p == "cublas":
                                 base_us = best
+                            if p == "triton":  # which kernel the autotuner chose
+                                chosen = picked(f"lora_linear_{'fwd' if op == 'forward' else 'dx'}:{fmt}:", M, N, K,
+                                                dtype)
+                                row["note"] = "; ".join([note] * bool(note) + [describe(c) for _, c in chosen])
                             if base_us:
                                 row["speedup_vs_cublas"] = round(base_us / best, 2)
                         rows.append(row)

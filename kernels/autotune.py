@@ -183,3 +183,19 @@ def pick_config(op: str, M: int, N: int, K: int, dtype: torch.dtype, device: tor
         _store(path, table)
     _PICKED[fast] = table[key]
     return table[key]
+
+
+VARIANT_NAMES = {DOT: "tiled", DOT_SWAP: "tiled, swapped", LUT: "lookup GEMV", GATHER: "gather GEMV"}
+
+
+def describe(cfg: Config) -> str:
+    """``cfg`` with the name of its kernel, e.g. ``"lookup GEMV (1, 256, 256, 4, 4, 1, 2)"``."""
+    return f"{VARIANT_NAMES.get(cfg[6], 'variant ' + str(cfg[6]))} {tuple(cfg)}"
+
+
+def picked(op_prefix: str, M: int, N: int, K: int, dtype: torch.dtype) -> List[Tuple[str, Config]]:
+    """The configs this process picked (tuned or read from the cache) for ops whose name starts
+    with ``op_prefix`` at this batch bucket, N, K and dtype: how a benchmark reports which kernel
+    ran. Read-only; empty off the GPU (nothing is tuned there)."""
+    return [(key[0], cfg) for key, cfg in _PICKED.items()
+            if key[0].startswith(op_prefix) and key[1:5] == (m_bucket(M), N, K, dtype)]

@@ -333,3 +333,19 @@ def test_compile_before_any_eager_call_in_a_fresh_process():
             "assert y.shape == (3, 10); print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+def test_picked_reports_the_chosen_kernel(monkeypatch):
+    """A benchmark reads which config (and kernel) the autotuner chose for an op and problem."""
+    from loraq.kernels import autotune
+
+    monkeypatch.setattr(autotune, "_PICKED", {
+        ("lora_linear_fwd:int1:0:1:lut", 1, 4096, 4096, torch.float16, 0): (1, 256, 256, 4, 4, 1, autotune.LUT),
+        ("lora_linear_fwd:int1:0:1", 16, 4096, 4096, torch.float16, 0): (16, 128, 128, 4, 4, 3, 1),
+        ("lora_linear_dx:int1:0:1", 1, 4096, 4096, torch.float16, 0): (16, 64, 256, 4, 4, 3, 0)})
+    got = autotune.picked("lora_linear_fwd:int1:", 1, 4096, 4096, torch.float16)
+    assert got == [("lora_linear_fwd:int1:0:1:lut", (1, 256, 256, 4, 4, 1, autotune.LUT))]
+    assert autotune.describe(got[0][1]) == "lookup GEMV (1, 256, 256, 4, 4, 1, 2)"
+    assert autotune.describe((16, 128, 128, 4, 4, 3, 1)) == "tiled, swapped (16, 128, 128, 4, 4, 3, 1)"
+    assert autotune.picked("lora_linear_fwd:int1:", 9, 4096, 4096, torch.float16)[0][1][0] == 16  # bucket 16
+    assert autotune.picked("lora_linear_fwd:sparse4x4:", 1, 4096, 4096, torch.float16) == []
