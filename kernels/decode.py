@@ -156,6 +156,14 @@ def weight_args(fmt: str, tensors: Dict[str, torch.Tensor], meta: Dict) -> Tuple
     raise ValueError(f"no Triton kernel for weight format {fmt!r}")
 
 
+def lora_prologue(x: torch.Tensor, lora_A, lora_B):
+    """``(xa = x·Aᵀ [M, r], B [N, r], r)`` in ``x``'s dtype, contiguous, for the forward kernels'
+    epilogue (tiny next to the weight stream); ``(None, None, 1)`` without LoRA."""
+    if lora_A is None:
+        return None, None, 1
+    return (x @ lora_A.to(x.dtype).t()).contiguous(), lora_B.to(x.dtype).contiguous(), lora_A.shape[0]
+
+
 def split_plan(total: int, block: int, split: int) -> Tuple[int, int]:
     """``(programs, length per program)`` to split a reduction of ``total`` into at most ``split``
     slices of whole ``block``s (slice starts stay aligned to the block, hence to int1 words)."""

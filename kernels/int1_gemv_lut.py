@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .autotune import LUT
-from .decode import weight_args
+from .decode import lora_prologue, weight_args
 
 
 @triton.jit
@@ -111,13 +111,7 @@ def int1_gemv_lut(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1
     check_lut_config(cfg)
     x = x.contiguous()
     ptrs, ints, mode = weight_args("int1", tensors, meta)
-    if lora_A is not None:
-        B = lora_B.to(x.dtype).contiguous()
-        xa = (x @ lora_A.to(x.dtype).t()).contiguous()
-        R = lora_A.shape[0]
-    else:
-        xa = B = None
-        R = 1
+    xa, B, R = lora_prologue(x, lora_A, lora_B)
     return launch_lut(x, ptrs, ints, mode, meta["N"], xa, B, R, scaling, bias, cfg)
 
 

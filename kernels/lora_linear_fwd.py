@@ -17,8 +17,8 @@ import triton.language as tl
 from .autotune import DOT, DOT_SWAP, GATHER, GATHER_MAX_M, LUT, LUT_MAX_M, gather_configs, lut_configs, pick_config
 from .int1_gemv_lut import check_lut_config, launch_lut, lut_supported
 from .sparse4x4_gemv import check_gather_config, launch_gather
-from .decode import (_dot, _int1_group_scale, _int1_signs, _sparse4x4_tile, decode_dtype, interpreter_upcast, use_asm,
-                     output_buffer, split_plan, weight_args)
+from .decode import (_dot, _int1_group_scale, _int1_signs, _sparse4x4_tile, decode_dtype, interpreter_upcast, lora_prologue,
+                     output_buffer, split_plan, use_asm, weight_args)
 
 INT1, SPARSE4X4 = 0, 1
 
@@ -96,29 +96,23 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
     if M == 0:
         return torch.empty(M, N, device=x.device, dtype=x.dtype)
     ptrs, ints, scale_mode = weight_args(fmt, tensors, meta)
-    has_lora = lora_A is not None
-    if has_lora:
-        A = lora_A.to(x.dtype)
-        B = lora_B.to(x.dtype).contiguous()
-        xa = (x @ A.t()).contiguous()  # [M, r]: the LoRA prologue, tiny next to the weight stream
-        R = A.shape[0]
-    else:
-        xa = B = x  # unused placeholders
-        R = 1
+    xa, B, R = lora_prologue(x, lora_A, lora_B)
+    has_lora = xa is not None
 
     def run(cfg):
         # the GEMVs of small batches, on the arguments prepared above
         if cfg[6] == LUT:
-            return launch_lut(x, ptrs, ints, scale_mode, N, xa if has_lora else None, B, R, scaling, bias, cfg)
+            return launch_lut(x, ptrs, ints, scale_mode, N, xa, B, R, scaling, bias, cfg)
         if cfg[6] == GATHER:
-            return launch_gather(x, ptrs, ints, N, xa if has_lora else None, B, R, scaling, bias, cfg)
+            return launch_gather(x, ptrs, ints, N, xa, B, R, scaling, bias, cfg)
         bm, bn, bk, split, warps, stages, swap = cfg
+        xa_arg, b_arg = (xa, B) if has_lora else (x, x)  # unused placeholders without LoRA
         split, k_per_split = split_plan(K, bk, split)
         y = output_buffer(M, N, x, split)
         _lora_linear_fwd_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn), split)](
-            x, *ptrs, xa, B, bias if bias is not None else x, y,
+            x, *ptrs, xa_arg, b_arg, bias if bias is not None else x, y,
             M, N, K, float(scaling), k_per_split, *ints,
-            x.stride(0), y.stride(0), xa.stride(0), B.stride(0), R,
+            x.stride(0), y.stride(0), xa_arg.stride(0), b_arg.stride(0), R,
             FORMAT=INT1 if fmt == "int1" else SPARSE4X4, SCALE=scale_mode, HAS_LORA=has_lora,
             HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, UPCAST=interpreter_upcast(x.dtype),
             WDT=decode_dtype(x.dtype), BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, SWAP=bool(swap), ASM=use_asm(),

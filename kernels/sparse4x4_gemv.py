@@ -20,7 +20,31 @@ import triton
 import triton.language as tl
 
 from .autotune import GATHER
-from .decode import output_buffer, split_plan, weight_args
+from .decode import lora_prologue, output_buffer, split_plan, weight_args
+
+
+@triton.jit
+def _add_by_slot(slot, vals, other, acc0, acc1, acc2, acc3):
+    """``acc_i += vals · other`` where ``slot == i`` (0..3): each stored value lands in the
+    accumulator of its row (forward) or column (dX) inside its tile. The selected value is made
+    once per value and shared by every row of x, when ``other`` has more rows than ``vals``."""
+    acc0 += tl.where(slot == 0, vals, 0.0) * other
+    acc1 += tl.where(slot == 1, vals, 0.0) * other
+    acc2 += tl.where(slot == 2, vals, 0.0) * other
+    acc3 += tl.where(slot == 3, vals, 0.0) * other
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _sum_slots(acc0, acc1, acc2, acc3, AXIS: tl.constexpr):
+    """The four ``[ROWS, A, B]`` accumulators summed over ``AXIS`` (1 or 2) and set side by side:
+    ``[ROWS, the other axis, 4]``, the slot last (output ``4·t + slot``)."""
+    s4 = tl.arange(0, 4)[None, None, :]
+    out = tl.where(s4 == 0, tl.sum(acc0, axis=AXIS)[:, :, None], 0.0)
+    out += tl.where(s4 == 1, tl.sum(acc1, axis=AXIS)[:, :, None], 0.0)
+    out += tl.where(s4 == 2, tl.sum(acc2, axis=AXIS)[:, :, None], 0.0)
+    out += tl.where(s4 == 3, tl.sum(acc3, axis=AXIS)[:, :, None], 0.0)
+    return out
 
 
 @triton.jit
@@ -53,12 +77,7 @@ def _gather_step(x_rows, values_ptr, pos_ptr, rows, tn, k0, k_end, K, TK, PW, ac
         xv = tl.load(x_rows + k0 + col, mask=inside & (k0 + col < K), other=0.0)
     else:
         xv = tl.load(x_rows + k0 + col)
-    xv = xv.to(tl.float32)
-    acc0 += tl.where(row == 0, vals, 0.0) * xv
-    acc1 += tl.where(row == 1, vals, 0.0) * xv
-    acc2 += tl.where(row == 2, vals, 0.0) * xv
-    acc3 += tl.where(row == 3, vals, 0.0) * xv
-    return acc0, acc1, acc2, acc3
+    return _add_by_slot(row, vals, xv.to(tl.float32), acc0, acc1, acc2, acc3)
 
 
 @triton.jit
@@ -98,12 +117,7 @@ def _sparse4x4_gemv_kernel(
     if k_full < k_end:
         acc0, acc1, acc2, acc3 = _gather_step(x_rows, values_ptr, pos_ptr, rows, tn, k_full, k_end, K, TK, PW,
                                               acc0, acc1, acc2, acc3, TK_B, True)
-    r4 = tl.arange(0, 4)[None, None, :]
-    acc = tl.where(r4 == 0, tl.sum(acc0, axis=2)[:, :, None], 0.0)
-    acc += tl.where(r4 == 1, tl.sum(acc1, axis=2)[:, :, None], 0.0)
-    acc += tl.where(r4 == 2, tl.sum(acc2, axis=2)[:, :, None], 0.0)
-    acc += tl.where(r4 == 3, tl.sum(acc3, axis=2)[:, :, None], 0.0)
-    y = tl.reshape(acc, (ROWS, BLOCK_N))  # output row 4·tn + r
+    y = tl.reshape(_sum_slots(acc0, acc1, acc2, acc3, 2), (ROWS, BLOCK_N))  # output row 4·tn + r
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if HAS_LORA and pid_s == 0:
         offs_r = tl.arange(0, BLOCK_R)
@@ -137,13 +151,7 @@ def sparse4x4_gemv(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 
     check_gather_config(cfg)
     x = x.contiguous()
     ptrs, ints, _ = weight_args("sparse4x4", tensors, meta)
-    if lora_A is not None:
-        B = lora_B.to(x.dtype).contiguous()
-        xa = (x @ lora_A.to(x.dtype).t()).contiguous()
-        R = lora_A.shape[0]
-    else:
-        xa = B = None
-        R = 1
+    xa, B, R = lora_prologue(x, lora_A, lora_B)
     return launch_gather(x, ptrs, ints, meta["N"], xa, B, R, scaling, bias, cfg).to(x.dtype)
 
 

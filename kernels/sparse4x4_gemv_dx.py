@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .autotune import GATHER
 from .decode import output_buffer, split_plan, weight_args
-from .sparse4x4_gemv import check_gather_config
+from .sparse4x4_gemv import _add_by_slot, _sum_slots, check_gather_config
 
 
 # (name, least value) of a config's first three fields for dX: whole tiles either way; the
@@ -52,12 +52,7 @@ def _gather_dx_step(dy_rows, values_ptr, pos_ptr, v_off, p_off, shift, rel_n, n0
         dyv = tl.load(dy_rows + n0 + row, mask=inside & (n0 + row < n_end), other=0.0)
     else:
         dyv = tl.load(dy_rows + n0 + row)
-    dyv = dyv.to(tl.float32)
-    acc0 += tl.where(col == 0, vals, 0.0) * dyv
-    acc1 += tl.where(col == 1, vals, 0.0) * dyv
-    acc2 += tl.where(col == 2, vals, 0.0) * dyv
-    acc3 += tl.where(col == 3, vals, 0.0) * dyv
-    return acc0, acc1, acc2, acc3
+    return _add_by_slot(col, vals, dyv.to(tl.float32), acc0, acc1, acc2, acc3)
 
 
 @triton.jit
@@ -102,12 +97,7 @@ def _sparse4x4_gemv_dx_kernel(
     if n_full < n_end:
         acc0, acc1, acc2, acc3 = _gather_dx_step(dy_rows, values_ptr, pos_ptr, v_off, p_off, shift, rel_n, n_full,
                                                  n_end, TK, PW, acc0, acc1, acc2, acc3, True)
-    c4 = tl.arange(0, 4)[None, None, :]
-    acc = tl.where(c4 == 0, tl.sum(acc0, axis=1)[:, :, None], 0.0)
-    acc += tl.where(c4 == 1, tl.sum(acc1, axis=1)[:, :, None], 0.0)
-    acc += tl.where(c4 == 2, tl.sum(acc2, axis=1)[:, :, None], 0.0)
-    acc += tl.where(c4 == 3, tl.sum(acc3, axis=1)[:, :, None], 0.0)
-    dx = tl.reshape(acc, (ROWS, BLOCK_K))  # column 4·tk + c
+    dx = tl.reshape(_sum_slots(acc0, acc1, acc2, acc3, 1), (ROWS, BLOCK_K))  # column 4·tk + c
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     if HAS_LORA and pid_s == 0:
         offs_r = tl.arange(0, BLOCK_R)
