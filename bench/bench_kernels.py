@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from baselines import bnb_nf4, gemlite_int1  # noqa: E402
+from baselines import _disagrees, bnb_nf4, gemlite_int1  # noqa: E402
 from loraq import ops, reference  # noqa: E402
 from loraq.kernels.autotune import describe, picked  # noqa: E402
 from loraq.formats import compress_weight  # noqa: E402
@@ -124,22 +124,33 @@ def providers_for(fmt: str, weight, W16, x, A, B, s, device, backward: bool) -> 
         dy = torch.randn(M, N, dtype=x.dtype, device=device)
         out["cublas"] = (lambda: dy @ W16, _nbytes(W16) + act, "")
         out["naive"] = (lambda: dy @ weight.dequantize().to(x.dtype), weight.nbytes + act, "dequantize, then matmul")
+        ref = lambda: dy @ weight.dequantize().to(x.dtype)  # noqa: E731
         for name in ("triton", "cuda"):
             ok, why = _status(status, name, device)
-            out[name] = ((lambda b=name: ops.base_matmul_t(dy, weight, backend=b)) if ok else None,
-                         weight.nbytes + act, why)
+            out[name] = _checked((lambda b=name: ops.base_matmul_t(dy, weight, backend=b)) if ok else None,
+                                 ref, weight.nbytes + act, why, device)
         return out
     out["cublas"] = (lambda: x @ W16.t(), _nbytes(W16) + act, "")
     out["cublas_lora"] = (lambda: x @ W16.t() + s * ((x @ A.t()) @ B.t()), _nbytes(W16) + act + lora, "")
     out["naive"] = (lambda: reference.lora_linear_ref(x, weight, A, B, s), weight.nbytes + act + lora,
                     "dequantize, then matmul + LoRA")
+    ref = lambda: reference.lora_linear_ref(x, weight, A, B, s)  # noqa: E731
     for name in ("triton", "cuda"):
         ok, why = _status(status, name, device)
-        out[name] = ((lambda b=name: ops.lora_linear(x, weight, A, B, s, backend=b)) if ok else None,
-                     weight.nbytes + act + lora, why)
+        out[name] = _checked((lambda b=name: ops.lora_linear(x, weight, A, B, s, backend=b)) if ok else None,
+                             ref, weight.nbytes + act + lora, why, device)
     out["gemlite"] = gemlite_int1(weight, x, A, B, s, act + lora, device)
     out["bnb_nf4"] = bnb_nf4(W16, x, A, B, s, act + lora, device)
     return out
+
+
+def _checked(fn: Optional[Callable], ref: Callable, nbytes: int, note: str, device) -> Tuple[Optional[Callable], int, str]:
+    """``fn`` only if its output agrees with the reference (checked once, which also runs any
+    autotuning before the timing): a wrong kernel is reported, never timed."""
+    if fn is None:
+        return fn, nbytes, note
+    wrong = _disagrees(fn(), ref())
+    return (None, nbytes, f"REFUSED, output disagrees with loraq.reference: {wrong}") if wrong else (fn, nbytes, note)
 
 
 def _status(status, name: str, device) -> Tuple[bool, str]:

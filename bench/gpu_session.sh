@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install loraq in place, run the kernel tests on the GPU, then the
-# benchmark. Everything lands in $OUT (default bench/results/run-<time>): info.txt, tests.txt,
-# bench.txt, bench.csv, bench.png and bench.md (the targets, met or missed, and every row).
+# benchmark. Everything lands in $OUT (default bench/results/run-<time>): info.txt (install log,
+# versions, host timings), tests.txt, bench.txt, bench.csv, bench.png, bench.md (the targets, met
+# or missed, and every row) and the autotune winners under cache/autotune/ (seven files: a device
+# call returns eight at most). SEED_CACHE=<folder of autotune .json files> starts from an earlier
+# call's winners, so that a second call does not tune again.
 # TEST_TIMEOUT / BENCH_TIMEOUT (seconds; 270 each by default, so that install, tests and benchmark
 # fit one 10-minute device call) keep the call inside a device lease; TESTS picks the
 # tests (default: the GPU-marked large shapes and every tile, lookup and gather config; "all" for
@@ -12,16 +15,20 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/run-$(date +%Y%m%d-%H%M%S)}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+export LORAQ_CACHE_DIR="${LORAQ_CACHE_DIR:-$OUT/cache}"
+if [ -n "${SEED_CACHE:-}" ]; then mkdir -p "$LORAQ_CACHE_DIR/autotune" && cp "$SEED_CACHE"/*.json "$LORAQ_CACHE_DIR/autotune/"; fi
+INFO="$OUT/info.txt"
 LORAQ_BUILD_EXT="${LORAQ_BUILD_EXT:-0}" python3 -m pip install -q --no-deps --no-build-isolation -e . \
-  > "$OUT/install.txt" 2>&1 || { cat "$OUT/install.txt"; exit 1; }
+  > "$INFO" 2>&1 || { cat "$INFO"; exit 1; }
 # the other libraries, when bench/fetch_baselines.sh downloaded them (this machine has no network)
 if compgen -G "bench/wheels/*" > /dev/null; then
-  python3 -m pip install -q --no-deps --no-build-isolation bench/wheels/* >> "$OUT/install.txt" 2>&1 \
-    || echo "installing bench/wheels failed (see install.txt): those providers will be skipped"
+  python3 -m pip install -q --no-deps --no-build-isolation bench/wheels/* >> "$INFO" 2>&1 \
+    || echo "installing bench/wheels failed (see info.txt): those providers will be skipped"
 fi
-python3 -m loraq info | tee "$OUT/info.txt"
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv >> "$OUT/info.txt" 2>&1
-python3 bench/profile_host.py > "$OUT/host.txt" 2>&1; head -n 8 "$OUT/host.txt"
+python3 -m loraq info 2>&1 | tee -a "$INFO"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv >> "$INFO" 2>&1
+echo "## host time (bench/profile_host.py)" >> "$INFO"
+python3 bench/profile_host.py >> "$INFO" 2>&1; tail -n 8 "$INFO"
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 KERNEL_TESTS=(tests/test_triton_kernels.py tests/test_int1_gemv_lut.py tests/test_sparse4x4_gemv.py
               tests/test_sparse4x4_gemv_dx.py)

@@ -185,3 +185,14 @@ def test_no_gemv_candidate_spills_on_hopper(op, fmt, gemv):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     lines = [line for line in out.stdout.splitlines() if line.startswith(f"{op} ")]
     assert len(lines) >= 5 and all("(spills) 0;" in line for line in lines)
+
+
+def test_a_provider_whose_output_is_wrong_is_refused_not_timed():
+    import bench_kernels as bk
+
+    right = torch.randn(5, 7)
+    fn, nbytes, note = bk._checked(lambda: right.clone(), lambda: right, 10, "", torch.device("cpu"))
+    assert fn is not None and nbytes == 10 and note == ""
+    fn, _, note = bk._checked(lambda: right + 1.0, lambda: right, 10, "", torch.device("cpu"))
+    assert fn is None and note.startswith("REFUSED") and "max error" in note
+    assert bk._checked(None, lambda: right, 10, "no GPU", torch.device("cpu")) == (None, 10, "no GPU")
