@@ -164,7 +164,7 @@ def test_gpu_gemlite_provider_matches_the_int1_weight(group):
     from loraq import reference
     from loraq.formats import compress_weight
 
-    w = compress_weight(torch.randn(512, 1024), "int1", group_size=group).to(torch.float16).cuda()
+    w = compress_weight(torch.randn(512, 1024), "int1", group_size=group).to(torch.float16).to("cuda")
     x, A, B = (torch.randn(*s, dtype=torch.float16, device="cuda") for s in ((4, 1024), (16, 1024), (512, 16)))
     A /= 32
     fn, nbytes, note = gemlite_int1(w, x, A, B, 0.5, 0, torch.device("cuda"))

@@ -20,8 +20,8 @@ def _refs(dy, w, A, dyB, s):
             reference.lora_linear_dx_ref(dy, w, A, dyB, s))
 
 
-def _dy(M, N, B, dtype):
-    dy = torch.randn(M, N, dtype=dtype)
+def _dy(M, N, B, dtype, device=None):
+    dy = torch.randn(M, N, dtype=dtype, device=device if B is None else B.device)
     return dy, (dy @ B if B is not None else None)
 
 
