@@ -67,13 +67,11 @@ def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, 
     if swap == LUT:
         fn = _int1_gemv_lut_kernel
         ptrs = [("x_ptr", act), ("packed_ptr", "*i32"), ("scale_ptr", act), ("col_ptr", act), ("xa_ptr", act),
-                ("b_ptr", act), ("bias_ptr", act), ("y_ptr", act if stages == 1 else "*fp32")]
-        scalars = ["M", "N", "K", "KW", "G", "group_size", "s", "R", "K_PER_SPLIT", "stride_xm", "stride_am",
-                   "stride_bn", "stride_ym"]
-        # a lookup config's fourth field is the table's bits and its sixth the split of K
+                ("b_ptr", act), ("bias_ptr", act), ("y_ptr", "*fp32")]
+        scalars = ["M", "N", "K", "KW", "G", "group_size", "s", "R", "stride_xm", "stride_am", "stride_bn",
+                   "stride_ym"]
         cx = dict(SCALE=0, HAS_LORA=True, HAS_BIAS=False, BLOCK_R=16, ROWS=bm, BLOCK_N=out_tile, CHUNK_K=red_tile,
-                  BITS=split, SPLIT_K=stages)
-        stages = 1
+                  BITS=split)
     elif swap == GATHER and op == "dx":
         fn = _sparse4x4_gemv_dx_kernel
         ptrs = [("dy_ptr", act), ("values_ptr", act), ("pos_ptr", "*u8"), ("dyb_ptr", act), ("a_ptr", act),

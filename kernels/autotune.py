@@ -41,24 +41,19 @@ LARGE_M: List[Config] = [(64, 64, 32, 1, 4, 2, 0), (128, 128, 64, 1, 8, 3, 0), (
 # (these three: not measured yet; none spills on sm_90).
 MID_M: List[Config] = LARGE_M + [(32, 128, 128, 4, 4, 3, 1), (64, 128, 128, 4, 4, 3, 1), (32, 128, 128, 8, 4, 3, 1)]
 # Up to LUT_MAX_M rows of x, int1 weights: the lookup-table GEMV, timed against SMALL_M.
-# (rows of x per program, BLOCK_N, CHUNK_K, table bits, num_warps, split of K, LUT); rows is 1
+# (rows of x per program, BLOCK_N, CHUNK_K, table bits, num_warps, num_stages, LUT); rows is 1
 # here and the batch's bucket in lut_configs. Nibble tables only: the byte tables (bits 8) measured
-# about 2x slower at M = 1 on an H100, and their 512-row config spills. A program walks its slice
-# of K chunk by chunk, loading the next chunk's words ahead; split 32 of K = 8192 is one chunk a
-# program (the kernel measured at 44.8 µs for 8192→28672 on an H100, where 128 and 256 rows won).
-LUT_M1: List[Config] = [(1, 128, 256, 4, 4, 8, LUT), (1, 256, 256, 4, 4, 8, LUT), (1, 128, 256, 4, 4, 4, LUT),
-                        (1, 256, 256, 4, 4, 4, LUT), (1, 512, 256, 4, 4, 8, LUT), (1, 128, 256, 4, 4, 32, LUT),
-                        (1, 256, 256, 4, 4, 16, LUT)]
+# about 2x slower at M = 1 on an H100, and their 512-row config spills.
+LUT_M1: List[Config] = [(1, 512, 256, 4, 4, 1, LUT), (1, 1024, 128, 4, 8, 1, LUT), (1, 256, 256, 4, 4, 1, LUT),
+                        (1, 1024, 256, 4, 8, 1, LUT), (1, 128, 256, 4, 4, 1, LUT)]
 LUT_MAX_M = 4
 # Small batches of sparse4x4: the gathering GEMVs, timed against SMALL_M. (rows of x per program,
 # output tile, reduction tile, split of the reduction, ...) as for the tiled kernels (forward:
 # BLOCK_N, BLOCK_K; dX: BLOCK_K, BLOCK_N): rows is 1 here; gather_configs sets the batch's bucket
-# and shrinks the tile to match. The last three walk longer slices of the reduction (the forward
-# loads the next block ahead): added after the H100 run that measured the first five.
+# and shrinks the tile to match.
 GATHER_SMALL_M: List[Config] = [(1, 128, 256, 4, 4, 2, GATHER), (1, 128, 256, 8, 4, 2, GATHER),
                                 (1, 256, 128, 4, 4, 2, GATHER), (1, 64, 512, 8, 4, 2, GATHER),
-                                (1, 256, 256, 8, 8, 2, GATHER), (1, 64, 512, 2, 4, 2, GATHER),
-                                (1, 64, 256, 4, 4, 2, GATHER), (1, 128, 256, 2, 4, 2, GATHER)]
+                                (1, 256, 256, 8, 8, 2, GATHER)]
 GATHER_MAX_M = 16
 CACHE_VERSION = 3  # bumped when Config changes meaning: old files are not read
 

@@ -17,101 +17,77 @@ folded into the table, and per-group scales multiply each field's entry (``group
 multiple of 8). The LoRA path and the bias are added by the programs of the first K chunk.
 """
 
+import torch
 import triton
 import triton.language as tl
 
 from .autotune import LUT
-from .decode import lora_prologue, output_buffer, split_plan, weight_args
-
-
-@triton.jit
-def _lut_chunk(words, x_row, col_ptr, scale_ptr, offs_n, N, K, G, group_size, kc, live,
-               SCALE: tl.constexpr, CHUNK_K: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The sums over one chunk of ``CHUNK_K`` inputs (from ``kc``) of one row of x against the
-    chunk's ``words`` ``[CHUNK_K / 32, BLOCK_N]``: ``[BLOCK_N]``, before the per-row scale."""
-    ENTRIES: tl.constexpr = 1 << BITS  # table entries per group: 256 (bytes) or 16 (nibbles)
-    GROUPS: tl.constexpr = CHUNK_K // BITS
-    PER_WORD: tl.constexpr = 32 // BITS
-    HALF: tl.constexpr = BITS // 2
-    HALF_ENTRIES: tl.constexpr = 1 << HALF
-    # the table's inputs: for each group of BITS inputs, two halves of BITS/2
-    offs_k = kc + tl.arange(0, GROUPS)[:, None] * BITS + tl.arange(0, HALF)[None, :]  # [GROUPS, HALF]
-    pat = tl.arange(0, HALF_ENTRIES)
-    sign = tl.where(((pat[:, None] >> tl.arange(0, HALF)[None, :]) & 1) != 0, 1.0, -1.0)  # [2^HALF, HALF]
-    # for each group and each pattern b, Σ_i (bit i of b ? +x : −x), built from two halves (a
-    # byte's entry is lo[b & 15] + hi[b >> 4])
-    x_lo = tl.load(x_row + offs_k, mask=(offs_k < K) & live, other=0.0).to(tl.float32)
-    x_hi = tl.load(x_row + offs_k + HALF, mask=(offs_k + HALF < K) & live, other=0.0).to(tl.float32)
-    if SCALE == 2:  # onebit: Ŵ = diag(h)·sign·diag(g); g goes into the table
-        x_lo = x_lo * tl.load(col_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-        x_hi = x_hi * tl.load(col_ptr + offs_k + HALF, mask=offs_k + HALF < K, other=0.0).to(tl.float32)
-    lo = tl.sum(x_lo[:, None, :] * sign[None, :, :], axis=2)  # [GROUPS, 2^HALF]
-    hi = tl.sum(x_hi[:, None, :] * sign[None, :, :], axis=2)
-    lut = tl.reshape(hi[:, :, None] + lo[:, None, :], (GROUPS, ENTRIES))  # pattern = hi·2^HALF + lo
-    # field j of word w is group PER_WORD·w + j
-    field = (words[:, None, :] >> (tl.arange(0, PER_WORD) * BITS)[None, :, None]) & (ENTRIES - 1)
-    field = tl.reshape(field, (GROUPS, BLOCK_N))
-    part = tl.gather(lut, field, 1)  # [GROUPS, BLOCK_N]: lut[g, field[g, n]]
-    if SCALE == 1:  # per group: one scale per field (group_size is a multiple of 8)
-        gk = (kc + tl.arange(0, GROUPS) * BITS) // group_size
-        part = part * tl.load(scale_ptr + offs_n[None, :] * G + gk[:, None],
-                              mask=(offs_n[None, :] < N) & (gk[:, None] < G), other=0.0).to(tl.float32)
-    return tl.sum(part, axis=0)
+from .decode import lora_prologue, weight_args
 
 
 @triton.jit
 def _int1_gemv_lut_kernel(
     x_ptr, packed_ptr, scale_ptr, col_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr,
-    M, N, K, KW, G, group_size, s, R, K_PER_SPLIT, stride_xm, stride_am, stride_bn, stride_ym,
+    M, N, K, KW, G, group_size, s, R, stride_xm, stride_am, stride_bn, stride_ym,
     SCALE: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_K: tl.constexpr, BITS: tl.constexpr, SPLIT_K: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_K: tl.constexpr, BITS: tl.constexpr,
 ):
+    ENTRIES: tl.constexpr = 1 << BITS  # table entries per group: 256 (bytes) or 16 (nibbles)
+    GROUPS: tl.constexpr = CHUNK_K // BITS
+    PER_WORD: tl.constexpr = 32 // BITS
+    HALF: tl.constexpr = BITS // 2
+    HALF_ENTRIES: tl.constexpr = 1 << HALF
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
+    k0 = pid_k * CHUNK_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.arange(0, ROWS)
-    k_start = pid_k * K_PER_SPLIT  # a multiple of CHUNK_K (decode.split_plan)
-    k_end = tl.minimum(K, k_start + K_PER_SPLIT)
-    # the weights, transposed to [word, row] so that each thread sums whole rows of lookups in
-    # registers: [CHUNK_K / 32, BLOCK_N] words a chunk, loaded once for all the rows of x this
-    # program takes. The next chunk's words are loaded before this chunk's lookups, so that a
-    # chunk's memory latency hides behind the previous chunk's work. Everything larger (the
-    # fields, the tables, the scales) is made again for each row: held across rows, it would not
-    # fit in the registers.
-    offs_w = tl.arange(0, CHUNK_K // 32)[:, None]
-    w_ptrs = packed_ptr + offs_n[None, :] * KW + offs_w
-    n_in = offs_n[None, :] < N
-    words = tl.load(w_ptrs + k_start // 32, mask=n_in & (k_start // 32 + offs_w < KW), other=0)
-    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-    for kc in range(k_start, k_end, CHUNK_K):
-        kn = kc + CHUNK_K
-        nxt = tl.load(w_ptrs + kn // 32, mask=n_in & (kn // 32 + offs_w < KW) & (kn < k_end), other=0)
-        for i in tl.static_range(ROWS):
-            m = pid_m * ROWS + i
-            part = _lut_chunk(words, x_ptr + m * stride_xm, col_ptr, scale_ptr, offs_n, N, K, G, group_size, kc,
-                              m < M, SCALE, CHUNK_K, BITS, BLOCK_N)
-            acc += tl.where(rows[:, None] == i, part[None, :], 0.0)
-        words = nxt
-    if SCALE != 1:  # per-row α (or onebit h)
-        acc = acc * tl.load(scale_ptr + offs_n * G, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    offs_m = pid_m * ROWS + rows
-    if HAS_LORA and pid_k == 0:
-        offs_r = tl.arange(0, BLOCK_R)
-        bt = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :],
-                     mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0).to(tl.float32)
-        for i in tl.static_range(ROWS):
-            m = pid_m * ROWS + i
-            xa = tl.load(xa_ptr + m * stride_am + offs_r, mask=(offs_r < R) & (m < M), other=0.0).to(tl.float32)
-            acc += tl.where(rows[:, None] == i, (s * tl.sum(bt * xa[None, :], axis=1))[None, :], 0.0)
-    if HAS_BIAS and pid_k == 0:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=inside)
-    else:
-        tl.atomic_add(y_ptrs, acc, mask=inside)
+
+    # the weights, transposed to [group, row] so that each thread sums whole rows of lookups in
+    # registers: [CHUNK_K / 32, BLOCK_N] words, loaded once for all the rows of x this program
+    # takes. Everything larger (the fields, the scales, B) is made or loaded again for each row,
+    # from registers or L1: held across rows, it would not fit in the registers.
+    offs_w = k0 // 32 + tl.arange(0, CHUNK_K // 32)
+    words = tl.load(packed_ptr + offs_n[None, :] * KW + offs_w[:, None],
+                    mask=(offs_n[None, :] < N) & (offs_w[:, None] < KW), other=0)
+    # the table's inputs: for each group of BITS inputs, two halves of BITS/2
+    offs_k = k0 + tl.arange(0, GROUPS)[:, None] * BITS + tl.arange(0, HALF)[None, :]  # [GROUPS, HALF]
+    pat = tl.arange(0, HALF_ENTRIES)
+    sign = tl.where(((pat[:, None] >> tl.arange(0, HALF)[None, :]) & 1) != 0, 1.0, -1.0)  # [2^HALF, HALF]
+
+    for i in tl.static_range(ROWS):
+        m = pid_m * ROWS + i
+        live = m < M
+        # the table: for each group and each pattern b, Σ_i (bit i of b ? +x : −x), built from two
+        # halves (a byte's entry is lo[b & 15] + hi[b >> 4])
+        x_lo = tl.load(x_ptr + m * stride_xm + offs_k, mask=(offs_k < K) & live, other=0.0).to(tl.float32)
+        x_hi = tl.load(x_ptr + m * stride_xm + offs_k + HALF, mask=(offs_k + HALF < K) & live, other=0.0).to(tl.float32)
+        if SCALE == 2:  # onebit: Ŵ = diag(h)·sign·diag(g); g goes into the table
+            x_lo = x_lo * tl.load(col_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+            x_hi = x_hi * tl.load(col_ptr + offs_k + HALF, mask=offs_k + HALF < K, other=0.0).to(tl.float32)
+        lo = tl.sum(x_lo[:, None, :] * sign[None, :, :], axis=2)  # [GROUPS, 2^HALF]
+        hi = tl.sum(x_hi[:, None, :] * sign[None, :, :], axis=2)
+        lut = tl.reshape(hi[:, :, None] + lo[:, None, :], (GROUPS, ENTRIES))  # pattern = hi·2^HALF + lo
+        # field j of word w is group PER_WORD·w + j
+        field = (words[:, None, :] >> (tl.arange(0, PER_WORD) * BITS)[None, :, None]) & (ENTRIES - 1)
+        field = tl.reshape(field, (GROUPS, BLOCK_N))
+        part = tl.gather(lut, field, 1)  # [GROUPS, BLOCK_N]: lut[g, field[g, n]]
+        if SCALE == 1:  # per group: one scale per field (group_size is a multiple of 8)
+            gk = (k0 + tl.arange(0, GROUPS) * BITS) // group_size
+            part = part * tl.load(scale_ptr + offs_n[None, :] * G + gk[:, None],
+                                  mask=(offs_n[None, :] < N) & (gk[:, None] < G), other=0.0).to(tl.float32)
+        acc = tl.sum(part, axis=0)  # [BLOCK_N]
+        if SCALE != 1:  # per-row α (or onebit h)
+            acc = acc * tl.load(scale_ptr + offs_n * G, mask=offs_n < N, other=0.0).to(tl.float32)
+        if HAS_LORA and pid_k == 0:
+            offs_r = tl.arange(0, BLOCK_R)
+            xa = tl.load(xa_ptr + m * stride_am + offs_r, mask=(offs_r < R) & live, other=0.0).to(tl.float32)
+            bt = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :],
+                         mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0).to(tl.float32)
+            acc += s * tl.sum(bt * xa[None, :], axis=1)
+        if HAS_BIAS and pid_k == 0:
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        tl.atomic_add(y_ptr + m * stride_ym + offs_n, acc, mask=(offs_n < N) & live)
 
 
 def lut_supported(meta) -> bool:
@@ -121,17 +97,17 @@ def lut_supported(meta) -> bool:
 
 
 def int1_gemv_lut(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1.0, bias=None, rows: int = 1,
-                  block_n: int = 512, chunk_k: int = 256, bits: int = 8, num_warps: int = 4, split: int = 8):
+                  block_n: int = 512, chunk_k: int = 256, bits: int = 8, num_warps: int = 4, num_stages: int = 1):
     """Launch the lookup GEMV for ``x [M, K]`` (meant for ``M`` of 1 to 4); returns ``y [M, N]``
     in ``x.dtype``. Each program covers ``rows`` rows of ``x`` (the weights are read once for
-    them; each row builds its own tables), ``block_n`` outputs and a ``1/split`` slice of K,
-    walked ``chunk_k`` inputs at a time; ``bits`` is 8 (a table entry per byte of weights) or 4
-    (per nibble: smaller tables, twice the lookups)."""
+    them; each row builds its own tables), ``block_n`` outputs and ``chunk_k`` inputs; ``bits``
+    is 8 (a table entry per byte of weights) or 4 (per nibble: smaller tables, twice the
+    lookups)."""
     if x.dim() != 2 or x.shape[1] != meta["K"]:
         raise ValueError(f"x must be [M, {meta['K']}], got {tuple(x.shape)}")
     if not lut_supported(meta):
         raise ValueError(f"int1_gemv_lut needs a group size that is a multiple of 8, got {meta.get('group_size')}")
-    cfg = (rows, block_n, chunk_k, bits, num_warps, split, LUT)
+    cfg = (rows, block_n, chunk_k, bits, num_warps, num_stages, LUT)
     check_lut_config(cfg)
     x = x.contiguous()
     ptrs, ints, mode = weight_args("int1", tensors, meta)
@@ -141,9 +117,8 @@ def int1_gemv_lut(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1
 
 def check_lut_config(cfg) -> None:
     """Raise ValueError unless ``cfg`` is a config the lookup kernel computes correctly:
-    ``(rows, block_n, chunk_k, bits, num_warps, split, LUT)`` (the lookup kernel's sixth field is
-    the split of K, not a pipeline depth: it prefetches one chunk itself)."""
-    rows, block_n, chunk_k, bits, num_warps, split, variant = cfg
+    ``(rows, block_n, chunk_k, bits, num_warps, num_stages, LUT)``."""
+    rows, block_n, chunk_k, bits, num_warps, num_stages, variant = cfg
     if variant != LUT:
         raise ValueError(f"config {cfg} is not a lookup GEMV config (its last field must be {LUT})")
     if rows < 1:
@@ -154,27 +129,24 @@ def check_lut_config(cfg) -> None:
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     if chunk_k % 32 or chunk_k & (chunk_k - 1):
         raise ValueError(f"chunk_k must be a power of two and a multiple of 32, got {chunk_k}")
-    if split < 1:
-        raise ValueError(f"split must be ≥ 1, got {split}")
 
 
 def launch_lut(x, ptrs, ints, mode, N, xa, B, R, scaling, bias, cfg):
     """The launch on arguments already prepared (``weight_args``'s, ``xa = x·Aᵀ`` and ``B`` in
     ``x``'s dtype, or None without LoRA) and checked; ``cfg`` is an ``autotune.lut_configs``
     entry. ``lora_linear_fwd`` calls this directly, so the forward prepares its arguments once."""
-    rows, block_n, chunk_k, bits, num_warps, split, _ = cfg
+    rows, block_n, chunk_k, bits, num_warps, num_stages, _ = cfg
     (packed, scale, col), (KW, G, group, _) = ptrs, ints
     has_lora = xa is not None
     if not has_lora:
         xa = B = x  # unused placeholders
     M, K = x.shape
-    split, k_per_split = split_plan(K, chunk_k, split)
-    y = output_buffer(M, N, x, split)
-    grid = (triton.cdiv(N, block_n), split, triton.cdiv(M, rows))
+    y = torch.zeros(M, N, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(N, block_n), triton.cdiv(K, chunk_k), triton.cdiv(M, rows))
     _int1_gemv_lut_kernel[grid](
         x, packed, scale, col, xa, B, bias if bias is not None else x, y,
-        M, N, K, KW, G, group, float(scaling), R, k_per_split, x.stride(0), xa.stride(0), B.stride(0), y.stride(0),
+        M, N, K, KW, G, group, float(scaling), R, x.stride(0), xa.stride(0), B.stride(0), y.stride(0),
         SCALE=mode, HAS_LORA=has_lora, HAS_BIAS=bias is not None, BLOCK_R=max(16, triton.next_power_of_2(R)),
-        ROWS=rows, BLOCK_N=block_n, CHUNK_K=chunk_k, BITS=bits, SPLIT_K=split, num_warps=num_warps, num_stages=1,
+        ROWS=rows, BLOCK_N=block_n, CHUNK_K=chunk_k, BITS=bits, num_warps=num_warps, num_stages=num_stages,
     )
     return y.to(x.dtype)

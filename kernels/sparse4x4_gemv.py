@@ -48,36 +48,33 @@ def _sum_slots(acc0, acc1, acc2, acc3, AXIS: tl.constexpr):
 
 
 @triton.jit
-def _gather_load(values_ptr, pos_ptr, rows, tn, k0, k_end, TK, PW, TK_B: tl.constexpr, MASKED: tl.constexpr):
-    """One ``[TN_B, TK_B]`` block of stored values (fp32) and the bytes that hold their positions,
-    addressed as ``[ROWS, TN_B, TK_B]`` (the same address for every row, which Triton loads once):
-    with the shape of the gathered inputs they get the same register layout, and nothing moves
-    between threads. ``MASKED``: 1, only the tiles before ``k_end``; 2, the whole block if it
-    starts before ``k_end`` (one predicate for the block: a whole block of a slice's whole
-    blocks, or nothing); 0, unmasked (rows past ``N`` were clamped by the caller)."""
+def _gather_step(x_rows, values_ptr, pos_ptr, rows, tn, k0, k_end, K, TK, PW, acc0, acc1, acc2, acc3,
+                 TK_B: tl.constexpr, MASKED: tl.constexpr):
+    """Add the products of one ``[TN_B, TK_B]`` block of stored values with ``ROWS`` rows of x to
+    the four accumulators ``[ROWS, TN_B, TK_B]`` (one per row inside a tile). ``MASKED`` only for
+    the last block of a slice: the others lie inside ``K`` (rows past ``N`` and ``M`` were
+    clamped by the caller), so they load without masks."""
     j = tl.arange(0, TK_B)[None, None, :]  # tile column inside the block
+    # The values and position bytes are addressed as [ROWS, TN_B, TK_B] (the same address for
+    # every row, which Triton loads once): with the shape of the gathered inputs they get the same
+    # register layout, and nothing moves between threads. Each value loads the byte that holds its
+    # nibble (low nibble: even tile column).
     same = rows[:, None, None] * 0
     v_ptrs = values_ptr + tn[None, :, None] * TK + (k0 // 4 + j) + same
-    p_ptrs = pos_ptr + tn[None, :, None] * PW + (k0 // 8 + j // 2) + same  # the byte that holds its nibble
-    if MASKED == 1:
+    p_ptrs = pos_ptr + tn[None, :, None] * PW + (k0 // 8 + j // 2) + same
+    if MASKED:
         inside = k0 + j * 4 < k_end
-        return tl.load(v_ptrs, mask=inside, other=0.0).to(tl.float32), tl.load(p_ptrs, mask=inside, other=0)
-    if MASKED == 2:
-        ok = k0 < k_end
-        return tl.load(v_ptrs, mask=ok, other=0.0).to(tl.float32), tl.load(p_ptrs, mask=ok, other=0)
-    return tl.load(v_ptrs).to(tl.float32), tl.load(p_ptrs)
-
-
-@triton.jit
-def _gather_madd(x_rows, vals, byte, k0, k_end, K, acc0, acc1, acc2, acc3, TK_B: tl.constexpr, MASKED: tl.constexpr):
-    """Add the products of a loaded block of values with ``ROWS`` rows of x to the four
-    accumulators ``[ROWS, TN_B, TK_B]`` (one per row inside a tile)."""
-    j = tl.arange(0, TK_B)[None, None, :]
+        vals = tl.load(v_ptrs, mask=inside, other=0.0)
+        byte = tl.load(p_ptrs, mask=inside, other=0)
+    else:
+        vals = tl.load(v_ptrs)
+        byte = tl.load(p_ptrs)
+    vals = vals.to(tl.float32)
     nib = (byte.to(tl.int32) >> ((j & 1) * 4)) & 15  # k0 is a multiple of 8: j's parity is the column's
     row = nib >> 2  # the output row (inside the tile) it adds to
     col = j * 4 + (nib & 3)  # the input it multiplies, from k0
     if MASKED:  # a position inside the padding must not read past a row of x
-        xv = tl.load(x_rows + k0 + col, mask=(k0 + j * 4 < k_end) & (k0 + col < K), other=0.0)
+        xv = tl.load(x_rows + k0 + col, mask=inside & (k0 + col < K), other=0.0)
     else:
         xv = tl.load(x_rows + k0 + col)
     return _add_by_slot(row, vals, xv.to(tl.float32), acc0, acc1, acc2, acc3)
@@ -112,20 +109,14 @@ def _sparse4x4_gemv_kernel(
     acc3 = tl.zeros((ROWS, TN_B, TK_B), dtype=tl.float32)
     k_start = pid_s * K_PER_SPLIT  # a multiple of BLOCK_K (decode.split_plan)
     k_end = tl.minimum(K, k_start + K_PER_SPLIT)
-    # whole blocks of whole tiles first, unmasked; then the slice's last, partial block. The next
-    # block's values and positions are loaded before this block's gathers and multiply-adds, so
-    # that its memory latency hides behind them (the loop is short: a few blocks per program).
+    # whole blocks of whole tiles first, unmasked; then the slice's last, partial block
     k_full = k_start + (((k_end // 4) * 4 - k_start) // BLOCK_K) * BLOCK_K
-    vals, byte = _gather_load(values_ptr, pos_ptr, rows, tn, k_start, k_full, TK, PW, TK_B, 2)
     for k0 in range(k_start, k_full, BLOCK_K):
-        k0 = tl.multiple_of(k0, BLOCK_K)
-        nvals, nbyte = _gather_load(values_ptr, pos_ptr, rows, tn, k0 + BLOCK_K, k_full, TK, PW, TK_B, 2)
-        acc0, acc1, acc2, acc3 = _gather_madd(x_rows, vals, byte, k0, k_end, K, acc0, acc1, acc2, acc3, TK_B, False)
-        vals, byte = nvals, nbyte
+        acc0, acc1, acc2, acc3 = _gather_step(x_rows, values_ptr, pos_ptr, rows, tn, tl.multiple_of(k0, BLOCK_K),
+                                              k_end, K, TK, PW, acc0, acc1, acc2, acc3, TK_B, False)
     if k_full < k_end:
-        vals, byte = _gather_load(values_ptr, pos_ptr, rows, tn, k_full, k_end, TK, PW, TK_B, 1)
-        acc0, acc1, acc2, acc3 = _gather_madd(x_rows, vals, byte, k_full, k_end, K, acc0, acc1, acc2, acc3, TK_B,
-                                              True)
+        acc0, acc1, acc2, acc3 = _gather_step(x_rows, values_ptr, pos_ptr, rows, tn, k_full, k_end, K, TK, PW,
+                                              acc0, acc1, acc2, acc3, TK_B, True)
     y = tl.reshape(_sum_slots(acc0, acc1, acc2, acc3, 2), (ROWS, BLOCK_N))  # output row 4·tn + r
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if HAS_LORA and pid_s == 0:

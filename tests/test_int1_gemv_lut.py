@@ -21,18 +21,14 @@ def _meta(w):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("lora_bias", [(True, True), (False, False)], ids=["lora+bias", "plain"])
-@pytest.mark.parametrize("M, rows, split", [(1, 1, 1), (3, 4, 2), (5, 2, 8)],
-                         ids=["M1-split1", "M3-rows4-split2", "M5-rows2-split8"])
-def test_lut_gemv_matches_reference(kind, dtype, bits, lora_bias, M, rows, split):
+@pytest.mark.parametrize("M, rows", [(1, 1), (3, 4), (5, 2)], ids=["M1", "M3-rows4", "M5-rows2"])
+def test_lut_gemv_matches_reference(kind, dtype, bits, lora_bias, M, rows):
     from loraq.kernels.int1_gemv_lut import int1_gemv_lut
 
     # odd N and K: a partial last block of rows, a partial last word and a partial last chunk;
-    # M not a multiple of the rows a program takes: its last program has rows past M. K = 300 is
-    # 5 chunks of 64: one program walks all 5 (split 1, stored without atomics), 3 and 2 (split
-    # 2), or one each (split 8 is more slices than chunks)
+    # M not a multiple of the rows a program takes: its last program has rows past M
     w, x, A, B, b = problem(kind, dtype, M, 37, 300, r=5, lora=lora_bias[0], bias=lora_bias[1])
-    y = int1_gemv_lut(x, w.tensors(), _meta(w), A, B, 0.7, b, rows=rows, block_n=32, chunk_k=64, bits=bits,
-                      split=split)
+    y = int1_gemv_lut(x, w.tensors(), _meta(w), A, B, 0.7, b, rows=rows, block_n=32, chunk_k=64, bits=bits)
     assert y.shape == (M, 37) and y.dtype == dtype
     check(y, reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 0.7, f64(b)),
           reference.lora_linear_ref(x, w, A, B, 0.7, b), f"lut{bits} {kind} {dtype} M={M} rows={rows}")
@@ -61,8 +57,6 @@ def test_lut_refuses_what_it_cannot_do():
         int1_gemv_lut(x[:1], w.tensors(), _meta(w), bits=2)
     with pytest.raises(ValueError, match="power of two"):
         int1_gemv_lut(x[:1], w.tensors(), _meta(w), chunk_k=96)
-    with pytest.raises(ValueError, match="split must be ≥ 1"):
-        int1_gemv_lut(x[:1], w.tensors(), _meta(w), split=0)
     g12, x12, *_ = problem("int1_g12", torch.float16, 1, 16, 48, lora=False, bias=False)
     assert not lut_supported(_meta(g12)) and lut_supported(_meta(w))
     with pytest.raises(ValueError, match="multiple of 8"):

@@ -155,9 +155,7 @@ def test_gather_configs_take_the_whole_batch_on_smaller_tiles():
     registers a thread needs stay those of one row on the full tile)."""
     from loraq.kernels.autotune import GATHER_SMALL_M, m_bucket
 
-    base = {}  # the largest tile among the candidates that share the rest of the config
-    for c in GATHER_SMALL_M:
-        base[c[3:]] = max(base.get(c[3:], 0), c[1] * c[2])
+    base = {c[3:]: c[1] * c[2] for c in GATHER_SMALL_M}
     for M in range(1, 17):
         configs = gather_configs(M)
         assert configs and len(set(configs)) == len(configs)
