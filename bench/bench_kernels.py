@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 import signal
 import statistics
 import sys
@@ -215,6 +216,8 @@ def run(args, rows: List[Dict], info: Dict) -> str:
                             if base_us:
                                 row["speedup_vs_cublas"] = round(base_us / best, 2)
                         rows.append(row)
+                        if info.get("on_row"):
+                            info["on_row"](row)
                         if not args.quiet:
                             print(format_row(row))
     return header
@@ -223,8 +226,8 @@ def run(args, rows: List[Dict], info: Dict) -> str:
 def format_row(r: Dict) -> str:
     t = f"{r['median_us']:>10.1f}" if r.get("median_us") is not None else f"{'-':>10}"
     g = f"{r['graph_us']:>9.1f}" if r.get("graph_us") is not None else f"{'-':>9}"
-    extra = (f"{r['GBps']:>8.1f} GB/s {r['pct_copy_bw']:>5.1f}% bw  x{r.get('speedup_vs_cublas', 0):>5.2f}"
-             if r.get("median_us") is not None else "")
+    extra = (f"{r['GBps']:>8.1f} GB/s {r['pct_copy_bw']:>5.1f}% bw  x{r.get('speedup_vs_cublas', 0):>5.2f} "
+             f"{r['bytes']:>11d} B" if r.get("median_us") is not None else "")
     return (f"{r['op']:<11} {r['format']:<9} K={r['K']:<6} N={r['N']:<6} M={r['M']:<5} {r['provider']:<12} {t} µs "
             f"{g} µs(graph) {extra} {r['note']}")
 
@@ -331,6 +334,67 @@ def read_csv(path: str) -> List[Dict]:
     return out
 
 
+_LOG_ROW = re.compile(
+    r"^(?P<op>forward|backward_dx)\s+(?P<format>\S+)\s+K=(?P<K>\d+)\s+N=(?P<N>\d+)\s+M=(?P<M>\d+)\s+"
+    r"(?P<provider>\S+)\s+(?P<us>[\d.]+|-) µs\s+(?P<g>[\d.]+|-) µs\(graph\)\s*"
+    r"(?:(?P<GBps>[\d.]+) GB/s\s+(?P<pct>[\d.]+)% bw\s+x\s*(?P<x>[\d.]+)(?:\s+(?P<bytes>\d+) B)?)?\s*(?P<note>.*)$")
+
+
+def measure(args) -> Tuple[List[Dict], str]:
+    """Run the benchmark: ``(rows, report header)``. The CSV (``--csv``) is rewritten after every
+    row, so a run killed outright keeps what it measured; a time limit (SIGTERM), ^C or an error
+    ends the run early, and the report says so."""
+    rows: List[Dict] = []
+    info: Dict = {"on_row": (lambda _: write_csv(rows, args.csv, quiet=True)) if args.csv else None}
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        return rows, run(args, rows, info)
+    except (KeyboardInterrupt, Exception) as e:  # keep what was measured
+        why = "INTERRUPTED" if isinstance(e, KeyboardInterrupt) else f"STOPPED by {type(e).__name__}: {e}"
+        header = f"{info.get('header', '')}; {why} after {len(rows)} rows (this report is partial)"
+        print(header)
+        return rows, header
+
+
+def read_log(path: str) -> Tuple[List[Dict], str]:
+    """``(rows, header)`` from the printed output of a run (``bench.txt``): the report of a run
+    that was killed before it wrote its CSV. Times are those printed (0.1 µs); a log from before
+    rows printed their bytes gives bytes as GB/s × time (to the printed 0.1 GB/s)."""
+    rows, header = [], ""
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("device ") and not header:
+            header = line
+        m = _LOG_ROW.match(line)
+        if not m:
+            continue
+        d = m.groupdict()
+        meta = dict(re.findall(r"(dtype|rank) (\S+?)(?:;|$)", header))
+        row = {"device": header.split(";")[0][len("device "):], "op": d["op"], "format": d["format"],
+               "K": int(d["K"]), "N": int(d["N"]), "M": int(d["M"]), "rank": int(meta.get("rank", 0)),
+               "dtype": meta.get("dtype", ""), "provider": d["provider"], "note": d["note"].strip()}
+        if d["us"] != "-":
+            us, g = float(d["us"]), (None if d["g"] == "-" else float(d["g"]))
+            best = min(us, g) if g is not None else us
+            row.update(median_us=us, graph_us=g, GBps=float(d["GBps"]), pct_copy_bw=float(d["pct"]),
+                       bytes=int(d["bytes"]) if d["bytes"] else round(float(d["GBps"]) * 1e3 * best))
+            if float(d["x"]):  # 0.00: no cuBLAS row to compare with
+                row["speedup_vs_cublas"] = float(d["x"])
+        rows.append(row)
+    if not rows:
+        raise SystemExit(f"bench_kernels: no benchmark rows in {path}")
+    return rows, header + "; rebuilt from the printed log"
+
+
+def write_csv(rows: List[Dict], path: str, quiet: bool = False) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    if not quiet:
+        print(f"csv: {path}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", type=parse_shapes, help="KxN,... (default: the issue's on a GPU, tiny on a CPU)")
@@ -347,28 +411,22 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", help="write the targets and every row as a Markdown report here")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--from-csv", help="measure nothing: redraw --plot from a CSV an earlier run wrote")
+    p.add_argument("--from-log", help="measure nothing: rebuild --csv / --plot / --markdown from the printed "
+                                      "output of a run that was killed before it wrote them")
     args = p.parse_args(argv)
     if args.from_csv:
         if not args.plot:
             p.error("--from-csv needs --plot")
         plot(read_csv(args.from_csv), args.plot)
         return 0
-    rows: List[Dict] = []
-    info: Dict = {}
-    # a time limit (SIGTERM) or ^C ends the run early but still writes what was measured
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    try:
-        header = run(args, rows, info)
-    except KeyboardInterrupt:
-        header = f"{info.get('header', '')}; INTERRUPTED after {len(rows)} rows (this report is partial)"
-        print(header)
+    if args.from_log:
+        if not (args.csv or args.plot or args.markdown):
+            p.error("--from-log needs --csv, --plot or --markdown")
+        rows, header = read_log(args.from_log)
+    else:
+        rows, header = measure(args)
     if args.csv:
-        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-        print(f"csv: {args.csv}")
+        write_csv(rows, args.csv)
     if args.plot:
         plot(rows, args.plot)
     if args.markdown:

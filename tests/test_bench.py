@@ -46,6 +46,32 @@ def test_bench_kernels_writes_csv_and_plot(tmp_path):
     no_plot = subprocess.run([sys.executable, "bench/bench_kernels.py", "--from-csv", str(csv_path)],
                              cwd=REPO, capture_output=True, text=True, timeout=120)
     assert no_plot.returncode == 2 and "--plot" in no_plot.stderr
+    # the printed log alone rebuilds the same rows (a run killed before it wrote its files)
+    log = tmp_path / "bench.txt"
+    log.write_text(out.stdout)
+    rebuilt_csv = tmp_path / "rebuilt.csv"
+    again = subprocess.run([sys.executable, "bench/bench_kernels.py", "--from-log", str(log), "--csv", str(rebuilt_csv),
+                            "--markdown", str(tmp_path / "rebuilt.md")], cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr
+    rebuilt = list(csv.DictReader(rebuilt_csv.open()))
+    assert len(rebuilt) == len(rows)
+    for a, b in zip(rows, rebuilt):
+        for k in ("device", "op", "format", "K", "N", "M", "rank", "dtype", "provider", "bytes", "note"):
+            assert a[k] == b[k], (k, a, b)
+        assert abs(float(a["median_us"]) - float(b["median_us"])) <= 0.05 + 1e-9
+    assert "rebuilt from the printed log" in (tmp_path / "rebuilt.md").read_text()
+
+
+def test_bench_kernels_from_log_refuses_a_log_without_rows(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("device cpu; nothing else\n")
+    out = subprocess.run([sys.executable, "bench/bench_kernels.py", "--from-log", str(empty), "--csv",
+                          str(tmp_path / "x.csv")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "no benchmark rows" in out.stderr and not (tmp_path / "x.csv").exists()
+    needs_output = subprocess.run([sys.executable, "bench/bench_kernels.py", "--from-log", str(empty)], cwd=REPO,
+                                  capture_output=True, text=True, timeout=120)
+    assert needs_output.returncode == 2 and "--from-log needs" in needs_output.stderr
 
 
 def test_bench_kernels_rejects_bad_shapes():
