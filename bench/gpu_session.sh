@@ -42,4 +42,9 @@ echo "tests exit $?"; tail -n 25 "$OUT/tests.txt"
 timeout "${BENCH_TIMEOUT:-270}" python3 bench/bench_kernels.py --backward --csv "$OUT/bench.csv" \
   --plot "$OUT/bench.png" --markdown "$OUT/bench.md" "$@" > "$OUT/bench.txt" 2>&1
 echo "bench exit $?"; grep -v '^forward\|^backward' "$OUT/bench.txt" | tail -n 20
+# a run killed before it wrote its report: rebuild the report and plot from the printed rows
+if [ ! -f "$OUT/bench.md" ] && grep -q '^forward' "$OUT/bench.txt"; then
+  python3 bench/bench_kernels.py --from-log "$OUT/bench.txt" --csv "$OUT/bench.csv" --plot "$OUT/bench.png" \
+    --markdown "$OUT/bench.md"
+fi
 [ -f "$OUT/bench.md" ] && sed -n '/## Targets/,/## All rows/p' "$OUT/bench.md"

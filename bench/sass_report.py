@@ -166,7 +166,9 @@ def report(op: str, fmt: str, cfg, dtype: str, aligned: bool, top: int) -> int:
     ops = summarise(sass)
     mma = "HGMMA (wgmma)" if ops["HGMMA"] else ("HMMA (mma.sync)" if ops["HMMA"] else "none")
     spills = ops["LDL"] + ops["STL"]
-    print(f"{op} {fmt} {cfg} {dtype}: tensor cores {mma}; shared memory "
+    import triton
+
+    print(f"{op} {fmt} {cfg} {dtype} (Triton {triton.__version__}): tensor cores {mma}; shared memory "
           f"{kernel.metadata.shared} B; {kernel.registers} registers a thread; local-memory instructions (spills) {spills}; "
           f"{sum(ops.values())} instructions")
     if top:

@@ -119,6 +119,26 @@ def test_sass_report_compiles_for_hopper_without_a_gpu():
     assert bad.returncode == 2 and "7 integers" in bad.stderr
 
 
+def test_sass_like_device_runs_the_report_under_the_venvs_triton(tmp_path):
+    """bench/sass_like_device.sh runs sass_report.py with the Python (and Triton) of its venv. Here
+    the venv is a stand-in whose python is this interpreter, so nothing is installed."""
+    triton = pytest.importorskip("triton")
+    import os
+
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    stand_in = venv / "bin" / "python"
+    stand_in.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    stand_in.chmod(0o755)
+    env = dict(os.environ, TRITON_VENV=str(venv), DEVICE_TRITON=triton.__version__,
+               PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    out = subprocess.run(["bash", "bench/sass_like_device.sh", "fwd", "sparse4x4", "(1, 64, 128, 4, 4, 2, 3)"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr
+    assert f"(Triton {triton.__version__})" in out.stdout and "spills) 0" in out.stdout
+    assert sorted(p.name for p in venv.iterdir()) == ["bin"]  # nothing was installed
+
+
 @pytest.mark.parametrize("fmt, cfg", [("sparse4x4", "(1, 64, 128, 4, 4, 2, 3)"), ("int1", "(1, 256, 128, 4, 4, 1, 2)")])
 def test_sass_report_compiles_the_gemvs(fmt, cfg):
     """The gathering and lookup GEMVs compile for sm_90 with no tensor cores and no spills (the
