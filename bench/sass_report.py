@@ -42,13 +42,13 @@ def cuobjdump() -> str:
 
 def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, aligned: bool = True):
     """``(compiled kernel, SASS text)`` for the forward (``fwd``) or ``dx`` kernel with LoRA on;
-    a forward config whose variant is ``LUT`` or ``GATHER`` compiles that GEMV. ``aligned``:
+    a forward config whose variant is ``LUT``, ``GATHER`` or ``GATHER_T`` compiles that GEMV. ``aligned``:
     compile as for the large shapes, whose pointers and sizes Triton knows to be multiples of 16."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels.autotune import GATHER, LUT
+    from kernels.autotune import GATHER, GATHER_T, LUT
     from kernels.int1_gemv_lut import _int1_gemv_lut_kernel
     from kernels.lora_linear_dx import _lora_linear_dx_kernel
     from kernels.lora_linear_fwd import _lora_linear_fwd_kernel
@@ -62,7 +62,9 @@ def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, 
     wdt = {"fp16": 0, "bf16": 1, "fp32": 2}[dtype]
     if swap == LUT and (op != "fwd" or fmt != "int1"):
         raise SystemExit(f"sass_report: config {cfg} is a forward GEMV of int1")
-    if swap == GATHER and fmt != "sparse4x4":
+    if swap == GATHER_T and op != "fwd":
+        raise SystemExit(f"sass_report: config {cfg} is a forward GEMV (dX has no swapped gather)")
+    if swap in (GATHER, GATHER_T) and fmt != "sparse4x4":
         raise SystemExit(f"sass_report: config {cfg} is a GEMV of sparse4x4")
     if swap == LUT:
         fn = _int1_gemv_lut_kernel
@@ -79,14 +81,14 @@ def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, 
         scalars = ["M", "N", "K", "TK", "PW", "s", "R", "N_PER_SPLIT", "stride_dym", "stride_dxm", "stride_bm",
                    "stride_ar"]
         cx = dict(HAS_LORA=True, BLOCK_R=16, ROWS=bm, BLOCK_K=out_tile, BLOCK_N=red_tile, SPLIT_N=split)
-    elif swap == GATHER:
+    elif swap in (GATHER, GATHER_T):
         fn = _sparse4x4_gemv_kernel
         ptrs = [("x_ptr", act), ("values_ptr", act), ("pos_ptr", "*u8"), ("xa_ptr", act), ("b_ptr", act),
                 ("bias_ptr", act), ("y_ptr", out)]
         scalars = ["M", "N", "K", "TK", "PW", "s", "R", "K_PER_SPLIT", "stride_xm", "stride_ym", "stride_am",
                    "stride_bn"]
         cx = dict(HAS_LORA=True, HAS_BIAS=False, BLOCK_R=16, ROWS=bm, BLOCK_N=out_tile, BLOCK_K=red_tile,
-                  SPLIT_K=split)
+                  SPLIT_K=split, TRANSPOSE=swap == GATHER_T)
     elif op == "fwd":
         fn = _lora_linear_fwd_kernel
         ptrs = [("x_ptr", act), ("w0_ptr", w0), ("w1_ptr", w1), ("w2_ptr", act), ("xa_ptr", act), ("b_ptr", act),
@@ -147,16 +149,18 @@ def loops(sass: str):
     return found
 
 
-def candidates(name: str, fmt: str = "int1"):
+def candidates(name: str, fmt: str = "int1", op: str = "fwd"):
     """``(format, config)`` for every candidate the autotuner may time: of a GEMV, ``lut`` (int1,
-    for each batch bucket it covers) or ``gather`` (sparse4x4), or ``tiled``: the tiled kernels'
-    small-, middle- and large-batch lists for ``fmt``."""
-    from kernels.autotune import (GATHER_MAX_M, LARGE_M, LUT_MAX_M, MID_M, SMALL_M, gather_configs, lut_configs,
-                                  m_bucket)
+    for each batch bucket it covers) or ``gather`` (sparse4x4; the forward's both axis orders
+    when ``op`` is fwd), or ``tiled``: the tiled kernels' small-, middle- and large-batch lists
+    for ``fmt``."""
+    from kernels.autotune import (GATHER_MAX_M, LARGE_M, LUT_MAX_M, MID_M, SMALL_M, gather_configs,
+                                  gather_fwd_configs, lut_configs, m_bucket)
 
     if name == "tiled":
         return [(fmt, c) for c in dict.fromkeys(SMALL_M + MID_M + LARGE_M)]
-    fmt, configs, top = ("int1", lut_configs, LUT_MAX_M) if name == "lut" else ("sparse4x4", gather_configs, GATHER_MAX_M)
+    gathers = gather_fwd_configs if op == "fwd" else gather_configs
+    fmt, configs, top = ("int1", lut_configs, LUT_MAX_M) if name == "lut" else ("sparse4x4", gathers, GATHER_MAX_M)
     return [(fmt, c) for m in sorted({m_bucket(m) for m in range(1, top + 1)}) for c in configs(m)]
 
 
@@ -195,7 +199,7 @@ def main(argv=None) -> int:
         want = {"lut": "int1", "gather": "sparse4x4"}.get(args.config, args.format)
         if args.format != want or (args.config == "lut" and args.op != "fwd"):
             p.error(f"{args.config} is a {'forward ' if args.config == 'lut' else ''}GEMV of {want}")
-        spilled = [cfg for fmt, cfg in candidates(args.config, args.format)
+        spilled = [cfg for fmt, cfg in candidates(args.config, args.format, args.op)
                    if report(args.op, fmt, cfg, args.dtype, not args.unaligned, 0)]
         if spilled:
             print(f"these candidates spill: {spilled}")

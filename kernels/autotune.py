@@ -23,8 +23,9 @@ Config = Tuple[int, int, int, int, int, int, int]
 # The variant, a config's last field: the tiled tl.dot kernel with the decoded weight tile as the
 # dot's second operand (DOT) or its first (DOT_SWAP: Hopper's tensor cores read it from
 # registers); the int1 lookup-table GEMV (LUT, kernels/int1_gemv_lut.py: the third field is then
-# the table's bits); the sparse4x4 gathering GEMV (GATHER, kernels/sparse4x4_gemv.py).
-DOT, DOT_SWAP, LUT, GATHER = 0, 1, 2, 3
+# the table's bits); the sparse4x4 gathering GEMV (GATHER, kernels/sparse4x4_gemv.py), and the
+# same forward GEMV with its block's axes swapped (GATHER_T: the tile columns across the lanes).
+DOT, DOT_SWAP, LUT, GATHER, GATHER_T = 0, 1, 2, 3, 4
 
 # Small batches: one 16-row tile of x, wide weight tiles, the reduction split so that a few
 # thousand output columns still fill every SM (the weight stream is the cost).
@@ -81,16 +82,17 @@ def lut_configs(M: int) -> List[Config]:
     return list(dict.fromkeys((rows, max(128, c[1] // rows)) + c[2:] for c in LUT_M1))  # distinct, in order
 
 
-def gather_configs(M: int) -> List[Config]:
+def gather_configs(M: int, variant: int = GATHER) -> List[Config]:
     """The gathering GEMV's candidates for ``1 ≤ M ≤ GATHER_MAX_M`` rows of x: one program takes
     them all (the batch's bucket: the weights are loaded and decoded once), on a tile that many
     times smaller (the reduction tile first, down to 32, then the output tile, down to 16), so
-    that the four accumulators of every row still fit in the registers."""
+    that the four accumulators of every row still fit in the registers. ``variant``: GATHER, or
+    GATHER_T for the forward's swapped axes (the same tiles)."""
     if not 1 <= M <= GATHER_MAX_M:
         raise ValueError(f"the gathering GEMV is tuned for 1 to {GATHER_MAX_M} rows of x, got {M}")
     rows = m_bucket(M)
     out = []
-    for _, bn, bk, split, warps, stages, variant in GATHER_SMALL_M:
+    for _, bn, bk, split, warps, stages, _ in GATHER_SMALL_M:
         shrink = rows
         while shrink > 1 and bk > 32:
             bk, shrink = bk // 2, shrink // 2
@@ -98,6 +100,12 @@ def gather_configs(M: int) -> List[Config]:
             bn, shrink = bn // 2, shrink // 2
         out.append((rows, bn, bk, split, warps, stages, variant))
     return list(dict.fromkeys(out))  # distinct, in order
+
+
+def gather_fwd_configs(M: int) -> List[Config]:
+    """The forward's gathering candidates: both axis orders. Which order Triton lays out well
+    depends on its version (``bench/results/NOTES.md``: 3.6 and 3.8 swap), so both are timed."""
+    return gather_configs(M) + gather_configs(M, GATHER_T)
 
 
 def gpu_name(device: torch.device) -> str:
@@ -185,7 +193,8 @@ def pick_config(op: str, M: int, N: int, K: int, dtype: torch.dtype, device: tor
     return table[key]
 
 
-VARIANT_NAMES = {DOT: "tiled", DOT_SWAP: "tiled, swapped", LUT: "lookup GEMV", GATHER: "gather GEMV"}
+VARIANT_NAMES = {DOT: "tiled", DOT_SWAP: "tiled, swapped", LUT: "lookup GEMV", GATHER: "gather GEMV",
+                 GATHER_T: "gather GEMV, swapped"}
 
 
 def describe(cfg: Config) -> str:

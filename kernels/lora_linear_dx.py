@@ -99,7 +99,7 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
     gather = M <= GATHER_MAX_M and fmt == "sparse4x4"
     if config is not None:
         if config[6] == GATHER and fmt == "sparse4x4":
-            check_gather_config(config, DX_LIMITS)
+            check_gather_config(config, DX_LIMITS, variants=(GATHER,))
         elif config[6] not in (DOT, DOT_SWAP):
             raise ValueError(f"config {config}: dX takes tiled configs (variant DOT or DOT_SWAP), or for sparse4x4 "
                              f"the gathering GEMV's (GATHER)")

@@ -19,7 +19,7 @@ fp32 atomics. The LoRA path and the bias are added by the programs of the first 
 import triton
 import triton.language as tl
 
-from .autotune import GATHER
+from .autotune import GATHER, GATHER_T
 from .decode import lora_prologue, output_buffer, split_plan, weight_args
 
 
@@ -49,19 +49,27 @@ def _sum_slots(acc0, acc1, acc2, acc3, AXIS: tl.constexpr):
 
 @triton.jit
 def _gather_step(x_rows, values_ptr, pos_ptr, rows, tn, k0, k_end, K, TK, PW, acc0, acc1, acc2, acc3,
-                 TK_B: tl.constexpr, MASKED: tl.constexpr):
+                 TK_B: tl.constexpr, MASKED: tl.constexpr, TRANSPOSE: tl.constexpr):
     """Add the products of one ``[TN_B, TK_B]`` block of stored values with ``ROWS`` rows of x to
-    the four accumulators ``[ROWS, TN_B, TK_B]`` (one per row inside a tile). ``MASKED`` only for
-    the last block of a slice: the others lie inside ``K`` (rows past ``N`` and ``M`` were
-    clamped by the caller), so they load without masks."""
-    j = tl.arange(0, TK_B)[None, None, :]  # tile column inside the block
+    the four accumulators ``[ROWS, TN_B, TK_B]`` (one per row inside a tile; ``[ROWS, TK_B,
+    TN_B]`` if ``TRANSPOSE``). ``MASKED`` only for the last block of a slice: the others lie
+    inside ``K`` (rows past ``N`` and ``M`` were clamped by the caller), so they load without
+    masks."""
     # The values and position bytes are addressed as [ROWS, TN_B, TK_B] (the same address for
     # every row, which Triton loads once): with the shape of the gathered inputs they get the same
     # register layout, and nothing moves between threads. Each value loads the byte that holds its
-    # nibble (low nibble: even tile column).
+    # nibble (low nibble: even tile column). The axis order decides how Triton spreads the block
+    # over the lanes: Triton 3.8 puts the lanes along the tile columns in the [ROWS, TN_B, TK_B]
+    # order, Triton 3.6 only in the swapped one (bench/results/NOTES.md); the autotuner times both.
+    if TRANSPOSE:
+        j = tl.arange(0, TK_B)[None, :, None]  # tile column inside the block
+        t = tn[None, None, :]
+    else:
+        j = tl.arange(0, TK_B)[None, None, :]
+        t = tn[None, :, None]
     same = rows[:, None, None] * 0
-    v_ptrs = values_ptr + tn[None, :, None] * TK + (k0 // 4 + j) + same
-    p_ptrs = pos_ptr + tn[None, :, None] * PW + (k0 // 8 + j // 2) + same
+    v_ptrs = values_ptr + t * TK + (k0 // 4 + j) + same
+    p_ptrs = pos_ptr + t * PW + (k0 // 8 + j // 2) + same
     if MASKED:
         inside = k0 + j * 4 < k_end
         vals = tl.load(v_ptrs, mask=inside, other=0.0)
@@ -87,9 +95,13 @@ def _sparse4x4_gemv_kernel(
     stride_xm, stride_ym, stride_am, stride_bn,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    TRANSPOSE: tl.constexpr,
 ):
     TN_B: tl.constexpr = BLOCK_N // 4  # tile rows per program
     TK_B: tl.constexpr = BLOCK_K // 4  # tile columns per step
+    # the accumulators' shape: [ROWS, tile rows, tile columns], or with the last two swapped
+    A1: tl.constexpr = TK_B if TRANSPOSE else TN_B
+    A2: tl.constexpr = TN_B if TRANSPOSE else TK_B
     # the rows of x vary fastest over the grid: the programs that read the same block of weights
     # for other rows run together, and find it in L2
     pid_m = tl.program_id(0)
@@ -103,21 +115,22 @@ def _sparse4x4_gemv_kernel(
     x_rows = x_ptr + tl.minimum(offs_m, M - 1)[:, None, None] * stride_xm  # [ROWS, 1, 1]
     # one accumulator per row inside the tile, summed over K only at the end: the loop does no
     # reduction across threads, only multiply-adds in registers
-    acc0 = tl.zeros((ROWS, TN_B, TK_B), dtype=tl.float32)
-    acc1 = tl.zeros((ROWS, TN_B, TK_B), dtype=tl.float32)
-    acc2 = tl.zeros((ROWS, TN_B, TK_B), dtype=tl.float32)
-    acc3 = tl.zeros((ROWS, TN_B, TK_B), dtype=tl.float32)
+    acc0 = tl.zeros((ROWS, A1, A2), dtype=tl.float32)
+    acc1 = tl.zeros((ROWS, A1, A2), dtype=tl.float32)
+    acc2 = tl.zeros((ROWS, A1, A2), dtype=tl.float32)
+    acc3 = tl.zeros((ROWS, A1, A2), dtype=tl.float32)
     k_start = pid_s * K_PER_SPLIT  # a multiple of BLOCK_K (decode.split_plan)
     k_end = tl.minimum(K, k_start + K_PER_SPLIT)
     # whole blocks of whole tiles first, unmasked; then the slice's last, partial block
     k_full = k_start + (((k_end // 4) * 4 - k_start) // BLOCK_K) * BLOCK_K
     for k0 in range(k_start, k_full, BLOCK_K):
         acc0, acc1, acc2, acc3 = _gather_step(x_rows, values_ptr, pos_ptr, rows, tn, tl.multiple_of(k0, BLOCK_K),
-                                              k_end, K, TK, PW, acc0, acc1, acc2, acc3, TK_B, False)
+                                              k_end, K, TK, PW, acc0, acc1, acc2, acc3, TK_B, False, TRANSPOSE)
     if k_full < k_end:
         acc0, acc1, acc2, acc3 = _gather_step(x_rows, values_ptr, pos_ptr, rows, tn, k_full, k_end, K, TK, PW,
-                                              acc0, acc1, acc2, acc3, TK_B, True)
-    y = tl.reshape(_sum_slots(acc0, acc1, acc2, acc3, 2), (ROWS, BLOCK_N))  # output row 4·tn + r
+                                              acc0, acc1, acc2, acc3, TK_B, True, TRANSPOSE)
+    # summed over the tile columns: output row 4·tn + r
+    y = tl.reshape(_sum_slots(acc0, acc1, acc2, acc3, 1 if TRANSPOSE else 2), (ROWS, BLOCK_N))
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if HAS_LORA and pid_s == 0:
         offs_r = tl.arange(0, BLOCK_R)
@@ -139,15 +152,16 @@ def _sparse4x4_gemv_kernel(
 
 def sparse4x4_gemv(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1.0, bias=None,
                    rows: int = 1, block_n: int = 128, block_k: int = 256, split: int = 4, num_warps: int = 4,
-                   num_stages: int = 2):
+                   num_stages: int = 2, transpose: bool = False):
     """Launch the gathering forward for ``x [M, K]`` (meant for small ``M``) and a sparse4x4
     weight (``tensors``/``meta`` as in ``decode.weight_args``); returns ``y [M, N]`` in
     ``x.dtype``. Each program covers ``rows`` rows of ``x`` (the weights are loaded and decoded
     once for them), ``block_n`` outputs and a ``1/split`` slice of K, walked ``block_k`` inputs at
-    a time."""
+    a time. ``transpose`` swaps the block's axes (the GATHER_T variant: the same sums, another
+    register layout)."""
     if x.dim() != 2 or x.shape[1] != meta["K"]:
         raise ValueError(f"x must be [M, {meta['K']}], got {tuple(x.shape)}")
-    cfg = (rows, block_n, block_k, split, num_warps, num_stages, GATHER)
+    cfg = (rows, block_n, block_k, split, num_warps, num_stages, GATHER_T if transpose else GATHER)
     check_gather_config(cfg)
     x = x.contiguous()
     ptrs, ints, _ = weight_args("sparse4x4", tensors, meta)
@@ -155,14 +169,15 @@ def sparse4x4_gemv(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 
     return launch_gather(x, ptrs, ints, meta["N"], xa, B, R, scaling, bias, cfg).to(x.dtype)
 
 
-def check_gather_config(cfg, limits=(("rows", 1), ("block_n", 4), ("block_k", 8))) -> None:
+def check_gather_config(cfg, limits=(("rows", 1), ("block_n", 4), ("block_k", 8)), variants=(GATHER, GATHER_T)) -> None:
     """Raise ValueError unless ``cfg`` is a config the gathering kernel computes correctly:
-    ``(rows, output tile, reduction tile, split, num_warps, num_stages, GATHER)`` with powers of
+    ``(rows, output tile, reduction tile, split, num_warps, num_stages, variant)`` with powers of
     two for the first three, each at least its ``limits`` entry (forward: block_n ≥ 4, whole
-    tiles; block_k ≥ 8, whole position bytes)."""
+    tiles; block_k ≥ 8, whole position bytes), and one of ``variants`` last (the forward:
+    GATHER or its swapped axes, GATHER_T)."""
     *sizes, split, num_warps, num_stages, variant = cfg
-    if variant != GATHER:
-        raise ValueError(f"config {cfg} is not a gathering GEMV config (its last field must be {GATHER})")
+    if variant not in variants:
+        raise ValueError(f"config {cfg} is not a gathering GEMV config (its last field must be one of {variants})")
     for (name, low), v in zip(limits, sizes):
         if v < low or v & (v - 1):
             raise ValueError(f"{name} must be a power of two ≥ {low}, got {v}")
@@ -188,6 +203,7 @@ def launch_gather(x, ptrs, ints, N, xa, B, R, scaling, bias, cfg):
         M, N, K, TK, PW, float(scaling), R, k_per_split,
         x.stride(0), y.stride(0), xa.stride(0), B.stride(0),
         HAS_LORA=has_lora, HAS_BIAS=bias is not None, BLOCK_R=max(16, triton.next_power_of_2(R)),
-        ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=num_warps, num_stages=num_stages,
+        ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, TRANSPOSE=cfg[6] == GATHER_T,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return y

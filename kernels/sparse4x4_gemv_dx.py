@@ -125,7 +125,7 @@ def sparse4x4_gemv_dx(dy, tensors, meta, lora_A=None, dy_B=None, scaling: float 
     if dy.dim() != 2 or dy.shape[1] != meta["N"]:
         raise ValueError(f"dy must be [M, {meta['N']}], got {tuple(dy.shape)}")
     cfg = (rows, block_k, block_n, split, num_warps, num_stages, GATHER)
-    check_gather_config(cfg, DX_LIMITS)
+    check_gather_config(cfg, DX_LIMITS, variants=(GATHER,))
     dy = dy.contiguous()
     ptrs, ints, _ = weight_args("sparse4x4", tensors, meta)
     if lora_A is not None:

@@ -10,7 +10,7 @@ pytest.importorskip("triton")
 from loraq import reference  # noqa: E402
 from loraq.formats import Sparse4x4Weight  # noqa: E402
 from loraq.formats.sparse4x4 import pack_nibbles  # noqa: E402
-from loraq.kernels.autotune import gather_configs  # noqa: E402
+from loraq.kernels.autotune import gather_configs, gather_fwd_configs  # noqa: E402
 from test_triton_kernels import DTYPES, check, f64, problem  # noqa: E402
 
 
@@ -22,7 +22,8 @@ def _refs(x, w, A, B, s, b):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M, rows", [(1, 1), (3, 4), (17, 2), (5, 8)], ids=["M1", "M3-rows4", "M17-rows2", "M5-rows8"])
 @pytest.mark.parametrize("lora_bias", [(True, True), (False, False), (True, False)], ids=["lora+bias", "plain", "lora"])
-def test_gather_gemv_matches_reference(dtype, M, rows, lora_bias):
+@pytest.mark.parametrize("transpose", [False, True], ids=["", "swapped"])
+def test_gather_gemv_matches_reference(dtype, M, rows, lora_bias, transpose):
     from loraq.kernels.sparse4x4_gemv import sparse4x4_gemv
 
     # N = 37 and K = 301: a partial last tile row and tile column, a partial last block of rows;
@@ -30,22 +31,24 @@ def test_gather_gemv_matches_reference(dtype, M, rows, lora_bias):
     # multiple of the rows a program takes (or fewer): its last program has rows past M
     w, x, A, B, b = problem("sparse4x4", dtype, M, 37, 301, r=5, lora=lora_bias[0], bias=lora_bias[1])
     y = sparse4x4_gemv(x, w.tensors(), {"N": 37, "K": 301}, A, B, 0.7, b, rows=rows, block_n=16, block_k=64,
-                       split=3)
+                       split=3, transpose=transpose)
     assert y.shape == (M, 37) and y.dtype == dtype
-    check(y, *_refs(x, w, A, B, 0.7, b), f"gather {dtype} M={M} rows={rows}")
+    check(y, *_refs(x, w, A, B, 0.7, b), f"gather {dtype} M={M} rows={rows} transpose={transpose}")
 
 
 @pytest.mark.parametrize("split", [1, 2, 8])
 @pytest.mark.parametrize("shape", [(8, 32), (13, 70), (64, 129)], ids=str)
-def test_gather_gemv_shapes_and_splits(split, shape):
+@pytest.mark.parametrize("transpose", [False, True], ids=["", "swapped"])
+def test_gather_gemv_shapes_and_splits(split, shape, transpose):
     """Sizes that are multiples of 4 and 8 (no padding: only the unmasked blocks) and sizes that
     are not, unsplit and split (2, 5 and 9 blocks of 16 inputs: split 8 exceeds the first two)."""
     from loraq.kernels.sparse4x4_gemv import sparse4x4_gemv
 
     N, K = shape
     w, x, A, B, b = problem("sparse4x4", torch.float16, 2, N, K, r=3)
-    y = sparse4x4_gemv(x, w.tensors(), {"N": N, "K": K}, A, B, 1.5, b, rows=2, block_n=8, block_k=16, split=split)
-    check(y, *_refs(x, w, A, B, 1.5, b), f"{shape} split {split}")
+    y = sparse4x4_gemv(x, w.tensors(), {"N": N, "K": K}, A, B, 1.5, b, rows=2, block_n=8, block_k=16, split=split,
+                       transpose=transpose)
+    check(y, *_refs(x, w, A, B, 1.5, b), f"{shape} split {split} transpose={transpose}")
 
 
 def test_positions_in_the_padding_contribute_nothing():
@@ -62,12 +65,13 @@ def test_positions_in_the_padding_contribute_nothing():
     pos[1, 3] = 13  # output row 7 and input 13: both padding
     w = Sparse4x4Weight(values, pack_nibbles(pos), (N, K))
     x = torch.randn(2, K, dtype=torch.float16)
-    y = sparse4x4_gemv(x, w.tensors(), {"N": N, "K": K}, block_n=8, block_k=8, split=1)
-    check(y, *_refs(x, w, None, None, 1.0, None), "padding")
+    for transpose in (False, True):
+        y = sparse4x4_gemv(x, w.tensors(), {"N": N, "K": K}, block_n=8, block_k=8, split=1, transpose=transpose)
+        check(y, *_refs(x, w, None, None, 1.0, None), f"padding, transpose={transpose}")
     assert (w.dequantize() != 0).sum() == 3  # 5 of the 8 kept elements lie in the padding
 
 
-@pytest.mark.parametrize("M, cfg", [(M, c) for M in (1, 3, 16) for c in gather_configs(M)], ids=str)
+@pytest.mark.parametrize("M, cfg", [(M, c) for M in (1, 3, 16) for c in gather_fwd_configs(M)], ids=str)
 def test_every_gather_config_through_the_forward_launcher(M, cfg):
     """Each gathering candidate the autotuner may pick, forced through ``lora_linear_fwd``."""
     from loraq.kernels import lora_linear_fwd
@@ -79,7 +83,7 @@ def test_every_gather_config_through_the_forward_launcher(M, cfg):
 
 def test_gather_refuses_what_it_cannot_do():
     from loraq.kernels import lora_linear_dx, lora_linear_fwd
-    from loraq.kernels.autotune import GATHER, GATHER_SMALL_M, LUT_M1
+    from loraq.kernels.autotune import GATHER, GATHER_SMALL_M, GATHER_T, LUT_M1
     from loraq.kernels.sparse4x4_gemv import sparse4x4_gemv
 
     w, x, *_ = problem("sparse4x4", torch.float16, 2, 16, 64, lora=False, bias=False)
@@ -111,6 +115,14 @@ def test_gather_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="dX takes tiled configs"):
         lora_linear_dx(torch.randn(2, 16, dtype=torch.float16), "int1", i1.tensors(), i1_meta,
                        config=GATHER_SMALL_M[0])
+    # the swapped gather is a forward kernel: refused for int1 and for dX
+    swapped = GATHER_SMALL_M[0][:6] + (GATHER_T,)
+    with pytest.raises(ValueError, match="gathering GEMV: it takes a sparse4x4 weight"):
+        lora_linear_fwd(xi, "int1", i1.tensors(), i1_meta, config=swapped)
+    with pytest.raises(ValueError, match="dX takes tiled configs"):
+        lora_linear_dx(torch.randn(2, 16, dtype=torch.float16), "sparse4x4", w.tensors(), meta, config=swapped)
+    with pytest.raises(ValueError, match="block_k must be a power of two ≥ 8"):
+        lora_linear_fwd(x, "sparse4x4", w.tensors(), meta, config=(1, 16, 4, 1, 4, 2, GATHER_T))
 
 
 def test_the_launcher_offers_the_gather_for_small_batches_of_sparse4x4(monkeypatch):
@@ -123,7 +135,7 @@ def test_the_launcher_offers_the_gather_for_small_batches_of_sparse4x4(monkeypat
     seen = []
 
     def spy(op, M, N, K, dtype, device, run, bench=None, extra=None):
-        seen.append((op.endswith(":gather"), M, M <= autotune.GATHER_MAX_M and extra == autotune.gather_configs(M)))
+        seen.append((op.endswith(":gather"), M, M <= autotune.GATHER_MAX_M and extra == autotune.gather_fwd_configs(M)))
         return autotune.configs_for(M)[0]
 
     monkeypatch.setattr(sys.modules[lora_linear_fwd.__module__], "pick_config", spy)
@@ -145,7 +157,7 @@ def test_gpu_every_gather_config_at_a_large_shape(dtype, M):
 
     w, x, A, B, b = problem("sparse4x4", dtype, M, 3001, 4099, r=16)
     ref, low = _refs(x, w, A, B, 2.0, b)
-    for cfg in gather_configs(M):
+    for cfg in gather_fwd_configs(M):
         y = lora_linear_fwd(x, "sparse4x4", w.tensors(), {"N": 3001, "K": 4099}, A, B, 2.0, b, config=cfg)
         check(y, ref, low, f"{cfg}")
 
