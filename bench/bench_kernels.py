@@ -360,16 +360,17 @@ def read_log(path: str) -> Tuple[List[Dict], str]:
     """``(rows, header)`` from the printed output of a run (``bench.txt``): the report of a run
     that was killed before it wrote its CSV. Times are those printed (0.1 µs); a log from before
     rows printed their bytes gives bytes as GB/s × time (to the printed 0.1 GB/s)."""
-    rows, header = [], ""
+    rows, header, meta, device = [], "", {}, ""
     for line in Path(path).read_text().splitlines():
-        if line.startswith("device ") and not header:
+        if line.startswith("device ") and not header:  # the run's header, printed before any row
             header = line
+            meta = dict(re.findall(r"(dtype|rank) (\S+?)(?:;|$)", header))
+            device = header.split(";")[0][len("device "):]
         m = _LOG_ROW.match(line)
         if not m:
             continue
         d = m.groupdict()
-        meta = dict(re.findall(r"(dtype|rank) (\S+?)(?:;|$)", header))
-        row = {"device": header.split(";")[0][len("device "):], "op": d["op"], "format": d["format"],
+        row = {"device": device, "op": d["op"], "format": d["format"],
                "K": int(d["K"]), "N": int(d["N"]), "M": int(d["M"]), "rank": int(meta.get("rank", 0)),
                "dtype": meta.get("dtype", ""), "provider": d["provider"], "note": d["note"].strip()}
         if d["us"] != "-":
