@@ -68,11 +68,10 @@ def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, 
         raise SystemExit(f"sass_report: config {cfg} is a GEMV of sparse4x4")
     if swap == LUT:
         fn = _int1_gemv_lut_kernel
-        ptrs = [("x_ptr", act), ("packed_ptr", "*i32"), ("scale_ptr", act), ("col_ptr", act), ("xa_ptr", act),
-                ("b_ptr", act), ("bias_ptr", act), ("y_ptr", "*fp32")]
-        scalars = ["M", "N", "K", "KW", "G", "group_size", "s", "R", "stride_xm", "stride_am", "stride_bn",
-                   "stride_ym"]
-        cx = dict(SCALE=0, HAS_LORA=True, HAS_BIAS=False, BLOCK_R=16, ROWS=bm, BLOCK_N=out_tile, CHUNK_K=red_tile,
+        ptrs = [("x_ptr", act), ("packed_ptr", "*i32"), ("scale_ptr", act), ("col_ptr", act), ("a_ptr", act),
+                ("parts_ptr", "*fp32"), ("ws_ptr", "*fp32")]
+        scalars = ["M", "N", "K", "KW", "G", "group_size", "R", "stride_xm", "stride_ar"]
+        cx = dict(SCALE=0, HAS_LORA=True, BLOCK_R=16, UPCAST=False, ROWS=bm, BLOCK_N=out_tile, CHUNK_K=red_tile,
                   BITS=split)
     elif swap == GATHER and op == "dx":
         fn = _sparse4x4_gemv_dx_kernel
@@ -83,18 +82,17 @@ def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, 
         cx = dict(HAS_LORA=True, BLOCK_R=16, ROWS=bm, BLOCK_K=out_tile, BLOCK_N=red_tile, SPLIT_N=split)
     elif swap in (GATHER, GATHER_T):
         fn = _sparse4x4_gemv_kernel
-        ptrs = [("x_ptr", act), ("values_ptr", act), ("pos_ptr", "*u8"), ("xa_ptr", act), ("b_ptr", act),
-                ("bias_ptr", act), ("y_ptr", out)]
-        scalars = ["M", "N", "K", "TK", "PW", "s", "R", "K_PER_SPLIT", "stride_xm", "stride_ym", "stride_am",
-                   "stride_bn"]
-        cx = dict(HAS_LORA=True, HAS_BIAS=False, BLOCK_R=16, ROWS=bm, BLOCK_N=out_tile, BLOCK_K=red_tile,
-                  SPLIT_K=split, TRANSPOSE=swap == GATHER_T)
+        ptrs = [("x_ptr", act), ("values_ptr", act), ("pos_ptr", "*u8"), ("a_ptr", act), ("parts_ptr", "*fp32"),
+                ("ws_ptr", "*fp32")]
+        scalars = ["M", "N", "K", "TK", "PW", "R", "K_PER_SPLIT", "stride_xm", "stride_ar"]
+        cx = dict(HAS_LORA=True, BLOCK_R=16, IEEE=dtype == "fp32", UPCAST=False, ROWS=bm, BLOCK_N=out_tile,
+                  BLOCK_K=red_tile, TRANSPOSE=swap == GATHER_T)
     elif op == "fwd":
         fn = _lora_linear_fwd_kernel
         ptrs = [("x_ptr", act), ("w0_ptr", w0), ("w1_ptr", w1), ("w2_ptr", act), ("xa_ptr", act), ("b_ptr", act),
-                ("bias_ptr", act), ("y_ptr", out)]
+                ("bias_ptr", act), ("y_ptr", out), ("a_ptr", act), ("parts_ptr", "*fp32")]
         scalars = ["M", "N", "K", "s", "K_PER_SPLIT", "W_A", "W_B", "W_C", "W_D", "stride_xm", "stride_ym",
-                   "stride_am", "stride_bn", "R"]
+                   "stride_am", "stride_bn", "stride_ar", "R"]
         cx = dict(FORMAT=F, SCALE=0, HAS_LORA=True, HAS_BIAS=False, IEEE=dtype == "fp32", UPCAST=False, WDT=wdt,
                   BLOCK_R=16, BLOCK_M=bm, BLOCK_N=out_tile, BLOCK_K=red_tile, SPLIT_K=split, SWAP=bool(swap), ASM=True)
     elif op == "dx":

@@ -12,6 +12,9 @@ tensors (the format's fields) and know nothing of autograd, ``nn`` or the backen
   gathering one input per stored value (an autotune candidate of :func:`lora_linear_fwd`)
 * :func:`sparse4x4_gemv_dx`: its transpose, ``dX`` for up to 16 rows of ``dY`` (an autotune
   candidate of :func:`lora_linear_dx`)
+
+The small-batch forwards split K and end in ``splitk_finish.finish`` (LoRA path, bias, cast):
+two launches a call, on a zeroed fp32 workspace kept per thread, device and stream.
 """
 
 from .int1_gemv_lut import int1_gemv_lut

@@ -12,24 +12,26 @@ half]``), and ``tl.gather`` reads it. On an H100 with Triton 3.6 the gather is w
 Programs split K (``CHUNK_K`` each), N (``BLOCK_N`` rows each) and M (``ROWS`` rows of ``x``
 each: the weights are loaded and split into fields once, and each row builds its own tables and
 does its own lookups, so the work grows with the rows while the weight stream does not). Partial
-sums meet through fp32 atomics. The per-row ``α`` (or onebit ``h``) multiplies each partial sum. Onebit ``g`` is
-folded into the table, and per-group scales multiply each field's entry (``group_size`` must be a
-multiple of 8). The LoRA path and the bias are added by the programs of the first K chunk.
+sums meet through fp32 atomics in a zeroed workspace. The per-row ``α`` (or onebit ``h``)
+multiplies each partial sum. Onebit ``g`` is folded into the table, and per-group scales multiply
+each field's entry (``group_size`` must be a multiple of 8). The programs of the first block of
+outputs also store their chunk's share of ``x·Aᵀ``; ``splitk_finish.finish`` adds the LoRA path
+and the bias and casts, in the second and last launch of a call.
 """
 
-import torch
 import triton
 import triton.language as tl
 
 from .autotune import LUT
-from .decode import lora_prologue, weight_args
+from .decode import interpreter_upcast, weight_args
+from .splitk_finish import XA_BLOCK_K, _store_xa_part, run_split
 
 
 @triton.jit
 def _int1_gemv_lut_kernel(
-    x_ptr, packed_ptr, scale_ptr, col_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr,
-    M, N, K, KW, G, group_size, s, R, stride_xm, stride_am, stride_bn, stride_ym,
-    SCALE: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+    x_ptr, packed_ptr, scale_ptr, col_ptr, a_ptr, parts_ptr, ws_ptr,
+    M, N, K, KW, G, group_size, R, stride_xm, stride_ar,
+    SCALE: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_K: tl.constexpr, BITS: tl.constexpr,
 ):
     ENTRIES: tl.constexpr = 1 << BITS  # table entries per group: 256 (bytes) or 16 (nibbles)
@@ -79,15 +81,10 @@ def _int1_gemv_lut_kernel(
         acc = tl.sum(part, axis=0)  # [BLOCK_N]
         if SCALE != 1:  # per-row α (or onebit h)
             acc = acc * tl.load(scale_ptr + offs_n * G, mask=offs_n < N, other=0.0).to(tl.float32)
-        if HAS_LORA and pid_k == 0:
-            offs_r = tl.arange(0, BLOCK_R)
-            xa = tl.load(xa_ptr + m * stride_am + offs_r, mask=(offs_r < R) & live, other=0.0).to(tl.float32)
-            bt = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :],
-                         mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0).to(tl.float32)
-            acc += s * tl.sum(bt * xa[None, :], axis=1)
-        if HAS_BIAS and pid_k == 0:
-            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-        tl.atomic_add(y_ptr + m * stride_ym + offs_n, acc, mask=(offs_n < N) & live)
+        tl.atomic_add(ws_ptr + m * N + offs_n, acc, mask=(offs_n < N) & live)
+    if HAS_LORA and pid_n == 0:  # this chunk's share of x·Aᵀ, for the finish
+        _store_xa_part(x_ptr, a_ptr, parts_ptr, pid_m * ROWS, M, k0, tl.minimum(K, k0 + CHUNK_K), R, pid_k,
+                       stride_xm, stride_ar, ROWS, BLOCK_R, XA_BLOCK_K, False, UPCAST)
 
 
 def lut_supported(meta) -> bool:
@@ -111,8 +108,8 @@ def int1_gemv_lut(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1
     check_lut_config(cfg)
     x = x.contiguous()
     ptrs, ints, mode = weight_args("int1", tensors, meta)
-    xa, B, R = lora_prologue(x, lora_A, lora_B)
-    return launch_lut(x, ptrs, ints, mode, meta["N"], xa, B, R, scaling, bias, cfg)
+    A, B = (None, None) if lora_A is None else (lora_A.to(x.dtype), lora_B.to(x.dtype))
+    return launch_lut(x, ptrs, ints, mode, meta["N"], A, B, scaling, bias, cfg)
 
 
 def check_lut_config(cfg) -> None:
@@ -131,22 +128,26 @@ def check_lut_config(cfg) -> None:
         raise ValueError(f"chunk_k must be a power of two and a multiple of 32, got {chunk_k}")
 
 
-def launch_lut(x, ptrs, ints, mode, N, xa, B, R, scaling, bias, cfg):
-    """The launch on arguments already prepared (``weight_args``'s, ``xa = x·Aᵀ`` and ``B`` in
+def launch_lut(x, ptrs, ints, mode, N, lora_A, lora_B, scaling, bias, cfg):
+    """The launch on arguments already prepared (``weight_args``'s; ``lora_A``, ``lora_B`` in
     ``x``'s dtype, or None without LoRA) and checked; ``cfg`` is an ``autotune.lut_configs``
-    entry. ``lora_linear_fwd`` calls this directly, so the forward prepares its arguments once."""
+    entry. ``lora_linear_fwd`` calls this directly, so the forward prepares its arguments once.
+    Two launches: the lookups, then ``splitk_finish.finish``. Returns ``y [M, N]`` in x's dtype."""
     rows, block_n, chunk_k, bits, num_warps, num_stages, _ = cfg
     (packed, scale, col), (KW, G, group, _) = ptrs, ints
-    has_lora = xa is not None
-    if not has_lora:
-        xa = B = x  # unused placeholders
     M, K = x.shape
-    y = torch.zeros(M, N, device=x.device, dtype=torch.float32)
+    has_lora = lora_A is not None
+    A = lora_A if has_lora else x  # an unused placeholder without LoRA
+    R = lora_A.shape[0] if has_lora else 1
     grid = (triton.cdiv(N, block_n), triton.cdiv(K, chunk_k), triton.cdiv(M, rows))
-    _int1_gemv_lut_kernel[grid](
-        x, packed, scale, col, xa, B, bias if bias is not None else x, y,
-        M, N, K, KW, G, group, float(scaling), R, x.stride(0), xa.stride(0), B.stride(0), y.stride(0),
-        SCALE=mode, HAS_LORA=has_lora, HAS_BIAS=bias is not None, BLOCK_R=max(16, triton.next_power_of_2(R)),
-        ROWS=rows, BLOCK_N=block_n, CHUNK_K=chunk_k, BITS=bits, num_warps=num_warps, num_stages=num_stages,
-    )
-    return y.to(x.dtype)
+
+    def launch(ws, parts):
+        _int1_gemv_lut_kernel[grid](
+            x, packed, scale, col, A, parts if has_lora else ws, ws,
+            M, N, K, KW, G, group, R, x.stride(0), A.stride(0),
+            SCALE=mode, HAS_LORA=has_lora, BLOCK_R=max(16, triton.next_power_of_2(R)),
+            UPCAST=interpreter_upcast(x.dtype), ROWS=rows, BLOCK_N=block_n, CHUNK_K=chunk_k, BITS=bits,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+
+    return run_split(launch, M, N, grid[1], x, lora_B, R, scaling, bias)

@@ -3,7 +3,10 @@
 Each program owns a ``[BLOCK_M, BLOCK_N]`` tile of ``y``: it walks K, decodes the matching
 ``[BLOCK_N, BLOCK_K]`` tile of ``Ŵ`` in registers (no dense ``Ŵ`` in memory) and feeds it to
 ``tl.dot``; the epilogue adds the LoRA path from ``xa = x·Aᵀ`` (``[M, r]``, computed once
-beforehand: it is tiny) and the bias. Small batches use ``BLOCK_M = 16`` tiles.
+beforehand: it is tiny) and the bias. Small batches use ``BLOCK_M = 16`` tiles and split K:
+the programs add their partial sums into a zeroed fp32 workspace, those of the first output tile
+also store their slice's share of ``x·Aᵀ``, and ``splitk_finish.finish`` adds the LoRA path and
+the bias and casts (two launches a call, ``splitk_finish.py``).
 
 Small batches also time a GEMV that never decodes a tile, and take it when it is faster: the
 table lookup for up to 4 rows of int1 (``int1_gemv_lut.py``), and the gather for up to 16 rows
@@ -20,16 +23,17 @@ from .int1_gemv_lut import check_lut_config, launch_lut, lut_supported
 from .sparse4x4_gemv import check_gather_config, launch_gather
 from .decode import (_dot, _int1_group_scale, _int1_signs, _sparse4x4_tile, decode_dtype, interpreter_upcast, lora_prologue,
                      output_buffer, split_plan, use_asm, weight_args)
+from .splitk_finish import XA_BLOCK_K, _store_xa_part, run_split
 
 INT1, SPARSE4X4 = 0, 1
 
 
 @triton.jit
 def _lora_linear_fwd_kernel(
-    x_ptr, w0_ptr, w1_ptr, w2_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr,
+    x_ptr, w0_ptr, w1_ptr, w2_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr, a_ptr, parts_ptr,
     M, N, K, s, K_PER_SPLIT,
     W_A, W_B, W_C, W_D,  # format integers: int1 (KW, G, group_size, -), sparse4x4 (TK, PW, -, -)
-    stride_xm, stride_ym, stride_am, stride_bn,
+    stride_xm, stride_ym, stride_am, stride_bn, stride_ar,
     R,
     FORMAT: tl.constexpr, SCALE: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr, WDT: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -38,7 +42,7 @@ def _lora_linear_fwd_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    pid_s = tl.program_id(2)  # split-K: each program sums one K slice; fp32 atomics join them
+    pid_s = tl.program_id(2)  # split-K: each program sums one K slice into the fp32 workspace y
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # SWAP computes yᵀ = Ŵ·xᵀ: the decoded tile is then the dot's first operand, which Hopper's
@@ -48,6 +52,10 @@ def _lora_linear_fwd_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_end = tl.minimum(K, (pid_s + 1) * K_PER_SPLIT)
+    if SPLIT_K > 1 and HAS_LORA and pid_n == 0:  # this slice's share of x·Aᵀ, for the finish
+        # (before the main loop: its registers are free again when the loop's are needed)
+        _store_xa_part(x_ptr, a_ptr, parts_ptr, pid_m * BLOCK_M, M, pid_s * K_PER_SPLIT, k_end, R, pid_s,
+                       stride_xm, stride_ar, BLOCK_M, BLOCK_R, XA_BLOCK_K, IEEE, UPCAST)
     for k0 in range(pid_s * K_PER_SPLIT, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
@@ -69,20 +77,20 @@ def _lora_linear_fwd_kernel(
         acc = tl.trans(acc)
     if FORMAT == 0 and SCALE != 1:  # per-row α (or onebit h): once per output column
         acc = acc * tl.load(w1_ptr + offs_n * W_B, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    if HAS_LORA and pid_s == 0:
+    if HAS_LORA and SPLIT_K == 1:
         offs_r = tl.arange(0, BLOCK_R)
         xa = tl.load(xa_ptr + offs_m[:, None] * stride_am + offs_r[None, :],
                      mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
         bt = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :],
                      mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0)
         acc += s * _dot(xa, tl.trans(bt), IEEE, UPCAST)
-    if HAS_BIAS and pid_s == 0:
+    if HAS_BIAS and SPLIT_K == 1:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if SPLIT_K == 1:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=inside)
-    else:
+    else:  # into the workspace; the finish adds the LoRA path and the bias
         tl.atomic_add(y_ptrs, acc, mask=inside)
 
 
@@ -97,29 +105,39 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
     if M == 0:
         return torch.empty(M, N, device=x.device, dtype=x.dtype)
     ptrs, ints, scale_mode = weight_args(fmt, tensors, meta)
-    xa, B, R = lora_prologue(x, lora_A, lora_B)
-    has_lora = xa is not None
+    has_lora = lora_A is not None
+    A, B = (lora_A.to(x.dtype), lora_B.to(x.dtype)) if has_lora else (None, None)
+    R = A.shape[0] if has_lora else 1
 
     def run(cfg):
         # the GEMVs of small batches, on the arguments prepared above
         if cfg[6] == LUT:
-            return launch_lut(x, ptrs, ints, scale_mode, N, xa, B, R, scaling, bias, cfg)
+            return launch_lut(x, ptrs, ints, scale_mode, N, A, B, scaling, bias, cfg)
         if cfg[6] in (GATHER, GATHER_T):
-            return launch_gather(x, ptrs, ints, N, xa, B, R, scaling, bias, cfg)
+            return launch_gather(x, ptrs, ints, N, A, B, scaling, bias, cfg)
         bm, bn, bk, split, warps, stages, swap = cfg
-        xa_arg, b_arg = (xa, B) if has_lora else (x, x)  # unused placeholders without LoRA
         split, k_per_split = split_plan(K, bk, split)
-        y = output_buffer(M, N, x, split)
-        _lora_linear_fwd_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn), split)](
-            x, *ptrs, xa_arg, b_arg, bias if bias is not None else x, y,
-            M, N, K, float(scaling), k_per_split, *ints,
-            x.stride(0), y.stride(0), xa_arg.stride(0), b_arg.stride(0), R,
-            FORMAT=INT1 if fmt == "int1" else SPARSE4X4, SCALE=scale_mode, HAS_LORA=has_lora,
-            HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, UPCAST=interpreter_upcast(x.dtype),
-            WDT=decode_dtype(x.dtype), BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, SWAP=bool(swap), ASM=use_asm(),
-            num_warps=warps, num_stages=stages,
-        )
-        return y
+        grid = (triton.cdiv(M, bm), triton.cdiv(N, bn), split)
+
+        def launch(y, parts, xa):
+            xa_arg, b_arg = (xa, B) if xa is not None else (x, x)  # unused placeholders
+            a_arg = A if has_lora else x
+            _lora_linear_fwd_kernel[grid](
+                x, *ptrs, xa_arg, b_arg, bias if bias is not None else x, y, a_arg, parts if parts is not None else y,
+                M, N, K, float(scaling), k_per_split, *ints,
+                x.stride(0), y.stride(0), xa_arg.stride(0), b_arg.stride(0), a_arg.stride(0), R,
+                FORMAT=INT1 if fmt == "int1" else SPARSE4X4, SCALE=scale_mode, HAS_LORA=has_lora,
+                HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, UPCAST=interpreter_upcast(x.dtype),
+                WDT=decode_dtype(x.dtype), BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_M=bm, BLOCK_N=bn,
+                BLOCK_K=bk, SPLIT_K=split, SWAP=bool(swap), ASM=use_asm(), num_warps=warps, num_stages=stages,
+            )
+
+        if split > 1:  # partial sums into the workspace; the finish adds LoRA and bias
+            return run_split(lambda ws, parts: launch(ws, parts, None), M, N, split, x, B, R, scaling, bias)
+        # unsplit (large batches): x·Aᵀ whole beforehand (cuBLAS), the LoRA path in the epilogue
+        y = output_buffer(M, N, x, 1)
+        launch(y, None, lora_prologue(x, A, B)[0] if has_lora else None)
+        return y.to(x.dtype)
 
     # tuned per format, scale mode and LoRA on/off: each compiles to a different kernel. Small
     # batches also time a GEMV, under their own cache key.
@@ -139,4 +157,4 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
     op = f"lora_linear_fwd:{fmt}:{scale_mode}:{int(has_lora)}" + (":lut" if lut else "") + (":gather" if gather else "")
     extra = lut_configs(M) if lut else (gather_fwd_configs(M) if gather else None)
     cfg = config or pick_config(op, M, N, K, x.dtype, x.device, run, extra=extra)
-    return run(cfg).to(x.dtype)
+    return run(cfg)

@@ -12,15 +12,19 @@ for one row of ``x`` (about 1.5 per weight) and 11.5 per row from 4 rows, whose 
 positions are loaded and decoded once (``bench/sass_report.py``).
 
 Programs split N (``BLOCK_N`` rows, a multiple of 4), K (``K_PER_SPLIT`` each, walked
-``BLOCK_K`` at a time) and M (``ROWS`` rows of ``x`` each); split partial sums meet through
-fp32 atomics. The LoRA path and the bias are added by the programs of the first K slice.
+``BLOCK_K`` at a time) and M (``ROWS`` rows of ``x`` each); partial sums meet through fp32
+atomics in a zeroed workspace. The programs of the first block of outputs also store their
+slice's share of ``x·Aᵀ``; ``splitk_finish.finish`` adds the LoRA path and the bias and casts, in
+the second and last launch of a call.
 """
 
+import torch
 import triton
 import triton.language as tl
 
 from .autotune import GATHER, GATHER_T
-from .decode import lora_prologue, output_buffer, split_plan, weight_args
+from .decode import interpreter_upcast, split_plan, weight_args
+from .splitk_finish import XA_BLOCK_K, _store_xa_part, run_split
 
 
 @triton.jit
@@ -90,12 +94,10 @@ def _gather_step(x_rows, values_ptr, pos_ptr, rows, tn, k0, k_end, K, TK, PW, ac
 
 @triton.jit
 def _sparse4x4_gemv_kernel(
-    x_ptr, values_ptr, pos_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr,
-    M, N, K, TK, PW, s, R, K_PER_SPLIT,
-    stride_xm, stride_ym, stride_am, stride_bn,
-    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    TRANSPOSE: tl.constexpr,
+    x_ptr, values_ptr, pos_ptr, a_ptr, parts_ptr, ws_ptr,
+    M, N, K, TK, PW, R, K_PER_SPLIT, stride_xm, stride_ar,
+    HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TRANSPOSE: tl.constexpr,
 ):
     TN_B: tl.constexpr = BLOCK_N // 4  # tile rows per program
     TK_B: tl.constexpr = BLOCK_K // 4  # tile columns per step
@@ -132,22 +134,11 @@ def _sparse4x4_gemv_kernel(
     # summed over the tile columns: output row 4·tn + r
     y = tl.reshape(_sum_slots(acc0, acc1, acc2, acc3, 1 if TRANSPOSE else 2), (ROWS, BLOCK_N))
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if HAS_LORA and pid_s == 0:
-        offs_r = tl.arange(0, BLOCK_R)
-        bt = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :],
-                     mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0).to(tl.float32)
-        for i in tl.static_range(ROWS):
-            xa = tl.load(xa_ptr + (pid_m * ROWS + i) * stride_am + offs_r,
-                         mask=(offs_r < R) & (pid_m * ROWS + i < M), other=0.0).to(tl.float32)
-            y += tl.where(rows[:, None] == i, (s * tl.sum(bt * xa[None, :], axis=1))[None, :], 0.0)
-    if HAS_BIAS and pid_s == 0:
-        y += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=inside)
-    else:
-        tl.atomic_add(y_ptrs, y, mask=inside)
+    tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], y,
+                  mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    if HAS_LORA and pid_n == 0:  # this slice's share of x·Aᵀ, for the finish
+        _store_xa_part(x_ptr, a_ptr, parts_ptr, pid_m * ROWS, M, k_start, k_end, R, pid_s, stride_xm, stride_ar,
+                       ROWS, BLOCK_R, XA_BLOCK_K, IEEE, UPCAST)
 
 
 def sparse4x4_gemv(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1.0, bias=None,
@@ -165,8 +156,8 @@ def sparse4x4_gemv(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 
     check_gather_config(cfg)
     x = x.contiguous()
     ptrs, ints, _ = weight_args("sparse4x4", tensors, meta)
-    xa, B, R = lora_prologue(x, lora_A, lora_B)
-    return launch_gather(x, ptrs, ints, meta["N"], xa, B, R, scaling, bias, cfg).to(x.dtype)
+    A, B = (None, None) if lora_A is None else (lora_A.to(x.dtype), lora_B.to(x.dtype))
+    return launch_gather(x, ptrs, ints, meta["N"], A, B, scaling, bias, cfg)
 
 
 def check_gather_config(cfg, limits=(("rows", 1), ("block_n", 4), ("block_k", 8)), variants=(GATHER, GATHER_T)) -> None:
@@ -185,25 +176,26 @@ def check_gather_config(cfg, limits=(("rows", 1), ("block_n", 4), ("block_k", 8)
         raise ValueError(f"split must be ≥ 1, got {split}")
 
 
-def launch_gather(x, ptrs, ints, N, xa, B, R, scaling, bias, cfg):
-    """The launch on arguments already prepared (``weight_args``'s, ``xa = x·Aᵀ`` and ``B`` in
-    ``x``'s dtype, or None without LoRA); ``cfg`` is an ``autotune.gather_configs`` entry. Returns
-    the output buffer (fp32 when the reduction is split)."""
+def launch_gather(x, ptrs, ints, N, lora_A, lora_B, scaling, bias, cfg):
+    """The launch on arguments already prepared (``weight_args``'s; ``lora_A``, ``lora_B`` in
+    ``x``'s dtype, or None without LoRA); ``cfg`` is an ``autotune.gather_configs`` entry. Two
+    launches: the gathers, then ``splitk_finish.finish``. Returns ``y [M, N]`` in x's dtype."""
     rows, block_n, block_k, split, num_warps, num_stages, _ = cfg
     (values, positions, _), (TK, PW, _, _) = ptrs, ints
     M, K = x.shape
-    has_lora = xa is not None
-    if not has_lora:
-        xa = B = x  # unused placeholders
+    has_lora = lora_A is not None
+    A = lora_A if has_lora else x  # an unused placeholder without LoRA
+    R = lora_A.shape[0] if has_lora else 1
     split, k_per_split = split_plan(K, block_k, split)
-    y = output_buffer(M, N, x, split)
     grid = (triton.cdiv(M, rows), triton.cdiv(N, block_n), split)
-    _sparse4x4_gemv_kernel[grid](
-        x, values, positions, xa, B, bias if bias is not None else x, y,
-        M, N, K, TK, PW, float(scaling), R, k_per_split,
-        x.stride(0), y.stride(0), xa.stride(0), B.stride(0),
-        HAS_LORA=has_lora, HAS_BIAS=bias is not None, BLOCK_R=max(16, triton.next_power_of_2(R)),
-        ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, TRANSPOSE=cfg[6] == GATHER_T,
-        num_warps=num_warps, num_stages=num_stages,
-    )
-    return y
+
+    def launch(ws, parts):
+        _sparse4x4_gemv_kernel[grid](
+            x, values, positions, A, parts if has_lora else ws, ws,
+            M, N, K, TK, PW, R, k_per_split, x.stride(0), A.stride(0),
+            HAS_LORA=has_lora, BLOCK_R=max(16, triton.next_power_of_2(R)), IEEE=x.dtype == torch.float32,
+            UPCAST=interpreter_upcast(x.dtype), ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k,
+            TRANSPOSE=cfg[6] == GATHER_T, num_warps=num_warps, num_stages=num_stages,
+        )
+
+    return run_split(launch, M, N, split, x, lora_B, R, scaling, bias)

@@ -115,3 +115,24 @@ def lora_linear_bwd_ref(
         dA = scaling * (dyB.t() @ x)
         dB = scaling * (dy.t() @ (x @ A.t()))
     return dx, dA, dB, dy.sum(0)
+
+
+def splitk_finish_ref(
+    sums: torch.Tensor,
+    xa_parts: Optional[torch.Tensor],
+    lora_B: Optional[torch.Tensor],
+    scaling: float,
+    bias: Optional[torch.Tensor],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The last step of the small-batch forwards (``kernels/splitk_finish.py``): the fp32 partial
+    sums of ``x·Ŵᵀ`` ``[M, N]`` plus ``s·(Σ_slots xa_parts)·Bᵀ`` plus ``bias``, in ``dtype``.
+    ``xa_parts [slots, M, ≥ r]`` holds the K slices' shares of ``x·Aᵀ`` (columns past r unused),
+    ``lora_B [N, r]``; both None without LoRA. Computed in float64, rounded once."""
+    y = sums.double()
+    if xa_parts is not None:
+        r = lora_B.shape[1]
+        y = y + scaling * (xa_parts.double().sum(0)[:, :r] @ lora_B.double().t())
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(dtype)

@@ -1,0 +1,170 @@
+"""The end of a split reduction for the small-batch forwards: LoRA, bias and the cast in one launch.
+
+A small batch gives too few output tiles to fill a GPU, so the small-batch kernels (the lookup
+and gathering GEMVs, the tiled kernel when it splits K) split the reduction over programs whose
+partial sums meet through fp32 atomics. Done plainly, a call is four launches besides the
+kernel's: ``x·Aᵀ`` (cuBLAS), zeros for the atomics, and a cast to the activation dtype after. At
+4096² the int1 weight is 2 MB, less than a microsecond of memory time, so those launches are most
+of the call, on the GPU and on the host. Here a call is two launches:
+
+1. the split kernel adds its partial sums into a **workspace** of fp32 that is all zeros between
+   calls (:func:`zeroed_workspace`: one per thread, device and stream, kept), and the programs of the
+   first output tile also store their K slice's share of ``x·Aᵀ`` (:func:`_store_xa_part`) into
+   a slot of their own: no atomics, nothing to zero;
+2. :func:`finish` (one program per ``BLOCK_N`` outputs and row of x) reads the sums and writes
+   zeros back, so the workspace is ready for the next call; it sums the slots into ``x·Aᵀ`` and
+   writes ``sum + s·(x·Aᵀ)·Bᵀ + b`` in the activation dtype.
+
+:func:`run_split` makes the two launches; if anything between them raises, it zeroes the
+workspace again before it re-raises. ``reference.splitk_finish_ref`` is the reference.
+"""
+
+import threading
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .decode import _dot, interpreter_upcast
+
+XA_BLOCK_K = tl.constexpr(64)  # inputs per step of the x·Aᵀ share (a constexpr global: kernels read it)
+FINISH_BLOCK_N = 256  # outputs per program of the finish kernel
+
+# per thread, (device, stream) -> flat fp32 zeros: the workspace of the split kernels that this
+# thread launches onto that stream (two threads launching onto one stream interleave their calls)
+_LOCAL = threading.local()
+
+
+def workspaces() -> Dict[Tuple[torch.device, Optional[int]], torch.Tensor]:
+    """This thread's workspaces, by ``(device, stream)`` (``stream`` None off CUDA)."""
+    table = getattr(_LOCAL, "workspaces", None)
+    if table is None:
+        table = _LOCAL.workspaces = {}
+    return table
+
+
+def zeroed_workspace(rows: int, cols: int, device: torch.device) -> torch.Tensor:
+    """A ``[rows, cols]`` fp32 view of the zeroed workspace of this thread, ``device`` and its
+    current stream.
+
+    One thread's kernels on one stream run one after another, so one workspace for them is enough:
+    each :func:`finish` leaves it zero for the next call. Two streams or two threads never share
+    one. It grows (a new ``torch.zeros``) when a call needs more; during a CUDA graph capture that
+    first allocation is captured too (a memset in the graph, harmless). One graph replayed on two
+    streams at once would share its workspace: replay a graph on one stream at a time."""
+    device = torch.device(device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    table = workspaces()
+    ws = table.get((device, stream))
+    if ws is None or ws.numel() < rows * cols:
+        ws = torch.zeros(max(rows * cols, 2 * (0 if ws is None else ws.numel())), device=device,
+                         dtype=torch.float32)
+        table[(device, stream)] = ws
+    return ws[: rows * cols].view(rows, cols)
+
+
+def xa_slots(slots: int, M: int, R: int, device: torch.device) -> Tuple[torch.Tensor, int]:
+    """``(parts [slots, M, BLOCK_R] fp32, BLOCK_R)``: where the split kernel's programs store
+    their shares of ``x·Aᵀ`` (every slot is written, so it is not zeroed)."""
+    block_r = max(16, triton.next_power_of_2(R))
+    return torch.empty(slots, M, block_r, device=device, dtype=torch.float32), block_r
+
+
+@triton.jit
+def _store_xa_part(x_ptr, a_ptr, parts_ptr, m0, M, k_start, k_end, R, slot, stride_xm, stride_ar,
+                   ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+                   UPCAST: tl.constexpr):
+    """``parts[slot, m, :] = x[m, k_start:k_end]·A[:, k_start:k_end]ᵀ`` in fp32 for the ``ROWS``
+    rows of x from ``m0`` (rows past ``M`` are skipped; ``r`` past ``R`` is 0). ``A`` is in x's
+    dtype. From 16 rows on it is a ``tl.dot``; below, multiply-adds row by row."""
+    offs_r = tl.arange(0, BLOCK_R)
+    if ROWS >= 16:
+        offs_m = m0 + tl.arange(0, ROWS)
+        acc = tl.zeros((ROWS, BLOCK_R), dtype=tl.float32)
+        for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=1):  # not pipelined: registers
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                         mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_end), other=0.0)
+            at = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :],
+                         mask=(offs_r[:, None] < R) & (offs_k[None, :] < k_end), other=0.0)
+            acc += _dot(xt, tl.trans(at), IEEE, UPCAST)
+        tl.store(parts_ptr + (slot * M + offs_m[:, None]) * BLOCK_R + offs_r[None, :], acc,
+                 mask=offs_m[:, None] < M)
+    else:
+        for i in range(0, tl.minimum(ROWS, M - m0)):
+            acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)  # reduced over K once, at the end
+            for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=1):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                xk = tl.load(x_ptr + (m0 + i) * stride_xm + offs_k, mask=offs_k < k_end, other=0.0)
+                at = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :],
+                             mask=(offs_r[:, None] < R) & (offs_k[None, :] < k_end), other=0.0)
+                acc += at.to(tl.float32) * xk.to(tl.float32)[None, :]
+            tl.store(parts_ptr + (slot * M + m0 + i) * BLOCK_R + offs_r, tl.sum(acc, axis=1))
+
+
+@triton.jit
+def _splitk_finish_kernel(
+    ws_ptr, y_ptr, parts_ptr, b_ptr, bias_ptr,
+    M, N, R, S, s, stride_bn, stride_ym,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    inside = offs_n < N
+    acc = tl.load(ws_ptr + m * N + offs_n, mask=inside, other=0.0)
+    tl.store(ws_ptr + m * N + offs_n, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=inside)  # ready for the next call
+    if HAS_LORA:
+        offs_r = tl.arange(0, BLOCK_R)
+        xa = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for s0 in range(0, S, BLOCK_S):  # x·Aᵀ: the sum of the K slices' shares
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            part = tl.load(parts_ptr + (offs_s[:, None] * M + m) * BLOCK_R + offs_r[None, :],
+                           mask=offs_s[:, None] < S, other=0.0)
+            xa += tl.sum(part, axis=0)
+        bt = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :],
+                     mask=inside[:, None] & (offs_r[None, :] < R), other=0.0).to(tl.float32)
+        acc += s * tl.sum(bt * xa[None, :], axis=1)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=inside, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=inside)
+
+
+def finish(ws: torch.Tensor, parts: Optional[torch.Tensor], lora_B: Optional[torch.Tensor], R: int,
+           scaling: float, bias: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``y = ws + s·(Σ_slots parts)·Bᵀ + b`` ``[M, N]`` in ``dtype``, and ``ws`` zeroed.
+    ``parts [slots, M, BLOCK_R]`` (from :func:`xa_slots`) and ``lora_B [N, R]`` (in ``dtype``)
+    are None without LoRA; ``bias [N]`` may be None."""
+    M, N = ws.shape
+    has_lora = parts is not None
+    # fp32 in the interpreter for bf16, which truncates where a GPU rounds; torch casts after
+    y = torch.empty(M, N, device=ws.device, dtype=torch.float32 if interpreter_upcast(dtype) else dtype)
+    slots, block_r = (parts.shape[0], parts.shape[2]) if has_lora else (1, 16)
+    grid = (triton.cdiv(N, FINISH_BLOCK_N), M)
+    _splitk_finish_kernel[grid](
+        ws, y, parts if has_lora else ws, lora_B if has_lora else ws, bias if bias is not None else ws,
+        M, N, R, slots, float(scaling), lora_B.stride(0) if has_lora else 0, y.stride(0),
+        HAS_LORA=has_lora, HAS_BIAS=bias is not None, BLOCK_R=block_r, BLOCK_N=FINISH_BLOCK_N,
+        BLOCK_S=min(16, triton.next_power_of_2(slots)), num_warps=4,
+    )
+    return y.to(dtype)
+
+
+def run_split(launch: Callable[[torch.Tensor, Optional[torch.Tensor]], None], M: int, N: int, slots: int,
+              x: torch.Tensor, lora_B: Optional[torch.Tensor], R: int, scaling: float,
+              bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Run a split kernel and its finish: ``launch(ws, parts)`` adds the partial sums of
+    ``x·Ŵᵀ`` into the zeroed ``ws [M, N]`` and, with LoRA (``lora_B`` given), stores the ``slots``
+    shares of ``x·Aᵀ`` into ``parts``. Returns ``y [M, N]`` in ``x.dtype``."""
+    ws = zeroed_workspace(M, N, x.device)
+    parts = None
+    if lora_B is not None:
+        parts, _ = xa_slots(slots, M, R, x.device)
+    try:
+        launch(ws, parts)
+        return finish(ws, parts, lora_B, R, scaling, bias, x.dtype)
+    except BaseException:
+        ws.zero_()  # a kernel that ran but was not finished would leave its sums for the next call
+        raise

@@ -1,0 +1,129 @@
+"""The split-K finish (kernels/splitk_finish.py) against loraq.reference, and the workspace it
+keeps: all zeros between calls, one per device and stream, zeroed again when a call fails."""
+
+import threading
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from loraq import reference  # noqa: E402
+from test_triton_kernels import DEV, DTYPES, SLACK, _kernel_args, problem  # noqa: E402
+
+
+def _workspace_is_clean():
+    from loraq.kernels import splitk_finish
+
+    return all(not ws.any() for ws in splitk_finish.workspaces().values())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lora, bias", [(True, True), (False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("M, N, slots, r", [(1, 300, 1, 5), (3, 37, 20, 16), (2, 513, 17, 33)])
+def test_finish_matches_reference_and_zeroes_the_sums(dtype, lora, bias, M, N, slots, r):
+    """Odd N over more than one program, more slots than one step of the slot loop (16), ranks
+    below, at and above a power of two."""
+    from loraq.kernels.splitk_finish import finish, xa_slots, zeroed_workspace
+
+    ws = zeroed_workspace(M, N, DEV)
+    ws.copy_(torch.randn(M, N, device=DEV) * 10)
+    sums = ws.clone()
+    parts = B = None
+    if lora:
+        parts, block_r = xa_slots(slots, M, r, DEV)
+        parts.copy_(torch.randn(slots, M, block_r, device=DEV))
+        parts[:, :, r:] = 0.0  # the kernels store zeros past r
+        B = torch.randn(N, r, device=DEV, dtype=dtype)
+    b = torch.randn(N, device=DEV, dtype=dtype) if bias else None
+    y = finish(ws, parts, B, r, 0.7, b, dtype)
+    assert y.shape == (M, N) and y.dtype == dtype
+    ref = reference.splitk_finish_ref(sums, parts, B, 0.7, b, torch.float64)
+    # one rounding to dtype on top of fp32 sums: within dtype's resolution of the result
+    tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    assert (y.double() - ref).abs().max().item() <= tol * ref.abs().max().item() + SLACK[dtype]
+    assert not ws.any(), "the finish must leave the workspace zeroed for the next call"
+
+
+def test_finish_workspace_grows_keeps_zeros_and_is_per_thread_device_and_stream():
+    from loraq.kernels import splitk_finish
+
+    a = splitk_finish.zeroed_workspace(2, 8, DEV)
+    assert a.shape == (2, 8) and a.dtype == torch.float32 and not a.any()
+    b = splitk_finish.zeroed_workspace(4, 100, DEV)  # more than there is: a new, larger one
+    assert b.shape == (4, 100) and not b.any()
+    c = splitk_finish.zeroed_workspace(1, 3, DEV)  # a smaller request reuses it
+    assert c.data_ptr() == b.data_ptr()
+    stream = torch.cuda.current_stream(DEV).cuda_stream if DEV.type == "cuda" else None
+    assert (torch.device(DEV), stream) in splitk_finish.workspaces()
+    other = []
+    thread = threading.Thread(target=lambda: other.append(splitk_finish.zeroed_workspace(1, 3, DEV)))
+    thread.start()
+    thread.join()
+    assert other[0].data_ptr() != c.data_ptr()  # another thread, another workspace
+
+
+def test_finish_workspace_is_zeroed_again_after_a_failed_call():
+    from loraq.kernels.splitk_finish import run_split, zeroed_workspace
+
+    x = torch.randn(2, 8, device=DEV)
+
+    def launch(ws, parts):
+        ws += 1.0  # a kernel that ran, then something failed before its finish
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run_split(launch, 2, 8, 1, x, None, 1, 1.0, None)
+    assert not zeroed_workspace(2, 8, DEV).any()
+
+
+@pytest.mark.parametrize("fmt, cfg", [("int1", (1, 32, 64, 4, 4, 1, 2)), ("sparse4x4", (1, 16, 32, 4, 4, 2, 3)),
+                                      ("sparse4x4", (4, 16, 32, 2, 4, 2, 4)), ("int1", (16, 32, 32, 4, 4, 2, 1)),
+                                      ("sparse4x4", (16, 64, 128, 2, 4, 3, 0))], ids=str)
+def test_finish_of_each_split_kernel_gives_the_same_answer_twice_and_leaves_zeros(fmt, cfg):
+    """The lookup GEMV, both gathering orders and the split tiled kernel: a second call sees a
+    clean workspace (same output, bit for bit) and leaves one."""
+    from loraq.kernels import lora_linear_fwd
+
+    w, x, A, B, b = problem(fmt, torch.float16, 3, 37, 300, r=5)
+    tensors, meta = _kernel_args(w)
+    y1 = lora_linear_fwd(x, fmt, tensors, meta, A, B, 0.5, b, config=cfg)
+    assert _workspace_is_clean()
+    y2 = lora_linear_fwd(x, fmt, tensors, meta, A, B, 0.5, b, config=cfg)
+    assert torch.equal(y1, y2)
+    assert _workspace_is_clean()
+    # another shape and no LoRA on the same workspace: still the reference's answer
+    w2, x2, _, _, _ = problem(fmt, torch.float16, 2, 21, 96, lora=False, bias=False)
+    t2, m2 = _kernel_args(w2)
+    y3 = lora_linear_fwd(x2, fmt, t2, m2, config=cfg)
+    ref = reference.lora_linear_ref(x2.double(), w2.to(torch.float64), None, None, 1.0)
+    low = reference.lora_linear_ref(x2, w2, None, None, 1.0)
+    assert (y3.double() - ref).abs().max() <= 2 * (low.double() - ref).abs().max() + 1e-3 * ref.abs().max()
+    assert _workspace_is_clean()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int1", "sparse4x4"])
+def test_gpu_finish_under_cuda_graph_replay_and_on_a_side_stream(fmt):
+    """Captured in a CUDA graph (its workspace is allocated during the capture), replayed twice,
+    and run eagerly on another stream: the eager answer each time, and the workspaces stay zero."""
+    from loraq.kernels import lora_linear_fwd
+
+    w, x, A, B, b = problem(fmt, torch.float16, 1, 4096, 4096, r=16)
+    tensors, meta = _kernel_args(w)
+    expect = lora_linear_fwd(x, fmt, tensors, meta, A, B, 0.5, b)  # tunes, compiles
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        on_side = lora_linear_fwd(x, fmt, tensors, meta, A, B, 0.5, b)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = lora_linear_fwd(x, fmt, tensors, meta, A, B, 0.5, b)
+    for _ in range(2):
+        captured.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(captured, expect, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(on_side, expect, rtol=1e-3, atol=1e-3)
+    assert _workspace_is_clean()
