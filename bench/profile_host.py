@@ -6,6 +6,7 @@ call of each layer of the stack (queued without synchronizing, so the GPU never 
 host), then a cProfile of the public entry.
 
     python bench/profile_host.py [--format int1] [--K 4096 --N 4096 --M 1]
+    python bench/profile_host.py --stub --K 64 --N 64     # the layer's own Python, any CPU
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ def host_us(fn, calls: int = 300, rounds: int = 5) -> float:
     return statistics.median(out)
 
 
+def without_grad(fn, *args):
+    """``fn(*args)`` under ``torch.no_grad()`` (entered once a call, as inference code does)."""
+    with torch.no_grad():
+        return fn(*args)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--format", default="int1")
@@ -50,7 +57,12 @@ def main(argv=None) -> int:
     p.add_argument("--N", type=int, default=4096)
     p.add_argument("--M", type=int, default=1)
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--stub", action="store_true",
+                   help="replace ops.lora_linear by a stub that returns a fixed tensor: what LoraLinear's "
+                        "own Python costs (measurable on any CPU)")
     args = p.parse_args(argv)
+    if args.stub:
+        return stub_layer(args)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dt = torch.float16 if dev.type == "cuda" else torch.float32
     W = torch.randn(args.N, args.K) / args.K**0.5
@@ -63,7 +75,7 @@ def main(argv=None) -> int:
     be = "triton" if dev.type == "cuda" else "reference"  # the interpreter would time numpy
     rows = [("torch x @ Wᵀ (cuBLAS)", lambda: x @ Wd.t()),
             (f"ops.lora_linear ({be})", lambda: ops.lora_linear(x, w, A, B, 2.0, backend=be)),
-            ("LoraLinear forward, no grad", lambda: torch.no_grad()(layer)(x)),
+            ("LoraLinear forward, no grad", lambda: without_grad(layer, x)),
             ("LoraLinear forward + autograd graph", lambda: layer(x))]
     if dev.type == "cuda":
         from loraq.kernels import lora_linear_fwd
@@ -83,6 +95,27 @@ def main(argv=None) -> int:
     s = io.StringIO()
     pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
     print(s.getvalue())
+    return 0
+
+
+def stub_layer(args) -> int:
+    """Host time of ``LoraLinear.forward`` around a stubbed ``ops.lora_linear``: the layer's own
+    Python (input checks, autocast, the base object, autograd), without any kernel."""
+    from loraq import autograd
+
+    W = torch.randn(args.N, args.K) / args.K**0.5
+    layer = lnn.LoraLinear(compress_weight(W, args.format), rank=args.rank)
+    x = torch.randn(args.M, args.K)
+    out = torch.randn(args.M, args.N)
+    real = autograd.ops.lora_linear
+    autograd.ops.lora_linear = lambda *a, **k: out
+    try:
+        print(f"cpu; {args.format} K={args.K} N={args.N} M={args.M}; ops.lora_linear stubbed")
+        print(f"  {'torch F.linear (for scale)':<40} {host_us(lambda: torch.nn.functional.linear(x, W)):8.1f} µs")
+        print(f"  {'LoraLinear forward, no grad':<40} {host_us(lambda: without_grad(layer, x)):8.1f} µs")
+        print(f"  {'LoraLinear forward + autograd graph':<40} {host_us(lambda: layer(x)):8.1f} µs")
+    finally:
+        autograd.ops.lora_linear = real
     return 0
 
 

@@ -25,6 +25,26 @@ import torch
 from . import ops
 
 
+def lora_linear_forward(x, x_lora, lora_A, lora_B, bias, weight, scaling: float, backend: Optional[str]):
+    """The forward of :class:`LoraLinearFunction` without autograd (same arguments): what
+    ``LoraLinear`` runs when no gradient is wanted, which saves the ``Function`` machinery's
+    host time on every call of an inference."""
+    N, K = weight.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    dtype = x.dtype
+    b = None if bias is None else bias.to(dtype)
+    if lora_A is None:
+        y = ops.lora_linear(x2, weight, None, None, 1.0, b, backend=backend)
+    elif x_lora is None or x_lora is x:  # the fused path: one pass over the packed weight
+        y = ops.lora_linear(x2, weight, lora_A.to(dtype), lora_B.to(dtype), scaling, b, backend=backend)
+    else:  # LoRA dropout: the adapter sees another input than the base
+        xl2 = x_lora.reshape(-1, K)
+        y = ops.lora_linear(x2, weight, None, None, 1.0, b, backend=backend)
+        y = y + scaling * ((xl2 @ lora_A.to(dtype).t()) @ lora_B.to(dtype).t())
+    return y.reshape(*lead, N)
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """``LoraLinearFunction.apply(x, x_lora, lora_A, lora_B, bias, weight, scaling, backend)``.
 
@@ -37,26 +57,16 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_lora, lora_A, lora_B, bias, weight, scaling: float, backend: Optional[str]):
-        N, K = weight.shape
+        K = weight.shape[1]
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, K)
-        dtype = x.dtype
-        b = None if bias is None else bias.to(dtype)
-        if lora_A is None:
-            y = ops.lora_linear(x2, weight, None, None, 1.0, b, backend=backend)
-        elif x_lora is None or x_lora is x:  # the fused path: one pass over the packed weight
-            y = ops.lora_linear(x2, weight, lora_A.to(dtype), lora_B.to(dtype), scaling, b, backend=backend)
-        else:  # LoRA dropout: the adapter sees another input than the base
-            xl2 = x_lora.reshape(-1, K)
-            y = ops.lora_linear(x2, weight, None, None, 1.0, b, backend=backend)
-            y = y + scaling * ((xl2 @ lora_A.to(dtype).t()) @ lora_B.to(dtype).t())
+        y = lora_linear_forward(x, x_lora, lora_A, lora_B, bias, weight, scaling, backend)
         ctx.same_input = x_lora is None
         if lora_A is not None:
             ctx.save_for_backward((x if x_lora is None else x_lora).reshape(-1, K), lora_A, lora_B)
         ctx.weight, ctx.scaling, ctx.backend, ctx.lead = weight, scaling, backend, lead
         ctx.has_lora = lora_A is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y.reshape(*lead, N)
+        return y
 
     @staticmethod
     def backward(ctx, dy):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .autograd import LoraLinearFunction
+from .autograd import LoraLinearFunction, lora_linear_forward
 from .formats import FORMATS, CompressedWeight, check_dense_weight, format_class
 from .lora_init import INITS, init_lora, lora_scaling
 from .reference import check_input
@@ -86,8 +86,17 @@ class LoraLinear(nn.Module):
     @property
     def base(self) -> CompressedWeight:
         cls = format_class(self.compression)
-        tensors = {n: getattr(self, f"base_{n}") for n in cls._tensor_names}
-        return cls(**self._meta, **tensors)
+        tensors = tuple(self._buffers[f"base_{n}"] for n in cls._tensor_names)
+        if torch.compiler.is_compiling():  # no cache inside a trace: it would be a side effect
+            return cls(**self._meta, **dict(zip(cls._tensor_names, tensors)))
+        # built once per set of buffers (a forward runs this): .to(), .half() and the setter
+        # replace the buffers, load_state_dict copies into them
+        cached = self.__dict__.get("_base_cache")
+        if cached is not None and len(cached[0]) == len(tensors) and all(a is b for a, b in zip(cached[0], tensors)):
+            return cached[1]
+        value = cls(**self._meta, **dict(zip(cls._tensor_names, tensors)))
+        self.__dict__["_base_cache"] = (tensors, value)
+        return value
 
     @base.setter
     def base(self, value: CompressedWeight) -> None:
@@ -154,16 +163,25 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_features)
-        if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-        with torch.autocast(x.device.type, enabled=False):
-            if not self.adapter_enabled:
-                return LoraLinearFunction.apply(x, None, None, None, self.bias, self.base, self.scaling, self.backend)
+        device = x.device.type
+        if device in ("cuda", "cpu") and torch.is_autocast_enabled(device):
+            # the kernels run in the autocast dtype, and nothing inside is cast again
+            x = x.to(torch.get_autocast_dtype(device))
+            with torch.autocast(device, enabled=False):
+                return self._forward(x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.adapter_enabled:
+            A, B = self.lora_A, self.lora_B
             # x_lora None: the adapter sees x itself (no dropout active), the fused single-pass path
             x_lora = None if isinstance(self.lora_dropout, nn.Identity) or not self.training else self.lora_dropout(x)
-            return LoraLinearFunction.apply(
-                x, x_lora, self.lora_A, self.lora_B, self.bias, self.base, self.scaling, self.backend
-            )
+        else:
+            A = B = x_lora = None
+        args = (x, x_lora, A, B, self.bias, self.base, self.scaling, self.backend)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, A, B, self.bias)):
+            return LoraLinearFunction.apply(*args)
+        return lora_linear_forward(*args)  # no gradient wanted: the same computation without autograd
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:

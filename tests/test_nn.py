@@ -481,3 +481,42 @@ def test_merged_weight_float64_precision():
     exact = m.base.dequantize() + m.scaling * m.lora_B.detach() @ m.lora_A.detach()
     assert m.merged_weight().dtype == torch.float64
     torch.testing.assert_close(m.merged_weight(), exact, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("compression", ["int1", "sparse4x4", "dense"])
+def test_base_is_built_once_per_set_of_buffers(compression):
+    """``base`` is cached for the forward's host time, and rebuilt whenever a buffer is replaced."""
+    m = LoraLinear.from_linear(make_linear(), compression, rank=3)
+    first = m.base
+    assert m.base is first
+    m.half()
+    assert m.base is not first and m.base.dtype == torch.float16
+    again = m.base
+    other = LoraLinear.from_linear(make_linear(), compression, rank=3).half()
+    m.base = other.base  # the setter registers other buffers
+    assert m.base is not again
+    for n, t in other.base.tensors().items():
+        assert torch.equal(m.base.tensors()[n], t), n
+
+
+@pytest.mark.parametrize("compression", ["int1", "sparse4x4"])
+def test_forward_without_a_wanted_gradient_skips_autograd_and_agrees(compression):
+    """With nothing needing a gradient the forward runs without the autograd Function (less host
+    time a call); the output is the same, and a gradient is still tracked whenever one is wanted."""
+    m = randomize_adapters(LoraLinear.from_linear(make_linear(), compression, rank=3))
+    x = torch.randn(2, 5, K)
+    tracked = m(x)
+    assert type(tracked.grad_fn).__name__ == "LoraLinearFunctionBackward"
+    with torch.no_grad():
+        plain = m(x)
+    assert plain.grad_fn is None and torch.equal(plain, tracked.detach())
+    m.requires_grad_(False)
+    assert m(x).grad_fn is None and torch.equal(m(x), plain)  # frozen adapters: nothing to track
+    xg = x.clone().requires_grad_(True)
+    m(xg).sum().backward()  # frozen adapters, an input that wants its gradient: tracked
+    ref = x.clone().requires_grad_(True)
+    lora_linear_ref(ref, m.base, m.lora_A, m.lora_B, m.scaling, m.bias).sum().backward()
+    torch.testing.assert_close(xg.grad, ref.grad)
+    m.disable_adapter()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), lora_linear_ref(x, m.base, None, None, 1.0, m.bias))
