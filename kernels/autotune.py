@@ -13,7 +13,7 @@ import re
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -152,19 +152,21 @@ def _store(path: Path, table: Dict[str, Config]) -> None:
 
 def pick_config(op: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
                 run: Callable[[Config], None], bench: Optional[Callable] = None,
-                extra: Optional[List[Config]] = None) -> Config:
+                extra: Optional[Union[List[Config], Callable[[], List[Config]]]] = None) -> Config:
     """The config for this problem: cached, or the fastest of :func:`configs_for` plus ``extra``
-    (timed with ``bench(fn) -> ms``, by default ``triton.testing.do_bench``). Off CUDA: the first
+    (a list, or a function that makes it: called only when the answer is not cached in memory;
+    timed with ``bench(fn) -> ms``, by default ``triton.testing.do_bench``). Off CUDA: the first
     of :func:`configs_for`. The cache key holds ``op`` (which must name the kernel), the batch
     bucket, N, K, the dtype and a checksum of the candidates, so that a changed list is tuned
     again."""
-    candidates = configs_for(M) + list(extra or [])
+    fast = (op, m_bucket(M), N, K, dtype, device.index)
+    if device.type == "cuda":  # every call after the first: one dict lookup (host time)
+        hit = _PICKED.get(fast)
+        if hit is not None:
+            return hit
+    candidates = configs_for(M) + list((extra() if callable(extra) else extra) or [])
     if device.type != "cuda":
         return candidates[0]
-    fast = (op, m_bucket(M), N, K, dtype, device.index)
-    hit = _PICKED.get(fast)
-    if hit is not None:
-        return hit
     path = cache_file(device)
     table = _load(path)
     # the candidate set is part of the key: a winner cached from another list is not reused

@@ -123,5 +123,5 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
     # tuned per format, scale mode and LoRA on/off: each compiles to a different kernel. Small
     # batches of sparse4x4 also time the gathering GEMV, under their own cache key.
     op = f"lora_linear_dx:{fmt}:{scale_mode}:{int(has_lora)}" + (":gather" if gather else "")
-    cfg = config or pick_config(op, M, N, K, dy.dtype, dy.device, run, extra=gather_configs(M) if gather else None)
+    cfg = config or pick_config(op, M, N, K, dy.dtype, dy.device, run, extra=(lambda: gather_configs(M)) if gather else None)
     return run(cfg).to(dy.dtype)

@@ -155,6 +155,6 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
         {LUT: check_lut_config, GATHER: check_gather_config,
          GATHER_T: check_gather_config}.get(config[6], lambda c: None)(config)
     op = f"lora_linear_fwd:{fmt}:{scale_mode}:{int(has_lora)}" + (":lut" if lut else "") + (":gather" if gather else "")
-    extra = lut_configs(M) if lut else (gather_fwd_configs(M) if gather else None)
+    extra = (lambda: lut_configs(M)) if lut else ((lambda: gather_fwd_configs(M)) if gather else None)
     cfg = config or pick_config(op, M, N, K, x.dtype, x.device, run, extra=extra)
     return run(cfg)

@@ -51,6 +51,12 @@ def f64(t):
     return None if t is None else t.double()
 
 
+def candidates_passed(extra):
+    """The extra candidates a launcher passed to ``pick_config`` (a list, or the function that
+    makes it)."""
+    return extra() if callable(extra) else extra
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M", [1, 3, 17, 70])
@@ -308,6 +314,15 @@ def test_autotune_caches_the_winner_on_disk_per_gpu(tmp_path, monkeypatch):
     extra = [(1, 256, 256, 4, 4, 1, autotune.LUT)]
     autotune.pick_config("op", 4, 4096, 4096, torch.float16, dev, run, bench, extra=extra)
     assert timed == autotune.SMALL_M + extra
+    # extra may be a function: called when the answer is not in memory, never on a hit
+    monkeypatch.setattr(autotune, "_MEMORY", {})
+    monkeypatch.setattr(autotune, "_PICKED", {})
+    made = []
+    assert autotune.pick_config("op", 4, 4096, 4096, torch.float16, dev, run, bench,
+                                extra=lambda: made.append(1) or extra) == fastest
+    assert autotune.pick_config("op", 4, 4096, 4096, torch.float16, dev, run, bench,
+                                extra=lambda: made.append(1) or extra) == fastest
+    assert made == [1]
 
 
 def test_autotune_off_the_gpu_uses_the_first_config_untimed():
