@@ -42,13 +42,13 @@ def cuobjdump() -> str:
 
 def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, aligned: bool = True):
     """``(compiled kernel, SASS text)`` for the forward (``fwd``) or ``dx`` kernel with LoRA on;
-    a forward config whose variant is ``LUT``, ``GATHER`` or ``GATHER_T`` compiles that GEMV. ``aligned``:
+    a forward config whose variant is ``LUT`` or one of ``GATHER_FWD`` compiles that GEMV. ``aligned``:
     compile as for the large shapes, whose pointers and sizes Triton knows to be multiples of 16."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels.autotune import GATHER, GATHER_T, LUT
+    from kernels.autotune import GATHER, GATHER_FWD, GATHER_T, GATHER_T_X4, GATHER_X4, LUT
     from kernels.int1_gemv_lut import _int1_gemv_lut_kernel
     from kernels.lora_linear_dx import _lora_linear_dx_kernel
     from kernels.lora_linear_fwd import _lora_linear_fwd_kernel
@@ -62,9 +62,9 @@ def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, 
     wdt = {"fp16": 0, "bf16": 1, "fp32": 2}[dtype]
     if swap == LUT and (op != "fwd" or fmt != "int1"):
         raise SystemExit(f"sass_report: config {cfg} is a forward GEMV of int1")
-    if swap == GATHER_T and op != "fwd":
-        raise SystemExit(f"sass_report: config {cfg} is a forward GEMV (dX has no swapped gather)")
-    if swap in (GATHER, GATHER_T) and fmt != "sparse4x4":
+    if swap in GATHER_FWD and swap != GATHER and op != "fwd":
+        raise SystemExit(f"sass_report: config {cfg} is a forward GEMV (dX has only the plain gather)")
+    if swap in GATHER_FWD and fmt != "sparse4x4":
         raise SystemExit(f"sass_report: config {cfg} is a GEMV of sparse4x4")
     if swap == LUT:
         fn = _int1_gemv_lut_kernel
@@ -80,13 +80,13 @@ def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, 
         scalars = ["M", "N", "K", "TK", "PW", "s", "R", "N_PER_SPLIT", "stride_dym", "stride_dxm", "stride_bm",
                    "stride_ar"]
         cx = dict(HAS_LORA=True, BLOCK_R=16, ROWS=bm, BLOCK_K=out_tile, BLOCK_N=red_tile, SPLIT_N=split)
-    elif swap in (GATHER, GATHER_T):
+    elif swap in GATHER_FWD:
         fn = _sparse4x4_gemv_kernel
         ptrs = [("x_ptr", act), ("values_ptr", act), ("pos_ptr", "*u8"), ("a_ptr", act), ("parts_ptr", "*fp32"),
                 ("ws_ptr", "*fp32")]
         scalars = ["M", "N", "K", "TK", "PW", "R", "K_PER_SPLIT", "stride_xm", "stride_ar"]
         cx = dict(HAS_LORA=True, BLOCK_R=16, IEEE=dtype == "fp32", UPCAST=False, ROWS=bm, BLOCK_N=out_tile,
-                  BLOCK_K=red_tile, TRANSPOSE=swap == GATHER_T)
+                  BLOCK_K=red_tile, TRANSPOSE=swap in (GATHER_T, GATHER_T_X4), X4=swap in (GATHER_X4, GATHER_T_X4))
     elif op == "fwd":
         fn = _lora_linear_fwd_kernel
         ptrs = [("x_ptr", act), ("w0_ptr", w0), ("w1_ptr", w1), ("w2_ptr", act), ("xa_ptr", act), ("b_ptr", act),

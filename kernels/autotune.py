@@ -24,8 +24,11 @@ Config = Tuple[int, int, int, int, int, int, int]
 # dot's second operand (DOT) or its first (DOT_SWAP: Hopper's tensor cores read it from
 # registers); the int1 lookup-table GEMV (LUT, kernels/int1_gemv_lut.py: the third field is then
 # the table's bits); the sparse4x4 gathering GEMV (GATHER, kernels/sparse4x4_gemv.py), and the
-# same forward GEMV with its block's axes swapped (GATHER_T: the tile columns across the lanes).
-DOT, DOT_SWAP, LUT, GATHER, GATHER_T = 0, 1, 2, 3, 4
+# same forward GEMV with its block's axes swapped (GATHER_T: the tile columns across the lanes),
+# and both of them loading each tile column's four inputs once instead of gathering one input per
+# stored value (GATHER_X4, GATHER_T_X4).
+DOT, DOT_SWAP, LUT, GATHER, GATHER_T, GATHER_X4, GATHER_T_X4 = 0, 1, 2, 3, 4, 5, 6
+GATHER_FWD = (GATHER, GATHER_T, GATHER_X4, GATHER_T_X4)  # the forward's gathering variants
 
 # Small batches: one 16-row tile of x, wide weight tiles, the reduction split so that a few
 # thousand output columns still fill every SM (the weight stream is the cost).
@@ -87,7 +90,7 @@ def gather_configs(M: int, variant: int = GATHER) -> List[Config]:
     them all (the batch's bucket: the weights are loaded and decoded once), on a tile that many
     times smaller (the reduction tile first, down to 32, then the output tile, down to 16), so
     that the four accumulators of every row still fit in the registers. ``variant``: GATHER, or
-    GATHER_T for the forward's swapped axes (the same tiles)."""
+    one of the forward's other orders and loads (``GATHER_FWD``; the same tiles)."""
     if not 1 <= M <= GATHER_MAX_M:
         raise ValueError(f"the gathering GEMV is tuned for 1 to {GATHER_MAX_M} rows of x, got {M}")
     rows = m_bucket(M)
@@ -103,9 +106,11 @@ def gather_configs(M: int, variant: int = GATHER) -> List[Config]:
 
 
 def gather_fwd_configs(M: int) -> List[Config]:
-    """The forward's gathering candidates: both axis orders. Which order Triton lays out well
-    depends on its version (``bench/results/NOTES.md``: 3.6 and 3.8 swap), so both are timed."""
-    return gather_configs(M) + gather_configs(M, GATHER_T)
+    """The forward's gathering candidates: both axis orders, and the swapped one with x loaded by
+    fours. Which Triton lays out well depends on its version (``bench/results/NOTES.md``: 3.6 and
+    3.8 swap), so all three are timed. GATHER_X4 is left out: compiled for sm_90 by Triton 3.6
+    and 3.8, its loop moves data through shared memory (about 2x the instructions)."""
+    return gather_configs(M) + gather_configs(M, GATHER_T) + gather_configs(M, GATHER_T_X4)
 
 
 def gpu_name(device: torch.device) -> str:
@@ -196,7 +201,8 @@ def pick_config(op: str, M: int, N: int, K: int, dtype: torch.dtype, device: tor
 
 
 VARIANT_NAMES = {DOT: "tiled", DOT_SWAP: "tiled, swapped", LUT: "lookup GEMV", GATHER: "gather GEMV",
-                 GATHER_T: "gather GEMV, swapped"}
+                 GATHER_T: "gather GEMV, swapped", GATHER_X4: "gather GEMV, x by fours",
+                 GATHER_T_X4: "gather GEMV, swapped, x by fours"}
 
 
 def describe(cfg: Config) -> str:

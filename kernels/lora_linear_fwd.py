@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import (DOT, DOT_SWAP, GATHER, GATHER_MAX_M, GATHER_T, LUT, LUT_MAX_M, gather_fwd_configs, lut_configs,
+from .autotune import (DOT, DOT_SWAP, GATHER_FWD, GATHER_MAX_M, LUT, LUT_MAX_M, gather_fwd_configs, lut_configs,
                        pick_config)
 from .int1_gemv_lut import check_lut_config, launch_lut, lut_supported
 from .sparse4x4_gemv import check_gather_config, launch_gather
@@ -113,7 +113,7 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
         # the GEMVs of small batches, on the arguments prepared above
         if cfg[6] == LUT:
             return launch_lut(x, ptrs, ints, scale_mode, N, A, B, scaling, bias, cfg)
-        if cfg[6] in (GATHER, GATHER_T):
+        if cfg[6] in GATHER_FWD:
             return launch_gather(x, ptrs, ints, N, A, B, scaling, bias, cfg)
         bm, bn, bk, split, warps, stages, swap = cfg
         split, k_per_split = split_plan(K, bk, split)
@@ -146,14 +146,16 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
     if config is not None and config[6] == LUT and not (fmt == "int1" and lut_supported(meta)):
         raise ValueError(f"config {config} is the lookup GEMV: it takes an int1 weight whose group size is a "
                          f"multiple of 8 (got {fmt}, group {meta.get('group_size')})")
-    if config is not None and config[6] in (GATHER, GATHER_T) and fmt != "sparse4x4":
+    if config is not None and config[6] in GATHER_FWD and fmt != "sparse4x4":
         raise ValueError(f"config {config} is the gathering GEMV: it takes a sparse4x4 weight, got {fmt}")
     if config is not None:  # a forced GEMV config gets the checks its public launcher makes
-        if config[6] not in (DOT, DOT_SWAP, LUT, GATHER, GATHER_T):
+        if config[6] not in (DOT, DOT_SWAP, LUT) + GATHER_FWD:
             raise ValueError(f"config {config}: its last field (the variant) must be one of "
-                             f"{(DOT, DOT_SWAP, LUT, GATHER, GATHER_T)} (kernels/autotune.py)")
-        {LUT: check_lut_config, GATHER: check_gather_config,
-         GATHER_T: check_gather_config}.get(config[6], lambda c: None)(config)
+                             f"{(DOT, DOT_SWAP, LUT) + GATHER_FWD} (kernels/autotune.py)")
+        if config[6] == LUT:
+            check_lut_config(config)
+        elif config[6] in GATHER_FWD:
+            check_gather_config(config)
     op = f"lora_linear_fwd:{fmt}:{scale_mode}:{int(has_lora)}" + (":lut" if lut else "") + (":gather" if gather else "")
     extra = (lambda: lut_configs(M)) if lut else ((lambda: gather_fwd_configs(M)) if gather else None)
     cfg = config or pick_config(op, M, N, K, x.dtype, x.device, run, extra=extra)

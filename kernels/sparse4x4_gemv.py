@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import GATHER, GATHER_T
+from .autotune import GATHER, GATHER_FWD, GATHER_T, GATHER_T_X4, GATHER_X4
 from .decode import interpreter_upcast, split_plan, weight_args
 from .splitk_finish import XA_BLOCK_K, _store_xa_part, run_split
 
@@ -53,7 +53,7 @@ def _sum_slots(acc0, acc1, acc2, acc3, AXIS: tl.constexpr):
 
 @triton.jit
 def _gather_step(x_rows, values_ptr, pos_ptr, rows, tn, k0, k_end, K, TK, PW, acc0, acc1, acc2, acc3,
-                 TK_B: tl.constexpr, MASKED: tl.constexpr, TRANSPOSE: tl.constexpr):
+                 TK_B: tl.constexpr, MASKED: tl.constexpr, TRANSPOSE: tl.constexpr, X4: tl.constexpr):
     """Add the products of one ``[TN_B, TK_B]`` block of stored values with ``ROWS`` rows of x to
     the four accumulators ``[ROWS, TN_B, TK_B]`` (one per row inside a tile; ``[ROWS, TK_B,
     TN_B]`` if ``TRANSPOSE``). ``MASKED`` only for the last block of a slice: the others lie
@@ -84,11 +84,28 @@ def _gather_step(x_rows, values_ptr, pos_ptr, rows, tn, k0, k_end, K, TK, PW, ac
     vals = vals.to(tl.float32)
     nib = (byte.to(tl.int32) >> ((j & 1) * 4)) & 15  # k0 is a multiple of 8: j's parity is the column's
     row = nib >> 2  # the output row (inside the tile) it adds to
-    col = j * 4 + (nib & 3)  # the input it multiplies, from k0
-    if MASKED:  # a position inside the padding must not read past a row of x
-        xv = tl.load(x_rows + k0 + col, mask=inside & (k0 + col < K), other=0.0)
+    if X4:
+        # the four inputs of each tile column, loaded once per row of x and tile column (shared by
+        # every tile row a thread holds), then the value's one picked in registers: one position
+        # byte per value is the only per-value load left
+        q = tl.arange(0, 4)[None, None, None, :]
+        x_ptrs = x_rows[:, :, :, None] + k0 + j[:, :, :, None] * 4 + q
+        if MASKED:
+            x4 = tl.load(x_ptrs, mask=k0 + j[:, :, :, None] * 4 + q < K, other=0.0)
+        else:
+            x4 = tl.load(x_ptrs)
+        x4 = tl.reshape(x4.to(tl.float32), x4.shape[:3] + [2, 2])  # [..., q // 2, q % 2]
+        x_even, x_odd = tl.split(x4)
+        x0, x2 = tl.split(x_even)
+        x1, x3 = tl.split(x_odd)
+        c = nib & 3
+        xv = tl.where(c == 0, x0, tl.where(c == 1, x1, tl.where(c == 2, x2, x3)))
     else:
-        xv = tl.load(x_rows + k0 + col)
+        col = j * 4 + (nib & 3)  # the input it multiplies, from k0
+        if MASKED:  # a position inside the padding must not read past a row of x
+            xv = tl.load(x_rows + k0 + col, mask=inside & (k0 + col < K), other=0.0)
+        else:
+            xv = tl.load(x_rows + k0 + col)
     return _add_by_slot(row, vals, xv.to(tl.float32), acc0, acc1, acc2, acc3)
 
 
@@ -97,7 +114,7 @@ def _sparse4x4_gemv_kernel(
     x_ptr, values_ptr, pos_ptr, a_ptr, parts_ptr, ws_ptr,
     M, N, K, TK, PW, R, K_PER_SPLIT, stride_xm, stride_ar,
     HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TRANSPOSE: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TRANSPOSE: tl.constexpr, X4: tl.constexpr,
 ):
     TN_B: tl.constexpr = BLOCK_N // 4  # tile rows per program
     TK_B: tl.constexpr = BLOCK_K // 4  # tile columns per step
@@ -127,10 +144,10 @@ def _sparse4x4_gemv_kernel(
     k_full = k_start + (((k_end // 4) * 4 - k_start) // BLOCK_K) * BLOCK_K
     for k0 in range(k_start, k_full, BLOCK_K):
         acc0, acc1, acc2, acc3 = _gather_step(x_rows, values_ptr, pos_ptr, rows, tn, tl.multiple_of(k0, BLOCK_K),
-                                              k_end, K, TK, PW, acc0, acc1, acc2, acc3, TK_B, False, TRANSPOSE)
+                                              k_end, K, TK, PW, acc0, acc1, acc2, acc3, TK_B, False, TRANSPOSE, X4)
     if k_full < k_end:
         acc0, acc1, acc2, acc3 = _gather_step(x_rows, values_ptr, pos_ptr, rows, tn, k_full, k_end, K, TK, PW,
-                                              acc0, acc1, acc2, acc3, TK_B, True, TRANSPOSE)
+                                              acc0, acc1, acc2, acc3, TK_B, True, TRANSPOSE, X4)
     # summed over the tile columns: output row 4·tn + r
     y = tl.reshape(_sum_slots(acc0, acc1, acc2, acc3, 1 if TRANSPOSE else 2), (ROWS, BLOCK_N))
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -143,16 +160,18 @@ def _sparse4x4_gemv_kernel(
 
 def sparse4x4_gemv(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1.0, bias=None,
                    rows: int = 1, block_n: int = 128, block_k: int = 256, split: int = 4, num_warps: int = 4,
-                   num_stages: int = 2, transpose: bool = False):
+                   num_stages: int = 2, transpose: bool = False, by_fours: bool = False):
     """Launch the gathering forward for ``x [M, K]`` (meant for small ``M``) and a sparse4x4
     weight (``tensors``/``meta`` as in ``decode.weight_args``); returns ``y [M, N]`` in
     ``x.dtype``. Each program covers ``rows`` rows of ``x`` (the weights are loaded and decoded
     once for them), ``block_n`` outputs and a ``1/split`` slice of K, walked ``block_k`` inputs at
     a time. ``transpose`` swaps the block's axes (the GATHER_T variant: the same sums, another
-    register layout)."""
+    register layout); ``by_fours`` loads each tile column's four inputs once and picks one per
+    value in registers (GATHER_X4, GATHER_T_X4) instead of gathering one input per value."""
     if x.dim() != 2 or x.shape[1] != meta["K"]:
         raise ValueError(f"x must be [M, {meta['K']}], got {tuple(x.shape)}")
-    cfg = (rows, block_n, block_k, split, num_warps, num_stages, GATHER_T if transpose else GATHER)
+    variant = ((GATHER_T_X4 if by_fours else GATHER_T) if transpose else (GATHER_X4 if by_fours else GATHER))
+    cfg = (rows, block_n, block_k, split, num_warps, num_stages, variant)
     check_gather_config(cfg)
     x = x.contiguous()
     ptrs, ints, _ = weight_args("sparse4x4", tensors, meta)
@@ -160,12 +179,12 @@ def sparse4x4_gemv(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 
     return launch_gather(x, ptrs, ints, meta["N"], A, B, scaling, bias, cfg)
 
 
-def check_gather_config(cfg, limits=(("rows", 1), ("block_n", 4), ("block_k", 8)), variants=(GATHER, GATHER_T)) -> None:
+def check_gather_config(cfg, limits=(("rows", 1), ("block_n", 4), ("block_k", 8)), variants=GATHER_FWD) -> None:
     """Raise ValueError unless ``cfg`` is a config the gathering kernel computes correctly:
     ``(rows, output tile, reduction tile, split, num_warps, num_stages, variant)`` with powers of
     two for the first three, each at least its ``limits`` entry (forward: block_n ≥ 4, whole
     tiles; block_k ≥ 8, whole position bytes), and one of ``variants`` last (the forward:
-    GATHER or its swapped axes, GATHER_T)."""
+    ``autotune.GATHER_FWD``)."""
     *sizes, split, num_warps, num_stages, variant = cfg
     if variant not in variants:
         raise ValueError(f"config {cfg} is not a gathering GEMV config (its last field must be one of {variants})")
@@ -195,7 +214,8 @@ def launch_gather(x, ptrs, ints, N, lora_A, lora_B, scaling, bias, cfg):
             M, N, K, TK, PW, R, k_per_split, x.stride(0), A.stride(0),
             HAS_LORA=has_lora, BLOCK_R=max(16, triton.next_power_of_2(R)), IEEE=x.dtype == torch.float32,
             UPCAST=interpreter_upcast(x.dtype), ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k,
-            TRANSPOSE=cfg[6] == GATHER_T, num_warps=num_warps, num_stages=num_stages,
+            TRANSPOSE=cfg[6] in (GATHER_T, GATHER_T_X4), X4=cfg[6] in (GATHER_X4, GATHER_T_X4),
+            num_warps=num_warps, num_stages=num_stages,
         )
 
     return run_split(launch, M, N, split, x, lora_B, R, scaling, bias)

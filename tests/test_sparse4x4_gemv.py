@@ -22,8 +22,9 @@ def _refs(x, w, A, B, s, b):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M, rows", [(1, 1), (3, 4), (17, 2), (5, 8)], ids=["M1", "M3-rows4", "M17-rows2", "M5-rows8"])
 @pytest.mark.parametrize("lora_bias", [(True, True), (False, False), (True, False)], ids=["lora+bias", "plain", "lora"])
-@pytest.mark.parametrize("transpose", [False, True], ids=["", "swapped"])
-def test_gather_gemv_matches_reference(dtype, M, rows, lora_bias, transpose):
+@pytest.mark.parametrize("transpose, by_fours", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["", "swapped", "by-fours", "swapped-by-fours"])
+def test_gather_gemv_matches_reference(dtype, M, rows, lora_bias, transpose, by_fours):
     from loraq.kernels.sparse4x4_gemv import sparse4x4_gemv
 
     # N = 37 and K = 301: a partial last tile row and tile column, a partial last block of rows;
@@ -31,15 +32,16 @@ def test_gather_gemv_matches_reference(dtype, M, rows, lora_bias, transpose):
     # multiple of the rows a program takes (or fewer): its last program has rows past M
     w, x, A, B, b = problem("sparse4x4", dtype, M, 37, 301, r=5, lora=lora_bias[0], bias=lora_bias[1])
     y = sparse4x4_gemv(x, w.tensors(), {"N": 37, "K": 301}, A, B, 0.7, b, rows=rows, block_n=16, block_k=64,
-                       split=3, transpose=transpose)
+                       split=3, transpose=transpose, by_fours=by_fours)
     assert y.shape == (M, 37) and y.dtype == dtype
-    check(y, *_refs(x, w, A, B, 0.7, b), f"gather {dtype} M={M} rows={rows} transpose={transpose}")
+    check(y, *_refs(x, w, A, B, 0.7, b), f"gather {dtype} M={M} rows={rows} transpose={transpose} x4={by_fours}")
 
 
 @pytest.mark.parametrize("split", [1, 2, 8])
 @pytest.mark.parametrize("shape", [(8, 32), (13, 70), (64, 129)], ids=str)
-@pytest.mark.parametrize("transpose", [False, True], ids=["", "swapped"])
-def test_gather_gemv_shapes_and_splits(split, shape, transpose):
+@pytest.mark.parametrize("transpose, by_fours", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["", "swapped", "by-fours", "swapped-by-fours"])
+def test_gather_gemv_shapes_and_splits(split, shape, transpose, by_fours):
     """Sizes that are multiples of 4 and 8 (no padding: only the unmasked blocks) and sizes that
     are not, unsplit and split (2, 5 and 9 blocks of 16 inputs: split 8 exceeds the first two)."""
     from loraq.kernels.sparse4x4_gemv import sparse4x4_gemv
@@ -47,8 +49,8 @@ def test_gather_gemv_shapes_and_splits(split, shape, transpose):
     N, K = shape
     w, x, A, B, b = problem("sparse4x4", torch.float16, 2, N, K, r=3)
     y = sparse4x4_gemv(x, w.tensors(), {"N": N, "K": K}, A, B, 1.5, b, rows=2, block_n=8, block_k=16, split=split,
-                       transpose=transpose)
-    check(y, *_refs(x, w, A, B, 1.5, b), f"{shape} split {split} transpose={transpose}")
+                       transpose=transpose, by_fours=by_fours)
+    check(y, *_refs(x, w, A, B, 1.5, b), f"{shape} split {split} transpose={transpose} x4={by_fours}")
 
 
 def test_positions_in_the_padding_contribute_nothing():
@@ -66,8 +68,10 @@ def test_positions_in_the_padding_contribute_nothing():
     w = Sparse4x4Weight(values, pack_nibbles(pos), (N, K))
     x = torch.randn(2, K, dtype=torch.float16)
     for transpose in (False, True):
-        y = sparse4x4_gemv(x, w.tensors(), {"N": N, "K": K}, block_n=8, block_k=8, split=1, transpose=transpose)
-        check(y, *_refs(x, w, None, None, 1.0, None), f"padding, transpose={transpose}")
+        for by_fours in (False, True):  # by fours: the inputs past K are masked to 0, never read
+            y = sparse4x4_gemv(x, w.tensors(), {"N": N, "K": K}, block_n=8, block_k=8, split=1, transpose=transpose,
+                               by_fours=by_fours)
+            check(y, *_refs(x, w, None, None, 1.0, None), f"padding, transpose={transpose} x4={by_fours}")
     assert (w.dequantize() != 0).sum() == 3  # 5 of the 8 kept elements lie in the padding
 
 
@@ -83,7 +87,7 @@ def test_every_gather_config_through_the_forward_launcher(M, cfg):
 
 def test_gather_refuses_what_it_cannot_do():
     from loraq.kernels import lora_linear_dx, lora_linear_fwd
-    from loraq.kernels.autotune import GATHER, GATHER_SMALL_M, GATHER_T, LUT_M1
+    from loraq.kernels.autotune import GATHER, GATHER_SMALL_M, GATHER_T, GATHER_T_X4, GATHER_X4, LUT_M1
     from loraq.kernels.sparse4x4_gemv import sparse4x4_gemv
 
     w, x, *_ = problem("sparse4x4", torch.float16, 2, 16, 64, lora=False, bias=False)
@@ -115,12 +119,13 @@ def test_gather_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="dX takes tiled configs"):
         lora_linear_dx(torch.randn(2, 16, dtype=torch.float16), "int1", i1.tensors(), i1_meta,
                        config=GATHER_SMALL_M[0])
-    # the swapped gather is a forward kernel: refused for int1 and for dX
-    swapped = GATHER_SMALL_M[0][:6] + (GATHER_T,)
-    with pytest.raises(ValueError, match="gathering GEMV: it takes a sparse4x4 weight"):
-        lora_linear_fwd(xi, "int1", i1.tensors(), i1_meta, config=swapped)
-    with pytest.raises(ValueError, match="dX takes tiled configs"):
-        lora_linear_dx(torch.randn(2, 16, dtype=torch.float16), "sparse4x4", w.tensors(), meta, config=swapped)
+    # the swapped gather and the loads by fours are forward kernels: refused for int1 and for dX
+    for variant in (GATHER_T, GATHER_X4, GATHER_T_X4):
+        other = GATHER_SMALL_M[0][:6] + (variant,)
+        with pytest.raises(ValueError, match="gathering GEMV: it takes a sparse4x4 weight"):
+            lora_linear_fwd(xi, "int1", i1.tensors(), i1_meta, config=other)
+        with pytest.raises(ValueError, match="dX takes tiled configs"):
+            lora_linear_dx(torch.randn(2, 16, dtype=torch.float16), "sparse4x4", w.tensors(), meta, config=other)
     with pytest.raises(ValueError, match="block_k must be a power of two ≥ 8"):
         lora_linear_fwd(x, "sparse4x4", w.tensors(), meta, config=(1, 16, 4, 1, 4, 2, GATHER_T))
 
