@@ -164,6 +164,13 @@ def lora_prologue(x: torch.Tensor, lora_A, lora_B):
     return (x @ lora_A.to(x.dtype).t()).contiguous(), lora_B.to(x.dtype).contiguous(), lora_A.shape[0]
 
 
+def lora_in_dtype(x: torch.Tensor, lora_A, lora_B):
+    """``(A, B)`` in ``x``'s dtype (the same tensors when it already is), or ``(None, None)``."""
+    if lora_A is None:
+        return None, None
+    return lora_A.to(x.dtype), lora_B.to(x.dtype)
+
+
 def split_plan(total: int, block: int, split: int) -> Tuple[int, int]:
     """``(programs, length per program)`` to split a reduction of ``total`` into at most ``split``
     slices of whole ``block``s (slice starts stay aligned to the block, hence to int1 words)."""

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .autotune import LUT
-from .decode import interpreter_upcast, weight_args
+from .decode import interpreter_upcast, lora_in_dtype, weight_args
 from .splitk_finish import XA_BLOCK_K, _store_xa_part, run_split
 
 
@@ -108,7 +108,7 @@ def int1_gemv_lut(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1
     check_lut_config(cfg)
     x = x.contiguous()
     ptrs, ints, mode = weight_args("int1", tensors, meta)
-    A, B = (None, None) if lora_A is None else (lora_A.to(x.dtype), lora_B.to(x.dtype))
+    A, B = lora_in_dtype(x, lora_A, lora_B)
     return launch_lut(x, ptrs, ints, mode, meta["N"], A, B, scaling, bias, cfg)
 
 

@@ -21,7 +21,7 @@ from .autotune import (DOT, DOT_SWAP, GATHER_FWD, GATHER_MAX_M, LUT, LUT_MAX_M, 
                        pick_config)
 from .int1_gemv_lut import check_lut_config, launch_lut, lut_supported
 from .sparse4x4_gemv import check_gather_config, launch_gather
-from .decode import (_dot, _int1_group_scale, _int1_signs, _sparse4x4_tile, decode_dtype, interpreter_upcast, lora_prologue,
+from .decode import (_dot, _int1_group_scale, _int1_signs, _sparse4x4_tile, decode_dtype, interpreter_upcast, lora_in_dtype, lora_prologue,
                      output_buffer, split_plan, use_asm, weight_args)
 from .splitk_finish import XA_BLOCK_K, _store_xa_part, run_split
 
@@ -106,7 +106,7 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
         return torch.empty(M, N, device=x.device, dtype=x.dtype)
     ptrs, ints, scale_mode = weight_args(fmt, tensors, meta)
     has_lora = lora_A is not None
-    A, B = (lora_A.to(x.dtype), lora_B.to(x.dtype)) if has_lora else (None, None)
+    A, B = lora_in_dtype(x, lora_A, lora_B)
     R = A.shape[0] if has_lora else 1
 
     def run(cfg):

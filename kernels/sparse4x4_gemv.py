@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .autotune import GATHER, GATHER_FWD, GATHER_T, GATHER_T_X4, GATHER_X4
-from .decode import interpreter_upcast, split_plan, weight_args
+from .decode import interpreter_upcast, lora_in_dtype, split_plan, weight_args
 from .splitk_finish import XA_BLOCK_K, _store_xa_part, run_split
 
 
@@ -175,7 +175,7 @@ def sparse4x4_gemv(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 
     check_gather_config(cfg)
     x = x.contiguous()
     ptrs, ints, _ = weight_args("sparse4x4", tensors, meta)
-    A, B = (None, None) if lora_A is None else (lora_A.to(x.dtype), lora_B.to(x.dtype))
+    A, B = lora_in_dtype(x, lora_A, lora_B)
     return launch_gather(x, ptrs, ints, meta["N"], A, B, scaling, bias, cfg)
 
 
