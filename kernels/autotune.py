@@ -26,8 +26,9 @@ Config = Tuple[int, int, int, int, int, int, int]
 # the table's bits); the sparse4x4 gathering GEMV (GATHER, kernels/sparse4x4_gemv.py), and the
 # same forward GEMV with its block's axes swapped (GATHER_T: the tile columns across the lanes),
 # and both of them loading each tile column's four inputs once instead of gathering one input per
-# stored value (GATHER_X4, GATHER_T_X4).
-DOT, DOT_SWAP, LUT, GATHER, GATHER_T, GATHER_X4, GATHER_T_X4 = 0, 1, 2, 3, 4, 5, 6
+# stored value (GATHER_X4, GATHER_T_X4); large batches: the weight decoded a slab at a time into a
+# dense buffer that cuBLAS multiplies (DENSE_SLAB, kernels/dense_slab.py).
+DOT, DOT_SWAP, LUT, GATHER, GATHER_T, GATHER_X4, GATHER_T_X4, DENSE_SLAB = 0, 1, 2, 3, 4, 5, 6, 7
 GATHER_FWD = (GATHER, GATHER_T, GATHER_X4, GATHER_T_X4)  # the forward's gathering variants
 
 # Small batches: one 16-row tile of x, wide weight tiles, the reduction split so that a few
@@ -59,6 +60,12 @@ GATHER_SMALL_M: List[Config] = [(1, 128, 256, 4, 4, 2, GATHER), (1, 128, 256, 8,
                                 (1, 256, 128, 4, 4, 2, GATHER), (1, 64, 512, 8, 4, 2, GATHER),
                                 (1, 256, 256, 8, 8, 2, GATHER)]
 GATHER_MAX_M = 16
+# Large batches (more than 256 rows): the dense-slab path, (decode tile rows, decode tile columns,
+# slab length, 1, num_warps, 1, DENSE_SLAB), at two buffer sizes in MiB (dense_slab_configs);
+# LORAQ_DENSE_SLAB_MIB caps them (0: never this path).
+DENSE_SLAB_MIN_M = 257
+DENSE_SLAB_MIB = (32, 128)
+DENSE_SLAB_TILE = (32, 256, 4)  # decode tile rows, columns, num_warps: the decode is a few % of a call
 CACHE_VERSION = 3  # bumped when Config changes meaning: old files are not read
 
 _MEMORY: Dict[str, Dict[str, Config]] = {}
@@ -111,6 +118,37 @@ def gather_fwd_configs(M: int) -> List[Config]:
     3.8 swap), so all three are timed. GATHER_X4 is left out: compiled for sm_90 by Triton 3.6
     and 3.8, its loop moves data through shared memory (about 2x the instructions)."""
     return gather_configs(M) + gather_configs(M, GATHER_T) + gather_configs(M, GATHER_T_X4)
+
+
+def dense_slab_cap_mib() -> int:
+    """``LORAQ_DENSE_SLAB_MIB`` (default 128): the largest dense slab buffer, 0 to turn the path off."""
+    raw = os.environ.get("LORAQ_DENSE_SLAB_MIB", "128")
+    try:
+        cap = int(raw)
+    except ValueError:
+        raise ValueError(f"LORAQ_DENSE_SLAB_MIB must be a whole number of MiB (0 turns the dense-slab path off), "
+                         f"got {raw!r}") from None
+    if cap < 0:
+        raise ValueError(f"LORAQ_DENSE_SLAB_MIB must be at least 0, got {cap}")
+    return cap
+
+
+def dense_slab_configs(M: int, length: int, width: int, itemsize: int) -> List[Config]:
+    """The dense-slab candidates for ``M`` rows of x: none up to 256 rows (there the weight stream
+    is the cost, and a dense slab triples it) or with ``LORAQ_DENSE_SLAB_MIB=0``. ``length`` is
+    what the slabs divide (N for the forward, K for dX), ``width`` a slab's other side (the
+    extended K or N) and ``itemsize`` the activation's bytes: the slab length is the most whole
+    256s that fit each buffer size of ``DENSE_SLAB_MIB`` (at most the cap), at least 256."""
+    cap = dense_slab_cap_mib()
+    if M < DENSE_SLAB_MIN_M or cap == 0:
+        return []
+    bn, bk, warps = DENSE_SLAB_TILE
+    whole = -(-length // 256) * 256
+    out = []
+    for mib in DENSE_SLAB_MIB:
+        fit = (min(mib, cap) << 20) // (width * itemsize) // 256 * 256
+        out.append((bn, bk, max(256, min(fit, whole)), 1, warps, 1, DENSE_SLAB))
+    return list(dict.fromkeys(out))  # distinct, in order
 
 
 def gpu_name(device: torch.device) -> str:
@@ -202,7 +240,7 @@ def pick_config(op: str, M: int, N: int, K: int, dtype: torch.dtype, device: tor
 
 VARIANT_NAMES = {DOT: "tiled", DOT_SWAP: "tiled, swapped", LUT: "lookup GEMV", GATHER: "gather GEMV",
                  GATHER_T: "gather GEMV, swapped", GATHER_X4: "gather GEMV, x by fours",
-                 GATHER_T_X4: "gather GEMV, swapped, x by fours"}
+                 GATHER_T_X4: "gather GEMV, swapped, x by fours", DENSE_SLAB: "dense slab + cuBLAS"}
 
 
 def describe(cfg: Config) -> str:

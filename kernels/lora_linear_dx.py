@@ -4,14 +4,16 @@ Each program owns a ``[BLOCK_M, BLOCK_K]`` tile of ``dX`` and walks N, decoding 
 ``[BLOCK_N, BLOCK_K]`` tile of ``Ŵ`` it needs (the same decoders as the forward) and feeding it
 to ``tl.dot``; the epilogue adds the LoRA term from ``dY·B`` (``[M, r]``, computed by the caller,
 which needs it for ``dA`` too). For up to 16 rows of sparse4x4 the autotuner also times the
-gathering GEMV (``sparse4x4_gemv_dx.py``).
+gathering GEMV (``sparse4x4_gemv_dx.py``), and for more than 256 rows of any format decoding
+column slabs of ``Ŵ`` for cuBLAS (``dense_slab.py``).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .autotune import DOT, DOT_SWAP, GATHER, GATHER_MAX_M, gather_configs, pick_config
+from .autotune import DENSE_SLAB, DOT, DOT_SWAP, GATHER, GATHER_MAX_M, dense_slab_configs, gather_configs, pick_config
+from .dense_slab import check_slab_config, padded_extension, slab_dx
 from .decode import (_dot, _int1_group_scale, _int1_signs, _sparse4x4_tile, decode_dtype, interpreter_upcast, use_asm,
                      output_buffer, split_plan, weight_args)
 from .sparse4x4_gemv import check_gather_config
@@ -100,13 +102,17 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
     if config is not None:
         if config[6] == GATHER and fmt == "sparse4x4":
             check_gather_config(config, DX_LIMITS, variants=(GATHER,))
+        elif config[6] == DENSE_SLAB:
+            check_slab_config(config)
         elif config[6] not in (DOT, DOT_SWAP):
-            raise ValueError(f"config {config}: dX takes tiled configs (variant DOT or DOT_SWAP), or for sparse4x4 "
-                             f"the gathering GEMV's (GATHER)")
+            raise ValueError(f"config {config}: dX takes tiled configs (variant DOT or DOT_SWAP), dense-slab "
+                             f"configs (DENSE_SLAB), or for sparse4x4 the gathering GEMV's (GATHER)")
 
     def run(cfg):
         if cfg[6] == GATHER:  # small batches of sparse4x4, on the arguments prepared above
             return launch_gather_dx(dy, ptrs, ints, K, A if has_lora else None, dyb, R, scaling, cfg)
+        if cfg[6] == DENSE_SLAB:  # large batches: decoded column slabs through cuBLAS
+            return slab_dx(dy, fmt, ptrs, ints, scale_mode, K, A if has_lora else None, dyb, scaling, cfg)
         bm, bk, bn, split, warps, stages, swap = cfg
         split, n_per_split = split_plan(N, bn, split)
         dx = output_buffer(M, K, dy, split)
@@ -123,5 +129,9 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
     # tuned per format, scale mode and LoRA on/off: each compiles to a different kernel. Small
     # batches of sparse4x4 also time the gathering GEMV, under their own cache key.
     op = f"lora_linear_dx:{fmt}:{scale_mode}:{int(has_lora)}" + (":gather" if gather else "")
-    cfg = config or pick_config(op, M, N, K, dy.dtype, dy.device, run, extra=(lambda: gather_configs(M)) if gather else None)
+    if gather:
+        extra = lambda: gather_configs(M)  # noqa: E731
+    else:  # large batches also time the dense slabs (none up to 256 rows)
+        extra = lambda: dense_slab_configs(M, K, N + padded_extension(R if has_lora else 0, N), dy.element_size())  # noqa: E731
+    cfg = config or pick_config(op, M, N, K, dy.dtype, dy.device, run, extra=extra)
     return run(cfg).to(dy.dtype)

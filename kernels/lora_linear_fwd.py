@@ -8,6 +8,8 @@ the programs add their partial sums into a zeroed fp32 workspace, those of the f
 also store their slice's share of ``x·Aᵀ``, and ``splitk_finish.finish`` adds the LoRA path and
 the bias and casts (two launches a call, ``splitk_finish.py``).
 
+Large batches (more than 256 rows) also time decoding ``Ŵ`` a slab at a time into a dense buffer
+for cuBLAS, the LoRA path in the same matmul (``dense_slab.py``), and take it when it is faster.
 Small batches also time a GEMV that never decodes a tile, and take it when it is faster: the
 table lookup for up to 4 rows of int1 (``int1_gemv_lut.py``), and the gather for up to 16 rows
 of sparse4x4 (``sparse4x4_gemv.py``).
@@ -17,8 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import (DOT, DOT_SWAP, GATHER_FWD, GATHER_MAX_M, LUT, LUT_MAX_M, gather_fwd_configs, lut_configs,
-                       pick_config)
+from .autotune import (DENSE_SLAB, DOT, DOT_SWAP, GATHER_FWD, GATHER_MAX_M, LUT, LUT_MAX_M, dense_slab_configs,
+                       gather_fwd_configs, lut_configs, pick_config)
+from .dense_slab import check_slab_config, padded_extension, slab_forward
 from .int1_gemv_lut import check_lut_config, launch_lut, lut_supported
 from .sparse4x4_gemv import check_gather_config, launch_gather
 from .decode import (_dot, _int1_group_scale, _int1_signs, _sparse4x4_tile, decode_dtype, interpreter_upcast, lora_in_dtype, lora_prologue,
@@ -115,6 +118,8 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
             return launch_lut(x, ptrs, ints, scale_mode, N, A, B, scaling, bias, cfg)
         if cfg[6] in GATHER_FWD:
             return launch_gather(x, ptrs, ints, N, A, B, scaling, bias, cfg)
+        if cfg[6] == DENSE_SLAB:  # large batches: decoded slabs through cuBLAS
+            return slab_forward(x, fmt, ptrs, ints, scale_mode, N, A, B, scaling, bias, cfg)
         bm, bn, bk, split, warps, stages, swap = cfg
         split, k_per_split = split_plan(K, bk, split)
         grid = (triton.cdiv(M, bm), triton.cdiv(N, bn), split)
@@ -149,14 +154,22 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
     if config is not None and config[6] in GATHER_FWD and fmt != "sparse4x4":
         raise ValueError(f"config {config} is the gathering GEMV: it takes a sparse4x4 weight, got {fmt}")
     if config is not None:  # a forced GEMV config gets the checks its public launcher makes
-        if config[6] not in (DOT, DOT_SWAP, LUT) + GATHER_FWD:
+        if config[6] not in (DOT, DOT_SWAP, LUT, DENSE_SLAB) + GATHER_FWD:
             raise ValueError(f"config {config}: its last field (the variant) must be one of "
-                             f"{(DOT, DOT_SWAP, LUT) + GATHER_FWD} (kernels/autotune.py)")
-        if config[6] == LUT:
+                             f"{(DOT, DOT_SWAP, LUT, DENSE_SLAB) + GATHER_FWD} (kernels/autotune.py)")
+        if config[6] == DENSE_SLAB:
+            check_slab_config(config)
+        elif config[6] == LUT:
             check_lut_config(config)
         elif config[6] in GATHER_FWD:
             check_gather_config(config)
     op = f"lora_linear_fwd:{fmt}:{scale_mode}:{int(has_lora)}" + (":lut" if lut else "") + (":gather" if gather else "")
-    extra = (lambda: lut_configs(M)) if lut else ((lambda: gather_fwd_configs(M)) if gather else None)
+    if lut:
+        extra = lambda: lut_configs(M)  # noqa: E731
+    elif gather:
+        extra = lambda: gather_fwd_configs(M)  # noqa: E731
+    else:  # large batches also time the dense slabs (none up to 256 rows)
+        extra = lambda: dense_slab_configs(M, N, K + padded_extension((R if has_lora else 0) + (bias is not None), K),
+                                           x.element_size())  # noqa: E731
     cfg = config or pick_config(op, M, N, K, x.dtype, x.device, run, extra=extra)
     return run(cfg)

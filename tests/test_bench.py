@@ -2,6 +2,7 @@
 the other libraries' providers pack exactly our weights."""
 
 import csv
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -155,6 +156,20 @@ def test_sass_report_compiles_the_gemvs(fmt, cfg):
     bad = subprocess.run([sys.executable, "bench/sass_report.py", "fwd", other, cfg], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "GEMV of" in bad.stderr and fmt in bad.stderr
+
+
+@pytest.mark.parametrize("op", ["fwd", "dx"])
+@pytest.mark.parametrize("fmt", ["int1", "sparse4x4"])
+def test_sass_report_compiles_the_dense_slab_decode(op, fmt):
+    """The slab decode compiles for sm_90 without spills, and a thread writes its 64 elements of
+    a (32, 256) tile with 16-byte stores (8 of them, and the strip's) rather than one a value."""
+    pytest.importorskip("triton")
+    out = subprocess.run([sys.executable, "bench/sass_report.py", op, fmt, "(32, 256, 4096, 1, 4, 1, 7)"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "tensor cores none" in out.stdout and "spills) 0" in out.stdout
+    stores = re.search(r"STG:(\d+)", out.stdout)
+    assert stores and int(stores.group(1)) <= 16, out.stdout
 
 
 @pytest.mark.parametrize("group", [None, 16, 32, 128])

@@ -1,0 +1,242 @@
+"""The dense-slab path of large batches (kernels/dense_slab.py) against loraq.reference: the slab
+decode element by element, the forward and dX a slab at a time with the LoRA path in the same
+matmul, every gradient through a layer, and the candidates the launchers pass to the autotuner."""
+
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from loraq import reference  # noqa: E402
+from loraq.autograd import LoraLinearFunction  # noqa: E402
+from loraq.kernels.autotune import DENSE_SLAB  # noqa: E402
+from test_triton_kernels import (DEV, DTYPES, FORMATS, _kernel_args, candidates_passed, check, f64,  # noqa: E402
+                                 problem)
+
+
+def _fmt(kind):
+    return kind.split("_")[0]
+
+
+def _bits_close(out, ref):
+    """Equal, except that the Triton interpreter truncates fp32 → bf16 where a GPU rounds: onebit's
+    ``h·g`` in bf16 may then be one unit in the last place off."""
+    if torch.equal(out, ref):
+        return True
+    return out.dtype == torch.bfloat16 and bool(((out.float() - ref.float()).abs() <= ref.float().abs() / 64).all())
+
+
+@pytest.mark.parametrize("kind", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_slab_writes_the_weight_and_the_lora_strip(kind, dtype):
+    """A slab inside the weight, cut at odd edges, both strips (forward: ``s·B`` right of it; dX:
+    ``s·A`` below it) and their zero padding; nothing outside ``out``'s slab and strip is written."""
+    from loraq.kernels.decode import weight_args
+    from loraq.kernels.dense_slab import decode_slab
+
+    N, K = 70, 150
+    w, *_ = problem(kind, dtype, 1, N, K, lora=False, bias=False)
+    tensors, meta = _kernel_args(w)
+    ptrs, ints, mode = weight_args(_fmt(kind), tensors, meta)
+    W = reference.dequantize_ref(w, dtype)
+    B = torch.randn(N, 5, dtype=dtype, device=DEV)
+    A = torch.randn(5, K, dtype=dtype, device=DEV)
+
+    # forward: rows 32..67 (the edge of a tile of 8), columns 32..127, strip of s·B, the bias, 5 zeros
+    bias = torch.randn(N, dtype=dtype, device=DEV)
+    room = torch.full((36, 120), float("nan"), dtype=dtype, device=DEV)
+    out = room[:, :107]
+    decode_slab(out, _fmt(kind), ptrs, ints, mode, N, K, 32, 32, 36, 96, B, 0.5, True, bias, (8, 32), 4)
+    assert _bits_close(out[:, :96], W[32:68, 32:128])
+    assert torch.equal(out[:, 96:101], (0.5 * B[32:68].float()).to(dtype))
+    assert torch.equal(out[:, 101], bias[32:68])
+    assert not out[:, 102:].any() and room[:, 107:].isnan().all()
+    # without LoRA: the bias first, then zeros
+    out = room[:, :104]
+    decode_slab(out, _fmt(kind), ptrs, ints, mode, N, K, 32, 32, 36, 96, None, 0.5, True, bias, (8, 32), 4)
+    assert torch.equal(out[:, 96], bias[32:68]) and not out[:, 97:].any()
+
+    # dX: all rows, columns 128..149 (past K's last whole word), strip of 5 + 5 zeros
+    room = torch.full((N + 10, 40), float("nan"), dtype=dtype, device=DEV)
+    out = room[:, :22]
+    decode_slab(out, _fmt(kind), ptrs, ints, mode, N, K, 0, 128, N, 22, A, 0.5, False, None, (16, 32), 4)
+    assert _bits_close(out[:N], W[:, 128:150])
+    assert torch.equal(out[N:N + 5], (0.5 * A[:, 128:].float()).to(dtype))
+    assert not out[N + 5:].any() and room[:, 22:].isnan().all()
+
+
+def test_decode_slab_refuses_unaligned_slabs_and_a_short_strip():
+    from loraq.kernels.decode import weight_args
+    from loraq.kernels.dense_slab import decode_slab
+
+    w, *_ = problem("int1", torch.float16, 1, 16, 64, lora=False, bias=False)
+    ptrs, ints, mode = weight_args("int1", *_kernel_args(w))
+    out = torch.zeros(8, 40, dtype=torch.float16, device=DEV)
+    with pytest.raises(ValueError, match="multiple of 4 rows and 32 columns"):
+        decode_slab(out, "int1", ptrs, ints, mode, 16, 64, 2, 0, 8, 32)
+    with pytest.raises(ValueError, match="multiple of 4 rows and 32 columns"):
+        decode_slab(out, "int1", ptrs, ints, mode, 16, 64, 0, 16, 8, 32)
+    B = torch.randn(16, 8, dtype=torch.float16, device=DEV)
+    with pytest.raises(ValueError, match="8 columns past the slab, fewer than the 9"):
+        decode_slab(out, "int1", ptrs, ints, mode, 16, 64, 0, 0, 8, 32, B, bias=B[:, 0])
+    with pytest.raises(ValueError, match="a bias goes in the forward's strip"):
+        decode_slab(out, "int1", ptrs, ints, mode, 16, 64, 0, 0, 8, 32, lora_cols=False, bias=B[:, 0])
+    assert not out.any()
+
+
+@pytest.mark.parametrize("kind", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M, r, lora, bias", [(3, 5, True, True), (70, 2, True, False), (17, 16, False, True),
+                                              (5, 16, False, False)])
+def test_forward_and_dx_through_slabs_match_reference(kind, dtype, M, r, lora, bias):
+    """Several slabs (the last one short), with and without LoRA and bias; the forward's extended
+    width (K, the rank, one column for the bias) 156 padded to 160, 152 (a multiple of 8 already)
+    and 151 padded to 152; dX's (N and the rank) 102 or 99, padded to 104."""
+    from loraq.kernels import lora_linear_dx, lora_linear_fwd
+
+    N, K = 97, 150
+    w, x, A, B, b = problem(kind, dtype, M, N, K, r=r, lora=lora, bias=bias)
+    tensors, meta = _kernel_args(w)
+    cfg = (8, 32, 32, 1, 4, 1, DENSE_SLAB)
+    y = lora_linear_fwd(x, _fmt(kind), tensors, meta, A, B, 0.5, b, config=cfg)
+    assert y.shape == (M, N) and y.dtype == dtype
+    check(y, reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 0.5, f64(b)),
+          reference.lora_linear_ref(x, w, A, B, 0.5, b), f"fwd {kind}")
+    dy = torch.randn(M, N, dtype=dtype, device=DEV)
+    dyB = dy @ B if lora else None
+    dx = lora_linear_dx(dy, _fmt(kind), tensors, meta, A, dyB, 0.5, config=(16, 64, 64, 1, 4, 1, DENSE_SLAB))
+    assert dx.shape == (M, K) and dx.dtype == dtype
+    check(dx, reference.lora_linear_dx_ref(dy.double(), w.to(torch.float64), f64(A), f64(dyB), 0.5),
+          reference.lora_linear_dx_ref(dy, w, A, dyB, 0.5), f"dx {kind}")
+
+
+@pytest.mark.parametrize("kind", ["int1_onebit", "sparse4x4"])
+def test_every_gradient_through_the_slab_path(kind, monkeypatch):
+    """A layer's forward and backward with the autotuner answering the dense slab for both kernels:
+    output, dX, dA, dB and the bias gradient against the float64 reference."""
+    from loraq.kernels import lora_linear_dx, lora_linear_fwd
+
+    chosen = []
+
+    def slab(op, M, N, K, dtype, device, run, bench=None, extra=None):
+        chosen.append(op)
+        return (8, 32, 64, 1, 4, 1, DENSE_SLAB)
+
+    for launcher in (lora_linear_fwd, lora_linear_dx):
+        monkeypatch.setattr(sys.modules[launcher.__module__], "pick_config", slab)
+    M, N, K, dtype = 300, 45, 70, torch.float16
+    w, x, A, B, b = problem(kind, dtype, M, N, K, r=4)
+    x, A, B, b = (t.clone().requires_grad_() for t in (x, A, B, b))
+    y = LoraLinearFunction.apply(x, None, A, B, b, w, 0.5, "triton")
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, A, B, b), dy)
+    x64, A64, B64, b64 = (t.detach().double().requires_grad_() for t in (x, A, B, b))
+    y64 = reference.lora_linear_ref(x64, w.to(torch.float64), A64, B64, 0.5, b64)
+    grads64 = torch.autograd.grad(y64, (x64, A64, B64, b64), dy.double())
+    xl, Al, Bl, bl = (t.detach().requires_grad_() for t in (x, A, B, b))
+    yl = reference.lora_linear_ref(xl, w, Al, Bl, 0.5, bl)
+    gradsl = torch.autograd.grad(yl, (xl, Al, Bl, bl), dy)
+    check(y.detach(), y64.detach(), yl.detach(), "y")
+    for name, g, g64, gl in zip("x A B b".split(), grads, grads64, gradsl):
+        check(g, g64, gl, f"d{name}")
+    assert any(op.startswith("lora_linear_fwd") for op in chosen)
+    assert any(op.startswith("lora_linear_dx") for op in chosen)
+
+
+def test_dense_slab_configs_fit_the_buffer_and_start_past_256_rows(monkeypatch):
+    from loraq.kernels.autotune import DENSE_SLAB_MIB, dense_slab_configs
+
+    monkeypatch.delenv("LORAQ_DENSE_SLAB_MIB", raising=False)
+    assert dense_slab_configs(256, 28672, 8208, 2) == []
+    configs = dense_slab_configs(257, 28672, 8208, 2)
+    assert len(configs) == len(DENSE_SLAB_MIB) and all(c[6] == DENSE_SLAB for c in configs)
+    for (_, _, length, *_), mib in zip(configs, DENSE_SLAB_MIB):
+        assert length % 256 == 0 and length * 8208 * 2 <= mib << 20 < (length + 256) * 8208 * 2
+    # a small weight fits one slab at either size: one candidate, no longer than N rounded up
+    assert [c[2] for c in dense_slab_configs(4096, 1000, 520, 2)] == [1024]
+    # a very wide one still gets 256 rows a slab
+    assert {c[2] for c in dense_slab_configs(4096, 4096, 1 << 20, 4)} == {256}
+    monkeypatch.setenv("LORAQ_DENSE_SLAB_MIB", "16")
+    assert {c[2] for c in dense_slab_configs(4096, 28672, 8208, 2)} == {(16 << 20) // (8208 * 2) // 256 * 256}
+    monkeypatch.setenv("LORAQ_DENSE_SLAB_MIB", "0")
+    assert dense_slab_configs(4096, 28672, 8208, 2) == []
+    for bad in ("lots", "-1"):
+        monkeypatch.setenv("LORAQ_DENSE_SLAB_MIB", bad)
+        with pytest.raises(ValueError, match="LORAQ_DENSE_SLAB_MIB"):
+            dense_slab_configs(4096, 28672, 8208, 2)
+
+
+@pytest.mark.parametrize("launcher_name", ["lora_linear_fwd", "lora_linear_dx"])
+def test_launchers_offer_the_slabs_past_256_rows_only(launcher_name, monkeypatch):
+    """The extended width counts the rank, the bias and the padding: K + r + 1 rounded up to 8
+    (forward), N + r (dX)."""
+    import loraq.kernels as kernels
+    from loraq.kernels.autotune import configs_for, dense_slab_configs
+
+    launcher = getattr(kernels, launcher_name)
+    seen = []
+
+    def spy(op, M, N, K, dtype, device, run, bench=None, extra=None):
+        seen.append((M, candidates_passed(extra)))
+        return configs_for(M)[0]
+
+    monkeypatch.setattr(sys.modules[launcher.__module__], "pick_config", spy)
+    N, K, r = 20, 50, 3
+    for M in (100, 300):
+        w, x, A, B, b = problem("int1", torch.float16, M, N, K, r=r)
+        tensors, meta = _kernel_args(w)
+        if launcher_name == "lora_linear_fwd":
+            launcher(x, "int1", tensors, meta, A, B, 0.5, b)
+        else:
+            dy = torch.randn(M, N, dtype=torch.float16, device=DEV)
+            launcher(dy, "int1", tensors, meta, A, dy @ B, 0.5)
+    want = dense_slab_configs(300, N, 56, 2) if launcher_name == "lora_linear_fwd" else dense_slab_configs(300, K, 24, 2)
+    assert seen == [(100, []), (300, want)] and want
+
+
+def test_a_bad_slab_config_is_refused():
+    from loraq.kernels import lora_linear_dx, lora_linear_fwd
+
+    w, x, *_ = problem("sparse4x4", torch.float16, 3, 16, 64, lora=False, bias=False)
+    tensors, meta = _kernel_args(w)
+    for bad, match in [((6, 32, 32, 1, 4, 1, DENSE_SLAB), "decode tile"), ((8, 16, 32, 1, 4, 1, DENSE_SLAB), "decode tile"),
+                       ((8, 32, 40, 1, 4, 1, DENSE_SLAB), "slab length"), ((8, 32, 32, 1, 3, 1, DENSE_SLAB), "num_warps")]:
+        with pytest.raises(ValueError, match=match):
+            lora_linear_fwd(x, "sparse4x4", tensors, meta, config=bad)
+        with pytest.raises(ValueError, match=match):
+            lora_linear_dx(torch.randn(3, 16, dtype=torch.float16, device=DEV), "sparse4x4", tensors, meta, config=bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gpu_slab_path_at_a_large_shape(kind, dtype):
+    """Every tuned slab candidate, several slabs, at 1024 rows; and a CUDA graph replays it."""
+    from loraq.kernels import lora_linear_dx, lora_linear_fwd
+    from loraq.kernels.autotune import dense_slab_configs
+
+    M, N, K, r = 1024, 3001, 4099, 16
+    w, x, A, B, b = problem(kind, dtype, M, N, K, r=r)
+    tensors, meta = _kernel_args(w)
+    ref = reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 2.0, f64(b))
+    low = reference.lora_linear_ref(x, w, A, B, 2.0, b)
+    dy = torch.randn(M, N, dtype=dtype, device=DEV)
+    dyB = dy @ B
+    dref = reference.lora_linear_dx_ref(dy.double(), w.to(torch.float64), f64(A), f64(dyB), 2.0)
+    dlow = reference.lora_linear_dx_ref(dy, w, A, dyB, 2.0)
+    for cfg in dense_slab_configs(M, N, K + 21, 2) + [(32, 256, 512, 1, 4, 1, DENSE_SLAB)]:
+        check(lora_linear_fwd(x, _fmt(kind), tensors, meta, A, B, 2.0, b, config=cfg), ref, low, f"fwd {cfg}")
+        check(lora_linear_dx(dy, _fmt(kind), tensors, meta, A, dyB, 2.0, config=cfg), dref, dlow, f"dx {cfg}")
+    cfg = (32, 256, 512, 1, 4, 1, DENSE_SLAB)
+    lora_linear_fwd(x, _fmt(kind), tensors, meta, A, B, 2.0, b, config=cfg)  # compiled before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = lora_linear_fwd(x, _fmt(kind), tensors, meta, A, B, 2.0, b, config=cfg)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    check(y, reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 2.0, f64(b)),
+          reference.lora_linear_ref(x, w, A, B, 2.0, b), "graph replay")
