@@ -13,7 +13,7 @@ tensors (the format's fields) and know nothing of autograd, ``nn`` or the backen
 * :func:`sparse4x4_gemv_dx`: its transpose, ``dX`` for up to 16 rows of ``dY`` (an autotune
   candidate of :func:`lora_linear_dx`)
 
-Large batches (more than 256 rows) also time ``dense_slab``: ``Ŵ`` decoded a slab at a time into
+Batches of more than 32 rows also time ``dense_slab``: ``Ŵ`` decoded a slab at a time into
 a dense buffer for cuBLAS, with the LoRA path and bias in the same matmul.
 
 The small-batch forwards split K and end in ``splitk_finish.finish`` (LoRA path, bias, cast):

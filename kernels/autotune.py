@@ -60,10 +60,10 @@ GATHER_SMALL_M: List[Config] = [(1, 128, 256, 4, 4, 2, GATHER), (1, 128, 256, 8,
                                 (1, 256, 128, 4, 4, 2, GATHER), (1, 64, 512, 8, 4, 2, GATHER),
                                 (1, 256, 256, 8, 8, 2, GATHER)]
 GATHER_MAX_M = 16
-# Large batches (more than 256 rows): the dense-slab path, (decode tile rows, decode tile columns,
+# More than 32 rows: the dense-slab path, (decode tile rows, decode tile columns,
 # slab length, 1, num_warps, 1, DENSE_SLAB), at two buffer sizes in MiB (dense_slab_configs);
 # LORAQ_DENSE_SLAB_MIB caps them (0: never this path).
-DENSE_SLAB_MIN_M = 257
+DENSE_SLAB_MIN_M = 33
 DENSE_SLAB_MIB = (32, 128)
 DENSE_SLAB_TILE = (32, 256, 4)  # decode tile rows, columns, num_warps: the decode is a few % of a call
 CACHE_VERSION = 3  # bumped when Config changes meaning: old files are not read
@@ -134,8 +134,10 @@ def dense_slab_cap_mib() -> int:
 
 
 def dense_slab_configs(M: int, length: int, width: int, itemsize: int) -> List[Config]:
-    """The dense-slab candidates for ``M`` rows of x: none up to 256 rows (there the weight stream
-    is the cost, and a dense slab triples it) or with ``LORAQ_DENSE_SLAB_MIB=0``. ``length`` is
+    """The dense-slab candidates for ``M`` rows of x: none up to 32 rows (there the weight stream
+    is the cost, and a dense slab would multiply it) or with ``LORAQ_DENSE_SLAB_MIB=0``. From 64
+    rows they are timed against the tiled kernel, which took 2–4x cuBLAS's time at 256 rows on
+    an H100 (``h100.md``). ``length`` is
     what the slabs divide (N for the forward, K for dX), ``width`` a slab's other side (the
     extended K or N) and ``itemsize`` the activation's bytes: the slab length is the most whole
     256s that fit each buffer size of ``DENSE_SLAB_MIB`` (at most the cap), at least 256."""

@@ -13,7 +13,7 @@ The extended width is padded to a multiple of 8 with zeros so that every row of 
 stays 16-byte aligned for the tensor cores. :func:`decode_slab` writes a slab, its strip and the
 zero padding in one launch; a call is then up to four small launches to build the extended x (or
 dY) and two a slab. A slab is dense ``Ŵ`` in memory, briefly: this path is an autotune
-candidate only from 512 rows of x (``autotune.dense_slab_configs``), never for small batches,
+candidate only past 32 rows of x (``autotune.dense_slab_configs``), never for small batches,
 and ``LORAQ_DENSE_SLAB_MIB`` bounds (or, at 0, turns off) its buffer.
 """
 

@@ -4,7 +4,7 @@ Each program owns a ``[BLOCK_M, BLOCK_K]`` tile of ``dX`` and walks N, decoding 
 ``[BLOCK_N, BLOCK_K]`` tile of ``Ŵ`` it needs (the same decoders as the forward) and feeding it
 to ``tl.dot``; the epilogue adds the LoRA term from ``dY·B`` (``[M, r]``, computed by the caller,
 which needs it for ``dA`` too). For up to 16 rows of sparse4x4 the autotuner also times the
-gathering GEMV (``sparse4x4_gemv_dx.py``), and for more than 256 rows of any format decoding
+gathering GEMV (``sparse4x4_gemv_dx.py``), and for more than 32 rows of any format decoding
 column slabs of ``Ŵ`` for cuBLAS (``dense_slab.py``).
 """
 
@@ -131,7 +131,7 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
     op = f"lora_linear_dx:{fmt}:{scale_mode}:{int(has_lora)}" + (":gather" if gather else "")
     if gather:
         extra = lambda: gather_configs(M)  # noqa: E731
-    else:  # large batches also time the dense slabs (none up to 256 rows)
+    else:  # large batches also time the dense slabs (none up to 32 rows)
         extra = lambda: dense_slab_configs(M, K, N + padded_extension(R if has_lora else 0, N), dy.element_size())  # noqa: E731
     cfg = config or pick_config(op, M, N, K, dy.dtype, dy.device, run, extra=extra)
     return run(cfg).to(dy.dtype)

@@ -8,7 +8,7 @@ the programs add their partial sums into a zeroed fp32 workspace, those of the f
 also store their slice's share of ``x·Aᵀ``, and ``splitk_finish.finish`` adds the LoRA path and
 the bias and casts (two launches a call, ``splitk_finish.py``).
 
-Large batches (more than 256 rows) also time decoding ``Ŵ`` a slab at a time into a dense buffer
+Batches of more than 32 rows also time decoding ``Ŵ`` a slab at a time into a dense buffer
 for cuBLAS, the LoRA path in the same matmul (``dense_slab.py``), and take it when it is faster.
 Small batches also time a GEMV that never decodes a tile, and take it when it is faster: the
 table lookup for up to 4 rows of int1 (``int1_gemv_lut.py``), and the gather for up to 16 rows
@@ -168,7 +168,7 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
         extra = lambda: lut_configs(M)  # noqa: E731
     elif gather:
         extra = lambda: gather_fwd_configs(M)  # noqa: E731
-    else:  # large batches also time the dense slabs (none up to 256 rows)
+    else:  # large batches also time the dense slabs (none up to 32 rows)
         extra = lambda: dense_slab_configs(M, N, K + padded_extension((R if has_lora else 0) + (bias is not None), K),
                                            x.element_size())  # noqa: E731
     cfg = config or pick_config(op, M, N, K, x.dtype, x.device, run, extra=extra)

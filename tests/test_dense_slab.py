@@ -145,12 +145,12 @@ def test_every_gradient_through_the_slab_path(kind, monkeypatch):
     assert any(op.startswith("lora_linear_dx") for op in chosen)
 
 
-def test_dense_slab_configs_fit_the_buffer_and_start_past_256_rows(monkeypatch):
+def test_dense_slab_configs_fit_the_buffer_and_start_past_32_rows(monkeypatch):
     from loraq.kernels.autotune import DENSE_SLAB_MIB, dense_slab_configs
 
     monkeypatch.delenv("LORAQ_DENSE_SLAB_MIB", raising=False)
-    assert dense_slab_configs(256, 28672, 8208, 2) == []
-    configs = dense_slab_configs(257, 28672, 8208, 2)
+    assert dense_slab_configs(32, 28672, 8208, 2) == []
+    configs = dense_slab_configs(33, 28672, 8208, 2)
     assert len(configs) == len(DENSE_SLAB_MIB) and all(c[6] == DENSE_SLAB for c in configs)
     for (_, _, length, *_), mib in zip(configs, DENSE_SLAB_MIB):
         assert length % 256 == 0 and length * 8208 * 2 <= mib << 20 < (length + 256) * 8208 * 2
@@ -169,7 +169,7 @@ def test_dense_slab_configs_fit_the_buffer_and_start_past_256_rows(monkeypatch):
 
 
 @pytest.mark.parametrize("launcher_name", ["lora_linear_fwd", "lora_linear_dx"])
-def test_launchers_offer_the_slabs_past_256_rows_only(launcher_name, monkeypatch):
+def test_launchers_offer_the_slabs_past_32_rows_only(launcher_name, monkeypatch):
     """The extended width counts the rank, the bias and the padding: K + r + 1 rounded up to 8
     (forward), N + r (dX)."""
     import loraq.kernels as kernels
@@ -184,7 +184,7 @@ def test_launchers_offer_the_slabs_past_256_rows_only(launcher_name, monkeypatch
 
     monkeypatch.setattr(sys.modules[launcher.__module__], "pick_config", spy)
     N, K, r = 20, 50, 3
-    for M in (100, 300):
+    for M in (32, 33):
         w, x, A, B, b = problem("int1", torch.float16, M, N, K, r=r)
         tensors, meta = _kernel_args(w)
         if launcher_name == "lora_linear_fwd":
@@ -192,8 +192,8 @@ def test_launchers_offer_the_slabs_past_256_rows_only(launcher_name, monkeypatch
         else:
             dy = torch.randn(M, N, dtype=torch.float16, device=DEV)
             launcher(dy, "int1", tensors, meta, A, dy @ B, 0.5)
-    want = dense_slab_configs(300, N, 56, 2) if launcher_name == "lora_linear_fwd" else dense_slab_configs(300, K, 24, 2)
-    assert seen == [(100, []), (300, want)] and want
+    want = dense_slab_configs(33, N, 56, 2) if launcher_name == "lora_linear_fwd" else dense_slab_configs(33, K, 24, 2)
+    assert seen == [(32, []), (33, want)] and want
 
 
 def test_a_bad_slab_config_is_refused():
