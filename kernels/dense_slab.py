@@ -9,6 +9,10 @@ multiplies it. The LoRA path rides in the same cuBLAS call:
   (the bias as one more column: no pass over ``y`` to add it);
 * ``dX``, a slab of input columns at a time: ``dX[:, k0:k1] = [dY | dY·B]·[Ŵ[:, k0:k1]; s·A[:, k0:k1]]``.
 
+Extending the input costs a copy of it; when the input is wider than the output (K > N for the
+forward, N > K for dX), the slabs hold ``Ŵ`` alone and one more matmul adds the LoRA path and
+bias into the output instead (a pass over the output, the narrower of the two).
+
 The extended width is padded to a multiple of 8 with zeros so that every row of the operands
 stays 16-byte aligned for the tensor cores. :func:`decode_slab` writes a slab, its strip and the
 zero padding in one launch; a call is then up to four small launches to build the extended x (or
@@ -129,13 +133,21 @@ def check_slab_config(config) -> None:
         raise ValueError(f"config {config}: num_warps must be a power of two up to 16, got {warps}")
 
 
+def _extend(reduction: int, outputs: int) -> bool:
+    """Whether the LoRA path (and bias) rides in the slabs' matmuls as extra columns of the input,
+    which costs a copy of the input (``reduction`` wide), or is added after them in one more
+    matmul into the output, which costs a pass over the output (``outputs`` wide): the narrower."""
+    return reduction <= outputs
+
+
 def slab_forward(x, fmt, ptrs, ints, scale_mode, N, A, B, scaling, bias, config):
     """``y = x·Ŵᵀ + s·(x·Aᵀ)·Bᵀ + b`` a slab of ``config[2]`` output rows at a time (module doc)."""
     M, K = x.shape
     r = A.shape[0] if A is not None else 0
     used = r + (bias is not None)
-    ext = padded_extension(used, K)
-    if ext:  # [x | x·Aᵀ | 1 | 0]: built once, read by every slab's matmul
+    extend = used and _extend(K, N)
+    ext = padded_extension(used, K) if extend else 0
+    if extend:  # [x | x·Aᵀ | 1 | 0]: built once, read by every slab's matmul
         xe = torch.empty(M, K + ext, device=x.device, dtype=x.dtype)
         xe[:, :K].copy_(x)
         if r:
@@ -149,12 +161,22 @@ def slab_forward(x, fmt, ptrs, ints, scale_mode, N, A, B, scaling, bias, config)
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     length = min(config[2], -(-N // 4) * 4)
     slab = torch.empty(length, K + ext, device=x.device, dtype=x.dtype)
-    b = bias.contiguous() if bias is not None else None
+    b = bias.contiguous() if bias is not None and extend else None
     for n0 in range(0, N, length):
         rows = min(length, N - n0)
-        w = decode_slab(slab[:rows], fmt, ptrs, ints, scale_mode, N, K, n0, 0, rows, K, B, scaling, True, b,
-                        config[:2], config[4])
+        w = decode_slab(slab[:rows], fmt, ptrs, ints, scale_mode, N, K, n0, 0, rows, K, B if extend else None,
+                        scaling, True, b, config[:2], config[4])
         torch.mm(xe, w.t(), out=y[:, n0:n0 + rows])
+    if used and not extend:  # y += [x·Aᵀ | 1]·[s·B | b]ᵀ: one pass over y
+        left = torch.empty(M, used, device=x.device, dtype=x.dtype)
+        right = torch.empty(N, used, device=x.device, dtype=x.dtype)
+        if r:
+            torch.mm(x, A.t(), out=left[:, :r])
+            torch.mul(B, scaling, out=right[:, :r])
+        if bias is not None:
+            left[:, r].fill_(1.0)
+            right[:, r].copy_(bias)
+        y.addmm_(left, right.t())
     return y
 
 
@@ -162,8 +184,9 @@ def slab_dx(dy, fmt, ptrs, ints, scale_mode, K, A, dyb, scaling, config):
     """``dX = dY·Ŵ + s·(dY·B)·A`` a slab of ``config[2]`` columns of ``dX`` at a time (module doc)."""
     M, N = dy.shape
     r = A.shape[0] if A is not None else 0
-    ext = padded_extension(r, N)
-    if r:  # [dY | dY·B | 0]
+    extend = r and _extend(N, K)
+    ext = padded_extension(r, N) if extend else 0
+    if extend:  # [dY | dY·B | 0]
         dye = torch.empty(M, N + ext, device=dy.device, dtype=dy.dtype)
         dye[:, :N].copy_(dy)
         dye[:, N:N + r].copy_(dyb)
@@ -176,7 +199,9 @@ def slab_dx(dy, fmt, ptrs, ints, scale_mode, K, A, dyb, scaling, config):
     slab = torch.empty(N + ext, length, device=dy.device, dtype=dy.dtype)
     for k0 in range(0, K, length):
         cols = min(length, K - k0)
-        w = decode_slab(slab[:, :cols], fmt, ptrs, ints, scale_mode, N, K, 0, k0, N, cols, A, scaling, False, None,
-                        config[:2], config[4])
+        w = decode_slab(slab[:, :cols], fmt, ptrs, ints, scale_mode, N, K, 0, k0, N, cols, A if extend else None,
+                        scaling, False, None, config[:2], config[4])
         torch.mm(dye, w, out=dx[:, k0:k0 + cols])
+    if r and not extend:  # dX += (dY·B)·(s·A): one pass over dX
+        dx.addmm_(dyb, A, alpha=scaling)
     return dx

@@ -90,13 +90,15 @@ def test_decode_slab_refuses_unaligned_slabs_and_a_short_strip():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M, r, lora, bias", [(3, 5, True, True), (70, 2, True, False), (17, 16, False, True),
                                               (5, 16, False, False)])
-def test_forward_and_dx_through_slabs_match_reference(kind, dtype, M, r, lora, bias):
-    """Several slabs (the last one short), with and without LoRA and bias; the forward's extended
-    width (K, the rank, one column for the bias) 156 padded to 160, 152 (a multiple of 8 already)
-    and 151 padded to 152; dX's (N and the rank) 102 or 99, padded to 104."""
+@pytest.mark.parametrize("N, K", [(97, 150), (150, 94)])
+def test_forward_and_dx_through_slabs_match_reference(kind, dtype, M, r, lora, bias, N, K):
+    """Several slabs (the last one short), with and without LoRA and bias. With K = 150 > N = 97
+    the forward adds the LoRA path and bias in a second matmul and dX extends dY (N plus the rank:
+    102 or 99, padded to 104); with K = 94 < N = 150 the forward extends x (K, the rank and the bias
+    column: 100 padded to 104, 96 a multiple of 8 already, 95 padded to 96) and dX takes the
+    second matmul."""
     from loraq.kernels import lora_linear_dx, lora_linear_fwd
 
-    N, K = 97, 150
     w, x, A, B, b = problem(kind, dtype, M, N, K, r=r, lora=lora, bias=bias)
     tensors, meta = _kernel_args(w)
     cfg = (8, 32, 32, 1, 4, 1, DENSE_SLAB)
@@ -113,9 +115,11 @@ def test_forward_and_dx_through_slabs_match_reference(kind, dtype, M, r, lora, b
 
 
 @pytest.mark.parametrize("kind", ["int1_onebit", "sparse4x4"])
-def test_every_gradient_through_the_slab_path(kind, monkeypatch):
-    """A layer's forward and backward with the autotuner answering the dense slab for both kernels:
-    output, dX, dA, dB and the bias gradient against the float64 reference."""
+@pytest.mark.parametrize("N, K", [(45, 70), (70, 45)])
+def test_every_gradient_through_the_slab_path(kind, N, K, monkeypatch):
+    """A layer's forward and backward with the autotuner answering the dense slab for both kernels
+    (each way of adding the LoRA path, by the shape): output, dX, dA, dB and the bias gradient
+    against the float64 reference."""
     from loraq.kernels import lora_linear_dx, lora_linear_fwd
 
     chosen = []
@@ -126,7 +130,7 @@ def test_every_gradient_through_the_slab_path(kind, monkeypatch):
 
     for launcher in (lora_linear_fwd, lora_linear_dx):
         monkeypatch.setattr(sys.modules[launcher.__module__], "pick_config", slab)
-    M, N, K, dtype = 300, 45, 70, torch.float16
+    M, dtype = 300, torch.float16
     w, x, A, B, b = problem(kind, dtype, M, N, K, r=4)
     x, A, B, b = (t.clone().requires_grad_() for t in (x, A, B, b))
     y = LoraLinearFunction.apply(x, None, A, B, b, w, 0.5, "triton")
