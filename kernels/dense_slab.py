@@ -140,6 +140,29 @@ def _extend(reduction: int, outputs: int) -> bool:
     return reduction <= outputs
 
 
+def _widened(t, ext: int, fill):
+    """``[t | tail]``, ``ext`` columns wider: ``fill(tail)`` writes the tail's first columns and
+    returns how many; the rest are zeros."""
+    rows, width = t.shape
+    out = torch.empty(rows, width + ext, device=t.device, dtype=t.dtype)
+    out[:, :width].copy_(t)
+    used = fill(out[:, width:])
+    if ext > used:
+        out[:, width + used:].zero_()
+    return out
+
+
+def _lora_inputs(out, x, A, ones: bool) -> int:
+    """Write ``x·Aᵀ`` (none without LoRA), then a column of ones if ``ones`` (the bias's), into
+    ``out``'s first columns; returns how many."""
+    r = A.shape[0] if A is not None else 0
+    if r:
+        torch.mm(x, A.t(), out=out[:, :r])
+    if ones:
+        out[:, r].fill_(1.0)
+    return r + ones
+
+
 def slab_forward(x, fmt, ptrs, ints, scale_mode, N, A, B, scaling, bias, config):
     """``y = x·Ŵᵀ + s·(x·Aᵀ)·Bᵀ + b`` a slab of ``config[2]`` output rows at a time (module doc)."""
     M, K = x.shape
@@ -147,17 +170,8 @@ def slab_forward(x, fmt, ptrs, ints, scale_mode, N, A, B, scaling, bias, config)
     used = r + (bias is not None)
     extend = used and _extend(K, N)
     ext = padded_extension(used, K) if extend else 0
-    if extend:  # [x | x·Aᵀ | 1 | 0]: built once, read by every slab's matmul
-        xe = torch.empty(M, K + ext, device=x.device, dtype=x.dtype)
-        xe[:, :K].copy_(x)
-        if r:
-            torch.mm(x, A.t(), out=xe[:, K:K + r])
-        if bias is not None:
-            xe[:, K + r].fill_(1.0)
-        if ext > used:
-            xe[:, K + used:].zero_()
-    else:
-        xe = x
+    # [x | x·Aᵀ | 1 | 0]: built once, read by every slab's matmul
+    xe = _widened(x, ext, lambda tail: _lora_inputs(tail, x, A, bias is not None)) if extend else x
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     length = min(config[2], -(-N // 4) * 4)
     slab = torch.empty(length, K + ext, device=x.device, dtype=x.dtype)
@@ -169,12 +183,11 @@ def slab_forward(x, fmt, ptrs, ints, scale_mode, N, A, B, scaling, bias, config)
         torch.mm(xe, w.t(), out=y[:, n0:n0 + rows])
     if used and not extend:  # y += [x·Aᵀ | 1]·[s·B | b]ᵀ: one pass over y
         left = torch.empty(M, used, device=x.device, dtype=x.dtype)
+        _lora_inputs(left, x, A, bias is not None)
         right = torch.empty(N, used, device=x.device, dtype=x.dtype)
         if r:
-            torch.mm(x, A.t(), out=left[:, :r])
             torch.mul(B, scaling, out=right[:, :r])
         if bias is not None:
-            left[:, r].fill_(1.0)
             right[:, r].copy_(bias)
         y.addmm_(left, right.t())
     return y
@@ -186,14 +199,7 @@ def slab_dx(dy, fmt, ptrs, ints, scale_mode, K, A, dyb, scaling, config):
     r = A.shape[0] if A is not None else 0
     extend = r and _extend(N, K)
     ext = padded_extension(r, N) if extend else 0
-    if extend:  # [dY | dY·B | 0]
-        dye = torch.empty(M, N + ext, device=dy.device, dtype=dy.dtype)
-        dye[:, :N].copy_(dy)
-        dye[:, N:N + r].copy_(dyb)
-        if ext > r:
-            dye[:, N + r:].zero_()
-    else:
-        dye = dy
+    dye = _widened(dy, ext, lambda tail: tail[:, :r].copy_(dyb).shape[1]) if extend else dy  # [dY | dY·B | 0]
     dx = torch.empty(M, K, device=dy.device, dtype=dy.dtype)
     length = min(config[2], -(-K // 32) * 32)
     slab = torch.empty(N + ext, length, device=dy.device, dtype=dy.dtype)
