@@ -135,12 +135,14 @@ def dense_slab_cap_mib() -> int:
 
 def dense_slab_configs(M: int, length: int, width: int, itemsize: int) -> List[Config]:
     """The dense-slab candidates for ``M`` rows of x: none up to 32 rows (there the weight stream
-    is the cost, and a dense slab would multiply it) or with ``LORAQ_DENSE_SLAB_MIB=0``. From 64
-    rows they are timed against the tiled kernel, which took 2–4x cuBLAS's time at 256 rows on
-    an H100 (``h100.md``). ``length`` is
-    what the slabs divide (N for the forward, K for dX), ``width`` a slab's other side (the
-    extended K or N) and ``itemsize`` the activation's bytes: the slab length is the most whole
-    256s that fit each buffer size of ``DENSE_SLAB_MIB`` (at most the cap), at least 256."""
+    is the cost, and a dense slab would multiply it) or with ``LORAQ_DENSE_SLAB_MIB=0``. From 33
+    rows they are timed against the tiled kernel, which took 1.6–4.8x cuBLAS's time at 256 rows
+    on an H100 (``h100.md``).
+
+    ``length`` is what the slabs divide (N for the forward, K for dX), ``width`` a slab's other
+    side (the extended K or N) and ``itemsize`` the activation's bytes: the slab length is the
+    most whole 256s that fit each buffer size of ``DENSE_SLAB_MIB`` (at most the cap), at least
+    256."""
     cap = dense_slab_cap_mib()
     if M < DENSE_SLAB_MIN_M or cap == 0:
         return []

@@ -168,8 +168,8 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
         extra = lambda: lut_configs(M)  # noqa: E731
     elif gather:
         extra = lambda: gather_fwd_configs(M)  # noqa: E731
-    else:  # large batches also time the dense slabs (none up to 32 rows)
-        extra = lambda: dense_slab_configs(M, N, K + padded_extension((R if has_lora else 0) + (bias is not None), K),
-                                           x.element_size())  # noqa: E731
+    else:  # past 32 rows, the dense slabs too (none before)
+        width = K + padded_extension((R if has_lora else 0) + (bias is not None), K)
+        extra = lambda: dense_slab_configs(M, N, width, x.element_size())  # noqa: E731
     cfg = config or pick_config(op, M, N, K, x.dtype, x.device, run, extra=extra)
     return run(cfg)
