@@ -132,7 +132,7 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
     if gather:
         extra = lambda: gather_configs(M)  # noqa: E731
     else:  # past 32 rows, the dense slabs too (none before)
-        height = N + padded_extension(R if has_lora else 0, N)
-        extra = lambda: dense_slab_configs(M, K, height, dy.element_size())  # noqa: E731
+        def extra():  # built only when the answer is not cached (a hit is the per-call path)
+            return dense_slab_configs(M, K, N + padded_extension(R if has_lora else 0, N), dy.element_size())
     cfg = config or pick_config(op, M, N, K, dy.dtype, dy.device, run, extra=extra)
     return run(cfg).to(dy.dtype)

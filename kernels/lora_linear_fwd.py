@@ -169,7 +169,8 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
     elif gather:
         extra = lambda: gather_fwd_configs(M)  # noqa: E731
     else:  # past 32 rows, the dense slabs too (none before)
-        width = K + padded_extension((R if has_lora else 0) + (bias is not None), K)
-        extra = lambda: dense_slab_configs(M, N, width, x.element_size())  # noqa: E731
+        def extra():  # built only when the answer is not cached (a hit is the per-call path)
+            used = (R if has_lora else 0) + (bias is not None)
+            return dense_slab_configs(M, N, K + padded_extension(used, K), x.element_size())
     cfg = config or pick_config(op, M, N, K, x.dtype, x.device, run, extra=extra)
     return run(cfg)
