@@ -115,6 +115,10 @@ def _splitk_finish_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     inside = offs_n < N
     acc = tl.load(ws_ptr + m * N + offs_n, mask=inside, other=0.0)
+    # The zeros below may be stored by other threads than the ones that loaded these sums (the
+    # compiler picks each access's layout: on an H100, with N not a multiple of 16, it did, and
+    # up to half of a block read back zeros). The barrier orders every load before every store.
+    tl.debug_barrier()
     tl.store(ws_ptr + m * N + offs_n, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=inside)  # ready for the next call
     if HAS_LORA:
         offs_r = tl.arange(0, BLOCK_R)
