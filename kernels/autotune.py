@@ -60,12 +60,16 @@ GATHER_SMALL_M: List[Config] = [(1, 128, 256, 4, 4, 2, GATHER), (1, 128, 256, 8,
                                 (1, 256, 128, 4, 4, 2, GATHER), (1, 64, 512, 8, 4, 2, GATHER),
                                 (1, 256, 256, 8, 8, 2, GATHER)]
 GATHER_MAX_M = 16
-# More than 32 rows: the dense-slab path, (decode tile rows, decode tile columns,
-# slab length, 1, num_warps, 1, DENSE_SLAB), at two buffer sizes in MiB (dense_slab_configs);
-# LORAQ_DENSE_SLAB_MIB caps them (0: never this path).
+# More than 32 rows: the dense-slab path, (decode tile rows, decode tile columns, slab length,
+# placement of the LoRA path and bias, num_warps, 1, DENSE_SLAB), at two buffer sizes in MiB
+# (dense_slab_configs); LORAQ_DENSE_SLAB_MIB caps them (0: never this path). The placement:
+# SLAB_WIDEN, as extra columns of the input in the slabs' own matmuls (a copy of the input), or
+# SLAB_OUTPUT_FIRST, written into the output by one low-rank matmul that the slabs' matmuls then
+# add to (a write of the output, read back in cuBLAS's epilogue).
 DENSE_SLAB_MIN_M = 33
 DENSE_SLAB_MIB = (32, 128)
 DENSE_SLAB_TILE = (32, 256, 4)  # decode tile rows, columns, num_warps: the decode is a few % of a call
+SLAB_WIDEN, SLAB_OUTPUT_FIRST = 1, 2
 CACHE_VERSION = 3  # bumped when Config changes meaning: old files are not read
 
 _MEMORY: Dict[str, Dict[str, Config]] = {}
@@ -133,25 +137,27 @@ def dense_slab_cap_mib() -> int:
     return cap
 
 
-def dense_slab_configs(M: int, length: int, width: int, itemsize: int) -> List[Config]:
+def dense_slab_configs(M: int, length: int, widths: Dict[int, int], itemsize: int) -> List[Config]:
     """The dense-slab candidates for ``M`` rows of x: none up to 32 rows (there the weight stream
     is the cost, and a dense slab would multiply it) or with ``LORAQ_DENSE_SLAB_MIB=0``. From 33
     rows they are timed against the tiled kernel, which took 1.6–4.8x cuBLAS's time at 256 rows
     on an H100 (``h100.md``).
 
-    ``length`` is what the slabs divide (N for the forward, K for dX), ``width`` a slab's other
-    side (the extended K or N) and ``itemsize`` the activation's bytes: the slab length is the
-    most whole 256s that fit each buffer size of ``DENSE_SLAB_MIB`` (at most the cap), at least
-    256."""
+    ``length`` is what the slabs divide (N for the forward, K for dX), ``widths`` a slab's other
+    side for each placement of the LoRA path to time (``dense_slab.slab_widths``) and ``itemsize``
+    the activation's bytes. For each buffer size of ``DENSE_SLAB_MIB`` (at most the cap), the
+    fewest slabs that fit it, of equal lengths in whole 256s (at least 256): a short last slab
+    would leave most of the GPU idle in its matmul."""
     cap = dense_slab_cap_mib()
     if M < DENSE_SLAB_MIN_M or cap == 0:
         return []
     bn, bk, warps = DENSE_SLAB_TILE
-    whole = -(-length // 256) * 256
     out = []
     for mib in DENSE_SLAB_MIB:
-        fit = (min(mib, cap) << 20) // (width * itemsize) // 256 * 256
-        out.append((bn, bk, max(256, min(fit, whole)), 1, warps, 1, DENSE_SLAB))
+        for placement, width in widths.items():
+            fit = max(256, (min(mib, cap) << 20) // (width * itemsize) // 256 * 256)
+            slabs = -(-length // fit)
+            out.append((bn, bk, -(-length // (slabs * 256)) * 256, placement, warps, 1, DENSE_SLAB))
     return list(dict.fromkeys(out))  # distinct, in order
 
 

@@ -1,30 +1,36 @@
-"""Large batches through cuBLAS: ``Ŵ`` decoded a slab at a time, the LoRA path in the same matmul.
+"""Large batches through cuBLAS: ``Ŵ`` decoded a slab at a time, the LoRA path in cuBLAS too.
 
 At thousands of rows of x a layer is compute-bound, and the tiled kernel, which decodes every
 weight tile again for every tile of x, took 1.4–2.4x cuBLAS's time on an H100 (``h100.md``). Here
 each weight is decoded once per call, into a dense slab of at most a few tens of MiB, and cuBLAS
-multiplies it. The LoRA path rides in the same cuBLAS call:
+multiplies it: a slab of output rows at a time for the forward, of input columns for ``dX``.
+The LoRA path and the bias never take a pass of their own over the output; the config's
+placement (``autotune.SLAB_WIDEN`` or ``SLAB_OUTPUT_FIRST``) says where they go, and the
+autotuner times both:
 
-* forward, a slab of output rows at a time: ``y[:, n0:n1] = [x | x·Aᵀ | 1]·[Ŵ[n0:n1] | s·B[n0:n1] | b[n0:n1]]ᵀ``
-  (the bias as one more column: no pass over ``y`` to add it);
-* ``dX``, a slab of input columns at a time: ``dX[:, k0:k1] = [dY | dY·B]·[Ŵ[:, k0:k1]; s·A[:, k0:k1]]``.
+* **widen**: as extra columns of the input in the slabs' own matmuls,
+  ``y[:, n0:n1] = [x | x·Aᵀ | 1]·[Ŵ[n0:n1] | s·B[n0:n1] | b[n0:n1]]ᵀ`` and
+  ``dX[:, k0:k1] = [dY | dY·B]·[Ŵ[:, k0:k1]; s·A[:, k0:k1]]``. Costs a copy of the input; the
+  extended width is padded to a multiple of 8 with zeros so that every row stays 16-byte aligned
+  for the tensor cores, and :func:`decode_slab` writes the strip of ``s·B``/``b`` (or ``s·A``) and
+  the padding with the slab.
+* **output first**: one low-rank matmul writes ``s·(x·Aᵀ)·Bᵀ + b`` (or ``s·(dY·B)·A``) into the
+  output, and each slab's matmul adds to it (``beta = 1``: cuBLAS reads it back in its
+  epilogue, hidden under a compute-bound matmul). Costs a write of the output; the reduction keeps
+  its width (4096 stays a multiple of cuBLAS's tiles).
 
-Extending the input costs a copy of it; when the input is wider than the output (K > N for the
-forward, N > K for dX), the slabs hold ``Ŵ`` alone and one more matmul adds the LoRA path and
-bias into the output instead (a pass over the output, the narrower of the two).
-
-The extended width is padded to a multiple of 8 with zeros so that every row of the operands
-stays 16-byte aligned for the tensor cores. :func:`decode_slab` writes a slab, its strip and the
-zero padding in one launch; a call is then up to four small launches to build the extended x (or
-dY) and two a slab. A slab is dense ``Ŵ`` in memory, briefly: this path is an autotune
-candidate only past 32 rows of x (``autotune.dense_slab_configs``), never for small batches,
-and ``LORAQ_DENSE_SLAB_MIB`` bounds (or, at 0, turns off) its buffer.
+A slab is dense ``Ŵ`` in memory, briefly: this path is an autotune candidate only past 32 rows of
+x (``autotune.dense_slab_configs``), never for small batches, and ``LORAQ_DENSE_SLAB_MIB`` bounds
+(or, at 0, turns off) its buffer.
 """
+
+from typing import Callable
 
 import torch
 import triton
 import triton.language as tl
 
+from .autotune import SLAB_OUTPUT_FIRST, SLAB_WIDEN
 from .decode import _int1_group_scale, _int1_signs, _sparse4x4_tile, use_asm
 
 
@@ -121,23 +127,27 @@ def decode_slab(out, fmt: str, ptrs, ints, scale_mode: int, N: int, K: int, n0: 
 
 def check_slab_config(config) -> None:
     """Raise ``ValueError`` unless ``config`` is a valid dense-slab config: ``(decode tile rows,
-    decode tile columns, slab length, 1, num_warps, 1, DENSE_SLAB)``."""
-    bn, bk, length, _, warps, _, _ = config
+    decode tile columns, slab length, placement, num_warps, 1, DENSE_SLAB)``."""
+    bn, bk, length, placement, warps, _, _ = config
     if bn < 4 or bn & (bn - 1) or bk < 32 or bk & (bk - 1):
         raise ValueError(f"config {config}: the decode tile must be a power of two of at least 4 rows and 32 "
                          f"columns, got {bn}x{bk}")
     if length < 32 or length % 32:
         raise ValueError(f"config {config}: the slab length (third field) must be a positive multiple of 32, "
                          f"got {length}")
+    if placement not in (SLAB_WIDEN, SLAB_OUTPUT_FIRST):
+        raise ValueError(f"config {config}: the fourth field places the LoRA path: {SLAB_WIDEN} (widen the input) "
+                         f"or {SLAB_OUTPUT_FIRST} (into the output first), got {placement}")
     if warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"config {config}: num_warps must be a power of two up to 16, got {warps}")
 
 
-def _extend(reduction: int, outputs: int) -> bool:
-    """Whether the LoRA path (and bias) rides in the slabs' matmuls as extra columns of the input,
-    which costs a copy of the input (``reduction`` wide), or is added after them in one more
-    matmul into the output, which costs a pass over the output (``outputs`` wide): the narrower."""
-    return reduction <= outputs
+def slab_widths(base: int, used: int):
+    """``{placement: a slab's width}`` to time for a reduction of ``base`` with ``used`` extra
+    inputs (the rank, plus one for a forward's bias): without any, one placement (nothing to place)."""
+    if not used:
+        return {SLAB_OUTPUT_FIRST: base}
+    return {SLAB_WIDEN: base + padded_extension(used, base), SLAB_OUTPUT_FIRST: base}
 
 
 def _widened(t, ext: int, fill):
@@ -163,33 +173,63 @@ def _lora_inputs(out, x, A, ones: bool) -> int:
     return r + ones
 
 
+_SIDE_STREAMS = {}  # device -> the stream that decodes a call's first slab beside its prologue
+
+
+def _beside(first: Callable, prologue: Callable, device: torch.device):
+    """``(first(), prologue())``, with ``first`` (the first slab's decode, memory-bound) queued on
+    a side stream while ``prologue`` (the LoRA path or the widened input, also memory-bound but
+    independent of it) runs on the current one; the current stream then waits for both, so what
+    follows sees the slab. A fork and join that a CUDA graph captures too."""
+    if device.type != "cuda":
+        return first(), prologue()
+    main = torch.cuda.current_stream(device)
+    side = _SIDE_STREAMS.get(device)
+    if side is None:
+        side = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    side.wait_stream(main)  # the buffers and weights it writes and reads are ready
+    with torch.cuda.stream(side):
+        out = first()
+    before = prologue()
+    main.wait_stream(side)
+    return out, before
+
+
 def slab_forward(x, fmt, ptrs, ints, scale_mode, N, A, B, scaling, bias, config):
     """``y = x·Ŵᵀ + s·(x·Aᵀ)·Bᵀ + b`` a slab of ``config[2]`` output rows at a time (module doc)."""
     M, K = x.shape
     r = A.shape[0] if A is not None else 0
     used = r + (bias is not None)
-    extend = used and _extend(K, N)
-    ext = padded_extension(used, K) if extend else 0
-    # [x | x·Aᵀ | 1 | 0]: built once, read by every slab's matmul
-    xe = _widened(x, ext, lambda tail: _lora_inputs(tail, x, A, bias is not None)) if extend else x
+    widen = used and config[3] == SLAB_WIDEN
+    ext = padded_extension(used, K) if widen else 0
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     length = min(config[2], -(-N // 4) * 4)
     slab = torch.empty(length, K + ext, device=x.device, dtype=x.dtype)
-    b = bias.contiguous() if bias is not None and extend else None
+    b = bias.contiguous() if bias is not None and widen else None
+
+    def decode(n0):
+        return decode_slab(slab[:min(length, N - n0)], fmt, ptrs, ints, scale_mode, N, K, n0, 0, min(length, N - n0),
+                           K, B if widen else None, scaling, True, b, config[:2], config[4])
+
+    def prologue():
+        if widen:  # [x | x·Aᵀ | 1 | 0]: built once, read by every slab's matmul
+            return _widened(x, ext, lambda tail: _lora_inputs(tail, x, A, bias is not None))
+        if used:  # y = s·(x·Aᵀ)·Bᵀ + b first: two launches (the bias in cuBLASLt's epilogue)
+            if not r:
+                y.copy_(bias.expand(M, N))
+            elif bias is None:
+                y.addmm_(torch.mm(x, A.t()), B.t(), beta=0, alpha=scaling)
+            else:
+                torch.addmm(bias, torch.mm(x, A.t()), B.t(), alpha=scaling, out=y)
+        return x
+
+    w, xe = _beside(lambda: decode(0), prologue, x.device)
     for n0 in range(0, N, length):
-        rows = min(length, N - n0)
-        w = decode_slab(slab[:rows], fmt, ptrs, ints, scale_mode, N, K, n0, 0, rows, K, B if extend else None,
-                        scaling, True, b, config[:2], config[4])
-        torch.mm(xe, w.t(), out=y[:, n0:n0 + rows])
-    if used and not extend:  # y += [x·Aᵀ | 1]·[s·B | b]ᵀ: one pass over y
-        left = torch.empty(M, used, device=x.device, dtype=x.dtype)
-        _lora_inputs(left, x, A, bias is not None)
-        right = torch.empty(N, used, device=x.device, dtype=x.dtype)
-        if r:
-            torch.mul(B, scaling, out=right[:, :r])
-        if bias is not None:
-            right[:, r].copy_(bias)
-        y.addmm_(left, right.t())
+        w = decode(n0) if n0 else w
+        if used and not widen:
+            y[:, n0:n0 + w.shape[0]].addmm_(x, w.t())
+        else:
+            torch.mm(xe, w.t(), out=y[:, n0:n0 + w.shape[0]])
     return y
 
 
@@ -197,17 +237,29 @@ def slab_dx(dy, fmt, ptrs, ints, scale_mode, K, A, dyb, scaling, config):
     """``dX = dY·Ŵ + s·(dY·B)·A`` a slab of ``config[2]`` columns of ``dX`` at a time (module doc)."""
     M, N = dy.shape
     r = A.shape[0] if A is not None else 0
-    extend = r and _extend(N, K)
-    ext = padded_extension(r, N) if extend else 0
-    dye = _widened(dy, ext, lambda tail: tail[:, :r].copy_(dyb).shape[1]) if extend else dy  # [dY | dY·B | 0]
+    widen = r and config[3] == SLAB_WIDEN
+    ext = padded_extension(r, N) if widen else 0
     dx = torch.empty(M, K, device=dy.device, dtype=dy.dtype)
     length = min(config[2], -(-K // 32) * 32)
     slab = torch.empty(N + ext, length, device=dy.device, dtype=dy.dtype)
-    for k0 in range(0, K, length):
+
+    def decode(k0):
         cols = min(length, K - k0)
-        w = decode_slab(slab[:, :cols], fmt, ptrs, ints, scale_mode, N, K, 0, k0, N, cols, A if extend else None,
-                        scaling, False, None, config[:2], config[4])
-        torch.mm(dye, w, out=dx[:, k0:k0 + cols])
-    if r and not extend:  # dX += (dY·B)·(s·A): one pass over dX
-        dx.addmm_(dyb, A, alpha=scaling)
+        return decode_slab(slab[:, :cols], fmt, ptrs, ints, scale_mode, N, K, 0, k0, N, cols, A if widen else None,
+                           scaling, False, None, config[:2], config[4])
+
+    def prologue():
+        if widen:  # [dY | dY·B | 0]
+            return _widened(dy, ext, lambda tail: tail[:, :r].copy_(dyb).shape[1])
+        if r:  # dX = (dY·B)·(s·A) first (beta 0: the empty buffer is not read)
+            dx.addmm_(dyb, A, beta=0, alpha=scaling)
+        return dy
+
+    w, dye = _beside(lambda: decode(0), prologue, dy.device)
+    for k0 in range(0, K, length):
+        w = decode(k0) if k0 else w
+        if r and not widen:
+            dx[:, k0:k0 + w.shape[1]].addmm_(dy, w)
+        else:
+            torch.mm(dye, w, out=dx[:, k0:k0 + w.shape[1]])
     return dx

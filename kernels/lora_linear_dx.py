@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .autotune import DENSE_SLAB, DOT, DOT_SWAP, GATHER, GATHER_MAX_M, dense_slab_configs, gather_configs, pick_config
-from .dense_slab import check_slab_config, padded_extension, slab_dx
+from .dense_slab import check_slab_config, slab_widths, slab_dx
 from .decode import (_dot, _int1_group_scale, _int1_signs, _sparse4x4_tile, decode_dtype, interpreter_upcast, use_asm,
                      output_buffer, split_plan, weight_args)
 from .sparse4x4_gemv import check_gather_config
@@ -133,6 +133,6 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
         extra = lambda: gather_configs(M)  # noqa: E731
     else:  # past 32 rows, the dense slabs too (none before)
         def extra():  # built only when the answer is not cached (a hit is the per-call path)
-            return dense_slab_configs(M, K, N + padded_extension(R if has_lora else 0, N), dy.element_size())
+            return dense_slab_configs(M, K, slab_widths(N, R if has_lora else 0), dy.element_size())
     cfg = config or pick_config(op, M, N, K, dy.dtype, dy.device, run, extra=extra)
     return run(cfg).to(dy.dtype)

@@ -9,7 +9,7 @@ also store their slice's share of ``x·Aᵀ``, and ``splitk_finish.finish`` adds
 the bias and casts (two launches a call, ``splitk_finish.py``).
 
 Batches of more than 32 rows also time decoding ``Ŵ`` a slab at a time into a dense buffer
-for cuBLAS, the LoRA path in the same matmul (``dense_slab.py``), and take it when it is faster.
+for cuBLAS, the LoRA path and bias in cuBLAS too (``dense_slab.py``), and take it when it is faster.
 Small batches also time a GEMV that never decodes a tile, and take it when it is faster: the
 table lookup for up to 4 rows of int1 (``int1_gemv_lut.py``), and the gather for up to 16 rows
 of sparse4x4 (``sparse4x4_gemv.py``).
@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .autotune import (DENSE_SLAB, DOT, DOT_SWAP, GATHER_FWD, GATHER_MAX_M, LUT, LUT_MAX_M, dense_slab_configs,
                        gather_fwd_configs, lut_configs, pick_config)
-from .dense_slab import check_slab_config, padded_extension, slab_forward
+from .dense_slab import check_slab_config, slab_widths, slab_forward
 from .int1_gemv_lut import check_lut_config, launch_lut, lut_supported
 from .sparse4x4_gemv import check_gather_config, launch_gather
 from .decode import (_dot, _int1_group_scale, _int1_signs, _sparse4x4_tile, decode_dtype, interpreter_upcast, lora_in_dtype, lora_prologue,
@@ -171,6 +171,6 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
     else:  # past 32 rows, the dense slabs too (none before)
         def extra():  # built only when the answer is not cached (a hit is the per-call path)
             used = (R if has_lora else 0) + (bias is not None)
-            return dense_slab_configs(M, N, K + padded_extension(used, K), x.element_size())
+            return dense_slab_configs(M, N, slab_widths(K, used), x.element_size())
     cfg = config or pick_config(op, M, N, K, x.dtype, x.device, run, extra=extra)
     return run(cfg)

@@ -1,6 +1,6 @@
 """The dense-slab path of large batches (kernels/dense_slab.py) against loraq.reference: the slab
-decode element by element, the forward and dX a slab at a time with the LoRA path in the same
-matmul, every gradient through a layer, and the candidates the launchers pass to the autotuner."""
+decode element by element, the forward and dX a slab at a time with the LoRA path and bias placed
+each way, every gradient through a layer, and the candidates the launchers pass to the autotuner."""
 
 import sys
 
@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 
 from loraq import reference  # noqa: E402
 from loraq.autograd import LoraLinearFunction  # noqa: E402
-from loraq.kernels.autotune import DENSE_SLAB  # noqa: E402
+from loraq.kernels.autotune import DENSE_SLAB, SLAB_OUTPUT_FIRST, SLAB_WIDEN  # noqa: E402
 from test_triton_kernels import (DEV, DTYPES, FORMATS, _kernel_args, candidates_passed, check, f64,  # noqa: E402
                                  problem)
 
@@ -91,42 +91,42 @@ def test_decode_slab_refuses_unaligned_slabs_and_a_short_strip():
 @pytest.mark.parametrize("M, r, lora, bias", [(3, 5, True, True), (70, 2, True, False), (17, 16, False, True),
                                               (5, 16, False, False)])
 @pytest.mark.parametrize("N, K", [(97, 150), (150, 94)])
-def test_forward_and_dx_through_slabs_match_reference(kind, dtype, M, r, lora, bias, N, K):
-    """Several slabs (the last one short), with and without LoRA and bias. With K = 150 > N = 97
-    the forward adds the LoRA path and bias in a second matmul and dX extends dY (N plus the rank:
-    102 or 99, padded to 104); with K = 94 < N = 150 the forward extends x (K, the rank and the bias
-    column: 100 padded to 104, 96 a multiple of 8 already, 95 padded to 96) and dX takes the
-    second matmul."""
+@pytest.mark.parametrize("placement", [SLAB_WIDEN, SLAB_OUTPUT_FIRST])
+def test_forward_and_dx_through_slabs_match_reference(kind, dtype, M, r, lora, bias, N, K, placement):
+    """Several slabs (the last one short), with and without LoRA and bias, each placement of the
+    LoRA path. Widened, x is K plus the rank plus the bias column (100 padded to 104, 96 a
+    multiple of 8 already, 95 padded to 96; 151 to 152...) and dY is N plus the rank; output first,
+    the low-rank matmul is padded to 8 columns and each slab's matmul adds to it."""
     from loraq.kernels import lora_linear_dx, lora_linear_fwd
 
     w, x, A, B, b = problem(kind, dtype, M, N, K, r=r, lora=lora, bias=bias)
     tensors, meta = _kernel_args(w)
-    cfg = (8, 32, 32, 1, 4, 1, DENSE_SLAB)
+    cfg = (8, 32, 32, placement, 4, 1, DENSE_SLAB)
     y = lora_linear_fwd(x, _fmt(kind), tensors, meta, A, B, 0.5, b, config=cfg)
     assert y.shape == (M, N) and y.dtype == dtype
     check(y, reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 0.5, f64(b)),
           reference.lora_linear_ref(x, w, A, B, 0.5, b), f"fwd {kind}")
     dy = torch.randn(M, N, dtype=dtype, device=DEV)
     dyB = dy @ B if lora else None
-    dx = lora_linear_dx(dy, _fmt(kind), tensors, meta, A, dyB, 0.5, config=(16, 64, 64, 1, 4, 1, DENSE_SLAB))
+    dx = lora_linear_dx(dy, _fmt(kind), tensors, meta, A, dyB, 0.5, config=(16, 64, 64, placement, 4, 1, DENSE_SLAB))
     assert dx.shape == (M, K) and dx.dtype == dtype
     check(dx, reference.lora_linear_dx_ref(dy.double(), w.to(torch.float64), f64(A), f64(dyB), 0.5),
           reference.lora_linear_dx_ref(dy, w, A, dyB, 0.5), f"dx {kind}")
 
 
 @pytest.mark.parametrize("kind", ["int1_onebit", "sparse4x4"])
-@pytest.mark.parametrize("N, K", [(45, 70), (70, 45)])
-def test_every_gradient_through_the_slab_path(kind, N, K, monkeypatch):
+@pytest.mark.parametrize("N, K, placement", [(45, 70, SLAB_WIDEN), (70, 45, SLAB_OUTPUT_FIRST)])
+def test_every_gradient_through_the_slab_path(kind, N, K, placement, monkeypatch):
     """A layer's forward and backward with the autotuner answering the dense slab for both kernels
-    (each way of adding the LoRA path, by the shape): output, dX, dA, dB and the bias gradient
-    against the float64 reference."""
+    (each placement of the LoRA path): output, dX, dA, dB and the bias gradient against the
+    float64 reference."""
     from loraq.kernels import lora_linear_dx, lora_linear_fwd
 
     chosen = []
 
     def slab(op, M, N, K, dtype, device, run, bench=None, extra=None):
         chosen.append(op)
-        return (8, 32, 64, 1, 4, 1, DENSE_SLAB)
+        return (8, 32, 64, placement, 4, 1, DENSE_SLAB)
 
     for launcher in (lora_linear_fwd, lora_linear_dx):
         monkeypatch.setattr(sys.modules[launcher.__module__], "pick_config", slab)
@@ -149,33 +149,45 @@ def test_every_gradient_through_the_slab_path(kind, N, K, monkeypatch):
     assert any(op.startswith("lora_linear_dx") for op in chosen)
 
 
-def test_dense_slab_configs_fit_the_buffer_and_start_past_32_rows(monkeypatch):
+def test_dense_slab_configs_fit_the_buffer_in_equal_slabs_and_start_past_32_rows(monkeypatch):
     from loraq.kernels.autotune import DENSE_SLAB_MIB, dense_slab_configs
 
     monkeypatch.delenv("LORAQ_DENSE_SLAB_MIB", raising=False)
-    assert dense_slab_configs(32, 28672, 8208, 2) == []
-    configs = dense_slab_configs(33, 28672, 8208, 2)
-    assert len(configs) == len(DENSE_SLAB_MIB) and all(c[6] == DENSE_SLAB for c in configs)
-    for (_, _, length, *_), mib in zip(configs, DENSE_SLAB_MIB):
-        assert length % 256 == 0 and length * 8208 * 2 <= mib << 20 < (length + 256) * 8208 * 2
-    # a small weight fits one slab at either size: one candidate, no longer than N rounded up
-    assert [c[2] for c in dense_slab_configs(4096, 1000, 520, 2)] == [1024]
+    widths = {SLAB_WIDEN: 8208, SLAB_OUTPUT_FIRST: 8192}
+    assert dense_slab_configs(32, 28672, widths, 2) == []
+    configs = dense_slab_configs(33, 28672, widths, 2)
+    assert len(configs) == len(DENSE_SLAB_MIB) * 2 and all(c[6] == DENSE_SLAB for c in configs)
+    for (_, _, length, placement, *_), mib in zip(configs, [m for m in DENSE_SLAB_MIB for _ in widths]):
+        width = widths[placement]
+        slabs = -(-28672 // length)
+        assert length % 256 == 0 and length * width * 2 <= mib << 20  # fits its buffer
+        assert (slabs - 1) * width * 2 * -(-28672 // (slabs - 1) // 256) * 256 > mib << 20 if slabs > 1 else True
+        assert 28672 - (slabs - 1) * length > length - 256  # equal slabs: the last one is not short
+    # 128 MiB of 8208-wide rows: 7936 rows fit, so four slabs of 7168 (not 7936 x3 + 4864)
+    assert configs[len(widths)][2] == 7168
+    # a small weight fits one slab at either size: one candidate a placement, N rounded up to 256
+    assert [c[2:4] for c in dense_slab_configs(4096, 1000, {SLAB_WIDEN: 520, SLAB_OUTPUT_FIRST: 512}, 2)] == \
+        [(1024, SLAB_WIDEN), (1024, SLAB_OUTPUT_FIRST)]
+    # nothing to place: one placement
+    assert [c[3] for c in dense_slab_configs(4096, 1000, {SLAB_OUTPUT_FIRST: 512}, 2)] == [SLAB_OUTPUT_FIRST]
     # a very wide one still gets 256 rows a slab
-    assert {c[2] for c in dense_slab_configs(4096, 4096, 1 << 20, 4)} == {256}
+    assert {c[2] for c in dense_slab_configs(4096, 4096, {SLAB_WIDEN: 1 << 20}, 4)} == {256}
     monkeypatch.setenv("LORAQ_DENSE_SLAB_MIB", "16")
-    assert {c[2] for c in dense_slab_configs(4096, 28672, 8208, 2)} == {(16 << 20) // (8208 * 2) // 256 * 256}
+    fit = (16 << 20) // (8208 * 2) // 256 * 256
+    assert {c[2] for c in dense_slab_configs(4096, 28672, {SLAB_WIDEN: 8208}, 2)} == \
+        {-(-28672 // (-(-28672 // fit) * 256)) * 256}
     monkeypatch.setenv("LORAQ_DENSE_SLAB_MIB", "0")
-    assert dense_slab_configs(4096, 28672, 8208, 2) == []
+    assert dense_slab_configs(4096, 28672, widths, 2) == []
     for bad in ("lots", "-1"):
         monkeypatch.setenv("LORAQ_DENSE_SLAB_MIB", bad)
         with pytest.raises(ValueError, match="LORAQ_DENSE_SLAB_MIB"):
-            dense_slab_configs(4096, 28672, 8208, 2)
+            dense_slab_configs(4096, 28672, widths, 2)
 
 
 @pytest.mark.parametrize("launcher_name", ["lora_linear_fwd", "lora_linear_dx"])
 def test_launchers_offer_the_slabs_past_32_rows_only(launcher_name, monkeypatch):
-    """The extended width counts the rank, the bias and the padding: K + r + 1 rounded up to 8
-    (forward), N + r (dX)."""
+    """Both placements; widened, the width counts the rank, the bias and the padding: K + r + 1
+    rounded up to 8 (forward), N + r (dX)."""
     import loraq.kernels as kernels
     from loraq.kernels.autotune import configs_for, dense_slab_configs
 
@@ -196,7 +208,8 @@ def test_launchers_offer_the_slabs_past_32_rows_only(launcher_name, monkeypatch)
         else:
             dy = torch.randn(M, N, dtype=torch.float16, device=DEV)
             launcher(dy, "int1", tensors, meta, A, dy @ B, 0.5)
-    want = dense_slab_configs(33, N, 56, 2) if launcher_name == "lora_linear_fwd" else dense_slab_configs(33, K, 24, 2)
+    want = (dense_slab_configs(33, N, {SLAB_WIDEN: 56, SLAB_OUTPUT_FIRST: 50}, 2) if launcher_name == "lora_linear_fwd"
+            else dense_slab_configs(33, K, {SLAB_WIDEN: 24, SLAB_OUTPUT_FIRST: 20}, 2))
     assert seen == [(32, []), (33, want)] and want
 
 
@@ -206,7 +219,8 @@ def test_a_bad_slab_config_is_refused():
     w, x, *_ = problem("sparse4x4", torch.float16, 3, 16, 64, lora=False, bias=False)
     tensors, meta = _kernel_args(w)
     for bad, match in [((6, 32, 32, 1, 4, 1, DENSE_SLAB), "decode tile"), ((8, 16, 32, 1, 4, 1, DENSE_SLAB), "decode tile"),
-                       ((8, 32, 40, 1, 4, 1, DENSE_SLAB), "slab length"), ((8, 32, 32, 1, 3, 1, DENSE_SLAB), "num_warps")]:
+                       ((8, 32, 40, 1, 4, 1, DENSE_SLAB), "slab length"), ((8, 32, 32, 1, 3, 1, DENSE_SLAB), "num_warps"),
+                       ((8, 32, 32, 3, 4, 1, DENSE_SLAB), "places the LoRA path")]:
         with pytest.raises(ValueError, match=match):
             lora_linear_fwd(x, "sparse4x4", tensors, meta, config=bad)
         with pytest.raises(ValueError, match=match):
@@ -218,7 +232,7 @@ def test_a_bad_slab_config_is_refused():
 @pytest.mark.parametrize("kind", FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_gpu_slab_path_at_a_large_shape(kind, dtype):
-    """Every tuned slab candidate, several slabs, at 1024 rows; and a CUDA graph replays it."""
+    """Every tuned slab candidate, several slabs, at 1024 rows; and a CUDA graph replays each placement."""
     from loraq.kernels import lora_linear_dx, lora_linear_fwd
     from loraq.kernels.autotune import dense_slab_configs
 
@@ -231,16 +245,18 @@ def test_gpu_slab_path_at_a_large_shape(kind, dtype):
     dyB = dy @ B
     dref = reference.lora_linear_dx_ref(dy.double(), w.to(torch.float64), f64(A), f64(dyB), 2.0)
     dlow = reference.lora_linear_dx_ref(dy, w, A, dyB, 2.0)
-    for cfg in dense_slab_configs(M, N, K + 21, 2) + [(32, 256, 512, 1, 4, 1, DENSE_SLAB)]:
+    for cfg in dense_slab_configs(M, N, {SLAB_WIDEN: K + 21, SLAB_OUTPUT_FIRST: K}, 2) + \
+            [(32, 256, 512, p, 4, 1, DENSE_SLAB) for p in (SLAB_WIDEN, SLAB_OUTPUT_FIRST)]:
         check(lora_linear_fwd(x, _fmt(kind), tensors, meta, A, B, 2.0, b, config=cfg), ref, low, f"fwd {cfg}")
         check(lora_linear_dx(dy, _fmt(kind), tensors, meta, A, dyB, 2.0, config=cfg), dref, dlow, f"dx {cfg}")
-    cfg = (32, 256, 512, 1, 4, 1, DENSE_SLAB)
-    lora_linear_fwd(x, _fmt(kind), tensors, meta, A, B, 2.0, b, config=cfg)  # compiled before the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = lora_linear_fwd(x, _fmt(kind), tensors, meta, A, B, 2.0, b, config=cfg)
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    torch.cuda.synchronize()
-    check(y, reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 2.0, f64(b)),
-          reference.lora_linear_ref(x, w, A, B, 2.0, b), "graph replay")
+    for placement in (SLAB_WIDEN, SLAB_OUTPUT_FIRST):
+        cfg = (32, 256, 512, placement, 4, 1, DENSE_SLAB)
+        lora_linear_fwd(x, _fmt(kind), tensors, meta, A, B, 2.0, b, config=cfg)  # compiled before the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = lora_linear_fwd(x, _fmt(kind), tensors, meta, A, B, 2.0, b, config=cfg)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        check(y, reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 2.0, f64(b)),
+              reference.lora_linear_ref(x, w, A, B, 2.0, b), f"graph replay {cfg}")
