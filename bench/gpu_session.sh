@@ -32,10 +32,9 @@ echo "## host time (bench/profile_host.py)" >> "$INFO"
 python3 bench/profile_host.py >> "$INFO" 2>&1; tail -n 8 "$INFO"
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 KERNEL_TESTS=(tests/test_triton_kernels.py tests/test_int1_gemv_lut.py tests/test_sparse4x4_gemv.py
-              tests/test_sparse4x4_gemv_dx.py tests/test_splitk_finish.py tests/test_dense_slab.py
-              tests/test_lowrank_output.py)
+              tests/test_sparse4x4_gemv_dx.py tests/test_splitk_finish.py tests/test_dense_slab.py)
 if [ "${TESTS:-gpu}" = all ]; then SELECT=("${KERNEL_TESTS[@]}" tests/test_bench.py)
-elif [ "${TESTS:-gpu}" = slab ]; then SELECT=(tests/test_dense_slab.py tests/test_lowrank_output.py tests/test_bench.py -k "gpu or dense_slab")
+elif [ "${TESTS:-gpu}" = slab ]; then SELECT=(tests/test_dense_slab.py tests/test_bench.py -k "gpu or dense_slab")
 elif [ "${TESTS:-gpu}" = gemv ]; then SELECT=("${KERNEL_TESTS[@]:1}" tests/test_bench.py -k "gpu or every_lut or every_gather or finish")
 else SELECT=("${KERNEL_TESTS[@]}" tests/test_bench.py -k "gpu or every_tile or every_lut or every_gather or finish"); fi
 timeout "${TEST_TIMEOUT:-270}" python3 -m pytest -q -ra -p no:cacheprovider $XDIST "${SELECT[@]}" \

@@ -8,7 +8,6 @@ Answers "did the config get wgmma (HGMMA) or mma.sync (HMMA)?", "does it spill (
     python bench/sass_report.py fwd int1 lut          # every lookup-GEMV candidate, one line each
     python bench/sass_report.py dx sparse4x4 tiled    # every tiled candidate (small, middle, large batches)
     python bench/sass_report.py fwd int1 "(32, 256, 4096, 1, 4, 1, 7)"   # the dense-slab decode
-    python bench/sass_report.py lowrank int1 lowrank  # the dense-slab forward's one-kernel LoRA path
 """
 
 from __future__ import annotations
@@ -69,15 +68,7 @@ def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, 
         raise SystemExit(f"sass_report: config {cfg} is a forward GEMV (dX has only the plain gather)")
     if swap in GATHER_FWD and fmt != "sparse4x4":
         raise SystemExit(f"sass_report: config {cfg} is a GEMV of sparse4x4")
-    if op == "lowrank":  # the dense-slab forward's one-kernel LoRA path (kernels/lowrank_output.py)
-        from kernels.lowrank_output import _lowrank_output_kernel
-
-        fn = _lowrank_output_kernel
-        ptrs = [("x_ptr", act), ("a_ptr", act), ("b_ptr", act), ("bias_ptr", act), ("y_ptr", act)]
-        scalars = ["M", "N", "K", "R", "s", "stride_xm", "stride_ar", "stride_bn", "stride_ym", "N_PER_PROGRAM"]
-        cx = dict(HAS_LORA=True, HAS_BIAS=True, IEEE=dtype == "fp32", UPCAST=False, BLOCK_M=bm, BLOCK_N=out_tile,
-                  BLOCK_K=red_tile, BLOCK_R=16)
-    elif swap == DENSE_SLAB:  # the slab decode (either op: the forward's strip of B on the right)
+    if swap == DENSE_SLAB:  # the slab decode (either op: the forward's strip of B on the right)
         fn = _decode_slab_kernel
         ptrs = [("w0_ptr", w0), ("w1_ptr", w1), ("w2_ptr", act), ("lora_ptr", act), ("bias_ptr", act), ("out_ptr", act)]
         scalars = ["n0", "k0", "ROWS", "COLS", "N", "K", "R", "EXT", "s", "W_A", "W_B", "W_C", "stride_out",
@@ -201,22 +192,16 @@ def report(op: str, fmt: str, cfg, dtype: str, aligned: bool, top: int) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("op", choices=["fwd", "dx", "lowrank"])
+    p.add_argument("op", choices=["fwd", "dx"])
     p.add_argument("format", choices=["int1", "sparse4x4"])
     p.add_argument("config", help="an autotune Config tuple, e.g. \"(16, 128, 128, 4, 4, 3, 1)\", or \"lut\" / "
                                   "\"gather\" / \"tiled\": every candidate of that kernel, one line each (exit 1 if "
-                                  "one spills); \"lowrank\" (op lowrank): the dense-slab forward's LoRA kernel")
+                                  "one spills)")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     p.add_argument("--top", type=int, default=24)
     p.add_argument("--unaligned", action="store_true",
                    help="compile without the multiple-of-16 hints of large shapes (as for odd sizes)")
     args = p.parse_args(argv)
-    if args.config == "lowrank":  # the format does not matter: no weight
-        from kernels.lowrank_output import LOWRANK_BLOCK
-
-        bm, bn, bk, warps = LOWRANK_BLOCK
-        return 1 if report("lowrank", args.format, (bm, bn, bk, 1, warps, 1, 0), args.dtype, not args.unaligned,
-                           args.top) else 0
     if args.config in ("lut", "gather", "tiled"):
         want = {"lut": "int1", "gather": "sparse4x4"}.get(args.config, args.format)
         if args.format != want or (args.config == "lut" and args.op != "fwd"):

@@ -64,13 +64,12 @@ GATHER_MAX_M = 16
 # placement of the LoRA path and bias, num_warps, 1, DENSE_SLAB), at two buffer sizes in MiB
 # (dense_slab_configs); LORAQ_DENSE_SLAB_MIB caps them (0: never this path). The placement:
 # SLAB_WIDEN, as extra columns of the input in the slabs' own matmuls (a copy of the input), or
-# SLAB_OUTPUT_FIRST, written into the output by cuBLAS (x·Aᵀ, then a low-rank matmul) that the
-# slabs' matmuls then add to (a write of the output, read back in cuBLAS's epilogue), or, for the
-# forward, SLAB_OUTPUT_FUSED: the same written by one kernel (kernels/lowrank_output.py).
+# SLAB_OUTPUT_FIRST, written into the output by one low-rank matmul that the slabs' matmuls then
+# add to (a write of the output, read back in cuBLAS's epilogue).
 DENSE_SLAB_MIN_M = 33
 DENSE_SLAB_MIB = (32, 128)
 DENSE_SLAB_TILE = (32, 256, 4)  # decode tile rows, columns, num_warps: the decode is a few % of a call
-SLAB_WIDEN, SLAB_OUTPUT_FIRST, SLAB_OUTPUT_FUSED = 1, 2, 3
+SLAB_WIDEN, SLAB_OUTPUT_FIRST = 1, 2
 CACHE_VERSION = 3  # bumped when Config changes meaning: old files are not read
 
 _MEMORY: Dict[str, Dict[str, Config]] = {}

@@ -17,13 +17,7 @@ autotuner times both:
 * **output first**: one low-rank matmul writes ``s·(x·Aᵀ)·Bᵀ + b`` (or ``s·(dY·B)·A``) into the
   output, and each slab's matmul adds to it (``beta = 1``: cuBLAS reads it back in its
   epilogue, hidden under a compute-bound matmul). Costs a write of the output; the reduction keeps
-  its width (4096 stays a multiple of cuBLAS's tiles). The forward's is two cuBLAS launches
-  (``x·Aᵀ``, then the rank-r matmul with the bias in cuBLASLt's epilogue) or, **output fused**,
-  one (``lowrank_output.py``: x read once).
-
-The first slab is decoded on a side stream while the current one builds the widened input or
-writes the output first: both are memory-bound and independent (a fork and join that CUDA graphs
-capture too).
+  its width (4096 stays a multiple of cuBLAS's tiles).
 
 A slab is dense ``Ŵ`` in memory, briefly: this path is an autotune candidate only past 32 rows of
 x (``autotune.dense_slab_configs``), never for small batches, and ``LORAQ_DENSE_SLAB_MIB`` bounds
@@ -36,9 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import SLAB_OUTPUT_FIRST, SLAB_OUTPUT_FUSED, SLAB_WIDEN
+from .autotune import SLAB_OUTPUT_FIRST, SLAB_WIDEN
 from .decode import _int1_group_scale, _int1_signs, _sparse4x4_tile, use_asm
-from .lowrank_output import lowrank_output
 
 
 @triton.jit
@@ -142,24 +135,19 @@ def check_slab_config(config) -> None:
     if length < 32 or length % 32:
         raise ValueError(f"config {config}: the slab length (third field) must be a positive multiple of 32, "
                          f"got {length}")
-    if placement not in (SLAB_WIDEN, SLAB_OUTPUT_FIRST, SLAB_OUTPUT_FUSED):
-        raise ValueError(f"config {config}: the fourth field places the LoRA path: {SLAB_WIDEN} (widen the input), "
-                         f"{SLAB_OUTPUT_FIRST} (into the output first) or {SLAB_OUTPUT_FUSED} (the same in one "
-                         f"kernel, forward only), got {placement}")
+    if placement not in (SLAB_WIDEN, SLAB_OUTPUT_FIRST):
+        raise ValueError(f"config {config}: the fourth field places the LoRA path: {SLAB_WIDEN} (widen the input) "
+                         f"or {SLAB_OUTPUT_FIRST} (into the output first), got {placement}")
     if warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"config {config}: num_warps must be a power of two up to 16, got {warps}")
 
 
-def slab_widths(base: int, used: int, fused: bool = False):
+def slab_widths(base: int, used: int):
     """``{placement: a slab's width}`` to time for a reduction of ``base`` with ``used`` extra
-    inputs (the rank, plus one for a forward's bias): without any, one placement (nothing to place);
-    ``fused`` (a forward with LoRA) adds the one-kernel output-first placement."""
+    inputs (the rank, plus one for a forward's bias): without any, one placement (nothing to place)."""
     if not used:
         return {SLAB_OUTPUT_FIRST: base}
-    widths = {SLAB_WIDEN: base + padded_extension(used, base), SLAB_OUTPUT_FIRST: base}
-    if fused:
-        widths[SLAB_OUTPUT_FUSED] = base
-    return widths
+    return {SLAB_WIDEN: base + padded_extension(used, base), SLAB_OUTPUT_FIRST: base}
 
 
 def _widened(t, ext: int, fill):
@@ -226,9 +214,7 @@ def slab_forward(x, fmt, ptrs, ints, scale_mode, N, A, B, scaling, bias, config)
     def prologue():
         if widen:  # [x | x·Aᵀ | 1 | 0]: built once, read by every slab's matmul
             return _widened(x, ext, lambda tail: _lora_inputs(tail, x, A, bias is not None))
-        if used and config[3] == SLAB_OUTPUT_FUSED and r:  # y = s·(x·Aᵀ)·Bᵀ + b first, one launch
-            lowrank_output(y, x, A, B, scaling, bias)
-        elif used:  # the same in two cuBLAS launches (the bias in cuBLASLt's epilogue)
+        if used:  # y = s·(x·Aᵀ)·Bᵀ + b first: two launches (the bias in cuBLASLt's epilogue)
             if not r:
                 y.copy_(bias.expand(M, N))
             elif bias is None:

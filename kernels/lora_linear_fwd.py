@@ -171,6 +171,6 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
     else:  # past 32 rows, the dense slabs too (none before)
         def extra():  # built only when the answer is not cached (a hit is the per-call path)
             used = (R if has_lora else 0) + (bias is not None)
-            return dense_slab_configs(M, N, slab_widths(K, used, fused=has_lora), x.element_size())
+            return dense_slab_configs(M, N, slab_widths(K, used), x.element_size())
     cfg = config or pick_config(op, M, N, K, x.dtype, x.device, run, extra=extra)
     return run(cfg)

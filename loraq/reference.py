@@ -117,24 +117,6 @@ def lora_linear_bwd_ref(
     return dx, dA, dB, dy.sum(0)
 
 
-def lowrank_output_ref(
-    x: torch.Tensor,
-    lora_A: Optional[torch.Tensor],
-    lora_B: Optional[torch.Tensor],
-    scaling: float,
-    bias: Optional[torch.Tensor],
-) -> torch.Tensor:
-    """``s·(x·Aᵀ)·Bᵀ + b`` ``[M, N]``, the LoRA path and bias alone (``kernels/lowrank_output.py``,
-    which the dense-slab forward writes into the output before its matmuls add ``x·Ŵᵀ``): in x's
-    dtype, computed as PyTorch would (``x·Aᵀ`` rounded to that dtype first)."""
-    y = None
-    if lora_A is not None:
-        y = scaling * ((x @ lora_A.t()) @ lora_B.t())
-    if bias is not None:
-        y = bias.expand(x.shape[0], -1) if y is None else y + bias
-    return y
-
-
 def splitk_finish_ref(
     sums: torch.Tensor,
     xa_parts: Optional[torch.Tensor],

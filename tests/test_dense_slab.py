@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 
 from loraq import reference  # noqa: E402
 from loraq.autograd import LoraLinearFunction  # noqa: E402
-from loraq.kernels.autotune import DENSE_SLAB, SLAB_OUTPUT_FIRST, SLAB_OUTPUT_FUSED, SLAB_WIDEN  # noqa: E402
+from loraq.kernels.autotune import DENSE_SLAB, SLAB_OUTPUT_FIRST, SLAB_WIDEN  # noqa: E402
 from test_triton_kernels import (DEV, DTYPES, FORMATS, _kernel_args, candidates_passed, check, f64,  # noqa: E402
                                  problem)
 
@@ -91,13 +91,12 @@ def test_decode_slab_refuses_unaligned_slabs_and_a_short_strip():
 @pytest.mark.parametrize("M, r, lora, bias", [(3, 5, True, True), (70, 2, True, False), (17, 16, False, True),
                                               (5, 16, False, False)])
 @pytest.mark.parametrize("N, K", [(97, 150), (150, 94)])
-@pytest.mark.parametrize("placement", [SLAB_WIDEN, SLAB_OUTPUT_FIRST, SLAB_OUTPUT_FUSED])
+@pytest.mark.parametrize("placement", [SLAB_WIDEN, SLAB_OUTPUT_FIRST])
 def test_forward_and_dx_through_slabs_match_reference(kind, dtype, M, r, lora, bias, N, K, placement):
     """Several slabs (the last one short), with and without LoRA and bias, each placement of the
     LoRA path. Widened, x is K plus the rank plus the bias column (100 padded to 104, 96 a
     multiple of 8 already, 95 padded to 96; 151 to 152...) and dY is N plus the rank; output first,
-    the LoRA path and bias are written first (cuBLAS, or one kernel: for dX the same as cuBLAS) and
-    each slab's matmul adds to it."""
+    the low-rank matmul is padded to 8 columns and each slab's matmul adds to it."""
     from loraq.kernels import lora_linear_dx, lora_linear_fwd
 
     w, x, A, B, b = problem(kind, dtype, M, N, K, r=r, lora=lora, bias=bias)
@@ -116,8 +115,7 @@ def test_forward_and_dx_through_slabs_match_reference(kind, dtype, M, r, lora, b
 
 
 @pytest.mark.parametrize("kind", ["int1_onebit", "sparse4x4"])
-@pytest.mark.parametrize("N, K, placement", [(45, 70, SLAB_WIDEN), (70, 45, SLAB_OUTPUT_FIRST),
-                                              (70, 45, SLAB_OUTPUT_FUSED)])
+@pytest.mark.parametrize("N, K, placement", [(45, 70, SLAB_WIDEN), (70, 45, SLAB_OUTPUT_FIRST)])
 def test_every_gradient_through_the_slab_path(kind, N, K, placement, monkeypatch):
     """A layer's forward and backward with the autotuner answering the dense slab for both kernels
     (each placement of the LoRA path): output, dX, dA, dB and the bias gradient against the
@@ -188,8 +186,8 @@ def test_dense_slab_configs_fit_the_buffer_in_equal_slabs_and_start_past_32_rows
 
 @pytest.mark.parametrize("launcher_name", ["lora_linear_fwd", "lora_linear_dx"])
 def test_launchers_offer_the_slabs_past_32_rows_only(launcher_name, monkeypatch):
-    """Every placement (the one-kernel output first for the forward alone); widened, the width counts
-    the rank, the bias and the padding: K + r + 1 rounded up to 8 (forward), N + r (dX)."""
+    """Both placements; widened, the width counts the rank, the bias and the padding: K + r + 1
+    rounded up to 8 (forward), N + r (dX)."""
     import loraq.kernels as kernels
     from loraq.kernels.autotune import configs_for, dense_slab_configs
 
@@ -210,8 +208,7 @@ def test_launchers_offer_the_slabs_past_32_rows_only(launcher_name, monkeypatch)
         else:
             dy = torch.randn(M, N, dtype=torch.float16, device=DEV)
             launcher(dy, "int1", tensors, meta, A, dy @ B, 0.5)
-    want = (dense_slab_configs(33, N, {SLAB_WIDEN: 56, SLAB_OUTPUT_FIRST: 50, SLAB_OUTPUT_FUSED: 50}, 2)
-            if launcher_name == "lora_linear_fwd"
+    want = (dense_slab_configs(33, N, {SLAB_WIDEN: 56, SLAB_OUTPUT_FIRST: 50}, 2) if launcher_name == "lora_linear_fwd"
             else dense_slab_configs(33, K, {SLAB_WIDEN: 24, SLAB_OUTPUT_FIRST: 20}, 2))
     assert seen == [(32, []), (33, want)] and want
 
@@ -223,7 +220,7 @@ def test_a_bad_slab_config_is_refused():
     tensors, meta = _kernel_args(w)
     for bad, match in [((6, 32, 32, 1, 4, 1, DENSE_SLAB), "decode tile"), ((8, 16, 32, 1, 4, 1, DENSE_SLAB), "decode tile"),
                        ((8, 32, 40, 1, 4, 1, DENSE_SLAB), "slab length"), ((8, 32, 32, 1, 3, 1, DENSE_SLAB), "num_warps"),
-                       ((8, 32, 32, 4, 4, 1, DENSE_SLAB), "places the LoRA path")]:
+                       ((8, 32, 32, 3, 4, 1, DENSE_SLAB), "places the LoRA path")]:
         with pytest.raises(ValueError, match=match):
             lora_linear_fwd(x, "sparse4x4", tensors, meta, config=bad)
         with pytest.raises(ValueError, match=match):
@@ -248,11 +245,11 @@ def test_gpu_slab_path_at_a_large_shape(kind, dtype):
     dyB = dy @ B
     dref = reference.lora_linear_dx_ref(dy.double(), w.to(torch.float64), f64(A), f64(dyB), 2.0)
     dlow = reference.lora_linear_dx_ref(dy, w, A, dyB, 2.0)
-    for cfg in dense_slab_configs(M, N, {SLAB_WIDEN: K + 21, SLAB_OUTPUT_FIRST: K, SLAB_OUTPUT_FUSED: K}, 2) + \
-            [(32, 256, 512, p, 4, 1, DENSE_SLAB) for p in (SLAB_WIDEN, SLAB_OUTPUT_FIRST, SLAB_OUTPUT_FUSED)]:
+    for cfg in dense_slab_configs(M, N, {SLAB_WIDEN: K + 21, SLAB_OUTPUT_FIRST: K}, 2) + \
+            [(32, 256, 512, p, 4, 1, DENSE_SLAB) for p in (SLAB_WIDEN, SLAB_OUTPUT_FIRST)]:
         check(lora_linear_fwd(x, _fmt(kind), tensors, meta, A, B, 2.0, b, config=cfg), ref, low, f"fwd {cfg}")
         check(lora_linear_dx(dy, _fmt(kind), tensors, meta, A, dyB, 2.0, config=cfg), dref, dlow, f"dx {cfg}")
-    for placement in (SLAB_WIDEN, SLAB_OUTPUT_FIRST, SLAB_OUTPUT_FUSED):
+    for placement in (SLAB_WIDEN, SLAB_OUTPUT_FIRST):
         cfg = (32, 256, 512, placement, 4, 1, DENSE_SLAB)
         lora_linear_fwd(x, _fmt(kind), tensors, meta, A, B, 2.0, b, config=cfg)  # compiled before the capture
         graph = torch.cuda.CUDAGraph()
