@@ -258,3 +258,10 @@ def test_a_provider_whose_output_is_wrong_is_refused_not_timed():
     fn, _, note = bk._checked(lambda: right + 1.0, lambda: right, 10, "", torch.device("cpu"))
     assert fn is None and note.startswith("REFUSED") and "max error" in note
     assert bk._checked(None, lambda: right, 10, "no GPU", torch.device("cpu")) == (None, 10, "no GPU")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_profile_slab_says_it_needs_a_gpu():
+    out = subprocess.run([sys.executable, "bench/profile_slab.py", "--shapes", "64x64"], capture_output=True,
+                         text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 2 and "needs a CUDA GPU" in out.stderr
