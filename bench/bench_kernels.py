@@ -325,13 +325,34 @@ def plot(rows: List[Dict], path: str) -> None:
 
 
 def read_csv(path: str) -> List[Dict]:
-    """Rows written by ``--csv`` (numbers parsed back), to redraw a GPU run's plot anywhere."""
+    """Rows written by ``--csv`` (numbers parsed back, empty cells as None), to redraw a GPU run's
+    plot or report anywhere."""
     ints_ = {"K", "N", "M", "rank", "bytes"}
+    floats = {"median_us", "graph_us", "GBps", "pct_copy_bw", "speedup_vs_cublas"}
     out = []
     with open(path, newline="") as f:
         for r in csv.DictReader(f):
-            out.append({k: (int(v) if k in ints_ and v != "" else v) for k, v in r.items()})
+            out.append({k: (None if v == "" and k in ints_ | floats else int(v) if k in ints_
+                            else float(v) if k in floats else v) for k, v in r.items()})
     return out
+
+
+def merge_runs(paths: List[str]) -> Tuple[List[Dict], str]:
+    """The rows of several runs' CSVs, a later run's replacing an earlier one's for the same op,
+    format, shape and M (all providers together: each comparison stays within one run), and a
+    header naming which run gave how many of those groups."""
+    group = lambda r: (r["op"], r["format"], r["K"], r["N"], r["M"])  # noqa: E731
+    kept: Dict[tuple, List[Dict]] = {}
+    source: Dict[tuple, str] = {}
+    for path in paths:
+        rows = read_csv(path)
+        for key in {group(r) for r in rows}:
+            kept[key] = [r for r in rows if group(r) == key]
+            source[key] = path
+    order = sorted(kept, key=lambda k: (k[2] * k[3], k[2], k[1], k[4], k[0] != "forward"))
+    counts = {p: sum(1 for k in order if source[k] == p) for p in paths}
+    header = "merged from: " + "; ".join(f"{p} ({n} groups of op, format, shape and M)" for p, n in counts.items())
+    return [r for k in order for r in kept[k]], header
 
 
 _LOG_ROW = re.compile(
@@ -411,16 +432,17 @@ def main(argv=None) -> int:
     p.add_argument("--plot", help="draw time vs M per shape here (PNG)")
     p.add_argument("--markdown", help="write the targets and every row as a Markdown report here")
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("--from-csv", help="measure nothing: redraw --plot from a CSV an earlier run wrote")
+    p.add_argument("--from-csv", help="measure nothing: rebuild --plot / --csv / --markdown from the CSVs earlier "
+                                      "runs wrote (comma-separated; a later run's rows replace an earlier one's for "
+                                      "the same op, format, shape and M)")
     p.add_argument("--from-log", help="measure nothing: rebuild --csv / --plot / --markdown from the printed "
                                       "output of a run that was killed before it wrote them")
     args = p.parse_args(argv)
     if args.from_csv:
-        if not args.plot:
-            p.error("--from-csv needs --plot")
-        plot(read_csv(args.from_csv), args.plot)
-        return 0
-    if args.from_log:
+        if not (args.plot or args.csv or args.markdown):
+            p.error("--from-csv needs --plot, --csv or --markdown")
+        rows, header = merge_runs(args.from_csv.split(","))
+    elif args.from_log:
         if not (args.csv or args.plot or args.markdown):
             p.error("--from-log needs --csv, --plot or --markdown")
         rows, header = read_log(args.from_log)

@@ -47,6 +47,25 @@ def test_bench_kernels_writes_csv_and_plot(tmp_path):
     no_plot = subprocess.run([sys.executable, "bench/bench_kernels.py", "--from-csv", str(csv_path)],
                              cwd=REPO, capture_output=True, text=True, timeout=120)
     assert no_plot.returncode == 2 and "--plot" in no_plot.stderr
+    # two runs merged: the later one's rows replace the earlier one's for the same op, format, shape and M
+    later = tmp_path / "later.csv"
+    changed = [dict(r, median_us="1.5", graph_us="") if (r["M"], r["op"]) == ("1", "forward") else r
+               for r in rows if r["M"] == "1" and r["format"] == "int1"]
+    with later.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(changed)
+    merged_md = tmp_path / "merged.md"
+    merged = subprocess.run([sys.executable, "bench/bench_kernels.py", "--from-csv", f"{csv_path},{later}", "--csv",
+                             str(tmp_path / "merged.csv"), "--markdown", str(merged_md)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert merged.returncode == 0, merged.stderr
+    merged_rows = list(csv.DictReader((tmp_path / "merged.csv").open()))
+    assert len(merged_rows) == len(rows)
+    fwd_int1_m1 = [r for r in merged_rows if (r["M"], r["op"], r["format"]) == ("1", "forward", "int1")]
+    assert fwd_int1_m1 and all(r["median_us"] == "1.5" and r["graph_us"] == "" for r in fwd_int1_m1)
+    text = merged_md.read_text()
+    assert f"{later} (2 groups of op, format, shape and M)" in text and "| forward | int1 | 40→24 | 1 | cublas | 1.5 |" in text
     # the printed log alone rebuilds the same rows (a run killed before it wrote its files)
     log = tmp_path / "bench.txt"
     log.write_text(out.stdout)
