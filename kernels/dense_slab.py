@@ -19,6 +19,9 @@ autotuner times both:
   epilogue, hidden under a compute-bound matmul). Costs a write of the output; the reduction keeps
   its width (4096 stays a multiple of cuBLAS's tiles).
 
+The first slab is decoded on a side stream while the current one builds the widened input or
+writes the output first (:func:`_beside`): both are memory-bound and independent.
+
 A slab is dense ``Ŵ`` in memory, briefly: this path is an autotune candidate only past 32 rows of
 x (``autotune.dense_slab_configs``), never for small batches, and ``LORAQ_DENSE_SLAB_MIB`` bounds
 (or, at 0, turns off) its buffer.
@@ -208,8 +211,9 @@ def slab_forward(x, fmt, ptrs, ints, scale_mode, N, A, B, scaling, bias, config)
     b = bias.contiguous() if bias is not None and widen else None
 
     def decode(n0):
-        return decode_slab(slab[:min(length, N - n0)], fmt, ptrs, ints, scale_mode, N, K, n0, 0, min(length, N - n0),
-                           K, B if widen else None, scaling, True, b, config[:2], config[4])
+        rows = min(length, N - n0)
+        return decode_slab(slab[:rows], fmt, ptrs, ints, scale_mode, N, K, n0, 0, rows, K, B if widen else None,
+                           scaling, True, b, config[:2], config[4])
 
     def prologue():
         if widen:  # [x | x·Aᵀ | 1 | 0]: built once, read by every slab's matmul
