@@ -96,7 +96,7 @@ def test_forward_and_dx_through_slabs_match_reference(kind, dtype, M, r, lora, b
     """Several slabs (the last one short), with and without LoRA and bias, each placement of the
     LoRA path. Widened, x is K plus the rank plus the bias column (100 padded to 104, 96 a
     multiple of 8 already, 95 padded to 96; 151 to 152...) and dY is N plus the rank; output first,
-    the low-rank matmul is padded to 8 columns and each slab's matmul adds to it."""
+    the LoRA path and bias are written into the output and each slab's matmul adds to it."""
     from loraq.kernels import lora_linear_dx, lora_linear_fwd
 
     w, x, A, B, b = problem(kind, dtype, M, N, K, r=r, lora=lora, bias=bias)
