@@ -8,6 +8,7 @@ Answers "did the config get wgmma (HGMMA) or mma.sync (HMMA)?", "does it spill (
     python bench/sass_report.py fwd int1 lut          # every lookup-GEMV candidate, one line each
     python bench/sass_report.py dx sparse4x4 tiled    # every tiled candidate (small, middle, large batches)
     python bench/sass_report.py fwd int1 "(32, 256, 4096, 1, 4, 1, 7)"   # the dense-slab decode
+    python bench/sass_report.py fwd int1 "(32, 256, 4096, 3, 4, 1, 7)"   # merged: Ŵ + s·B·A
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels.autotune import DENSE_SLAB, GATHER, GATHER_FWD, GATHER_T, GATHER_T_X4, GATHER_X4, LUT
+    from kernels.autotune import DENSE_SLAB, GATHER, GATHER_FWD, GATHER_T, GATHER_T_X4, GATHER_X4, LUT, SLAB_MERGE
     from kernels.dense_slab import _decode_slab_kernel
     from kernels.int1_gemv_lut import _int1_gemv_lut_kernel
     from kernels.lora_linear_dx import _lora_linear_dx_kernel
@@ -68,13 +69,14 @@ def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, 
         raise SystemExit(f"sass_report: config {cfg} is a forward GEMV (dX has only the plain gather)")
     if swap in GATHER_FWD and fmt != "sparse4x4":
         raise SystemExit(f"sass_report: config {cfg} is a GEMV of sparse4x4")
-    if swap == DENSE_SLAB:  # the slab decode (either op: the forward's strip of B on the right)
+    if swap == DENSE_SLAB:  # the slab decode (either op: the forward's strip of B on the right), merged or not
         fn = _decode_slab_kernel
-        ptrs = [("w0_ptr", w0), ("w1_ptr", w1), ("w2_ptr", act), ("lora_ptr", act), ("bias_ptr", act), ("out_ptr", act)]
+        ptrs = [("w0_ptr", w0), ("w1_ptr", w1), ("w2_ptr", act), ("lora_ptr", act), ("bias_ptr", act), ("out_ptr", act),
+                ("mb_ptr", act), ("ma_ptr", act)]
         scalars = ["n0", "k0", "ROWS", "COLS", "N", "K", "R", "EXT", "s", "W_A", "W_B", "W_C", "stride_out",
-                   "stride_lora"]
-        cx = dict(FORMAT=F, SCALE=0, LORA_COLS=op == "fwd", HAS_BIAS=op == "fwd", ASM=True, BLOCK_N=bm, BLOCK_K=out_tile,
-                  BLOCK_E=16)
+                   "stride_lora", "stride_mb", "stride_ma"]
+        cx = dict(FORMAT=F, SCALE=0, LORA_COLS=op == "fwd", HAS_BIAS=op == "fwd", ASM=True, MERGE=split == SLAB_MERGE,
+                  IEEE=dtype == "fp32", UPCAST=False, BLOCK_N=bm, BLOCK_K=out_tile, BLOCK_E=16, BLOCK_R=16)
     elif swap == LUT:
         fn = _int1_gemv_lut_kernel
         ptrs = [("x_ptr", act), ("packed_ptr", "*i32"), ("scale_ptr", act), ("col_ptr", act), ("a_ptr", act),

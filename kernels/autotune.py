@@ -65,11 +65,16 @@ GATHER_MAX_M = 16
 # (dense_slab_configs); LORAQ_DENSE_SLAB_MIB caps them (0: never this path). The placement:
 # SLAB_WIDEN, as extra columns of the input in the slabs' own matmuls (a copy of the input), or
 # SLAB_OUTPUT_FIRST, written into the output by one low-rank matmul that the slabs' matmuls then
-# add to (a write of the output, read back in cuBLAS's epilogue).
+# add to (a write of the output, read back in cuBLAS's epilogue), or SLAB_MERGE, the LoRA product
+# added to the slab as it is decoded (Ŵ + s·B·A, one matmul a slab, the bias in its epilogue).
 DENSE_SLAB_MIN_M = 33
 DENSE_SLAB_MIB = (32, 128)
 DENSE_SLAB_TILE = (32, 256, 4)  # decode tile rows, columns, num_warps: the decode is a few % of a call
-SLAB_WIDEN, SLAB_OUTPUT_FIRST = 1, 2
+# The merged decode's tile: the rank-16 product's operands and fp32 result double the registers a
+# thread (compiled for sm_90 by Triton 3.6: 198 at 4 warps, 120 at 8, none spilled; the plain
+# decode, 54), so the same tile runs on twice the warps.
+DENSE_SLAB_MERGE_TILE = (32, 256, 8)
+SLAB_WIDEN, SLAB_OUTPUT_FIRST, SLAB_MERGE = 1, 2, 3
 CACHE_VERSION = 3  # bumped when Config changes meaning: old files are not read
 
 _MEMORY: Dict[str, Dict[str, Config]] = {}
@@ -151,10 +156,10 @@ def dense_slab_configs(M: int, length: int, widths: Dict[int, int], itemsize: in
     cap = dense_slab_cap_mib()
     if M < DENSE_SLAB_MIN_M or cap == 0:
         return []
-    bn, bk, warps = DENSE_SLAB_TILE
     out = []
     for mib in DENSE_SLAB_MIB:
         for placement, width in widths.items():
+            bn, bk, warps = DENSE_SLAB_MERGE_TILE if placement == SLAB_MERGE else DENSE_SLAB_TILE
             fit = max(256, (min(mib, cap) << 20) // (width * itemsize) // 256 * 256)
             slabs = -(-length // fit)
             out.append((bn, bk, -(-length // (slabs * 256)) * 256, placement, warps, 1, DENSE_SLAB))

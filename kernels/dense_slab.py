@@ -5,8 +5,8 @@ weight tile again for every tile of x, took 1.4–2.4x cuBLAS's time on an H100 
 each weight is decoded once per call, into a dense slab of at most a few tens of MiB, and cuBLAS
 multiplies it: a slab of output rows at a time for the forward, of input columns for ``dX``.
 The LoRA path and the bias never take a pass of their own over the output; the config's
-placement (``autotune.SLAB_WIDEN`` or ``SLAB_OUTPUT_FIRST``) says where they go, and the
-autotuner times both:
+placement (``autotune.SLAB_WIDEN``, ``SLAB_OUTPUT_FIRST`` or ``SLAB_MERGE``) says where they go,
+and the autotuner times each:
 
 * **widen**: as extra columns of the input in the slabs' own matmuls,
   ``y[:, n0:n1] = [x | x·Aᵀ | 1]·[Ŵ[n0:n1] | s·B[n0:n1] | b[n0:n1]]ᵀ`` and
@@ -18,9 +18,17 @@ autotuner times both:
   output, and each slab's matmul adds to it (``beta = 1``: cuBLAS reads it back in its
   epilogue, hidden under a compute-bound matmul). Costs a write of the output; the reduction keeps
   its width (4096 stays a multiple of cuBLAS's tiles).
+* **merge**: the decode adds the rank-r product to each tile it writes, ``Ŵ + s·B·A`` (``tl.dot``,
+  summed in fp32 and rounded once), so each slab is one plain matmul,
+  ``y[:, n0:n1] = x·(Ŵ + s·B·A)[n0:n1]ᵀ + b[n0:n1]`` (the bias in cuBLASLt's epilogue when there
+  is one slab) and ``dX[:, k0:k1] = dY·(Ŵ + s·B·A)[:, k0:k1]`` (which needs ``B``, not ``dY·B``).
+  Costs nothing beyond the decode's few extra instructions: no ``x·Aᵀ``, no pass over the input
+  or output. Its rounding differs from the unmerged sum (``Ŵ`` and ``s·B·A`` added before one
+  rounding, not their products), within the tolerance rule of DESIGN.md.
 
 The first slab is decoded on a side stream while the current one builds the widened input or
-writes the output first (:func:`_beside`): both are memory-bound and independent.
+writes the output first (:func:`_beside`): both are memory-bound and independent. A merged slab
+has nothing to overlap with.
 
 A slab is dense ``Ŵ`` in memory, briefly: this path is an autotune candidate only past 32 rows of
 x (``autotune.dense_slab_configs``), never for small batches, and ``LORAQ_DENSE_SLAB_MIB`` bounds
@@ -33,22 +41,37 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import SLAB_OUTPUT_FIRST, SLAB_WIDEN
-from .decode import _int1_group_scale, _int1_signs, _sparse4x4_tile, use_asm
+from .autotune import SLAB_MERGE, SLAB_OUTPUT_FIRST, SLAB_WIDEN
+from .decode import _dot, _int1_group_scale, _int1_signs, _sparse4x4_tile, interpreter_upcast, use_asm
+
+
+@triton.jit
+def _rounded(w, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """``w`` in ``dtype``, rounded to nearest even. ``UPCAST`` (the interpreter, bf16): it truncates
+    fp32 → bf16 where a GPU rounds, so half a bf16 unit (ties to even) is added to the bits of
+    normal numbers first (its conversion of fp32 subnormals is not bitwise: zeros are left alone)."""
+    if UPCAST:
+        bits = w.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = tl.where((bits & 0x7F800000) != 0, bits + 0x7FFF + ((bits >> 16) & 1), bits)
+        w = bits.to(tl.float32, bitcast=True)
+    return w.to(dtype)
 
 
 @triton.jit
 def _decode_slab_kernel(
-    w0_ptr, w1_ptr, w2_ptr, lora_ptr, bias_ptr, out_ptr,
+    w0_ptr, w1_ptr, w2_ptr, lora_ptr, bias_ptr, out_ptr, mb_ptr, ma_ptr,
     n0, k0, ROWS, COLS, N, K, R, EXT, s,
-    W_A, W_B, W_C, stride_out, stride_lora,
+    W_A, W_B, W_C, stride_out, stride_lora, stride_mb, stride_ma,
     FORMAT: tl.constexpr, SCALE: tl.constexpr, LORA_COLS: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+    MERGE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """``out[i, j] = Ŵ[n0 + i, k0 + j]`` for ``i < ROWS``, ``j < COLS``, in ``out``'s dtype, plus the
     LoRA strip of ``EXT`` columns to its right (``LORA_COLS``: ``s·B[n0 + i, e]`` for ``e < R``, then
     the bias ``b[n0 + i]`` if ``HAS_BIAS``, then 0) or rows below it (``s·A[e, k0 + j]``, then 0),
-    written by the grid's last column (row) of programs."""
+    written by the grid's last column (row) of programs. ``MERGE`` (no strip then): ``Ŵ + s·B·A``
+    instead of ``Ŵ`` (``B`` at ``mb_ptr`` ``[N, R]``, ``A`` at ``ma_ptr`` ``[R, K]``), summed in fp32
+    and rounded once."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_i = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # rows of the slab
@@ -86,7 +109,19 @@ def _decode_slab_kernel(
                 w = w * tl.load(w1_ptr + offs_n * W_B, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
         else:
             w = _sparse4x4_tile(w0_ptr, w1_ptr, nn0, kk0, N, K, W_A, W_B, BLOCK_N, BLOCK_K)
-        tl.store(out_ptr + offs_i[:, None] * stride_out + offs_j[None, :], w.to(out_ptr.dtype.element_ty),
+        if MERGE:  # the rank-R product of this tile on the tensor cores, BLOCK_R of the rank at a time
+            offs_r = tl.arange(0, BLOCK_R)
+            lora = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            for e0 in range(0, R, BLOCK_R):
+                e = e0 + offs_r
+                bt = tl.load(mb_ptr + offs_n[:, None] * stride_mb + e[None, :],
+                             mask=(offs_n[:, None] < N) & (e[None, :] < R), other=0.0)
+                at = tl.load(ma_ptr + e[:, None] * stride_ma + offs_k[None, :],
+                             mask=(e[:, None] < R) & (offs_k[None, :] < K), other=0.0)
+                lora += _dot(bt, at, IEEE, UPCAST)
+            # Ŵ as the reference has it (in the activation dtype: onebit's h·g is rounded), plus s·B·A
+            w = _rounded(w, out_ptr.dtype.element_ty, UPCAST).to(tl.float32) + s * lora
+        tl.store(out_ptr + offs_i[:, None] * stride_out + offs_j[None, :], _rounded(w, out_ptr.dtype.element_ty, UPCAST),
                  mask=(offs_i[:, None] < ROWS) & (offs_j[None, :] < COLS))
 
 
@@ -99,16 +134,30 @@ def padded_extension(used: int, base: int) -> int:
 
 def decode_slab(out, fmt: str, ptrs, ints, scale_mode: int, N: int, K: int, n0: int, k0: int, rows: int, cols: int,
                 lora=None, scaling: float = 1.0, lora_cols: bool = True, bias=None, block=(32, 256),
-                num_warps: int = 4):
+                num_warps: int = 4, merge=None):
     """Write ``Ŵ[n0:n0+rows, k0:k0+cols]`` into ``out[:rows, :cols]`` (any row stride, unit column
     stride) and the strip past it: for ``lora_cols``, ``out[:rows, cols:]`` = ``s·B[n0:n0+rows]``
     (``lora`` is ``B [N, r]``, or None), then ``bias[n0:n0+rows]`` as one column, then zeros; else
     ``out[rows:, :cols]`` = ``s·A[:, k0:k0+cols]`` (``lora`` is ``A [r, K]``), then zeros.
+    ``merge = (A [r, K], B [N, r])`` (in ``out``'s dtype) writes ``Ŵ + s·B·A`` instead, with no
+    strip: ``out`` is then exactly ``rows × cols`` and the decode tile at least 16 rows (``tl.dot``).
     ``ptrs``/``ints``/``scale_mode`` are ``decode.weight_args``'s; ``n0`` is a multiple of 4 and
     ``k0`` of 32 (a sparse4x4 tile row, an int1 word)."""
     bn, bk = block
     if n0 % 4 or k0 % 32:
         raise ValueError(f"a slab starts at a multiple of 4 rows and 32 columns, got ({n0}, {k0})")
+    if merge is not None:
+        if lora is not None or bias is not None or tuple(out.shape) != (rows, cols):
+            raise ValueError(f"a merged slab (Ŵ + s·B·A) has no strip: out must be {rows}x{cols} with no lora or "
+                             f"bias strip, got {tuple(out.shape)}")
+        if bn < 16:
+            raise ValueError(f"a merged slab multiplies B·A on the tensor cores: the decode tile needs at least 16 "
+                             f"rows, got {bn}")
+        mA, mB = merge
+        if mA.shape[1] != K or mB.shape[0] != N or mA.shape[0] != mB.shape[1] or mA.stride(1) != 1 \
+                or mB.stride(1) != 1 or mA.dtype != out.dtype or mB.dtype != out.dtype:
+            raise ValueError(f"merge takes A [r, {K}] and B [{N}, r] in {out.dtype} with unit column strides, got "
+                             f"A {tuple(mA.shape)} {mA.dtype}, B {tuple(mB.shape)} {mB.dtype}")
     ext = (out.shape[1] - cols) if lora_cols else (out.shape[0] - rows)
     R = lora.shape[0 if not lora_cols else 1] if lora is not None else 0
     if bias is not None and not lora_cols:
@@ -118,12 +167,17 @@ def decode_slab(out, fmt: str, ptrs, ints, scale_mode: int, N: int, K: int, n0: 
                          f"{R + (bias is not None)} that the LoRA factor and bias need")
     grid = (triton.cdiv(rows, bn) + (1 if ext and not lora_cols else 0),
             triton.cdiv(cols, bk) + (1 if ext and lora_cols else 0))
+    if merge is not None:
+        R = mA.shape[0]
+    mA, mB = merge if merge is not None else (out, out)  # placeholders when not merging
     _decode_slab_kernel[grid](
-        *ptrs, lora if lora is not None else out, bias if bias is not None else out, out, n0, k0, rows, cols, N, K,
-        R, ext, float(scaling), *ints[:3], out.stride(0), lora.stride(0) if lora is not None else 0,
+        *ptrs, lora if lora is not None else out, bias if bias is not None else out, out, mB, mA, n0, k0, rows, cols,
+        N, K, R, ext, float(scaling), *ints[:3], out.stride(0), lora.stride(0) if lora is not None else 0,
+        mB.stride(0), mA.stride(0),
         FORMAT=0 if fmt == "int1" else 1, SCALE=scale_mode, LORA_COLS=lora_cols, HAS_BIAS=bias is not None,
-        ASM=use_asm(),
-        BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=max(16, triton.next_power_of_2(max(ext, 1))), num_warps=num_warps,
+        ASM=use_asm(), MERGE=merge is not None, IEEE=out.dtype == torch.float32,
+        UPCAST=interpreter_upcast(out.dtype), BLOCK_N=bn, BLOCK_K=bk,
+        BLOCK_E=max(16, triton.next_power_of_2(max(ext, 1))), BLOCK_R=16 if R <= 16 else 32, num_warps=num_warps,
     )
     return out
 
@@ -138,19 +192,27 @@ def check_slab_config(config) -> None:
     if length < 32 or length % 32:
         raise ValueError(f"config {config}: the slab length (third field) must be a positive multiple of 32, "
                          f"got {length}")
-    if placement not in (SLAB_WIDEN, SLAB_OUTPUT_FIRST):
-        raise ValueError(f"config {config}: the fourth field places the LoRA path: {SLAB_WIDEN} (widen the input) "
-                         f"or {SLAB_OUTPUT_FIRST} (into the output first), got {placement}")
+    if placement not in (SLAB_WIDEN, SLAB_OUTPUT_FIRST, SLAB_MERGE):
+        raise ValueError(f"config {config}: the fourth field places the LoRA path: {SLAB_WIDEN} (widen the input), "
+                         f"{SLAB_OUTPUT_FIRST} (into the output first) or {SLAB_MERGE} (merged into the slab), "
+                         f"got {placement}")
+    if placement == SLAB_MERGE and bn < 16:
+        raise ValueError(f"config {config}: a merged slab multiplies B·A on the tensor cores, so its decode tile "
+                         f"needs at least 16 rows, got {bn}")
     if warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"config {config}: num_warps must be a power of two up to 16, got {warps}")
 
 
-def slab_widths(base: int, used: int):
+def slab_widths(base: int, used: int, merge: bool = True):
     """``{placement: a slab's width}`` to time for a reduction of ``base`` with ``used`` extra
-    inputs (the rank, plus one for a forward's bias): without any, one placement (nothing to place)."""
+    inputs (the rank, plus one for a forward's bias): without any, one placement (nothing to place);
+    ``merge``: the merged slab too (the forward's)."""
     if not used:
         return {SLAB_OUTPUT_FIRST: base}
-    return {SLAB_WIDEN: base + padded_extension(used, base), SLAB_OUTPUT_FIRST: base}
+    widths = {SLAB_WIDEN: base + padded_extension(used, base), SLAB_OUTPUT_FIRST: base}
+    if merge:
+        widths[SLAB_MERGE] = base
+    return widths
 
 
 def _widened(t, ext: int, fill):
@@ -204,16 +266,28 @@ def slab_forward(x, fmt, ptrs, ints, scale_mode, N, A, B, scaling, bias, config)
     r = A.shape[0] if A is not None else 0
     used = r + (bias is not None)
     widen = used and config[3] == SLAB_WIDEN
+    merge = used and config[3] == SLAB_MERGE
     ext = padded_extension(used, K) if widen else 0
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     length = min(config[2], -(-N // 4) * 4)
     slab = torch.empty(length, K + ext, device=x.device, dtype=x.dtype)
-    b = bias.contiguous() if bias is not None and widen else None
+    b = bias.contiguous() if bias is not None and (widen or merge) else None
+    factors = (A.contiguous(), B.contiguous()) if merge and r else None
 
     def decode(n0):
         rows = min(length, N - n0)
         return decode_slab(slab[:rows], fmt, ptrs, ints, scale_mode, N, K, n0, 0, rows, K, B if widen else None,
-                           scaling, True, b, config[:2], config[4])
+                           scaling, True, b if widen else None, config[:2], config[4], factors)
+
+    if merge:  # y[:, slab] = x·(Ŵ + s·B·A)[slab]ᵀ + b[slab]: one matmul a slab, nothing before it
+        for n0 in range(0, N, length):
+            w = decode(n0)
+            out = y[:, n0:n0 + w.shape[0]]
+            if b is None:
+                torch.mm(x, w.t(), out=out)
+            else:  # the bias in cuBLASLt's epilogue where the output is contiguous (one slab)
+                torch.addmm(b[n0:n0 + w.shape[0]], x, w.t(), out=out)
+        return y
 
     def prologue():
         if widen:  # [x | x·Aᵀ | 1 | 0]: built once, read by every slab's matmul
@@ -237,11 +311,15 @@ def slab_forward(x, fmt, ptrs, ints, scale_mode, N, A, B, scaling, bias, config)
     return y
 
 
-def slab_dx(dy, fmt, ptrs, ints, scale_mode, K, A, dyb, scaling, config):
-    """``dX = dY·Ŵ + s·(dY·B)·A`` a slab of ``config[2]`` columns of ``dX`` at a time (module doc)."""
+def slab_dx(dy, fmt, ptrs, ints, scale_mode, K, A, dyb, scaling, config, B=None):
+    """``dX = dY·Ŵ + s·(dY·B)·A`` a slab of ``config[2]`` columns of ``dX`` at a time (module doc);
+    the merged placement needs ``B`` (``[N, r]``, the ``B`` of ``dyb``)."""
     M, N = dy.shape
     r = A.shape[0] if A is not None else 0
     widen = r and config[3] == SLAB_WIDEN
+    merge = r and config[3] == SLAB_MERGE
+    if merge and B is None:
+        raise ValueError(f"config {config} merges s·B·A into the slab: it needs B")
     ext = padded_extension(r, N) if widen else 0
     dx = torch.empty(M, K, device=dy.device, dtype=dy.dtype)
     length = min(config[2], -(-K // 32) * 32)
@@ -250,7 +328,13 @@ def slab_dx(dy, fmt, ptrs, ints, scale_mode, K, A, dyb, scaling, config):
     def decode(k0):
         cols = min(length, K - k0)
         return decode_slab(slab[:, :cols], fmt, ptrs, ints, scale_mode, N, K, 0, k0, N, cols, A if widen else None,
-                           scaling, False, None, config[:2], config[4])
+                           scaling, False, None, config[:2], config[4], (A, B) if merge else None)
+
+    if merge:  # dX[:, slab] = dY·(Ŵ + s·B·A)[:, slab]: one matmul a slab, dY·B unused
+        for k0 in range(0, K, length):
+            w = decode(k0)
+            torch.mm(dy, w, out=dx[:, k0:k0 + w.shape[1]])
+        return dx
 
     def prologue():
         if widen:  # [dY | dY·B | 0]

@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import DENSE_SLAB, DOT, DOT_SWAP, GATHER, GATHER_MAX_M, dense_slab_configs, gather_configs, pick_config
+from .autotune import (DENSE_SLAB, DOT, DOT_SWAP, GATHER, GATHER_MAX_M, SLAB_MERGE, dense_slab_configs, gather_configs,
+                       pick_config)
 from .dense_slab import check_slab_config, slab_widths, slab_dx
 from .decode import (_dot, _int1_group_scale, _int1_signs, _sparse4x4_tile, decode_dtype, interpreter_upcast, use_asm,
                      output_buffer, split_plan, weight_args)
@@ -80,9 +81,12 @@ def _lora_linear_dx_kernel(
         tl.atomic_add(dx_ptrs, acc, mask=inside)
 
 
-def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling: float = 1.0, config=None):
+def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling: float = 1.0, config=None,
+                   lora_B=None):
     """Launch ``dY·Ŵ (+ s·dy_B·A)`` for ``dy [M, N]`` (fp16/bf16/fp32) and ``dy_B [M, r]``; returns
-    ``[M, K]`` in ``dy.dtype``. ``config`` forces a tile config (``autotune.Config``)."""
+    ``[M, K]`` in ``dy.dtype``. ``config`` forces a tile config (``autotune.Config``). ``lora_B``
+    (``[N, r]``, the ``B`` of ``dy_B = dY·B``), when given, adds the merged dense slab
+    ``dY·(Ŵ + s·B·A)`` to the large-batch candidates."""
     M, N = dy.shape
     K = meta["K"]
     dy = dy.contiguous()
@@ -97,6 +101,7 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
     else:
         A = dyb = dy  # unused placeholders
         R = 1
+    B = lora_B.to(dy.dtype).contiguous() if has_lora and lora_B is not None else None
 
     gather = M <= GATHER_MAX_M and fmt == "sparse4x4"
     if config is not None:
@@ -104,6 +109,8 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
             check_gather_config(config, DX_LIMITS, variants=(GATHER,))
         elif config[6] == DENSE_SLAB:
             check_slab_config(config)
+            if config[3] == SLAB_MERGE and has_lora and B is None:
+                raise ValueError(f"config {config} merges s·B·A into the slab: pass lora_B")
         elif config[6] not in (DOT, DOT_SWAP):
             raise ValueError(f"config {config}: dX takes tiled configs (variant DOT or DOT_SWAP), dense-slab "
                              f"configs (DENSE_SLAB), or for sparse4x4 the gathering GEMV's (GATHER)")
@@ -112,7 +119,7 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
         if cfg[6] == GATHER:  # small batches of sparse4x4, on the arguments prepared above
             return launch_gather_dx(dy, ptrs, ints, K, A if has_lora else None, dyb, R, scaling, cfg)
         if cfg[6] == DENSE_SLAB:  # large batches: decoded column slabs through cuBLAS
-            return slab_dx(dy, fmt, ptrs, ints, scale_mode, K, A if has_lora else None, dyb, scaling, cfg)
+            return slab_dx(dy, fmt, ptrs, ints, scale_mode, K, A if has_lora else None, dyb, scaling, cfg, B)
         bm, bk, bn, split, warps, stages, swap = cfg
         split, n_per_split = split_plan(N, bn, split)
         dx = output_buffer(M, K, dy, split)
@@ -133,6 +140,7 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
         extra = lambda: gather_configs(M)  # noqa: E731
     else:  # past 32 rows, the dense slabs too (none before)
         def extra():  # built only when the answer is not cached (a hit is the per-call path)
-            return dense_slab_configs(M, K, slab_widths(N, R if has_lora else 0), dy.element_size())
+            return dense_slab_configs(M, K, slab_widths(N, R if has_lora else 0, merge=B is not None),
+                                      dy.element_size())
     cfg = config or pick_config(op, M, N, K, dy.dtype, dy.device, run, extra=extra)
     return run(cfg).to(dy.dtype)

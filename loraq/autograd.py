@@ -88,7 +88,7 @@ class LoraLinearFunction(torch.autograd.Function):
                 dB = (s * (dy2.t() @ (xl2 @ Ac.t()))).to(B.dtype)  # x_l·Aᵀ recomputed: [M, r], cheap
         if need[0]:
             if fused_dx:
-                dx = ops.lora_linear_dx(dy2, ctx.weight, Ac, dyB, s, backend=ctx.backend)
+                dx = ops.lora_linear_dx(dy2, ctx.weight, Ac, dyB, s, backend=ctx.backend, lora_B=Bc)
             else:
                 dx = ops.base_matmul_t(dy2, ctx.weight, backend=ctx.backend)
             dx = dx.reshape(*ctx.lead, K)

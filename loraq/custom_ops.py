@@ -42,16 +42,18 @@ def _(x, packed, scale, col_scale, K, group_size, onebit, lora_A, lora_B, scalin
 
 @torch.library.custom_op("loraq::int1_lora_linear_dx", mutates_args=())
 def int1_lora_linear_dx(dy: Tensor, packed: Tensor, scale: Tensor, col_scale: Tensor, K: int, group_size: int,
-                        onebit: bool, lora_A: Optional[Tensor], dy_B: Optional[Tensor], scaling: float) -> Tensor:
-    """``dY·Ŵ + s·(dY·B)·A`` for int1 ``Ŵ`` (``dy_B = dY·B``; both LoRA tensors None: ``dY·Ŵ``)."""
+                        onebit: bool, lora_A: Optional[Tensor], dy_B: Optional[Tensor], scaling: float,
+                        lora_B: Optional[Tensor]) -> Tensor:
+    """``dY·Ŵ + s·(dY·B)·A`` for int1 ``Ŵ`` (``dy_B = dY·B``; both LoRA tensors None: ``dY·Ŵ``;
+    ``lora_B``, the ``B`` of ``dy_B`` or None, lets large batches merge ``s·B·A`` into ``Ŵ``)."""
     from loraq.kernels import lora_linear_dx
 
     tensors, meta = _int1_parts(packed, scale, col_scale, K, group_size, onebit)
-    return lora_linear_dx(dy, "int1", tensors, meta, lora_A, dy_B, scaling)
+    return lora_linear_dx(dy, "int1", tensors, meta, lora_A, dy_B, scaling, lora_B=lora_B)
 
 
 @int1_lora_linear_dx.register_fake
-def _(dy, packed, scale, col_scale, K, group_size, onebit, lora_A, dy_B, scaling):
+def _(dy, packed, scale, col_scale, K, group_size, onebit, lora_A, dy_B, scaling, lora_B):
     return dy.new_empty(dy.shape[0], K)
 
 
@@ -72,16 +74,17 @@ def _(x, values, positions, N, K, lora_A, lora_B, scaling, bias):
 
 @torch.library.custom_op("loraq::sparse4x4_lora_linear_dx", mutates_args=())
 def sparse4x4_lora_linear_dx(dy: Tensor, values: Tensor, positions: Tensor, N: int, K: int,
-                             lora_A: Optional[Tensor], dy_B: Optional[Tensor], scaling: float) -> Tensor:
-    """``dY·Ŵ + s·(dY·B)·A`` for sparse4x4 ``Ŵ``."""
+                             lora_A: Optional[Tensor], dy_B: Optional[Tensor], scaling: float,
+                             lora_B: Optional[Tensor]) -> Tensor:
+    """``dY·Ŵ + s·(dY·B)·A`` for sparse4x4 ``Ŵ`` (``lora_B`` as for int1)."""
     from loraq.kernels import lora_linear_dx
 
     return lora_linear_dx(dy, "sparse4x4", {"values": values, "positions": positions}, {"N": N, "K": K},
-                          lora_A, dy_B, scaling)
+                          lora_A, dy_B, scaling, lora_B=lora_B)
 
 
 @sparse4x4_lora_linear_dx.register_fake
-def _(dy, values, positions, N, K, lora_A, dy_B, scaling):
+def _(dy, values, positions, N, K, lora_A, dy_B, scaling, lora_B):
     return dy.new_empty(dy.shape[0], K)
 
 
@@ -131,20 +134,21 @@ def triton_lora_linear_fwd(x, weight, lora_A, lora_B, scaling, bias):
                                                  float(scaling), bias)
 
 
-def triton_lora_linear_dx(dy, weight, lora_A, dy_B, scaling):
-    """The ``triton`` backend's ``lora_linear_dx`` (``dY·Ŵ + s·(dY·B)·A``)."""
+def triton_lora_linear_dx(dy, weight, lora_A, dy_B, scaling, lora_B=None):
+    """The ``triton`` backend's ``lora_linear_dx`` (``dY·Ŵ + s·(dY·B)·A``; ``lora_B``, when given,
+    lets large batches merge ``s·B·A`` into the decoded weight)."""
     kind = getattr(weight, "kind", "dense")
     if kind == "dense" or dy.dtype not in KERNEL_DTYPES:
         return reference.lora_linear_dx_ref(dy, weight, lora_A, dy_B, scaling)
     _check_device(dy, weight, "dy")
     N, K = weight.shape
-    if _direct(dy, lora_A, dy_B):
+    if _direct(dy, lora_A, dy_B, lora_B):
         from loraq.kernels import lora_linear_dx
 
-        return lora_linear_dx(dy, kind, weight.tensors(), _meta(weight), lora_A, dy_B, float(scaling))
+        return lora_linear_dx(dy, kind, weight.tensors(), _meta(weight), lora_A, dy_B, float(scaling), lora_B=lora_B)
     if kind == "int1":
         return torch.ops.loraq.int1_lora_linear_dx(dy, weight.packed, weight.scale, weight.col_scale, K,
                                                    weight.group_size or 0, weight.scale_mode == "onebit",
-                                                   lora_A, dy_B, float(scaling))
+                                                   lora_A, dy_B, float(scaling), lora_B)
     return torch.ops.loraq.sparse4x4_lora_linear_dx(dy, weight.values, weight.positions, N, K, lora_A, dy_B,
-                                                    float(scaling))
+                                                    float(scaling), lora_B)

@@ -3,9 +3,10 @@
 Backends register implementations of two primitives per weight format:
 
 * ``lora_linear_fwd(x2d, weight, lora_A, lora_B, scaling, bias) -> y2d``
-* ``lora_linear_dx(dy2d, weight, lora_A, dy_B, scaling) -> dx2d``: ``dY·Ŵ + s·(dY·B)·A`` (the weight
-  read transposed; ``dY·B`` comes computed, the LoRA weight gradient needs it too; ``lora_A``
-  None: ``dY·Ŵ`` alone)
+* ``lora_linear_dx(dy2d, weight, lora_A, dy_B, scaling, lora_B=None) -> dx2d``: ``dY·Ŵ + s·(dY·B)·A``
+  (the weight read transposed; ``dY·B`` comes computed, the LoRA weight gradient needs it too;
+  ``lora_A`` None: ``dY·Ŵ`` alone; ``lora_B``, when the caller has it, lets an implementation
+  compute ``dY·(Ŵ + s·B·A)`` instead)
 
 ``reference`` implements both for every format and is always available. The kernel packages
 (``loraq.kernels`` for Triton, ``loraq._C`` for CUDA) add theirs through :func:`register`;
@@ -46,9 +47,13 @@ def _reference_fwd(x, weight, lora_A, lora_B, scaling, bias):
     return reference.lora_linear_ref(x, weight, lora_A, lora_B, scaling, bias)
 
 
+def _reference_dx(dy, weight, lora_A, dy_B, scaling, lora_B=None):
+    return reference.lora_linear_dx_ref(dy, weight, lora_A, dy_B, scaling)  # B is in dy_B already
+
+
 for _kind in ("int1", "sparse4x4", "dense"):
     register("reference", "lora_linear_fwd", _kind, _reference_fwd)
-    register("reference", "lora_linear_dx", _kind, reference.lora_linear_dx_ref)
+    register("reference", "lora_linear_dx", _kind, _reference_dx)
 
 
 def _load_kernel_packages() -> Dict[str, str]:
@@ -193,8 +198,12 @@ def base_matmul_t(dy: torch.Tensor, weight, backend: Optional[str] = None) -> to
 
 def lora_linear_dx(dy: torch.Tensor, weight, lora_A: Optional[torch.Tensor] = None,
                    dy_B: Optional[torch.Tensor] = None, scaling: float = 1.0,
-                   backend: Optional[str] = None) -> torch.Tensor:
-    """``dX = dy·Ŵ + s·dy_B·A`` for ``dy [..., N]`` and ``dy_B = dy·B`` ``[..., r]``, in one pass."""
+                   backend: Optional[str] = None, lora_B: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``dX = dy·Ŵ + s·dy_B·A`` for ``dy [..., N]`` and ``dy_B = dy·B`` ``[..., r]``, in one pass.
+
+    ``lora_B`` (optional): the ``B [N, r]`` that ``dy_B`` came from. With it a backend may compute
+    ``dy·(Ŵ + s·B·A)`` instead (for large batches the Triton backend times that too); the result
+    is the same to rounding."""
     N, K = reference.weight_shape(weight)
     reference.check_input(dy, N, name="dy", what="out_features")
     if (lora_A is None) != (dy_B is None):
@@ -203,6 +212,10 @@ def lora_linear_dx(dy: torch.Tensor, weight, lora_A: Optional[torch.Tensor] = No
                                or dy_B.shape[-1] != lora_A.shape[0]):
         raise ValueError(f"lora_A must be [r, {K}] and dy_B [..., r] with dy's leading shape; got "
                          f"{tuple(lora_A.shape)} and {tuple(dy_B.shape)}")
+    if lora_B is not None and (lora_A is None or lora_B.dim() != 2 or tuple(lora_B.shape) != (N, lora_A.shape[0])):
+        raise ValueError(f"lora_B must be [{N}, r] with lora_A's rank (and lora_A given); got "
+                         f"{tuple(lora_B.shape)}" + ("" if lora_A is None else f" for r = {lora_A.shape[0]}"))
     fn = _impl("lora_linear_dx", weight, dy.device, backend)
     r = None if dy_B is None else dy_B.reshape(-1, dy_B.shape[-1])
-    return fn(dy.reshape(-1, N), weight, lora_A, r, float(scaling)).reshape(*dy.shape[:-1], K)
+    out = fn(dy.reshape(-1, N), weight, lora_A, r, float(scaling), lora_B=lora_B)
+    return out.reshape(*dy.shape[:-1], K)

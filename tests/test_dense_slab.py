@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 
 from loraq import reference  # noqa: E402
 from loraq.autograd import LoraLinearFunction  # noqa: E402
-from loraq.kernels.autotune import DENSE_SLAB, SLAB_OUTPUT_FIRST, SLAB_WIDEN  # noqa: E402
+from loraq.kernels.autotune import DENSE_SLAB, SLAB_MERGE, SLAB_OUTPUT_FIRST, SLAB_WIDEN  # noqa: E402
 from test_triton_kernels import (DEV, DTYPES, FORMATS, _kernel_args, candidates_passed, check, f64,  # noqa: E402
                                  problem)
 
@@ -67,6 +67,59 @@ def test_decode_slab_writes_the_weight_and_the_lora_strip(kind, dtype):
     assert not out[N + 5:].any() and room[:, 22:].isnan().all()
 
 
+@pytest.mark.parametrize("kind", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("r", [5, 16, 37])
+def test_decode_slab_merges_the_lora_product_rounded_once(kind, dtype, r):
+    """``merge``: ``Ŵ + s·B·A`` for a slab cut at odd edges, summed in fp32 and rounded once: at
+    most half a unit in the last place of the dtype from the float64 value, plus fp32's own
+    rounding of the terms (ranks within one dot block, past one and past two); nothing outside the
+    slab is written."""
+    from loraq.kernels.decode import weight_args
+    from loraq.kernels.dense_slab import decode_slab
+
+    N, K = 70, 150
+    w, *_ = problem(kind, dtype, 1, N, K, lora=False, bias=False)
+    ptrs, ints, mode = weight_args(_fmt(kind), *_kernel_args(w))
+    A = torch.randn(r, K, dtype=dtype, device=DEV) / r**0.5
+    B = torch.randn(N, r, dtype=dtype, device=DEV)
+    W = reference.dequantize_ref(w, torch.float64)
+    want = W + 0.3 * B.double() @ A.double()
+    terms = W.abs() + 0.3 * B.double().abs() @ A.double().abs()
+    bound = 0.5 * torch.finfo(dtype).eps * want.abs() + 4 * torch.finfo(torch.float32).eps * terms
+    for n0, k0, rows, cols in [(32, 32, 36, 96), (0, 128, N, 22)]:
+        room = torch.full((rows, cols + 9), float("nan"), dtype=dtype, device=DEV)
+        out = room[:, :cols]
+        decode_slab(out, _fmt(kind), ptrs, ints, mode, N, K, n0, k0, rows, cols, scaling=0.3, block=(16, 32),
+                    merge=(A, B))
+        err = (out.double() - want[n0:n0 + rows, k0:k0 + cols]).abs()
+        assert bool((err <= bound[n0:n0 + rows, k0:k0 + cols]).all()), f"{(err / bound[n0:n0 + rows, k0:k0 + cols]).max()}"
+        assert room[:, cols:].isnan().all()
+
+
+def test_decode_slab_refuses_a_merge_with_a_strip_or_a_thin_tile():
+    from loraq.kernels.decode import weight_args
+    from loraq.kernels.dense_slab import decode_slab
+
+    w, *_ = problem("int1", torch.float16, 1, 16, 64, lora=False, bias=False)
+    ptrs, ints, mode = weight_args("int1", *_kernel_args(w))
+    A = torch.randn(3, 64, dtype=torch.float16, device=DEV)
+    B = torch.randn(16, 3, dtype=torch.float16, device=DEV)
+    out = torch.zeros(16, 40, dtype=torch.float16, device=DEV)
+    with pytest.raises(ValueError, match="no strip"):
+        decode_slab(out, "int1", ptrs, ints, mode, 16, 64, 0, 0, 16, 32, block=(16, 32), merge=(A, B))
+    with pytest.raises(ValueError, match="no strip"):
+        decode_slab(out[:, :32], "int1", ptrs, ints, mode, 16, 64, 0, 0, 16, 32, B, block=(16, 32), merge=(A, B))
+    with pytest.raises(ValueError, match="at least 16"):
+        decode_slab(out[:, :32], "int1", ptrs, ints, mode, 16, 64, 0, 0, 16, 32, block=(8, 32), merge=(A, B))
+    with pytest.raises(ValueError, match="merge takes A"):
+        decode_slab(out[:, :32], "int1", ptrs, ints, mode, 16, 64, 0, 0, 16, 32, block=(16, 32), merge=(A, B[:8]))
+    with pytest.raises(ValueError, match="merge takes A"):
+        decode_slab(out[:, :32], "int1", ptrs, ints, mode, 16, 64, 0, 0, 16, 32, block=(16, 32),
+                    merge=(A.float(), B))
+    assert not out.any()
+
+
 def test_decode_slab_refuses_unaligned_slabs_and_a_short_strip():
     from loraq.kernels.decode import weight_args
     from loraq.kernels.dense_slab import decode_slab
@@ -91,31 +144,33 @@ def test_decode_slab_refuses_unaligned_slabs_and_a_short_strip():
 @pytest.mark.parametrize("M, r, lora, bias", [(3, 5, True, True), (70, 2, True, False), (17, 16, False, True),
                                               (5, 16, False, False)])
 @pytest.mark.parametrize("N, K", [(97, 150), (150, 94)])
-@pytest.mark.parametrize("placement", [SLAB_WIDEN, SLAB_OUTPUT_FIRST])
+@pytest.mark.parametrize("placement", [SLAB_WIDEN, SLAB_OUTPUT_FIRST, SLAB_MERGE])
 def test_forward_and_dx_through_slabs_match_reference(kind, dtype, M, r, lora, bias, N, K, placement):
     """Several slabs (the last one short), with and without LoRA and bias, each placement of the
     LoRA path. Widened, x is K plus the rank plus the bias column (100 padded to 104, 96 a
     multiple of 8 already, 95 padded to 96; 151 to 152...) and dY is N plus the rank; output first,
-    the LoRA path and bias are written into the output and each slab's matmul adds to it."""
+    the LoRA path and bias are written into the output and each slab's matmul adds to it; merged,
+    each slab is ``Ŵ + s·B·A`` and the bias rides in its matmul."""
     from loraq.kernels import lora_linear_dx, lora_linear_fwd
 
     w, x, A, B, b = problem(kind, dtype, M, N, K, r=r, lora=lora, bias=bias)
     tensors, meta = _kernel_args(w)
-    cfg = (8, 32, 32, placement, 4, 1, DENSE_SLAB)
+    cfg = (8 if placement != SLAB_MERGE else 16, 32, 32, placement, 4, 1, DENSE_SLAB)
     y = lora_linear_fwd(x, _fmt(kind), tensors, meta, A, B, 0.5, b, config=cfg)
     assert y.shape == (M, N) and y.dtype == dtype
     check(y, reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 0.5, f64(b)),
           reference.lora_linear_ref(x, w, A, B, 0.5, b), f"fwd {kind}")
     dy = torch.randn(M, N, dtype=dtype, device=DEV)
     dyB = dy @ B if lora else None
-    dx = lora_linear_dx(dy, _fmt(kind), tensors, meta, A, dyB, 0.5, config=(16, 64, 64, placement, 4, 1, DENSE_SLAB))
+    dx = lora_linear_dx(dy, _fmt(kind), tensors, meta, A, dyB, 0.5, config=(16, 64, 64, placement, 4, 1, DENSE_SLAB),
+                        lora_B=B if lora else None)
     assert dx.shape == (M, K) and dx.dtype == dtype
     check(dx, reference.lora_linear_dx_ref(dy.double(), w.to(torch.float64), f64(A), f64(dyB), 0.5),
           reference.lora_linear_dx_ref(dy, w, A, dyB, 0.5), f"dx {kind}")
 
 
 @pytest.mark.parametrize("kind", ["int1_onebit", "sparse4x4"])
-@pytest.mark.parametrize("N, K, placement", [(45, 70, SLAB_WIDEN), (70, 45, SLAB_OUTPUT_FIRST)])
+@pytest.mark.parametrize("N, K, placement", [(45, 70, SLAB_WIDEN), (70, 45, SLAB_OUTPUT_FIRST), (45, 70, SLAB_MERGE)])
 def test_every_gradient_through_the_slab_path(kind, N, K, placement, monkeypatch):
     """A layer's forward and backward with the autotuner answering the dense slab for both kernels
     (each placement of the LoRA path): output, dX, dA, dB and the bias gradient against the
@@ -126,7 +181,7 @@ def test_every_gradient_through_the_slab_path(kind, N, K, placement, monkeypatch
 
     def slab(op, M, N, K, dtype, device, run, bench=None, extra=None):
         chosen.append(op)
-        return (8, 32, 64, placement, 4, 1, DENSE_SLAB)
+        return (16, 32, 64, placement, 4, 1, DENSE_SLAB)
 
     for launcher in (lora_linear_fwd, lora_linear_dx):
         monkeypatch.setattr(sys.modules[launcher.__module__], "pick_config", slab)
@@ -186,8 +241,8 @@ def test_dense_slab_configs_fit_the_buffer_in_equal_slabs_and_start_past_32_rows
 
 @pytest.mark.parametrize("launcher_name", ["lora_linear_fwd", "lora_linear_dx"])
 def test_launchers_offer_the_slabs_past_32_rows_only(launcher_name, monkeypatch):
-    """Both placements; widened, the width counts the rank, the bias and the padding: K + r + 1
-    rounded up to 8 (forward), N + r (dX)."""
+    """Every placement; widened, the width counts the rank, the bias and the padding: K + r + 1
+    rounded up to 8 (forward), N + r (dX). dX offers the merged slab only when given ``lora_B``."""
     import loraq.kernels as kernels
     from loraq.kernels.autotune import configs_for, dense_slab_configs
 
@@ -208,9 +263,14 @@ def test_launchers_offer_the_slabs_past_32_rows_only(launcher_name, monkeypatch)
         else:
             dy = torch.randn(M, N, dtype=torch.float16, device=DEV)
             launcher(dy, "int1", tensors, meta, A, dy @ B, 0.5)
-    want = (dense_slab_configs(33, N, {SLAB_WIDEN: 56, SLAB_OUTPUT_FIRST: 50}, 2) if launcher_name == "lora_linear_fwd"
-            else dense_slab_configs(33, K, {SLAB_WIDEN: 24, SLAB_OUTPUT_FIRST: 20}, 2))
-    assert seen == [(32, []), (33, want)] and want
+            launcher(dy, "int1", tensors, meta, A, dy @ B, 0.5, lora_B=B)
+    if launcher_name == "lora_linear_fwd":
+        want = dense_slab_configs(33, N, {SLAB_WIDEN: 56, SLAB_OUTPUT_FIRST: 50, SLAB_MERGE: 50}, 2)
+        assert seen == [(32, []), (33, want)] and want
+    else:
+        want = dense_slab_configs(33, K, {SLAB_WIDEN: 24, SLAB_OUTPUT_FIRST: 20}, 2)
+        merged = dense_slab_configs(33, K, {SLAB_WIDEN: 24, SLAB_OUTPUT_FIRST: 20, SLAB_MERGE: 20}, 2)
+        assert seen == [(32, []), (32, []), (33, want), (33, merged)] and want and len(merged) > len(want)
 
 
 def test_a_bad_slab_config_is_refused():
@@ -220,11 +280,16 @@ def test_a_bad_slab_config_is_refused():
     tensors, meta = _kernel_args(w)
     for bad, match in [((6, 32, 32, 1, 4, 1, DENSE_SLAB), "decode tile"), ((8, 16, 32, 1, 4, 1, DENSE_SLAB), "decode tile"),
                        ((8, 32, 40, 1, 4, 1, DENSE_SLAB), "slab length"), ((8, 32, 32, 1, 3, 1, DENSE_SLAB), "num_warps"),
-                       ((8, 32, 32, 3, 4, 1, DENSE_SLAB), "places the LoRA path")]:
+                       ((8, 32, 32, 4, 4, 1, DENSE_SLAB), "places the LoRA path"),
+                       ((8, 32, 32, SLAB_MERGE, 4, 1, DENSE_SLAB), "at least 16 rows")]:
         with pytest.raises(ValueError, match=match):
             lora_linear_fwd(x, "sparse4x4", tensors, meta, config=bad)
         with pytest.raises(ValueError, match=match):
             lora_linear_dx(torch.randn(3, 16, dtype=torch.float16, device=DEV), "sparse4x4", tensors, meta, config=bad)
+    A = torch.randn(2, 64, dtype=torch.float16, device=DEV)
+    dy = torch.randn(3, 16, dtype=torch.float16, device=DEV)
+    with pytest.raises(ValueError, match="pass lora_B"):  # merging s·B·A into dX's slab needs B
+        lora_linear_dx(dy, "sparse4x4", tensors, meta, A, dy[:, :2], 0.5, config=(16, 32, 32, SLAB_MERGE, 4, 1, DENSE_SLAB))
 
 
 @pytest.mark.gpu
@@ -245,11 +310,11 @@ def test_gpu_slab_path_at_a_large_shape(kind, dtype):
     dyB = dy @ B
     dref = reference.lora_linear_dx_ref(dy.double(), w.to(torch.float64), f64(A), f64(dyB), 2.0)
     dlow = reference.lora_linear_dx_ref(dy, w, A, dyB, 2.0)
-    for cfg in dense_slab_configs(M, N, {SLAB_WIDEN: K + 21, SLAB_OUTPUT_FIRST: K}, 2) + \
-            [(32, 256, 512, p, 4, 1, DENSE_SLAB) for p in (SLAB_WIDEN, SLAB_OUTPUT_FIRST)]:
+    for cfg in dense_slab_configs(M, N, {SLAB_WIDEN: K + 21, SLAB_OUTPUT_FIRST: K, SLAB_MERGE: K}, 2) + \
+            [(32, 256, 512, p, 4, 1, DENSE_SLAB) for p in (SLAB_WIDEN, SLAB_OUTPUT_FIRST, SLAB_MERGE)]:
         check(lora_linear_fwd(x, _fmt(kind), tensors, meta, A, B, 2.0, b, config=cfg), ref, low, f"fwd {cfg}")
-        check(lora_linear_dx(dy, _fmt(kind), tensors, meta, A, dyB, 2.0, config=cfg), dref, dlow, f"dx {cfg}")
-    for placement in (SLAB_WIDEN, SLAB_OUTPUT_FIRST):
+        check(lora_linear_dx(dy, _fmt(kind), tensors, meta, A, dyB, 2.0, config=cfg, lora_B=B), dref, dlow, f"dx {cfg}")
+    for placement in (SLAB_WIDEN, SLAB_OUTPUT_FIRST, SLAB_MERGE):
         cfg = (32, 256, 512, placement, 4, 1, DENSE_SLAB)
         lora_linear_fwd(x, _fmt(kind), tensors, meta, A, B, 2.0, b, config=cfg)  # compiled before the capture
         graph = torch.cuda.CUDAGraph()

@@ -277,3 +277,10 @@ def test_lora_linear_dx_reference_and_its_checks():
         ops.lora_linear_dx(dy, weight, A, torch.randn(2, 3, 5, dtype=torch.float64))
     with pytest.raises(ValueError, match="dy: expected last dimension"):
         ops.lora_linear_dx(torch.randn(3, N + 1), weight)
+    # lora_B, the B of dy_B: the reference needs only dy_B, so the result is the same
+    assert torch.equal(ops.lora_linear_dx(dy, weight, A, dy @ B, 0.5, backend="reference", lora_B=B), dx)
+    for bad in (B[:, :3], B[:-1], B.t()):
+        with pytest.raises(ValueError, match=r"lora_B must be \["):
+            ops.lora_linear_dx(dy, weight, A, dy @ B, 0.5, lora_B=bad)
+    with pytest.raises(ValueError, match=r"lora_B must be \[.*and lora_A given"):
+        ops.lora_linear_dx(dy, weight, lora_B=B)

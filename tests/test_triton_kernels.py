@@ -158,9 +158,9 @@ def test_weight_on_another_device_is_a_clear_error():
     ("int1_lora_linear", lambda: (torch.randn(3, 40, device=DEV), *_int1(), torch.randn(4, 40, device=DEV),
                                   torch.randn(9, 4, device=DEV), 0.5, torch.randn(9, device=DEV))),
     ("int1_lora_linear_dx", lambda: (torch.randn(3, 9, device=DEV), *_int1(), torch.randn(4, 40, device=DEV),
-                                     torch.randn(3, 4, device=DEV), 0.5)),
+                                     torch.randn(3, 4, device=DEV), 0.5, torch.randn(9, 4, device=DEV))),
     ("sparse4x4_lora_linear", lambda: (torch.randn(3, 40, device=DEV), *_sparse(), None, None, 1.0, None)),
-    ("sparse4x4_lora_linear_dx", lambda: (torch.randn(3, 9, device=DEV), *_sparse(), None, None, 1.0)),
+    ("sparse4x4_lora_linear_dx", lambda: (torch.randn(3, 9, device=DEV), *_sparse(), None, None, 1.0, None)),
 ])
 def test_custom_ops_pass_opcheck(op, args):
     """Schema, fake (meta) implementation and dispatch of every loraq:: op."""
