@@ -61,8 +61,10 @@ GATHER_SMALL_M: List[Config] = [(1, 128, 256, 4, 4, 2, GATHER), (1, 128, 256, 8,
                                 (1, 256, 256, 8, 8, 2, GATHER)]
 GATHER_MAX_M = 16
 # More than 32 rows: the dense-slab path, (decode tile rows, decode tile columns, slab length,
-# placement of the LoRA path and bias, num_warps, 1, DENSE_SLAB), at two buffer sizes in MiB
-# (dense_slab_configs); LORAQ_DENSE_SLAB_MIB caps them (0: never this path). The placement:
+# placement of the LoRA path and bias, num_warps, slab buffers, DENSE_SLAB), at two sizes in MiB
+# of all its buffers together (dense_slab_configs); LORAQ_DENSE_SLAB_MIB caps them (0: never this
+# path). Two buffers of half the size let the next slab be decoded during the current slab's
+# matmul (more, shorter slabs); one buffer decodes and multiplies in turn. The placement:
 # SLAB_WIDEN, as extra columns of the input in the slabs' own matmuls (a copy of the input), or
 # SLAB_OUTPUT_FIRST, written into the output by one low-rank matmul that the slabs' matmuls then
 # add to (a write of the output, read back in cuBLAS's epilogue), or SLAB_MERGE, the LoRA product
@@ -150,9 +152,10 @@ def dense_slab_configs(M: int, length: int, widths: Dict[int, int], itemsize: in
 
     ``length`` is what the slabs divide (N for the forward, K for dX), ``widths`` a slab's other
     side for each placement of the LoRA path to time (``dense_slab.slab_widths``) and ``itemsize``
-    the activation's bytes. For each buffer size of ``DENSE_SLAB_MIB`` (at most the cap), the
-    fewest slabs that fit it, of equal lengths in whole 256s (at least 256): a short last slab
-    would leave most of the GPU idle in its matmul."""
+    the activation's bytes. For each size of ``DENSE_SLAB_MIB`` (at most the cap), the fewest
+    slabs that fit one buffer of it, and, where that takes more than one slab, the fewest that fit
+    two buffers of half of it (decoded beside the matmuls); slabs of equal lengths in whole 256s
+    (at least 256): a short last slab would leave most of the GPU idle in its matmul."""
     cap = dense_slab_cap_mib()
     if M < DENSE_SLAB_MIN_M or cap == 0:
         return []
@@ -160,9 +163,12 @@ def dense_slab_configs(M: int, length: int, widths: Dict[int, int], itemsize: in
     for mib in DENSE_SLAB_MIB:
         for placement, width in widths.items():
             bn, bk, warps = DENSE_SLAB_MERGE_TILE if placement == SLAB_MERGE else DENSE_SLAB_TILE
-            fit = max(256, (min(mib, cap) << 20) // (width * itemsize) // 256 * 256)
-            slabs = -(-length // fit)
-            out.append((bn, bk, -(-length // (slabs * 256)) * 256, placement, warps, 1, DENSE_SLAB))
+            for buffers in (1, 2):
+                fit = max(256, (min(mib, cap) << 20) // buffers // (width * itemsize) // 256 * 256)
+                slabs = -(-length // fit)
+                if buffers == 2 and slabs == 1:
+                    continue  # one slab: nothing to decode beside a matmul
+                out.append((bn, bk, -(-length // (slabs * 256)) * 256, placement, warps, buffers, DENSE_SLAB))
     return list(dict.fromkeys(out))  # distinct, in order
 
 

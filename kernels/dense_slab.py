@@ -26,9 +26,10 @@ and the autotuner times each:
   or output. Its rounding differs from the unmerged sum (``Ŵ`` and ``s·B·A`` added before one
   rounding, not their products), within the tolerance rule of DESIGN.md.
 
-The first slab is decoded on a side stream while the current one builds the widened input or
-writes the output first (:func:`_beside`): both are memory-bound and independent. A merged slab
-has nothing to overlap with.
+The slabs are decoded on a side stream (:func:`_pipeline`): the first while the current stream
+builds the widened input or writes the output first (both memory-bound and independent), and,
+with two buffers (the config's sixth field), each next slab while the current slab's matmul runs
+(memory-bound beside compute-bound). With one buffer a decode waits for the matmul before it.
 
 A slab is dense ``Ŵ`` in memory, briefly: this path is an autotune candidate only past 32 rows of
 x (``autotune.dense_slab_configs``), never for small batches, and ``LORAQ_DENSE_SLAB_MIB`` bounds
@@ -184,8 +185,8 @@ def decode_slab(out, fmt: str, ptrs, ints, scale_mode: int, N: int, K: int, n0: 
 
 def check_slab_config(config) -> None:
     """Raise ``ValueError`` unless ``config`` is a valid dense-slab config: ``(decode tile rows,
-    decode tile columns, slab length, placement, num_warps, 1, DENSE_SLAB)``."""
-    bn, bk, length, placement, warps, _, _ = config
+    decode tile columns, slab length, placement, num_warps, buffers, DENSE_SLAB)``."""
+    bn, bk, length, placement, warps, buffers, _ = config
     if bn < 4 or bn & (bn - 1) or bk < 32 or bk & (bk - 1):
         raise ValueError(f"config {config}: the decode tile must be a power of two of at least 4 rows and 32 "
                          f"columns, got {bn}x{bk}")
@@ -201,6 +202,9 @@ def check_slab_config(config) -> None:
                          f"needs at least 16 rows, got {bn}")
     if warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"config {config}: num_warps must be a power of two up to 16, got {warps}")
+    if buffers not in (1, 2):
+        raise ValueError(f"config {config}: the sixth field is the number of slab buffers, 1 (decode, then "
+                         f"multiply) or 2 (the next slab decoded during the current matmul), got {buffers}")
 
 
 def slab_widths(base: int, used: int, merge: bool = True):
@@ -238,30 +242,58 @@ def _lora_inputs(out, x, A, ones: bool) -> int:
     return r + ones
 
 
-_SIDE_STREAMS = {}  # device -> the stream that decodes a call's first slab beside its prologue
+_SIDE_STREAMS = {}  # device -> the stream that decodes the slabs beside the matmuls
 
 
-def _beside(first: Callable, prologue: Callable, device: torch.device):
-    """``(first(), prologue())``, with ``first`` (the first slab's decode, memory-bound) queued on
-    a side stream while ``prologue`` (the LoRA path or the widened input, also memory-bound but
-    independent of it) runs on the current one; the current stream then waits for both, so what
-    follows sees the slab. A fork and join that a CUDA graph captures too."""
-    if device.type != "cuda":
-        return first(), prologue()
-    main = torch.cuda.current_stream(device)
+def _side_stream(device: torch.device):
     side = _SIDE_STREAMS.get(device)
     if side is None:
         side = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    side.wait_stream(main)  # the buffers and weights it writes and reads are ready
-    with torch.cuda.stream(side):
-        out = first()
+    return side
+
+
+def _pipeline(starts, decode: Callable, multiply: Callable, prologue: Callable, buffers: int, device: torch.device):
+    """``before = prologue()``, then for each slab ``i``: ``multiply(starts[i], decode(starts[i],
+    i % buffers), before)``. On CUDA the decodes (memory-bound) run on a side stream, each after
+    the matmul that last read its buffer: the first beside the prologue (also memory-bound and
+    independent of it), and with two buffers each next one beside the current slab's matmul
+    (compute-bound). Events order the two streams, and the current stream waits for the side
+    one at the end: a fork and join that a CUDA graph captures too."""
+    if device.type != "cuda":
+        before = prologue()
+        for i, start in enumerate(starts):
+            multiply(start, decode(start, i % buffers), before)
+        return
+    main, side = torch.cuda.current_stream(device), _side_stream(device)
+    side.wait_stream(main)  # the buffers, weights and inputs are ready
+    decoded, multiplied = [], []
+
+    def queue_decode(i):
+        with torch.cuda.stream(side):
+            if i >= buffers:  # its buffer is free once the matmul that read it is done
+                side.wait_event(multiplied[i - buffers])
+            w = decode(starts[i], i % buffers)
+            done = torch.cuda.Event()
+            done.record(side)
+        decoded.append((w, done))
+
+    queue_decode(0)
     before = prologue()
+    for i, start in enumerate(starts):
+        w, done = decoded[i]
+        main.wait_event(done)
+        multiply(start, w, before)
+        finished = torch.cuda.Event()
+        finished.record(main)
+        multiplied.append(finished)
+        if i + 1 < len(starts):
+            queue_decode(i + 1)
     main.wait_stream(side)
-    return out, before
 
 
 def slab_forward(x, fmt, ptrs, ints, scale_mode, N, A, B, scaling, bias, config):
-    """``y = x·Ŵᵀ + s·(x·Aᵀ)·Bᵀ + b`` a slab of ``config[2]`` output rows at a time (module doc)."""
+    """``y = x·Ŵᵀ + s·(x·Aᵀ)·Bᵀ + b`` a slab of ``config[2]`` output rows at a time, in
+    ``config[5]`` buffers (module doc)."""
     M, K = x.shape
     r = A.shape[0] if A is not None else 0
     used = r + (bias is not None)
@@ -270,29 +302,21 @@ def slab_forward(x, fmt, ptrs, ints, scale_mode, N, A, B, scaling, bias, config)
     ext = padded_extension(used, K) if widen else 0
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     length = min(config[2], -(-N // 4) * 4)
-    slab = torch.empty(length, K + ext, device=x.device, dtype=x.dtype)
+    starts = range(0, N, length)
+    buffers = min(config[5], len(starts))
+    slabs = torch.empty(buffers, length, K + ext, device=x.device, dtype=x.dtype)
     b = bias.contiguous() if bias is not None and (widen or merge) else None
     factors = (A.contiguous(), B.contiguous()) if merge and r else None
 
-    def decode(n0):
+    def decode(n0, i):
         rows = min(length, N - n0)
-        return decode_slab(slab[:rows], fmt, ptrs, ints, scale_mode, N, K, n0, 0, rows, K, B if widen else None,
+        return decode_slab(slabs[i, :rows], fmt, ptrs, ints, scale_mode, N, K, n0, 0, rows, K, B if widen else None,
                            scaling, True, b if widen else None, config[:2], config[4], factors)
-
-    if merge:  # y[:, slab] = x·(Ŵ + s·B·A)[slab]ᵀ + b[slab]: one matmul a slab, nothing before it
-        for n0 in range(0, N, length):
-            w = decode(n0)
-            out = y[:, n0:n0 + w.shape[0]]
-            if b is None:
-                torch.mm(x, w.t(), out=out)
-            else:  # the bias in cuBLASLt's epilogue where the output is contiguous (one slab)
-                torch.addmm(b[n0:n0 + w.shape[0]], x, w.t(), out=out)
-        return y
 
     def prologue():
         if widen:  # [x | x·Aᵀ | 1 | 0]: built once, read by every slab's matmul
             return _widened(x, ext, lambda tail: _lora_inputs(tail, x, A, bias is not None))
-        if used:  # y = s·(x·Aᵀ)·Bᵀ + b first: two launches (the bias in cuBLASLt's epilogue)
+        if used and not merge:  # y = s·(x·Aᵀ)·Bᵀ + b first: two launches (the bias in cuBLASLt's epilogue)
             if not r:
                 y.copy_(bias.expand(M, N))
             elif bias is None:
@@ -301,19 +325,23 @@ def slab_forward(x, fmt, ptrs, ints, scale_mode, N, A, B, scaling, bias, config)
                 torch.addmm(bias, torch.mm(x, A.t()), B.t(), alpha=scaling, out=y)
         return x
 
-    w, xe = _beside(lambda: decode(0), prologue, x.device)
-    for n0 in range(0, N, length):
-        w = decode(n0) if n0 else w
-        if used and not widen:
-            y[:, n0:n0 + w.shape[0]].addmm_(x, w.t())
+    def multiply(n0, w, xe):
+        out = y[:, n0:n0 + w.shape[0]]
+        if merge and b is not None:  # x·(Ŵ + s·B·A)ᵀ + b: the bias in cuBLASLt's epilogue (when out is all of y)
+            torch.addmm(b[n0:n0 + w.shape[0]], x, w.t(), out=out)
+        elif used and not (widen or merge):  # onto the output written first
+            out.addmm_(x, w.t())
         else:
-            torch.mm(xe, w.t(), out=y[:, n0:n0 + w.shape[0]])
+            torch.mm(xe, w.t(), out=out)
+
+    _pipeline(starts, decode, multiply, prologue, buffers, x.device)
     return y
 
 
 def slab_dx(dy, fmt, ptrs, ints, scale_mode, K, A, dyb, scaling, config, B=None):
-    """``dX = dY·Ŵ + s·(dY·B)·A`` a slab of ``config[2]`` columns of ``dX`` at a time (module doc);
-    the merged placement needs ``B`` (``[N, r]``, the ``B`` of ``dyb``)."""
+    """``dX = dY·Ŵ + s·(dY·B)·A`` a slab of ``config[2]`` columns of ``dX`` at a time, in
+    ``config[5]`` buffers (module doc); the merged placement needs ``B`` (``[N, r]``, the ``B``
+    of ``dyb``)."""
     M, N = dy.shape
     r = A.shape[0] if A is not None else 0
     widen = r and config[3] == SLAB_WIDEN
@@ -323,31 +351,29 @@ def slab_dx(dy, fmt, ptrs, ints, scale_mode, K, A, dyb, scaling, config, B=None)
     ext = padded_extension(r, N) if widen else 0
     dx = torch.empty(M, K, device=dy.device, dtype=dy.dtype)
     length = min(config[2], -(-K // 32) * 32)
-    slab = torch.empty(N + ext, length, device=dy.device, dtype=dy.dtype)
+    starts = range(0, K, length)
+    buffers = min(config[5], len(starts))
+    slabs = torch.empty(buffers, N + ext, length, device=dy.device, dtype=dy.dtype)
 
-    def decode(k0):
+    def decode(k0, i):
         cols = min(length, K - k0)
-        return decode_slab(slab[:, :cols], fmt, ptrs, ints, scale_mode, N, K, 0, k0, N, cols, A if widen else None,
-                           scaling, False, None, config[:2], config[4], (A, B) if merge else None)
-
-    if merge:  # dX[:, slab] = dY·(Ŵ + s·B·A)[:, slab]: one matmul a slab, dY·B unused
-        for k0 in range(0, K, length):
-            w = decode(k0)
-            torch.mm(dy, w, out=dx[:, k0:k0 + w.shape[1]])
-        return dx
+        return decode_slab(slabs[i, :, :cols], fmt, ptrs, ints, scale_mode, N, K, 0, k0, N, cols,
+                           A if widen else None, scaling, False, None, config[:2], config[4],
+                           (A, B) if merge else None)
 
     def prologue():
         if widen:  # [dY | dY·B | 0]
             return _widened(dy, ext, lambda tail: tail[:, :r].copy_(dyb).shape[1])
-        if r:  # dX = (dY·B)·(s·A) first (beta 0: the empty buffer is not read)
+        if r and not merge:  # dX = (dY·B)·(s·A) first (beta 0: the empty buffer is not read)
             dx.addmm_(dyb, A, beta=0, alpha=scaling)
         return dy
 
-    w, dye = _beside(lambda: decode(0), prologue, dy.device)
-    for k0 in range(0, K, length):
-        w = decode(k0) if k0 else w
-        if r and not widen:
-            dx[:, k0:k0 + w.shape[1]].addmm_(dy, w)
-        else:
-            torch.mm(dye, w, out=dx[:, k0:k0 + w.shape[1]])
+    def multiply(k0, w, dye):
+        out = dx[:, k0:k0 + w.shape[1]]
+        if r and not (widen or merge):  # onto dX written first
+            out.addmm_(dy, w)
+        else:  # widened, merged (dY·B unused) or without LoRA
+            torch.mm(dye, w, out=out)
+
+    _pipeline(starts, decode, multiply, prologue, buffers, dy.device)
     return dx

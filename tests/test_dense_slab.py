@@ -150,20 +150,22 @@ def test_forward_and_dx_through_slabs_match_reference(kind, dtype, M, r, lora, b
     LoRA path. Widened, x is K plus the rank plus the bias column (100 padded to 104, 96 a
     multiple of 8 already, 95 padded to 96; 151 to 152...) and dY is N plus the rank; output first,
     the LoRA path and bias are written into the output and each slab's matmul adds to it; merged,
-    each slab is ``Ŵ + s·B·A`` and the bias rides in its matmul."""
+    each slab is ``Ŵ + s·B·A`` and the bias rides in its matmul. One slab buffer for the first
+    shape, two (taken in turn) for the second."""
     from loraq.kernels import lora_linear_dx, lora_linear_fwd
 
     w, x, A, B, b = problem(kind, dtype, M, N, K, r=r, lora=lora, bias=bias)
     tensors, meta = _kernel_args(w)
-    cfg = (8 if placement != SLAB_MERGE else 16, 32, 32, placement, 4, 1, DENSE_SLAB)
+    buffers = 1 if N < K else 2
+    cfg = (8 if placement != SLAB_MERGE else 16, 32, 32, placement, 4, buffers, DENSE_SLAB)
     y = lora_linear_fwd(x, _fmt(kind), tensors, meta, A, B, 0.5, b, config=cfg)
     assert y.shape == (M, N) and y.dtype == dtype
     check(y, reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 0.5, f64(b)),
           reference.lora_linear_ref(x, w, A, B, 0.5, b), f"fwd {kind}")
     dy = torch.randn(M, N, dtype=dtype, device=DEV)
     dyB = dy @ B if lora else None
-    dx = lora_linear_dx(dy, _fmt(kind), tensors, meta, A, dyB, 0.5, config=(16, 64, 64, placement, 4, 1, DENSE_SLAB),
-                        lora_B=B if lora else None)
+    dx = lora_linear_dx(dy, _fmt(kind), tensors, meta, A, dyB, 0.5,
+                        config=(16, 64, 64, placement, 4, buffers, DENSE_SLAB), lora_B=B if lora else None)
     assert dx.shape == (M, K) and dx.dtype == dtype
     check(dx, reference.lora_linear_dx_ref(dy.double(), w.to(torch.float64), f64(A), f64(dyB), 0.5),
           reference.lora_linear_dx_ref(dy, w, A, dyB, 0.5), f"dx {kind}")
@@ -211,26 +213,32 @@ def test_dense_slab_configs_fit_the_buffer_in_equal_slabs_and_start_past_32_rows
     widths = {SLAB_WIDEN: 8208, SLAB_OUTPUT_FIRST: 8192}
     assert dense_slab_configs(32, 28672, widths, 2) == []
     configs = dense_slab_configs(33, 28672, widths, 2)
-    assert len(configs) == len(DENSE_SLAB_MIB) * 2 and all(c[6] == DENSE_SLAB for c in configs)
-    for (_, _, length, placement, *_), mib in zip(configs, [m for m in DENSE_SLAB_MIB for _ in widths]):
-        width = widths[placement]
+    # every size and placement, each with one buffer and two (28672 rows never fit one slab)
+    assert [(c[3], c[5]) for c in configs] == [(p, b) for _ in DENSE_SLAB_MIB for p in widths for b in (1, 2)]
+    assert all(c[6] == DENSE_SLAB for c in configs)
+    for (_, _, length, placement, _, buffers, _), mib in zip(configs, [m for m in DENSE_SLAB_MIB for _ in range(4)]):
+        width, room = widths[placement], (mib << 20) // buffers
         slabs = -(-28672 // length)
-        assert length % 256 == 0 and length * width * 2 <= mib << 20  # fits its buffer
-        assert (slabs - 1) * width * 2 * -(-28672 // (slabs - 1) // 256) * 256 > mib << 20 if slabs > 1 else True
-        assert 28672 - (slabs - 1) * length > length - 256  # equal slabs: the last one is not short
-    # 128 MiB of 8208-wide rows: 7936 rows fit, so four slabs of 7168 (not 7936 x3 + 4864)
-    assert configs[len(widths)][2] == 7168
+        assert length % 256 == 0 and length * width * 2 <= room  # all the buffers fit the size
+        assert (slabs - 1) * width * 2 * -(-28672 // (slabs - 1) // 256) * 256 > room if slabs > 1 else True
+        assert (length - 256) * slabs < 28672  # as equal as whole 256s allow: no shorter length covers it
+    # 128 MiB of 8208-wide rows: 7936 rows fit, so four slabs of 7168 (not 7936 x3 + 4864); two
+    # buffers of 64 MiB: 3968 rows fit, so eight slabs of 3584
+    assert [c[2] for c in configs[4:6]] == [7168, 3584]
     # a small weight fits one slab at either size: one candidate a placement, N rounded up to 256
-    assert [c[2:4] for c in dense_slab_configs(4096, 1000, {SLAB_WIDEN: 520, SLAB_OUTPUT_FIRST: 512}, 2)] == \
-        [(1024, SLAB_WIDEN), (1024, SLAB_OUTPUT_FIRST)]
+    assert [c[2:4] + c[5:6] for c in dense_slab_configs(4096, 1000, {SLAB_WIDEN: 520, SLAB_OUTPUT_FIRST: 512}, 2)] \
+        == [(1024, SLAB_WIDEN, 1), (1024, SLAB_OUTPUT_FIRST, 1)]
+    # 4096 x 4096 in fp16 is 32 MiB: one slab in one buffer, or two slabs of 2048 in two of 16 MiB
+    assert [c[2:4] + c[5:6] for c in dense_slab_configs(4096, 4096, {SLAB_MERGE: 4096}, 2)] == \
+        [(4096, SLAB_MERGE, 1), (2048, SLAB_MERGE, 2)]
     # nothing to place: one placement
     assert [c[3] for c in dense_slab_configs(4096, 1000, {SLAB_OUTPUT_FIRST: 512}, 2)] == [SLAB_OUTPUT_FIRST]
     # a very wide one still gets 256 rows a slab
     assert {c[2] for c in dense_slab_configs(4096, 4096, {SLAB_WIDEN: 1 << 20}, 4)} == {256}
     monkeypatch.setenv("LORAQ_DENSE_SLAB_MIB", "16")
-    fit = (16 << 20) // (8208 * 2) // 256 * 256
-    assert {c[2] for c in dense_slab_configs(4096, 28672, {SLAB_WIDEN: 8208}, 2)} == \
-        {-(-28672 // (-(-28672 // fit) * 256)) * 256}
+    fits = [(16 << 20) // buffers // (8208 * 2) // 256 * 256 for buffers in (1, 2)]
+    assert [c[2] for c in dense_slab_configs(4096, 28672, {SLAB_WIDEN: 8208}, 2)] == \
+        [-(-28672 // (-(-28672 // fit) * 256)) * 256 for fit in fits]
     monkeypatch.setenv("LORAQ_DENSE_SLAB_MIB", "0")
     assert dense_slab_configs(4096, 28672, widths, 2) == []
     for bad in ("lots", "-1"):
@@ -281,7 +289,8 @@ def test_a_bad_slab_config_is_refused():
     for bad, match in [((6, 32, 32, 1, 4, 1, DENSE_SLAB), "decode tile"), ((8, 16, 32, 1, 4, 1, DENSE_SLAB), "decode tile"),
                        ((8, 32, 40, 1, 4, 1, DENSE_SLAB), "slab length"), ((8, 32, 32, 1, 3, 1, DENSE_SLAB), "num_warps"),
                        ((8, 32, 32, 4, 4, 1, DENSE_SLAB), "places the LoRA path"),
-                       ((8, 32, 32, SLAB_MERGE, 4, 1, DENSE_SLAB), "at least 16 rows")]:
+                       ((8, 32, 32, SLAB_MERGE, 4, 1, DENSE_SLAB), "at least 16 rows"),
+                       ((8, 32, 32, 1, 4, 3, DENSE_SLAB), "number of slab buffers")]:
         with pytest.raises(ValueError, match=match):
             lora_linear_fwd(x, "sparse4x4", tensors, meta, config=bad)
         with pytest.raises(ValueError, match=match):
@@ -297,7 +306,8 @@ def test_a_bad_slab_config_is_refused():
 @pytest.mark.parametrize("kind", FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_gpu_slab_path_at_a_large_shape(kind, dtype):
-    """Every tuned slab candidate, several slabs, at 1024 rows; and a CUDA graph replays each placement."""
+    """Every tuned slab candidate, several slabs, at 1024 rows, in one buffer and two; and a CUDA
+    graph replays each placement (the side stream's decodes and their events captured)."""
     from loraq.kernels import lora_linear_dx, lora_linear_fwd
     from loraq.kernels.autotune import dense_slab_configs
 
@@ -311,11 +321,11 @@ def test_gpu_slab_path_at_a_large_shape(kind, dtype):
     dref = reference.lora_linear_dx_ref(dy.double(), w.to(torch.float64), f64(A), f64(dyB), 2.0)
     dlow = reference.lora_linear_dx_ref(dy, w, A, dyB, 2.0)
     for cfg in dense_slab_configs(M, N, {SLAB_WIDEN: K + 21, SLAB_OUTPUT_FIRST: K, SLAB_MERGE: K}, 2) + \
-            [(32, 256, 512, p, 4, 1, DENSE_SLAB) for p in (SLAB_WIDEN, SLAB_OUTPUT_FIRST, SLAB_MERGE)]:
+            [(32, 256, 512, p, 4, n, DENSE_SLAB) for p in (SLAB_WIDEN, SLAB_OUTPUT_FIRST, SLAB_MERGE) for n in (1, 2)]:
         check(lora_linear_fwd(x, _fmt(kind), tensors, meta, A, B, 2.0, b, config=cfg), ref, low, f"fwd {cfg}")
         check(lora_linear_dx(dy, _fmt(kind), tensors, meta, A, dyB, 2.0, config=cfg, lora_B=B), dref, dlow, f"dx {cfg}")
-    for placement in (SLAB_WIDEN, SLAB_OUTPUT_FIRST, SLAB_MERGE):
-        cfg = (32, 256, 512, placement, 4, 1, DENSE_SLAB)
+    for placement, buffers in [(SLAB_WIDEN, 1), (SLAB_OUTPUT_FIRST, 2), (SLAB_MERGE, 1), (SLAB_MERGE, 2)]:
+        cfg = (32, 256, 512, placement, 4, buffers, DENSE_SLAB)
         lora_linear_fwd(x, _fmt(kind), tensors, meta, A, B, 2.0, b, config=cfg)  # compiled before the capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -325,3 +335,129 @@ def test_gpu_slab_path_at_a_large_shape(kind, dtype):
         torch.cuda.synchronize()
         check(y, reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 2.0, f64(b)),
               reference.lora_linear_ref(x, w, A, B, 2.0, b), f"graph replay {cfg}")
+
+
+class _Recorder:
+    """Fake CUDA streams and events that log what ``_pipeline`` queues, so the order it sets up
+    between the decode stream and the matmul stream can be checked without a GPU."""
+
+    def __init__(self):
+        self.log = []  # (stream, what, detail), in the order the host queues them
+        self.main = self.Stream("main")
+        self.current = self.main
+
+    def Stream(self, name="side"):  # noqa: N802 (torch.cuda.Stream)
+        rec = self
+
+        class S:
+            def __init__(self):
+                self.name = name
+
+            def wait_stream(self, other):
+                rec.log.append((self.name, "wait_stream", other.name))
+
+            def wait_event(self, ev):
+                rec.log.append((self.name, "wait_event", ev.id))
+
+        return S()
+
+    def Event(self):  # noqa: N802 (torch.cuda.Event)
+        rec = self
+
+        class E:
+            def __init__(self):
+                self.id = len([e for e in rec.log if e[1] == "record"]) + id(self)
+
+            def record(self, stream):
+                rec.log.append((stream.name, "record", self.id))
+
+        return E()
+
+    def stream(self, s):
+        rec = self
+
+        class Ctx:
+            def __enter__(self):
+                self.before, rec.current = rec.current, s
+
+            def __exit__(self, *exc):
+                rec.current = self.before
+
+        return Ctx()
+
+    def happens_before(self):
+        """``before(a, b)``: whether queued op ``a`` must finish before ``b`` starts (stream order,
+        events, stream waits), by reachability over the log."""
+        edges = {i: set() for i in range(len(self.log))}
+        last = {}  # stream -> its last op
+        recorded = {}
+        for i, (stream, what, detail) in enumerate(self.log):
+            if stream in last:
+                edges[last[stream]].add(i)
+            if what == "record":
+                recorded[detail] = i
+            elif what == "wait_event":
+                edges[recorded[detail]].add(i)
+            elif what == "wait_stream" and detail in last:
+                edges[last[detail]].add(i)
+            last[stream] = i
+
+        def before(a, b):
+            seen, todo = set(), [a]
+            while todo:
+                n = todo.pop()
+                if n == b:
+                    return True
+                for m in edges[n] - seen:
+                    seen.add(m)
+                    todo.append(m)
+            return False
+
+        return before
+
+
+@pytest.mark.parametrize("buffers, slabs", [(1, 1), (1, 4), (2, 2), (2, 5)])
+def test_pipeline_orders_each_decode_after_the_matmul_that_read_its_buffer(buffers, slabs, monkeypatch):
+    """The CUDA path of ``_pipeline`` with streams and events faked: every slab's matmul waits for
+    its decode; a decode into a buffer waits for the matmul that last read it; the prologue runs
+    on the current stream; and the current stream ends after everything on the side stream."""
+    import loraq.kernels.dense_slab as ds
+
+    rec = _Recorder()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: rec.main)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: rec.Stream("side"))
+    monkeypatch.setattr(torch.cuda, "Event", rec.Event)
+    monkeypatch.setattr(torch.cuda, "stream", rec.stream)
+    monkeypatch.setattr(ds, "_SIDE_STREAMS", {})
+
+    def decode(start, buf):
+        rec.log.append((rec.current.name, "decode", (start, buf)))
+        return start
+
+    def multiply(start, w, before):
+        assert w == start and before == "prologue's"
+        rec.log.append((rec.current.name, "multiply", start))
+
+    def prologue():
+        rec.log.append((rec.current.name, "prologue", None))
+        return "prologue's"
+
+    starts = range(0, 10 * slabs, 10)
+    ds._pipeline(starts, decode, multiply, prologue, buffers, torch.device("cuda"))
+    before = rec.happens_before()
+    at = {(what, detail): i for i, (_, what, detail) in enumerate(rec.log) if what in ("decode", "multiply")}
+    decodes = [next(i for (what, d), i in at.items() if what == "decode" and d[0] == s) for s in starts]
+    assert [rec.log[i][2][1] for i in decodes] == [i % buffers for i in range(slabs)]  # buffers taken in turn
+    assert all(rec.log[i][0] == "side" for i in decodes)
+    pro = next(i for i, e in enumerate(rec.log) if e[1] == "prologue")
+    assert rec.log[pro][0] == "main"
+    for i, s in enumerate(starts):
+        mul = at[("multiply", s)]
+        assert rec.log[mul][0] == "main" and before(decodes[i], mul) and before(pro, mul)
+        if i >= buffers:  # the buffer's previous reader is done before it is written again
+            assert before(at[("multiply", starts[i - buffers])], decodes[i])
+        if i + 1 < slabs and buffers == 2:  # the next decode is free to run beside this matmul
+            assert not before(mul, decodes[i + 1]) and not before(decodes[i + 1], mul)
+    end = len(rec.log) - 1
+    assert rec.log[end][:2] == ("main", "wait_stream") and all(before(d, end) for d in decodes)
+    assert not before(decodes[0], pro) and not before(pro, decodes[0])  # the first decode beside the prologue
