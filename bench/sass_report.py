@@ -58,7 +58,7 @@ def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, 
     from kernels.sparse4x4_gemv import _sparse4x4_gemv_kernel
     from kernels.sparse4x4_gemv_dx import _sparse4x4_gemv_dx_kernel
 
-    bm, out_tile, red_tile, split, warps, stages, swap = cfg
+    bm, out_tile, red_tile, split, warps, stages, swap = cfg  # a dense slab's: stages = its buffers
     F = 0 if fmt == "int1" else 1
     act, w0, w1 = f"*{dtype}", ("*i32" if F == 0 else f"*{dtype}"), (f"*{dtype}" if F == 0 else "*u8")
     out = act if split == 1 else "*fp32"
@@ -125,7 +125,7 @@ def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, 
     aligned = [n for n, _ in ptrs] + [n for n in scalars if n not in ("s", "M")] if aligned else []
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs),
-                            target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
+                            target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=1 if swap == DENSE_SLAB else stages))
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "k.cubin"
         path.write_bytes(kernel.asm["cubin"])
