@@ -2,6 +2,7 @@
 
     python bench/bench_kernels.py                      # the issue's shapes and batches on a GPU
     python bench/bench_kernels.py --csv out.csv --plot out.png --backward
+    python bench/bench_kernels.py --backward-lora      # also dX with the LoRA term (the fused input gradient)
     TRITON_INTERPRET=1 python bench/bench_kernels.py   # on a CPU: small shapes, the harness itself
 
 Providers (each skipped with its reason when unavailable):
@@ -113,15 +114,29 @@ def _nbytes(*ts) -> int:
     return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
-def providers_for(fmt: str, weight, W16, x, A, B, s, device, backward: bool) -> Dict[str, Tuple[Optional[Callable], int, str]]:
-    """``{provider: (fn or None, bytes moved, note)}`` for one problem."""
+def providers_for(fmt: str, weight, W16, x, A, B, s, device, op: str) -> Dict[str, Tuple[Optional[Callable], int, str]]:
+    """``{provider: (fn or None, bytes moved, note)}`` for one problem: ``op`` is ``forward``,
+    ``backward_dx`` (``dY·Ŵ``) or ``backward_dx_lora`` (``dY·Ŵ + s·(dY·B)·A``, with ``dY·B``
+    given, as the layer's backward has it for ``dA`` anyway; cuBLAS's row is the plain ``dY·W``)."""
     M, K = x.shape
     N = W16.shape[0]
     act = _nbytes(x) + M * N * x.element_size()
     lora = _nbytes(A, B)
     out: Dict[str, Tuple[Optional[Callable], int, str]] = {}
     status = ops.backend_status(device)
-    if backward:
+    if op == "backward_dx_lora":
+        dy = torch.randn(M, N, dtype=x.dtype, device=device)
+        dyB = dy @ B
+        out["cublas"] = (lambda: dy @ W16, _nbytes(W16) + act, "")
+        out["cublas_lora"] = (lambda: dy @ W16 + s * (dyB @ A), _nbytes(W16) + act + lora, "dY·B given")
+        ref = lambda: reference.lora_linear_dx_ref(dy, weight, A, dyB, s)  # noqa: E731
+        out["naive"] = (ref, weight.nbytes + act + lora, "dequantize, then matmul + LoRA; dY·B given")
+        for name in ("triton", "cuda"):
+            ok, why = _status(status, name, device)
+            fn = (lambda b=name: ops.lora_linear_dx(dy, weight, A, dyB, s, backend=b, lora_B=B)) if ok else None
+            out[name] = _checked(fn, ref, weight.nbytes + act + lora, why or "dY·B given", device)
+        return out
+    if op == "backward_dx":
         dy = torch.randn(M, N, dtype=x.dtype, device=device)
         out["cublas"] = (lambda: dy @ W16, _nbytes(W16) + act, "")
         out["naive"] = (lambda: dy @ weight.dequantize().to(x.dtype), weight.nbytes + act, "dequantize, then matmul")
@@ -181,7 +196,8 @@ def run(args, rows: List[Dict], info: Dict) -> str:
               f"{bw / 1e9:.1f} GB/s; dtype {args.dtype}; rank {args.rank}; {time.strftime('%Y-%m-%d')}")
     print(header)
     info["header"] = header
-    ops_to_run = ["forward"] + (["backward_dx"] if args.backward else [])
+    ops_to_run = ["forward"] + (["backward_dx"] if args.backward else []) + (
+        ["backward_dx_lora"] if args.backward_lora else [])
     for K, N in shapes:
         gen = torch.Generator().manual_seed(0)
         W = torch.randn(N, K, generator=gen) / K**0.5
@@ -193,7 +209,7 @@ def run(args, rows: List[Dict], info: Dict) -> str:
             for M in batches:
                 x = torch.randn(M, K, device=device, dtype=dtype)
                 for op in ops_to_run:
-                    provs = providers_for(fmt, weight, W16, x, A, B, 2.0, device, op != "forward")
+                    provs = providers_for(fmt, weight, W16, x, A, B, 2.0, device, op)
                     base_us = None
                     for p in args.providers:
                         if p not in provs:
@@ -260,7 +276,7 @@ def targets(rows: List[Dict]) -> List[Tuple[str, str]]:
             one, sixteen = (_best(rows, format=fmt, K=K, N=N, M=m, **fwd) for m in (1, 16))
             if one is not None and sixteen is not None:
                 limit(f"{fmt} {K}→{N}: M=16 ≤ 1.5x M=1 ({one:.1f} µs)", sixteen, 1.5 * one)
-            for op in ("forward", "backward_dx"):
+            for op in ("forward", "backward_dx", "backward_dx_lora"):
                 mine = _best(rows, op=op, format=fmt, K=K, N=N, M=4096, provider="triton")
                 ref = _best(rows, op=op, format=fmt, K=K, N=N, M=4096, provider="cublas")
                 if mine is not None and ref is not None:
@@ -356,7 +372,7 @@ def merge_runs(paths: List[str]) -> Tuple[List[Dict], str]:
 
 
 _LOG_ROW = re.compile(
-    r"^(?P<op>forward|backward_dx)\s+(?P<format>\S+)\s+K=(?P<K>\d+)\s+N=(?P<N>\d+)\s+M=(?P<M>\d+)\s+"
+    r"^(?P<op>forward|backward_dx_lora|backward_dx)\s+(?P<format>\S+)\s+K=(?P<K>\d+)\s+N=(?P<N>\d+)\s+M=(?P<M>\d+)\s+"
     r"(?P<provider>\S+)\s+(?P<us>[\d.]+|-) µs\s+(?P<g>[\d.]+|-) µs\(graph\)\s*"
     r"(?:(?P<GBps>[\d.]+) GB/s\s+(?P<pct>[\d.]+)% bw\s+x\s*(?P<x>[\d.]+)(?:\s+(?P<bytes>\d+) B)?)?\s*(?P<note>.*)$")
 
@@ -426,6 +442,8 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     p.add_argument("--backward", action="store_true", help="also time dX = dY·Ŵ")
+    p.add_argument("--backward-lora", action="store_true",
+                   help="also time dX = dY·Ŵ + s·(dY·B)·A (dY·B given), the layer's fused input gradient")
     p.add_argument("--device", default="auto")
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--csv", help="write every row here")

@@ -9,7 +9,8 @@
 # fit one 10-minute device call) keep the call inside a device lease; TESTS picks the
 # tests (default "gpu": the GPU-marked large shapes and every tile, lookup and gather config;
 # "gemv": those of the lookup and gathering GEMVs alone; "slab": the dense-slab path's; "all": the files, which compile for many
-# minutes); extra arguments go to bench_kernels.py. Run
+# minutes); BENCH_DX_LORA=1 also times dX with the LoRA term (--backward-lora); extra arguments go
+# to bench_kernels.py. Run
 # bench/fetch_baselines.sh first (and carry bench/wheels) to compare with GemLite and bitsandbytes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,7 +41,7 @@ else SELECT=("${KERNEL_TESTS[@]}" tests/test_bench.py -k "gpu or every_tile or e
 timeout "${TEST_TIMEOUT:-270}" python3 -m pytest -q -ra -p no:cacheprovider $XDIST "${SELECT[@]}" \
   > "$OUT/tests.txt" 2>&1
 echo "tests exit $?"; tail -n 25 "$OUT/tests.txt"
-timeout "${BENCH_TIMEOUT:-270}" python3 bench/bench_kernels.py --backward --csv "$OUT/bench.csv" \
+timeout "${BENCH_TIMEOUT:-270}" python3 bench/bench_kernels.py --backward ${BENCH_DX_LORA:+--backward-lora} --csv "$OUT/bench.csv" \
   --plot "$OUT/bench.png" --markdown "$OUT/bench.md" "$@" > "$OUT/bench.txt" 2>&1
 echo "bench exit $?"; grep -v '^forward\|^backward' "$OUT/bench.txt" | tail -n 20
 # a run killed before it wrote its report: rebuild the report and plot from the printed rows

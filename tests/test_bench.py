@@ -83,6 +83,26 @@ def test_bench_kernels_writes_csv_and_plot(tmp_path):
     assert "rebuilt from the printed log" in (tmp_path / "rebuilt.md").read_text()
 
 
+def test_bench_kernels_times_dx_with_the_lora_term(tmp_path):
+    """``--backward-lora``: ``dY·Ŵ + s·(dY·B)·A`` for each provider, the Triton one checked against
+    the reference before it is timed (it would be refused, not timed, if it disagreed)."""
+    pytest.importorskip("triton")
+    csv_path = tmp_path / "dx.csv"
+    out = subprocess.run(
+        [sys.executable, "bench/bench_kernels.py", "--shapes", "40x24", "--batches", "3", "--formats", "int1",
+         "--providers", "cublas,cublas_lora,naive,triton", "--reps", "2", "--backward-lora", "--csv", str(csv_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    rows = [r for r in csv.DictReader(csv_path.open()) if r["op"] == "backward_dx_lora"]
+    assert [r["provider"] for r in rows] == ["cublas", "cublas_lora", "naive", "triton"]
+    assert all(float(r["median_us"]) > 0 for r in rows)
+    triton_row = rows[-1]
+    assert "REFUSED" not in triton_row["note"] and "interpreter" in triton_row["note"]
+    # the packed weight, A, B, dY and dX: what the dequantize-then-matmul row moves too, and more than
+    # cuBLAS's dense dY·W less its dense weight
+    assert int(triton_row["bytes"]) == int(rows[2]["bytes"]) > int(rows[0]["bytes"]) - 24 * 40 * 2
+
+
 def test_bench_kernels_from_log_refuses_a_log_without_rows(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("device cpu; nothing else\n")
@@ -114,6 +134,8 @@ def test_targets_report_met_missed_and_not_measured():
     rows = [row("int1", 8192, 28672, 1, "triton", 12.0), row("int1", 8192, 28672, 16, "triton", 30.0),
             row("int1", 4096, 4096, 1, "triton", 9.0),
             row("int1", 4096, 4096, 4096, "triton", 500.0), row("int1", 4096, 4096, 4096, "cublas", 450.0),
+            row("int1", 4096, 4096, 4096, "triton", 600.0, op="backward_dx_lora"),
+            row("int1", 4096, 4096, 4096, "cublas", 400.0, op="backward_dx_lora"),
             row("sparse4x4", 8192, 28672, 1, "triton", 1.0, device="cpu")]  # interpreter rows never count
     got = dict(bk.targets(rows))
     assert got["int1 + LoRA, M=1, 8192→28672 ≤ 15 µs"] == "12.0 µs: met"
@@ -121,6 +143,7 @@ def test_targets_report_met_missed_and_not_measured():
     assert got["sparse4x4 + LoRA, M=1, 8192→28672 ≤ 20 µs"] == "not measured"
     assert got["int1 8192→28672: M=16 ≤ 1.5x M=1 (12.0 µs)"] == "30.0 µs: missed by 1.67x"
     assert got["int1 4096→4096 forward, M=4096 ≤ 1.25x cuBLAS (450.0 µs)"] == "500.0 µs: met"
+    assert got["int1 4096→4096 backward_dx_lora, M=4096 ≤ 1.25x cuBLAS (400.0 µs)"] == "600.0 µs: missed by 1.20x"
 
 
 def test_sass_report_compiles_for_hopper_without_a_gpu():
@@ -189,6 +212,17 @@ def test_sass_report_compiles_the_dense_slab_decode(op, fmt):
     assert "tensor cores none" in out.stdout and "spills) 0" in out.stdout
     stores = re.search(r"STG:(\d+)", out.stdout)
     assert stores and int(stores.group(1)) <= 16, out.stdout
+
+
+@pytest.mark.parametrize("fmt", ["int1", "sparse4x4"])
+def test_sass_report_compiles_the_merged_slab_decode(fmt):
+    """The merged decode (``Ŵ + s·B·A``, placement 3) at its tile, 32 x 256 on 8 warps: the rank
+    product on the tensor cores, no spills."""
+    pytest.importorskip("triton")
+    out = subprocess.run([sys.executable, "bench/sass_report.py", "fwd", fmt, "(32, 256, 4096, 3, 8, 1, 7)"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "tensor cores none" not in out.stdout and "spills) 0" in out.stdout
 
 
 @pytest.mark.parametrize("group", [None, 16, 32, 128])
