@@ -36,7 +36,7 @@ x (``autotune.dense_slab_configs``), never for small batches, and ``LORAQ_DENSE_
 (or, at 0, turns off) its buffer.
 """
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -252,15 +252,17 @@ def _side_stream(device: torch.device):
     return side
 
 
-def _pipeline(starts, decode: Callable, multiply: Callable, prologue: Callable, buffers: int, device: torch.device):
-    """``before = prologue()``, then for each slab ``i``: ``multiply(starts[i], decode(starts[i],
-    i % buffers), before)``. On CUDA the decodes (memory-bound) run on a side stream, each after
-    the matmul that last read its buffer: the first beside the prologue (also memory-bound and
-    independent of it), and with two buffers each next one beside the current slab's matmul
-    (compute-bound). Events order the two streams, and the current stream waits for the side
-    one at the end: a fork and join that a CUDA graph captures too."""
-    if device.type != "cuda":
-        before = prologue()
+def _pipeline(starts, decode: Callable, multiply: Callable, prologue: Optional[Callable], buffers: int,
+              device: torch.device):
+    """``before = prologue()`` (None without one), then for each slab ``i``:
+    ``multiply(starts[i], decode(starts[i], i % buffers), before)``. On CUDA the decodes
+    (memory-bound) run on a side stream, each after the matmul that last read its buffer: the
+    first beside the prologue (also memory-bound and independent of it), and with two buffers each
+    next one beside the current slab's matmul (compute-bound). Events order the two streams, and
+    the current stream waits for the side one at the end: a fork and join that a CUDA graph
+    captures too. With one buffer and no prologue nothing could overlap: all on the current stream."""
+    if device.type != "cuda" or (prologue is None and buffers == 1):
+        before = prologue() if prologue is not None else None
         for i, start in enumerate(starts):
             multiply(start, decode(start, i % buffers), before)
         return
@@ -278,7 +280,7 @@ def _pipeline(starts, decode: Callable, multiply: Callable, prologue: Callable, 
         decoded.append((w, done))
 
     queue_decode(0)
-    before = prologue()
+    before = prologue() if prologue is not None else None
     for i, start in enumerate(starts):
         w, done = decoded[i]
         main.wait_event(done)
@@ -316,25 +318,27 @@ def slab_forward(x, fmt, ptrs, ints, scale_mode, N, A, B, scaling, bias, config)
     def prologue():
         if widen:  # [x | x·Aᵀ | 1 | 0]: built once, read by every slab's matmul
             return _widened(x, ext, lambda tail: _lora_inputs(tail, x, A, bias is not None))
-        if used and not merge:  # y = s·(x·Aᵀ)·Bᵀ + b first: two launches (the bias in cuBLASLt's epilogue)
-            if not r:
-                y.copy_(bias.expand(M, N))
-            elif bias is None:
-                y.addmm_(torch.mm(x, A.t()), B.t(), beta=0, alpha=scaling)
-            else:
-                torch.addmm(bias, torch.mm(x, A.t()), B.t(), alpha=scaling, out=y)
-        return x
+        # y = s·(x·Aᵀ)·Bᵀ + b first: two launches (the bias in cuBLASLt's epilogue)
+        if not r:
+            y.copy_(bias.expand(M, N))
+        elif bias is None:
+            y.addmm_(torch.mm(x, A.t()), B.t(), beta=0, alpha=scaling)
+        else:
+            torch.addmm(bias, torch.mm(x, A.t()), B.t(), alpha=scaling, out=y)
+        return None
 
     def multiply(n0, w, xe):
         out = y[:, n0:n0 + w.shape[0]]
-        if merge and b is not None:  # x·(Ŵ + s·B·A)ᵀ + b: the bias in cuBLASLt's epilogue (when out is all of y)
-            torch.addmm(b[n0:n0 + w.shape[0]], x, w.t(), out=out)
-        elif used and not (widen or merge):  # onto the output written first
-            out.addmm_(x, w.t())
-        else:
+        if widen:
             torch.mm(xe, w.t(), out=out)
+        elif merge and b is not None:  # x·(Ŵ + s·B·A)ᵀ + b: the bias in cuBLASLt's epilogue (when out is all of y)
+            torch.addmm(b[n0:n0 + w.shape[0]], x, w.t(), out=out)
+        elif used and not merge:  # onto the output written first
+            out.addmm_(x, w.t())
+        else:  # merged without a bias, or nothing to place
+            torch.mm(x, w.t(), out=out)
 
-    _pipeline(starts, decode, multiply, prologue, buffers, x.device)
+    _pipeline(starts, decode, multiply, prologue if used and not merge else None, buffers, x.device)
     return y
 
 
@@ -364,16 +368,17 @@ def slab_dx(dy, fmt, ptrs, ints, scale_mode, K, A, dyb, scaling, config, B=None)
     def prologue():
         if widen:  # [dY | dY·B | 0]
             return _widened(dy, ext, lambda tail: tail[:, :r].copy_(dyb).shape[1])
-        if r and not merge:  # dX = (dY·B)·(s·A) first (beta 0: the empty buffer is not read)
-            dx.addmm_(dyb, A, beta=0, alpha=scaling)
-        return dy
+        dx.addmm_(dyb, A, beta=0, alpha=scaling)  # dX = (dY·B)·(s·A) first (beta 0: the empty buffer is not read)
+        return None
 
     def multiply(k0, w, dye):
         out = dx[:, k0:k0 + w.shape[1]]
-        if r and not (widen or merge):  # onto dX written first
-            out.addmm_(dy, w)
-        else:  # widened, merged (dY·B unused) or without LoRA
+        if widen:
             torch.mm(dye, w, out=out)
+        elif r and not merge:  # onto dX written first
+            out.addmm_(dy, w)
+        else:  # merged (dY·B unused) or without LoRA
+            torch.mm(dy, w, out=out)
 
-    _pipeline(starts, decode, multiply, prologue, buffers, dy.device)
+    _pipeline(starts, decode, multiply, prologue if r and not merge else None, buffers, dy.device)
     return dx

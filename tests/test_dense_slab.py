@@ -416,11 +416,14 @@ class _Recorder:
         return before
 
 
+@pytest.mark.parametrize("with_prologue", [True, False], ids=["prologue", "none"])
 @pytest.mark.parametrize("buffers, slabs", [(1, 1), (1, 4), (2, 2), (2, 5)])
-def test_pipeline_orders_each_decode_after_the_matmul_that_read_its_buffer(buffers, slabs, monkeypatch):
+def test_pipeline_orders_each_decode_after_the_matmul_that_read_its_buffer(buffers, slabs, with_prologue,
+                                                                          monkeypatch):
     """The CUDA path of ``_pipeline`` with streams and events faked: every slab's matmul waits for
     its decode; a decode into a buffer waits for the matmul that last read it; the prologue runs
-    on the current stream; and the current stream ends after everything on the side stream."""
+    on the current stream; and the current stream ends after everything on the side stream.
+    With one buffer and no prologue (a merged slab) nothing can overlap: no side stream at all."""
     import loraq.kernels.dense_slab as ds
 
     rec = _Recorder()
@@ -435,7 +438,7 @@ def test_pipeline_orders_each_decode_after_the_matmul_that_read_its_buffer(buffe
         return start
 
     def multiply(start, w, before):
-        assert w == start and before == "prologue's"
+        assert w == start and before == ("prologue's" if with_prologue else None)
         rec.log.append((rec.current.name, "multiply", start))
 
     def prologue():
@@ -443,21 +446,25 @@ def test_pipeline_orders_each_decode_after_the_matmul_that_read_its_buffer(buffe
         return "prologue's"
 
     starts = range(0, 10 * slabs, 10)
-    ds._pipeline(starts, decode, multiply, prologue, buffers, torch.device("cuda"))
+    ds._pipeline(starts, decode, multiply, prologue if with_prologue else None, buffers, torch.device("cuda"))
+    if not with_prologue and buffers == 1:
+        assert rec.log == [e for s in starts for e in (("main", "decode", (s, 0)), ("main", "multiply", s))]
+        return
     before = rec.happens_before()
     at = {(what, detail): i for i, (_, what, detail) in enumerate(rec.log) if what in ("decode", "multiply")}
     decodes = [next(i for (what, d), i in at.items() if what == "decode" and d[0] == s) for s in starts]
     assert [rec.log[i][2][1] for i in decodes] == [i % buffers for i in range(slabs)]  # buffers taken in turn
     assert all(rec.log[i][0] == "side" for i in decodes)
-    pro = next(i for i, e in enumerate(rec.log) if e[1] == "prologue")
-    assert rec.log[pro][0] == "main"
+    pro = next((i for i, e in enumerate(rec.log) if e[1] == "prologue"), None)
+    assert (pro is not None) == with_prologue and (pro is None or rec.log[pro][0] == "main")
     for i, s in enumerate(starts):
         mul = at[("multiply", s)]
-        assert rec.log[mul][0] == "main" and before(decodes[i], mul) and before(pro, mul)
+        assert rec.log[mul][0] == "main" and before(decodes[i], mul) and (pro is None or before(pro, mul))
         if i >= buffers:  # the buffer's previous reader is done before it is written again
             assert before(at[("multiply", starts[i - buffers])], decodes[i])
         if i + 1 < slabs and buffers == 2:  # the next decode is free to run beside this matmul
             assert not before(mul, decodes[i + 1]) and not before(decodes[i + 1], mul)
     end = len(rec.log) - 1
     assert rec.log[end][:2] == ("main", "wait_stream") and all(before(d, end) for d in decodes)
-    assert not before(decodes[0], pro) and not before(pro, decodes[0])  # the first decode beside the prologue
+    if pro is not None:  # the first decode beside the prologue
+        assert not before(decodes[0], pro) and not before(pro, decodes[0])
