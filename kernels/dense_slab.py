@@ -168,9 +168,10 @@ def decode_slab(out, fmt: str, ptrs, ints, scale_mode: int, N: int, K: int, n0: 
                          f"{R + (bias is not None)} that the LoRA factor and bias need")
     grid = (triton.cdiv(rows, bn) + (1 if ext and not lora_cols else 0),
             triton.cdiv(cols, bk) + (1 if ext and lora_cols else 0))
-    if merge is not None:
-        R = mA.shape[0]
-    mA, mB = merge if merge is not None else (out, out)  # placeholders when not merging
+    if merge is None:
+        mA = mB = out  # placeholders
+    else:
+        R = mA.shape[0]  # the rank of the merged product (no strip)
     _decode_slab_kernel[grid](
         *ptrs, lora if lora is not None else out, bias if bias is not None else out, out, mB, mA, n0, k0, rows, cols,
         N, K, R, ext, float(scaling), *ints[:3], out.stride(0), lora.stride(0) if lora is not None else 0,
