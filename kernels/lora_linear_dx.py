@@ -135,7 +135,9 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
 
     # tuned per format, scale mode and LoRA on/off: each compiles to a different kernel. Small
     # batches of sparse4x4 also time the gathering GEMV, under their own cache key.
-    op = f"lora_linear_dx:{fmt}:{scale_mode}:{int(has_lora)}" + (":gather" if gather else "")
+    # with B the merged slab is a candidate: its own key, so that a call without B never gets it
+    op = f"lora_linear_dx:{fmt}:{scale_mode}:{int(has_lora)}" + (":gather" if gather else "") + (
+        ":B" if B is not None else "")
     if gather:
         extra = lambda: gather_configs(M)  # noqa: E731
     else:  # past 32 rows, the dense slabs too (none before)

@@ -257,8 +257,11 @@ def test_launchers_offer_the_slabs_past_32_rows_only(launcher_name, monkeypatch)
     launcher = getattr(kernels, launcher_name)
     seen = []
 
+    ops_seen = []
+
     def spy(op, M, N, K, dtype, device, run, bench=None, extra=None):
         seen.append((M, candidates_passed(extra)))
+        ops_seen.append(op)
         return configs_for(M)[0]
 
     monkeypatch.setattr(sys.modules[launcher.__module__], "pick_config", spy)
@@ -279,6 +282,8 @@ def test_launchers_offer_the_slabs_past_32_rows_only(launcher_name, monkeypatch)
         want = dense_slab_configs(33, K, {SLAB_WIDEN: 24, SLAB_OUTPUT_FIRST: 20}, 2)
         merged = dense_slab_configs(33, K, {SLAB_WIDEN: 24, SLAB_OUTPUT_FIRST: 20, SLAB_MERGE: 20}, 2)
         assert seen == [(32, []), (32, []), (33, want), (33, merged)] and want and len(merged) > len(want)
+        # tuned under keys of their own: a merged winner (which needs B) is never picked for a call without B
+        assert ops_seen[2] != ops_seen[3] and ops_seen[3].endswith(":B") and ops_seen[3].startswith(ops_seen[2])
 
 
 def test_a_bad_slab_config_is_refused():
