@@ -153,9 +153,9 @@ def dense_slab_configs(M: int, length: int, widths: Dict[int, int], itemsize: in
     ``length`` is what the slabs divide (N for the forward, K for dX), ``widths`` a slab's other
     side for each placement of the LoRA path to time (``dense_slab.slab_widths``) and ``itemsize``
     the activation's bytes. For each size of ``DENSE_SLAB_MIB`` (at most the cap), the fewest
-    slabs that fit one buffer of it, and, where that takes more than one slab, the fewest that fit
-    two buffers of half of it (decoded beside the matmuls); slabs of equal lengths in whole 256s
-    (at least 256): a short last slab would leave most of the GPU idle in its matmul."""
+    slabs that fit one buffer of it, and, where half of it holds less than the whole, the fewest
+    that fit two buffers of half of it (decoded beside the matmuls); slabs of equal lengths in
+    whole 256s (at least 256): a short last slab would leave most of the GPU idle in its matmul."""
     cap = dense_slab_cap_mib()
     if M < DENSE_SLAB_MIN_M or cap == 0:
         return []
