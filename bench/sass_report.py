@@ -4,6 +4,7 @@ Answers "did the config get wgmma (HGMMA) or mma.sync (HMMA)?", "does it spill (
 "how much shared memory?" and "which instructions dominate?" before any device time is spent.
 
     python bench/sass_report.py fwd int1 "(16, 128, 128, 4, 4, 3, 1)"
+    python bench/sass_report.py fwd int1 "(16, 128, 128, 4, 4, 3, 8)"    # signs decoded in pair order
     python bench/sass_report.py dx sparse4x4 "(128, 128, 64, 1, 8, 3, 1)" --dtype bf16
     python bench/sass_report.py fwd int1 lut          # every lookup-GEMV candidate, one line each
     python bench/sass_report.py dx sparse4x4 tiled    # every tiled candidate (small, middle, large batches)
@@ -50,7 +51,8 @@ def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels.autotune import DENSE_SLAB, GATHER, GATHER_FWD, GATHER_T, GATHER_T_X4, GATHER_X4, LUT, SLAB_MERGE
+    from kernels.autotune import (DENSE_SLAB, DOT_PAIRS, DOT_SWAP, GATHER, GATHER_FWD, GATHER_T, GATHER_T_X4,
+                                  GATHER_X4, LUT, SLAB_MERGE)
     from kernels.dense_slab import _decode_slab_kernel
     from kernels.int1_gemv_lut import _int1_gemv_lut_kernel
     from kernels.lora_linear_dx import _lora_linear_dx_kernel
@@ -103,9 +105,12 @@ def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, 
         ptrs = [("x_ptr", act), ("w0_ptr", w0), ("w1_ptr", w1), ("w2_ptr", act), ("xa_ptr", act), ("b_ptr", act),
                 ("bias_ptr", act), ("y_ptr", out), ("a_ptr", act), ("parts_ptr", "*fp32")]
         scalars = ["M", "N", "K", "s", "K_PER_SPLIT", "W_A", "W_B", "W_C", "W_D", "stride_xm", "stride_ym",
-                   "stride_am", "stride_bn", "stride_ar", "R"]
+                   "stride_am", "stride_bn", "stride_ar", "R", "ONE2"]
+        if swap == DOT_PAIRS and fmt != "int1":
+            raise SystemExit(f"sass_report: config {cfg} decodes int1 signs in pair order")
         cx = dict(FORMAT=F, SCALE=0, HAS_LORA=True, HAS_BIAS=False, IEEE=dtype == "fp32", UPCAST=False, WDT=wdt,
-                  BLOCK_R=16, BLOCK_M=bm, BLOCK_N=out_tile, BLOCK_K=red_tile, SPLIT_K=split, SWAP=bool(swap), ASM=True)
+                  BLOCK_R=16, BLOCK_M=bm, BLOCK_N=out_tile, BLOCK_K=red_tile, SPLIT_K=split,
+                  SWAP=swap in (DOT_SWAP, DOT_PAIRS), PAIRS=swap == DOT_PAIRS, ASM=True)
     elif op == "dx":
         fn = _lora_linear_dx_kernel
         ptrs = [("dy_ptr", act), ("w0_ptr", w0), ("w1_ptr", w1), ("w2_ptr", act), ("dyb_ptr", act), ("a_ptr", act),

@@ -27,8 +27,9 @@ Config = Tuple[int, int, int, int, int, int, int]
 # same forward GEMV with its block's axes swapped (GATHER_T: the tile columns across the lanes),
 # and both of them loading each tile column's four inputs once instead of gathering one input per
 # stored value (GATHER_X4, GATHER_T_X4); large batches: the weight decoded a slab at a time into a
-# dense buffer that cuBLAS multiplies (DENSE_SLAB, kernels/dense_slab.py).
-DOT, DOT_SWAP, LUT, GATHER, GATHER_T, GATHER_X4, GATHER_T_X4, DENSE_SLAB = 0, 1, 2, 3, 4, 5, 6, 7
+# dense buffer that cuBLAS multiplies (DENSE_SLAB, kernels/dense_slab.py); the int1 forward's
+# DOT_SWAP with the signs decoded two at a time in pair order (DOT_PAIRS, decode._int1_sign_pairs).
+DOT, DOT_SWAP, LUT, GATHER, GATHER_T, GATHER_X4, GATHER_T_X4, DENSE_SLAB, DOT_PAIRS = 0, 1, 2, 3, 4, 5, 6, 7, 8
 GATHER_FWD = (GATHER, GATHER_T, GATHER_X4, GATHER_T_X4)  # the forward's gathering variants
 
 # Small batches: one 16-row tile of x, wide weight tiles, the reduction split so that a few
@@ -60,6 +61,15 @@ GATHER_SMALL_M: List[Config] = [(1, 128, 256, 4, 4, 2, GATHER), (1, 128, 256, 8,
                                 (1, 256, 128, 4, 4, 2, GATHER), (1, 64, 512, 8, 4, 2, GATHER),
                                 (1, 256, 256, 8, 8, 2, GATHER)]
 GATHER_MAX_M = 16
+# The int1 forward's pair-order decode in fp16 and bf16, timed against the others up to
+# PAIRS_MAX_M rows: the tiles of SMALL_M's swapped configs, and 32- and 64-row tiles for middle
+# batches. Compiled for sm_90 by Triton 3.6 (bench/sass_report.py): none spills; a 128 x 128 tile
+# takes 266 instructions an iteration where DOT_SWAP's takes 604 (127 registers, 255 for 64 rows).
+PAIRS_SMALL_M: List[Config] = [(16, 128, 128, 4, 4, 3, DOT_PAIRS), (16, 128, 128, 8, 4, 3, DOT_PAIRS),
+                               (16, 256, 128, 4, 8, 3, DOT_PAIRS), (16, 64, 256, 4, 4, 3, DOT_PAIRS),
+                               (16, 128, 256, 4, 8, 3, DOT_PAIRS)]
+PAIRS_MID_M: List[Config] = [(32, 128, 128, 4, 4, 3, DOT_PAIRS), (64, 256, 128, 1, 8, 3, DOT_PAIRS)]
+PAIRS_MAX_M = 256
 # More than 32 rows: the dense-slab path, (decode tile rows, decode tile columns, slab length,
 # placement of the LoRA path and bias, num_warps, slab buffers, DENSE_SLAB), at two sizes in MiB
 # of all its buffers together (dense_slab_configs); LORAQ_DENSE_SLAB_MIB caps them (0: never this
@@ -101,6 +111,13 @@ def lut_configs(M: int) -> List[Config]:
         raise ValueError(f"the lookup GEMV is tuned for 1 to {LUT_MAX_M} rows of x, got {M}")
     rows = m_bucket(M)
     return list(dict.fromkeys((rows, max(128, c[1] // rows)) + c[2:] for c in LUT_M1))  # distinct, in order
+
+
+def pairs_configs(M: int) -> List[Config]:
+    """The pair-order int1 forward's candidates for ``M`` rows of x (none past ``PAIRS_MAX_M``)."""
+    if M <= 16:
+        return list(PAIRS_SMALL_M)
+    return list(PAIRS_MID_M) if M <= PAIRS_MAX_M else []
 
 
 def gather_configs(M: int, variant: int = GATHER) -> List[Config]:
@@ -275,7 +292,8 @@ def pick_config(op: str, M: int, N: int, K: int, dtype: torch.dtype, device: tor
 
 VARIANT_NAMES = {DOT: "tiled", DOT_SWAP: "tiled, swapped", LUT: "lookup GEMV", GATHER: "gather GEMV",
                  GATHER_T: "gather GEMV, swapped", GATHER_X4: "gather GEMV, x by fours",
-                 GATHER_T_X4: "gather GEMV, swapped, x by fours", DENSE_SLAB: "dense slab + cuBLAS"}
+                 GATHER_T_X4: "gather GEMV, swapped, x by fours", DENSE_SLAB: "dense slab + cuBLAS",
+                 DOT_PAIRS: "tiled, swapped, pair-order signs"}
 
 
 def describe(cfg: Config) -> str:

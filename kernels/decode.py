@@ -77,6 +77,55 @@ def _int1_signs(packed_ptr, offs_n, k0, N, KW, WDT: tl.constexpr, BLOCK_N: tl.co
 
 
 @triton.jit
+def _int1_sign_pairs(packed_ptr, offs_n, k0, N, KW, ONE2, WDT: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    """±1 for ``Ŵ[offs_n, k0:k0+BLOCK_K]`` with its columns in pair order (``_pair_order``): column
+    ``32i + 2q + e`` holds bit ``q + 16e`` of word ``i``. ``k0`` is a multiple of 32.
+
+    Bits ``q`` and ``q + 16`` of a word are two adjacent 16-bit values after one shift, which puts
+    them on the two sign bits of a pair of 1.0s: one shift and one and-xor-or (LOP3) decode two
+    weights into the 32-bit register that a tensor-core fragment holds them in (compiled for sm_90
+    with Triton 3.6: 65 shifts and 64 LOP3 a thread for a 128 x 128 tile, straight into ``wgmma``'s
+    register operand; ``_int1_signs`` takes about 3 instructions a weight and a trip through shared
+    memory). ``ONE2`` is the pair of 1.0s (``0x3C003C00`` fp16, ``0x3F803F80`` bf16) passed at run
+    time: as a register, ptxas folds the and, xor and or into one LOP3 (with two immediates it
+    needs two). fp32 (``WDT == W_FP32``) decodes each half on its own, in the same order.
+    """
+    offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    words = tl.load(packed_ptr + offs_n[:, None] * KW + offs_w[None, :],
+                    mask=(offs_n[:, None] < N) & (offs_w[None, :] < KW), other=0)
+    w = words.to(tl.uint32, bitcast=True)[:, :, None]
+    q = tl.arange(0, 16).to(tl.uint32)[None, None, :]
+    if WDT == 2:  # fp32: bit q onto bit 31 for the first of the pair, bit q + 16 for the second
+        lo = ((((w << (31 - q)) & 0x80000000) ^ 0x80000000) | 0x3F800000).to(tl.float32, bitcast=True)
+        hi = ((((w << (15 - q)) & 0x80000000) ^ 0x80000000) | 0x3F800000).to(tl.float32, bitcast=True)
+    else:  # a set bit is +1: the xor clears its sign
+        u = (((w << (15 - q)) & 0x80008000) ^ 0x80008000) | ONE2
+        lo16 = (u & 0xFFFF).to(tl.uint16)
+        hi16 = (u >> 16).to(tl.uint16)
+        if WDT == 0:
+            lo, hi = lo16.to(tl.float16, bitcast=True), hi16.to(tl.float16, bitcast=True)
+        else:
+            lo, hi = lo16.to(tl.bfloat16, bitcast=True), hi16.to(tl.bfloat16, bitcast=True)
+    return tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _pair_order(t, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The columns of ``t [ROWS, BLOCK_K]`` in the order ``_int1_sign_pairs`` decodes: in each
+    32-column block, ``q + 16e`` moves to ``2q + e``. The reduction runs in that order on both
+    operands, so the product is unchanged."""
+    return tl.reshape(tl.permute(tl.reshape(t, (ROWS, BLOCK_K // 32, 2, 16)), (0, 1, 3, 2)), (ROWS, BLOCK_K))
+
+
+def pair_ones(dtype: torch.dtype) -> int:
+    """``ONE2`` of ``_int1_sign_pairs`` for activations of ``dtype``: two 1.0s in one 32-bit word
+    (0 where the decode is fp32 and takes none)."""
+    wdt = decode_dtype(dtype)
+    return 0x3C003C00 if wdt == W_FP16 else (0x3F803F80 if wdt == W_BF16 else 0)
+
+
+@triton.jit
 def _int1_group_scale(scale_ptr, offs_n, offs_k, N, K, G, group_size):
     """``α[n, k // group_size]`` as fp32 ``[BLOCK_N, BLOCK_K]`` (the per-group mode only)."""
     n = offs_n[:, None]

@@ -12,20 +12,22 @@ Batches of more than 32 rows also time decoding ``Ŵ`` a slab at a time into a d
 for cuBLAS, the LoRA path and bias in cuBLAS too (``dense_slab.py``), and take it when it is faster.
 Small batches also time a GEMV that never decodes a tile, and take it when it is faster: the
 table lookup for up to 4 rows of int1 (``int1_gemv_lut.py``), and the gather for up to 16 rows
-of sparse4x4 (``sparse4x4_gemv.py``).
+of sparse4x4 (``sparse4x4_gemv.py``). int1 in fp16 and bf16 also times, up to 256 rows, this kernel
+with its signs decoded two at a time in pair order (``DOT_PAIRS``, ``decode._int1_sign_pairs``).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .autotune import (DENSE_SLAB, DOT, DOT_SWAP, GATHER_FWD, GATHER_MAX_M, LUT, LUT_MAX_M, dense_slab_configs,
-                       gather_fwd_configs, lut_configs, pick_config)
+from .autotune import (DENSE_SLAB, DOT, DOT_PAIRS, DOT_SWAP, GATHER_FWD, GATHER_MAX_M, LUT, LUT_MAX_M,
+                       dense_slab_configs, gather_fwd_configs, lut_configs, pairs_configs, pick_config)
 from .dense_slab import check_slab_config, slab_widths, slab_forward
 from .int1_gemv_lut import check_lut_config, launch_lut, lut_supported
 from .sparse4x4_gemv import check_gather_config, launch_gather
-from .decode import (_dot, _int1_group_scale, _int1_signs, _sparse4x4_tile, decode_dtype, interpreter_upcast, lora_in_dtype, lora_prologue,
-                     output_buffer, split_plan, use_asm, weight_args)
+from .decode import (_dot, _int1_group_scale, _int1_sign_pairs, _int1_signs, _pair_order, _sparse4x4_tile, decode_dtype,
+                     interpreter_upcast, lora_in_dtype, lora_prologue, output_buffer, pair_ones, split_plan, use_asm,
+                     weight_args)
 from .splitk_finish import XA_BLOCK_K, _store_xa_part, run_split
 
 INT1, SPARSE4X4 = 0, 1
@@ -37,11 +39,11 @@ def _lora_linear_fwd_kernel(
     M, N, K, s, K_PER_SPLIT,
     W_A, W_B, W_C, W_D,  # format integers: int1 (KW, G, group_size, -), sparse4x4 (TK, PW, -, -)
     stride_xm, stride_ym, stride_am, stride_bn, stride_ar,
-    R,
+    R, ONE2,
     FORMAT: tl.constexpr, SCALE: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr, WDT: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    SWAP: tl.constexpr, ASM: tl.constexpr,
+    SWAP: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -50,6 +52,8 @@ def _lora_linear_fwd_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # SWAP computes yᵀ = Ŵ·xᵀ: the decoded tile is then the dot's first operand, which Hopper's
     # tensor cores (wgmma) read straight from registers; unswapped, it goes through shared memory.
+    # PAIRS (int1, swapped) decodes two weights with two instructions straight into that register
+    # operand (_int1_sign_pairs), the reduction in pair order on both operands.
     if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
@@ -63,8 +67,14 @@ def _lora_linear_fwd_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                      mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_end), other=0.0)
+        if PAIRS:  # x's columns and the per-column scales' k in pair order too
+            xt = _pair_order(xt, BLOCK_M, BLOCK_K)
+            offs_k = tl.reshape(_pair_order(offs_k[None, :], 1, BLOCK_K), (BLOCK_K,))
         if FORMAT == 0:
-            w = _int1_signs(w0_ptr, offs_n, k0, N, W_A, WDT, BLOCK_N, BLOCK_K, ASM)
+            if PAIRS:
+                w = _int1_sign_pairs(w0_ptr, offs_n, k0, N, W_A, ONE2, WDT, BLOCK_N, BLOCK_K)
+            else:
+                w = _int1_signs(w0_ptr, offs_n, k0, N, W_A, WDT, BLOCK_N, BLOCK_K, ASM)
             if SCALE == 1:  # per group: the one scale that varies along K
                 w = w * _int1_group_scale(w1_ptr, offs_n, offs_k, N, k_end, W_B, W_C).to(w.dtype)
             elif SCALE == 2:  # onebit: Ŵ = diag(h)·sign·diag(g); g here, h in the epilogue
@@ -130,11 +140,12 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
             _lora_linear_fwd_kernel[grid](
                 x, *ptrs, xa_arg, b_arg, bias if bias is not None else x, y, a_arg, parts if parts is not None else y,
                 M, N, K, float(scaling), k_per_split, *ints,
-                x.stride(0), y.stride(0), xa_arg.stride(0), b_arg.stride(0), a_arg.stride(0), R,
+                x.stride(0), y.stride(0), xa_arg.stride(0), b_arg.stride(0), a_arg.stride(0), R, pair_ones(x.dtype),
                 FORMAT=INT1 if fmt == "int1" else SPARSE4X4, SCALE=scale_mode, HAS_LORA=has_lora,
                 HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, UPCAST=interpreter_upcast(x.dtype),
                 WDT=decode_dtype(x.dtype), BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_M=bm, BLOCK_N=bn,
-                BLOCK_K=bk, SPLIT_K=split, SWAP=bool(swap), ASM=use_asm(), num_warps=warps, num_stages=stages,
+                BLOCK_K=bk, SPLIT_K=split, SWAP=swap in (DOT_SWAP, DOT_PAIRS), PAIRS=swap == DOT_PAIRS, ASM=use_asm(),
+                num_warps=warps, num_stages=stages,
             )
 
         if split > 1:  # partial sums into the workspace; the finish adds LoRA and bias
@@ -153,10 +164,12 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
                          f"multiple of 8 (got {fmt}, group {meta.get('group_size')})")
     if config is not None and config[6] in GATHER_FWD and fmt != "sparse4x4":
         raise ValueError(f"config {config} is the gathering GEMV: it takes a sparse4x4 weight, got {fmt}")
+    if config is not None and config[6] == DOT_PAIRS and fmt != "int1":
+        raise ValueError(f"config {config} decodes int1 signs in pair order: it takes an int1 weight, got {fmt}")
     if config is not None:  # a forced GEMV config gets the checks its public launcher makes
-        if config[6] not in (DOT, DOT_SWAP, LUT, DENSE_SLAB) + GATHER_FWD:
+        if config[6] not in (DOT, DOT_SWAP, LUT, DENSE_SLAB, DOT_PAIRS) + GATHER_FWD:
             raise ValueError(f"config {config}: its last field (the variant) must be one of "
-                             f"{(DOT, DOT_SWAP, LUT, DENSE_SLAB) + GATHER_FWD} (kernels/autotune.py)")
+                             f"{(DOT, DOT_SWAP, LUT, DENSE_SLAB, DOT_PAIRS) + GATHER_FWD} (kernels/autotune.py)")
         if config[6] == DENSE_SLAB:
             check_slab_config(config)
         elif config[6] == LUT:
@@ -164,13 +177,16 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
         elif config[6] in GATHER_FWD:
             check_gather_config(config)
     op = f"lora_linear_fwd:{fmt}:{scale_mode}:{int(has_lora)}" + (":lut" if lut else "") + (":gather" if gather else "")
+    # int1 in fp16 and bf16 up to PAIRS_MAX_M rows: the pair-order decode too (in fp32 its dot is
+    # plain FMAs, as the others': not worth the tuning time)
+    pairs = fmt == "int1" and x.dtype in (torch.float16, torch.bfloat16)
     if lut:
-        extra = lambda: lut_configs(M)  # noqa: E731
+        extra = lambda: lut_configs(M) + (pairs_configs(M) if pairs else [])  # noqa: E731
     elif gather:
         extra = lambda: gather_fwd_configs(M)  # noqa: E731
     else:  # past 32 rows, the dense slabs too (none before)
         def extra():  # built only when the answer is not cached (a hit is the per-call path)
             used = (R if has_lora else 0) + (bias is not None)
-            return dense_slab_configs(M, N, slab_widths(K, used), x.element_size())
+            return (pairs_configs(M) if pairs else []) + dense_slab_configs(M, N, slab_widths(K, used), x.element_size())
     cfg = config or pick_config(op, M, N, K, x.dtype, x.device, run, extra=extra)
     return run(cfg)

@@ -252,7 +252,7 @@ def test_launchers_offer_the_slabs_past_32_rows_only(launcher_name, monkeypatch)
     """Every placement; widened, the width counts the rank, the bias and the padding: K + r + 1
     rounded up to 8 (forward), N + r (dX). dX offers the merged slab only when given ``lora_B``."""
     import loraq.kernels as kernels
-    from loraq.kernels.autotune import configs_for, dense_slab_configs
+    from loraq.kernels.autotune import configs_for, dense_slab_configs, pairs_configs
 
     launcher = getattr(kernels, launcher_name)
     seen = []
@@ -275,9 +275,9 @@ def test_launchers_offer_the_slabs_past_32_rows_only(launcher_name, monkeypatch)
             dy = torch.randn(M, N, dtype=torch.float16, device=DEV)
             launcher(dy, "int1", tensors, meta, A, dy @ B, 0.5)
             launcher(dy, "int1", tensors, meta, A, dy @ B, 0.5, lora_B=B)
-    if launcher_name == "lora_linear_fwd":
+    if launcher_name == "lora_linear_fwd":  # after int1's pair-order tiles (tests/test_int1_pairs.py)
         want = dense_slab_configs(33, N, {SLAB_WIDEN: 56, SLAB_OUTPUT_FIRST: 50, SLAB_MERGE: 50}, 2)
-        assert seen == [(32, []), (33, want)] and want
+        assert seen == [(32, pairs_configs(32)), (33, pairs_configs(33) + want)] and want
     else:
         want = dense_slab_configs(33, K, {SLAB_WIDEN: 24, SLAB_OUTPUT_FIRST: 20}, 2)
         merged = dense_slab_configs(33, K, {SLAB_WIDEN: 24, SLAB_OUTPUT_FIRST: 20, SLAB_MERGE: 20}, 2)
