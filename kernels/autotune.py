@@ -61,14 +61,19 @@ GATHER_SMALL_M: List[Config] = [(1, 128, 256, 4, 4, 2, GATHER), (1, 128, 256, 8,
                                 (1, 256, 128, 4, 4, 2, GATHER), (1, 64, 512, 8, 4, 2, GATHER),
                                 (1, 256, 256, 8, 8, 2, GATHER)]
 GATHER_MAX_M = 16
-# The int1 forward's pair-order decode in fp16 and bf16, timed against the others up to
-# PAIRS_MAX_M rows: the tiles of SMALL_M's swapped configs, and 32- and 64-row tiles for middle
-# batches. Compiled for sm_90 by Triton 3.6 (bench/sass_report.py): none spills; a 128 x 128 tile
-# takes 266 instructions an iteration where DOT_SWAP's takes 604 (127 registers, 255 for 64 rows).
+# The int1 kernels with their signs decoded two at a time (DOT_PAIRS) in fp16 and bf16, timed
+# against the others up to PAIRS_MAX_M rows: 16-row tiles, and 32- and 64-row tiles for middle
+# batches. Compiled for sm_90 by Triton 3.6 (bench/sass_report.py), none spills. The forward's
+# 128 x 128 tile takes 266 instructions an iteration where DOT_SWAP's takes 604 (127 registers;
+# 255 for 64 rows); dX's, 255 where DOT_SWAP's takes 856. dX runs unpipelined (num_stages 1):
+# pipelined, Triton splits its dot in two and ptxas waits for each wgmma before the next.
 PAIRS_SMALL_M: List[Config] = [(16, 128, 128, 4, 4, 3, DOT_PAIRS), (16, 128, 128, 8, 4, 3, DOT_PAIRS),
                                (16, 256, 128, 4, 8, 3, DOT_PAIRS), (16, 64, 256, 4, 4, 3, DOT_PAIRS),
                                (16, 128, 256, 4, 8, 3, DOT_PAIRS)]
 PAIRS_MID_M: List[Config] = [(32, 128, 128, 4, 4, 3, DOT_PAIRS), (64, 256, 128, 1, 8, 3, DOT_PAIRS)]
+PAIRS_DX_SMALL_M: List[Config] = [(16, 128, 128, 4, 4, 1, DOT_PAIRS), (16, 128, 128, 8, 4, 1, DOT_PAIRS),
+                                  (16, 64, 256, 4, 4, 1, DOT_PAIRS)]
+PAIRS_DX_MID_M: List[Config] = [(32, 128, 128, 4, 4, 1, DOT_PAIRS), (64, 128, 128, 2, 4, 1, DOT_PAIRS)]
 PAIRS_MAX_M = 256
 # More than 32 rows: the dense-slab path, (decode tile rows, decode tile columns, slab length,
 # placement of the LoRA path and bias, num_warps, slab buffers, DENSE_SLAB), at two sizes in MiB
@@ -113,11 +118,15 @@ def lut_configs(M: int) -> List[Config]:
     return list(dict.fromkeys((rows, max(128, c[1] // rows)) + c[2:] for c in LUT_M1))  # distinct, in order
 
 
-def pairs_configs(M: int) -> List[Config]:
-    """The pair-order int1 forward's candidates for ``M`` rows of x (none past ``PAIRS_MAX_M``)."""
+def pairs_configs(M: int, op: str = "fwd") -> List[Config]:
+    """The candidates of the int1 kernels that decode signs two at a time, for ``M`` rows of x
+    (of ``dY`` for ``op="dx"``); none past ``PAIRS_MAX_M``."""
+    if op not in ("fwd", "dx"):
+        raise ValueError(f"op is 'fwd' or 'dx', got {op!r}")
+    small, mid = (PAIRS_SMALL_M, PAIRS_MID_M) if op == "fwd" else (PAIRS_DX_SMALL_M, PAIRS_DX_MID_M)
     if M <= 16:
-        return list(PAIRS_SMALL_M)
-    return list(PAIRS_MID_M) if M <= PAIRS_MAX_M else []
+        return list(small)
+    return list(mid) if M <= PAIRS_MAX_M else []
 
 
 def gather_configs(M: int, variant: int = GATHER) -> List[Config]:

@@ -111,6 +111,52 @@ def _int1_sign_pairs(packed_ptr, offs_n, k0, N, KW, ONE2, WDT: tl.constexpr, BLO
 
 
 @triton.jit
+def _int1_sign_pairs_t(packed_ptr, offs_n, k0, N, KW, alpha, WDT: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    """``±alpha[n]`` for ``Ŵ[offs_n, k0:k0+BLOCK_K]ᵀ`` (``[BLOCK_K, BLOCK_N]``, both in natural
+    order) for ``dX``, where the reduction runs over rows: the pairs a tensor-core register holds
+    are rows ``n`` and ``n + 1`` at one column. Each half of the two rows' words is put side by
+    side in one word (low halves, then high halves), so that bit ``j`` of row ``n`` and of row
+    ``n + 1`` sit 16 bits apart and decode as in ``_int1_sign_pairs``: one shift and one LOP3 a
+    pair. ``alpha`` (fp32 ``[BLOCK_N]``, the per-row scale or ones) costs nothing per weight: its
+    two rows' bits, in the decode's dtype, take the place of the pair of 1.0s, and the set bit flips
+    their signs (``-α`` for a clear bit: an xor, which for ``α ≥ 0`` is the or of 1.0's case).
+    ``offs_n`` starts at an even row; ``BLOCK_N`` is even."""
+    offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    words = tl.load(packed_ptr + offs_n[:, None] * KW + offs_w[None, :],
+                    mask=(offs_n[:, None] < N) & (offs_w[None, :] < KW), other=0)
+    words = words.to(tl.uint32, bitcast=True)
+    # [BLOCK_N/2, BLOCK_K/32, 2]: the words of rows 2p and 2p + 1 side by side
+    even, odd = tl.split(tl.permute(tl.reshape(words, (BLOCK_N // 2, 2, BLOCK_K // 32)), (0, 2, 1)))
+    low = (even & 0xFFFF) | (odd << 16)  # bits 0-15 of both rows
+    high = (even >> 16) | (odd & 0xFFFF0000)  # bits 16-31
+    halves = tl.join(low, high)[:, :, :, None]  # [p, word, half, 1]
+    j = tl.arange(0, 16).to(tl.uint32)[None, None, None, :]
+    a_even, a_odd = tl.split(tl.reshape(alpha, (BLOCK_N // 2, 2)))
+    if WDT == 2:  # fp32: each of the pair on its own
+        a_lo = a_even.to(tl.uint32, bitcast=True)[:, None, None, None]
+        a_hi = a_odd.to(tl.uint32, bitcast=True)[:, None, None, None]
+        lo = ((((halves << (31 - j)) & 0x80000000) ^ 0x80000000) ^ a_lo).to(tl.float32, bitcast=True)
+        hi = ((((halves << (15 - j)) & 0x80000000) ^ 0x80000000) ^ a_hi).to(tl.float32, bitcast=True)
+    else:
+        if WDT == 0:
+            a_lo, a_hi = a_even.to(tl.float16).to(tl.uint16, bitcast=True), a_odd.to(tl.float16).to(tl.uint16, bitcast=True)
+        else:
+            a_lo, a_hi = a_even.to(tl.bfloat16).to(tl.uint16, bitcast=True), a_odd.to(tl.bfloat16).to(tl.uint16, bitcast=True)
+        a2 = (a_lo.to(tl.uint32) | (a_hi.to(tl.uint32) << 16))[:, None, None, None]
+        u = (((halves << (15 - j)) & 0x80008000) ^ 0x80008000) ^ a2
+        lo16 = (u & 0xFFFF).to(tl.uint16)
+        hi16 = (u >> 16).to(tl.uint16)
+        if WDT == 0:
+            lo, hi = lo16.to(tl.float16, bitcast=True), hi16.to(tl.float16, bitcast=True)
+        else:
+            lo, hi = lo16.to(tl.bfloat16, bitcast=True), hi16.to(tl.bfloat16, bitcast=True)
+    # [p, word, half, j, row of the pair] -> [k = 32·word + 16·half + j, n = 2p + row]
+    pairs = tl.permute(tl.join(lo, hi), (1, 2, 3, 0, 4))
+    return tl.reshape(pairs, (BLOCK_K, BLOCK_N))
+
+
+@triton.jit
 def _pair_order(t, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
     """The columns of ``t [ROWS, BLOCK_K]`` in the order ``_int1_sign_pairs`` decodes: in each
     32-column block, ``q + 16e`` moves to ``2q + e``. The reduction runs in that order on both

@@ -4,19 +4,20 @@ Each program owns a ``[BLOCK_M, BLOCK_K]`` tile of ``dX`` and walks N, decoding 
 ``[BLOCK_N, BLOCK_K]`` tile of ``Ŵ`` it needs (the same decoders as the forward) and feeding it
 to ``tl.dot``; the epilogue adds the LoRA term from ``dY·B`` (``[M, r]``, computed by the caller,
 which needs it for ``dA`` too). For up to 16 rows of sparse4x4 the autotuner also times the
-gathering GEMV (``sparse4x4_gemv_dx.py``), and for more than 32 rows of any format decoding
-column slabs of ``Ŵ`` for cuBLAS (``dense_slab.py``).
+gathering GEMV (``sparse4x4_gemv_dx.py``), for more than 32 rows of any format decoding column
+slabs of ``Ŵ`` for cuBLAS (``dense_slab.py``), and for up to 256 rows of int1 in fp16 and bf16
+this kernel with ``Ŵᵀ`` decoded two rows at a time (``DOT_PAIRS``, ``decode._int1_sign_pairs_t``).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .autotune import (DENSE_SLAB, DOT, DOT_SWAP, GATHER, GATHER_MAX_M, SLAB_MERGE, dense_slab_configs, gather_configs,
-                       pick_config)
+from .autotune import (DENSE_SLAB, DOT, DOT_PAIRS, DOT_SWAP, GATHER, GATHER_MAX_M, SLAB_MERGE, dense_slab_configs,
+                       gather_configs, pairs_configs, pick_config)
 from .dense_slab import check_slab_config, slab_widths, slab_dx
-from .decode import (_dot, _int1_group_scale, _int1_signs, _sparse4x4_tile, decode_dtype, interpreter_upcast, use_asm,
-                     output_buffer, split_plan, weight_args)
+from .decode import (_dot, _int1_group_scale, _int1_sign_pairs_t, _int1_signs, _sparse4x4_tile, decode_dtype,
+                     interpreter_upcast, output_buffer, pair_ones, split_plan, use_asm, weight_args)
 from .sparse4x4_gemv import check_gather_config
 from .sparse4x4_gemv_dx import DX_LIMITS, launch_gather_dx
 
@@ -27,11 +28,11 @@ def _lora_linear_dx_kernel(
     M, N, K, N_PER_SPLIT, s,
     W_A, W_B, W_C, W_D,
     stride_dym, stride_dxm, stride_bm, stride_ar,
-    R,
+    R, ONE2,
     FORMAT: tl.constexpr, SCALE: tl.constexpr, HAS_LORA: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr, WDT: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr,
-    SWAP: tl.constexpr, ASM: tl.constexpr,
+    SWAP: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -49,7 +50,16 @@ def _lora_linear_dx_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         g = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :],
                     mask=(offs_m[:, None] < M) & (offs_n[None, :] < n_end), other=0.0)
-        if FORMAT == 0:
+        if PAIRS:  # int1, swapped: Ŵᵀ decoded two rows at a time, α or h in the decode (_int1_sign_pairs_t)
+            if SCALE == 1:
+                wt = _int1_sign_pairs_t(w0_ptr, offs_n, k0, N, W_A, tl.full((BLOCK_N,), 1.0, tl.float32), WDT,
+                                        BLOCK_N, BLOCK_K)
+                wt = wt * tl.trans(_int1_group_scale(w1_ptr, offs_n, offs_k, n_end, K, W_B, W_C)).to(wt.dtype)
+            else:
+                alpha = tl.load(w1_ptr + offs_n * W_B, mask=offs_n < n_end, other=0.0).to(tl.float32)
+                wt = _int1_sign_pairs_t(w0_ptr, offs_n, k0, N, W_A, alpha, WDT, BLOCK_N, BLOCK_K)
+            w = tl.trans(wt)
+        elif FORMAT == 0:
             w = _int1_signs(w0_ptr, offs_n, k0, N, W_A, WDT, BLOCK_N, BLOCK_K, ASM)
             if SCALE == 1:  # per group
                 w = w * _int1_group_scale(w1_ptr, offs_n, offs_k, n_end, K, W_B, W_C).to(w.dtype)
@@ -111,9 +121,11 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
             check_slab_config(config)
             if config[3] == SLAB_MERGE and has_lora and B is None:
                 raise ValueError(f"config {config} merges s·B·A into the slab: pass lora_B")
-        elif config[6] not in (DOT, DOT_SWAP):
-            raise ValueError(f"config {config}: dX takes tiled configs (variant DOT or DOT_SWAP), dense-slab "
-                             f"configs (DENSE_SLAB), or for sparse4x4 the gathering GEMV's (GATHER)")
+        elif config[6] == DOT_PAIRS and fmt != "int1":
+            raise ValueError(f"config {config} decodes int1 signs in pair order: it takes an int1 weight, got {fmt}")
+        elif config[6] not in (DOT, DOT_SWAP, DOT_PAIRS):
+            raise ValueError(f"config {config}: dX takes tiled configs (variant DOT, DOT_SWAP or for int1 DOT_PAIRS), "
+                             f"dense-slab configs (DENSE_SLAB), or for sparse4x4 the gathering GEMV's (GATHER)")
 
     def run(cfg):
         if cfg[6] == GATHER:  # small batches of sparse4x4, on the arguments prepared above
@@ -125,10 +137,11 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
         dx = output_buffer(M, K, dy, split)
         _lora_linear_dx_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk), split)](
             dy, *ptrs, dyb, A, dx, M, N, K, n_per_split, float(scaling), *ints,
-            dy.stride(0), dx.stride(0), dyb.stride(0), A.stride(0), R,
+            dy.stride(0), dx.stride(0), dyb.stride(0), A.stride(0), R, pair_ones(dy.dtype),
             FORMAT=0 if fmt == "int1" else 1, SCALE=scale_mode, HAS_LORA=has_lora, IEEE=dy.dtype == torch.float32,
             UPCAST=interpreter_upcast(dy.dtype), WDT=decode_dtype(dy.dtype), BLOCK_R=max(16, triton.next_power_of_2(R)),
-            BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, SPLIT_N=split, SWAP=bool(swap), ASM=use_asm(),
+            BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, SPLIT_N=split, SWAP=swap in (DOT_SWAP, DOT_PAIRS),
+            PAIRS=swap == DOT_PAIRS, ASM=use_asm(),
             num_warps=warps, num_stages=stages,
         )
         return dx
@@ -140,9 +153,10 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
         ":B" if B is not None else "")
     if gather:
         extra = lambda: gather_configs(M)  # noqa: E731
-    else:  # past 32 rows, the dense slabs too (none before)
+    else:  # int1 in fp16 and bf16: the pair decode too; past 32 rows, the dense slabs (none before)
         def extra():  # built only when the answer is not cached (a hit is the per-call path)
-            return dense_slab_configs(M, K, slab_widths(N, R if has_lora else 0, merge=B is not None),
-                                      dy.element_size())
+            pairs = pairs_configs(M, "dx") if fmt == "int1" and dy.dtype in (torch.float16, torch.bfloat16) else []
+            return pairs + dense_slab_configs(M, K, slab_widths(N, R if has_lora else 0, merge=B is not None),
+                                              dy.element_size())
     cfg = config or pick_config(op, M, N, K, dy.dtype, dy.device, run, extra=extra)
     return run(cfg).to(dy.dtype)
