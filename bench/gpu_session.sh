@@ -8,7 +8,8 @@
 # TEST_TIMEOUT / BENCH_TIMEOUT (seconds; 270 each by default, so that install, tests and benchmark
 # fit one 10-minute device call) keep the call inside a device lease; TESTS picks the
 # tests (default "gpu": the GPU-marked large shapes and every tile, lookup and gather config;
-# "gemv": those of the lookup and gathering GEMVs alone; "slab": the dense-slab path's; "all": the files, which compile for many
+# "gemv": those of the lookup and gathering GEMVs alone; "slab": the dense-slab path's; "pairs": int1's
+# pair decode's; "all": the files, which compile for many
 # minutes); BENCH_DX_LORA=1 also times dX with the LoRA term (--backward-lora); extra arguments go
 # to bench_kernels.py. Run
 # bench/fetch_baselines.sh first (and carry bench/wheels) to compare with GemLite and bitsandbytes.
@@ -33,9 +34,11 @@ echo "## host time (bench/profile_host.py)" >> "$INFO"
 python3 bench/profile_host.py >> "$INFO" 2>&1; tail -n 8 "$INFO"
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 KERNEL_TESTS=(tests/test_triton_kernels.py tests/test_int1_gemv_lut.py tests/test_sparse4x4_gemv.py
-              tests/test_sparse4x4_gemv_dx.py tests/test_splitk_finish.py tests/test_dense_slab.py)
+              tests/test_sparse4x4_gemv_dx.py tests/test_splitk_finish.py tests/test_dense_slab.py
+              tests/test_int1_pairs.py)
 if [ "${TESTS:-gpu}" = all ]; then SELECT=("${KERNEL_TESTS[@]}" tests/test_bench.py)
 elif [ "${TESTS:-gpu}" = slab ]; then SELECT=(tests/test_dense_slab.py tests/test_bench.py -k "gpu or dense_slab")
+elif [ "${TESTS:-gpu}" = pairs ]; then SELECT=(tests/test_int1_pairs.py tests/test_bench.py -k "gpu or pairs")
 elif [ "${TESTS:-gpu}" = gemv ]; then SELECT=("${KERNEL_TESTS[@]:1}" tests/test_bench.py -k "gpu or every_lut or every_gather or finish")
 else SELECT=("${KERNEL_TESTS[@]}" tests/test_bench.py -k "gpu or every_tile or every_lut or every_gather or finish"); fi
 timeout "${TEST_TIMEOUT:-270}" python3 -m pytest -q -ra -p no:cacheprovider $XDIST "${SELECT[@]}" \

@@ -110,7 +110,7 @@ def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, 
             raise SystemExit(f"sass_report: config {cfg} decodes int1 signs in pair order")
         cx = dict(FORMAT=F, SCALE=0, HAS_LORA=True, HAS_BIAS=False, IEEE=dtype == "fp32", UPCAST=False, WDT=wdt,
                   BLOCK_R=16, BLOCK_M=bm, BLOCK_N=out_tile, BLOCK_K=red_tile, SPLIT_K=split,
-                  SWAP=swap in (DOT_SWAP, DOT_PAIRS), PAIRS=swap == DOT_PAIRS, ASM=True)
+                  SWAP=swap in (DOT_SWAP, DOT_PAIRS), PAIRS=swap == DOT_PAIRS, GROUP32=False, ASM=True)
     elif op == "dx":
         fn = _lora_linear_dx_kernel
         ptrs = [("dy_ptr", act), ("w0_ptr", w0), ("w1_ptr", w1), ("w2_ptr", act), ("dyb_ptr", act), ("a_ptr", act),
@@ -170,12 +170,13 @@ def candidates(name: str, fmt: str = "int1", op: str = "fwd"):
     """``(format, config)`` for every candidate the autotuner may time: of a GEMV, ``lut`` (int1,
     for each batch bucket it covers) or ``gather`` (sparse4x4; the forward's both axis orders
     when ``op`` is fwd), or ``tiled``: the tiled kernels' small-, middle- and large-batch lists
-    for ``fmt``."""
-    from kernels.autotune import (GATHER_MAX_M, LARGE_M, LUT_MAX_M, MID_M, SMALL_M, gather_configs,
-                                  gather_fwd_configs, lut_configs, m_bucket)
+    for ``fmt`` (int1: with the pair decode's)."""
+    from kernels.autotune import (GATHER_MAX_M, LARGE_M, LUT_MAX_M, MID_M, PAIRS_MAX_M, SMALL_M, gather_configs,
+                                  gather_fwd_configs, lut_configs, m_bucket, pairs_configs)
 
-    if name == "tiled":
-        return [(fmt, c) for c in dict.fromkeys(SMALL_M + MID_M + LARGE_M)]
+    if name == "tiled":  # int1: the pair decode's too
+        pairs = pairs_configs(1, op) + pairs_configs(PAIRS_MAX_M, op) if fmt == "int1" else []
+        return [(fmt, c) for c in dict.fromkeys(SMALL_M + MID_M + LARGE_M + pairs)]
     gathers = gather_fwd_configs if op == "fwd" else gather_configs
     fmt, configs, top = ("int1", lut_configs, LUT_MAX_M) if name == "lut" else ("sparse4x4", gathers, GATHER_MAX_M)
     return [(fmt, c) for m in sorted({m_bucket(m) for m in range(1, top + 1)}) for c in configs(m)]

@@ -77,8 +77,8 @@ def _int1_signs(packed_ptr, offs_n, k0, N, KW, WDT: tl.constexpr, BLOCK_N: tl.co
 
 
 @triton.jit
-def _int1_sign_pairs(packed_ptr, offs_n, k0, N, KW, ONE2, WDT: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
+def _int1_sign_pairs(packed_ptr, offs_n, k0, N, KW, ONE2, alpha, WDT: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, ALPHA: tl.constexpr):
     """±1 for ``Ŵ[offs_n, k0:k0+BLOCK_K]`` with its columns in pair order (``_pair_order``): column
     ``32i + 2q + e`` holds bit ``q + 16e`` of word ``i``. ``k0`` is a multiple of 32.
 
@@ -90,6 +90,9 @@ def _int1_sign_pairs(packed_ptr, offs_n, k0, N, KW, ONE2, WDT: tl.constexpr, BLO
     memory). ``ONE2`` is the pair of 1.0s (``0x3C003C00`` fp16, ``0x3F803F80`` bf16) passed at run
     time: as a register, ptxas folds the and, xor and or into one LOP3 (with two immediates it
     needs two). fp32 (``WDT == W_FP32``) decodes each half on its own, in the same order.
+    ``ALPHA``: ``alpha`` (fp32 ``[BLOCK_N, BLOCK_K // 32]``, one scale a word: groups of a multiple
+    of 32) takes the place of the 1.0s, ``±alpha`` at no cost per weight (as in
+    ``_int1_sign_pairs_t``); otherwise ``alpha`` is unused.
     """
     offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
     words = tl.load(packed_ptr + offs_n[:, None] * KW + offs_w[None, :],
@@ -97,10 +100,22 @@ def _int1_sign_pairs(packed_ptr, offs_n, k0, N, KW, ONE2, WDT: tl.constexpr, BLO
     w = words.to(tl.uint32, bitcast=True)[:, :, None]
     q = tl.arange(0, 16).to(tl.uint32)[None, None, :]
     if WDT == 2:  # fp32: bit q onto bit 31 for the first of the pair, bit q + 16 for the second
-        lo = ((((w << (31 - q)) & 0x80000000) ^ 0x80000000) | 0x3F800000).to(tl.float32, bitcast=True)
-        hi = ((((w << (15 - q)) & 0x80000000) ^ 0x80000000) | 0x3F800000).to(tl.float32, bitcast=True)
-    else:  # a set bit is +1: the xor clears its sign
-        u = (((w << (15 - q)) & 0x80008000) ^ 0x80008000) | ONE2
+        if ALPHA:
+            one = alpha.to(tl.uint32, bitcast=True)[:, :, None]
+        else:
+            one = 0x3F800000
+        lo = ((((w << (31 - q)) & 0x80000000) ^ 0x80000000) ^ one).to(tl.float32, bitcast=True)
+        hi = ((((w << (15 - q)) & 0x80000000) ^ 0x80000000) ^ one).to(tl.float32, bitcast=True)
+    else:  # a set bit is +1: the xor clears its sign (flips α's for a clear bit)
+        if ALPHA:
+            if WDT == 0:
+                a16 = alpha.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+            else:
+                a16 = alpha.to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32)
+            one2 = (a16 | (a16 << 16))[:, :, None]
+        else:
+            one2 = ONE2
+        u = (((w << (15 - q)) & 0x80008000) ^ 0x80008000) ^ one2
         lo16 = (u & 0xFFFF).to(tl.uint16)
         hi16 = (u >> 16).to(tl.uint16)
         if WDT == 0:

@@ -25,8 +25,8 @@ from .autotune import (DENSE_SLAB, DOT, DOT_PAIRS, DOT_SWAP, GATHER_FWD, GATHER_
 from .dense_slab import check_slab_config, slab_widths, slab_forward
 from .int1_gemv_lut import check_lut_config, launch_lut, lut_supported
 from .sparse4x4_gemv import check_gather_config, launch_gather
-from .decode import (_dot, _int1_group_scale, _int1_sign_pairs, _int1_signs, _pair_order, _sparse4x4_tile, decode_dtype,
-                     interpreter_upcast, lora_in_dtype, lora_prologue, output_buffer, pair_ones, split_plan, use_asm,
+from .decode import (SCALE_GROUP, _dot, _int1_group_scale, _int1_sign_pairs, _int1_signs, _pair_order, _sparse4x4_tile,
+                     decode_dtype, interpreter_upcast, lora_in_dtype, lora_prologue, output_buffer, pair_ones, split_plan, use_asm,
                      weight_args)
 from .splitk_finish import XA_BLOCK_K, _store_xa_part, run_split
 
@@ -43,7 +43,7 @@ def _lora_linear_fwd_kernel(
     FORMAT: tl.constexpr, SCALE: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr, WDT: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    SWAP: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr,
+    SWAP: tl.constexpr, PAIRS: tl.constexpr, GROUP32: tl.constexpr, ASM: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -71,11 +71,17 @@ def _lora_linear_fwd_kernel(
             xt = _pair_order(xt, BLOCK_M, BLOCK_K)
             offs_k = tl.reshape(_pair_order(offs_k[None, :], 1, BLOCK_K), (BLOCK_K,))
         if FORMAT == 0:
-            if PAIRS:
-                w = _int1_sign_pairs(w0_ptr, offs_n, k0, N, W_A, ONE2, WDT, BLOCK_N, BLOCK_K)
+            if PAIRS and GROUP32:  # a word's weights share one group: its scale in the decode
+                offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+                alpha = tl.load(w1_ptr + offs_n[:, None] * W_B + (offs_w * 32 // W_C)[None, :],
+                                mask=(offs_n[:, None] < N) & (offs_w[None, :] * 32 < k_end), other=0.0)
+                w = _int1_sign_pairs(w0_ptr, offs_n, k0, N, W_A, ONE2, alpha.to(tl.float32), WDT, BLOCK_N, BLOCK_K,
+                                     True)
+            elif PAIRS:
+                w = _int1_sign_pairs(w0_ptr, offs_n, k0, N, W_A, ONE2, 0.0, WDT, BLOCK_N, BLOCK_K, False)
             else:
                 w = _int1_signs(w0_ptr, offs_n, k0, N, W_A, WDT, BLOCK_N, BLOCK_K, ASM)
-            if SCALE == 1:  # per group: the one scale that varies along K
+            if SCALE == 1 and not (PAIRS and GROUP32):  # per group: the one scale that varies along K
                 w = w * _int1_group_scale(w1_ptr, offs_n, offs_k, N, k_end, W_B, W_C).to(w.dtype)
             elif SCALE == 2:  # onebit: Ŵ = diag(h)·sign·diag(g); g here, h in the epilogue
                 w = w * tl.load(w2_ptr + offs_k, mask=offs_k < k_end, other=0.0).to(w.dtype)[None, :]
@@ -144,7 +150,8 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
                 FORMAT=INT1 if fmt == "int1" else SPARSE4X4, SCALE=scale_mode, HAS_LORA=has_lora,
                 HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, UPCAST=interpreter_upcast(x.dtype),
                 WDT=decode_dtype(x.dtype), BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_M=bm, BLOCK_N=bn,
-                BLOCK_K=bk, SPLIT_K=split, SWAP=swap in (DOT_SWAP, DOT_PAIRS), PAIRS=swap == DOT_PAIRS, ASM=use_asm(),
+                BLOCK_K=bk, SPLIT_K=split, SWAP=swap in (DOT_SWAP, DOT_PAIRS), PAIRS=swap == DOT_PAIRS,
+                GROUP32=scale_mode == SCALE_GROUP and ints[2] % 32 == 0, ASM=use_asm(),
                 num_warps=warps, num_stages=stages,
             )
 

@@ -281,7 +281,8 @@ def test_launchers_offer_the_slabs_past_32_rows_only(launcher_name, monkeypatch)
     else:
         want = dense_slab_configs(33, K, {SLAB_WIDEN: 24, SLAB_OUTPUT_FIRST: 20}, 2)
         merged = dense_slab_configs(33, K, {SLAB_WIDEN: 24, SLAB_OUTPUT_FIRST: 20, SLAB_MERGE: 20}, 2)
-        assert seen == [(32, []), (32, []), (33, want), (33, merged)] and want and len(merged) > len(want)
+        p32, p33 = pairs_configs(32, "dx"), pairs_configs(33, "dx")
+        assert seen == [(32, p32), (32, p32), (33, p33 + want), (33, p33 + merged)] and want and len(merged) > len(want)
         # tuned under keys of their own: a merged winner (which needs B) is never picked for a call without B
         assert ops_seen[2] != ops_seen[3] and ops_seen[3].endswith(":B") and ops_seen[3].startswith(ops_seen[2])
 

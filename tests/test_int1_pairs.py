@@ -15,7 +15,7 @@ from loraq.kernels.autotune import (DOT_PAIRS, PAIRS_DX_MID_M, PAIRS_DX_SMALL_M,
                                     PAIRS_MID_M, PAIRS_SMALL_M, configs_for, pairs_configs)
 from test_triton_kernels import DEV, DTYPES, _kernel_args, candidates_passed, check, f64, problem  # noqa: E402
 
-INT1_KINDS = ["int1", "int1_g16", "int1_g12", "int1_onebit"]
+INT1_KINDS = ["int1", "int1_g16", "int1_g12", "int1_g64", "int1_onebit"]  # g64: the forward's scale in the decode
 
 
 def run_pairs(kind, dtype, M, N, K, cfg, lora=True, bias=True, scaling=0.5):
