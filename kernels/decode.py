@@ -77,6 +77,35 @@ def _int1_signs(packed_ptr, offs_n, k0, N, KW, WDT: tl.constexpr, BLOCK_N: tl.co
 
 
 @triton.jit
+def _signed_pairs(v, s, mag2, mag_lo, mag_hi, WDT: tl.constexpr):
+    """``(lo, hi)``: the signs of bits ``15 - s`` and ``31 - s`` of ``v`` (uint32) times the
+    magnitudes, a set bit ``+``. 16-bit dtypes: ``mag2`` holds both magnitudes' bits in one word
+    (one shift and one LOP3 for the pair); fp32: ``mag_lo`` and ``mag_hi`` (bits), each half on
+    its own. The xor flips a magnitude's sign for a clear bit: exactly ``±mag``."""
+    if WDT == 2:
+        lo = ((((v << (s + 16)) & 0x80000000) ^ 0x80000000) ^ mag_lo).to(tl.float32, bitcast=True)
+        hi = ((((v << s) & 0x80000000) ^ 0x80000000) ^ mag_hi).to(tl.float32, bitcast=True)
+    else:
+        u = (((v << s) & 0x80008000) ^ 0x80008000) ^ mag2
+        lo16 = (u & 0xFFFF).to(tl.uint16)
+        hi16 = (u >> 16).to(tl.uint16)
+        if WDT == 0:
+            lo, hi = lo16.to(tl.float16, bitcast=True), hi16.to(tl.float16, bitcast=True)
+        else:
+            lo, hi = lo16.to(tl.bfloat16, bitcast=True), hi16.to(tl.bfloat16, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def _bits16(a, WDT: tl.constexpr):
+    """fp32 ``a`` rounded to the decode's 16-bit dtype (``WDT`` 0 or 1), its bits as uint32."""
+    if WDT == 0:
+        return a.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+    else:
+        return a.to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32)
+
+
+@triton.jit
 def _int1_sign_pairs(packed_ptr, offs_n, k0, N, KW, ONE2, alpha, WDT: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, ALPHA: tl.constexpr):
     """±1 for ``Ŵ[offs_n, k0:k0+BLOCK_K]`` with its columns in pair order (``_pair_order``): column
@@ -99,29 +128,15 @@ def _int1_sign_pairs(packed_ptr, offs_n, k0, N, KW, ONE2, alpha, WDT: tl.constex
                     mask=(offs_n[:, None] < N) & (offs_w[None, :] < KW), other=0)
     w = words.to(tl.uint32, bitcast=True)[:, :, None]
     q = tl.arange(0, 16).to(tl.uint32)[None, None, :]
-    if WDT == 2:  # fp32: bit q onto bit 31 for the first of the pair, bit q + 16 for the second
-        if ALPHA:
-            one = alpha.to(tl.uint32, bitcast=True)[:, :, None]
-        else:
-            one = 0x3F800000
-        lo = ((((w << (31 - q)) & 0x80000000) ^ 0x80000000) ^ one).to(tl.float32, bitcast=True)
-        hi = ((((w << (15 - q)) & 0x80000000) ^ 0x80000000) ^ one).to(tl.float32, bitcast=True)
-    else:  # a set bit is +1: the xor clears its sign (flips α's for a clear bit)
-        if ALPHA:
-            if WDT == 0:
-                a16 = alpha.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
-            else:
-                a16 = alpha.to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32)
+    if ALPHA:  # one magnitude a word, for both of each pair
+        one = alpha.to(tl.uint32, bitcast=True)[:, :, None]
+        one2 = one
+        if WDT != 2:
+            a16 = _bits16(alpha, WDT)
             one2 = (a16 | (a16 << 16))[:, :, None]
-        else:
-            one2 = ONE2
-        u = (((w << (15 - q)) & 0x80008000) ^ 0x80008000) ^ one2
-        lo16 = (u & 0xFFFF).to(tl.uint16)
-        hi16 = (u >> 16).to(tl.uint16)
-        if WDT == 0:
-            lo, hi = lo16.to(tl.float16, bitcast=True), hi16.to(tl.float16, bitcast=True)
-        else:
-            lo, hi = lo16.to(tl.bfloat16, bitcast=True), hi16.to(tl.bfloat16, bitcast=True)
+    else:
+        one, one2 = 0x3F800000, ONE2
+    lo, hi = _signed_pairs(w, 15 - q, one2, one, one, WDT)
     return tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
 
 
@@ -148,24 +163,12 @@ def _int1_sign_pairs_t(packed_ptr, offs_n, k0, N, KW, alpha, WDT: tl.constexpr, 
     halves = tl.join(low, high)[:, :, :, None]  # [p, word, half, 1]
     j = tl.arange(0, 16).to(tl.uint32)[None, None, None, :]
     a_even, a_odd = tl.split(tl.reshape(alpha, (BLOCK_N // 2, 2)))
-    if WDT == 2:  # fp32: each of the pair on its own
-        a_lo = a_even.to(tl.uint32, bitcast=True)[:, None, None, None]
-        a_hi = a_odd.to(tl.uint32, bitcast=True)[:, None, None, None]
-        lo = ((((halves << (31 - j)) & 0x80000000) ^ 0x80000000) ^ a_lo).to(tl.float32, bitcast=True)
-        hi = ((((halves << (15 - j)) & 0x80000000) ^ 0x80000000) ^ a_hi).to(tl.float32, bitcast=True)
-    else:
-        if WDT == 0:
-            a_lo, a_hi = a_even.to(tl.float16).to(tl.uint16, bitcast=True), a_odd.to(tl.float16).to(tl.uint16, bitcast=True)
-        else:
-            a_lo, a_hi = a_even.to(tl.bfloat16).to(tl.uint16, bitcast=True), a_odd.to(tl.bfloat16).to(tl.uint16, bitcast=True)
-        a2 = (a_lo.to(tl.uint32) | (a_hi.to(tl.uint32) << 16))[:, None, None, None]
-        u = (((halves << (15 - j)) & 0x80008000) ^ 0x80008000) ^ a2
-        lo16 = (u & 0xFFFF).to(tl.uint16)
-        hi16 = (u >> 16).to(tl.uint16)
-        if WDT == 0:
-            lo, hi = lo16.to(tl.float16, bitcast=True), hi16.to(tl.float16, bitcast=True)
-        else:
-            lo, hi = lo16.to(tl.bfloat16, bitcast=True), hi16.to(tl.bfloat16, bitcast=True)
+    a_lo = a_even.to(tl.uint32, bitcast=True)[:, None, None, None]
+    a_hi = a_odd.to(tl.uint32, bitcast=True)[:, None, None, None]
+    a2 = a_lo
+    if WDT != 2:  # the two rows' magnitudes in one word
+        a2 = (_bits16(a_even, WDT) | (_bits16(a_odd, WDT) << 16))[:, None, None, None]
+    lo, hi = _signed_pairs(halves, 15 - j, a2, a_lo, a_hi, WDT)
     # [p, word, half, j, row of the pair] -> [k = 32·word + 16·half + j, n = 2p + row]
     pairs = tl.permute(tl.join(lo, hi), (1, 2, 3, 0, 4))
     return tl.reshape(pairs, (BLOCK_K, BLOCK_N))
