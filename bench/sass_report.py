@@ -116,7 +116,7 @@ def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, 
         ptrs = [("dy_ptr", act), ("w0_ptr", w0), ("w1_ptr", w1), ("w2_ptr", act), ("dyb_ptr", act), ("a_ptr", act),
                 ("dx_ptr", out)]
         scalars = ["M", "N", "K", "N_PER_SPLIT", "s", "W_A", "W_B", "W_C", "W_D", "stride_dym", "stride_dxm",
-                   "stride_bm", "stride_ar", "R", "ONE2"]
+                   "stride_bm", "stride_ar", "R"]
         if swap == DOT_PAIRS and fmt != "int1":
             raise SystemExit(f"sass_report: config {cfg} decodes int1 signs in pair order")
         cx = dict(FORMAT=F, SCALE=0, HAS_LORA=True, IEEE=dtype == "fp32", UPCAST=False, WDT=wdt, BLOCK_R=16,

@@ -17,7 +17,7 @@ from .autotune import (DENSE_SLAB, DOT, DOT_PAIRS, DOT_SWAP, GATHER, GATHER_MAX_
                        gather_configs, pairs_configs, pick_config)
 from .dense_slab import check_slab_config, slab_widths, slab_dx
 from .decode import (_dot, _int1_group_scale, _int1_sign_pairs_t, _int1_signs, _sparse4x4_tile, decode_dtype,
-                     interpreter_upcast, output_buffer, pair_ones, split_plan, use_asm, weight_args)
+                     interpreter_upcast, output_buffer, split_plan, use_asm, weight_args)
 from .sparse4x4_gemv import check_gather_config
 from .sparse4x4_gemv_dx import DX_LIMITS, launch_gather_dx
 
@@ -28,7 +28,7 @@ def _lora_linear_dx_kernel(
     M, N, K, N_PER_SPLIT, s,
     W_A, W_B, W_C, W_D,
     stride_dym, stride_dxm, stride_bm, stride_ar,
-    R, ONE2,
+    R,
     FORMAT: tl.constexpr, SCALE: tl.constexpr, HAS_LORA: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr, WDT: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr,
@@ -137,7 +137,7 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
         dx = output_buffer(M, K, dy, split)
         _lora_linear_dx_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk), split)](
             dy, *ptrs, dyb, A, dx, M, N, K, n_per_split, float(scaling), *ints,
-            dy.stride(0), dx.stride(0), dyb.stride(0), A.stride(0), R, pair_ones(dy.dtype),
+            dy.stride(0), dx.stride(0), dyb.stride(0), A.stride(0), R,
             FORMAT=0 if fmt == "int1" else 1, SCALE=scale_mode, HAS_LORA=has_lora, IEEE=dy.dtype == torch.float32,
             UPCAST=interpreter_upcast(dy.dtype), WDT=decode_dtype(dy.dtype), BLOCK_R=max(16, triton.next_power_of_2(R)),
             BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, SPLIT_N=split, SWAP=swap in (DOT_SWAP, DOT_PAIRS),
