@@ -41,9 +41,14 @@ elif [ "${TESTS:-gpu}" = slab ]; then SELECT=(tests/test_dense_slab.py tests/tes
 elif [ "${TESTS:-gpu}" = pairs ]; then SELECT=(tests/test_int1_pairs.py tests/test_bench.py -k "gpu or pairs")
 elif [ "${TESTS:-gpu}" = gemv ]; then SELECT=("${KERNEL_TESTS[@]:1}" tests/test_bench.py -k "gpu or every_lut or every_gather or finish")
 else SELECT=("${KERNEL_TESTS[@]}" tests/test_bench.py -k "gpu or every_tile or every_lut or every_gather or finish"); fi
-timeout "${TEST_TIMEOUT:-270}" python3 -m pytest -q -ra -p no:cacheprovider $XDIST "${SELECT[@]}" \
-  > "$OUT/tests.txt" 2>&1
-echo "tests exit $?"; tail -n 25 "$OUT/tests.txt"
+# in a process group of its own, killed whole before anything is timed: no test process (an xdist
+# worker of a pytest that timeout stopped) may still be launching kernels while the benchmark tunes
+setsid timeout "${TEST_TIMEOUT:-270}" python3 -m pytest -q -ra -p no:cacheprovider $XDIST "${SELECT[@]}" \
+  > "$OUT/tests.txt" 2>&1 &
+TESTS_PID=$!
+wait "$TESTS_PID"; TESTS_RC=$?
+kill -KILL -- "-$TESTS_PID" 2>/dev/null && sleep 2
+echo "tests exit $TESTS_RC"; tail -n 25 "$OUT/tests.txt"
 timeout "${BENCH_TIMEOUT:-270}" python3 bench/bench_kernels.py --backward ${BENCH_DX_LORA:+--backward-lora} --csv "$OUT/bench.csv" \
   --plot "$OUT/bench.png" --markdown "$OUT/bench.md" "$@" > "$OUT/bench.txt" 2>&1
 echo "bench exit $?"; grep -v '^forward\|^backward' "$OUT/bench.txt" | tail -n 20

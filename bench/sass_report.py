@@ -55,7 +55,7 @@ def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, 
                                   GATHER_X4, LUT, SLAB_MERGE)
     from kernels.dense_slab import _decode_slab_kernel
     from kernels.int1_gemv_lut import _int1_gemv_lut_kernel
-    from kernels.lora_linear_dx import _lora_linear_dx_kernel
+    from kernels.lora_linear_dx import _lora_linear_dx_kernel, dx_pipelining
     from kernels.lora_linear_fwd import _lora_linear_fwd_kernel
     from kernels.sparse4x4_gemv import _sparse4x4_gemv_kernel
     from kernels.sparse4x4_gemv_dx import _sparse4x4_gemv_dx_kernel
@@ -121,7 +121,8 @@ def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, 
             raise SystemExit(f"sass_report: config {cfg} decodes int1 signs in pair order")
         cx = dict(FORMAT=F, SCALE=0, HAS_LORA=True, IEEE=dtype == "fp32", UPCAST=False, WDT=wdt, BLOCK_R=16,
                   BLOCK_M=bm, BLOCK_K=out_tile, BLOCK_N=red_tile, SPLIT_N=split, SWAP=swap in (DOT_SWAP, DOT_PAIRS),
-                  PAIRS=swap == DOT_PAIRS, ASM=True)
+                  PAIRS=swap == DOT_PAIRS, PREFETCH=dx_pipelining(cfg)[1], ASM=True)
+        stages = dx_pipelining(cfg)[0]
     else:
         raise SystemExit(f"sass_report: op is fwd or dx, got {op!r}")
     sig = dict(ptrs)

@@ -65,15 +65,19 @@ GATHER_MAX_M = 16
 # against the others up to PAIRS_MAX_M rows: 16-row tiles, and 32- and 64-row tiles for middle
 # batches. Compiled for sm_90 by Triton 3.6 (bench/sass_report.py), none spills. The forward's
 # 128 x 128 tile takes 266 instructions an iteration where DOT_SWAP's takes 604 (127 registers;
-# 255 for 64 rows); dX's, 255 where DOT_SWAP's takes 856. dX runs unpipelined (num_stages 1):
-# pipelined, Triton splits its dot in two and ptxas waits for each wgmma before the next.
+# 255 for 64 rows); dX's, 255 where DOT_SWAP's takes 856. dX runs without Triton's pipeliner:
+# with it, Triton splits the dot in two and ptxas waits for each wgmma before the next. There
+# num_stages 2 means the kernel's own prefetch: the next tile's dY, words and scales are loaded
+# before this tile's decode (on the H100, unpipelined dX waited on its loads half its cycles).
 PAIRS_SMALL_M: List[Config] = [(16, 128, 128, 4, 4, 3, DOT_PAIRS), (16, 128, 128, 8, 4, 3, DOT_PAIRS),
                                (16, 256, 128, 4, 8, 3, DOT_PAIRS), (16, 64, 256, 4, 4, 3, DOT_PAIRS),
-                               (16, 128, 256, 4, 8, 3, DOT_PAIRS)]
+                               (16, 128, 256, 4, 8, 3, DOT_PAIRS), (16, 256, 128, 8, 8, 3, DOT_PAIRS)]
 PAIRS_MID_M: List[Config] = [(32, 128, 128, 4, 4, 3, DOT_PAIRS), (64, 256, 128, 1, 8, 3, DOT_PAIRS)]
 PAIRS_DX_SMALL_M: List[Config] = [(16, 128, 128, 4, 4, 1, DOT_PAIRS), (16, 128, 128, 8, 4, 1, DOT_PAIRS),
-                                  (16, 64, 256, 4, 4, 1, DOT_PAIRS)]
-PAIRS_DX_MID_M: List[Config] = [(32, 128, 128, 4, 4, 1, DOT_PAIRS), (64, 128, 128, 2, 4, 1, DOT_PAIRS)]
+                                  (16, 64, 256, 4, 4, 1, DOT_PAIRS), (16, 64, 256, 4, 4, 2, DOT_PAIRS),
+                                  (16, 128, 128, 4, 4, 2, DOT_PAIRS)]
+PAIRS_DX_MID_M: List[Config] = [(32, 128, 128, 4, 4, 1, DOT_PAIRS), (64, 128, 128, 2, 4, 1, DOT_PAIRS),
+                                (32, 128, 128, 4, 4, 2, DOT_PAIRS)]
 PAIRS_MAX_M = 256
 # More than 32 rows: the dense-slab path, (decode tile rows, decode tile columns, slab length,
 # placement of the LoRA path and bias, num_warps, slab buffers, DENSE_SLAB), at two sizes in MiB

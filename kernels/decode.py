@@ -141,20 +141,40 @@ def _int1_sign_pairs(packed_ptr, offs_n, k0, N, KW, ONE2, alpha, WDT: tl.constex
 
 
 @triton.jit
-def _int1_sign_pairs_t(packed_ptr, offs_n, k0, N, KW, alpha, WDT: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
-    """``±alpha[n]`` for ``Ŵ[offs_n, k0:k0+BLOCK_K]ᵀ`` (``[BLOCK_K, BLOCK_N]``, both in natural
-    order) for ``dX``, where the reduction runs over rows: the pairs a tensor-core register holds
-    are rows ``n`` and ``n + 1`` at one column. Each half of the two rows' words is put side by
-    side in one word (low halves, then high halves), so that bit ``j`` of row ``n`` and of row
-    ``n + 1`` sit 16 bits apart and decode as in ``_int1_sign_pairs``: one shift and one LOP3 a
-    pair. ``alpha`` (fp32 ``[BLOCK_N]``, the per-row scale or ones) costs nothing per weight: its
-    two rows' bits, in the decode's dtype, take the place of the pair of 1.0s, and the set bit flips
-    their signs (``-α`` for a clear bit: an xor, which for ``α ≥ 0`` is the or of 1.0's case).
-    ``offs_n`` starts at an even row; ``BLOCK_N`` is even."""
+def _int1_words_t(packed_ptr, offs_n, k0, N, KW, BLOCK_K: tl.constexpr):
+    """The packed words of ``Ŵ[offs_n, k0:k0+BLOCK_K]`` (``[BLOCK_N, BLOCK_K // 32]`` int32; 0 past
+    ``N`` and past the last word), for ``_int1_sign_pairs_t``: a load of its own, so that dX can
+    issue the next tile's before it decodes this one."""
     offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-    words = tl.load(packed_ptr + offs_n[:, None] * KW + offs_w[None, :],
-                    mask=(offs_n[:, None] < N) & (offs_w[None, :] < KW), other=0)
+    return tl.load(packed_ptr + offs_n[:, None] * KW + offs_w[None, :],
+                   mask=(offs_n[:, None] < N) & (offs_w[None, :] < KW), other=0)
+
+
+@triton.jit
+def _pair_scales_t(alpha, WDT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``(a2, a_lo, a_hi)`` (uint32 ``[BLOCK_N // 2]``) for ``_int1_sign_pairs_t`` from the per-row
+    scales ``alpha`` (``[BLOCK_N]``, any float dtype): the bits of rows ``2p`` and ``2p + 1``, each as
+    fp32 and (``a2``, 16-bit dtypes) both rounded to the decode's dtype in one word."""
+    a_even, a_odd = tl.split(tl.reshape(alpha.to(tl.float32), (BLOCK_N // 2, 2)))
+    a_lo = a_even.to(tl.uint32, bitcast=True)
+    a_hi = a_odd.to(tl.uint32, bitcast=True)
+    a2 = a_lo
+    if WDT != 2:  # the two rows' magnitudes in one word
+        a2 = _bits16(a_even, WDT) | (_bits16(a_odd, WDT) << 16)
+    return a2, a_lo, a_hi
+
+
+@triton.jit
+def _int1_sign_pairs_t(words, a2, a_lo, a_hi, WDT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``±alpha[n]`` for ``Ŵ[n, k0:k0+BLOCK_K]ᵀ`` from its ``words`` (``[BLOCK_K, BLOCK_N]``, both
+    in natural order) for ``dX``, where the reduction runs over rows: the pairs a tensor-core
+    register holds are rows ``n`` and ``n + 1`` at one column. Each half of the two rows' words is
+    put side by side in one word (low halves, then high halves), so that bit ``j`` of row ``n`` and
+    of row ``n + 1`` sit 16 bits apart and decode as in ``_int1_sign_pairs``: one shift and one
+    LOP3 a pair. The per-row scale (``a2, a_lo, a_hi`` from ``_pair_scales_t``: α, or ones) costs
+    nothing per weight: its two rows' bits, in the decode's dtype, take the place of the pair of
+    1.0s, and the set bit flips their signs (``-α`` for a clear bit: an xor, which for ``α ≥ 0`` is
+    the or of 1.0's case). ``words`` (``_int1_words_t``) start at an even row; ``BLOCK_N`` is even."""
     words = words.to(tl.uint32, bitcast=True)
     # [BLOCK_N/2, BLOCK_K/32, 2]: the words of rows 2p and 2p + 1 side by side
     even, odd = tl.split(tl.permute(tl.reshape(words, (BLOCK_N // 2, 2, BLOCK_K // 32)), (0, 2, 1)))
@@ -162,13 +182,8 @@ def _int1_sign_pairs_t(packed_ptr, offs_n, k0, N, KW, alpha, WDT: tl.constexpr, 
     high = (even >> 16) | (odd & 0xFFFF0000)  # bits 16-31
     halves = tl.join(low, high)[:, :, :, None]  # [p, word, half, 1]
     j = tl.arange(0, 16).to(tl.uint32)[None, None, None, :]
-    a_even, a_odd = tl.split(tl.reshape(alpha, (BLOCK_N // 2, 2)))
-    a_lo = a_even.to(tl.uint32, bitcast=True)[:, None, None, None]
-    a_hi = a_odd.to(tl.uint32, bitcast=True)[:, None, None, None]
-    a2 = a_lo
-    if WDT != 2:  # the two rows' magnitudes in one word
-        a2 = (_bits16(a_even, WDT) | (_bits16(a_odd, WDT) << 16))[:, None, None, None]
-    lo, hi = _signed_pairs(halves, 15 - j, a2, a_lo, a_hi, WDT)
+    lo, hi = _signed_pairs(halves, 15 - j, a2[:, None, None, None], a_lo[:, None, None, None],
+                           a_hi[:, None, None, None], WDT)
     # [p, word, half, j, row of the pair] -> [k = 32·word + 16·half + j, n = 2p + row]
     pairs = tl.permute(tl.join(lo, hi), (1, 2, 3, 0, 4))
     return tl.reshape(pairs, (BLOCK_K, BLOCK_N))

@@ -16,10 +16,31 @@ import triton.language as tl
 from .autotune import (DENSE_SLAB, DOT, DOT_PAIRS, DOT_SWAP, GATHER, GATHER_MAX_M, SLAB_MERGE, dense_slab_configs,
                        gather_configs, pairs_configs, pick_config)
 from .dense_slab import check_slab_config, slab_widths, slab_dx
-from .decode import (_dot, _int1_group_scale, _int1_sign_pairs_t, _int1_signs, _sparse4x4_tile, decode_dtype,
-                     interpreter_upcast, output_buffer, split_plan, use_asm, weight_args)
+from .decode import (_dot, _int1_group_scale, _int1_sign_pairs_t, _int1_signs, _int1_words_t, _pair_scales_t,
+                     _sparse4x4_tile,
+                     decode_dtype, interpreter_upcast, output_buffer, split_plan, use_asm, weight_args)
 from .sparse4x4_gemv import check_gather_config
 from .sparse4x4_gemv_dx import DX_LIMITS, launch_gather_dx
+
+
+@triton.jit
+def _dy_tile(dy_ptr, offs_m, offs_n, M, n_end, stride_dym):
+    """``dY[offs_m, offs_n]`` (0 past ``M`` and past the split's ``n_end``)."""
+    return tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :],
+                   mask=(offs_m[:, None] < M) & (offs_n[None, :] < n_end), other=0.0)
+
+
+@triton.jit
+def _row_scale(scale_ptr, offs_n, n_end, stride, SCALE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The pair decode's per-row scale ``[BLOCK_N]``: α (or onebit's ``h``) of rows ``offs_n`` in
+    its stored dtype, 0 past ``n_end``; ones in the per-group mode, whose scale multiplies
+    afterwards. Kept in the stored dtype across the loop (``PREFETCH``): converted to fp32 and back
+    in one iteration, ptxas drops the two conversions; carried as fp32, it keeps them."""
+    if SCALE == 1:  # (one return: Triton 3.6 compiles no return inside an if)
+        scale = tl.full((BLOCK_N,), 1.0, tl.float32)
+    else:
+        scale = tl.load(scale_ptr + offs_n * stride, mask=offs_n < n_end, other=0.0)
+    return scale
 
 
 @triton.jit
@@ -32,7 +53,7 @@ def _lora_linear_dx_kernel(
     FORMAT: tl.constexpr, SCALE: tl.constexpr, HAS_LORA: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr, WDT: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr,
-    SWAP: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr,
+    SWAP: tl.constexpr, PAIRS: tl.constexpr, PREFETCH: tl.constexpr, ASM: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -45,19 +66,30 @@ def _lora_linear_dx_kernel(
         acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    n_start = pid_s * N_PER_SPLIT
     n_end = tl.minimum(N, (pid_s + 1) * N_PER_SPLIT)
-    for n0 in range(pid_s * N_PER_SPLIT, n_end, BLOCK_N):
+    if PREFETCH:  # (PAIRS) the first tile's dY, words and scales, loaded ahead as every later tile's is
+        g_next = _dy_tile(dy_ptr, offs_m, n_start + tl.arange(0, BLOCK_N), M, n_end, stride_dym)
+        words_next = _int1_words_t(w0_ptr, n_start + tl.arange(0, BLOCK_N), k0, n_end, W_A, BLOCK_K)
+        alpha_next = _row_scale(w1_ptr, n_start + tl.arange(0, BLOCK_N), n_end, W_B, SCALE, BLOCK_N)
+    for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        g = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :],
-                    mask=(offs_m[:, None] < M) & (offs_n[None, :] < n_end), other=0.0)
+        if PREFETCH:  # Triton's pipeliner is off (it serializes the register-operand wgmma): the
+            # next tile's loads are issued here, and run during this tile's decode and dot
+            g, words, alpha = g_next, words_next, alpha_next
+            g_next = _dy_tile(dy_ptr, offs_m, offs_n + BLOCK_N, M, n_end, stride_dym)
+            words_next = _int1_words_t(w0_ptr, offs_n + BLOCK_N, k0, n_end, W_A, BLOCK_K)
+            alpha_next = _row_scale(w1_ptr, offs_n + BLOCK_N, n_end, W_B, SCALE, BLOCK_N)
+        else:
+            g = _dy_tile(dy_ptr, offs_m, offs_n, M, n_end, stride_dym)
+            if PAIRS:
+                words = _int1_words_t(w0_ptr, offs_n, k0, n_end, W_A, BLOCK_K)
+                alpha = _row_scale(w1_ptr, offs_n, n_end, W_B, SCALE, BLOCK_N)
         if PAIRS:  # int1, swapped: Ŵᵀ decoded two rows at a time, α or h in the decode (_int1_sign_pairs_t)
+            a2, a_lo, a_hi = _pair_scales_t(alpha, WDT, BLOCK_N)
+            wt = _int1_sign_pairs_t(words, a2, a_lo, a_hi, WDT, BLOCK_N, BLOCK_K)
             if SCALE == 1:
-                wt = _int1_sign_pairs_t(w0_ptr, offs_n, k0, N, W_A, tl.full((BLOCK_N,), 1.0, tl.float32), WDT,
-                                        BLOCK_N, BLOCK_K)
                 wt = wt * tl.trans(_int1_group_scale(w1_ptr, offs_n, offs_k, n_end, K, W_B, W_C)).to(wt.dtype)
-            else:
-                alpha = tl.load(w1_ptr + offs_n * W_B, mask=offs_n < n_end, other=0.0).to(tl.float32)
-                wt = _int1_sign_pairs_t(w0_ptr, offs_n, k0, N, W_A, alpha, WDT, BLOCK_N, BLOCK_K)
             w = tl.trans(wt)
         elif FORMAT == 0:
             w = _int1_signs(w0_ptr, offs_n, k0, N, W_A, WDT, BLOCK_N, BLOCK_K, ASM)
@@ -89,6 +121,16 @@ def _lora_linear_dx_kernel(
         tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=inside)
     else:
         tl.atomic_add(dx_ptrs, acc, mask=inside)
+
+
+def dx_pipelining(config) -> tuple:
+    """``(num_stages, PREFETCH)`` that a tiled dX ``config`` launches with: its stages for Triton's
+    pipeliner, except the pair decode's (``DOT_PAIRS``), which runs without it (it serializes the
+    register-operand wgmma) and where stages 2 is the kernel's own prefetch of the next tile."""
+    stages, variant = config[5], config[6]
+    if variant == DOT_PAIRS:
+        return 1, stages == 2
+    return stages, False
 
 
 def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling: float = 1.0, config=None,
@@ -133,6 +175,7 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
         if cfg[6] == DENSE_SLAB:  # large batches: decoded column slabs through cuBLAS
             return slab_dx(dy, fmt, ptrs, ints, scale_mode, K, A if has_lora else None, dyb, scaling, cfg, B)
         bm, bk, bn, split, warps, stages, swap = cfg
+        pipelining = dx_pipelining(cfg)
         split, n_per_split = split_plan(N, bn, split)
         dx = output_buffer(M, K, dy, split)
         _lora_linear_dx_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk), split)](
@@ -141,8 +184,8 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
             FORMAT=0 if fmt == "int1" else 1, SCALE=scale_mode, HAS_LORA=has_lora, IEEE=dy.dtype == torch.float32,
             UPCAST=interpreter_upcast(dy.dtype), WDT=decode_dtype(dy.dtype), BLOCK_R=max(16, triton.next_power_of_2(R)),
             BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, SPLIT_N=split, SWAP=swap in (DOT_SWAP, DOT_PAIRS),
-            PAIRS=swap == DOT_PAIRS, ASM=use_asm(),
-            num_warps=warps, num_stages=stages,
+            PAIRS=swap == DOT_PAIRS, PREFETCH=pipelining[1], ASM=use_asm(),
+            num_warps=warps, num_stages=pipelining[0],
         )
         return dx
 

@@ -15,6 +15,8 @@ from loraq.kernels.autotune import (DOT_PAIRS, PAIRS_DX_MID_M, PAIRS_DX_SMALL_M,
                                     PAIRS_MID_M, PAIRS_SMALL_M, configs_for, pairs_configs)
 from test_triton_kernels import DEV, DTYPES, _kernel_args, candidates_passed, check, f64, problem  # noqa: E402
 
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+
 INT1_KINDS = ["int1", "int1_g16", "int1_g12", "int1_g64", "int1_onebit"]  # g64: the forward's scale in the decode
 
 
@@ -43,13 +45,23 @@ def run_pairs_dx(kind, dtype, M, N, K, cfg, lora=True, scaling=0.5):
 
 
 @pytest.mark.parametrize("kind", INT1_KINDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("cfg", PAIRS_SMALL_M + PAIRS_MID_M, ids=str)
 def test_every_pairs_config_matches_reference(kind, dtype, cfg):
     """Odd N and K (a partial last word and tile), M not a multiple of the tile's rows; K = 300
-    splits into up to 3 slices of 128 (the split configs' workspace and finish)."""
+    splits into up to 3 slices of 128 (the split configs' workspace and finish). In the dtypes the
+    launcher offers these configs for: fp32's x tiles overflow an H100's shared memory at 3 stages
+    (fp32 through the pair decode is covered with small tiles below)."""
     M = 3 if cfg[0] == 16 else 40
     run_pairs(kind, dtype, M, 37, 300, cfg)
+
+
+@pytest.mark.parametrize("kind", INT1_KINDS)
+@pytest.mark.parametrize("split", [1, 3])
+def test_pairs_fp32_in_every_scale_mode(kind, split):
+    """fp32 (decoded as fp32, not in pairs of halves) in each scale mode, with tiles small enough for
+    any GPU's shared memory."""
+    run_pairs(kind, torch.float32, 5, 37, 300, (16, 32, 64, split, 4, 2, DOT_PAIRS))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -76,9 +88,11 @@ def test_every_pairs_dx_config_matches_reference(kind, dtype, cfg):
 @pytest.mark.parametrize("M", [1, 17, 70])
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "plain"])
 @pytest.mark.parametrize("split", [1, 4])
-def test_pairs_dx_with_and_without_lora(kind, dtype, M, lora, split):
-    """Small tiles: several programs along K and M, and (split) along the reduction."""
-    run_pairs_dx(kind, dtype, M, 151, 45, (16, 32, 32, split, 4, 1, DOT_PAIRS), lora)
+@pytest.mark.parametrize("stages", [1, 2], ids=["loads in turn", "prefetch"])
+def test_pairs_dx_with_and_without_lora(kind, dtype, M, lora, split, stages):
+    """Small tiles: several programs along K and M, and (split) along the reduction; with stages 2
+    each tile's loads are issued one tile ahead (the last split's last prefetch falls past N)."""
+    run_pairs_dx(kind, dtype, M, 151, 45, (16, 32, 32, split, 4, stages, DOT_PAIRS), lora)
 
 
 def test_pairs_dx_scales_each_row_pair_with_its_own_alpha():
@@ -89,7 +103,7 @@ def test_pairs_dx_scales_each_row_pair_with_its_own_alpha():
 
     N, K = 32, 40
     W = torch.randn(N, K)
-    w = Int1Weight.from_dense(W)
+    w = Int1Weight.from_dense(W).to(DEV)
     w.scale.copy_(torch.linspace(-3.0, 5.0, N).unsqueeze(1))
     tensors, meta = _kernel_args(w)
     dy = torch.eye(N, dtype=torch.float32, device=DEV)  # dY·Ŵ = Ŵ
@@ -107,7 +121,7 @@ def test_pairs_order_is_a_permutation_of_each_word():
     W = -torch.ones(N, K)
     for n in range(N):
         W[n, (7 * n + 3) % K] = 1.0
-    w = Int1Weight.from_dense(W)
+    w = Int1Weight.from_dense(W).to(DEV)
     tensors, meta = _kernel_args(w)
     x = torch.eye(K, dtype=torch.float32, device=DEV)  # x·Ŵᵀ = Ŵᵀ: every weight on its own
     y = lora_linear_fwd(x, "int1", tensors, meta, config=(16, 16, 64, 1, 4, 1, DOT_PAIRS))
