@@ -1,6 +1,6 @@
 """Tile configurations for the kernels, tuned once per (op, M bucket, N, K, dtype) and GPU.
 
-The winner of a small list of configs is measured with ``triton.testing.do_bench`` the first
+The winner of a small list of configs is measured under a CUDA graph (``gpu_time``) the first
 time a shape is seen and cached in memory and on disk (``$LORAQ_CACHE_DIR``, default
 ``~/.cache/loraq``) in one JSON file per GPU name and Triton version, so a second process does
 not tune again. Off the GPU (the interpreter) the first, smallest config is used untimed.
@@ -96,7 +96,9 @@ DENSE_SLAB_TILE = (32, 256, 4)  # decode tile rows, columns, num_warps: the deco
 # decode, 54), so the same tile runs on twice the warps.
 DENSE_SLAB_MERGE_TILE = (32, 256, 8)
 SLAB_WIDEN, SLAB_OUTPUT_FIRST, SLAB_MERGE = 1, 2, 3
-CACHE_VERSION = 3  # bumped when Config changes meaning: old files are not read
+# bumped when Config changes meaning or winners are timed another way: old files are not read
+# (4: timed under a CUDA graph; version 3's eager timings picked by host time at small batches)
+CACHE_VERSION = 4
 
 _MEMORY: Dict[str, Dict[str, Config]] = {}
 # (op, M bucket, N, K, dtype, device) -> config: the per-call fast path, no file or string work
@@ -247,6 +249,20 @@ def _store(path: Path, table: Dict[str, Config]) -> None:
 RETIME_TOP = 3  # the fastest candidates are timed twice (time_candidates)
 
 
+def gpu_time(fn: Callable[[], object]) -> float:
+    """Milliseconds a call of ``fn`` takes on the GPU: the median replay of a CUDA graph of many
+    calls (``triton.testing.do_bench_cudagraph``). Timed eagerly, a launcher's 100–200 µs of
+    Python (``bench/profile_host.py``) hide a 10 µs kernel: on the H100 the eager tuner picked
+    configs 2–4x slower on the GPU at M = 1 (``bench/results/NOTES.md``, v9b). A call that cannot
+    be captured is timed eagerly (``do_bench``), host time included."""
+    import triton.testing
+
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
+    except Exception:  # not capturable: eager, so that the candidate is still timed (slower)
+        return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
+
+
 def time_candidates(candidates: List[Config], run: Callable[[Config], None], bench: Callable) -> Dict[Config, float]:
     """Each candidate's time, ``bench(fn) -> ms``; a config that fails to run (more shared memory
     or registers than this GPU has) is left out. The fastest ``RETIME_TOP`` are timed again and
@@ -268,7 +284,7 @@ def pick_config(op: str, M: int, N: int, K: int, dtype: torch.dtype, device: tor
                 extra: Optional[Union[List[Config], Callable[[], List[Config]]]] = None) -> Config:
     """The config for this problem: cached, or the fastest of :func:`configs_for` plus ``extra``
     (a list, or a function that makes it: called only when the answer is not cached in memory;
-    timed with ``bench(fn) -> ms``, by default ``triton.testing.do_bench``). Off CUDA: the first
+    timed with ``bench(fn) -> ms``, by default :func:`gpu_time`). Off CUDA: the first
     of :func:`configs_for`. The cache key holds ``op`` (which must name the kernel), the batch
     bucket, N, K, the dtype and a checksum of the candidates, so that a changed list is tuned
     again."""
@@ -285,13 +301,7 @@ def pick_config(op: str, M: int, N: int, K: int, dtype: torch.dtype, device: tor
     # the candidate set is part of the key: a winner cached from another list is not reused
     key = f"{op}|M{m_bucket(M)}|N{N}|K{K}|{str(dtype).replace('torch.', '')}|c{zlib.crc32(repr(candidates).encode()):08x}"
     if key not in table:
-        if bench is None:
-            import triton.testing
-
-            def bench(fn):
-                return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
-
-        timings = time_candidates(candidates, run, bench)
+        timings = time_candidates(candidates, run, bench or gpu_time)
         if os.environ.get("LORAQ_AUTOTUNE_VERBOSE") == "1":
             ranked = sorted(timings.items(), key=lambda kv: kv[1])
             print(f"loraq autotune {key}: " + ", ".join(f"{c}={1e3 * t:.1f}µs" for c, t in ranked), flush=True)

@@ -351,6 +351,42 @@ def test_autotune_times_the_fastest_again_and_skips_configs_that_fail():
     assert min(timings, key=timings.get) == "a"
 
 
+def test_candidates_are_timed_under_a_cuda_graph_and_eagerly_only_if_capture_fails(monkeypatch):
+    """gpu_time takes the CUDA-graph time (the GPU's alone: eager timing of a small problem is the
+    launcher's Python), and falls back to do_bench, host time included, when capture raises; a
+    call that fails in both ways still raises, so time_candidates leaves the config out."""
+    import triton.testing
+
+    from loraq.kernels.autotune import gpu_time, time_candidates
+
+    used = []
+
+    def graph(fn, rep, return_mode):
+        used.append(("graph", rep, return_mode))
+        if fn() == "uncapturable":
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return 0.010
+
+    def eager(fn, warmup, rep, return_mode):
+        used.append(("eager", rep, return_mode))
+        fn()
+        return 0.150
+
+    def run(config):
+        if config == "broken":
+            raise RuntimeError("out of resources: shared memory")
+        return config
+
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", graph)
+    monkeypatch.setattr(triton.testing, "do_bench", eager)
+    assert gpu_time(lambda: "fine") == 0.010 and used == [("graph", 20, "median")]
+    used.clear()
+    assert gpu_time(lambda: "uncapturable") == 0.150
+    assert used == [("graph", 20, "median"), ("eager", 20, "median")]
+    timings = time_candidates(["fine", "broken", "uncapturable"], run, gpu_time)
+    assert timings == {"fine": 0.010, "uncapturable": 0.150}
+
+
 def test_autotune_off_the_gpu_uses_the_first_config_untimed():
     from loraq.kernels import autotune
 
