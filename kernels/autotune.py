@@ -69,13 +69,21 @@ GATHER_MAX_M = 16
 # with it, Triton splits the dot in two and ptxas waits for each wgmma before the next. There
 # num_stages 2 means the kernel's own prefetch: the next tile's dY, words and scales are loaded
 # before this tile's decode (on the H100, unpipelined dX waited on its loads half its cycles).
+# A 128-row reduction tile (16, 64, 128, ..., 2) needs 96 registers against 132-168.
+# On the H100 the forward's M = 16 winner (16, 256, 128, 4, 8, 3) issued in 22% of the cycles:
+# 128 registers allow 2 programs of 8 warps an SM, and the grid was 1.7 waves (ncu, NOTES.md v9).
+# Split 8 makes 3.4 waves; a 64-wide reduction tile needs 80 registers (Triton 3.6), 24 warps an
+# SM instead of 16, for 16% more instructions a weight.
 PAIRS_SMALL_M: List[Config] = [(16, 128, 128, 4, 4, 3, DOT_PAIRS), (16, 128, 128, 8, 4, 3, DOT_PAIRS),
                                (16, 256, 128, 4, 8, 3, DOT_PAIRS), (16, 64, 256, 4, 4, 3, DOT_PAIRS),
-                               (16, 128, 256, 4, 8, 3, DOT_PAIRS), (16, 256, 128, 8, 8, 3, DOT_PAIRS)]
+                               (16, 128, 256, 4, 8, 3, DOT_PAIRS), (16, 256, 128, 8, 8, 3, DOT_PAIRS),
+                               (16, 128, 64, 4, 4, 3, DOT_PAIRS), (16, 128, 64, 8, 4, 3, DOT_PAIRS),
+                               (16, 256, 64, 4, 8, 3, DOT_PAIRS)]
 PAIRS_MID_M: List[Config] = [(32, 128, 128, 4, 4, 3, DOT_PAIRS), (64, 256, 128, 1, 8, 3, DOT_PAIRS)]
 PAIRS_DX_SMALL_M: List[Config] = [(16, 128, 128, 4, 4, 1, DOT_PAIRS), (16, 128, 128, 8, 4, 1, DOT_PAIRS),
                                   (16, 64, 256, 4, 4, 1, DOT_PAIRS), (16, 64, 256, 4, 4, 2, DOT_PAIRS),
-                                  (16, 128, 128, 4, 4, 2, DOT_PAIRS)]
+                                  (16, 128, 128, 4, 4, 2, DOT_PAIRS), (16, 64, 128, 4, 4, 2, DOT_PAIRS),
+                                  (16, 64, 128, 8, 4, 2, DOT_PAIRS)]
 PAIRS_DX_MID_M: List[Config] = [(32, 128, 128, 4, 4, 1, DOT_PAIRS), (64, 128, 128, 2, 4, 1, DOT_PAIRS),
                                 (32, 128, 128, 4, 4, 2, DOT_PAIRS)]
 PAIRS_MAX_M = 256
