@@ -10,6 +10,8 @@ Answers "did the config get wgmma (HGMMA) or mma.sync (HMMA)?", "does it spill (
     python bench/sass_report.py dx sparse4x4 tiled    # every tiled candidate (small, middle, large batches)
     python bench/sass_report.py fwd int1 "(32, 256, 4096, 1, 4, 1, 7)"   # the dense-slab decode
     python bench/sass_report.py fwd int1 "(32, 256, 4096, 3, 4, 1, 7)"   # merged: Ŵ + s·B·A
+    python bench/sass_report.py dx int1 "(16, 64, 128, 4, 4, 2, 8)" --scale 1   # per-group scales
+    python bench/sass_report.py check     # every kernel, variant and scale mode compiles (exit 1 if not)
 """
 
 from __future__ import annotations
@@ -43,10 +45,13 @@ def cuobjdump() -> str:
     return found
 
 
-def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, aligned: bool = True):
+def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, aligned: bool = True,
+                   scale: int = 0, group32: bool = False):
     """``(compiled kernel, SASS text)`` for the forward (``fwd``) or ``dx`` kernel with LoRA on;
     a forward config whose variant is ``LUT`` or one of ``GATHER_FWD`` compiles that GEMV. ``aligned``:
-    compile as for the large shapes, whose pointers and sizes Triton knows to be multiples of 16."""
+    compile as for the large shapes, whose pointers and sizes Triton knows to be multiples of 16.
+    ``scale``: int1's scale mode (0 per row, 1 per group, 2 onebit); ``group32``: per-group scales
+    whose group size is a multiple of 32 (the forward's pair decode takes them in place of 1.0)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -62,6 +67,9 @@ def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, 
 
     bm, out_tile, red_tile, split, warps, stages, swap = cfg  # a dense slab's: stages = its buffers
     F = 0 if fmt == "int1" else 1
+    if scale not in (0, 1, 2) or (scale and F) or (group32 and scale != 1):
+        raise SystemExit(f"sass_report: scale mode {scale} (group32 {group32}) does not fit {fmt}: int1 takes "
+                         f"0, 1 (per group; group32 only there) or 2, sparse4x4 only 0")
     act, w0, w1 = f"*{dtype}", ("*i32" if F == 0 else f"*{dtype}"), (f"*{dtype}" if F == 0 else "*u8")
     out = act if split == 1 else "*fp32"
     wdt = {"fp16": 0, "bf16": 1, "fp32": 2}[dtype]
@@ -77,14 +85,14 @@ def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, 
                 ("mb_ptr", act), ("ma_ptr", act)]
         scalars = ["n0", "k0", "ROWS", "COLS", "N", "K", "R", "EXT", "s", "W_A", "W_B", "W_C", "stride_out",
                    "stride_lora", "stride_mb", "stride_ma"]
-        cx = dict(FORMAT=F, SCALE=0, LORA_COLS=op == "fwd", HAS_BIAS=op == "fwd", ASM=True, MERGE=split == SLAB_MERGE,
+        cx = dict(FORMAT=F, SCALE=scale, LORA_COLS=op == "fwd", HAS_BIAS=op == "fwd", ASM=True, MERGE=split == SLAB_MERGE,
                   IEEE=dtype == "fp32", UPCAST=False, BLOCK_N=bm, BLOCK_K=out_tile, BLOCK_E=16, BLOCK_R=16)
     elif swap == LUT:
         fn = _int1_gemv_lut_kernel
         ptrs = [("x_ptr", act), ("packed_ptr", "*i32"), ("scale_ptr", act), ("col_ptr", act), ("a_ptr", act),
                 ("parts_ptr", "*fp32"), ("ws_ptr", "*fp32")]
         scalars = ["M", "N", "K", "KW", "G", "group_size", "R", "stride_xm", "stride_ar"]
-        cx = dict(SCALE=0, HAS_LORA=True, BLOCK_R=16, UPCAST=False, ROWS=bm, BLOCK_N=out_tile, CHUNK_K=red_tile,
+        cx = dict(SCALE=scale, HAS_LORA=True, BLOCK_R=16, UPCAST=False, ROWS=bm, BLOCK_N=out_tile, CHUNK_K=red_tile,
                   BITS=split)
     elif swap == GATHER and op == "dx":
         fn = _sparse4x4_gemv_dx_kernel
@@ -108,9 +116,9 @@ def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, 
                    "stride_am", "stride_bn", "stride_ar", "R", "ONE2"]
         if swap == DOT_PAIRS and fmt != "int1":
             raise SystemExit(f"sass_report: config {cfg} decodes int1 signs in pair order")
-        cx = dict(FORMAT=F, SCALE=0, HAS_LORA=True, HAS_BIAS=False, IEEE=dtype == "fp32", UPCAST=False, WDT=wdt,
+        cx = dict(FORMAT=F, SCALE=scale, HAS_LORA=True, HAS_BIAS=False, IEEE=dtype == "fp32", UPCAST=False, WDT=wdt,
                   BLOCK_R=16, BLOCK_M=bm, BLOCK_N=out_tile, BLOCK_K=red_tile, SPLIT_K=split,
-                  SWAP=swap in (DOT_SWAP, DOT_PAIRS), PAIRS=swap == DOT_PAIRS, GROUP32=False, ASM=True)
+                  SWAP=swap in (DOT_SWAP, DOT_PAIRS), PAIRS=swap == DOT_PAIRS, GROUP32=group32, ASM=True)
     elif op == "dx":
         fn = _lora_linear_dx_kernel
         ptrs = [("dy_ptr", act), ("w0_ptr", w0), ("w1_ptr", w1), ("w2_ptr", act), ("dyb_ptr", act), ("a_ptr", act),
@@ -119,7 +127,7 @@ def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, 
                    "stride_bm", "stride_ar", "R"]
         if swap == DOT_PAIRS and fmt != "int1":
             raise SystemExit(f"sass_report: config {cfg} decodes int1 signs in pair order")
-        cx = dict(FORMAT=F, SCALE=0, HAS_LORA=True, IEEE=dtype == "fp32", UPCAST=False, WDT=wdt, BLOCK_R=16,
+        cx = dict(FORMAT=F, SCALE=scale, HAS_LORA=True, IEEE=dtype == "fp32", UPCAST=False, WDT=wdt, BLOCK_R=16,
                   BLOCK_M=bm, BLOCK_K=out_tile, BLOCK_N=red_tile, SPLIT_N=split, SWAP=swap in (DOT_SWAP, DOT_PAIRS),
                   PAIRS=swap == DOT_PAIRS, PREFETCH=dx_pipelining(cfg)[1], ASM=True)
         stages = dx_pipelining(cfg)[0]
@@ -183,9 +191,60 @@ def candidates(name: str, fmt: str = "int1", op: str = "fwd"):
     return [(fmt, c) for m in sorted({m_bucket(m) for m in range(1, top + 1)}) for c in configs(m)]
 
 
-def report(op: str, fmt: str, cfg, dtype: str, aligned: bool, top: int) -> int:
+def check_matrix():
+    """``(op, format, config, dtype, scale, group32)``: each kernel once for each branch its
+    constexprs select (the tiled kernels' orientations and pair decode with and without dX's
+    prefetch, int1's three scale modes, the GEMVs' variants, the slab decode merged or not), in
+    fp16, and bf16 / fp32 where the decode differs. The interpreter runs Python, so a construct
+    that only the compiler refuses (a return inside an if, in Triton 3.6) passes every CPU test."""
+    from kernels.autotune import (DENSE_SLAB, DOT, DOT_PAIRS, DOT_SWAP, GATHER, GATHER_FWD, LUT, SLAB_MERGE,
+                                  SLAB_WIDEN)
+
+    int1_modes = [(0, False), (1, False), (2, False)]
+    combos = []
+    for op in ("fwd", "dx"):
+        for variant in (DOT, DOT_SWAP):
+            combos += [(op, "int1", (16, 64, 64, 1, 4, 2, variant), "fp16", sc, g) for sc, g in int1_modes]
+            combos.append((op, "sparse4x4", (16, 64, 64, 1, 4, 2, variant), "fp16", 0, False))
+        pairs = [(16, 128, 64, 4, 4, 3, DOT_PAIRS)] if op == "fwd" else [(16, 64, 128, 4, 4, stages, DOT_PAIRS)
+                                                                          for stages in (1, 2)]
+        modes = int1_modes + [(1, True)] if op == "fwd" else int1_modes
+        combos += [(op, "int1", c, dt, sc, g) for c in pairs for dt in ("fp16", "bf16") for sc, g in modes]
+        combos.append((op, "int1", (16, 32, 64, 1, 4, 2, DOT_PAIRS), "fp32", 0, False))
+        for placement in (SLAB_WIDEN, SLAB_MERGE):
+            warps = 8 if placement == SLAB_MERGE else 4
+            combos += [(op, "int1", (32, 256, 4096, placement, warps, 1, DENSE_SLAB), "fp16", sc, g)
+                       for sc, g in int1_modes]
+            combos.append((op, "sparse4x4", (32, 256, 4096, placement, warps, 1, DENSE_SLAB), "fp16", 0, False))
+    combos += [("fwd", "int1", (1, 256, 256, 4, 4, 1, LUT), "fp16", sc, g) for sc, g in int1_modes]
+    combos += [("fwd", "sparse4x4", (1, 64, 128, 4, 4, 2, v), "fp16", 0, False) for v in GATHER_FWD]
+    combos.append(("dx", "sparse4x4", (1, 64, 128, 4, 4, 2, GATHER), "fp16", 0, False))
+    return combos
+
+
+def check(arch: int = 90) -> int:
+    """Compile every :func:`check_matrix` combination for ``sm_{arch}``, one line each; returns the
+    number that failed to compile (spills are reported, not counted)."""
+    import triton
+
+    failed = 0
+    for op, fmt, cfg, dtype, scale, group32 in check_matrix():
+        name = f"{op} {fmt} {cfg} {dtype} scale {scale}{' group32' if group32 else ''}"
+        try:
+            kernel, sass = compile_kernel(op, fmt, cfg, dtype, arch, scale=scale, group32=group32)
+        except Exception as e:  # noqa: BLE001 -- any compiler error is the finding
+            failed += 1
+            print(f"FAILED {name}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}", flush=True)
+            continue
+        ops = summarise(sass)
+        print(f"ok {name}: {kernel.registers} registers, spills {ops['LDL'] + ops['STL']}", flush=True)
+    print(f"{failed} of {len(check_matrix())} failed to compile for sm_{arch} (Triton {triton.__version__})")
+    return failed
+
+
+def report(op: str, fmt: str, cfg, dtype: str, aligned: bool, top: int, scale: int = 0, group32: bool = False) -> int:
     """Print the summary of one config; returns its spill instructions."""
-    kernel, sass = compile_kernel(op, fmt, cfg, dtype, aligned=aligned)
+    kernel, sass = compile_kernel(op, fmt, cfg, dtype, aligned=aligned, scale=scale, group32=group32)
     ops = summarise(sass)
     mma = "HGMMA (wgmma)" if ops["HGMMA"] else ("HMMA (mma.sync)" if ops["HMMA"] else "none")
     spills = ops["LDL"] + ops["STL"]
@@ -204,16 +263,27 @@ def report(op: str, fmt: str, cfg, dtype: str, aligned: bool, top: int) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("op", choices=["fwd", "dx"])
-    p.add_argument("format", choices=["int1", "sparse4x4"])
-    p.add_argument("config", help="an autotune Config tuple, e.g. \"(16, 128, 128, 4, 4, 3, 1)\", or \"lut\" / "
+    p.add_argument("op", choices=["fwd", "dx", "check"],
+                   help="check: compile every kernel in each scale mode and variant (exit 1 if one fails)")
+    p.add_argument("format", nargs="?", choices=["int1", "sparse4x4"])
+    p.add_argument("config", nargs="?", help="an autotune Config tuple, e.g. \"(16, 128, 128, 4, 4, 3, 1)\", or \"lut\" / "
                                   "\"gather\" / \"tiled\": every candidate of that kernel, one line each (exit 1 if "
                                   "one spills)")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     p.add_argument("--top", type=int, default=24)
     p.add_argument("--unaligned", action="store_true",
                    help="compile without the multiple-of-16 hints of large shapes (as for odd sizes)")
+    p.add_argument("--scale", type=int, choices=[0, 1, 2], default=0,
+                   help="int1's scale mode: 0 per row, 1 per group, 2 onebit (default 0)")
+    p.add_argument("--group32", action="store_true",
+                   help="with --scale 1: a group size that is a multiple of 32 (the forward's pair decode)")
     args = p.parse_args(argv)
+    if args.op == "check":
+        if args.format or args.config:
+            p.error("check takes no format or config")
+        return 1 if check() else 0
+    if not args.format or not args.config:
+        p.error("fwd and dx take a format and a config")
     if args.config in ("lut", "gather", "tiled"):
         want = {"lut": "int1", "gather": "sparse4x4"}.get(args.config, args.format)
         if args.format != want or (args.config == "lut" and args.op != "fwd"):
@@ -228,7 +298,7 @@ def main(argv=None) -> int:
         assert len(cfg) == 7 and all(isinstance(v, int) for v in cfg)
     except Exception:
         p.error(f"config must be a tuple of 7 integers (or lut / gather), got {args.config!r}")
-    report(args.op, args.format, cfg, args.dtype, not args.unaligned, args.top)
+    report(args.op, args.format, cfg, args.dtype, not args.unaligned, args.top, args.scale, args.group32)
     return 0
 
 
