@@ -65,11 +65,7 @@ GATHER_MAX_M = 16
 # against the others up to PAIRS_MAX_M rows: 16-row tiles, and 32- and 64-row tiles for middle
 # batches. Compiled for sm_90 by Triton 3.6 (bench/sass_report.py), none spills. The forward's
 # 128 x 128 tile takes 266 instructions an iteration where DOT_SWAP's takes 604 (127 registers;
-# 255 for 64 rows); dX's, 255 where DOT_SWAP's takes 856. dX runs without Triton's pipeliner:
-# with it, Triton splits the dot in two and ptxas waits for each wgmma before the next. There
-# num_stages 2 means the kernel's own prefetch: the next tile's dY, words and scales are loaded
-# before this tile's decode (on the H100, unpipelined dX waited on its loads half its cycles).
-# A 128-row reduction tile (16, 64, 128, ..., 2) needs 96 registers against 132-168.
+# 255 for 64 rows); dX's, 255 where DOT_SWAP's takes 856.
 # On the H100 the forward's M = 16 winner (16, 256, 128, 4, 8, 3) issued in 22% of the cycles:
 # 128 registers allow 2 programs of 8 warps an SM, and the grid was 1.7 waves (ncu, NOTES.md v9).
 # Split 8 makes 3.4 waves; a 64-wide reduction tile needs 80 registers (Triton 3.6), 24 warps an
@@ -80,6 +76,11 @@ PAIRS_SMALL_M: List[Config] = [(16, 128, 128, 4, 4, 3, DOT_PAIRS), (16, 128, 128
                                (16, 128, 64, 4, 4, 3, DOT_PAIRS), (16, 128, 64, 8, 4, 3, DOT_PAIRS),
                                (16, 256, 64, 4, 8, 3, DOT_PAIRS)]
 PAIRS_MID_M: List[Config] = [(32, 128, 128, 4, 4, 3, DOT_PAIRS), (64, 256, 128, 1, 8, 3, DOT_PAIRS)]
+# dX runs without Triton's pipeliner: with it, Triton splits the dot in two and ptxas waits for
+# each wgmma before the next. There num_stages 2 means the kernel's own prefetch: the next tile's
+# dY, words and scales are loaded before this tile's decode (on the H100, unpipelined dX waited on
+# its loads half its cycles). Prefetching, a 64-column tile over 128 rows of the reduction
+# (16, 64, 128, ..., 2) needs 96 registers (Triton 3.6), 128 x 128 132 and 64 x 256 168.
 PAIRS_DX_SMALL_M: List[Config] = [(16, 128, 128, 4, 4, 1, DOT_PAIRS), (16, 128, 128, 8, 4, 1, DOT_PAIRS),
                                   (16, 64, 256, 4, 4, 1, DOT_PAIRS), (16, 64, 256, 4, 4, 2, DOT_PAIRS),
                                   (16, 128, 128, 4, 4, 2, DOT_PAIRS), (16, 64, 128, 4, 4, 2, DOT_PAIRS),

@@ -9,6 +9,8 @@ slabs of ``Ŵ`` for cuBLAS (``dense_slab.py``), and for up to 256 rows of int1 i
 this kernel with ``Ŵᵀ`` decoded two rows at a time (``DOT_PAIRS``, ``decode._int1_sign_pairs_t``).
 """
 
+from typing import Tuple
+
 import torch
 import triton
 import triton.language as tl
@@ -17,8 +19,8 @@ from .autotune import (DENSE_SLAB, DOT, DOT_PAIRS, DOT_SWAP, GATHER, GATHER_MAX_
                        gather_configs, pairs_configs, pick_config)
 from .dense_slab import check_slab_config, slab_widths, slab_dx
 from .decode import (_dot, _int1_group_scale, _int1_sign_pairs_t, _int1_signs, _int1_words_t, _pair_scales_t,
-                     _sparse4x4_tile,
-                     decode_dtype, interpreter_upcast, output_buffer, split_plan, use_asm, weight_args)
+                     _sparse4x4_tile, decode_dtype, interpreter_upcast, output_buffer, split_plan, use_asm,
+                     weight_args)
 from .sparse4x4_gemv import check_gather_config
 from .sparse4x4_gemv_dx import DX_LIMITS, launch_gather_dx
 
@@ -36,7 +38,7 @@ def _row_scale(scale_ptr, offs_n, n_end, stride, SCALE: tl.constexpr, BLOCK_N: t
     its stored dtype, 0 past ``n_end``; ones in the per-group mode, whose scale multiplies
     afterwards. Kept in the stored dtype across the loop (``PREFETCH``): converted to fp32 and back
     in one iteration, ptxas drops the two conversions; carried as fp32, it keeps them."""
-    if SCALE == 1:  # (one return: Triton 3.6 compiles no return inside an if)
+    if SCALE == 1:  # one return at the end: Triton's compiler refuses a return inside an if
         scale = tl.full((BLOCK_N,), 1.0, tl.float32)
     else:
         scale = tl.load(scale_ptr + offs_n * stride, mask=offs_n < n_end, other=0.0)
@@ -123,7 +125,7 @@ def _lora_linear_dx_kernel(
         tl.atomic_add(dx_ptrs, acc, mask=inside)
 
 
-def dx_pipelining(config) -> tuple:
+def dx_pipelining(config) -> Tuple[int, bool]:
     """``(num_stages, PREFETCH)`` that a tiled dX ``config`` launches with: its stages for Triton's
     pipeliner, except the pair decode's (``DOT_PAIRS``), which runs without it (it serializes the
     register-operand wgmma) and where stages 2 is the kernel's own prefetch of the next tile."""
