@@ -10,8 +10,11 @@
 # tests (default "gpu": the GPU-marked large shapes and every tile, lookup and gather config;
 # "gemv": those of the lookup and gathering GEMVs alone; "slab": the dense-slab path's; "pairs": int1's
 # pair decode's; "all": the files, which compile for many
-# minutes); BENCH_DX_LORA=1 also times dX with the LoRA term (--backward-lora); extra arguments go
-# to bench_kernels.py. Run
+# minutes); BENCH_DX_LORA=1 also times dX with the LoRA term (--backward-lora); NCU="forward int1
+# 8192 28672 16;dx int1 8192 28672 16" (op, format, K, N, M; ';' between problems) profiles the
+# kernels the tuner chose for each problem after the benchmark, with the stall reasons, into
+# ncu.txt (the eighth file; NCU_TIMEOUT seconds each, default 90); extra arguments go to
+# bench_kernels.py. Run
 # bench/fetch_baselines.sh first (and carry bench/wheels) to compare with GemLite and bitsandbytes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -58,3 +61,19 @@ if [ ! -f "$OUT/bench.md" ] && grep -q '^forward' "$OUT/bench.txt"; then
     --markdown "$OUT/bench.md"
 fi
 [ -f "$OUT/bench.md" ] && sed -n '/## Targets/,/## All rows/p' "$OUT/bench.md"
+# ncu on the kernels of one call the tuner chose: tuned first without the profiler (its timings
+# would be the profiler's), then one call profiled, selected by run_problem.py's NVTX range
+if [ -n "${NCU:-}" ]; then
+  IFS=';' read -ra PROBLEMS <<< "$NCU"
+  for problem in "${PROBLEMS[@]}"; do
+    read -r op fmt k n m <<< "$problem"
+    args=(bench/run_problem.py --op "$op" --format "$fmt" --K "$k" --N "$n" --M "$m")
+    { echo "## ncu: $problem"; python3 "${args[@]}"; } >> "$OUT/ncu.txt" 2>&1
+    timeout "${NCU_TIMEOUT:-90}" ncu --nvtx --nvtx-include "loraq_call/" --section SpeedOfLight \
+      --section Occupancy --section LaunchStats --section SchedulerStats --section WarpStateStats \
+      --section MemoryWorkloadAnalysis \
+      --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+      python3 "${args[@]}" >> "$OUT/ncu.txt" 2>&1
+    echo "ncu $problem: exit $?"
+  done
+fi

@@ -334,3 +334,33 @@ def test_profile_slab_says_it_needs_a_gpu():
     out = subprocess.run([sys.executable, "bench/profile_slab.py", "--shapes", "64x64"], capture_output=True,
                          text=True, cwd=REPO, timeout=120)
     assert out.returncode == 2 and "needs a CUDA GPU" in out.stderr
+
+
+@pytest.mark.parametrize("op, fmt", [("forward", "int1"), ("dx", "sparse4x4")])
+def test_run_problem_runs_the_op_a_profiler_wraps(op, fmt):
+    """bench/run_problem.py (what ncu wraps in gpu_session.sh's NCU step) runs the op the given
+    number of times and names the kernel the tuner chose (none off the GPU); bad sizes are refused."""
+    pytest.importorskip("triton")
+    import os
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "bench/run_problem.py", "--op", op, "--format", fmt, "--K", "64",
+                          "--N", "48", "--M", "3", "--reps", "2"], cwd=REPO, capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert out.returncode == 0, out.stderr
+    shape = "(3, 48)" if op == "forward" else "(3, 64)"
+    assert f"{op} {fmt} 64→48 M=3 fp16" in out.stdout and f"3 calls, output {shape}" in out.stdout, out.stdout
+    bad = subprocess.run([sys.executable, "bench/run_problem.py", "--M", "0"], cwd=REPO, capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert bad.returncode == 2 and "must be positive" in bad.stderr
+
+
+def test_gpu_session_script_parses_and_documents_its_ncu_step():
+    """gpu_session.sh is only run on a GPU machine: here, that bash parses it and that the NCU step
+    tunes before it profiles and selects run_problem's NVTX range."""
+    script = (REPO / "bench" / "gpu_session.sh").read_text()
+    assert subprocess.run(["bash", "-n", "bench/gpu_session.sh"], cwd=REPO, timeout=60).returncode == 0
+    ncu_step = script[script.index('if [ -n "${NCU:-}" ]'):]
+    assert ncu_step.index('python3 "${args[@]}"; }') < ncu_step.index("ncu --nvtx")
+    assert '--nvtx-include "loraq_call/"' in ncu_step
+    assert 'NVTX_RANGE = "loraq_call"' in (REPO / "bench" / "run_problem.py").read_text()
