@@ -28,8 +28,10 @@ Config = Tuple[int, int, int, int, int, int, int]
 # and both of them loading each tile column's four inputs once instead of gathering one input per
 # stored value (GATHER_X4, GATHER_T_X4); large batches: the weight decoded a slab at a time into a
 # dense buffer that cuBLAS multiplies (DENSE_SLAB, kernels/dense_slab.py); the int1 forward's
-# DOT_SWAP with the signs decoded two at a time in pair order (DOT_PAIRS, decode._int1_sign_pairs).
-DOT, DOT_SWAP, LUT, GATHER, GATHER_T, GATHER_X4, GATHER_T_X4, DENSE_SLAB, DOT_PAIRS = 0, 1, 2, 3, 4, 5, 6, 7, 8
+# DOT_SWAP with the signs decoded two at a time in pair order (DOT_PAIRS, decode._int1_sign_pairs);
+# the int1 forward for up to 8 rows of x as a CUDA kernel on mma.sync (MMA_GEMV,
+# kernels/int1_gemv_mma.py: a candidate only where the extension loraq._C is built).
+DOT, DOT_SWAP, LUT, GATHER, GATHER_T, GATHER_X4, GATHER_T_X4, DENSE_SLAB, DOT_PAIRS, MMA_GEMV = range(10)
 GATHER_FWD = (GATHER, GATHER_T, GATHER_X4, GATHER_T_X4)  # the forward's gathering variants
 
 # Small batches: one 16-row tile of x, wide weight tiles, the reduction split so that a few
@@ -325,7 +327,7 @@ def pick_config(op: str, M: int, N: int, K: int, dtype: torch.dtype, device: tor
 VARIANT_NAMES = {DOT: "tiled", DOT_SWAP: "tiled, swapped", LUT: "lookup GEMV", GATHER: "gather GEMV",
                  GATHER_T: "gather GEMV, swapped", GATHER_X4: "gather GEMV, x by fours",
                  GATHER_T_X4: "gather GEMV, swapped, x by fours", DENSE_SLAB: "dense slab + cuBLAS",
-                 DOT_PAIRS: "tiled, swapped, pair-order signs"}
+                 DOT_PAIRS: "tiled, swapped, pair-order signs", MMA_GEMV: "CUDA mma GEMV (loraq._C)"}
 
 
 def describe(cfg: Config) -> str:

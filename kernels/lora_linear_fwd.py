@@ -20,10 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import (DENSE_SLAB, DOT, DOT_PAIRS, DOT_SWAP, GATHER_FWD, GATHER_MAX_M, LUT, LUT_MAX_M,
+from .autotune import (DENSE_SLAB, DOT, DOT_PAIRS, DOT_SWAP, GATHER_FWD, GATHER_MAX_M, LUT, LUT_MAX_M, MMA_GEMV,
                        dense_slab_configs, gather_fwd_configs, lut_configs, pairs_configs, pick_config)
 from .dense_slab import check_slab_config, slab_widths, slab_forward
 from .int1_gemv_lut import check_lut_config, launch_lut, lut_supported
+from .int1_gemv_mma import MMA_MAX_M, check_mma_config, launch_mma, mma_gemv_configs, mma_gemv_status
 from .sparse4x4_gemv import check_gather_config, launch_gather
 from .decode import (SCALE_GROUP, _dot, _int1_group_scale, _int1_sign_pairs, _int1_signs, _pair_order, _sparse4x4_tile,
                      decode_dtype, interpreter_upcast, lora_in_dtype, lora_prologue, output_buffer, pair_ones, split_plan, use_asm,
@@ -132,6 +133,8 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
         # the GEMVs of small batches, on the arguments prepared above
         if cfg[6] == LUT:
             return launch_lut(x, ptrs, ints, scale_mode, N, A, B, scaling, bias, cfg)
+        if cfg[6] == MMA_GEMV:
+            return launch_mma(x, ptrs, ints, scale_mode, N, A, B, scaling, bias, cfg)
         if cfg[6] in GATHER_FWD:
             return launch_gather(x, ptrs, ints, N, A, B, scaling, bias, cfg)
         if cfg[6] == DENSE_SLAB:  # large batches: decoded slabs through cuBLAS
@@ -173,10 +176,17 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
         raise ValueError(f"config {config} is the gathering GEMV: it takes a sparse4x4 weight, got {fmt}")
     if config is not None and config[6] == DOT_PAIRS and fmt != "int1":
         raise ValueError(f"config {config} decodes int1 signs in pair order: it takes an int1 weight, got {fmt}")
+    def mma_problem():  # the CUDA mma GEMV (int1, up to 8 rows, fp16/bf16, loraq._C built): why not, or ""
+        return f"it takes an int1 weight, got {fmt}" if fmt != "int1" else mma_gemv_status(x, meta)[1]
     if config is not None:  # a forced GEMV config gets the checks its public launcher makes
-        if config[6] not in (DOT, DOT_SWAP, LUT, DENSE_SLAB, DOT_PAIRS) + GATHER_FWD:
+        if config[6] not in (DOT, DOT_SWAP, LUT, DENSE_SLAB, DOT_PAIRS, MMA_GEMV) + GATHER_FWD:
             raise ValueError(f"config {config}: its last field (the variant) must be one of "
-                             f"{(DOT, DOT_SWAP, LUT, DENSE_SLAB, DOT_PAIRS) + GATHER_FWD} (kernels/autotune.py)")
+                             f"{(DOT, DOT_SWAP, LUT, DENSE_SLAB, DOT_PAIRS, MMA_GEMV) + GATHER_FWD} "
+                             "(kernels/autotune.py)")
+        if config[6] == MMA_GEMV:
+            check_mma_config(config)
+            if mma_problem():
+                raise ValueError(f"config {config} is the CUDA mma GEMV, which cannot run here: {mma_problem()}")
         if config[6] == DENSE_SLAB:
             check_slab_config(config)
         elif config[6] == LUT:
@@ -187,13 +197,15 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
     # int1 in fp16 and bf16 up to PAIRS_MAX_M rows: the pair-order decode too (in fp32 its dot is
     # plain FMAs, as the others': not worth the tuning time)
     pairs = fmt == "int1" and x.dtype in (torch.float16, torch.bfloat16)
+    mma = lambda: [] if M > MMA_MAX_M or mma_problem() else mma_gemv_configs(M)  # noqa: E731
     if lut:
-        extra = lambda: lut_configs(M) + (pairs_configs(M) if pairs else [])  # noqa: E731
+        extra = lambda: lut_configs(M) + (pairs_configs(M) if pairs else []) + mma()  # noqa: E731
     elif gather:
         extra = lambda: gather_fwd_configs(M)  # noqa: E731
     else:  # past 32 rows, the dense slabs too (none before)
         def extra():  # built only when the answer is not cached (a hit is the per-call path)
             used = (R if has_lora else 0) + (bias is not None)
-            return (pairs_configs(M) if pairs else []) + dense_slab_configs(M, N, slab_widths(K, used), x.element_size())
+            return ((pairs_configs(M) if pairs else []) + mma()
+                    + dense_slab_configs(M, N, slab_widths(K, used), x.element_size()))
     cfg = config or pick_config(op, M, N, K, x.dtype, x.device, run, extra=extra)
     return run(cfg)

@@ -1,0 +1,148 @@
+// torch.ops.loraq.int1_gemv_mma: the launcher of int1_gemv_mma.cuh's kernel (CUDA only).
+//
+// It adds x·Ŵᵀ (fp32, rows of x ≤ 8) into a zeroed workspace and, with LoRA, stores each slot's
+// share of x·Aᵀ; kernels/int1_gemv_mma.py calls it inside splitk_finish.run_split, whose finish
+// adds the LoRA path and the bias, casts, and zeroes the workspace again.
+#include <torch/extension.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "int1_gemv_mma.cuh"
+
+namespace {
+
+using loraq_mma::Args;
+
+void check_tensor(const torch::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim) {
+  TORCH_CHECK(t.is_cuda(), "int1_gemv_mma: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.scalar_type() == dtype, "int1_gemv_mma: ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == dim && t.is_contiguous(), "int1_gemv_mma: ", name, " must be a contiguous ", dim,
+              "-D tensor, got shape ", t.sizes());
+}
+
+template <typename T, int MODE, bool VEC>
+void launch(const Args& a, dim3 grid, int threads, size_t smem, cudaStream_t stream) {
+  auto kernel = loraq_mma::int1_gemv_mma_kernel<T, MODE, VEC>;
+  if (smem > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  kernel<<<grid, threads, smem, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, bool VEC>
+void launch_mode(int64_t mode, const Args& a, dim3 grid, int threads, size_t smem, cudaStream_t stream) {
+  if (mode == loraq_mma::kScaleRow) launch<T, loraq_mma::kScaleRow, VEC>(a, grid, threads, smem, stream);
+  else if (mode == loraq_mma::kScaleGroup) launch<T, loraq_mma::kScaleGroup, VEC>(a, grid, threads, smem, stream);
+  else launch<T, loraq_mma::kScaleOnebit, VEC>(a, grid, threads, smem, stream);
+}
+
+// Adds x·Ŵᵀ into ws [M, N] (fp32, zeroed) and, when lora_A is given, stores parts[s] = this
+// slot's share of x·Aᵀ (parts [slots, M, block_r], fp32; r past R gets 0).
+// mode: 0 per-row α, 1 per-group α (group_size a multiple of 32), 2 onebit (h in scale, g in col).
+// blocks: blocks per K slice; warps: warps a block; k_split: K slices (blockIdx.y).
+void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale,
+                   const torch::Tensor& col, const c10::optional<torch::Tensor>& lora_A, torch::Tensor ws,
+                   const c10::optional<torch::Tensor>& parts, int64_t mode, int64_t group_size, int64_t blocks,
+                   int64_t warps, int64_t k_split) {
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              "int1_gemv_mma: x must be float16 or bfloat16, got ", x.scalar_type());
+  check_tensor(x, "x", x.scalar_type(), 2);
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(M >= 1 && M <= loraq_mma::kMaxRows, "int1_gemv_mma: x must have 1 to ", loraq_mma::kMaxRows,
+              " rows, got ", M);
+  check_tensor(packed, "packed", at::kInt, 2);
+  const int64_t N = packed.size(0), KW = packed.size(1);
+  TORCH_CHECK(KW == (K + 31) / 32, "int1_gemv_mma: packed must be [N, ceil(K/32)] = [N, ", (K + 31) / 32, "], got ",
+              packed.sizes());
+  check_tensor(scale, "scale", x.scalar_type(), 2);
+  TORCH_CHECK(scale.size(0) == N, "int1_gemv_mma: scale must have N = ", N, " rows, got ", scale.sizes());
+  TORCH_CHECK(mode >= 0 && mode <= 2, "int1_gemv_mma: mode must be 0 (row), 1 (group) or 2 (onebit), got ", mode);
+  TORCH_CHECK(mode != 1 || (group_size > 0 && group_size % 32 == 0 && scale.size(1) == (K + group_size - 1) / group_size),
+              "int1_gemv_mma: per-group scales need a group size that is a multiple of 32 and scale [N, ceil(K/group)]");
+  TORCH_CHECK(mode == 1 || scale.size(1) >= 1, "int1_gemv_mma: scale must have a column");
+  if (mode == 2) {
+    check_tensor(col, "col", x.scalar_type(), 1);
+    TORCH_CHECK(col.size(0) == K, "int1_gemv_mma: col must be [K] = [", K, "], got ", col.sizes());
+  }
+  check_tensor(ws, "ws", at::kFloat, 2);
+  TORCH_CHECK(ws.size(0) == M && ws.size(1) == N, "int1_gemv_mma: ws must be [M, N] = [", M, ", ", N, "], got ",
+              ws.sizes());
+  TORCH_CHECK(blocks >= 1 && k_split >= 1 && warps >= 1 && warps <= 32,
+              "int1_gemv_mma: blocks and k_split must be ≥ 1 and warps 1 to 32");
+  TORCH_CHECK(lora_A.has_value() == parts.has_value(), "int1_gemv_mma: lora_A and parts come together");
+  TORCH_CHECK(x.device() == packed.device() && x.device() == ws.device(), "int1_gemv_mma: tensors on one device");
+
+  Args a{};
+  a.x = x.data_ptr();
+  a.packed = packed.data_ptr<int32_t>();
+  a.scale = scale.data_ptr();
+  a.col = mode == 2 ? col.data_ptr() : nullptr;
+  a.ws = ws.data_ptr<float>();
+  a.M = (int)M;
+  a.N = (int)N;
+  a.K = (int)K;
+  a.KW = (int)KW;
+  a.G = (int)scale.size(1);
+  a.group_size = (int)(mode == 1 ? group_size : K);
+  a.minus_ones = x.scalar_type() == at::kHalf ? loraq_mma::Half2Bits<__half>::kMinusOnes
+                                               : loraq_mma::Half2Bits<__nv_bfloat16>::kMinusOnes;
+  if (K == 0) {  // x·Ŵᵀ = 0 (the workspace stays zero) and so are the shares of x·Aᵀ
+    if (parts.has_value()) parts->zero_();
+    return;
+  }
+  // K slices of whole tasks
+  const int64_t per = (K + k_split - 1) / k_split;
+  a.slice_inputs = (int)((per + loraq_mma::kTaskInputs - 1) / loraq_mma::kTaskInputs * loraq_mma::kTaskInputs);
+  const int64_t slices = (K + a.slice_inputs - 1) / a.slice_inputs;
+  if (lora_A.has_value()) {
+    const torch::Tensor& A = *lora_A;
+    check_tensor(A, "lora_A", x.scalar_type(), 2);
+    TORCH_CHECK(A.size(1) == K, "int1_gemv_mma: lora_A must be [R, K]");
+    check_tensor(*parts, "parts", at::kFloat, 3);
+    TORCH_CHECK(parts->size(1) == M && parts->size(2) >= A.size(0) && parts->size(0) >= 1 &&
+                    parts->size(0) <= blocks * slices,
+                "int1_gemv_mma: parts must be [slots ≤ blocks·slices, M, ≥ R], got ", parts->sizes());
+    a.lora_A = A.data_ptr();
+    a.parts = parts->data_ptr<float>();
+    a.R = (int)A.size(0);
+    a.block_r = (int)parts->size(2);
+    a.slots = (int)parts->size(0);
+  }
+  if (N == 0) return;
+  const int64_t chunks = a.slice_inputs / loraq_mma::kTaskInputs;
+  const size_t smem = (size_t)M * (chunks * 128 + loraq_mma::kRowPadUnits) * 8;
+  const c10::cuda::CUDAGuard guard(x.device());
+  int max_smem = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.device().index()));
+  TORCH_CHECK(smem <= (size_t)max_smem, "int1_gemv_mma: x's slice needs ", smem, " bytes of shared memory (",
+              max_smem, " available): split K more");
+  const bool vec = KW % 4 == 0 && reinterpret_cast<uintptr_t>(a.packed) % 16 == 0;
+  const dim3 grid((unsigned)blocks, (unsigned)slices);
+  const int threads = (int)warps * 32;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (x.scalar_type() == at::kHalf) {
+    if (vec) launch_mode<__half, true>(mode, a, grid, threads, smem, stream);
+    else launch_mode<__half, false>(mode, a, grid, threads, smem, stream);
+  } else {
+    if (vec) launch_mode<__nv_bfloat16, true>(mode, a, grid, threads, smem, stream);
+    else launch_mode<__nv_bfloat16, false>(mode, a, grid, threads, smem, stream);
+  }
+}
+
+// For torch.compile's tracing (FakeTensor/Meta): the op only writes its outputs in place.
+void int1_gemv_mma_meta(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
+                        const c10::optional<torch::Tensor>&, torch::Tensor, const c10::optional<torch::Tensor>&,
+                        int64_t, int64_t, int64_t, int64_t, int64_t) {}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(loraq, m) {
+  m.def(
+      "int1_gemv_mma(Tensor x, Tensor packed, Tensor scale, Tensor col, Tensor? lora_A, Tensor(a!) ws, "
+      "Tensor(b!)? parts, int mode, int group_size, int blocks, int warps, int k_split) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(loraq, CUDA, m) { m.impl("int1_gemv_mma", &int1_gemv_mma); }
+
+TORCH_LIBRARY_IMPL(loraq, Meta, m) { m.impl("int1_gemv_mma", &int1_gemv_mma_meta); }

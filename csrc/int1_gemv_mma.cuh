@@ -1,0 +1,285 @@
+// The int1 small-batch forward on tensor cores: x·Ŵᵀ for up to 8 rows of x, the weight read once.
+//
+// Device code only (no torch headers), so that bench/sass_report.py-style checks can compile it
+// for sm_90 in seconds: csrc/int1_gemv_mma.cu holds the launcher and the op registration.
+//
+// Why: at one row of x the Triton kernels either decode a whole tile through shared memory
+// (tl.dot) or look sums up in tables (int1_gemv_lut.py, L1-bound on an H100: NOTES.md). Here each
+// warp decodes its weights straight into the A operand of mma.sync.m16n8k16 (16 weight rows x 16
+// inputs), two signs with two integer instructions, and x, kept in shared memory in the matching
+// order, is the B operand (8 columns: the rows of x). Nothing of Ŵ is ever stored.
+//
+// The decode ("pair order"): bits p and p + 16 of a word, shifted left by 15 - p, sit on bits 15
+// and 31, the sign bits of a pair of 16-bit floats. ((word << (15 - p)) & 0x80008000) ^ (-1, -1)
+// is then (+1 or -1, +1 or -1): one shift and one LOP3 per register of A. So register p of a word
+// holds the weights of inputs k + p and k + p + 16, and x's pairs are stored the same way.
+//
+// Fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"), lane =
+// 4·g + t: A regs {a0a1, a2a3, a4a5, a6a7} = rows {g, g+8, g, g+8} at columns {2t, 2t, 2t+8, 2t+8}
+// (+0, +1 in the halves); B regs {b0b1, b2b3} = column g at rows {2t, 2t+8} (+0, +1); C {c0..c3} =
+// rows {g, g, g+8, g+8}, columns {2t, 2t+1, 2t, 2t+1}. Here the mma's rows are weight rows (n), its
+// columns rows of x (m), its reduction inputs (k).
+//
+// Which input each mma column stands for is ours to choose, as long as A and B agree. Lane (g, t)
+// owns 4 consecutive words (a 16-byte load) of weight rows g and g + 8: a quad reads 64 contiguous
+// bytes of a row, a warp 16 rows x 512 inputs (a "task"). For word j of the four and i = 0..7, mma
+// step (j, i) takes registers 2i and 2i + 1 of the words as its columns {2t, 2t+1} and {2t+8,
+// 2t+9}; B must then hold x's pairs 2i and 2i + 1 of the same word, for lane t: 8 bytes that the
+// shared layout below puts side by side.
+//
+// Work split (stream-K): a K slice per blockIdx.y; within it, the tasks (16 weight rows x 512
+// inputs) in row-major order are cut into equal runs, one per warp. A warp sums its run in the
+// mma accumulator and adds it (times the row scale) into the fp32 workspace with atomics whenever
+// its 16 rows change. Every warp gets the same number of tasks, whatever N is.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace loraq_mma {
+
+constexpr int kTaskRows = 16;     // weight rows a task (the mma's M)
+constexpr int kTaskInputs = 512;  // inputs a task: 4 lanes x 4 words x 32
+constexpr int kTaskWords = kTaskInputs / 32;
+constexpr int kMaxRows = 8;       // rows of x (the mma's N)
+constexpr int kRowPadUnits = 4;   // 32 bytes of padding per row of x in shared memory: no bank conflicts
+
+// Scale modes, as decode.SCALE_ROW / SCALE_GROUP / SCALE_ONEBIT in kernels/decode.py.
+constexpr int kScaleRow = 0, kScaleGroup = 1, kScaleOnebit = 2;
+
+template <typename T>
+struct Half2Bits;  // the bits of (-1, -1) in T, and the mma instruction for T
+template <>
+struct Half2Bits<__half> {
+  static constexpr uint32_t kMinusOnes = 0xBC00BC00u;
+};
+template <>
+struct Half2Bits<__nv_bfloat16> {
+  static constexpr uint32_t kMinusOnes = 0xBF80BF80u;
+};
+
+__device__ __forceinline__ uint16_t bits16(__half v) { return __half_as_ushort(v); }
+__device__ __forceinline__ uint16_t bits16(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// D += A·B, m16n8k16, fp32 accumulators.
+__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, __half) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, __nv_bfloat16) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Register p (0..15) of a word: the signs of its bits p and p + 16 as a pair of ±s, where
+// `minus2` holds (-s, -s) (s = 1, or a group's α folded in).
+__device__ __forceinline__ uint32_t sign_pair(uint32_t word, int p, uint32_t minus2) {
+  return ((word << (15 - p)) & 0x80008000u) ^ minus2;
+}
+
+// 8-byte units of the shared copy of x: row m of x, chunk c (512 inputs) of the slice, word j of
+// lane t's four, register pair i. The four lanes t of a quad read adjacent units; rows of x are
+// 32 bytes apart modulo 128, so the 16 lanes of a half warp hit 16 different 8-byte bank pairs.
+__device__ __forceinline__ int x_unit(int m, int row_units, int c, int j, int i, int t) {
+  return m * row_units + ((c * 4 + j) * 8 + i) * 4 + t;
+}
+
+struct Args {
+  const void* x;          // [M, K] in T, contiguous
+  const int32_t* packed;  // [N, KW]
+  const void* scale;      // [N, G] in T (α per row or group; onebit h)
+  const void* col;        // [K] in T (onebit g), else unused
+  const void* lora_A;     // [R, K] in T, or null
+  float* ws;              // [M, N] fp32, zeroed: the sums are added in
+  float* parts;           // [slots, M, block_r] fp32: each LoRA slot's share of x·Aᵀ, or null
+  int M, N, K, KW, G, group_size, R, block_r, slots;
+  int slice_inputs;       // inputs a K slice (a multiple of kTaskInputs): blockIdx.y's slice
+  // (-1, -1) in T, from the launcher: as an immediate, the compiler splits the decode's
+  // (shifted & mask) ^ (-1, -1) into two LOP3 (one immediate each); from a register it is one
+  uint32_t minus_ones;
+};
+
+// parts[slot] = x[:, ks]·A[:, ks]ᵀ for this block's share ks of K (slots blocks share K), zero past R.
+template <typename T>
+__device__ void store_xa_share(const Args& a, int slot) {
+  const T* x = static_cast<const T*>(a.x);
+  const T* A = static_cast<const T*>(a.lora_A);
+  const int per = (a.K + a.slots - 1) / a.slots;
+  const int k0 = slot * per, k1 = min(a.K, k0 + per);
+  const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  for (int idx = threadIdx.x >> 5; idx < a.M * a.block_r; idx += warps) {
+    const int m = idx / a.block_r, r = idx % a.block_r;
+    float s = 0.f;
+    if (r < a.R)
+      for (int k = k0 + lane; k < k1; k += 32)
+        s += to_float(x[(int64_t)m * a.K + k]) * to_float(A[(int64_t)r * a.K + k]);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    if (lane == 0) a.parts[((int64_t)slot * a.M + m) * a.block_r + r] = s;
+  }
+}
+
+// Fill the shared copy of this block's slice of x in pair order: unit (m, c, j, i, t) holds, for
+// word w = 16c + 4t + j of the slice, the pairs (x[32w + p], x[32w + p + 16]) for p = 2i, 2i + 1.
+// Inputs past K are 0 (the padding bits of the last word decode to -1 and must add nothing).
+// Onebit: x·g, rounded to T (the reference rounds h·g; the tolerance covers the difference).
+template <typename T, int MODE>
+__device__ void fill_x(const Args& a, uint32_t* xs, int k0, int chunks, int row_units) {
+  const T* x = static_cast<const T*>(a.x);
+  const T* g = static_cast<const T*>(a.col);
+  const int pairs_per_row = chunks * kTaskInputs / 2;  // 16 pairs a word
+  for (int idx = threadIdx.x; idx < a.M * pairs_per_row; idx += blockDim.x) {
+    const int m = idx / pairs_per_row, rest = idx % pairs_per_row;
+    const int w = rest >> 4, p = rest & 15;  // word of the slice, register of the word
+    const int k_lo = k0 + 32 * w + p, k_hi = k_lo + 16;
+    float lo = k_lo < a.K ? to_float(x[(int64_t)m * a.K + k_lo]) : 0.f;
+    float hi = k_hi < a.K ? to_float(x[(int64_t)m * a.K + k_hi]) : 0.f;
+    if (MODE == kScaleOnebit) {
+      lo *= k_lo < a.K ? to_float(g[k_lo]) : 0.f;
+      hi *= k_hi < a.K ? to_float(g[k_hi]) : 0.f;
+    }
+    const uint32_t pair = (uint32_t)bits16(from_float<T>(lo)) | ((uint32_t)bits16(from_float<T>(hi)) << 16);
+    const int c = w >> 4, t = (w >> 2) & 3, j = w & 3, i = p >> 1;
+    xs[2 * x_unit(m, row_units, c, j, i, t) + (p & 1)] = pair;
+  }
+}
+
+// Lane (g, t)'s four words of one weight row for the task's chunk, zeros past the row or past N.
+template <bool VEC>
+__device__ __forceinline__ uint4 load_words(const Args& a, int n, int word) {
+  uint4 u = make_uint4(0u, 0u, 0u, 0u);
+  if (n >= a.N) return u;
+  const int32_t* row = a.packed + (int64_t)n * a.KW;
+  if (VEC) {  // KW % 4 == 0 and an aligned base: one 16-byte load (word is a multiple of 4)
+    if (word < a.KW) u = __ldg(reinterpret_cast<const uint4*>(row + word));
+  } else {
+    if (word < a.KW) u.x = (uint32_t)__ldg(row + word);
+    if (word + 1 < a.KW) u.y = (uint32_t)__ldg(row + word + 1);
+    if (word + 2 < a.KW) u.z = (uint32_t)__ldg(row + word + 2);
+    if (word + 3 < a.KW) u.w = (uint32_t)__ldg(row + word + 3);
+  }
+  return u;
+}
+
+// (-α, -α) in T for the group of word `word` of row n (group mode), else (-1, -1).
+template <typename T, int MODE>
+__device__ __forceinline__ uint32_t minus_pair(const Args& a, int n, int word) {
+  if (MODE != kScaleGroup || n >= a.N || word >= a.KW) return a.minus_ones;
+  const T* s = static_cast<const T*>(a.scale);
+  const uint32_t b = bits16(s[(int64_t)n * a.G + (word * 32) / a.group_size]) ^ 0x8000u;
+  return b | (b << 16);
+}
+
+// One task: 16 rows x 512 inputs, 32 mma steps. u, v: the words of rows g and g + 8.
+template <typename T>
+__device__ __forceinline__ void task_mma(float (&acc)[4], const uint4& u, const uint4& v, const uint32_t (&mu)[4],
+                                         const uint32_t (&mv)[4], const uint32_t* xs, int xrow_unit_base, int c,
+                                         int t) {
+  const uint32_t wu[4] = {u.x, u.y, u.z, u.w};
+  const uint32_t wv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const uint2 b = *reinterpret_cast<const uint2*>(xs + 2 * (xrow_unit_base + ((c * 4 + j) * 8 + i) * 4 + t));
+      // registers 2i (columns 2t, 2t+1) and 2i + 1 (columns 2t+8, 2t+9), rows g and g + 8; i and
+      // j are constants once unrolled, so each shift is an immediate
+      const uint32_t fa[4] = {sign_pair(wu[j], 2 * i, mu[j]), sign_pair(wv[j], 2 * i, mv[j]),
+                              sign_pair(wu[j], 2 * i + 1, mu[j]), sign_pair(wv[j], 2 * i + 1, mv[j])};
+      mma(acc, fa, b.x, b.y, T());
+    }
+  }
+}
+
+// Add a warp's sums for rows 16·rg .. 16·rg + 15 into the workspace, times the row scale (α or
+// onebit h, rounded to T as the reference rounds Ŵ; group mode folded it into the decode).
+template <typename T, int MODE>
+__device__ __forceinline__ void flush(const Args& a, float (&acc)[4], int rg, int g, int t) {
+  const T* s = static_cast<const T*>(a.scale);
+  const int n0 = rg * kTaskRows + g, n1 = n0 + 8;
+  const float s0 = (MODE != kScaleGroup && n0 < a.N) ? to_float(s[(int64_t)n0 * a.G]) : 1.f;
+  const float s1 = (MODE != kScaleGroup && n1 < a.N) ? to_float(s[(int64_t)n1 * a.G]) : 1.f;
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const int m = 2 * t + e;
+    if (m < a.M) {
+      if (n0 < a.N) atomicAdd(a.ws + (int64_t)m * a.N + n0, acc[e] * s0);
+      if (n1 < a.N) atomicAdd(a.ws + (int64_t)m * a.N + n1, acc[2 + e] * s1);
+    }
+    acc[e] = 0.f;
+    acc[2 + e] = 0.f;
+  }
+}
+
+template <typename T, int MODE, bool VEC>
+__global__ void __launch_bounds__(1024) int1_gemv_mma_kernel(const Args a) {
+  extern __shared__ uint4 smem_raw[];
+  uint32_t* xs = reinterpret_cast<uint32_t*>(smem_raw);
+  const int slice = blockIdx.y;
+  const int k0 = slice * a.slice_inputs;
+  const int chunks = (min(a.K - k0, a.slice_inputs) + kTaskInputs - 1) / kTaskInputs;
+  const int row_units = chunks * 128 + kRowPadUnits;  // 8-byte units a row of x (512 inputs: 128)
+
+  const int block = blockIdx.y * gridDim.x + blockIdx.x;
+  if (a.parts != nullptr && block < a.slots) store_xa_share<T>(a, block);
+  fill_x<T, MODE>(a, xs, k0, chunks, row_units);
+  __syncthreads();
+
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int warps = blockDim.x >> 5;
+  const int64_t warp = (int64_t)blockIdx.x * warps + (threadIdx.x >> 5), total = (int64_t)gridDim.x * warps;
+  const int64_t tasks = (int64_t)((a.N + kTaskRows - 1) / kTaskRows) * chunks;
+  const int64_t first = warp * tasks / total;
+  const int count = (int)((warp + 1) * tasks / total - first);  // this warp's run of tasks
+  if (count <= 0) return;
+  // lanes past the rows of x read row 0 (their columns of the product are never stored)
+  const int xrow_unit_base = (g < a.M ? g : 0) * row_units;
+  const int word0 = k0 / 32 + 4 * t;  // lane t's first word of chunk 0
+
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  int rg = (int)(first / chunks), c = (int)(first % chunks);  // the task: row group, chunk
+  uint4 u = load_words<VEC>(a, rg * kTaskRows + g, word0 + c * kTaskWords);
+  uint4 v = load_words<VEC>(a, rg * kTaskRows + g + 8, word0 + c * kTaskWords);
+  for (int left = count; left > 0; --left) {
+    // the next task's words first: their loads fly while this task decodes
+    int nc = c + 1, nrg = rg;
+    if (nc == chunks) {
+      nc = 0;
+      ++nrg;
+    }
+    uint4 nu = make_uint4(0u, 0u, 0u, 0u), nv = nu;
+    if (left > 1) {
+      nu = load_words<VEC>(a, nrg * kTaskRows + g, word0 + nc * kTaskWords);
+      nv = load_words<VEC>(a, nrg * kTaskRows + g + 8, word0 + nc * kTaskWords);
+    }
+    uint32_t mu[4], mv[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      mu[j] = minus_pair<T, MODE>(a, rg * kTaskRows + g, word0 + c * kTaskWords + j);
+      mv[j] = minus_pair<T, MODE>(a, rg * kTaskRows + g + 8, word0 + c * kTaskWords + j);
+    }
+    task_mma<T>(acc, u, v, mu, mv, xs, xrow_unit_base, c, t);
+    if (left == 1 || nrg != rg) flush<T, MODE>(a, acc, rg, g, t);
+    rg = nrg;
+    c = nc;
+    u = nu;
+    v = nv;
+  }
+}
+
+}  // namespace loraq_mma

@@ -1,0 +1,150 @@
+"""``y = x·Ŵᵀ + s·(x·Aᵀ)·Bᵀ + b`` for up to 8 rows of ``x`` and an int1 ``Ŵ``, on tensor cores.
+
+The kernel is CUDA C++ (``csrc/int1_gemv_mma.cuh``, built into ``loraq._C`` as
+``torch.ops.loraq.int1_gemv_mma``): each warp decodes its weights two signs at a time straight
+into ``mma.sync``'s A operand, and ``x``, copied once per block into shared memory in the same
+pair order, is its B operand (its 8 columns are the rows of ``x``). The work is cut stream-K
+style: every warp of the grid takes an equal run of 16-row x 512-input tasks, so a few hundred
+programs fill the GPU whatever ``N`` is. Sums go into the zeroed fp32 workspace by atomics, the
+first ``slots`` blocks store their share of ``x·Aᵀ``, and ``splitk_finish.finish`` adds the LoRA
+path and the bias and casts: two launches a call, like the other small-batch forwards.
+
+It is an autotune candidate of :func:`lora_linear_fwd` for int1 in fp16 and bf16 up to
+``MMA_MAX_M`` rows when the extension is built (``CUDA_HOME=... pip install --no-build-isolation
+-e .``) and the GPU has ``mma.sync`` for bf16 (compute capability 8.0 or newer). Configs:
+``(MMA_MAX_M, blocks an SM, MMA_TASK_INPUTS, K slices at least, warps a block, 1, MMA_GEMV)``.
+"""
+
+import importlib
+from functools import lru_cache
+from typing import List, Tuple
+
+import torch
+
+from .autotune import MMA_GEMV, Config
+from .decode import SCALE_GROUP, weight_args
+from .splitk_finish import run_split
+
+MMA_MAX_M = 8  # the mma's 8 columns
+MMA_TASK_INPUTS = 512  # inputs a task: 4 lanes x 4 words of 32
+MMA_SMEM_BUDGET = 200 * 1024  # bytes of x an SM may hold for its blocks (an H100 has 228 KiB)
+MMA_MAX_SLOTS = 32  # blocks that store a share of x·Aᵀ (the finish sums the shares)
+# (blocks an SM, warps a block): 64 registers a thread (the kernel's launch bound) allow 32 warps an SM
+MMA_SHAPES = ((2, 16), (4, 8), (1, 32), (2, 8))
+
+
+@lru_cache(maxsize=None)
+def _extension_problem() -> str:
+    """Why the compiled op is missing, or "" when ``torch.ops.loraq.int1_gemv_mma`` exists."""
+    try:
+        importlib.import_module("loraq._C")  # registers torch.ops.loraq.*
+    except Exception as e:
+        return (f"the compiled extension loraq._C is not built ({type(e).__name__}); build it with "
+                "CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .")
+    if not hasattr(torch.ops.loraq, "int1_gemv_mma"):
+        return "this build of loraq._C has no int1_gemv_mma (rebuild the extension)"
+    return ""
+
+
+def mma_gemv_status(x: torch.Tensor, meta) -> Tuple[bool, str]:
+    """``(usable, why not)`` for the mma GEMV on ``x`` and an int1 weight's ``meta``."""
+    if x.device.type != "cuda":
+        return False, f"the mma GEMV is a CUDA kernel, x is on {x.device}"
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return False, f"the mma GEMV takes float16 or bfloat16, got {x.dtype}"
+    if not 1 <= x.shape[0] <= MMA_MAX_M:
+        return False, f"the mma GEMV takes 1 to {MMA_MAX_M} rows of x, got {x.shape[0]}"
+    if meta.get("scale_mode") != "onebit" and meta.get("group_size") and meta["group_size"] % 32:
+        return False, f"the mma GEMV needs a group size that is a multiple of 32, got {meta['group_size']}"
+    if torch.cuda.get_device_capability(x.device) < (8, 0):
+        return False, "the mma GEMV needs compute capability 8.0 or newer (mma.sync with bf16)"
+    problem = _extension_problem()
+    return (not problem), problem
+
+
+@lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def k_slices(M: int, K: int, blocks_per_sm: int, at_least: int = 1) -> int:
+    """K slices (about ``at_least`` or more) so that ``blocks_per_sm`` blocks' copies of ``x``
+    (``M`` rows of a slice, pair order, 2 bytes an input) fit ``MMA_SMEM_BUDGET``. Slices are
+    whole tasks of ``MMA_TASK_INPUTS``, equal but the last; the count returned is the one the
+    kernel launches (asked for 3 slices of 2 tasks, it makes 2)."""
+    tasks = max(1, -(-K // MMA_TASK_INPUTS))
+    for slices in range(max(1, min(at_least, tasks)), tasks + 1):
+        per = -(-tasks // slices)  # tasks a slice
+        if blocks_per_sm * M * (per * MMA_TASK_INPUTS * 2 + 32) <= MMA_SMEM_BUDGET:
+            return -(-tasks // per)
+    raise ValueError(f"{M} rows of x do not fit the mma GEMV's shared memory with {blocks_per_sm} blocks an SM")
+
+
+def mma_gemv_configs(M: int) -> List[Config]:
+    """The mma GEMV's candidates for ``1 ≤ M ≤ MMA_MAX_M`` rows of x (K slices: 1, raised at run
+    time when x's slice does not fit the shared memory)."""
+    if not 1 <= M <= MMA_MAX_M:
+        raise ValueError(f"the mma GEMV takes 1 to {MMA_MAX_M} rows of x, got {M}")
+    return [(MMA_MAX_M, bps, MMA_TASK_INPUTS, 1, warps, 1, MMA_GEMV) for bps, warps in MMA_SHAPES]
+
+
+def check_mma_config(cfg) -> None:
+    """Raise ValueError unless ``cfg`` is a config the mma GEMV runs."""
+    if len(cfg) != 7 or cfg[6] != MMA_GEMV:
+        raise ValueError(f"config {cfg} is not an mma GEMV config (its last field must be {MMA_GEMV})")
+    rows, bps, inputs, split, warps, stages, _ = cfg
+    if rows != MMA_MAX_M or inputs != MMA_TASK_INPUTS or stages != 1:
+        raise ValueError(f"config {cfg}: the mma GEMV's fields 0, 2 and 5 are fixed "
+                         f"({MMA_MAX_M}, {MMA_TASK_INPUTS}, 1)")
+    if bps < 1 or split < 1 or not 1 <= warps <= 32 or bps * warps > 64:
+        raise ValueError(f"config {cfg}: blocks an SM and K slices must be ≥ 1, warps 1 to 32, "
+                         "and at most 64 warps an SM")
+
+
+def launch_mma(x, ptrs, ints, mode, N, lora_A, lora_B, scaling, bias, cfg):
+    """The launch on arguments already prepared (``weight_args``'s; ``lora_A``, ``lora_B`` in
+    ``x``'s dtype, or None) and checked. Two launches: the kernel, then ``splitk_finish.finish``.
+    Returns ``y [M, N]`` in ``x.dtype``."""
+    _, bps, _, split, warps, _, _ = cfg
+    (packed, scale, col), (_, _, group, _) = ptrs, ints
+    M, K = x.shape
+    slices = k_slices(M, K, bps, split)
+    blocks = max(1, -(-_sm_count(x.device.index or 0) * bps // slices))  # per slice
+    has_lora = lora_A is not None
+    R = lora_A.shape[0] if has_lora else 1
+    slots = min(MMA_MAX_SLOTS, blocks * slices)
+    # the kernel reads the scales in x's dtype (the reference rounds Ŵ to it too); col is onebit's g
+    col = col.to(x.dtype) if col is not scale else None
+    scale = scale.to(x.dtype)
+    col = scale if col is None else col
+    lora_A = lora_A.contiguous() if has_lora else None
+
+    def launch(ws, parts):
+        torch.ops.loraq.int1_gemv_mma(x, packed, scale, col, lora_A if has_lora else None, ws,
+                                      parts if has_lora else None, mode, group if mode == SCALE_GROUP else 0,
+                                      blocks, warps, slices)
+
+    return run_split(launch, M, N, slots, x, lora_B, R, scaling, bias)
+
+
+def int1_gemv_mma(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1.0, bias=None,
+                  blocks_per_sm: int = 2, warps: int = 16, k_split: int = 1):
+    """``y [M, N]`` for ``x [M, K]`` (1 to 8 rows, fp16/bf16, CUDA) and an int1 weight's
+    ``tensors``/``meta``, in ``x.dtype``; raises ValueError (with the reason) where the kernel
+    does not run."""
+    if x.dim() != 2 or x.shape[1] != meta["K"]:
+        raise ValueError(f"x must be [M, {meta['K']}], got {tuple(x.shape)}")
+    ok, why = mma_gemv_status(x, meta)
+    if not ok:
+        raise ValueError(why)
+    cfg = (MMA_MAX_M, blocks_per_sm, MMA_TASK_INPUTS, k_split, warps, 1, MMA_GEMV)
+    check_mma_config(cfg)
+    x = x.contiguous()
+    ptrs, ints, mode = weight_args("int1", tensors, meta)
+    A = lora_A.to(x.dtype).contiguous() if lora_A is not None else None
+    B = lora_B.to(x.dtype).contiguous() if lora_B is not None else None
+    return launch_mma(x, ptrs, ints, mode, meta["N"], A, B, scaling, bias, cfg)
+
+
+__all__ = ["int1_gemv_mma", "mma_gemv_status", "mma_gemv_configs", "check_mma_config", "k_slices",
+           "launch_mma", "MMA_MAX_M"]

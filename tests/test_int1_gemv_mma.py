@@ -1,0 +1,202 @@
+"""The CUDA mma GEMV (csrc/int1_gemv_mma.cuh, kernels/int1_gemv_mma.py): int1, up to 8 rows of x.
+
+Off the GPU (CI): its planning (K slices against the shared memory), its configs, the reasons it
+gives where it cannot run, and that the forward launcher neither offers nor runs it there. On a GPU
+with the extension built (tests marked ``gpu``): against loraq.reference in every scale mode,
+dtype and config, with odd shapes, and exactly, one weight at a time.
+"""
+
+import importlib
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from loraq import reference  # noqa: E402
+from loraq.formats import Int1Weight  # noqa: E402
+from loraq.kernels import lora_linear_fwd  # noqa: E402
+from loraq.kernels.autotune import MMA_GEMV, describe  # noqa: E402
+from loraq.kernels.int1_gemv_mma import (MMA_MAX_M, MMA_SHAPES, MMA_SMEM_BUDGET, MMA_TASK_INPUTS,  # noqa: E402
+                                         check_mma_config, int1_gemv_mma, k_slices, mma_gemv_configs,
+                                         mma_gemv_status)
+from test_triton_kernels import _kernel_args, check, f64, problem  # noqa: E402
+
+CFG = (MMA_MAX_M, 2, MMA_TASK_INPUTS, 1, 16, 1, MMA_GEMV)
+
+
+@pytest.mark.parametrize("M", [1, 3, 8])
+@pytest.mark.parametrize("K", [1, 31, 512, 513, 1000, 4096, 8192, 14336, 28672])
+@pytest.mark.parametrize("bps", [1, 2, 4])
+@pytest.mark.parametrize("at_least", [1, 3])
+def test_k_slices_cover_k_and_fit_the_shared_memory(M, K, bps, at_least):
+    """The slices are whole tasks, cover K, number what the kernel launches (its own rounding:
+    ceil(K / slices) up to a task), and their copies of x fit the budget."""
+    slices = k_slices(M, K, bps, at_least)
+    tasks = -(-K // MMA_TASK_INPUTS)
+    per = -(-(-(-K // slices)) // MMA_TASK_INPUTS) * MMA_TASK_INPUTS  # the kernel's slice length
+    assert 1 <= slices <= tasks and -(-K // per) == slices
+    assert bps * M * (per * 2 + 32) <= MMA_SMEM_BUDGET
+    assert per // MMA_TASK_INPUTS <= -(-tasks // min(at_least, tasks))  # at least as fine as asked
+
+
+def test_k_slices_raise_when_one_task_does_not_fit():
+    with pytest.raises(ValueError, match="do not fit"):
+        k_slices(MMA_MAX_M, 4096, 64)
+
+
+def test_configs_are_valid_and_bad_ones_are_refused():
+    for M in (1, 4, 8):
+        configs = mma_gemv_configs(M)
+        assert len(configs) == len(MMA_SHAPES) and all(c[6] == MMA_GEMV for c in configs)
+        for cfg in configs:
+            check_mma_config(cfg)
+            assert "CUDA mma GEMV" in describe(cfg)
+    with pytest.raises(ValueError, match="1 to 8 rows"):
+        mma_gemv_configs(9)
+    for bad, match in [((8, 2, 512, 1, 16, 1, 2), "not an mma GEMV config"), ((4, 2, 512, 1, 16, 1, MMA_GEMV), "fixed"),
+                       ((8, 2, 256, 1, 16, 1, MMA_GEMV), "fixed"), ((8, 0, 512, 1, 16, 1, MMA_GEMV), "≥ 1"),
+                       ((8, 4, 512, 1, 32, 1, MMA_GEMV), "64 warps"), ((8, 1, 512, 1, 33, 1, MMA_GEMV), "warps 1 to 32")]:
+        with pytest.raises(ValueError, match=match):
+            check_mma_config(bad)
+
+
+def test_status_names_what_is_missing():
+    meta = {"N": 4, "K": 64, "scale_mode": "mean_abs", "group_size": None}
+    ok, why = mma_gemv_status(torch.zeros(1, 64, dtype=torch.float16), meta)
+    assert not ok and "CUDA kernel" in why
+    if torch.cuda.is_available():
+        cuda = torch.zeros(1, 64, dtype=torch.float16, device="cuda")
+        assert "float16 or bfloat16" in mma_gemv_status(cuda.float(), meta)[1]
+        assert "1 to 8 rows" in mma_gemv_status(torch.zeros(9, 64, dtype=torch.float16, device="cuda"), meta)[1]
+        assert "multiple of 32" in mma_gemv_status(cuda, dict(meta, group_size=48))[1]
+
+
+def test_launcher_refuses_it_off_the_gpu_and_never_offers_it(monkeypatch):
+    """Forced, it raises with the reason before anything runs; tuned, it is not among the
+    candidates on the CPU (nor anywhere the extension is missing)."""
+    fwd = importlib.import_module("loraq.kernels.lora_linear_fwd")  # the module (the package exports the function)
+
+    w, x, A, B, b = problem("int1", torch.float16, 2, 37, 300, device="cpu")
+    tensors, meta = _kernel_args(w)
+    with pytest.raises(ValueError, match="CUDA mma GEMV, which cannot run here: .*CUDA kernel"):
+        lora_linear_fwd(x, "int1", tensors, meta, A, B, 0.5, b, config=CFG)
+    with pytest.raises(ValueError, match="int1_gemv_mma|CUDA kernel"):
+        int1_gemv_mma(x, tensors, meta, A, B, 0.5, b)
+    s = problem("sparse4x4", torch.float16, 2, 37, 300, device="cpu")[0]
+    with pytest.raises(ValueError, match="it takes an int1 weight, got sparse4x4"):
+        lora_linear_fwd(x, "sparse4x4", *_kernel_args(s), A, B, 0.5, b, config=CFG)
+    seen = []
+    real = fwd.pick_config
+
+    def spy(op, M, N, K, dtype, device, run, bench=None, extra=None):
+        seen.extend(extra() if callable(extra) else extra or [])
+        return real(op, M, N, K, dtype, device, run, bench, extra)
+
+    monkeypatch.setattr(fwd, "pick_config", spy)
+    lora_linear_fwd(x, "int1", tensors, meta, A, B, 0.5, b)
+    assert seen and not any(c[6] == MMA_GEMV for c in seen)
+
+
+# --- on a GPU, with the extension built -------------------------------------------------------
+
+
+def _needs_kernel():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    ok, why = mma_gemv_status(torch.zeros(1, 32, dtype=torch.float16, device="cuda"),
+                              {"scale_mode": "mean_abs", "group_size": None})
+    if not ok:
+        pytest.skip(why)
+
+
+KINDS = ["int1", "int1_g32", "int1_g64", "int1_g128", "int1_onebit"]
+
+
+def run_mma(kind, dtype, M, N, K, cfg=CFG, lora=True, bias=True, scaling=0.5):
+    w, x, A, B, b = problem(kind, dtype, M, N, K, r=5, lora=lora, bias=bias)
+    tensors, meta = _kernel_args(w)
+    y = lora_linear_fwd(x, "int1", tensors, meta, A, B, scaling, b, config=cfg)
+    assert y.shape == (M, N) and y.dtype == dtype
+    check(y, reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), scaling, f64(b)),
+          reference.lora_linear_ref(x, w, A, B, scaling, b), f"mma {kind} {dtype} M={M} N={N} K={K} {cfg}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M", [1, 3, 8])
+@pytest.mark.parametrize("N, K", [(37, 300), (1000, 1000), (77, 4100), (4096, 4096), (300, 14336)])
+def test_matches_reference(kind, dtype, M, N, K):
+    """Odd N (a partial 16-row task) and K (a partial word, task and slice; K % 128 != 0 takes the
+    word-by-word loads), with LoRA and bias."""
+    _needs_kernel()
+    run_mma(kind, dtype, M, N, K)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", MMA_SHAPES, ids=str)
+@pytest.mark.parametrize("k_split", [1, 3, 40])
+@pytest.mark.parametrize("M", [1, 5])
+def test_every_shape_and_split(shape, k_split, M):
+    """Every (blocks an SM, warps) candidate, with K cut into 1, 3 and as many slices as tasks."""
+    _needs_kernel()
+    bps, warps = shape
+    run_mma("int1_g64", torch.float16, M, 1000, 4100, (MMA_MAX_M, bps, MMA_TASK_INPUTS, k_split, warps, 1, MMA_GEMV))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lora_bias", [(True, True), (False, False), (True, False), (False, True)],
+                         ids=["lora+bias", "plain", "lora", "bias"])
+@pytest.mark.parametrize("M", [1, 2, 7])
+def test_with_and_without_lora_and_bias(lora_bias, M):
+    _needs_kernel()
+    run_mma("int1", torch.bfloat16, M, 333, 2000, *lora_bias)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_each_weight_lands_in_its_place(dtype):
+    """Exact: row m of x is the unit vector at input k_m, so y[m, n] = Ŵ[n, k_m] = ±α[n], with α
+    from -3 to 5 and the inputs at every position a word, a task's lane and a chunk can give."""
+    _needs_kernel()
+    N, K = 50, 1100
+    ks = [0, 15, 16, 17, 31, 32 * 5 + 7, 511, 512 + 128 + 30, 1099]
+    W = torch.randn(N, K)
+    q = Int1Weight.from_dense(W)
+    q.scale.copy_(torch.linspace(-3, 5, N).unsqueeze(1))
+    q = q.to(dtype).to("cuda")
+    tensors, meta = _kernel_args(q)
+    dense = q.dequantize().to(dtype)
+    for first in range(0, len(ks), MMA_MAX_M):
+        rows = ks[first:first + MMA_MAX_M]
+        x = torch.zeros(len(rows), K, dtype=dtype, device="cuda")
+        x[torch.arange(len(rows)), torch.tensor(rows)] = 1
+        y = lora_linear_fwd(x, "int1", tensors, meta, config=CFG)
+        assert torch.equal(y, dense[:, rows].t()), f"inputs {rows}"
+
+
+@pytest.mark.gpu
+def test_the_tuner_offers_it_up_to_8_rows():
+    """With the extension built, a forward of up to 8 rows (int1, fp16) times it among the others."""
+    _needs_kernel()
+    fwd = importlib.import_module("loraq.kernels.lora_linear_fwd")  # the module (the package exports the function)
+
+    w, x, A, B, b = problem("int1", torch.float16, 8, 64, 512)
+    tensors, meta = _kernel_args(w)
+    seen = []
+    real = fwd.pick_config
+
+    def spy(op, M, N, K, dtype, device, run, bench=None, extra=None):
+        seen.extend(extra() if callable(extra) else extra or [])
+        return real(op, M, N, K, dtype, device, run, bench, extra)
+
+    fwd.pick_config = spy
+    try:
+        lora_linear_fwd(x, "int1", tensors, meta, A, B, 0.5, b)
+        assert any(c[6] == MMA_GEMV for c in seen)
+        seen.clear()
+        lora_linear_fwd(torch.cat([x, x[:1]]), "int1", tensors, meta, A, B, 0.5, b)  # 9 rows
+        assert seen and not any(c[6] == MMA_GEMV for c in seen)
+    finally:
+        fwd.pick_config = real
