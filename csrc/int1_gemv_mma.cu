@@ -1,6 +1,6 @@
 // torch.ops.loraq.int1_gemv_mma: the launcher of int1_gemv_mma.cuh's kernel (CUDA only).
 //
-// It adds x·Ŵᵀ (fp32, rows of x ≤ 8) into a zeroed workspace and, with LoRA, stores each slot's
+// It adds x·Ŵᵀ (fp32, rows of x ≤ 16) into a zeroed workspace and, with LoRA, stores each slot's
 // share of x·Aᵀ; kernels/int1_gemv_mma.py calls it inside splitk_finish.run_split, whose finish
 // adds the LoRA path and the bias, casts, and zeroes the workspace again.
 #include <torch/extension.h>
@@ -21,20 +21,26 @@ void check_tensor(const torch::Tensor& t, const char* name, at::ScalarType dtype
               "-D tensor, got shape ", t.sizes());
 }
 
-template <typename T, int MODE, bool VEC>
+template <typename T, int MODE, bool VEC, int NT>
 void launch(const Args& a, dim3 grid, int threads, size_t smem, cudaStream_t stream) {
-  auto kernel = loraq_mma::int1_gemv_mma_kernel<T, MODE, VEC>;
+  auto kernel = loraq_mma::int1_gemv_mma_kernel<T, MODE, VEC, NT>;
   if (smem > 48 * 1024)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
   kernel<<<grid, threads, smem, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, bool VEC>
+template <typename T, bool VEC, int NT>
 void launch_mode(int64_t mode, const Args& a, dim3 grid, int threads, size_t smem, cudaStream_t stream) {
-  if (mode == loraq_mma::kScaleRow) launch<T, loraq_mma::kScaleRow, VEC>(a, grid, threads, smem, stream);
-  else if (mode == loraq_mma::kScaleGroup) launch<T, loraq_mma::kScaleGroup, VEC>(a, grid, threads, smem, stream);
-  else launch<T, loraq_mma::kScaleOnebit, VEC>(a, grid, threads, smem, stream);
+  if (mode == loraq_mma::kScaleRow) launch<T, loraq_mma::kScaleRow, VEC, NT>(a, grid, threads, smem, stream);
+  else if (mode == loraq_mma::kScaleGroup) launch<T, loraq_mma::kScaleGroup, VEC, NT>(a, grid, threads, smem, stream);
+  else launch<T, loraq_mma::kScaleOnebit, VEC, NT>(a, grid, threads, smem, stream);
+}
+
+template <typename T, bool VEC>
+void launch_tiles(int64_t mode, const Args& a, dim3 grid, int threads, size_t smem, cudaStream_t stream) {
+  if (a.M <= loraq_mma::kTileRows) launch_mode<T, VEC, 1>(mode, a, grid, threads, smem, stream);
+  else launch_mode<T, VEC, 2>(mode, a, grid, threads, smem, stream);
 }
 
 // Adds x·Ŵᵀ into ws [M, N] (fp32, zeroed) and, when lora_A is given, stores parts[s] = this
@@ -85,6 +91,8 @@ void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const to
   a.KW = (int)KW;
   a.G = (int)scale.size(1);
   a.group_size = (int)(mode == 1 ? group_size : K);
+  a.inv_group_words = mode == 1 ? 32.f / (float)group_size : 0.f;
+  TORCH_CHECK(K < (int64_t(1) << 27), "int1_gemv_mma: K must be below 2^27 (its group index is computed in fp32)");
   a.minus_ones = x.scalar_type() == at::kHalf ? loraq_mma::Half2Bits<__half>::kMinusOnes
                                                : loraq_mma::Half2Bits<__nv_bfloat16>::kMinusOnes;
   if (K == 0) {  // x·Ŵᵀ = 0 (the workspace stays zero) and so are the shares of x·Aᵀ
@@ -122,11 +130,11 @@ void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const to
   const int threads = (int)warps * 32;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (x.scalar_type() == at::kHalf) {
-    if (vec) launch_mode<__half, true>(mode, a, grid, threads, smem, stream);
-    else launch_mode<__half, false>(mode, a, grid, threads, smem, stream);
+    if (vec) launch_tiles<__half, true>(mode, a, grid, threads, smem, stream);
+    else launch_tiles<__half, false>(mode, a, grid, threads, smem, stream);
   } else {
-    if (vec) launch_mode<__nv_bfloat16, true>(mode, a, grid, threads, smem, stream);
-    else launch_mode<__nv_bfloat16, false>(mode, a, grid, threads, smem, stream);
+    if (vec) launch_tiles<__nv_bfloat16, true>(mode, a, grid, threads, smem, stream);
+    else launch_tiles<__nv_bfloat16, false>(mode, a, grid, threads, smem, stream);
   }
 }
 

@@ -1,4 +1,4 @@
-// The int1 small-batch forward on tensor cores: x·Ŵᵀ for up to 8 rows of x, the weight read once.
+// The int1 small-batch forward on tensor cores: x·Ŵᵀ for up to 16 rows of x, the weight read once.
 //
 // Device code only (no torch headers), so that bench/sass_report.py-style checks can compile it
 // for sm_90 in seconds: csrc/int1_gemv_mma.cu holds the launcher and the op registration.
@@ -7,7 +7,8 @@
 // (tl.dot) or look sums up in tables (int1_gemv_lut.py, L1-bound on an H100: NOTES.md). Here each
 // warp decodes its weights straight into the A operand of mma.sync.m16n8k16 (16 weight rows x 16
 // inputs), two signs with two integer instructions, and x, kept in shared memory in the matching
-// order, is the B operand (8 columns: the rows of x). Nothing of Ŵ is ever stored.
+// order, is the B operand (8 columns: rows of x; 9 to 16 rows take a second mma on the same A
+// registers, so the decode, the cost, is paid once for 16 rows). Nothing of Ŵ is ever stored.
 //
 // The decode ("pair order"): bits p and p + 16 of a word, shifted left by 15 - p, sit on bits 15
 // and 31, the sign bits of a pair of 16-bit floats. ((word << (15 - p)) & 0x80008000) ^ (-1, -1)
@@ -42,7 +43,8 @@ namespace loraq_mma {
 constexpr int kTaskRows = 16;     // weight rows a task (the mma's M)
 constexpr int kTaskInputs = 512;  // inputs a task: 4 lanes x 4 words x 32
 constexpr int kTaskWords = kTaskInputs / 32;
-constexpr int kMaxRows = 8;       // rows of x (the mma's N)
+constexpr int kTileRows = 8;      // rows of x an mma takes (its N)
+constexpr int kMaxRows = 16;      // rows of x: one or two mma tiles (NT), each decoded A feeds both
 constexpr int kRowPadUnits = 4;   // 32 bytes of padding per row of x in shared memory: no bank conflicts
 
 // Scale modes, as decode.SCALE_ROW / SCALE_GROUP / SCALE_ONEBIT in kernels/decode.py.
@@ -112,6 +114,9 @@ struct Args {
   // (-1, -1) in T, from the launcher: as an immediate, the compiler splits the decode's
   // (shifted & mask) ^ (-1, -1) into two LOP3 (one immediate each); from a register it is one
   uint32_t minus_ones;
+  // group mode: 1 / (words a group). A word's group is floor((word + 0.5) · this), exact in fp32
+  // for words < 2^22 (K < 134 M): three instructions where an integer division takes about twenty
+  float inv_group_words;
 };
 
 // parts[slot] = x[:, ks]·A[:, ks]ᵀ for this block's share ks of K (slots blocks share K), zero past R.
@@ -181,52 +186,60 @@ template <typename T, int MODE>
 __device__ __forceinline__ uint32_t minus_pair(const Args& a, int n, int word) {
   if (MODE != kScaleGroup || n >= a.N || word >= a.KW) return a.minus_ones;
   const T* s = static_cast<const T*>(a.scale);
-  const uint32_t b = bits16(s[(int64_t)n * a.G + (word * 32) / a.group_size]) ^ 0x8000u;
+  const int group = __float2int_rz(((float)word + 0.5f) * a.inv_group_words);
+  const uint32_t b = bits16(s[(int64_t)n * a.G + group]) ^ 0x8000u;
   return b | (b << 16);
 }
 
-// One task: 16 rows x 512 inputs, 32 mma steps. u, v: the words of rows g and g + 8.
-template <typename T>
-__device__ __forceinline__ void task_mma(float (&acc)[4], const uint4& u, const uint4& v, const uint32_t (&mu)[4],
-                                         const uint32_t (&mv)[4], const uint32_t* xs, int xrow_unit_base, int c,
-                                         int t) {
+// One task: 16 rows x 512 inputs, 32 mma steps a tile of x. u, v: the words of rows g and g + 8;
+// xrow[tile]: the first unit of the row of x that lane g reads for each tile.
+template <typename T, int NT>
+__device__ __forceinline__ void task_mma(float (&acc)[NT][4], const uint4& u, const uint4& v,
+                                         const uint32_t (&mu)[4], const uint32_t (&mv)[4], const uint32_t* xs,
+                                         const int (&xrow)[NT], int c, int t) {
   const uint32_t wu[4] = {u.x, u.y, u.z, u.w};
   const uint32_t wv[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      const uint2 b = *reinterpret_cast<const uint2*>(xs + 2 * (xrow_unit_base + ((c * 4 + j) * 8 + i) * 4 + t));
       // registers 2i (columns 2t, 2t+1) and 2i + 1 (columns 2t+8, 2t+9), rows g and g + 8; i and
       // j are constants once unrolled, so each shift is an immediate
       const uint32_t fa[4] = {sign_pair(wu[j], 2 * i, mu[j]), sign_pair(wv[j], 2 * i, mv[j]),
                               sign_pair(wu[j], 2 * i + 1, mu[j]), sign_pair(wv[j], 2 * i + 1, mv[j])};
-      mma(acc, fa, b.x, b.y, T());
+#pragma unroll
+      for (int tile = 0; tile < NT; ++tile) {
+        const uint2 b = *reinterpret_cast<const uint2*>(xs + 2 * (xrow[tile] + ((c * 4 + j) * 8 + i) * 4 + t));
+        mma(acc[tile], fa, b.x, b.y, T());
+      }
     }
   }
 }
 
 // Add a warp's sums for rows 16·rg .. 16·rg + 15 into the workspace, times the row scale (α or
 // onebit h, rounded to T as the reference rounds Ŵ; group mode folded it into the decode).
-template <typename T, int MODE>
-__device__ __forceinline__ void flush(const Args& a, float (&acc)[4], int rg, int g, int t) {
+template <typename T, int MODE, int NT>
+__device__ __forceinline__ void flush(const Args& a, float (&acc)[NT][4], int rg, int g, int t) {
   const T* s = static_cast<const T*>(a.scale);
   const int n0 = rg * kTaskRows + g, n1 = n0 + 8;
   const float s0 = (MODE != kScaleGroup && n0 < a.N) ? to_float(s[(int64_t)n0 * a.G]) : 1.f;
   const float s1 = (MODE != kScaleGroup && n1 < a.N) ? to_float(s[(int64_t)n1 * a.G]) : 1.f;
 #pragma unroll
-  for (int e = 0; e < 2; ++e) {
-    const int m = 2 * t + e;
-    if (m < a.M) {
-      if (n0 < a.N) atomicAdd(a.ws + (int64_t)m * a.N + n0, acc[e] * s0);
-      if (n1 < a.N) atomicAdd(a.ws + (int64_t)m * a.N + n1, acc[2 + e] * s1);
+  for (int tile = 0; tile < NT; ++tile) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int m = tile * kTileRows + 2 * t + e;
+      if (m < a.M) {
+        if (n0 < a.N) atomicAdd(a.ws + (int64_t)m * a.N + n0, acc[tile][e] * s0);
+        if (n1 < a.N) atomicAdd(a.ws + (int64_t)m * a.N + n1, acc[tile][2 + e] * s1);
+      }
+      acc[tile][e] = 0.f;
+      acc[tile][2 + e] = 0.f;
     }
-    acc[e] = 0.f;
-    acc[2 + e] = 0.f;
   }
 }
 
-template <typename T, int MODE, bool VEC>
+template <typename T, int MODE, bool VEC, int NT>
 __global__ void __launch_bounds__(1024) int1_gemv_mma_kernel(const Args a) {
   extern __shared__ uint4 smem_raw[];
   uint32_t* xs = reinterpret_cast<uint32_t*>(smem_raw);
@@ -247,11 +260,14 @@ __global__ void __launch_bounds__(1024) int1_gemv_mma_kernel(const Args a) {
   const int64_t first = warp * tasks / total;
   const int count = (int)((warp + 1) * tasks / total - first);  // this warp's run of tasks
   if (count <= 0) return;
-  // lanes past the rows of x read row 0 (their columns of the product are never stored)
-  const int xrow_unit_base = (g < a.M ? g : 0) * row_units;
+  // lane g reads row g of x for tile 0, row 8 + g for tile 1; lanes past the rows of x read row 0
+  // (their columns of the product are never stored)
+  int xrow[NT];
+#pragma unroll
+  for (int tile = 0; tile < NT; ++tile) xrow[tile] = (tile * kTileRows + g < a.M ? tile * kTileRows + g : 0) * row_units;
   const int word0 = k0 / 32 + 4 * t;  // lane t's first word of chunk 0
 
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  float acc[NT][4] = {};
   int rg = (int)(first / chunks), c = (int)(first % chunks);  // the task: row group, chunk
   uint4 u = load_words<VEC>(a, rg * kTaskRows + g, word0 + c * kTaskWords);
   uint4 v = load_words<VEC>(a, rg * kTaskRows + g + 8, word0 + c * kTaskWords);
@@ -273,8 +289,8 @@ __global__ void __launch_bounds__(1024) int1_gemv_mma_kernel(const Args a) {
       mu[j] = minus_pair<T, MODE>(a, rg * kTaskRows + g, word0 + c * kTaskWords + j);
       mv[j] = minus_pair<T, MODE>(a, rg * kTaskRows + g + 8, word0 + c * kTaskWords + j);
     }
-    task_mma<T>(acc, u, v, mu, mv, xs, xrow_unit_base, c, t);
-    if (left == 1 || nrg != rg) flush<T, MODE>(a, acc, rg, g, t);
+    task_mma<T, NT>(acc, u, v, mu, mv, xs, xrow, c, t);
+    if (left == 1 || nrg != rg) flush<T, MODE, NT>(a, acc, rg, g, t);
     rg = nrg;
     c = nc;
     u = nu;

@@ -29,7 +29,7 @@ Config = Tuple[int, int, int, int, int, int, int]
 # stored value (GATHER_X4, GATHER_T_X4); large batches: the weight decoded a slab at a time into a
 # dense buffer that cuBLAS multiplies (DENSE_SLAB, kernels/dense_slab.py); the int1 forward's
 # DOT_SWAP with the signs decoded two at a time in pair order (DOT_PAIRS, decode._int1_sign_pairs);
-# the int1 forward for up to 8 rows of x as a CUDA kernel on mma.sync (MMA_GEMV,
+# the int1 forward for up to 16 rows of x as a CUDA kernel on mma.sync (MMA_GEMV,
 # kernels/int1_gemv_mma.py: a candidate only where the extension loraq._C is built).
 DOT, DOT_SWAP, LUT, GATHER, GATHER_T, GATHER_X4, GATHER_T_X4, DENSE_SLAB, DOT_PAIRS, MMA_GEMV = range(10)
 GATHER_FWD = (GATHER, GATHER_T, GATHER_X4, GATHER_T_X4)  # the forward's gathering variants

@@ -1,9 +1,11 @@
-"""``y = x·Ŵᵀ + s·(x·Aᵀ)·Bᵀ + b`` for up to 8 rows of ``x`` and an int1 ``Ŵ``, on tensor cores.
+"""``y = x·Ŵᵀ + s·(x·Aᵀ)·Bᵀ + b`` for up to 16 rows of ``x`` and an int1 ``Ŵ``, on tensor cores.
 
 The kernel is CUDA C++ (``csrc/int1_gemv_mma.cuh``, built into ``loraq._C`` as
 ``torch.ops.loraq.int1_gemv_mma``): each warp decodes its weights two signs at a time straight
 into ``mma.sync``'s A operand, and ``x``, copied once per block into shared memory in the same
-pair order, is its B operand (its 8 columns are the rows of ``x``). The work is cut stream-K
+pair order, is its B operand (its 8 columns are rows of ``x``; 9 to 16 rows take a second mma on
+the same decoded registers, so 16 rows cost about 1.25x one row's instructions, compiled for
+sm_90). The work is cut stream-K
 style: every warp of the grid takes an equal run of 16-row x 512-input tasks, so a few hundred
 programs fill the GPU whatever ``N`` is. Sums go into the zeroed fp32 workspace by atomics, the
 first ``slots`` blocks store their share of ``x·Aᵀ``, and ``splitk_finish.finish`` adds the LoRA
@@ -25,7 +27,7 @@ from .autotune import MMA_GEMV, Config
 from .decode import SCALE_GROUP, weight_args
 from .splitk_finish import run_split
 
-MMA_MAX_M = 8  # the mma's 8 columns
+MMA_MAX_M = 16  # rows of x: one mma tile of 8 (its N), or two on the same decoded weights
 MMA_TASK_INPUTS = 512  # inputs a task: 4 lanes x 4 words of 32
 MMA_SMEM_BUDGET = 200 * 1024  # bytes of x an SM may hold for its blocks (an H100 has 228 KiB)
 MMA_MAX_SLOTS = 32  # blocks that store a share of x·Aᵀ (the finish sums the shares)
@@ -129,7 +131,7 @@ def launch_mma(x, ptrs, ints, mode, N, lora_A, lora_B, scaling, bias, cfg):
 
 def int1_gemv_mma(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1.0, bias=None,
                   blocks_per_sm: int = 2, warps: int = 16, k_split: int = 1):
-    """``y [M, N]`` for ``x [M, K]`` (1 to 8 rows, fp16/bf16, CUDA) and an int1 weight's
+    """``y [M, N]`` for ``x [M, K]`` (1 to 16 rows, fp16/bf16, CUDA) and an int1 weight's
     ``tensors``/``meta``, in ``x.dtype``; raises ValueError (with the reason) where the kernel
     does not run."""
     if x.dim() != 2 or x.shape[1] != meta["K"]:

@@ -176,7 +176,7 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
         raise ValueError(f"config {config} is the gathering GEMV: it takes a sparse4x4 weight, got {fmt}")
     if config is not None and config[6] == DOT_PAIRS and fmt != "int1":
         raise ValueError(f"config {config} decodes int1 signs in pair order: it takes an int1 weight, got {fmt}")
-    def mma_problem():  # the CUDA mma GEMV (int1, up to 8 rows, fp16/bf16, loraq._C built): why not, or ""
+    def mma_problem():  # the CUDA mma GEMV (int1, up to 16 rows, fp16/bf16, loraq._C built): why not, or ""
         return f"it takes an int1 weight, got {fmt}" if fmt != "int1" else mma_gemv_status(x, meta)[1]
     if config is not None:  # a forced GEMV config gets the checks its public launcher makes
         if config[6] not in (DOT, DOT_SWAP, LUT, DENSE_SLAB, DOT_PAIRS, MMA_GEMV) + GATHER_FWD:

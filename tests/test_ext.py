@@ -36,3 +36,18 @@ def test_bad_arguments_raise_clear_errors():
     s = Sparse4x4Weight.from_dense(torch.randn(5, 40))
     with pytest.raises(RuntimeError, match="values must be"):
         torch.ops.loraq.sparse4x4_dequantize(s.values, s.positions, 9, 40)
+
+
+def test_int1_gemv_mma_is_registered_for_cuda_and_meta():
+    """The CUDA mma GEMV's op: its schema (ws and parts written in place), a Meta kernel for
+    tracing (it computes nothing), and no CPU kernel (the launcher never offers it off the GPU)."""
+    schema = str(torch.ops.loraq.int1_gemv_mma.default._schema)
+    assert "Tensor(a!) ws" in schema and "Tensor(b!)? parts" in schema
+    meta = dict(device="meta")
+    x = torch.empty(2, 64, dtype=torch.float16, **meta)
+    args = (torch.empty(3, 2, dtype=torch.int32, **meta), torch.empty(3, 1, dtype=torch.float16, **meta),
+            torch.empty(3, 1, dtype=torch.float16, **meta), None, torch.empty(2, 3, **meta), None, 0, 0, 1, 8, 1)
+    torch.ops.loraq.int1_gemv_mma(x, *args)
+    cpu = [torch.zeros(a.shape, dtype=a.dtype) if isinstance(a, torch.Tensor) else a for a in (x, *args)]
+    with pytest.raises(NotImplementedError):
+        torch.ops.loraq.int1_gemv_mma(*cpu)

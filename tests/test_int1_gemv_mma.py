@@ -1,4 +1,4 @@
-"""The CUDA mma GEMV (csrc/int1_gemv_mma.cuh, kernels/int1_gemv_mma.py): int1, up to 8 rows of x.
+"""The CUDA mma GEMV (csrc/int1_gemv_mma.cuh, kernels/int1_gemv_mma.py): int1, up to 16 rows of x.
 
 Off the GPU (CI): its planning (K slices against the shared memory), its configs, the reasons it
 gives where it cannot run, and that the forward launcher neither offers nor runs it there. On a GPU
@@ -25,7 +25,7 @@ from test_triton_kernels import _kernel_args, check, f64, problem  # noqa: E402
 CFG = (MMA_MAX_M, 2, MMA_TASK_INPUTS, 1, 16, 1, MMA_GEMV)
 
 
-@pytest.mark.parametrize("M", [1, 3, 8])
+@pytest.mark.parametrize("M", [1, 3, 8, 16])
 @pytest.mark.parametrize("K", [1, 31, 512, 513, 1000, 4096, 8192, 14336, 28672])
 @pytest.mark.parametrize("bps", [1, 2, 4])
 @pytest.mark.parametrize("at_least", [1, 3])
@@ -46,17 +46,18 @@ def test_k_slices_raise_when_one_task_does_not_fit():
 
 
 def test_configs_are_valid_and_bad_ones_are_refused():
-    for M in (1, 4, 8):
+    for M in (1, 4, 8, 9, 16):
         configs = mma_gemv_configs(M)
         assert len(configs) == len(MMA_SHAPES) and all(c[6] == MMA_GEMV for c in configs)
         for cfg in configs:
             check_mma_config(cfg)
             assert "CUDA mma GEMV" in describe(cfg)
-    with pytest.raises(ValueError, match="1 to 8 rows"):
-        mma_gemv_configs(9)
-    for bad, match in [((8, 2, 512, 1, 16, 1, 2), "not an mma GEMV config"), ((4, 2, 512, 1, 16, 1, MMA_GEMV), "fixed"),
-                       ((8, 2, 256, 1, 16, 1, MMA_GEMV), "fixed"), ((8, 0, 512, 1, 16, 1, MMA_GEMV), "≥ 1"),
-                       ((8, 4, 512, 1, 32, 1, MMA_GEMV), "64 warps"), ((8, 1, 512, 1, 33, 1, MMA_GEMV), "warps 1 to 32")]:
+    with pytest.raises(ValueError, match="1 to 16 rows"):
+        mma_gemv_configs(17)
+    R = MMA_MAX_M
+    for bad, match in [((R, 2, 512, 1, 16, 1, 2), "not an mma GEMV config"), ((8, 2, 512, 1, 16, 1, MMA_GEMV), "fixed"),
+                       ((R, 2, 256, 1, 16, 1, MMA_GEMV), "fixed"), ((R, 0, 512, 1, 16, 1, MMA_GEMV), "≥ 1"),
+                       ((R, 4, 512, 1, 32, 1, MMA_GEMV), "64 warps"), ((R, 1, 512, 1, 33, 1, MMA_GEMV), "warps 1 to 32")]:
         with pytest.raises(ValueError, match=match):
             check_mma_config(bad)
 
@@ -68,7 +69,7 @@ def test_status_names_what_is_missing():
     if torch.cuda.is_available():
         cuda = torch.zeros(1, 64, dtype=torch.float16, device="cuda")
         assert "float16 or bfloat16" in mma_gemv_status(cuda.float(), meta)[1]
-        assert "1 to 8 rows" in mma_gemv_status(torch.zeros(9, 64, dtype=torch.float16, device="cuda"), meta)[1]
+        assert "1 to 16 rows" in mma_gemv_status(torch.zeros(17, 64, dtype=torch.float16, device="cuda"), meta)[1]
         assert "multiple of 32" in mma_gemv_status(cuda, dict(meta, group_size=48))[1]
 
 
@@ -125,7 +126,7 @@ def run_mma(kind, dtype, M, N, K, cfg=CFG, lora=True, bias=True, scaling=0.5):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("M", [1, 3, 8])
+@pytest.mark.parametrize("M", [1, 3, 8, 9, 16])
 @pytest.mark.parametrize("N, K", [(37, 300), (1000, 1000), (77, 4100), (4096, 4096), (300, 14336)])
 def test_matches_reference(kind, dtype, M, N, K):
     """Odd N (a partial 16-row task) and K (a partial word, task and slice; K % 128 != 0 takes the
@@ -137,7 +138,7 @@ def test_matches_reference(kind, dtype, M, N, K):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", MMA_SHAPES, ids=str)
 @pytest.mark.parametrize("k_split", [1, 3, 40])
-@pytest.mark.parametrize("M", [1, 5])
+@pytest.mark.parametrize("M", [1, 5, 13])
 def test_every_shape_and_split(shape, k_split, M):
     """Every (blocks an SM, warps) candidate, with K cut into 1, 3 and as many slices as tasks."""
     _needs_kernel()
@@ -148,7 +149,7 @@ def test_every_shape_and_split(shape, k_split, M):
 @pytest.mark.gpu
 @pytest.mark.parametrize("lora_bias", [(True, True), (False, False), (True, False), (False, True)],
                          ids=["lora+bias", "plain", "lora", "bias"])
-@pytest.mark.parametrize("M", [1, 2, 7])
+@pytest.mark.parametrize("M", [1, 2, 7, 12])
 def test_with_and_without_lora_and_bias(lora_bias, M):
     _needs_kernel()
     run_mma("int1", torch.bfloat16, M, 333, 2000, *lora_bias)
@@ -161,7 +162,7 @@ def test_each_weight_lands_in_its_place(dtype):
     from -3 to 5 and the inputs at every position a word, a task's lane and a chunk can give."""
     _needs_kernel()
     N, K = 50, 1100
-    ks = [0, 15, 16, 17, 31, 32 * 5 + 7, 511, 512 + 128 + 30, 1099]
+    ks = [0, 15, 16, 17, 31, 32 * 5 + 7, 511, 512 + 128 + 30, 1099, 1, 2, 14, 18, 30, 33, 63, 64 + 16, 700]
     W = torch.randn(N, K)
     q = Int1Weight.from_dense(W)
     q.scale.copy_(torch.linspace(-3, 5, N).unsqueeze(1))
@@ -177,12 +178,12 @@ def test_each_weight_lands_in_its_place(dtype):
 
 
 @pytest.mark.gpu
-def test_the_tuner_offers_it_up_to_8_rows():
-    """With the extension built, a forward of up to 8 rows (int1, fp16) times it among the others."""
+def test_the_tuner_offers_it_up_to_16_rows():
+    """With the extension built, a forward of up to 16 rows (int1, fp16) times it among the others."""
     _needs_kernel()
     fwd = importlib.import_module("loraq.kernels.lora_linear_fwd")  # the module (the package exports the function)
 
-    w, x, A, B, b = problem("int1", torch.float16, 8, 64, 512)
+    w, x, A, B, b = problem("int1", torch.float16, 16, 64, 512)
     tensors, meta = _kernel_args(w)
     seen = []
     real = fwd.pick_config
@@ -196,7 +197,81 @@ def test_the_tuner_offers_it_up_to_8_rows():
         lora_linear_fwd(x, "int1", tensors, meta, A, B, 0.5, b)
         assert any(c[6] == MMA_GEMV for c in seen)
         seen.clear()
-        lora_linear_fwd(torch.cat([x, x[:1]]), "int1", tensors, meta, A, B, 0.5, b)  # 9 rows
+        lora_linear_fwd(torch.cat([x, x[:1]]), "int1", tensors, meta, A, B, 0.5, b)  # 17 rows
         assert seen and not any(c[6] == MMA_GEMV for c in seen)
     finally:
         fwd.pick_config = real
+
+
+def test_fragment_order_emulated_from_the_ptx_layout():
+    """One task of the kernel in numpy: x filled in pair order as ``fill_x`` stores it
+    (``x_unit``), each lane's A and B registers as ``task_mma`` builds them, placed in the
+    16 x 16 and 16 x 8 operands by the PTX ISA's fragment layout for mma.m16n8k16, and the
+    accumulator read as ``flush`` reads it. The sum must be Ŵ·xᵀ: the permutations of the decode,
+    the shared layout and the fragments agree. (The kernel itself runs only on a GPU, below.)"""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    M = 16
+    words = rng.integers(0, 2**32, size=(16, 16), dtype=np.uint64)  # 16 rows x 16 words = 512 inputs
+    x = rng.standard_normal((M, 512))
+    signs = np.where((words[:, :, None] >> np.arange(32, dtype=np.uint64)) & 1, 1.0, -1.0).reshape(16, 512)
+    row_units = 128 + 4  # one chunk a slice, as the kernel computes it
+
+    def x_unit(m, c, j, i, t):  # csrc/int1_gemv_mma.cuh
+        return m * row_units + ((c * 4 + j) * 8 + i) * 4 + t
+
+    xs = np.zeros((M * row_units, 2, 2))  # 8-byte units: two pairs of (low, high)
+    for m in range(M):
+        for w in range(16):
+            for p in range(16):
+                unit = x_unit(m, w >> 4, w & 3, p >> 1, (w >> 2) & 3)
+                xs[unit, p & 1] = (x[m, 32 * w + p], x[m, 32 * w + p + 16])
+
+    def sign_pair(word, p):  # the pair's (low, high): bits p and p + 16, set = +1
+        return tuple(1.0 if (int(word) >> b) & 1 else -1.0 for b in (p, p + 16))
+
+    out = np.zeros((16, M))
+    for tile in range(M // 8):
+        for j in range(4):
+            for i in range(8):
+                A = np.full((16, 16), np.nan)
+                B = np.full((16, 8), np.nan)
+                for lane in range(32):
+                    g, t = lane >> 2, lane & 3
+                    wu, wv = words[g, 4 * t + j], words[g + 8, 4 * t + j]
+                    regs = [sign_pair(wu, 2 * i), sign_pair(wv, 2 * i), sign_pair(wu, 2 * i + 1), sign_pair(wv, 2 * i + 1)]
+                    a = [h for reg in regs for h in reg]  # a0 .. a7
+                    for e in range(8):  # PTX: row g for a0,a1,a4,a5, else g + 8; column 2t + (e & 1), + 8 from a4
+                        A[g + (8 if e in (2, 3, 6, 7) else 0), 2 * t + (e & 1) + (8 if e >= 4 else 0)] = a[e]
+                    xrow = tile * 8 + g
+                    b = xs[x_unit(xrow if xrow < M else 0, 0, j, i, t)].reshape(4)  # b0 .. b3
+                    for e in range(4):  # PTX: row 2t + (e & 1), + 8 from b2; column g
+                        B[2 * t + (e & 1) + (8 if e >= 2 else 0), g] = b[e]
+                assert not np.isnan(A).any() and not np.isnan(B).any()  # every element of both given once
+                D = A @ B
+                for lane in range(32):  # flush: c0, c1 row g, c2, c3 row g + 8; columns 2t, 2t + 1
+                    g, t = lane >> 2, lane & 3
+                    for e in range(4):
+                        out[g + (8 if e >= 2 else 0), tile * 8 + 2 * t + (e & 1)] += D[g + (8 if e >= 2 else 0),
+                                                                                          2 * t + (e & 1)]
+    np.testing.assert_allclose(out, signs @ x.T, rtol=1e-12, atol=1e-9)  # each element of D is one lane's
+
+
+def test_every_instantiation_compiles_for_hopper_without_spills():
+    """nvcc (CI has one; the extension itself is not built there) compiles every kernel the
+    launcher can pick for sm_90: 64 registers at most (the launch bound that lets 32 warps share
+    an SM), nothing spilled, and the mma loop (bench/sass_cuda.py) with 32 HMMA a tile of x."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import sass_cuda
+
+    if sass_cuda.nvcc() is None:
+        pytest.skip("no nvcc on this machine (CUDA_HOME unset and none on PATH)")
+    kernels = sass_cuda.compile_all()
+    assert len(kernels) == 24
+    for k in kernels:
+        assert k["registers"] <= 64 and k["spill_bytes"] == 0, k
+        assert k["loop"] is not None and k["loop"]["HMMA"] == 32 * k["tiles"], k
