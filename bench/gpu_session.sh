@@ -32,6 +32,7 @@ if [ "${LORAQ_BUILD_EXT:-0}" = 1 ]; then
   [ -d /usr/local/cuda ] && export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
   export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}"
   export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+  export LORAQ_MMA_GEMV="${LORAQ_MMA_GEMV:-1}"  # the tuner times it (opt-in until its GPU tests pass)
 fi
 LORAQ_BUILD_EXT="${LORAQ_BUILD_EXT:-0}" python3 -m pip install -q --no-deps --no-build-isolation -e . \
   > "$INFO" 2>&1 || { cat "$INFO"; exit 1; }

@@ -13,11 +13,14 @@ path and the bias and casts: two launches a call, like the other small-batch for
 
 It is an autotune candidate of :func:`lora_linear_fwd` for int1 in fp16 and bf16 up to
 ``MMA_MAX_M`` rows when the extension is built (``CUDA_HOME=... pip install --no-build-isolation
--e .``) and the GPU has ``mma.sync`` for bf16 (compute capability 8.0 or newer). Configs:
+-e .``), the GPU has ``mma.sync`` for bf16 (compute capability 8.0 or newer) and
+``LORAQ_MMA_GEMV=1`` is set: it was written without a GPU, and stays opt-in until its GPU tests
+have passed on one (a forced ``config`` runs it regardless). Configs:
 ``(MMA_MAX_M, blocks an SM, MMA_TASK_INPUTS, K slices at least, warps a block, 1, MMA_GEMV)``.
 """
 
 import importlib
+import os
 from functools import lru_cache
 from typing import List, Tuple
 
@@ -62,6 +65,12 @@ def mma_gemv_status(x: torch.Tensor, meta) -> Tuple[bool, str]:
         return False, "the mma GEMV needs compute capability 8.0 or newer (mma.sync with bf16)"
     problem = _extension_problem()
     return (not problem), problem
+
+
+def mma_gemv_offered() -> bool:
+    """Whether the tuner times the mma GEMV (``LORAQ_MMA_GEMV=1``; off by default until the
+    kernel has passed its GPU tests)."""
+    return os.environ.get("LORAQ_MMA_GEMV", "0") == "1"
 
 
 @lru_cache(maxsize=None)
@@ -148,5 +157,5 @@ def int1_gemv_mma(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1
     return launch_mma(x, ptrs, ints, mode, meta["N"], A, B, scaling, bias, cfg)
 
 
-__all__ = ["int1_gemv_mma", "mma_gemv_status", "mma_gemv_configs", "check_mma_config", "k_slices",
+__all__ = ["int1_gemv_mma", "mma_gemv_status", "mma_gemv_offered", "mma_gemv_configs", "check_mma_config", "k_slices",
            "launch_mma", "MMA_MAX_M"]

@@ -24,7 +24,8 @@ from .autotune import (DENSE_SLAB, DOT, DOT_PAIRS, DOT_SWAP, GATHER_FWD, GATHER_
                        dense_slab_configs, gather_fwd_configs, lut_configs, pairs_configs, pick_config)
 from .dense_slab import check_slab_config, slab_widths, slab_forward
 from .int1_gemv_lut import check_lut_config, launch_lut, lut_supported
-from .int1_gemv_mma import MMA_MAX_M, check_mma_config, launch_mma, mma_gemv_configs, mma_gemv_status
+from .int1_gemv_mma import (MMA_MAX_M, check_mma_config, launch_mma, mma_gemv_configs, mma_gemv_offered,
+                            mma_gemv_status)
 from .sparse4x4_gemv import check_gather_config, launch_gather
 from .decode import (SCALE_GROUP, _dot, _int1_group_scale, _int1_sign_pairs, _int1_signs, _pair_order, _sparse4x4_tile,
                      decode_dtype, interpreter_upcast, lora_in_dtype, lora_prologue, output_buffer, pair_ones, split_plan, use_asm,
@@ -197,7 +198,8 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
     # int1 in fp16 and bf16 up to PAIRS_MAX_M rows: the pair-order decode too (in fp32 its dot is
     # plain FMAs, as the others': not worth the tuning time)
     pairs = fmt == "int1" and x.dtype in (torch.float16, torch.bfloat16)
-    mma = lambda: [] if M > MMA_MAX_M or mma_problem() else mma_gemv_configs(M)  # noqa: E731
+    def mma():  # offered (LORAQ_MMA_GEMV=1) and able to run here
+        return [] if M > MMA_MAX_M or not mma_gemv_offered() or mma_problem() else mma_gemv_configs(M)
     if lut:
         extra = lambda: lut_configs(M) + (pairs_configs(M) if pairs else []) + mma()  # noqa: E731
     elif gather:

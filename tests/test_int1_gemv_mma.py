@@ -95,6 +95,7 @@ def test_launcher_refuses_it_off_the_gpu_and_never_offers_it(monkeypatch):
         return real(op, M, N, K, dtype, device, run, bench, extra)
 
     monkeypatch.setattr(fwd, "pick_config", spy)
+    monkeypatch.setenv("LORAQ_MMA_GEMV", "1")  # offered, but it cannot run here
     lora_linear_fwd(x, "int1", tensors, meta, A, B, 0.5, b)
     assert seen and not any(c[6] == MMA_GEMV for c in seen)
 
@@ -178,9 +179,11 @@ def test_each_weight_lands_in_its_place(dtype):
 
 
 @pytest.mark.gpu
-def test_the_tuner_offers_it_up_to_16_rows():
-    """With the extension built, a forward of up to 16 rows (int1, fp16) times it among the others."""
+def test_the_tuner_offers_it_up_to_16_rows(monkeypatch):
+    """With the extension built and LORAQ_MMA_GEMV=1, a forward of up to 16 rows (int1, fp16) times
+    it among the others; without the variable, it does not."""
     _needs_kernel()
+    monkeypatch.setenv("LORAQ_MMA_GEMV", "1")
     fwd = importlib.import_module("loraq.kernels.lora_linear_fwd")  # the module (the package exports the function)
 
     w, x, A, B, b = problem("int1", torch.float16, 16, 64, 512)
@@ -198,6 +201,10 @@ def test_the_tuner_offers_it_up_to_16_rows():
         assert any(c[6] == MMA_GEMV for c in seen)
         seen.clear()
         lora_linear_fwd(torch.cat([x, x[:1]]), "int1", tensors, meta, A, B, 0.5, b)  # 17 rows
+        assert seen and not any(c[6] == MMA_GEMV for c in seen)
+        monkeypatch.setenv("LORAQ_MMA_GEMV", "0")
+        seen.clear()
+        lora_linear_fwd(x[:3], "int1", tensors, meta, A, B, 0.5, b)
         assert seen and not any(c[6] == MMA_GEMV for c in seen)
     finally:
         fwd.pick_config = real
