@@ -27,7 +27,7 @@ from typing import List, Tuple
 import torch
 
 from .autotune import MMA_GEMV, Config
-from .decode import SCALE_GROUP, weight_args
+from .decode import SCALE_GROUP, lora_in_dtype, weight_args
 from .splitk_finish import run_split
 
 MMA_MAX_M = 16  # rows of x: one mma tile of 8 (its N), or two on the same decoded weights
@@ -152,8 +152,7 @@ def int1_gemv_mma(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1
     check_mma_config(cfg)
     x = x.contiguous()
     ptrs, ints, mode = weight_args("int1", tensors, meta)
-    A = lora_A.to(x.dtype).contiguous() if lora_A is not None else None
-    B = lora_B.to(x.dtype).contiguous() if lora_B is not None else None
+    A, B = lora_in_dtype(x, lora_A, lora_B)
     return launch_mma(x, ptrs, ints, mode, meta["N"], A, B, scaling, bias, cfg)
 
 

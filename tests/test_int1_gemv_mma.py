@@ -16,13 +16,32 @@ pytest.importorskip("triton")
 from loraq import reference  # noqa: E402
 from loraq.formats import Int1Weight  # noqa: E402
 from loraq.kernels import lora_linear_fwd  # noqa: E402
-from loraq.kernels.autotune import MMA_GEMV, describe  # noqa: E402
+from loraq.kernels.autotune import MMA_GEMV, configs_for, describe  # noqa: E402
 from loraq.kernels.int1_gemv_mma import (MMA_MAX_M, MMA_SHAPES, MMA_SMEM_BUDGET, MMA_TASK_INPUTS,  # noqa: E402
                                          check_mma_config, int1_gemv_mma, k_slices, mma_gemv_configs,
                                          mma_gemv_status)
-from test_triton_kernels import _kernel_args, check, f64, problem  # noqa: E402
+from test_triton_kernels import _kernel_args, candidates_passed, check, f64, problem  # noqa: E402
 
 CFG = (MMA_MAX_M, 2, MMA_TASK_INPUTS, 1, 16, 1, MMA_GEMV)
+
+
+def mma_offered(x, w, *lora_bias) -> bool:
+    """Whether the forward launcher passes mma GEMV candidates to the tuner for this call (the
+    tuner itself is replaced: it returns the first tiled config, which then runs)."""
+    fwd = importlib.import_module("loraq.kernels.lora_linear_fwd")  # the module (the package exports the function)
+    seen = []
+
+    def spy(op, M, N, K, dtype, device, run, bench=None, extra=None):
+        seen.extend(candidates_passed(extra) or [])
+        return configs_for(M)[0]
+
+    real, fwd.pick_config = fwd.pick_config, spy
+    try:
+        lora_linear_fwd(x, "int1", *_kernel_args(w), *lora_bias)
+    finally:
+        fwd.pick_config = real
+    assert seen
+    return any(c[6] == MMA_GEMV for c in seen)
 
 
 @pytest.mark.parametrize("M", [1, 3, 8, 16])
@@ -76,8 +95,6 @@ def test_status_names_what_is_missing():
 def test_launcher_refuses_it_off_the_gpu_and_never_offers_it(monkeypatch):
     """Forced, it raises with the reason before anything runs; tuned, it is not among the
     candidates on the CPU (nor anywhere the extension is missing)."""
-    fwd = importlib.import_module("loraq.kernels.lora_linear_fwd")  # the module (the package exports the function)
-
     w, x, A, B, b = problem("int1", torch.float16, 2, 37, 300, device="cpu")
     tensors, meta = _kernel_args(w)
     with pytest.raises(ValueError, match="CUDA mma GEMV, which cannot run here: .*CUDA kernel"):
@@ -87,17 +104,8 @@ def test_launcher_refuses_it_off_the_gpu_and_never_offers_it(monkeypatch):
     s = problem("sparse4x4", torch.float16, 2, 37, 300, device="cpu")[0]
     with pytest.raises(ValueError, match="it takes an int1 weight, got sparse4x4"):
         lora_linear_fwd(x, "sparse4x4", *_kernel_args(s), A, B, 0.5, b, config=CFG)
-    seen = []
-    real = fwd.pick_config
-
-    def spy(op, M, N, K, dtype, device, run, bench=None, extra=None):
-        seen.extend(extra() if callable(extra) else extra or [])
-        return real(op, M, N, K, dtype, device, run, bench, extra)
-
-    monkeypatch.setattr(fwd, "pick_config", spy)
     monkeypatch.setenv("LORAQ_MMA_GEMV", "1")  # offered, but it cannot run here
-    lora_linear_fwd(x, "int1", tensors, meta, A, B, 0.5, b)
-    assert seen and not any(c[6] == MMA_GEMV for c in seen)
+    assert not mma_offered(x, w, A, B, 0.5, b)
 
 
 # --- on a GPU, with the extension built -------------------------------------------------------
@@ -183,31 +191,14 @@ def test_the_tuner_offers_it_up_to_16_rows(monkeypatch):
     """With the extension built and LORAQ_MMA_GEMV=1, a forward of up to 16 rows (int1, fp16) times
     it among the others; without the variable, it does not."""
     _needs_kernel()
-    monkeypatch.setenv("LORAQ_MMA_GEMV", "1")
-    fwd = importlib.import_module("loraq.kernels.lora_linear_fwd")  # the module (the package exports the function)
-
     w, x, A, B, b = problem("int1", torch.float16, 16, 64, 512)
-    tensors, meta = _kernel_args(w)
-    seen = []
-    real = fwd.pick_config
-
-    def spy(op, M, N, K, dtype, device, run, bench=None, extra=None):
-        seen.extend(extra() if callable(extra) else extra or [])
-        return real(op, M, N, K, dtype, device, run, bench, extra)
-
-    fwd.pick_config = spy
-    try:
-        lora_linear_fwd(x, "int1", tensors, meta, A, B, 0.5, b)
-        assert any(c[6] == MMA_GEMV for c in seen)
-        seen.clear()
-        lora_linear_fwd(torch.cat([x, x[:1]]), "int1", tensors, meta, A, B, 0.5, b)  # 17 rows
-        assert seen and not any(c[6] == MMA_GEMV for c in seen)
-        monkeypatch.setenv("LORAQ_MMA_GEMV", "0")
-        seen.clear()
-        lora_linear_fwd(x[:3], "int1", tensors, meta, A, B, 0.5, b)
-        assert seen and not any(c[6] == MMA_GEMV for c in seen)
-    finally:
-        fwd.pick_config = real
+    monkeypatch.setenv("LORAQ_MMA_GEMV", "1")
+    assert mma_offered(x, w, A, B, 0.5, b) and mma_offered(x[:1], w)
+    assert not mma_offered(torch.cat([x, x[:1]]), w, A, B, 0.5, b)  # 17 rows
+    assert not mma_offered(x.float(), w)
+    assert mma_offered(x[:3], w, A, B, 0.5, b)
+    monkeypatch.delenv("LORAQ_MMA_GEMV")
+    assert not mma_offered(x[:3], w, A, B, 0.5, b)  # opt-in
 
 
 def test_fragment_order_emulated_from_the_ptx_layout():
