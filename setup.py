@@ -36,7 +36,9 @@ def extension_kwargs():
         return _skip("no CUDA toolkit found (set CUDA_HOME, e.g. /usr/local/cuda)")
     # With no GPU to detect, build for Ampere and Hopper instead of every architecture nvcc knows.
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    ext = CUDAExtension("loraq._C", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
+    # the headers each translation unit includes: a change to one rebuilds the extension
+    headers = sorted(glob.glob(os.path.join("csrc", "*.h")) + glob.glob(os.path.join("csrc", "*.cuh")))
+    ext = CUDAExtension("loraq._C", sources, depends=headers, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
 
     class OptionalBuildExtension(BuildExtension):
         """A failed compile of the optional extension must not fail the install of loraq."""

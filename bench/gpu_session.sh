@@ -9,15 +9,16 @@
 # fit one 10-minute device call) keep the call inside a device lease; TESTS picks the
 # tests (default "gpu": the GPU-marked large shapes and every tile, lookup and gather config;
 # "gemv": those of the lookup and gathering GEMVs alone; "slab": the dense-slab path's; "pairs": int1's
-# pair decode's; "all": the files, which compile for many
+# pair decode's; "cuda" (alias "mma"): the CUDA GEMVs' and the extension's; "all": the files, which compile for many
 # minutes); BENCH_DX_LORA=1 also times dX with the LoRA term (--backward-lora); NCU="forward int1
 # 8192 28672 16;dx int1 8192 28672 16" (op, format, K, N, M; ';' between problems) profiles the
 # kernels the tuner chose for each problem after the benchmark, with the stall reasons, into
 # ncu.txt (the eighth file; NCU_TIMEOUT seconds each, default 90); extra arguments go to
 # bench_kernels.py. Run
 # bench/fetch_baselines.sh first (and carry bench/wheels) to compare with GemLite and bitsandbytes.
-# LORAQ_BUILD_EXT=1 builds loraq._C first (its CUDA mma GEMV); SANITIZE=1 then also runs that
-# kernel's tests under compute-sanitizer (SANITIZE_TIMEOUT seconds, default 240).
+# LORAQ_BUILD_EXT=1 builds loraq._C first (its CUDA GEMVs: int1 mma, sparse4x4 gather); SANITIZE=1
+# then also runs those kernels' exact and LoRA/bias tests under compute-sanitizer (SANITIZE_TIMEOUT
+# seconds, default 240).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/run-$(date +%Y%m%d-%H%M%S)}"
@@ -26,17 +27,17 @@ export PYTHONUNBUFFERED=1
 export LORAQ_CACHE_DIR="${LORAQ_CACHE_DIR:-$OUT/cache}"
 if [ -n "${SEED_CACHE:-}" ]; then mkdir -p "$LORAQ_CACHE_DIR/autotune" && cp "$SEED_CACHE"/*.json "$LORAQ_CACHE_DIR/autotune/"; fi
 INFO="$OUT/info.txt"
-# LORAQ_BUILD_EXT=1 builds the extension loraq._C (its CUDA mma GEMV becomes an autotune candidate of
-# int1 forwards up to 16 rows): for this GPU's architecture alone, on every core
+# LORAQ_BUILD_EXT=1 builds the extension loraq._C (its CUDA GEMVs become autotune candidates of int1
+# and sparse4x4 forwards up to 16 rows): for this GPU's architecture alone, on every core
 if [ "${LORAQ_BUILD_EXT:-0}" = 1 ]; then
   [ -d /usr/local/cuda ] && export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
   export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}"
   export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-  export LORAQ_MMA_GEMV="${LORAQ_MMA_GEMV:-1}"  # the tuner times it (opt-in until its GPU tests pass)
+  export LORAQ_CUDA_GEMV="${LORAQ_CUDA_GEMV:-1}"  # the tuner times them (opt-in until their GPU tests pass)
 fi
 LORAQ_BUILD_EXT="${LORAQ_BUILD_EXT:-0}" python3 -m pip install -q --no-deps --no-build-isolation -e . \
   > "$INFO" 2>&1 || { cat "$INFO"; exit 1; }
-python3 -c "import loraq._C, torch; print('loraq._C built; int1_gemv_mma:', hasattr(torch.ops.loraq, 'int1_gemv_mma'))" \
+python3 -c "import loraq._C, torch; print('loraq._C built; ops:', [o for o in ('int1_gemv_mma', 'sparse4x4_gemv') if hasattr(torch.ops.loraq, o)])" \
   >> "$INFO" 2>&1 || echo "loraq._C not built (LORAQ_BUILD_EXT=${LORAQ_BUILD_EXT:-0})" >> "$INFO"
 # the other libraries, when bench/fetch_baselines.sh downloaded them (this machine has no network)
 if compgen -G "bench/wheels/*" > /dev/null; then
@@ -50,10 +51,12 @@ python3 bench/profile_host.py >> "$INFO" 2>&1; tail -n 8 "$INFO"
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 KERNEL_TESTS=(tests/test_triton_kernels.py tests/test_int1_gemv_lut.py tests/test_sparse4x4_gemv.py
               tests/test_sparse4x4_gemv_dx.py tests/test_splitk_finish.py tests/test_dense_slab.py
-              tests/test_int1_pairs.py tests/test_int1_gemv_mma.py)
+              tests/test_int1_pairs.py tests/test_int1_gemv_mma.py tests/test_sparse4x4_gemv_cuda.py)
 if [ "${TESTS:-gpu}" = all ]; then SELECT=("${KERNEL_TESTS[@]}" tests/test_bench.py)
 elif [ "${TESTS:-gpu}" = slab ]; then SELECT=(tests/test_dense_slab.py tests/test_bench.py -k "gpu or dense_slab")
-elif [ "${TESTS:-gpu}" = mma ]; then SELECT=(tests/test_int1_gemv_mma.py tests/test_ext.py tests/test_bench.py -k "gpu or mma or dequantize")
+elif [ "${TESTS:-gpu}" = mma ] || [ "${TESTS:-gpu}" = cuda ]; then
+  SELECT=(tests/test_int1_gemv_mma.py tests/test_sparse4x4_gemv_cuda.py tests/test_ext.py tests/test_bench.py
+          -k "gpu or mma or gemv or dequantize")
 elif [ "${TESTS:-gpu}" = pairs ]; then SELECT=(tests/test_int1_pairs.py tests/test_bench.py -k "gpu or pairs")
 elif [ "${TESTS:-gpu}" = gemv ]; then SELECT=("${KERNEL_TESTS[@]:1}" tests/test_bench.py -k "gpu or every_lut or every_gather or finish")
 else SELECT=("${KERNEL_TESTS[@]}" tests/test_bench.py -k "gpu or every_tile or every_lut or every_gather or finish"); fi
@@ -65,11 +68,12 @@ TESTS_PID=$!
 wait "$TESTS_PID"; TESTS_RC=$?
 kill -KILL -- "-$TESTS_PID" 2>/dev/null && sleep 2
 echo "tests exit $TESTS_RC"; tail -n 25 "$OUT/tests.txt"
-# SANITIZE=1: the CUDA mma GEMV's exact and LoRA/bias tests once more under compute-sanitizer's memcheck
+# SANITIZE=1: the CUDA GEMVs' exact and LoRA/bias tests once more under compute-sanitizer's memcheck
 # (out-of-bounds and misaligned accesses), appended to tests.txt
 if [ "${SANITIZE:-0}" = 1 ]; then
   timeout "${SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q \
-    -p no:cacheprovider tests/test_int1_gemv_mma.py -k "each_weight or with_and_without" >> "$OUT/tests.txt" 2>&1
+    -p no:cacheprovider tests/test_int1_gemv_mma.py tests/test_sparse4x4_gemv_cuda.py \
+    -k "(each_weight or each_value or with_and_without) and not emulated" >> "$OUT/tests.txt" 2>&1
   echo "sanitize exit $?" | tee -a "$OUT/tests.txt"
 fi
 timeout "${BENCH_TIMEOUT:-270}" python3 bench/bench_kernels.py --backward ${BENCH_DX_LORA:+--backward-lora} --csv "$OUT/bench.csv" \

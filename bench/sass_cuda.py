@@ -1,11 +1,15 @@
-"""Compile the CUDA mma GEMV (csrc/int1_gemv_mma.cuh) for Hopper with nvcc and summarise it, no GPU needed.
+"""Compile loraq's CUDA GEMVs for Hopper with nvcc and summarise them, no GPU needed.
 
-Every instantiation the launcher can pick (dtype x scale mode x 16-byte loads x tiles of x) is
-compiled for sm_90 in one nvcc call (seconds: the header has no torch in it). Per kernel: the
-registers, the spills, and the opcodes of the loop that holds the mma (one 16-row x 512-input task).
+Every instantiation a launcher can pick is compiled for sm_90 in one nvcc call (seconds: the
+headers have no torch in them):
+* ``mma``: the int1 mma GEMV (csrc/int1_gemv_mma.cuh): dtype x scale mode x 16-byte loads x tiles
+  of x; its loop is the one that holds the mma (one 16-row x 512-input task);
+* ``sparse``: the sparse4x4 gather (csrc/sparse4x4_gemv.cuh): dtype x rows of x x 16-byte loads;
+  its loop is the one with the most FFMA (one task: a lane's 32 stored values).
+Per kernel: the registers, the spills, and the opcodes of that loop.
 
-    python bench/sass_cuda.py              # one line each
-    python bench/sass_cuda.py --top 20     # and the loop's most frequent opcodes
+    python bench/sass_cuda.py                    # one line each, both kernels
+    python bench/sass_cuda.py --kernel sparse --top 20   # and the loop's most frequent opcodes
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ from sass_report import cuobjdump, loops  # noqa: E402  (it unsets TRITON_INTERP
 if _interpret is not None:  # nothing here compiles Triton: leave the caller's setting (a test process's) as it was
     os.environ["TRITON_INTERPRET"] = _interpret
 
-HEADER = Path(__file__).resolve().parents[1] / "csrc" / "int1_gemv_mma.cuh"
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
 DTYPES = {"fp16": "__half", "bf16": "__nv_bfloat16"}
 MODES = {0: "row", 1: "group", 2: "onebit"}
+KERNELS = ("mma", "sparse")
 
 
 def nvcc() -> Optional[str]:
@@ -41,29 +46,40 @@ def nvcc() -> Optional[str]:
     return None
 
 
-def instantiations() -> List[Dict]:
-    return [dict(dtype=d, mode=m, vec=v, tiles=nt)
-            for d, m, v, nt in itertools.product(DTYPES, MODES, (True, False), (1, 2))]
+def instantiations(kernel: str = "mma") -> List[Dict]:
+    if kernel == "mma":
+        return [dict(kernel=kernel, dtype=d, mode=m, vec=v, tiles=nt)
+                for d, m, v, nt in itertools.product(DTYPES, MODES, (True, False), (1, 2))]
+    if kernel == "sparse":
+        return [dict(kernel=kernel, dtype=d, rows=r, vec=v) for d, r, v in itertools.product(DTYPES, (1, 2, 4, 8),
+                                                                                               (True, False))]
+    raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
 
 
-def _mangled_args(inst) -> str:
-    """The template arguments as the Itanium ABI mangles them, to find each kernel's SASS."""
-    t = "6__half" if inst["dtype"] == "fp16" else "13__nv_bfloat16"
-    return f"I{t}Li{inst['mode']}ELb{int(inst['vec'])}ELi{inst['tiles']}EE"
+def _template(inst) -> str:
+    """The explicit instantiation's line and the template arguments as the Itanium ABI mangles
+    them (to find each kernel's SASS)."""
+    t, vec = DTYPES[inst["dtype"]], str(inst["vec"]).lower()
+    mangled_t = "6__half" if inst["dtype"] == "fp16" else "13__nv_bfloat16"
+    if inst["kernel"] == "mma":
+        line = (f"template __global__ void loraq_mma::int1_gemv_mma_kernel<{t}, {inst['mode']}, {vec}, "
+                f"{inst['tiles']}>(const loraq_mma::Args);")
+        return line, f"I{mangled_t}Li{inst['mode']}ELb{int(inst['vec'])}ELi{inst['tiles']}EE"
+    line = (f"template __global__ void loraq_sparse::sparse4x4_gemv_kernel<{t}, {inst['rows']}, {vec}>"
+            "(const loraq_sparse::Args);")
+    return line, f"I{mangled_t}Li{inst['rows']}ELb{int(inst['vec'])}EE"
 
 
-def compile_all(arch: int = 90) -> List[Dict]:
-    """Compile every instantiation; returns one dict each: the instantiation, ``registers``,
-    ``spill_bytes`` and ``loop`` (opcode Counter of the mma loop). Raises RuntimeError with
-    nvcc's output if it fails."""
+def compile_all(arch: int = 90, kernel: str = "mma") -> List[Dict]:
+    """Compile every instantiation of ``kernel`` (``mma`` or ``sparse``); returns one dict each:
+    the instantiation, ``registers``, ``spill_bytes`` and ``loop`` (opcode Counter of its main
+    loop, or None). Raises RuntimeError with nvcc's output if it fails."""
     compiler = nvcc()
     if compiler is None:
         raise RuntimeError("no nvcc (set CUDA_HOME or put nvcc on PATH)")
-    insts = instantiations()
-    lines = [f'#include "{HEADER}"']
-    for i in insts:
-        lines.append(f"template __global__ void loraq_mma::int1_gemv_mma_kernel<{DTYPES[i['dtype']]}, {i['mode']}, "
-                     f"{str(i['vec']).lower()}, {i['tiles']}>(const loraq_mma::Args);")
+    insts = instantiations(kernel)
+    header = CSRC / ("int1_gemv_mma.cuh" if kernel == "mma" else "sparse4x4_gemv.cuh")
+    lines = [f'#include "{header}"'] + [_template(i)[0] for i in insts]
     with tempfile.TemporaryDirectory() as tmp:
         src, cubin = Path(tmp) / "inst.cu", Path(tmp) / "inst.cubin"
         src.write_text("\n".join(lines) + "\n")
@@ -86,32 +102,46 @@ def compile_all(arch: int = 90) -> List[Dict]:
         if m and name:
             usage[name]["registers"] = int(m.group(1))
     functions = re.split(r"\n\s*Function : ", sass)
+    key_op = "HMMA" if kernel == "mma" else "FFMA"
     out = []
     for inst in insts:
-        key = _mangled_args(inst)
-        names = [n for n in usage if key in n]
+        key = _template(inst)[1]
+        names = [n for n in usage if n.endswith(key + "EvNS_4ArgsE") or key in n]
         if len(names) != 1:
             raise RuntimeError(f"could not find the kernel {key} in ptxas's report")
         body = next(f for f in functions if f.startswith(names[0]))
-        mma_loops = [c for _, _, c in loops(body) if c.get("HMMA")]
-        loop = max(mma_loops, key=lambda c: c["HMMA"]) if mma_loops else None
+        main_loops = [c for _, _, c in loops(body) if c.get(key_op)]
+        loop = max(main_loops, key=lambda c: c[key_op]) if main_loops else None
         out.append(dict(inst, **usage[names[0]], loop=loop))
     return out
+
+
+def describe(r: Dict) -> str:
+    """One line for a compiled instantiation."""
+    loop = r["loop"] or {}
+    total = sum(loop.values())
+    loads = "16-byte" if r["vec"] else "scalar "
+    if r["kernel"] == "mma":
+        what = f"int1 mma {r['dtype']} {MODES[r['mode']]:6s} {loads} loads, {r['tiles']} tile(s) of x"
+        ops = f"{loop.get('HMMA', 0)} HMMA, {loop.get('LOP3', 0)} LOP3"
+    else:
+        what = f"sparse4x4 gather {r['dtype']} {r['rows']} row(s) of x a block, {loads} loads"
+        ops = f"{total / 32:.1f} a stored value; {loop.get('FFMA', 0)} FFMA, {loop.get('LDS', 0)} LDS"
+    return (f"{what}: {r['registers']} registers, {r['spill_bytes']} bytes spilled, loop {total} instructions "
+            f"({ops})")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--kernel", choices=KERNELS + ("all",), default="all")
     p.add_argument("--top", type=int, default=0, help="also print the loop's N most frequent opcodes")
     args = p.parse_args(argv)
-    for r in compile_all(args.arch):
-        loop = r["loop"]
-        total = sum(loop.values()) if loop else 0
-        print(f"{r['dtype']} {MODES[r['mode']]:6s} {'16-byte' if r['vec'] else 'word   '} loads, {r['tiles']} tile(s) "
-              f"of x: {r['registers']} registers, {r['spill_bytes']} bytes spilled, loop {total} instructions "
-              f"({loop.get('HMMA', 0) if loop else 0} HMMA, {loop.get('LOP3', 0) if loop else 0} LOP3)")
-        if args.top and loop:
-            print("   " + ", ".join(f"{op} {n}" for op, n in loop.most_common(args.top)))
+    for kernel in (KERNELS if args.kernel == "all" else (args.kernel,)):
+        for r in compile_all(args.arch, kernel):
+            print(describe(r))
+            if args.top and r["loop"]:
+                print("   " + ", ".join(f"{op} {n}" for op, n in r["loop"].most_common(args.top)))
     return 0
 
 

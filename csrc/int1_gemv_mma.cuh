@@ -38,6 +38,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "gemv_common.cuh"
+
 namespace loraq_mma {
 
 constexpr int kTaskRows = 16;     // weight rows a task (the mma's M)
@@ -61,16 +63,9 @@ struct Half2Bits<__nv_bfloat16> {
   static constexpr uint32_t kMinusOnes = 0xBF80BF80u;
 };
 
-__device__ __forceinline__ uint16_t bits16(__half v) { return __half_as_ushort(v); }
-__device__ __forceinline__ uint16_t bits16(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+using loraq_gemv::bits16;
+using loraq_gemv::from_float;
+using loraq_gemv::to_float;
 
 // D += A·B, m16n8k16, fp32 accumulators.
 __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, __half) {
@@ -119,26 +114,6 @@ struct Args {
   float inv_group_words;
 };
 
-// parts[slot] = x[:, ks]·A[:, ks]ᵀ for this block's share ks of K (slots blocks share K), zero past R.
-template <typename T>
-__device__ void store_xa_share(const Args& a, int slot) {
-  const T* x = static_cast<const T*>(a.x);
-  const T* A = static_cast<const T*>(a.lora_A);
-  const int per = (a.K + a.slots - 1) / a.slots;
-  const int k0 = slot * per, k1 = min(a.K, k0 + per);
-  const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-  for (int idx = threadIdx.x >> 5; idx < a.M * a.block_r; idx += warps) {
-    const int m = idx / a.block_r, r = idx % a.block_r;
-    float s = 0.f;
-    if (r < a.R)
-      for (int k = k0 + lane; k < k1; k += 32)
-        s += to_float(x[(int64_t)m * a.K + k]) * to_float(A[(int64_t)r * a.K + k]);
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-    if (lane == 0) a.parts[((int64_t)slot * a.M + m) * a.block_r + r] = s;
-  }
-}
-
 // Fill the shared copy of this block's slice of x in pair order: unit (m, c, j, i, t) holds, for
 // word w = 16c + 4t + j of the slice, the pairs (x[32w + p], x[32w + p + 16]) for p = 2i, 2i + 1.
 // Inputs past K are 0 (the padding bits of the last word decode to -1 and must add nothing).
@@ -171,12 +146,12 @@ __device__ __forceinline__ uint4 load_words(const Args& a, int n, int word) {
   if (n >= a.N) return u;
   const int32_t* row = a.packed + (int64_t)n * a.KW;
   if (VEC) {  // KW % 4 == 0 and an aligned base: one 16-byte load (word is a multiple of 4)
-    if (word < a.KW) u = __ldg(reinterpret_cast<const uint4*>(row + word));
+    if (word < a.KW) u = loraq_gemv::load_ro(reinterpret_cast<const uint4*>(row + word));
   } else {
-    if (word < a.KW) u.x = (uint32_t)__ldg(row + word);
-    if (word + 1 < a.KW) u.y = (uint32_t)__ldg(row + word + 1);
-    if (word + 2 < a.KW) u.z = (uint32_t)__ldg(row + word + 2);
-    if (word + 3 < a.KW) u.w = (uint32_t)__ldg(row + word + 3);
+    if (word < a.KW) u.x = (uint32_t)loraq_gemv::load_ro(row + word);
+    if (word + 1 < a.KW) u.y = (uint32_t)loraq_gemv::load_ro(row + word + 1);
+    if (word + 2 < a.KW) u.z = (uint32_t)loraq_gemv::load_ro(row + word + 2);
+    if (word + 3 < a.KW) u.w = (uint32_t)loraq_gemv::load_ro(row + word + 3);
   }
   return u;
 }
@@ -249,7 +224,7 @@ __global__ void __launch_bounds__(1024) int1_gemv_mma_kernel(const Args a) {
   const int row_units = chunks * 128 + kRowPadUnits;  // 8-byte units a row of x (512 inputs: 128)
 
   const int block = blockIdx.y * gridDim.x + blockIdx.x;
-  if (a.parts != nullptr && block < a.slots) store_xa_share<T>(a, block);
+  if (a.parts != nullptr && block < a.slots) loraq_gemv::store_xa_share<T>(a, block);
   fill_x<T, MODE>(a, xs, k0, chunks, row_units);
   __syncthreads();
 

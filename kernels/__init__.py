@@ -10,7 +10,9 @@ tensors (the format's fields) and know nothing of autograd, ``nn`` or the backen
   (an autotune candidate of :func:`lora_linear_fwd` for up to 4 rows)
 * :func:`int1_gemv_mma`: the forward for up to 16 rows of ``x`` and an int1 weight on tensor cores,
   a CUDA kernel in ``loraq._C`` (``csrc/int1_gemv_mma.cuh``); an autotune candidate of
-  :func:`lora_linear_fwd` where the extension is built and ``LORAQ_MMA_GEMV=1``
+  :func:`lora_linear_fwd` where the extension is built and ``LORAQ_CUDA_GEMV=1``
+* :func:`sparse4x4_gemv_cuda`: the forward for up to 16 rows of ``x`` and a sparse4x4 weight, a
+  CUDA gather in ``loraq._C`` (``csrc/sparse4x4_gemv.cuh``); a candidate under the same conditions
 * :func:`sparse4x4_gemv`: the forward for up to 16 rows of ``x`` and a sparse4x4 weight, by
   gathering one input per stored value (an autotune candidate of :func:`lora_linear_fwd`)
 * :func:`sparse4x4_gemv_dx`: its transpose, ``dX`` for up to 16 rows of ``dY`` (an autotune
@@ -28,9 +30,10 @@ from .int1_gemv_mma import int1_gemv_mma
 from .lora_linear_dx import lora_linear_dx
 from .lora_linear_fwd import lora_linear_fwd
 from .sparse4x4_gemv import sparse4x4_gemv
+from .sparse4x4_gemv_cuda import sparse4x4_gemv_cuda
 from .sparse4x4_gemv_dx import sparse4x4_gemv_dx
 
 FORMATS = ("int1", "sparse4x4")
 
 __all__ = ["lora_linear_fwd", "lora_linear_dx", "int1_gemv_lut", "int1_gemv_mma", "sparse4x4_gemv",
-           "sparse4x4_gemv_dx", "FORMATS"]
+           "sparse4x4_gemv_cuda", "sparse4x4_gemv_dx", "FORMATS"]

@@ -14,41 +14,24 @@ path and the bias and casts: two launches a call, like the other small-batch for
 It is an autotune candidate of :func:`lora_linear_fwd` for int1 in fp16 and bf16 up to
 ``MMA_MAX_M`` rows when the extension is built (``CUDA_HOME=... pip install --no-build-isolation
 -e .``), the GPU has ``mma.sync`` for bf16 (compute capability 8.0 or newer) and
-``LORAQ_MMA_GEMV=1`` is set: it was written without a GPU, and stays opt-in until its GPU tests
-have passed on one (a forced ``config`` runs it regardless). Configs:
+``LORAQ_CUDA_GEMV=1`` is set (``cuda_ext.cuda_gemv_offered``): it was written without a GPU, and
+stays opt-in until its GPU tests have passed on one (a forced ``config`` runs it regardless). Configs:
 ``(MMA_MAX_M, blocks an SM, MMA_TASK_INPUTS, K slices at least, warps a block, 1, MMA_GEMV)``.
 """
 
-import importlib
-import os
-from functools import lru_cache
 from typing import List, Tuple
 
 import torch
 
 from .autotune import MMA_GEMV, Config
+from .cuda_ext import MAX_SLOTS, extension_problem, fit_slices, sm_count
 from .decode import SCALE_GROUP, lora_in_dtype, weight_args
 from .splitk_finish import run_split
 
 MMA_MAX_M = 16  # rows of x: one mma tile of 8 (its N), or two on the same decoded weights
 MMA_TASK_INPUTS = 512  # inputs a task: 4 lanes x 4 words of 32
-MMA_SMEM_BUDGET = 200 * 1024  # bytes of x an SM may hold for its blocks (an H100 has 228 KiB)
-MMA_MAX_SLOTS = 32  # blocks that store a share of x·Aᵀ (the finish sums the shares)
 # (blocks an SM, warps a block): 64 registers a thread (the kernel's launch bound) allow 32 warps an SM
 MMA_SHAPES = ((2, 16), (4, 8), (1, 32), (2, 8))
-
-
-@lru_cache(maxsize=None)
-def _extension_problem() -> str:
-    """Why the compiled op is missing, or "" when ``torch.ops.loraq.int1_gemv_mma`` exists."""
-    try:
-        importlib.import_module("loraq._C")  # registers torch.ops.loraq.*
-    except Exception as e:
-        return (f"the compiled extension loraq._C is not built ({type(e).__name__}); build it with "
-                "CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .")
-    if not hasattr(torch.ops.loraq, "int1_gemv_mma"):
-        return "this build of loraq._C has no int1_gemv_mma (rebuild the extension)"
-    return ""
 
 
 def mma_gemv_status(x: torch.Tensor, meta) -> Tuple[bool, str]:
@@ -63,32 +46,16 @@ def mma_gemv_status(x: torch.Tensor, meta) -> Tuple[bool, str]:
         return False, f"the mma GEMV needs a group size that is a multiple of 32, got {meta['group_size']}"
     if torch.cuda.get_device_capability(x.device) < (8, 0):
         return False, "the mma GEMV needs compute capability 8.0 or newer (mma.sync with bf16)"
-    problem = _extension_problem()
+    problem = extension_problem("int1_gemv_mma")
     return (not problem), problem
-
-
-def mma_gemv_offered() -> bool:
-    """Whether the tuner times the mma GEMV (``LORAQ_MMA_GEMV=1``; off by default until the
-    kernel has passed its GPU tests)."""
-    return os.environ.get("LORAQ_MMA_GEMV", "0") == "1"
-
-
-@lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def k_slices(M: int, K: int, blocks_per_sm: int, at_least: int = 1) -> int:
     """K slices (about ``at_least`` or more) so that ``blocks_per_sm`` blocks' copies of ``x``
-    (``M`` rows of a slice, pair order, 2 bytes an input) fit ``MMA_SMEM_BUDGET``. Slices are
-    whole tasks of ``MMA_TASK_INPUTS``, equal but the last; the count returned is the one the
-    kernel launches (asked for 3 slices of 2 tasks, it makes 2)."""
-    tasks = max(1, -(-K // MMA_TASK_INPUTS))
-    for slices in range(max(1, min(at_least, tasks)), tasks + 1):
-        per = -(-tasks // slices)  # tasks a slice
-        if blocks_per_sm * M * (per * MMA_TASK_INPUTS * 2 + 32) <= MMA_SMEM_BUDGET:
-            return -(-tasks // per)
-    raise ValueError(f"{M} rows of x do not fit the mma GEMV's shared memory with {blocks_per_sm} blocks an SM")
+    (``M`` rows of a slice, pair order, 2 bytes an input, 32 bytes of padding a row) fit the
+    shared memory (``cuda_ext.fit_slices``)."""
+    return fit_slices(K, MMA_TASK_INPUTS, lambda inputs: M * (inputs * 2 + 32), blocks_per_sm, at_least,
+                      f"{M} rows of x")
 
 
 def mma_gemv_configs(M: int) -> List[Config]:
@@ -120,10 +87,10 @@ def launch_mma(x, ptrs, ints, mode, N, lora_A, lora_B, scaling, bias, cfg):
     (packed, scale, col), (_, _, group, _) = ptrs, ints
     M, K = x.shape
     slices = k_slices(M, K, bps, split)
-    blocks = max(1, -(-_sm_count(x.device.index or 0) * bps // slices))  # per slice
+    blocks = max(1, -(-sm_count(x.device.index or 0) * bps // slices))  # per slice
     has_lora = lora_A is not None
     R = lora_A.shape[0] if has_lora else 1
-    slots = min(MMA_MAX_SLOTS, blocks * slices)
+    slots = min(MAX_SLOTS, blocks * slices)
     # the kernel reads the scales in x's dtype (the reference rounds Ŵ to it too); col is onebit's g
     col = col.to(x.dtype) if col is not scale else None
     scale = scale.to(x.dtype)
@@ -156,5 +123,5 @@ def int1_gemv_mma(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1
     return launch_mma(x, ptrs, ints, mode, meta["N"], A, B, scaling, bias, cfg)
 
 
-__all__ = ["int1_gemv_mma", "mma_gemv_status", "mma_gemv_offered", "mma_gemv_configs", "check_mma_config", "k_slices",
+__all__ = ["int1_gemv_mma", "mma_gemv_status", "mma_gemv_configs", "check_mma_config", "k_slices",
            "launch_mma", "MMA_MAX_M"]

@@ -51,3 +51,18 @@ def test_int1_gemv_mma_is_registered_for_cuda_and_meta():
     cpu = [torch.zeros(a.shape, dtype=a.dtype) if isinstance(a, torch.Tensor) else a for a in (x, *args)]
     with pytest.raises(NotImplementedError):
         torch.ops.loraq.int1_gemv_mma(*cpu)
+
+
+def test_sparse4x4_gemv_is_registered_for_cuda_and_meta():
+    """The CUDA sparse4x4 gather's op: its schema (ws and parts written in place), a Meta kernel
+    for tracing (it computes nothing), and no CPU kernel (the launcher never offers it off the GPU)."""
+    schema = str(torch.ops.loraq.sparse4x4_gemv.default._schema)
+    assert "Tensor(a!) ws" in schema and "Tensor(b!)? parts" in schema
+    meta = dict(device="meta")
+    x = torch.empty(2, 64, dtype=torch.float16, **meta)
+    args = (torch.empty(3, 16, dtype=torch.float16, **meta), torch.empty(3, 8, dtype=torch.uint8, **meta), None,
+            torch.empty(2, 12, **meta), None, 12, 1, 1, 8, 1)
+    torch.ops.loraq.sparse4x4_gemv(x, *args)
+    cpu = [torch.zeros(a.shape, dtype=a.dtype) if isinstance(a, torch.Tensor) else a for a in (x, *args)]
+    with pytest.raises(NotImplementedError):
+        torch.ops.loraq.sparse4x4_gemv(*cpu)

@@ -17,7 +17,8 @@ from loraq import reference  # noqa: E402
 from loraq.formats import Int1Weight  # noqa: E402
 from loraq.kernels import lora_linear_fwd  # noqa: E402
 from loraq.kernels.autotune import MMA_GEMV, configs_for, describe  # noqa: E402
-from loraq.kernels.int1_gemv_mma import (MMA_MAX_M, MMA_SHAPES, MMA_SMEM_BUDGET, MMA_TASK_INPUTS,  # noqa: E402
+from loraq.kernels.cuda_ext import SMEM_BUDGET  # noqa: E402
+from loraq.kernels.int1_gemv_mma import (MMA_MAX_M, MMA_SHAPES, MMA_TASK_INPUTS,  # noqa: E402
                                          check_mma_config, int1_gemv_mma, k_slices, mma_gemv_configs,
                                          mma_gemv_status)
 from test_triton_kernels import _kernel_args, candidates_passed, check, f64, problem  # noqa: E402
@@ -55,7 +56,7 @@ def test_k_slices_cover_k_and_fit_the_shared_memory(M, K, bps, at_least):
     tasks = -(-K // MMA_TASK_INPUTS)
     per = -(-(-(-K // slices)) // MMA_TASK_INPUTS) * MMA_TASK_INPUTS  # the kernel's slice length
     assert 1 <= slices <= tasks and -(-K // per) == slices
-    assert bps * M * (per * 2 + 32) <= MMA_SMEM_BUDGET
+    assert bps * M * (per * 2 + 32) <= SMEM_BUDGET
     assert per // MMA_TASK_INPUTS <= -(-tasks // min(at_least, tasks))  # at least as fine as asked
 
 
@@ -104,7 +105,7 @@ def test_launcher_refuses_it_off_the_gpu_and_never_offers_it(monkeypatch):
     s = problem("sparse4x4", torch.float16, 2, 37, 300, device="cpu")[0]
     with pytest.raises(ValueError, match="it takes an int1 weight, got sparse4x4"):
         lora_linear_fwd(x, "sparse4x4", *_kernel_args(s), A, B, 0.5, b, config=CFG)
-    monkeypatch.setenv("LORAQ_MMA_GEMV", "1")  # offered, but it cannot run here
+    monkeypatch.setenv("LORAQ_CUDA_GEMV", "1")  # offered, but it cannot run here
     assert not mma_offered(x, w, A, B, 0.5, b)
 
 
@@ -188,16 +189,16 @@ def test_each_weight_lands_in_its_place(dtype):
 
 @pytest.mark.gpu
 def test_the_tuner_offers_it_up_to_16_rows(monkeypatch):
-    """With the extension built and LORAQ_MMA_GEMV=1, a forward of up to 16 rows (int1, fp16) times
+    """With the extension built and LORAQ_CUDA_GEMV=1, a forward of up to 16 rows (int1, fp16) times
     it among the others; without the variable, it does not."""
     _needs_kernel()
     w, x, A, B, b = problem("int1", torch.float16, 16, 64, 512)
-    monkeypatch.setenv("LORAQ_MMA_GEMV", "1")
+    monkeypatch.setenv("LORAQ_CUDA_GEMV", "1")
     assert mma_offered(x, w, A, B, 0.5, b) and mma_offered(x[:1], w)
     assert not mma_offered(torch.cat([x, x[:1]]), w, A, B, 0.5, b)  # 17 rows
     assert not mma_offered(x.float(), w)
     assert mma_offered(x[:3], w, A, B, 0.5, b)
-    monkeypatch.delenv("LORAQ_MMA_GEMV")
+    monkeypatch.delenv("LORAQ_CUDA_GEMV")
     assert not mma_offered(x[:3], w, A, B, 0.5, b)  # opt-in
 
 

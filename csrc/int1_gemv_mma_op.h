@@ -3,23 +3,20 @@
 // It adds x·Ŵᵀ (fp32, rows of x ≤ 16) into a zeroed workspace and, with LoRA, stores each slot's
 // share of x·Aᵀ; kernels/int1_gemv_mma.py calls it inside splitk_finish.run_split, whose finish
 // adds the LoRA path and the bias, casts, and zeroes the workspace again.
+// Included once, by gemv_ops.cu (one translation unit for the GEMV ops: each costs minutes to compile).
+#pragma once
+
 #include <torch/extension.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "op_checks.h"
 #include "int1_gemv_mma.cuh"
 
-namespace {
+namespace loraq_mma_op {
 
 using loraq_mma::Args;
-
-void check_tensor(const torch::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim) {
-  TORCH_CHECK(t.is_cuda(), "int1_gemv_mma: ", name, " must be a CUDA tensor");
-  TORCH_CHECK(t.scalar_type() == dtype, "int1_gemv_mma: ", name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == dim && t.is_contiguous(), "int1_gemv_mma: ", name, " must be a contiguous ", dim,
-              "-D tensor, got shape ", t.sizes());
-}
 
 template <typename T, int MODE, bool VEC, int NT>
 void launch(const Args& a, dim3 grid, int threads, size_t smem, cudaStream_t stream) {
@@ -53,25 +50,25 @@ void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const to
                    int64_t warps, int64_t k_split) {
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               "int1_gemv_mma: x must be float16 or bfloat16, got ", x.scalar_type());
-  check_tensor(x, "x", x.scalar_type(), 2);
+  loraq_ops::check_cuda_tensor("int1_gemv_mma", x, "x", x.scalar_type(), 2);
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(M >= 1 && M <= loraq_mma::kMaxRows, "int1_gemv_mma: x must have 1 to ", loraq_mma::kMaxRows,
               " rows, got ", M);
-  check_tensor(packed, "packed", at::kInt, 2);
+  loraq_ops::check_cuda_tensor("int1_gemv_mma", packed, "packed", at::kInt, 2);
   const int64_t N = packed.size(0), KW = packed.size(1);
   TORCH_CHECK(KW == (K + 31) / 32, "int1_gemv_mma: packed must be [N, ceil(K/32)] = [N, ", (K + 31) / 32, "], got ",
               packed.sizes());
-  check_tensor(scale, "scale", x.scalar_type(), 2);
+  loraq_ops::check_cuda_tensor("int1_gemv_mma", scale, "scale", x.scalar_type(), 2);
   TORCH_CHECK(scale.size(0) == N, "int1_gemv_mma: scale must have N = ", N, " rows, got ", scale.sizes());
   TORCH_CHECK(mode >= 0 && mode <= 2, "int1_gemv_mma: mode must be 0 (row), 1 (group) or 2 (onebit), got ", mode);
   TORCH_CHECK(mode != 1 || (group_size > 0 && group_size % 32 == 0 && scale.size(1) == (K + group_size - 1) / group_size),
               "int1_gemv_mma: per-group scales need a group size that is a multiple of 32 and scale [N, ceil(K/group)]");
   TORCH_CHECK(mode == 1 || scale.size(1) >= 1, "int1_gemv_mma: scale must have a column");
   if (mode == 2) {
-    check_tensor(col, "col", x.scalar_type(), 1);
+    loraq_ops::check_cuda_tensor("int1_gemv_mma", col, "col", x.scalar_type(), 1);
     TORCH_CHECK(col.size(0) == K, "int1_gemv_mma: col must be [K] = [", K, "], got ", col.sizes());
   }
-  check_tensor(ws, "ws", at::kFloat, 2);
+  loraq_ops::check_cuda_tensor("int1_gemv_mma", ws, "ws", at::kFloat, 2);
   TORCH_CHECK(ws.size(0) == M && ws.size(1) == N, "int1_gemv_mma: ws must be [M, N] = [", M, ", ", N, "], got ",
               ws.sizes());
   TORCH_CHECK(blocks >= 1 && k_split >= 1 && warps >= 1 && warps <= 32,
@@ -105,9 +102,9 @@ void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const to
   const int64_t slices = (K + a.slice_inputs - 1) / a.slice_inputs;
   if (lora_A.has_value()) {
     const torch::Tensor& A = *lora_A;
-    check_tensor(A, "lora_A", x.scalar_type(), 2);
+    loraq_ops::check_cuda_tensor("int1_gemv_mma", A, "lora_A", x.scalar_type(), 2);
     TORCH_CHECK(A.size(1) == K, "int1_gemv_mma: lora_A must be [R, K]");
-    check_tensor(*parts, "parts", at::kFloat, 3);
+    loraq_ops::check_cuda_tensor("int1_gemv_mma", *parts, "parts", at::kFloat, 3);
     TORCH_CHECK(parts->size(1) == M && parts->size(2) >= A.size(0) && parts->size(0) >= 1 &&
                     parts->size(0) <= blocks * slices,
                 "int1_gemv_mma: parts must be [slots ≤ blocks·slices, M, ≥ R], got ", parts->sizes());
@@ -143,7 +140,7 @@ void int1_gemv_mma_meta(const torch::Tensor&, const torch::Tensor&, const torch:
                         const c10::optional<torch::Tensor>&, torch::Tensor, const c10::optional<torch::Tensor>&,
                         int64_t, int64_t, int64_t, int64_t, int64_t) {}
 
-}  // namespace
+}  // namespace loraq_mma_op
 
 TORCH_LIBRARY_FRAGMENT(loraq, m) {
   m.def(
@@ -151,6 +148,6 @@ TORCH_LIBRARY_FRAGMENT(loraq, m) {
       "Tensor(b!)? parts, int mode, int group_size, int blocks, int warps, int k_split) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(loraq, CUDA, m) { m.impl("int1_gemv_mma", &int1_gemv_mma); }
+TORCH_LIBRARY_IMPL(loraq, CUDA, m) { m.impl("int1_gemv_mma", &loraq_mma_op::int1_gemv_mma); }
 
-TORCH_LIBRARY_IMPL(loraq, Meta, m) { m.impl("int1_gemv_mma", &int1_gemv_mma_meta); }
+TORCH_LIBRARY_IMPL(loraq, Meta, m) { m.impl("int1_gemv_mma", &loraq_mma_op::int1_gemv_mma_meta); }

@@ -1,0 +1,56 @@
+// Helpers shared by the CUDA small-batch GEMVs (int1_gemv_mma.cuh, sparse4x4_gemv.cuh).
+//
+// Device code only (no torch headers). The conversions are __host__ __device__ so that a kernel's
+// per-thread code can also be compiled for the host and run there (tests/cuda/: the sparse4x4
+// GEMV is emulated block by block on the CPU, where CI has no GPU).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace loraq_gemv {
+
+__host__ __device__ __forceinline__ uint16_t bits16(__half v) { return __half_as_ushort(v); }
+__host__ __device__ __forceinline__ uint16_t bits16(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+__host__ __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__host__ __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T>
+__host__ __device__ __forceinline__ T from_float(float v);
+template <>
+__host__ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__host__ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// A read-only load: through the non-coherent cache on the GPU, a plain read on the host.
+template <typename V>
+__host__ __device__ __forceinline__ V load_ro(const V* p) {
+#ifdef __CUDA_ARCH__
+  return __ldg(p);
+#else
+  return *p;
+#endif
+}
+
+// parts[slot] = x[:, ks]·A[:, ks]ᵀ for this block's share ks of K (a.slots blocks share K), zero
+// past R (a.R rows of A, a.block_r columns of parts). One warp per (row of x, rank) at a time.
+template <typename T, typename Args>
+__device__ void store_xa_share(const Args& a, int slot) {
+  const T* x = static_cast<const T*>(a.x);
+  const T* A = static_cast<const T*>(a.lora_A);
+  const int per = (a.K + a.slots - 1) / a.slots;
+  const int k0 = slot * per, k1 = min(a.K, k0 + per);
+  const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  for (int idx = threadIdx.x >> 5; idx < a.M * a.block_r; idx += warps) {
+    const int m = idx / a.block_r, r = idx % a.block_r;
+    float s = 0.f;
+    if (r < a.R)
+      for (int k = k0 + lane; k < k1; k += 32)
+        s += to_float(x[(int64_t)m * a.K + k]) * to_float(A[(int64_t)r * a.K + k]);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    if (lane == 0) a.parts[((int64_t)slot * a.M + m) * a.block_r + r] = s;
+  }
+}
+
+}  // namespace loraq_gemv

@@ -1,0 +1,140 @@
+// torch.ops.loraq.sparse4x4_gemv: the launcher of sparse4x4_gemv.cuh's kernel (CUDA only).
+//
+// It adds x·Ŵᵀ (fp32, rows of x ≤ 16) into a zeroed workspace and, with LoRA, stores each slot's
+// share of x·Aᵀ; kernels/sparse4x4_gemv_cuda.py calls it inside splitk_finish.run_split, whose
+// finish adds the LoRA path and the bias, casts, and zeroes the workspace again.
+// Included once, by gemv_ops.cu (one translation unit for the GEMV ops: each costs minutes to compile).
+#pragma once
+
+#include <torch/extension.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "op_checks.h"
+#include "sparse4x4_gemv.cuh"
+
+namespace loraq_sparse_op {
+
+using loraq_sparse::Args;
+
+template <typename T, int ROWS, bool VEC>
+void launch(const Args& a, dim3 grid, int threads, size_t smem, cudaStream_t stream) {
+  auto kernel = loraq_sparse::sparse4x4_gemv_kernel<T, ROWS, VEC>;
+  if (smem > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  kernel<<<grid, threads, smem, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, bool VEC>
+void launch_rows(int64_t rows, const Args& a, dim3 grid, int threads, size_t smem, cudaStream_t stream) {
+  if (rows == 1) launch<T, 1, VEC>(a, grid, threads, smem, stream);
+  else if (rows == 2) launch<T, 2, VEC>(a, grid, threads, smem, stream);
+  else if (rows == 4) launch<T, 4, VEC>(a, grid, threads, smem, stream);
+  else launch<T, 8, VEC>(a, grid, threads, smem, stream);
+}
+
+// Adds x·Ŵᵀ into ws [M, N] (fp32, zeroed) and, when lora_A is given, stores parts[s] = this
+// slot's share of x·Aᵀ (parts [slots, M, block_r], fp32; r past R gets 0).
+// rows: rows of x a block (1, 2, 4 or 8; blockIdx.z covers M); blocks: blocks per K slice;
+// warps: warps a block; k_split: K slices (blockIdx.y).
+void sparse4x4_gemv(const torch::Tensor& x, const torch::Tensor& values, const torch::Tensor& positions,
+                    const c10::optional<torch::Tensor>& lora_A, torch::Tensor ws,
+                    const c10::optional<torch::Tensor>& parts, int64_t N, int64_t rows, int64_t blocks, int64_t warps,
+                    int64_t k_split) {
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              "sparse4x4_gemv: x must be float16 or bfloat16, got ", x.scalar_type());
+  loraq_ops::check_cuda_tensor("sparse4x4_gemv", x, "x", x.scalar_type(), 2);
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(M >= 1 && M <= loraq_sparse::kMaxRows, "sparse4x4_gemv: x must have 1 to ", loraq_sparse::kMaxRows,
+              " rows, got ", M);
+  loraq_ops::check_cuda_tensor("sparse4x4_gemv", values, "values", x.scalar_type(), 2);
+  loraq_ops::check_cuda_tensor("sparse4x4_gemv", positions, "positions", at::kByte, 2);
+  const int64_t TN = values.size(0), TK = values.size(1);
+  TORCH_CHECK(TK == (K + 3) / 4 && TN == (N + 3) / 4, "sparse4x4_gemv: values must be [ceil(N/4), ceil(K/4)] = [",
+              (N + 3) / 4, ", ", (K + 3) / 4, "], got ", values.sizes());
+  TORCH_CHECK(positions.size(0) == TN && positions.size(1) == (TK + 1) / 2,
+              "sparse4x4_gemv: positions must be [", TN, ", ", (TK + 1) / 2, "], got ", positions.sizes());
+  loraq_ops::check_cuda_tensor("sparse4x4_gemv", ws, "ws", at::kFloat, 2);
+  TORCH_CHECK(ws.size(0) == M && ws.size(1) == N, "sparse4x4_gemv: ws must be [M, N] = [", M, ", ", N, "], got ",
+              ws.sizes());
+  TORCH_CHECK(rows == 1 || rows == 2 || rows == 4 || rows == 8, "sparse4x4_gemv: rows must be 1, 2, 4 or 8, got ",
+              rows);
+  TORCH_CHECK(blocks >= 1 && k_split >= 1 && warps >= 1 && warps * 32 <= loraq_sparse::kThreads,
+              "sparse4x4_gemv: blocks and k_split must be ≥ 1 and warps 1 to ", loraq_sparse::kThreads / 32);
+  TORCH_CHECK(lora_A.has_value() == parts.has_value(), "sparse4x4_gemv: lora_A and parts come together");
+  TORCH_CHECK(x.device() == values.device() && x.device() == positions.device() && x.device() == ws.device(),
+              "sparse4x4_gemv: tensors on one device");
+  TORCH_CHECK(K < (int64_t(1) << 30) && N < (int64_t(1) << 30), "sparse4x4_gemv: N and K must be below 2^30");
+
+  Args a{};
+  a.x = x.data_ptr();
+  a.values = reinterpret_cast<const uint16_t*>(values.data_ptr());
+  a.positions = positions.data_ptr<uint8_t>();
+  a.ws = ws.data_ptr<float>();
+  a.M = (int)M;
+  a.N = (int)N;
+  a.K = (int)K;
+  a.TN = (int)TN;
+  a.TK = (int)TK;
+  a.PW = (int)positions.size(1);
+  if (K == 0) {  // x·Ŵᵀ = 0 (the workspace stays zero) and so are the shares of x·Aᵀ
+    if (parts.has_value()) parts->zero_();
+    return;
+  }
+  // K slices of whole tasks (32 tile columns)
+  a.slice_tiles = loraq_sparse::slice_tiles_for(a.TK, (int)std::min<int64_t>(k_split, a.TK));
+  const int64_t slices = (TK + a.slice_tiles - 1) / a.slice_tiles;
+  if (lora_A.has_value()) {
+    const torch::Tensor& A = *lora_A;
+    loraq_ops::check_cuda_tensor("sparse4x4_gemv", A, "lora_A", x.scalar_type(), 2);
+    TORCH_CHECK(A.size(1) == K, "sparse4x4_gemv: lora_A must be [R, K]");
+    loraq_ops::check_cuda_tensor("sparse4x4_gemv", *parts, "parts", at::kFloat, 3);
+    TORCH_CHECK(parts->size(1) == M && parts->size(2) >= A.size(0) && parts->size(0) >= 1 &&
+                    parts->size(0) <= blocks * slices,
+                "sparse4x4_gemv: parts must be [slots ≤ blocks·slices, M, ≥ R], got ", parts->sizes());
+    a.lora_A = A.data_ptr();
+    a.parts = parts->data_ptr<float>();
+    a.R = (int)A.size(0);
+    a.block_r = (int)parts->size(2);
+    a.slots = (int)parts->size(0);
+  }
+  if (N == 0) return;
+  const size_t smem = (size_t)a.slice_tiles * 4 * rows * sizeof(float);
+  const c10::cuda::CUDAGuard guard(x.device());
+  int max_smem = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.device().index()));
+  TORCH_CHECK(smem <= (size_t)max_smem, "sparse4x4_gemv: x's slice needs ", smem, " bytes of shared memory (",
+              max_smem, " available): split K more");
+  // 16-byte loads where every task lies inside its row and rows start 16-byte aligned
+  const bool vec = TK % loraq_sparse::kChunkTiles == 0 && a.PW % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(a.values) % 16 == 0 && reinterpret_cast<uintptr_t>(a.positions) % 16 == 0;
+  const dim3 grid((unsigned)blocks, (unsigned)slices, (unsigned)((M + rows - 1) / rows));
+  const int threads = (int)warps * 32;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (x.scalar_type() == at::kHalf) {
+    if (vec) launch_rows<__half, true>(rows, a, grid, threads, smem, stream);
+    else launch_rows<__half, false>(rows, a, grid, threads, smem, stream);
+  } else {
+    if (vec) launch_rows<__nv_bfloat16, true>(rows, a, grid, threads, smem, stream);
+    else launch_rows<__nv_bfloat16, false>(rows, a, grid, threads, smem, stream);
+  }
+}
+
+// For torch.compile's tracing (FakeTensor/Meta): the op only writes its outputs in place.
+void sparse4x4_gemv_meta(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
+                         const c10::optional<torch::Tensor>&, torch::Tensor, const c10::optional<torch::Tensor>&,
+                         int64_t, int64_t, int64_t, int64_t, int64_t) {}
+
+}  // namespace loraq_sparse_op
+
+TORCH_LIBRARY_FRAGMENT(loraq, m) {
+  m.def(
+      "sparse4x4_gemv(Tensor x, Tensor values, Tensor positions, Tensor? lora_A, Tensor(a!) ws, Tensor(b!)? parts, "
+      "int N, int rows, int blocks, int warps, int k_split) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(loraq, CUDA, m) { m.impl("sparse4x4_gemv", &loraq_sparse_op::sparse4x4_gemv); }
+
+TORCH_LIBRARY_IMPL(loraq, Meta, m) { m.impl("sparse4x4_gemv", &loraq_sparse_op::sparse4x4_gemv_meta); }

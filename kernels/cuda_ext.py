@@ -1,0 +1,57 @@
+"""What the CUDA GEMVs of ``loraq._C`` share: finding the compiled op, whether the tuner offers
+them, the GPU's SM count, and how K is cut into slices whose copy of ``x`` fits shared memory.
+
+The kernels themselves are CUDA C++ in ``csrc/`` (``int1_gemv_mma.cuh``, ``sparse4x4_gemv.cuh``);
+their launchers are ``int1_gemv_mma.py`` and ``sparse4x4_gemv_cuda.py``.
+"""
+
+import importlib
+import os
+from functools import lru_cache
+from typing import Callable
+
+import torch
+
+SMEM_BUDGET = 200 * 1024  # bytes of x an SM may hold for its blocks (an H100 has 228 KiB)
+MAX_SLOTS = 32  # blocks that store a share of x·Aᵀ (the finish sums the shares)
+
+
+@lru_cache(maxsize=None)
+def extension_problem(op: str) -> str:
+    """Why ``torch.ops.loraq.<op>`` is missing, or "" when it exists."""
+    try:
+        importlib.import_module("loraq._C")  # registers torch.ops.loraq.*
+    except Exception as e:
+        return (f"the compiled extension loraq._C is not built ({type(e).__name__}); build it with "
+                "CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .")
+    if not hasattr(torch.ops.loraq, op):
+        return f"this build of loraq._C has no {op} (rebuild the extension)"
+    return ""
+
+
+def cuda_gemv_offered() -> bool:
+    """Whether the tuner times the CUDA GEMVs (``LORAQ_CUDA_GEMV=1``; off by default until their
+    GPU tests have passed on a GPU: they were written without one)."""
+    return os.environ.get("LORAQ_CUDA_GEMV", "0") == "1"
+
+
+@lru_cache(maxsize=None)
+def sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def fit_slices(K: int, task_inputs: int, slice_bytes: Callable[[int], int], blocks_per_sm: int,
+               at_least: int = 1, what: str = "the rows of x") -> int:
+    """K slices (about ``at_least`` or more) of whole tasks of ``task_inputs`` inputs, equal but
+    the last, such that ``blocks_per_sm`` blocks' copies of ``x`` (``slice_bytes(inputs of a
+    slice)`` each) fit ``SMEM_BUDGET``. Returns the count the kernel launches (asked for 3 slices
+    of 2 tasks, it makes 2); raises ValueError when one task a slice does not fit."""
+    tasks = max(1, -(-K // task_inputs))
+    for slices in range(max(1, min(at_least, tasks)), tasks + 1):
+        per = -(-tasks // slices)  # tasks a slice
+        if blocks_per_sm * slice_bytes(per * task_inputs) <= SMEM_BUDGET:
+            return -(-tasks // per)
+    raise ValueError(f"{what} do not fit the shared memory with {blocks_per_sm} blocks an SM")
+
+
+__all__ = ["extension_problem", "cuda_gemv_offered", "sm_count", "fit_slices", "SMEM_BUDGET", "MAX_SLOTS"]
