@@ -5,7 +5,10 @@ headers have no torch in them):
 * ``mma``: the int1 mma GEMV (csrc/int1_gemv_mma.cuh): dtype x scale mode x 16-byte loads x tiles
   of x; its loop is the one that holds the mma (one 16-row x 512-input task);
 * ``sparse``: the sparse4x4 gather (csrc/sparse4x4_gemv.cuh): dtype x rows of x x 16-byte loads;
-  its loop is the one with the most FFMA (one task: a lane's 32 stored values).
+  its loop is the one with the most FFMA (one task: a lane's 32 stored values);
+* ``sparse_mma``: the sparse4x4 tensor-core kernel (csrc/sparse4x4_gemv_mma.cuh): dtype x 16-byte
+  loads x tiles of x; its loop is the one that holds the mma (one task: 16 weight rows x 128 tile
+  columns, 512 stored values).
 Per kernel: the registers, the spills, and the opcodes of that loop.
 
     python bench/sass_cuda.py                    # one line each, both kernels
@@ -35,7 +38,8 @@ if _interpret is not None:  # nothing here compiles Triton: leave the caller's s
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 DTYPES = {"fp16": "__half", "bf16": "__nv_bfloat16"}
 MODES = {0: "row", 1: "group", 2: "onebit"}
-KERNELS = ("mma", "sparse")
+KERNELS = ("mma", "sparse", "sparse_mma")
+HEADERS = {"mma": "int1_gemv_mma.cuh", "sparse": "sparse4x4_gemv.cuh", "sparse_mma": "sparse4x4_gemv_mma.cuh"}
 
 
 def nvcc() -> Optional[str]:
@@ -53,6 +57,9 @@ def instantiations(kernel: str = "mma") -> List[Dict]:
     if kernel == "sparse":
         return [dict(kernel=kernel, dtype=d, rows=r, vec=v) for d, r, v in itertools.product(DTYPES, (1, 2, 4, 8),
                                                                                                (True, False))]
+    if kernel == "sparse_mma":
+        return [dict(kernel=kernel, dtype=d, vec=v, tiles=nt) for d, v, nt in itertools.product(DTYPES, (True, False),
+                                                                                                 (1, 2))]
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
 
 
@@ -65,20 +72,24 @@ def _template(inst) -> str:
         line = (f"template __global__ void loraq_mma::int1_gemv_mma_kernel<{t}, {inst['mode']}, {vec}, "
                 f"{inst['tiles']}>(const loraq_mma::Args);")
         return line, f"I{mangled_t}Li{inst['mode']}ELb{int(inst['vec'])}ELi{inst['tiles']}EE"
+    if inst["kernel"] == "sparse_mma":
+        line = (f"template __global__ void loraq_sparse_mma::sparse4x4_gemv_mma_kernel<{t}, {vec}, {inst['tiles']}>"
+                "(const loraq_sparse::Args);")
+        return line, f"I{mangled_t}Lb{int(inst['vec'])}ELi{inst['tiles']}EE"
     line = (f"template __global__ void loraq_sparse::sparse4x4_gemv_kernel<{t}, {inst['rows']}, {vec}>"
             "(const loraq_sparse::Args);")
     return line, f"I{mangled_t}Li{inst['rows']}ELb{int(inst['vec'])}EE"
 
 
 def compile_all(arch: int = 90, kernel: str = "mma") -> List[Dict]:
-    """Compile every instantiation of ``kernel`` (``mma`` or ``sparse``); returns one dict each:
+    """Compile every instantiation of ``kernel`` (one of ``KERNELS``); returns one dict each:
     the instantiation, ``registers``, ``spill_bytes`` and ``loop`` (opcode Counter of its main
     loop, or None). Raises RuntimeError with nvcc's output if it fails."""
     compiler = nvcc()
     if compiler is None:
         raise RuntimeError("no nvcc (set CUDA_HOME or put nvcc on PATH)")
     insts = instantiations(kernel)
-    header = CSRC / ("int1_gemv_mma.cuh" if kernel == "mma" else "sparse4x4_gemv.cuh")
+    header = CSRC / HEADERS[kernel]
     lines = [f'#include "{header}"'] + [_template(i)[0] for i in insts]
     with tempfile.TemporaryDirectory() as tmp:
         src, cubin = Path(tmp) / "inst.cu", Path(tmp) / "inst.cubin"
@@ -102,11 +113,11 @@ def compile_all(arch: int = 90, kernel: str = "mma") -> List[Dict]:
         if m and name:
             usage[name]["registers"] = int(m.group(1))
     functions = re.split(r"\n\s*Function : ", sass)
-    key_op = "HMMA" if kernel == "mma" else "FFMA"
+    key_op = "FFMA" if kernel == "sparse" else "HMMA"
     out = []
     for inst in insts:
         key = _template(inst)[1]
-        names = [n for n in usage if n.endswith(key + "EvNS_4ArgsE") or key in n]
+        names = [n for n in usage if key in n]
         if len(names) != 1:
             raise RuntimeError(f"could not find the kernel {key} in ptxas's report")
         body = next(f for f in functions if f.startswith(names[0]))
@@ -124,6 +135,10 @@ def describe(r: Dict) -> str:
     if r["kernel"] == "mma":
         what = f"int1 mma {r['dtype']} {MODES[r['mode']]:6s} {loads} loads, {r['tiles']} tile(s) of x"
         ops = f"{loop.get('HMMA', 0)} HMMA, {loop.get('LOP3', 0)} LOP3"
+    elif r["kernel"] == "sparse_mma":
+        what = f"sparse4x4 mma {r['dtype']} {loads} loads, {r['tiles']} tile(s) of x"
+        # a task: 16 weight rows (4 tile rows) x 32 mma steps of 4 tile columns = 512 stored values
+        ops = f"{total / 512:.2f} a stored value; {loop.get('HMMA', 0)} HMMA, {loop.get('PRMT', 0)} PRMT"
     else:
         what = f"sparse4x4 gather {r['dtype']} {r['rows']} row(s) of x a block, {loads} loads"
         ops = f"{total / 32:.1f} a stored value; {loop.get('FFMA', 0)} FFMA, {loop.get('LDS', 0)} LDS"

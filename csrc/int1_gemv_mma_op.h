@@ -18,11 +18,17 @@ namespace loraq_mma_op {
 
 using loraq_mma::Args;
 
+// The dynamic shared memory limit is always set to the device's opt-in maximum, not this call's
+// need: two threads setting different limits could fail each other's launch.
 template <typename T, int MODE, bool VEC, int NT>
 void launch(const Args& a, dim3 grid, int threads, size_t smem, cudaStream_t stream) {
   auto kernel = loraq_mma::int1_gemv_mma_kernel<T, MODE, VEC, NT>;
-  if (smem > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  if (smem > 48 * 1024) {
+    int max_smem = 0, device = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem));
+  }
   kernel<<<grid, threads, smem, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -74,7 +80,9 @@ void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const to
   TORCH_CHECK(blocks >= 1 && k_split >= 1 && warps >= 1 && warps <= 32,
               "int1_gemv_mma: blocks and k_split must be ≥ 1 and warps 1 to 32");
   TORCH_CHECK(lora_A.has_value() == parts.has_value(), "int1_gemv_mma: lora_A and parts come together");
-  TORCH_CHECK(x.device() == packed.device() && x.device() == ws.device(), "int1_gemv_mma: tensors on one device");
+  TORCH_CHECK(x.device() == packed.device() && x.device() == ws.device() && x.device() == scale.device() &&
+                  (mode != 2 || x.device() == col.device()),
+              "int1_gemv_mma: tensors on one device");
 
   Args a{};
   a.x = x.data_ptr();
@@ -105,6 +113,7 @@ void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const to
     loraq_ops::check_cuda_tensor("int1_gemv_mma", A, "lora_A", x.scalar_type(), 2);
     TORCH_CHECK(A.size(1) == K, "int1_gemv_mma: lora_A must be [R, K]");
     loraq_ops::check_cuda_tensor("int1_gemv_mma", *parts, "parts", at::kFloat, 3);
+    TORCH_CHECK(A.device() == x.device() && parts->device() == x.device(), "int1_gemv_mma: tensors on one device");
     TORCH_CHECK(parts->size(1) == M && parts->size(2) >= A.size(0) && parts->size(0) >= 1 &&
                     parts->size(0) <= blocks * slices,
                 "int1_gemv_mma: parts must be [slots ≤ blocks·slices, M, ≥ R], got ", parts->sizes());

@@ -1,6 +1,6 @@
 // The sparse4x4 small-batch forward as CUDA: x·Ŵᵀ for 1 to 16 rows of x, each stored value read once.
 //
-// Device code only (no torch headers): csrc/sparse4x4_gemv.cu holds the launcher and the op
+// Device code only (no torch headers): csrc/sparse4x4_gemv_op.h holds the launcher and the op
 // registration. The per-thread code is __host__ __device__, so tests/cuda/sparse4x4_emulate.cu
 // can run the kernel block by block on a CPU (where CI has no GPU) against the reference.
 //
@@ -50,7 +50,8 @@ struct Args {
   float* ws;                 // [M, N] fp32, zeroed: the sums are added in
   float* parts;              // [slots, M, block_r] fp32: each LoRA slot's share of x·Aᵀ, or null
   int M, N, K, TN, TK, PW, R, block_r, slots;
-  int slice_tiles;           // tile columns a K slice (a multiple of kChunkTiles): blockIdx.y's
+  int slice_tiles;           // tile columns a K slice (a multiple of the kernel's task): blockIdx.y's
+  int out4;                  // 1 where N % 4 == 0 and ws is 16-byte aligned: 16-byte atomics
 };
 
 // The value in half `h` (0: low, 1: high) of a 32-bit pair, as fp32.
@@ -226,7 +227,7 @@ __host__ __device__ __forceinline__ void flush(const Args& a, float (&acc)[4][RO
     for (int m = 0; m < ROWS; ++m) {
       if (row0 + m >= a.M) break;
       float* out = a.ws + (int64_t)(row0 + m) * a.N + n;
-      if ((a.N & 3) == 0) {  // n + 3 < N, and a 16-byte aligned row
+      if (a.out4) {  // n + 3 < N, and a 16-byte aligned row
         add4_to(out, acc[0][m], acc[1][m], acc[2][m], acc[3][m]);
       } else {
 #pragma unroll

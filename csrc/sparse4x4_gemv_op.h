@@ -1,4 +1,5 @@
-// torch.ops.loraq.sparse4x4_gemv: the launcher of sparse4x4_gemv.cuh's kernel (CUDA only).
+// torch.ops.loraq.sparse4x4_gemv: the launcher of sparse4x4_gemv.cuh's gather and of
+// sparse4x4_gemv_mma.cuh's tensor-core kernel (CUDA only; `rows` picks the kernel).
 //
 // It adds x·Ŵᵀ (fp32, rows of x ≤ 16) into a zeroed workspace and, with LoRA, stores each slot's
 // share of x·Aᵀ; kernels/sparse4x4_gemv_cuda.py calls it inside splitk_finish.run_split, whose
@@ -13,54 +14,64 @@
 
 #include "op_checks.h"
 #include "sparse4x4_gemv.cuh"
+#include "sparse4x4_gemv_mma.cuh"
 
 namespace loraq_sparse_op {
 
 using loraq_sparse::Args;
 
-template <typename T, int ROWS, bool VEC>
-void launch(const Args& a, dim3 grid, int threads, size_t smem, cudaStream_t stream) {
-  auto kernel = loraq_sparse::sparse4x4_gemv_kernel<T, ROWS, VEC>;
+// The kernel's dynamic shared memory may go up to the device's opt-in limit. Always that value,
+// not this call's need: two threads setting different limits could fail each other's launch.
+template <typename Kernel>
+void launch_kernel(Kernel kernel, const Args& a, dim3 grid, int threads, size_t smem, int max_smem,
+                   cudaStream_t stream) {
   if (smem > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem));
   kernel<<<grid, threads, smem, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, bool VEC>
-void launch_rows(int64_t rows, const Args& a, dim3 grid, int threads, size_t smem, cudaStream_t stream) {
-  if (rows == 1) launch<T, 1, VEC>(a, grid, threads, smem, stream);
-  else if (rows == 2) launch<T, 2, VEC>(a, grid, threads, smem, stream);
-  else if (rows == 4) launch<T, 4, VEC>(a, grid, threads, smem, stream);
-  else launch<T, 8, VEC>(a, grid, threads, smem, stream);
+void launch_rows(int64_t rows, int64_t M, const Args& a, dim3 grid, int threads, size_t smem, int max_smem,
+                 cudaStream_t stream) {
+  if (rows == 1) launch_kernel(loraq_sparse::sparse4x4_gemv_kernel<T, 1, VEC>, a, grid, threads, smem, max_smem, stream);
+  else if (rows == 2) launch_kernel(loraq_sparse::sparse4x4_gemv_kernel<T, 2, VEC>, a, grid, threads, smem, max_smem, stream);
+  else if (rows == 4) launch_kernel(loraq_sparse::sparse4x4_gemv_kernel<T, 4, VEC>, a, grid, threads, smem, max_smem, stream);
+  else if (rows == 8) launch_kernel(loraq_sparse::sparse4x4_gemv_kernel<T, 8, VEC>, a, grid, threads, smem, max_smem, stream);
+  else if (M <= loraq_sparse_mma::kTileRows)
+    launch_kernel(loraq_sparse_mma::sparse4x4_gemv_mma_kernel<T, VEC, 1>, a, grid, threads, smem, max_smem, stream);
+  else launch_kernel(loraq_sparse_mma::sparse4x4_gemv_mma_kernel<T, VEC, 2>, a, grid, threads, smem, max_smem, stream);
 }
 
 // Adds x·Ŵᵀ into ws [M, N] (fp32, zeroed) and, when lora_A is given, stores parts[s] = this
 // slot's share of x·Aᵀ (parts [slots, M, block_r], fp32; r past R gets 0).
-// rows: rows of x a block (1, 2, 4 or 8; blockIdx.z covers M); blocks: blocks per K slice;
-// warps: warps a block; k_split: K slices (blockIdx.y).
+// rows: rows of x a block: 1, 2, 4 or 8 for the gather (blockIdx.z covers M), 16 for the
+// tensor-core kernel (all of them); blocks: blocks per K slice; warps: warps a block; k_split:
+// K slices (blockIdx.y).
 void sparse4x4_gemv(const torch::Tensor& x, const torch::Tensor& values, const torch::Tensor& positions,
                     const c10::optional<torch::Tensor>& lora_A, torch::Tensor ws,
                     const c10::optional<torch::Tensor>& parts, int64_t N, int64_t rows, int64_t blocks, int64_t warps,
                     int64_t k_split) {
+  const char* op = "sparse4x4_gemv";
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               "sparse4x4_gemv: x must be float16 or bfloat16, got ", x.scalar_type());
-  loraq_ops::check_cuda_tensor("sparse4x4_gemv", x, "x", x.scalar_type(), 2);
+  loraq_ops::check_cuda_tensor(op, x, "x", x.scalar_type(), 2);
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(M >= 1 && M <= loraq_sparse::kMaxRows, "sparse4x4_gemv: x must have 1 to ", loraq_sparse::kMaxRows,
               " rows, got ", M);
-  loraq_ops::check_cuda_tensor("sparse4x4_gemv", values, "values", x.scalar_type(), 2);
-  loraq_ops::check_cuda_tensor("sparse4x4_gemv", positions, "positions", at::kByte, 2);
+  loraq_ops::check_cuda_tensor(op, values, "values", x.scalar_type(), 2);
+  loraq_ops::check_cuda_tensor(op, positions, "positions", at::kByte, 2);
   const int64_t TN = values.size(0), TK = values.size(1);
   TORCH_CHECK(TK == (K + 3) / 4 && TN == (N + 3) / 4, "sparse4x4_gemv: values must be [ceil(N/4), ceil(K/4)] = [",
               (N + 3) / 4, ", ", (K + 3) / 4, "], got ", values.sizes());
   TORCH_CHECK(positions.size(0) == TN && positions.size(1) == (TK + 1) / 2,
               "sparse4x4_gemv: positions must be [", TN, ", ", (TK + 1) / 2, "], got ", positions.sizes());
-  loraq_ops::check_cuda_tensor("sparse4x4_gemv", ws, "ws", at::kFloat, 2);
+  loraq_ops::check_cuda_tensor(op, ws, "ws", at::kFloat, 2);
   TORCH_CHECK(ws.size(0) == M && ws.size(1) == N, "sparse4x4_gemv: ws must be [M, N] = [", M, ", ", N, "], got ",
               ws.sizes());
-  TORCH_CHECK(rows == 1 || rows == 2 || rows == 4 || rows == 8, "sparse4x4_gemv: rows must be 1, 2, 4 or 8, got ",
-              rows);
+  const bool mma = rows == 16;
+  TORCH_CHECK(rows == 1 || rows == 2 || rows == 4 || rows == 8 || mma,
+              "sparse4x4_gemv: rows must be 1, 2, 4 or 8 (the gather) or 16 (the tensor-core kernel), got ", rows);
   TORCH_CHECK(blocks >= 1 && k_split >= 1 && warps >= 1 && warps * 32 <= loraq_sparse::kThreads,
               "sparse4x4_gemv: blocks and k_split must be ≥ 1 and warps 1 to ", loraq_sparse::kThreads / 32);
   TORCH_CHECK(lora_A.has_value() == parts.has_value(), "sparse4x4_gemv: lora_A and parts come together");
@@ -79,18 +90,21 @@ void sparse4x4_gemv(const torch::Tensor& x, const torch::Tensor& values, const t
   a.TN = (int)TN;
   a.TK = (int)TK;
   a.PW = (int)positions.size(1);
+  a.out4 = N % 4 == 0 && reinterpret_cast<uintptr_t>(a.ws) % 16 == 0;
   if (K == 0) {  // x·Ŵᵀ = 0 (the workspace stays zero) and so are the shares of x·Aᵀ
     if (parts.has_value()) parts->zero_();
     return;
   }
-  // K slices of whole tasks (32 tile columns)
-  a.slice_tiles = loraq_sparse::slice_tiles_for(a.TK, (int)std::min<int64_t>(k_split, a.TK));
+  // K slices of whole tasks (32 tile columns for the gather, 64 for the tensor-core kernel)
+  const int split = (int)std::min<int64_t>(k_split, a.TK);
+  a.slice_tiles = mma ? loraq_sparse_mma::slice_tiles_for(a.TK, split) : loraq_sparse::slice_tiles_for(a.TK, split);
   const int64_t slices = (TK + a.slice_tiles - 1) / a.slice_tiles;
   if (lora_A.has_value()) {
     const torch::Tensor& A = *lora_A;
-    loraq_ops::check_cuda_tensor("sparse4x4_gemv", A, "lora_A", x.scalar_type(), 2);
+    loraq_ops::check_cuda_tensor(op, A, "lora_A", x.scalar_type(), 2);
     TORCH_CHECK(A.size(1) == K, "sparse4x4_gemv: lora_A must be [R, K]");
-    loraq_ops::check_cuda_tensor("sparse4x4_gemv", *parts, "parts", at::kFloat, 3);
+    loraq_ops::check_cuda_tensor(op, *parts, "parts", at::kFloat, 3);
+    TORCH_CHECK(A.device() == x.device() && parts->device() == x.device(), "sparse4x4_gemv: tensors on one device");
     TORCH_CHECK(parts->size(1) == M && parts->size(2) >= A.size(0) && parts->size(0) >= 1 &&
                     parts->size(0) <= blocks * slices,
                 "sparse4x4_gemv: parts must be [slots ≤ blocks·slices, M, ≥ R], got ", parts->sizes());
@@ -101,24 +115,28 @@ void sparse4x4_gemv(const torch::Tensor& x, const torch::Tensor& values, const t
     a.slots = (int)parts->size(0);
   }
   if (N == 0) return;
-  const size_t smem = (size_t)a.slice_tiles * 4 * rows * sizeof(float);
+  // the gather: rows of x in fp32; the tensor-core kernel: 8 or 16 rows in 16 bits, padded
+  const int64_t tile_rows = M <= loraq_sparse_mma::kTileRows ? 8 : 16;
+  const size_t smem = mma ? (size_t)tile_rows * (a.slice_tiles * 4 * 2 + loraq_sparse_mma::kRowPadUnits * 8)
+                          : (size_t)a.slice_tiles * 4 * rows * sizeof(float);
   const c10::cuda::CUDAGuard guard(x.device());
   int max_smem = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.device().index()));
   TORCH_CHECK(smem <= (size_t)max_smem, "sparse4x4_gemv: x's slice needs ", smem, " bytes of shared memory (",
               max_smem, " available): split K more");
   // 16-byte loads where every task lies inside its row and rows start 16-byte aligned
-  const bool vec = TK % loraq_sparse::kChunkTiles == 0 && a.PW % 16 == 0 &&
-                   reinterpret_cast<uintptr_t>(a.values) % 16 == 0 && reinterpret_cast<uintptr_t>(a.positions) % 16 == 0;
-  const dim3 grid((unsigned)blocks, (unsigned)slices, (unsigned)((M + rows - 1) / rows));
+  const bool aligned = reinterpret_cast<uintptr_t>(a.values) % 16 == 0 && reinterpret_cast<uintptr_t>(a.positions) % 16 == 0;
+  const bool vec = aligned && (mma ? TK % loraq_sparse_mma::kTaskTiles == 0
+                                   : TK % loraq_sparse::kChunkTiles == 0 && a.PW % 16 == 0);
+  const dim3 grid((unsigned)blocks, (unsigned)slices, (unsigned)(mma ? 1 : (M + rows - 1) / rows));
   const int threads = (int)warps * 32;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (x.scalar_type() == at::kHalf) {
-    if (vec) launch_rows<__half, true>(rows, a, grid, threads, smem, stream);
-    else launch_rows<__half, false>(rows, a, grid, threads, smem, stream);
+    if (vec) launch_rows<__half, true>(rows, M, a, grid, threads, smem, max_smem, stream);
+    else launch_rows<__half, false>(rows, M, a, grid, threads, smem, max_smem, stream);
   } else {
-    if (vec) launch_rows<__nv_bfloat16, true>(rows, a, grid, threads, smem, stream);
-    else launch_rows<__nv_bfloat16, false>(rows, a, grid, threads, smem, stream);
+    if (vec) launch_rows<__nv_bfloat16, true>(rows, M, a, grid, threads, smem, max_smem, stream);
+    else launch_rows<__nv_bfloat16, false>(rows, M, a, grid, threads, smem, max_smem, stream);
   }
 }
 

@@ -8,7 +8,7 @@ their launchers are ``int1_gemv_mma.py`` and ``sparse4x4_gemv_cuda.py``.
 import importlib
 import os
 from functools import lru_cache
-from typing import Callable
+from typing import Callable, Tuple
 
 import torch
 
@@ -40,18 +40,35 @@ def sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@lru_cache(maxsize=None)
+def smem_limits(index: int) -> Tuple[int, int]:
+    """``(bytes a block may opt in to, bytes of x an SM's blocks may hold)`` on CUDA device
+    ``index``: the GPU's own limits (an H100: 227 KiB and 228 KiB; an A100: 163 KiB and 164 KiB;
+    sm_86/89: 99 KiB and 100 KiB), the SM's less 16 KiB left to L1. ``(SMEM_BUDGET,
+    SMEM_BUDGET)`` where torch does not report them."""
+    props = torch.cuda.get_device_properties(index)
+    per_block = getattr(props, "shared_memory_per_block_optin", SMEM_BUDGET)
+    per_sm = getattr(props, "shared_memory_per_multiprocessor", SMEM_BUDGET + 16 * 1024) - 16 * 1024
+    return per_block, per_sm
+
+
 def fit_slices(K: int, task_inputs: int, slice_bytes: Callable[[int], int], blocks_per_sm: int,
-               at_least: int = 1, what: str = "the rows of x") -> int:
+               at_least: int = 1, what: str = "the rows of x",
+               limits: Tuple[int, int] = (SMEM_BUDGET, SMEM_BUDGET)) -> int:
     """K slices (about ``at_least`` or more) of whole tasks of ``task_inputs`` inputs, equal but
-    the last, such that ``blocks_per_sm`` blocks' copies of ``x`` (``slice_bytes(inputs of a
-    slice)`` each) fit ``SMEM_BUDGET``. Returns the count the kernel launches (asked for 3 slices
-    of 2 tasks, it makes 2); raises ValueError when one task a slice does not fit."""
+    the last, such that a block's copy of ``x`` (``slice_bytes(inputs of a slice)``) fits
+    ``limits[0]`` and ``blocks_per_sm`` of them (with 1 KiB each the GPU reserves) fit
+    ``limits[1]`` (``smem_limits``). Returns the count the kernel launches (asked for 3 slices of
+    2 tasks, it makes 2); raises ValueError when one task a slice does not fit."""
+    per_block, per_sm = limits
     tasks = max(1, -(-K // task_inputs))
     for slices in range(max(1, min(at_least, tasks)), tasks + 1):
         per = -(-tasks // slices)  # tasks a slice
-        if blocks_per_sm * slice_bytes(per * task_inputs) <= SMEM_BUDGET:
+        need = slice_bytes(per * task_inputs)
+        if need <= per_block and blocks_per_sm * (need + 1024) <= per_sm:
             return -(-tasks // per)
     raise ValueError(f"{what} do not fit the shared memory with {blocks_per_sm} blocks an SM")
 
 
-__all__ = ["extension_problem", "cuda_gemv_offered", "sm_count", "fit_slices", "SMEM_BUDGET", "MAX_SLOTS"]
+__all__ = ["extension_problem", "cuda_gemv_offered", "sm_count", "smem_limits", "fit_slices", "SMEM_BUDGET",
+           "MAX_SLOTS"]

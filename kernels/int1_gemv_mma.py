@@ -24,7 +24,7 @@ from typing import List, Tuple
 import torch
 
 from .autotune import MMA_GEMV, Config
-from .cuda_ext import MAX_SLOTS, extension_problem, fit_slices, sm_count
+from .cuda_ext import MAX_SLOTS, extension_problem, fit_slices, sm_count, smem_limits
 from .decode import SCALE_GROUP, lora_in_dtype, weight_args
 from .splitk_finish import run_split
 
@@ -50,12 +50,12 @@ def mma_gemv_status(x: torch.Tensor, meta) -> Tuple[bool, str]:
     return (not problem), problem
 
 
-def k_slices(M: int, K: int, blocks_per_sm: int, at_least: int = 1) -> int:
+def k_slices(M: int, K: int, blocks_per_sm: int, at_least: int = 1, limits=None) -> int:
     """K slices (about ``at_least`` or more) so that ``blocks_per_sm`` blocks' copies of ``x``
     (``M`` rows of a slice, pair order, 2 bytes an input, 32 bytes of padding a row) fit the
-    shared memory (``cuda_ext.fit_slices``)."""
+    shared memory (``cuda_ext.fit_slices``; ``limits``: ``cuda_ext.smem_limits`` of the GPU)."""
     return fit_slices(K, MMA_TASK_INPUTS, lambda inputs: M * (inputs * 2 + 32), blocks_per_sm, at_least,
-                      f"{M} rows of x")
+                      f"{M} rows of x", *([limits] if limits else []))
 
 
 def mma_gemv_configs(M: int) -> List[Config]:
@@ -86,7 +86,7 @@ def launch_mma(x, ptrs, ints, mode, N, lora_A, lora_B, scaling, bias, cfg):
     _, bps, _, split, warps, _, _ = cfg
     (packed, scale, col), (_, _, group, _) = ptrs, ints
     M, K = x.shape
-    slices = k_slices(M, K, bps, split)
+    slices = k_slices(M, K, bps, split, smem_limits(x.device.index or 0))
     blocks = max(1, -(-sm_count(x.device.index or 0) * bps // slices))  # per slice
     has_lora = lora_A is not None
     R = lora_A.shape[0] if has_lora else 1

@@ -23,14 +23,14 @@ import triton
 import triton.language as tl
 
 from .autotune import (CUDA_GATHER, DENSE_SLAB, DOT, DOT_PAIRS, DOT_SWAP, GATHER_FWD, GATHER_MAX_M, LUT, LUT_MAX_M,
-                       MMA_GEMV, dense_slab_configs, gather_fwd_configs, lut_configs, pairs_configs, pick_config)
+                       MMA_GEMV, SPARSE_MMA, dense_slab_configs, gather_fwd_configs, lut_configs, pairs_configs, pick_config)
 from .cuda_ext import cuda_gemv_offered
 from .dense_slab import check_slab_config, slab_widths, slab_forward
 from .int1_gemv_lut import check_lut_config, launch_lut, lut_supported
 from .int1_gemv_mma import MMA_MAX_M, check_mma_config, launch_mma, mma_gemv_configs, mma_gemv_status
 from .sparse4x4_gemv import check_gather_config, launch_gather
-from .sparse4x4_gemv_cuda import (CUDA_GATHER_MAX_M, check_cuda_gather_config, cuda_gather_configs, cuda_gather_status,
-                                  launch_cuda_gather)
+from .sparse4x4_gemv_cuda import (SPARSE_CUDA_MAX_M, check_sparse_cuda_config, launch_sparse_cuda, sparse_cuda_configs,
+                                  sparse_cuda_status)
 from .decode import (SCALE_GROUP, _dot, _int1_group_scale, _int1_sign_pairs, _int1_signs, _pair_order, _sparse4x4_tile,
                      decode_dtype, interpreter_upcast, lora_in_dtype, lora_prologue, output_buffer, pair_ones, split_plan, use_asm,
                      weight_args)
@@ -142,8 +142,8 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
             return launch_mma(x, ptrs, ints, scale_mode, N, A, B, scaling, bias, cfg)
         if cfg[6] in GATHER_FWD:
             return launch_gather(x, ptrs, ints, N, A, B, scaling, bias, cfg)
-        if cfg[6] == CUDA_GATHER:
-            return launch_cuda_gather(x, ptrs, N, A, B, scaling, bias, cfg)
+        if cfg[6] in (CUDA_GATHER, SPARSE_MMA):
+            return launch_sparse_cuda(x, ptrs, N, A, B, scaling, bias, cfg)
         if cfg[6] == DENSE_SLAB:  # large batches: decoded slabs through cuBLAS
             return slab_forward(x, fmt, ptrs, ints, scale_mode, N, A, B, scaling, bias, cfg)
         bm, bn, bk, split, warps, stages, swap = cfg
@@ -186,9 +186,9 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
     def mma_problem():  # the CUDA mma GEMV (int1, up to 16 rows, fp16/bf16, loraq._C built): why not, or ""
         return f"it takes an int1 weight, got {fmt}" if fmt != "int1" else mma_gemv_status(x, meta)[1]
 
-    def cuda_gather_problem():  # the CUDA gather (sparse4x4, up to 16 rows, fp16/bf16, loraq._C built)
-        return f"it takes a sparse4x4 weight, got {fmt}" if fmt != "sparse4x4" else cuda_gather_status(x)[1]
-    variants = (DOT, DOT_SWAP, LUT, DENSE_SLAB, DOT_PAIRS, MMA_GEMV, CUDA_GATHER) + GATHER_FWD
+    def sparse_cuda_problem():  # the sparse4x4 CUDA GEMVs (up to 16 rows, fp16/bf16, loraq._C built)
+        return f"it takes a sparse4x4 weight, got {fmt}" if fmt != "sparse4x4" else sparse_cuda_status(x)[1]
+    variants = (DOT, DOT_SWAP, LUT, DENSE_SLAB, DOT_PAIRS, MMA_GEMV, CUDA_GATHER, SPARSE_MMA) + GATHER_FWD
     if config is not None:  # a forced GEMV config gets the checks its public launcher makes
         if config[6] not in variants:
             raise ValueError(f"config {config}: its last field (the variant) must be one of {variants} "
@@ -197,11 +197,11 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
             check_mma_config(config)
             if mma_problem():
                 raise ValueError(f"config {config} is the CUDA mma GEMV, which cannot run here: {mma_problem()}")
-        if config[6] == CUDA_GATHER:
-            check_cuda_gather_config(config)
-            if cuda_gather_problem():
-                raise ValueError(f"config {config} is the CUDA gather GEMV, which cannot run here: "
-                                 f"{cuda_gather_problem()}")
+        if config[6] in (CUDA_GATHER, SPARSE_MMA):
+            check_sparse_cuda_config(config)
+            if sparse_cuda_problem():
+                raise ValueError(f"config {config} is a sparse4x4 CUDA GEMV, which cannot run here: "
+                                 f"{sparse_cuda_problem()}")
         if config[6] == DENSE_SLAB:
             check_slab_config(config)
         elif config[6] == LUT:
@@ -215,14 +215,14 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
     def mma():  # offered (LORAQ_CUDA_GEMV=1) and able to run here
         return [] if M > MMA_MAX_M or not cuda_gemv_offered() or mma_problem() else mma_gemv_configs(M)
 
-    def cuda_gather():  # the same for the CUDA gather
-        if M > CUDA_GATHER_MAX_M or not cuda_gemv_offered() or cuda_gather_problem():
+    def sparse_cuda():  # the same for the sparse4x4 CUDA GEMVs
+        if M > SPARSE_CUDA_MAX_M or not cuda_gemv_offered() or sparse_cuda_problem():
             return []
-        return cuda_gather_configs(M)
+        return sparse_cuda_configs(M)
     if lut:
         extra = lambda: lut_configs(M) + (pairs_configs(M) if pairs else []) + mma()  # noqa: E731
     elif gather:
-        extra = lambda: gather_fwd_configs(M) + cuda_gather()  # noqa: E731
+        extra = lambda: gather_fwd_configs(M) + sparse_cuda()  # noqa: E731
     else:  # past 32 rows, the dense slabs too (none before)
         def extra():  # built only when the answer is not cached (a hit is the per-call path)
             used = (R if has_lora else 0) + (bias is not None)

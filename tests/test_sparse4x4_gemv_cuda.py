@@ -1,11 +1,13 @@
-"""The CUDA sparse4x4 gather (csrc/sparse4x4_gemv.cuh, kernels/sparse4x4_gemv_cuda.py): up to 16 rows of x.
+"""The sparse4x4 CUDA GEMVs (csrc/sparse4x4_gemv.cuh, the gather; csrc/sparse4x4_gemv_mma.cuh, on
+tensor cores; kernels/sparse4x4_gemv_cuda.py): up to 16 rows of x.
 
-Off the GPU (CI): the kernel's own per-thread code, compiled for the host with nvcc
-(tests/cuda/sparse4x4_emulate.cu) and run block by block as the GPU would run it, against the
-reference in fp16 and bf16, every rows-of-x instantiation, both load paths, odd shapes and K
-slices; its compile for sm_90 (registers, spills); its configs, its planning and the reasons it
-gives where it cannot run. On a GPU with the extension built (tests marked ``gpu``): the op itself
-against loraq.reference, with LoRA and bias, every config, exactly, and that the tuner offers it.
+Off the GPU (CI): the kernels' own code, compiled for the host with nvcc
+(tests/cuda/sparse4x4_emulate.cu) and run block by block as the GPU would run it (the tensor-core
+kernel's mma computed from the PTX ISA's fragment layout), against the reference in fp16 and
+bf16, every instantiation, both load paths, odd shapes and K slices; their compile for sm_90
+(registers, spills, instructions); their configs, planning and the reasons they give where they
+cannot run. On a GPU with the extension built (tests marked ``gpu``): the op itself against
+loraq.reference, with LoRA and bias, every config, exactly, and that the tuner offers them.
 """
 
 import ctypes
@@ -22,18 +24,20 @@ pytest.importorskip("triton")
 from loraq import reference  # noqa: E402
 from loraq.formats import Sparse4x4Weight  # noqa: E402
 from loraq.kernels import lora_linear_fwd  # noqa: E402
-from loraq.kernels.autotune import CUDA_GATHER, configs_for, describe  # noqa: E402
+from loraq.kernels.autotune import CUDA_GATHER, SPARSE_MMA, configs_for, describe  # noqa: E402
 from loraq.kernels.cuda_ext import SMEM_BUDGET  # noqa: E402
-from loraq.kernels.sparse4x4_gemv_cuda import (CUDA_GATHER_SHAPES, CUDA_GATHER_TASK_INPUTS, WARPS_AN_SM,  # noqa: E402
-                                               check_cuda_gather_config, cuda_gather_configs, cuda_gather_status,
-                                               gather_slices, rows_for, sparse4x4_gemv_cuda)
+from loraq.kernels.sparse4x4_gemv_cuda import (GATHER_TASK_INPUTS, SHAPES, SPARSE_MMA_ROWS,  # noqa: E402
+                                               SPARSE_MMA_TASK_INPUTS, WARPS_AN_SM, check_sparse_cuda_config,
+                                               rows_for, sparse4x4_gemv_cuda, sparse_cuda_configs, sparse_cuda_status,
+                                               sparse_slices)
 from test_triton_kernels import _kernel_args, candidates_passed, check, f64, problem  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import sass_cuda  # noqa: E402
 
-CFG = (1, 1, CUDA_GATHER_TASK_INPUTS, 1, 16, 1, CUDA_GATHER)
+CFG = (1, 1, GATHER_TASK_INPUTS, 1, 16, 1, CUDA_GATHER)
+MMA_CFG = (SPARSE_MMA_ROWS, 1, SPARSE_MMA_TASK_INPUTS, 1, 16, 1, SPARSE_MMA)
 
 
 # --- the kernel's code run on the host ----------------------------------------------------------
@@ -52,7 +56,9 @@ def emulator(tmp_path_factory):
     so = ctypes.CDLL(str(lib))
     so.sparse4x4_emulate.restype = ctypes.c_int
     so.sparse4x4_emulate.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6
-    return so.sparse4x4_emulate
+    so.sparse4x4_mma_emulate.restype = ctypes.c_int
+    so.sparse4x4_mma_emulate.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6
+    return so
 
 
 def aligned(t: torch.Tensor) -> torch.Tensor:
@@ -64,20 +70,25 @@ def aligned(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def emulate(fn, x, w, rows, blocks=2, warps=2, k_split=1, vec=None):
-    """x·Ŵᵀ (fp32) as the kernel computes it, from the host emulation; ``vec`` forces the load
-    path (default: the launcher's choice)."""
+def emulate(lib, x, w, rows, blocks=2, warps=2, k_split=1, vec=None):
+    """x·Ŵᵀ (fp32) as the gather computes it, from the host emulation; ``rows`` of x a block, or
+    ``"mma"`` for the tensor-core kernel; ``vec`` forces the load path (default: the launcher's
+    choice)."""
     M, K = x.shape
     N = w.shape[0]
     values = aligned(w.values.to(x.dtype).contiguous())
     positions = aligned(w.positions.contiguous())
     TK, PW = values.shape[1], positions.shape[1]
     if vec is None:
-        vec = TK % 32 == 0 and PW % 16 == 0
+        vec = TK % 64 == 0 if rows == "mma" else TK % 32 == 0 and PW % 16 == 0
     x = x.contiguous()
     ws = torch.zeros(M, N, dtype=torch.float32)
-    rc = fn(0 if x.dtype == torch.float16 else 1, rows, int(vec), x.data_ptr(), values.data_ptr(),
-            positions.data_ptr(), ws.data_ptr(), M, N, K, blocks, warps, k_split)
+    dtype = 0 if x.dtype == torch.float16 else 1
+    pointers = (x.data_ptr(), values.data_ptr(), positions.data_ptr(), ws.data_ptr())
+    if rows == "mma":
+        rc = lib.sparse4x4_mma_emulate(dtype, int(vec), *pointers, M, N, K, blocks, warps, k_split)
+    else:
+        rc = lib.sparse4x4_emulate(dtype, rows, int(vec), *pointers, M, N, K, blocks, warps, k_split)
     assert rc == 0
     return ws
 
@@ -90,7 +101,7 @@ def reference_check(y32, x, w, name):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("rows", [1, 2, 4, 8])
+@pytest.mark.parametrize("rows", [1, 2, 4, 8, "mma"])
 @pytest.mark.parametrize("M, N, K", [(1, 37, 45), (3, 128, 512), (5, 70, 1000), (8, 9, 4), (13, 256, 1024),
                                      (16, 33, 130)])
 def test_emulated_kernel_matches_reference(emulator, dtype, rows, M, N, K):
@@ -100,18 +111,19 @@ def test_emulated_kernel_matches_reference(emulator, dtype, rows, M, N, K):
     reference_check(emulate(emulator, x, w, rows), x, w, f"rows={rows} {dtype} M={M} N={N} K={K}")
 
 
+@pytest.mark.parametrize("rows", [4, "mma"])
 @pytest.mark.parametrize("vec", [True, False])
 @pytest.mark.parametrize("blocks, warps, k_split", [(1, 1, 1), (3, 1, 1), (2, 2, 3), (1, 4, 7), (5, 3, 40)])
-def test_emulated_work_split_and_load_paths(emulator, vec, blocks, warps, k_split):
+def test_emulated_work_split_and_load_paths(emulator, rows, vec, blocks, warps, k_split):
     """Every split of the work (stream-K runs that start and end inside a row group, slices of
     K) and both load paths (16-byte where the shape allows it, word by word everywhere) give the
     same answer."""
     torch.manual_seed(blocks * 100 + warps * 10 + k_split)
     N, K = (300, 2048) if vec else (301, 2050)
     w = Sparse4x4Weight.from_dense(torch.randn(N, K)).to(torch.float16)
-    x = torch.randn(3, K, dtype=torch.float16)
-    y = emulate(emulator, x, w, 4, blocks, warps, k_split, vec)
-    reference_check(y, x, w, f"vec={vec} blocks={blocks} warps={warps} k_split={k_split}")
+    x = torch.randn(3 if rows == 4 else 11, K, dtype=torch.float16)
+    y = emulate(emulator, x, w, rows, blocks, warps, k_split, vec)
+    reference_check(y, x, w, f"rows={rows} vec={vec} blocks={blocks} warps={warps} k_split={k_split}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -123,8 +135,9 @@ def test_emulated_each_value_lands_in_its_place(emulator, dtype):
     W = torch.randint(-8, 9, (N, K), generator=g).float()
     w = Sparse4x4Weight.from_dense(W).to(dtype)
     x = torch.randint(-4, 5, (5, K), generator=g).to(dtype)
-    y = emulate(emulator, x, w, 8)
-    assert torch.equal(y, (x.double() @ w.dequantize().double().t()).float())
+    exact = (x.double() @ w.dequantize().double().t()).float()
+    assert torch.equal(emulate(emulator, x, w, 8), exact)
+    assert torch.equal(emulate(emulator, x, w, "mma"), exact)
 
 
 def test_emulation_catches_a_wrong_kernel(emulator):
@@ -138,9 +151,9 @@ def test_emulation_catches_a_wrong_kernel(emulator):
     lo, hi = swapped[:, 0::2], swapped[:, 1::2]
     wrong = Sparse4x4Weight(w.values, (lo | (hi << 4)).to(torch.uint8), tuple(w.shape))
     x = torch.randn(2, 256, dtype=torch.float16)
-    y = emulate(emulator, x, wrong, 2)
     ref = x.double() @ w.dequantize().double().t()
-    assert (y.double() - ref).abs().max() > 0.1
+    for rows in (2, "mma"):
+        assert (emulate(emulator, x, wrong, rows).double() - ref).abs().max() > 0.1
 
 
 # --- compiled for Hopper ------------------------------------------------------------------------
@@ -148,17 +161,25 @@ def test_emulation_catches_a_wrong_kernel(emulator):
 
 def test_every_instantiation_compiles_for_hopper_without_spills():
     """nvcc compiles every kernel the launcher can pick for sm_90 with nothing spilled, within the
-    registers that WARPS_AN_SM assumes, and the task loop has four FFMA per stored value and row of
-    x (bench/sass_cuda.py)."""
+    registers that WARPS_AN_SM assumes; the gather's task loop has four FFMA per stored value and
+    row of x, the tensor-core kernel's one HMMA per step and tile of x and at most 1.6 instructions
+    a stored value with 16-byte loads (bench/sass_cuda.py)."""
     if sass_cuda.nvcc() is None:
         pytest.skip("no nvcc on this machine (CUDA_HOME unset and none on PATH)")
-    kernels = sass_cuda.compile_all(kernel="sparse")
-    assert len(kernels) == 16
-    for k in kernels:
+    gather = sass_cuda.compile_all(kernel="sparse")
+    assert len(gather) == 16
+    for k in gather:
         assert k["spill_bytes"] == 0, k
-        if k["vec"]:  # the shapes offered for these rows fit their warps in the register file
-            assert WARPS_AN_SM[k["rows"]] * 32 * -(-k["registers"] // 8) * 8 <= 65536, k
+        assert WARPS_AN_SM[k["rows"]] * 32 * -(-k["registers"] // 8) * 8 <= 65536, k
         assert k["loop"] is not None and k["loop"]["FFMA"] == 4 * 32 * k["rows"], k
+    mma = sass_cuda.compile_all(kernel="sparse_mma")
+    assert len(mma) == 8
+    for k in mma:
+        assert k["spill_bytes"] == 0, k
+        assert WARPS_AN_SM[SPARSE_MMA_ROWS] * 32 * -(-k["registers"] // 8) * 8 <= 65536, k
+        assert k["loop"] is not None and k["loop"]["HMMA"] == 32 * k["tiles"], k
+        if k["vec"]:
+            assert sum(k["loop"].values()) <= 1.6 * 512, k
 
 
 # --- planning, configs and refusals (CPU) -------------------------------------------------------
@@ -168,40 +189,60 @@ def test_every_instantiation_compiles_for_hopper_without_spills():
 @pytest.mark.parametrize("K", [1, 127, 128, 1000, 4096, 14336, 28672])
 @pytest.mark.parametrize("bps", [1, 3])
 @pytest.mark.parametrize("at_least", [1, 5])
-def test_slices_cover_k_and_fit_the_shared_memory(rows, K, bps, at_least):
-    slices = gather_slices(rows, K, bps, at_least)
-    tasks = -(-K // CUDA_GATHER_TASK_INPUTS)
+def test_gather_slices_cover_k_and_fit_the_shared_memory(rows, K, bps, at_least):
+    slices = sparse_slices(rows, rows, K, bps, at_least)
+    tasks = -(-K // GATHER_TASK_INPUTS)
     per_tiles = -(-(-(-(-(-K // 4)) // slices)) // 32) * 32  # the kernel's slice_tiles_for
     assert 1 <= slices <= tasks and -(-(-(-K // 4)) // per_tiles) == slices
-    assert bps * rows * per_tiles * 4 * 4 <= SMEM_BUDGET
+    assert bps * (rows * per_tiles * 4 * 4 + 1024) <= SMEM_BUDGET
 
 
-def test_slices_raise_when_one_task_does_not_fit():
+@pytest.mark.parametrize("M", [1, 8, 9, 16])
+@pytest.mark.parametrize("K", [1, 511, 512, 1000, 4096, 14336, 28672])
+@pytest.mark.parametrize("bps", [1, 3])
+def test_mma_slices_cover_k_and_fit_the_shared_memory(M, K, bps):
+    slices = sparse_slices(SPARSE_MMA_ROWS, M, K, bps)
+    per_tiles = -(-(-(-(-(-K // 4)) // slices)) // 128) * 128  # the kernel's slice_tiles_for
+    assert -(-(-(-K // 4)) // per_tiles) == slices
+    tile_rows = 8 if M <= 8 else 16
+    assert bps * (tile_rows * (per_tiles * 4 * 2 + 32) + 1024) <= SMEM_BUDGET  # the launcher's smem
+
+
+def test_slices_raise_when_one_task_does_not_fit_and_follow_the_device_limits():
     with pytest.raises(ValueError, match="8 rows of x do not fit"):
-        gather_slices(8, 4096, 64)
+        sparse_slices(8, 8, 4096, 64)
+    # an sm_86-like GPU (99 KiB a block, 100 KiB an SM less 16 for L1): 8 fp32 rows of 4096 inputs
+    # (128 KiB) take 2 slices there, 1 on an H100-like budget
+    assert sparse_slices(8, 8, 4096, 1) == 1
+    assert sparse_slices(8, 8, 4096, 1, limits=(99 * 1024, 84 * 1024)) == 2
 
 
 def test_rows_and_configs():
     assert [rows_for(M) for M in (1, 2, 3, 4, 5, 8, 9, 16)] == [1, 2, 4, 4, 8, 8, 8, 8]
     for M in (1, 2, 3, 8, 16):
-        configs = cuda_gather_configs(M)
-        assert configs and all(c[0] == rows_for(M) and c[6] == CUDA_GATHER for c in configs)
+        configs = sparse_cuda_configs(M)
+        gather = [c for c in configs if c[6] == CUDA_GATHER]
+        mma = [c for c in configs if c[6] == SPARSE_MMA]
+        assert gather and mma and len(gather) + len(mma) == len(configs)
+        assert all(c[0] == rows_for(M) for c in gather) and all(c[0] == SPARSE_MMA_ROWS for c in mma)
         for cfg in configs:
-            check_cuda_gather_config(cfg)
-            assert cfg[1] * cfg[4] <= WARPS_AN_SM[cfg[0]] and (cfg[1], cfg[4]) in CUDA_GATHER_SHAPES
-            assert "CUDA gather GEMV" in describe(cfg)
+            check_sparse_cuda_config(cfg)
+            assert cfg[1] * cfg[4] <= WARPS_AN_SM[cfg[0]] and (cfg[1], cfg[4]) in SHAPES
+            assert ("CUDA gather GEMV" if cfg[6] == CUDA_GATHER else "CUDA sparse mma GEMV") in describe(cfg)
     with pytest.raises(ValueError, match="1 to 16 rows"):
-        cuda_gather_configs(17)
-    for bad, match in [((1, 1, 128, 1, 16, 1, 2), "not a CUDA gather config"), ((3, 1, 128, 1, 16, 1, CUDA_GATHER), "one of"),
-                       ((1, 1, 256, 1, 16, 1, CUDA_GATHER), "fixed"), ((1, 0, 128, 1, 16, 1, CUDA_GATHER), "≥ 1"),
-                       ((1, 1, 128, 1, 17, 1, CUDA_GATHER), "warps 1 to 16")]:
+        sparse_cuda_configs(17)
+    G, T = CUDA_GATHER, GATHER_TASK_INPUTS
+    for bad, match in [((1, 1, T, 1, 16, 1, 2), "not a sparse4x4 CUDA GEMV config"), ((3, 1, T, 1, 16, 1, G), "one of"),
+                       ((16, 1, T, 1, 16, 1, G), "one of"), ((8, 1, SPARSE_MMA_TASK_INPUTS, 1, 16, 1, SPARSE_MMA), "one of"),
+                       ((1, 1, 256, 1, 16, 1, G), "fixed"), ((16, 1, T, 1, 16, 1, SPARSE_MMA), "fixed"),
+                       ((1, 0, T, 1, 16, 1, G), "≥ 1"), ((1, 1, T, 1, 17, 1, G), "warps 1 to 16")]:
         with pytest.raises(ValueError, match=match):
-            check_cuda_gather_config(bad)
+            check_sparse_cuda_config(bad)
 
 
-def gather_offered(x, w, *lora_bias) -> bool:
-    """Whether the forward launcher passes CUDA gather candidates to the tuner for this call (the
-    tuner itself is replaced: it returns the first tiled config, which then runs)."""
+def sparse_cuda_offered(x, w, *lora_bias) -> bool:
+    """Whether the forward launcher passes sparse4x4 CUDA candidates to the tuner for this call
+    (the tuner itself is replaced: it returns the first tiled config, which then runs)."""
     fwd = importlib.import_module("loraq.kernels.lora_linear_fwd")
     seen = []
 
@@ -215,29 +256,33 @@ def gather_offered(x, w, *lora_bias) -> bool:
     finally:
         fwd.pick_config = real
     assert seen
-    return any(c[6] == CUDA_GATHER for c in seen)
+    return {CUDA_GATHER, SPARSE_MMA} <= {c[6] for c in seen}
 
 
 def test_status_and_refusals_off_the_gpu(monkeypatch):
-    """Forced, it raises with the reason before anything runs; tuned, it is not among the
+    """Forced, they raise with the reason before anything runs; tuned, they are not among the
     candidates on the CPU (nor anywhere the extension is missing)."""
-    ok, why = cuda_gather_status(torch.zeros(1, 64, dtype=torch.float16))
-    assert not ok and "CUDA kernel" in why
+    ok, why = sparse_cuda_status(torch.zeros(1, 64, dtype=torch.float16))
+    assert not ok and "CUDA kernels" in why
     w, x, A, B, b = problem("sparse4x4", torch.float16, 2, 37, 300, device="cpu")
     tensors, meta = _kernel_args(w)
-    with pytest.raises(ValueError, match="CUDA gather GEMV, which cannot run here: .*CUDA kernel"):
-        lora_linear_fwd(x, "sparse4x4", tensors, meta, A, B, 0.5, b, config=CFG)
-    with pytest.raises(ValueError, match="CUDA kernel"):
-        sparse4x4_gemv_cuda(x, tensors, meta, A, B, 0.5, b)
+    for cfg in (CFG, MMA_CFG):
+        with pytest.raises(ValueError, match="sparse4x4 CUDA GEMV, which cannot run here: .*CUDA kernels"):
+            lora_linear_fwd(x, "sparse4x4", tensors, meta, A, B, 0.5, b, config=cfg)
+    for kernel in ("gather", "mma"):
+        with pytest.raises(ValueError, match="CUDA kernels"):
+            sparse4x4_gemv_cuda(x, tensors, meta, A, B, 0.5, b, kernel=kernel)
+    with pytest.raises(ValueError, match="'gather' or 'mma'"):
+        sparse4x4_gemv_cuda(x, tensors, meta, kernel="dense")
     i = problem("int1", torch.float16, 2, 37, 300, device="cpu")[0]
     with pytest.raises(ValueError, match="it takes a sparse4x4 weight, got int1"):
         lora_linear_fwd(x, "int1", *_kernel_args(i), A, B, 0.5, b, config=CFG)
-    monkeypatch.setenv("LORAQ_CUDA_GEMV", "1")  # offered, but it cannot run here
-    assert not gather_offered(x, w, A, B, 0.5, b)
+    monkeypatch.setenv("LORAQ_CUDA_GEMV", "1")  # offered, but they cannot run here
+    assert not sparse_cuda_offered(x, w, A, B, 0.5, b)
     if torch.cuda.is_available():
         cuda = torch.zeros(1, 64, dtype=torch.float16, device="cuda")
-        assert "float16 or bfloat16" in cuda_gather_status(cuda.float())[1]
-        assert "1 to 16 rows" in cuda_gather_status(torch.zeros(17, 64, dtype=torch.float16, device="cuda"))[1]
+        assert "float16 or bfloat16" in sparse_cuda_status(cuda.float())[1]
+        assert "1 to 16 rows" in sparse_cuda_status(torch.zeros(17, 64, dtype=torch.float16, device="cuda"))[1]
 
 
 # --- on a GPU, with the extension built -------------------------------------------------------
@@ -246,74 +291,84 @@ def test_status_and_refusals_off_the_gpu(monkeypatch):
 def _needs_kernel():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    ok, why = cuda_gather_status(torch.zeros(1, 32, dtype=torch.float16, device="cuda"))
+    ok, why = sparse_cuda_status(torch.zeros(1, 32, dtype=torch.float16, device="cuda"))
     if not ok:
         pytest.skip(why)
 
 
-def run_gather(dtype, M, N, K, cfg=None, lora=True, bias=True, scaling=0.5):
+def run_kernel(kernel, dtype, M, N, K, cfg=None, lora=True, bias=True, scaling=0.5):
     w, x, A, B, b = problem("sparse4x4", dtype, M, N, K, r=5, lora=lora, bias=bias)
     tensors, meta = _kernel_args(w)
-    cfg = cfg or cuda_gather_configs(M)[0]
+    cfg = cfg or next(c for c in sparse_cuda_configs(M) if c[6] == kernel)
     y = lora_linear_fwd(x, "sparse4x4", tensors, meta, A, B, scaling, b, config=cfg)
     assert y.shape == (M, N) and y.dtype == dtype
     check(y, reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), scaling, f64(b)),
-          reference.lora_linear_ref(x, w, A, B, scaling, b), f"cuda gather {dtype} M={M} N={N} K={K} {cfg}")
+          reference.lora_linear_ref(x, w, A, B, scaling, b), f"sparse4x4 CUDA {dtype} M={M} N={N} K={K} {cfg}")
+
+
+KERNELS = [CUDA_GATHER, SPARSE_MMA]
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("M", [1, 2, 3, 8, 9, 16])
 @pytest.mark.parametrize("N, K", [(37, 300), (1000, 1000), (77, 4100), (4096, 4096), (300, 14336), (28672, 512)])
-def test_matches_reference(dtype, M, N, K):
+def test_matches_reference(kernel, dtype, M, N, K):
     _needs_kernel()
-    run_gather(dtype, M, N, K)
+    run_kernel(kernel, dtype, M, N, K)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", CUDA_GATHER_SHAPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("k_split", [1, 3, 40])
-@pytest.mark.parametrize("rows, M", [(1, 1), (2, 2), (4, 3), (8, 5), (8, 16), (1, 4)])
+@pytest.mark.parametrize("rows, M", [(1, 1), (2, 2), (4, 3), (8, 5), (8, 16), (1, 4), (16, 1), (16, 9), (16, 16)])
 def test_every_shape_split_and_rows(shape, k_split, rows, M):
     _needs_kernel()
     bps, warps = shape
-    run_gather(torch.float16, M, 333, 2100, (rows, bps, CUDA_GATHER_TASK_INPUTS, k_split, warps, 1, CUDA_GATHER))
+    mma = rows == SPARSE_MMA_ROWS
+    cfg = (rows, bps, SPARSE_MMA_TASK_INPUTS if mma else GATHER_TASK_INPUTS, k_split, warps, 1,
+           SPARSE_MMA if mma else CUDA_GATHER)
+    run_kernel(cfg[6], torch.float16, M, 333, 2100, cfg)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("lora_bias", [(True, True), (False, False), (True, False), (False, True)],
                          ids=["lora+bias", "plain", "lora", "bias"])
 @pytest.mark.parametrize("M", [1, 2, 7, 12])
-def test_with_and_without_lora_and_bias(lora_bias, M):
+def test_with_and_without_lora_and_bias(kernel, lora_bias, M):
     _needs_kernel()
-    run_gather(torch.bfloat16, M, 513, 1027, lora=lora_bias[0], bias=lora_bias[1])
+    run_kernel(kernel, torch.bfloat16, M, 513, 1027, lora=lora_bias[0], bias=lora_bias[1])
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_each_value_lands_in_its_place(dtype):
+def test_each_value_lands_in_its_place(kernel, dtype):
     """Exact on the GPU: integer x and values, every sum exact in fp32."""
     _needs_kernel()
     g = torch.Generator().manual_seed(5)
     N, K = 1000, 2048
     w = Sparse4x4Weight.from_dense(torch.randint(-8, 9, (N, K), generator=g).float()).to(dtype).to("cuda")
-    x = torch.randint(-4, 5, (6, K), generator=g).to(dtype).to("cuda")
+    x = torch.randint(-4, 5, (12, K), generator=g).to(dtype).to("cuda")
     tensors, meta = _kernel_args(w)
-    for M in (1, 6):
-        y = lora_linear_fwd(x[:M], "sparse4x4", tensors, meta, config=cuda_gather_configs(M)[0])
+    for M in (1, 6, 12):
+        cfg = next(c for c in sparse_cuda_configs(M) if c[6] == kernel)
+        y = lora_linear_fwd(x[:M], "sparse4x4", tensors, meta, config=cfg)
         exact = (x[:M].double() @ w.dequantize().double().t()).to(dtype)
         assert torch.equal(y, exact), f"M={M}"
 
 
 @pytest.mark.gpu
-def test_the_tuner_offers_it_up_to_16_rows(monkeypatch):
+def test_the_tuner_offers_them_up_to_16_rows(monkeypatch):
     """With the extension built and LORAQ_CUDA_GEMV=1, a sparse4x4 forward of up to 16 rows (fp16)
-    times it among the others; without the variable, it does not."""
+    times both kernels among the others; without the variable, it does not."""
     _needs_kernel()
     w, x, A, B, b = problem("sparse4x4", torch.float16, 16, 64, 512)
     monkeypatch.setenv("LORAQ_CUDA_GEMV", "1")
-    assert gather_offered(x, w, A, B, 0.5, b) and gather_offered(x[:1], w)
-    assert not gather_offered(torch.cat([x, x[:1]]), w, A, B, 0.5, b)  # 17 rows
-    assert not gather_offered(x.float(), w)
+    assert sparse_cuda_offered(x, w, A, B, 0.5, b) and sparse_cuda_offered(x[:1], w)
+    assert not sparse_cuda_offered(torch.cat([x, x[:1]]), w, A, B, 0.5, b)  # 17 rows
+    assert not sparse_cuda_offered(x.float(), w)
     monkeypatch.delenv("LORAQ_CUDA_GEMV")
-    assert not gather_offered(x[:3], w, A, B, 0.5, b)  # opt-in
+    assert not sparse_cuda_offered(x[:3], w, A, B, 0.5, b)  # opt-in

@@ -5,10 +5,13 @@
 // memory", then every lane of every warp's run of tasks (the lanes never talk to each other;
 // the device's atomics are plain adds here). The per-thread code is the kernel's own.
 #include <stdint.h>
+#include <string.h>
 
 #include <vector>
 
 #include "../../csrc/sparse4x4_gemv.cuh"
+
+namespace gather_emu {
 
 using namespace loraq_sparse;
 
@@ -42,12 +45,15 @@ static int by_rows(int rows, const Args& a, int blocks, int warps, int k_split) 
   return 1;
 }
 
+}  // namespace gather_emu
+
 // ws [M, N] fp32 gets x·Ŵᵀ added. dtype 0: fp16, 1: bf16 (x and values). Returns 0, or 1 for bad
 // arguments. The slice plan is the launcher's.
 extern "C" int sparse4x4_emulate(int dtype, int rows, int vec, const void* x, const uint16_t* values,
                                  const uint8_t* positions, float* ws, int M, int N, int K, int blocks, int warps,
                                  int k_split) {
-  Args a{};
+  using gather_emu::by_rows;
+  loraq_sparse::Args a{};
   a.x = x;
   a.values = values;
   a.positions = positions;
@@ -58,12 +64,154 @@ extern "C" int sparse4x4_emulate(int dtype, int rows, int vec, const void* x, co
   a.TN = (N + 3) / 4;
   a.TK = (K + 3) / 4;
   a.PW = (a.TK + 1) / 2;
+  a.out4 = N % 4 == 0;  // ws from torch.zeros: aligned
   if (M < 1 || K < 1 || k_split < 1 || blocks < 1 || warps < 1) return 1;
-  a.slice_tiles = slice_tiles_for(a.TK, k_split < a.TK ? k_split : a.TK);
+  a.slice_tiles = loraq_sparse::slice_tiles_for(a.TK, k_split < a.TK ? k_split : a.TK);
   if (dtype == 0)
     return vec ? by_rows<__half, true>(rows, a, blocks, warps, k_split) : by_rows<__half, false>(rows, a, blocks, warps, k_split);
   if (dtype == 1)
     return vec ? by_rows<__nv_bfloat16, true>(rows, a, blocks, warps, k_split)
                : by_rows<__nv_bfloat16, false>(rows, a, blocks, warps, k_split);
+  return 1;
+}
+
+// --- the tensor-core kernel (csrc/sparse4x4_gemv_mma.cuh) -----------------------------------------
+//
+// A warp's tasks as the kernel runs them: per mma step, every lane builds its A registers
+// (a_regs, the kernel's decode) and reads its B registers from the shared copy of x (x_unit,
+// the kernel's layout); the mma itself is computed here from the PTX ISA's fragment layout for
+// m16n8k16 (A rows {g, g+8, g, g+8} at columns {2t, 2t, 2t+8, 2t+8}; B column g at rows {2t, 2t+8};
+// C rows {g, g, g+8, g+8} at columns {2t, 2t+1, 2t, 2t+1}).
+
+#include "../../csrc/sparse4x4_gemv_mma.cuh"
+
+namespace mma_emu {
+
+using namespace loraq_sparse_mma;
+
+template <typename T>
+float half_at(uint32_t pair, int h) {
+  const uint16_t bits = (uint16_t)(h ? pair >> 16 : pair & 0xFFFFu);
+  T v;
+  memcpy(&v, &bits, 2);
+  return loraq_gemv::to_float(v);
+}
+
+// D[16 x 8] += A·B from the 32 lanes' registers.
+template <typename T>
+void mma(float (&acc)[32][4], const uint32_t (&fa)[32][4], const uint32_t (&fb)[32][2]) {
+  float A[16][16], B[16][8];
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane >> 2, t = lane & 3;
+    for (int e = 0; e < 8; ++e) {  // a0..a7: register e / 2, half e % 2
+      const int row = g + ((e == 2 || e == 3 || e == 6 || e == 7) ? 8 : 0);
+      const int col = 2 * t + (e & 1) + (e >= 4 ? 8 : 0);
+      A[row][col] = half_at<T>(fa[lane][e >> 1], e & 1);
+    }
+    for (int e = 0; e < 4; ++e) B[2 * t + (e & 1) + (e >= 2 ? 8 : 0)][g] = half_at<T>(fb[lane][e >> 1], e & 1);
+  }
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane >> 2, t = lane & 3;
+    for (int e = 0; e < 4; ++e) {
+      const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e & 1);
+      float s = 0.f;
+      for (int k = 0; k < 16; ++k) s += A[row][k] * B[k][col];
+      acc[lane][e] += s;
+    }
+  }
+}
+
+template <typename T, bool VEC, int NT>
+void emulate(const Args& a, int blocks, int warps) {
+  const int slices = (a.TK + a.slice_tiles - 1) / a.slice_tiles;
+  for (int sl = 0; sl < slices; ++sl) {
+    const int tile0 = sl * a.slice_tiles;
+    const int tiles = a.TK - tile0 < a.slice_tiles ? a.TK - tile0 : a.slice_tiles;
+    const int chunks = (tiles + kTaskTiles - 1) / kTaskTiles;
+    const int row_units = chunks * kSteps * 4 + kRowPadUnits;
+    std::vector<uint32_t> xs((size_t)2 * NT * kTileRows * row_units, 0xFFFFFFFFu);  // NaNs where nothing is filled
+    for (int b = 0; b < blocks; ++b) {
+      for (int tid = 0; tid < 32 * warps; ++tid)
+        fill_x<T>(a, xs.data(), 4 * tile0, chunks * kTaskInputs, row_units, NT * kTileRows, tid, 32 * warps);
+      for (int w = 0; w < warps; ++w) {
+        const int64_t warp = (int64_t)b * warps + w, total = (int64_t)blocks * warps;
+        const int64_t tasks = (int64_t)((a.N + kTaskRows - 1) / kTaskRows) * chunks;
+        const int64_t first = warp * tasks / total;
+        const int count = (int)((warp + 1) * tasks / total - first);
+        float acc[NT][32][4] = {};
+        for (int i = 0; i < count; ++i) {
+          const int rg = (int)((first + i) / chunks), c = (int)((first + i) % chunks);
+          uint32_t fa[kSteps][32][4];
+          for (int lane = 0; lane < 32; ++lane) {
+            const int g = lane >> 2, t = lane & 3;
+            uint32_t val[2][kSteps / 2], pos[2][kSteps / 8], pwx[2][kSteps / 8];
+            load_task<VEC>(a, 4 * rg + g / 4, tile0 + kSteps * t + c * kTaskTiles, val, pos);
+            for (int j = 0; j < 2; ++j)
+              for (int q = 0; q < kSteps / 8; ++q) pwx[j][q] = pos[j][q] ^ row_mask(g);
+            for (int s = 0; s < kSteps; ++s) a_regs(val, pwx, s, fa[s][lane]);
+          }
+          for (int s = 0; s < kSteps; ++s)
+            for (int tile = 0; tile < NT; ++tile) {
+              uint32_t fb[32][2];
+              for (int lane = 0; lane < 32; ++lane) {
+                const int g = lane >> 2, t = lane & 3;
+                const uint32_t* u = xs.data() + 2 * x_unit(tile * kTileRows + g, row_units, c, s, t);
+                fb[lane][0] = u[0];
+                fb[lane][1] = u[1];
+              }
+              mma<T>(acc[tile], fa[s], fb);
+            }
+          const bool last = i == count - 1 || (first + i + 1) / chunks != rg;
+          if (!last) continue;
+          for (int lane = 0; lane < 32; ++lane) {  // the kernel's flush
+            const int g = lane >> 2, t = lane & 3, n0 = rg * kTaskRows + g, n1 = n0 + 8;
+            for (int tile = 0; tile < NT; ++tile)
+              for (int e = 0; e < 2; ++e) {
+                const int m = tile * kTileRows + 2 * t + e;
+                if (m < a.M) {
+                  if (n0 < a.N) a.ws[(int64_t)m * a.N + n0] += acc[tile][lane][e];
+                  if (n1 < a.N) a.ws[(int64_t)m * a.N + n1] += acc[tile][lane][2 + e];
+                }
+                acc[tile][lane][e] = acc[tile][lane][2 + e] = 0.f;
+              }
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace mma_emu
+
+// The tensor-core kernel's sums added into ws [M, N] (M ≤ 16). dtype 0: fp16, 1: bf16.
+extern "C" int sparse4x4_mma_emulate(int dtype, int vec, const void* x, const uint16_t* values,
+                                     const uint8_t* positions, float* ws, int M, int N, int K, int blocks, int warps,
+                                     int k_split) {
+  loraq_sparse::Args a{};
+  a.x = x;
+  a.values = values;
+  a.positions = positions;
+  a.ws = ws;
+  a.M = M;
+  a.N = N;
+  a.K = K;
+  a.TN = (N + 3) / 4;
+  a.TK = (K + 3) / 4;
+  a.PW = (a.TK + 1) / 2;
+  if (M < 1 || M > loraq_sparse_mma::kMaxRows || K < 1 || k_split < 1 || blocks < 1 || warps < 1) return 1;
+  a.slice_tiles = loraq_sparse_mma::slice_tiles_for(a.TK, k_split < a.TK ? k_split : a.TK);
+  const bool two = M > loraq_sparse_mma::kTileRows;
+  if (dtype == 0) {
+    if (vec) two ? mma_emu::emulate<__half, true, 2>(a, blocks, warps) : mma_emu::emulate<__half, true, 1>(a, blocks, warps);
+    else two ? mma_emu::emulate<__half, false, 2>(a, blocks, warps) : mma_emu::emulate<__half, false, 1>(a, blocks, warps);
+    return 0;
+  }
+  if (dtype == 1) {
+    if (vec) two ? mma_emu::emulate<__nv_bfloat16, true, 2>(a, blocks, warps)
+                 : mma_emu::emulate<__nv_bfloat16, true, 1>(a, blocks, warps);
+    else two ? mma_emu::emulate<__nv_bfloat16, false, 2>(a, blocks, warps)
+             : mma_emu::emulate<__nv_bfloat16, false, 1>(a, blocks, warps);
+    return 0;
+  }
   return 1;
 }
