@@ -7,6 +7,12 @@ host), then a cProfile of the public entry.
 
     python bench/profile_host.py [--format int1] [--K 4096 --N 4096 --M 1]
     python bench/profile_host.py --stub --K 64 --N 64     # the layer's own Python, any CPU
+    python bench/profile_host.py --stub-kernels           # all of loraq's Python, any CPU
+
+``--stub-kernels`` runs the whole stack (``LoraLinear`` down to the launchers) on CPU tensors with
+every Triton launch replaced by a no-op and the tuner by the GPU's cached-hit lookup: the host
+time loraq adds before the GPU's launches, measured without a GPU (Triton's own launch cost is
+not in it).
 """
 
 from __future__ import annotations
@@ -60,9 +66,14 @@ def main(argv=None) -> int:
     p.add_argument("--stub", action="store_true",
                    help="replace ops.lora_linear by a stub that returns a fixed tensor: what LoraLinear's "
                         "own Python costs (measurable on any CPU)")
+    p.add_argument("--stub-kernels", action="store_true",
+                   help="run every layer of the stack on the CPU with the Triton launches stubbed out: "
+                        "loraq's own Python down to the launch (measurable on any CPU)")
     args = p.parse_args(argv)
     if args.stub:
         return stub_layer(args)
+    if args.stub_kernels:
+        return stub_kernels(args)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dt = torch.float16 if dev.type == "cuda" else torch.float32
     W = torch.randn(args.N, args.K) / args.K**0.5
@@ -116,6 +127,80 @@ def stub_layer(args) -> int:
         print(f"  {'LoraLinear forward + autograd graph':<40} {host_us(lambda: layer(x)):8.1f} µs")
     finally:
         autograd.ops.lora_linear = real
+    return 0
+
+
+def stub_kernels(args) -> int:
+    """Host time of each layer of the stack on CPU tensors, every Triton launch a no-op (counted)
+    and the tuner answering as on a GPU after the first call (one dict lookup): the Python that
+    loraq runs before the GPU's launches. The config is the first GEMV candidate at up to 16 rows
+    (what the H100 picked), else the first tiled one."""
+    import importlib
+    import os
+
+    from triton.runtime.jit import JITFunction
+
+    fwd_mod = importlib.import_module("loraq.kernels.lora_linear_fwd")
+    launches = []
+    # the kernels are JITFunctions, or InterpretedFunctions where TRITON_INTERPRET=1 held at import
+    kinds = [JITFunction]
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+        kinds.append(InterpretedFunction)
+    except ImportError:
+        pass
+    real_runs, real_pick = [k.run for k in kinds], fwd_mod.pick_config
+    picked = {}
+
+    def pick(op, M, N, K, dtype, device, run, bench=None, extra=None):
+        key = (op, M, N, K, dtype, device.index)
+        hit = picked.get(key)
+        if hit is None:
+            more = list((extra() if callable(extra) else extra) or [])
+            hit = picked[key] = more[0] if more and M <= 16 else real_pick(op, M, N, K, dtype, device, run)
+        return hit
+
+    for kind in kinds:
+        kind.run = lambda self, *a, **k: launches.append(self.fn.__name__)
+    fwd_mod.pick_config = pick
+    was = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"  # lets the triton backend take CPU tensors; the kernels are JITFunctions
+    try:
+        dt = torch.float16
+        W = torch.randn(args.N, args.K) / args.K**0.5
+        w = compress_weight(W, args.format).to(dt)
+        x = torch.randn(args.M, args.K, dtype=dt)
+        A = torch.randn(args.rank, args.K, dtype=dt) / args.K**0.5
+        B = torch.randn(args.N, args.rank, dtype=dt)
+        layer = lnn.LoraLinear(w, rank=args.rank, backend="triton").to(dt)
+        from loraq.custom_ops import _meta
+
+        rows = [("kernels.lora_linear_fwd (launcher)",
+                 lambda: fwd_mod.lora_linear_fwd(x, args.format, w.tensors(), _meta(w), A, B, 2.0)),
+                ("ops.lora_linear (triton)", lambda: ops.lora_linear(x, w, A, B, 2.0, backend="triton")),
+                ("LoraLinear forward, no grad", lambda: without_grad(layer, x))]
+        launches.clear()
+        rows[0][1]()
+        print(f"cpu; {args.format} K={args.K} N={args.N} M={args.M} fp16; Triton launches stubbed "
+              f"({', '.join(launches)}; config {next(iter(picked.values()))})")
+        for name, fn in rows:
+            print(f"  {name:<40} {host_us(fn):8.1f} µs host per call")
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(200):
+            without_grad(layer, x)
+        prof.disable()
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(14)
+        print(s.getvalue())
+    finally:
+        for kind, run in zip(kinds, real_runs):
+            kind.run = run
+        fwd_mod.pick_config = real_pick
+        if was is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = was
     return 0
 
 

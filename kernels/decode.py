@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .host_math import cdiv
+
 SCALE_ROW, SCALE_GROUP, SCALE_ONEBIT = 0, 1, 2
 W_FP16, W_BF16, W_FP32 = 0, 1, 2  # the dtype a kernel decodes Ŵ to (that of its tl.dot)
 
@@ -296,15 +298,18 @@ def lora_in_dtype(x: torch.Tensor, lora_A, lora_B):
     """``(A, B)`` in ``x``'s dtype (the same tensors when it already is), or ``(None, None)``."""
     if lora_A is None:
         return None, None
-    return lora_A.to(x.dtype), lora_B.to(x.dtype)
+    dt = x.dtype
+    if lora_A.dtype == dt and lora_B.dtype == dt:  # the usual case: skip two .to() calls (host time)
+        return lora_A, lora_B
+    return lora_A.to(dt), lora_B.to(dt)
 
 
 def split_plan(total: int, block: int, split: int) -> Tuple[int, int]:
     """``(programs, length per program)`` to split a reduction of ``total`` into at most ``split``
     slices of whole ``block``s (slice starts stay aligned to the block, hence to int1 words)."""
-    split = max(1, min(split, triton.cdiv(total, block)))
-    per = triton.cdiv(triton.cdiv(total, split), block) * block
-    return triton.cdiv(total, per), per
+    split = max(1, min(split, cdiv(total, block)))
+    per = cdiv(cdiv(total, split), block) * block
+    return cdiv(total, per), per
 
 
 def output_buffer(rows: int, cols: int, like: torch.Tensor, split: int) -> torch.Tensor:

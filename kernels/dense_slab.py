@@ -44,6 +44,7 @@ import triton.language as tl
 
 from .autotune import SLAB_MERGE, SLAB_OUTPUT_FIRST, SLAB_WIDEN
 from .decode import _dot, _int1_group_scale, _int1_signs, _sparse4x4_tile, interpreter_upcast, use_asm
+from .host_math import cdiv, next_pow2
 
 
 @triton.jit
@@ -166,8 +167,8 @@ def decode_slab(out, fmt: str, ptrs, ints, scale_mode: int, N: int, K: int, n0: 
     if ext < R + (bias is not None):
         raise ValueError(f"out has {ext} {'columns' if lora_cols else 'rows'} past the slab, fewer than the "
                          f"{R + (bias is not None)} that the LoRA factor and bias need")
-    grid = (triton.cdiv(rows, bn) + (1 if ext and not lora_cols else 0),
-            triton.cdiv(cols, bk) + (1 if ext and lora_cols else 0))
+    grid = (cdiv(rows, bn) + (1 if ext and not lora_cols else 0),
+            cdiv(cols, bk) + (1 if ext and lora_cols else 0))
     if merge is None:
         mA = mB = out  # placeholders
     else:
@@ -179,7 +180,7 @@ def decode_slab(out, fmt: str, ptrs, ints, scale_mode: int, N: int, K: int, n0: 
         FORMAT=0 if fmt == "int1" else 1, SCALE=scale_mode, LORA_COLS=lora_cols, HAS_BIAS=bias is not None,
         ASM=use_asm(), MERGE=merge is not None, IEEE=out.dtype == torch.float32,
         UPCAST=interpreter_upcast(out.dtype), BLOCK_N=bn, BLOCK_K=bk,
-        BLOCK_E=max(16, triton.next_power_of_2(max(ext, 1))), BLOCK_R=16 if R <= 16 else 32, num_warps=num_warps,
+        BLOCK_E=max(16, next_pow2(max(ext, 1))), BLOCK_R=16 if R <= 16 else 32, num_warps=num_warps,
     )
     return out
 

@@ -25,6 +25,7 @@ import triton.language as tl
 from .autotune import LUT
 from .decode import interpreter_upcast, lora_in_dtype, weight_args
 from .splitk_finish import XA_BLOCK_K, _store_xa_part, run_split
+from .host_math import cdiv, block_r
 
 
 @triton.jit
@@ -139,13 +140,13 @@ def launch_lut(x, ptrs, ints, mode, N, lora_A, lora_B, scaling, bias, cfg):
     has_lora = lora_A is not None
     A = lora_A if has_lora else x  # an unused placeholder without LoRA
     R = lora_A.shape[0] if has_lora else 1
-    grid = (triton.cdiv(N, block_n), triton.cdiv(K, chunk_k), triton.cdiv(M, rows))
+    grid = (cdiv(N, block_n), cdiv(K, chunk_k), cdiv(M, rows))
 
     def launch(ws, parts):
         _int1_gemv_lut_kernel[grid](
             x, packed, scale, col, A, parts if has_lora else ws, ws,
             M, N, K, KW, G, group, R, x.stride(0), A.stride(0),
-            SCALE=mode, HAS_LORA=has_lora, BLOCK_R=max(16, triton.next_power_of_2(R)),
+            SCALE=mode, HAS_LORA=has_lora, BLOCK_R=block_r(R),
             UPCAST=interpreter_upcast(x.dtype), ROWS=rows, BLOCK_N=block_n, CHUNK_K=chunk_k, BITS=bits,
             num_warps=num_warps, num_stages=num_stages,
         )

@@ -35,6 +35,7 @@ from .decode import (SCALE_GROUP, _dot, _int1_group_scale, _int1_sign_pairs, _in
                      decode_dtype, interpreter_upcast, lora_in_dtype, lora_prologue, output_buffer, pair_ones, split_plan, use_asm,
                      weight_args)
 from .splitk_finish import XA_BLOCK_K, _store_xa_part, run_split
+from .host_math import cdiv, block_r
 
 INT1, SPARSE4X4 = 0, 1
 
@@ -148,7 +149,7 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
             return slab_forward(x, fmt, ptrs, ints, scale_mode, N, A, B, scaling, bias, cfg)
         bm, bn, bk, split, warps, stages, swap = cfg
         split, k_per_split = split_plan(K, bk, split)
-        grid = (triton.cdiv(M, bm), triton.cdiv(N, bn), split)
+        grid = (cdiv(M, bm), cdiv(N, bn), split)
 
         def launch(y, parts, xa):
             xa_arg, b_arg = (xa, B) if xa is not None else (x, x)  # unused placeholders
@@ -159,7 +160,7 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
                 x.stride(0), y.stride(0), xa_arg.stride(0), b_arg.stride(0), a_arg.stride(0), R, pair_ones(x.dtype),
                 FORMAT=INT1 if fmt == "int1" else SPARSE4X4, SCALE=scale_mode, HAS_LORA=has_lora,
                 HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, UPCAST=interpreter_upcast(x.dtype),
-                WDT=decode_dtype(x.dtype), BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_M=bm, BLOCK_N=bn,
+                WDT=decode_dtype(x.dtype), BLOCK_R=block_r(R), BLOCK_M=bm, BLOCK_N=bn,
                 BLOCK_K=bk, SPLIT_K=split, SWAP=swap in (DOT_SWAP, DOT_PAIRS), PAIRS=swap == DOT_PAIRS,
                 GROUP32=scale_mode == SCALE_GROUP and ints[2] % 32 == 0, ASM=use_asm(),
                 num_warps=warps, num_stages=stages,

@@ -25,6 +25,7 @@ import triton.language as tl
 from .autotune import GATHER, GATHER_FWD, GATHER_T, GATHER_T_X4, GATHER_X4
 from .decode import interpreter_upcast, lora_in_dtype, split_plan, weight_args
 from .splitk_finish import XA_BLOCK_K, _store_xa_part, run_split
+from .host_math import cdiv, block_r
 
 
 @triton.jit
@@ -206,13 +207,13 @@ def launch_gather(x, ptrs, ints, N, lora_A, lora_B, scaling, bias, cfg):
     A = lora_A if has_lora else x  # an unused placeholder without LoRA
     R = lora_A.shape[0] if has_lora else 1
     split, k_per_split = split_plan(K, block_k, split)
-    grid = (triton.cdiv(M, rows), triton.cdiv(N, block_n), split)
+    grid = (cdiv(M, rows), cdiv(N, block_n), split)
 
     def launch(ws, parts):
         _sparse4x4_gemv_kernel[grid](
             x, values, positions, A, parts if has_lora else ws, ws,
             M, N, K, TK, PW, R, k_per_split, x.stride(0), A.stride(0),
-            HAS_LORA=has_lora, BLOCK_R=max(16, triton.next_power_of_2(R)), IEEE=x.dtype == torch.float32,
+            HAS_LORA=has_lora, BLOCK_R=block_r(R), IEEE=x.dtype == torch.float32,
             UPCAST=interpreter_upcast(x.dtype), ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k,
             TRANSPOSE=cfg[6] in (GATHER_T, GATHER_T_X4), X4=cfg[6] in (GATHER_X4, GATHER_T_X4),
             num_warps=num_warps, num_stages=num_stages,

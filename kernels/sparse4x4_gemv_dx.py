@@ -19,6 +19,7 @@ import triton.language as tl
 from .autotune import GATHER
 from .decode import output_buffer, split_plan, weight_args
 from .sparse4x4_gemv import _add_by_slot, _sum_slots, check_gather_config
+from .host_math import cdiv, block_r
 
 
 # (name, least value) of a config's first three fields for dX: whole tiles either way; the
@@ -150,12 +151,12 @@ def launch_gather_dx(dy, ptrs, ints, K, A, dyb, R, scaling, cfg):
         A = dyb = dy  # unused placeholders
     split, n_per_split = split_plan(N, block_n, split)
     dx = output_buffer(M, K, dy, split)
-    grid = (triton.cdiv(M, rows), triton.cdiv(K, block_k), split)
+    grid = (cdiv(M, rows), cdiv(K, block_k), split)
     _sparse4x4_gemv_dx_kernel[grid](
         dy, values, positions, dyb, A, dx,
         M, N, K, TK, PW, float(scaling), R, n_per_split,
         dy.stride(0), dx.stride(0), dyb.stride(0), A.stride(0),
-        HAS_LORA=has_lora, BLOCK_R=max(16, triton.next_power_of_2(R)),
+        HAS_LORA=has_lora, BLOCK_R=block_r(R),
         ROWS=rows, BLOCK_K=block_k, BLOCK_N=block_n, SPLIT_N=split, num_warps=num_warps, num_stages=num_stages,
     )
     return dx

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .decode import _dot, interpreter_upcast
+from .host_math import cdiv, next_pow2, block_r
 
 XA_BLOCK_K = tl.constexpr(64)  # inputs per step of the x·Aᵀ share (a constexpr global: kernels read it)
 FINISH_BLOCK_N = 256  # outputs per program of the finish kernel
@@ -53,22 +54,34 @@ def zeroed_workspace(rows: int, cols: int, device: torch.device) -> torch.Tensor
     one. It grows (a new ``torch.zeros``) when a call needs more; during a CUDA graph capture that
     first allocation is captured too (a memset in the graph, harmless). One graph replayed on two
     streams at once would share its workspace: replay a graph on one stream at a time."""
-    device = torch.device(device)
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    # the [rows, cols] views made so far, per thread: slicing and viewing cost host time per call
+    views = getattr(_LOCAL, "views", None)
+    if views is None:
+        views = _LOCAL.views = {}
+    key = (device, stream, rows, cols)
     table = workspaces()
     ws = table.get((device, stream))
+    made = views.get(key)
+    if made is not None and made[0] is ws:  # a view of the current workspace
+        return made[1]
     if ws is None or ws.numel() < rows * cols:
         ws = torch.zeros(max(rows * cols, 2 * (0 if ws is None else ws.numel())), device=device,
                          dtype=torch.float32)
         table[(device, stream)] = ws
-    return ws[: rows * cols].view(rows, cols)
+        views.clear()  # the views of the old workspace would keep it alive
+    view = ws[: rows * cols].view(rows, cols)
+    views[key] = (ws, view)
+    return view
 
 
 def xa_slots(slots: int, M: int, R: int, device: torch.device) -> Tuple[torch.Tensor, int]:
     """``(parts [slots, M, BLOCK_R] fp32, BLOCK_R)``: where the split kernel's programs store
     their shares of ``x·Aᵀ`` (every slot is written, so it is not zeroed)."""
-    block_r = max(16, triton.next_power_of_2(R))
-    return torch.empty(slots, M, block_r, device=device, dtype=torch.float32), block_r
+    width = block_r(R)
+    return torch.empty(slots, M, width, device=device, dtype=torch.float32), width
 
 
 @triton.jit
@@ -146,14 +159,14 @@ def finish(ws: torch.Tensor, parts: Optional[torch.Tensor], lora_B: Optional[tor
     # fp32 in the interpreter for bf16, which truncates where a GPU rounds; torch casts after
     y = torch.empty(M, N, device=ws.device, dtype=torch.float32 if interpreter_upcast(dtype) else dtype)
     slots, block_r = (parts.shape[0], parts.shape[2]) if has_lora else (1, 16)
-    grid = (triton.cdiv(N, FINISH_BLOCK_N), M)
+    grid = (cdiv(N, FINISH_BLOCK_N), M)
     _splitk_finish_kernel[grid](
         ws, y, parts if has_lora else ws, lora_B if has_lora else ws, bias if bias is not None else ws,
         M, N, R, slots, float(scaling), lora_B.stride(0) if has_lora else 0, y.stride(0),
         HAS_LORA=has_lora, HAS_BIAS=bias is not None, BLOCK_R=block_r, BLOCK_N=FINISH_BLOCK_N,
-        BLOCK_S=min(16, triton.next_power_of_2(slots)), num_warps=4,
+        BLOCK_S=min(16, next_pow2(slots)), num_warps=4,
     )
-    return y.to(dtype)
+    return y if y.dtype == dtype else y.to(dtype)
 
 
 def run_split(launch: Callable[[torch.Tensor, Optional[torch.Tensor]], None], M: int, N: int, slots: int,

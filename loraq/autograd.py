@@ -25,24 +25,30 @@ import torch
 from . import ops
 
 
+def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``; ``t`` itself when it already is (a ``.to()`` call costs host time)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def lora_linear_forward(x, x_lora, lora_A, lora_B, bias, weight, scaling: float, backend: Optional[str]):
     """The forward of :class:`LoraLinearFunction` without autograd (same arguments): what
     ``LoraLinear`` runs when no gradient is wanted, which saves the ``Function`` machinery's
     host time on every call of an inference."""
     N, K = weight.shape
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
+    flat = x.dim() == 2  # then no reshapes (host time)
+    x2 = x if flat else x.reshape(-1, K)
     dtype = x.dtype
-    b = None if bias is None else bias.to(dtype)
+    b = None if bias is None else _in_dtype(bias, dtype)
     if lora_A is None:
         y = ops.lora_linear(x2, weight, None, None, 1.0, b, backend=backend)
     elif x_lora is None or x_lora is x:  # the fused path: one pass over the packed weight
-        y = ops.lora_linear(x2, weight, lora_A.to(dtype), lora_B.to(dtype), scaling, b, backend=backend)
+        y = ops.lora_linear(x2, weight, _in_dtype(lora_A, dtype), _in_dtype(lora_B, dtype), scaling, b,
+                            backend=backend)
     else:  # LoRA dropout: the adapter sees another input than the base
         xl2 = x_lora.reshape(-1, K)
         y = ops.lora_linear(x2, weight, None, None, 1.0, b, backend=backend)
         y = y + scaling * ((xl2 @ lora_A.to(dtype).t()) @ lora_B.to(dtype).t())
-    return y.reshape(*lead, N)
+    return y if flat else y.reshape(*x.shape[:-1], N)
 
 
 class LoraLinearFunction(torch.autograd.Function):

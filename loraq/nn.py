@@ -86,16 +86,19 @@ class LoraLinear(nn.Module):
     @property
     def base(self) -> CompressedWeight:
         cls = format_class(self.compression)
-        tensors = tuple(self._buffers[f"base_{n}"] for n in cls._tensor_names)
+        buffers = self._buffers
+        tensors = tuple(buffers["base_" + n] for n in cls._tensor_names)
         if torch.compiler.is_compiling():  # no cache inside a trace: it would be a side effect
             return cls(**self._meta, **dict(zip(cls._tensor_names, tensors)))
         # built once per set of buffers (a forward runs this): .to(), .half() and the setter
-        # replace the buffers, load_state_dict copies into them
+        # replace the buffers, load_state_dict copies into them. Compared by id: the cache holds
+        # the tensors, so no other tensor can take one of their ids.
+        ids = tuple(map(id, tensors))
         cached = self.__dict__.get("_base_cache")
-        if cached is not None and len(cached[0]) == len(tensors) and all(a is b for a, b in zip(cached[0], tensors)):
-            return cached[1]
+        if cached is not None and cached[0] == ids:
+            return cached[2]
         value = cls(**self._meta, **dict(zip(cls._tensor_names, tensors)))
-        self.__dict__["_base_cache"] = (tensors, value)
+        self.__dict__["_base_cache"] = (ids, tensors, value)
         return value
 
     @base.setter
@@ -172,14 +175,17 @@ class LoraLinear(nn.Module):
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        # parameters through _parameters rather than Module.__getattr__: host time on every call
+        params = self._parameters
         if self.adapter_enabled:
-            A, B = self.lora_A, self.lora_B
+            A, B = params["lora_A"], params["lora_B"]
             # x_lora None: the adapter sees x itself (no dropout active), the fused single-pass path
-            x_lora = None if isinstance(self.lora_dropout, nn.Identity) or not self.training else self.lora_dropout(x)
+            x_lora = None if not self.training or isinstance(self.lora_dropout, nn.Identity) else self.lora_dropout(x)
         else:
             A = B = x_lora = None
-        args = (x, x_lora, A, B, self.bias, self.base, self.scaling, self.backend)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, A, B, self.bias)):
+        bias = params["bias"] if "bias" in params else self.bias  # a plain attribute when there is none
+        args = (x, x_lora, A, B, bias, self.base, self.scaling, self.backend)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, A, B, bias)):
             return LoraLinearFunction.apply(*args)
         return lora_linear_forward(*args)  # no gradient wanted: the same computation without autograd
 

@@ -63,6 +63,23 @@ def test_finish_workspace_grows_keeps_zeros_and_is_per_thread_device_and_stream(
     assert other[0].data_ptr() != c.data_ptr()  # another thread, another workspace
 
 
+def test_workspace_views_are_reused_and_follow_a_grown_workspace():
+    """The same view object comes back for the same shape (no slicing per call: host time), and
+    a grown workspace drops the views of the old one (which they would keep alive)."""
+    from loraq.kernels import splitk_finish
+
+    a = splitk_finish.zeroed_workspace(3, 5, DEV)
+    assert splitk_finish.zeroed_workspace(3, 5, DEV) is a
+    stream = torch.cuda.current_stream(DEV).cuda_stream if DEV.type == "cuda" else None
+    old = splitk_finish.workspaces()[(torch.device(DEV), stream)]
+    big = splitk_finish.zeroed_workspace(old.numel() + 1, 1, DEV)  # more than there is: it grows
+    current = splitk_finish.workspaces()[(torch.device(DEV), stream)]
+    assert current is not old and big.data_ptr() == current.data_ptr()
+    a2 = splitk_finish.zeroed_workspace(3, 5, DEV)
+    assert a2 is not a and a2.data_ptr() == current.data_ptr() and a2.shape == (3, 5) and not a2.any()
+    assert all(ws is current for ws, _ in splitk_finish._LOCAL.views.values())
+
+
 def test_finish_workspace_is_zeroed_again_after_a_failed_call():
     from loraq.kernels.splitk_finish import run_split, zeroed_workspace
 

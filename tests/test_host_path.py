@@ -1,0 +1,88 @@
+"""The host (Python) path of a call: the plain-int helpers the launchers use instead of Triton's
+constexpr functions, ``LoraLinear``'s no-gradient path, and ``bench/profile_host.py
+--stub-kernels``, which measures that Python on any CPU."""
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraq import nn as lnn
+from loraq import ops
+from loraq.formats import compress_weight
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_host_math_matches_triton():
+    triton = pytest.importorskip("triton")
+    from loraq.kernels.host_math import block_r, cdiv, next_pow2
+
+    rng = random.Random(0)
+    for _ in range(500):
+        a, b = rng.randint(0, 1 << 20), rng.randint(1, 4096)
+        assert cdiv(a, b) == triton.cdiv(a, b)
+    for n in list(range(1, 300)) + [rng.randint(1, 1 << 30) for _ in range(100)]:
+        assert next_pow2(n) == triton.next_power_of_2(n)
+        assert block_r(n) == max(16, triton.next_power_of_2(n))
+    assert next_pow2(0) == 1 and block_r(1) == 16 and block_r(17) == 32
+
+
+@pytest.mark.parametrize("fmt", ["int1", "sparse4x4"])
+@pytest.mark.parametrize("lead", [(3,), (2, 3)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_layer_without_grad_matches_the_autograd_path(fmt, lead, bias):
+    """The no-gradient path (parameters read from ``_parameters``, no ``.to()`` or reshape when
+    not needed) computes what the autograd path computes, 2-D and 3-D inputs alike."""
+    torch.manual_seed(0)
+    K, N = 24, 20
+    b = torch.randn(N) if bias else None
+    layer = lnn.LoraLinear(compress_weight(torch.randn(N, K), fmt), rank=4, bias=b, backend="reference")
+    torch.nn.init.normal_(layer.lora_A)
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(*lead, K)
+    with torch.no_grad():
+        y = layer(x)
+    y_grad = layer(x.requires_grad_())
+    assert y.shape == (*lead, N)
+    torch.testing.assert_close(y, y_grad.detach(), rtol=0, atol=0)
+    ref = ops.lora_linear(x.detach(), layer.base, layer.lora_A, layer.lora_B, layer.scaling, layer.bias,
+                          backend="reference")
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+
+
+def test_layer_sees_a_replaced_adapter_and_a_moved_base():
+    """Reading ``_parameters`` and caching the base by the ids of its buffers still follows a
+    parameter set anew and a base cast to another dtype."""
+    torch.manual_seed(1)
+    layer = lnn.LoraLinear(compress_weight(torch.randn(16, 32), "int1"), rank=4, backend="reference")
+    torch.nn.init.normal_(layer.lora_A)  # B is zero: a new B changes the output
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        before = layer(x)
+        layer.lora_B = torch.nn.Parameter(torch.randn(16, 4))
+        after = layer(x)
+    assert not torch.equal(before, after)
+    expected = x @ layer.base.dequantize().t() + layer.scaling * (x @ layer.lora_A.t()) @ layer.lora_B.t()
+    torch.testing.assert_close(after, expected.detach())
+    base = layer.base
+    assert layer.base is base  # cached while the buffers stay
+    layer.double()
+    assert layer.base is not base and layer.base.dtype == torch.float64
+    with torch.no_grad():
+        assert layer(x.double()).dtype == torch.float64
+
+
+def test_profile_host_stub_kernels_runs_the_whole_stack_on_the_cpu():
+    pytest.importorskip("triton")
+    out = subprocess.run([sys.executable, "bench/profile_host.py", "--stub-kernels", "--K", "64", "--N", "48"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    # the GEMV and its finish were launched (stubbed), and each layer of the stack was timed
+    assert "_int1_gemv_lut_kernel" in out.stdout and "_splitk_finish_kernel" in out.stdout
+    for row in ("kernels.lora_linear_fwd (launcher)", "ops.lora_linear (triton)", "LoraLinear forward, no grad"):
+        line = next(ln for ln in out.stdout.splitlines() if row in ln)
+        assert float(line.split(row)[1].split("µs")[0]) > 0
