@@ -56,6 +56,21 @@ def without_grad(fn, *args):
         return fn(*args)
 
 
+def report(rows, profiled, lines: int) -> None:
+    """Print each row's host time per call, then the top ``lines`` of a cProfile of ``profiled``
+    (by time spent in each function itself)."""
+    for name, fn in rows:
+        print(f"  {name:<40} {host_us(fn):8.1f} µs host per call")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(200):
+        profiled()
+    prof.disable()
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(lines)
+    print(s.getvalue())
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--format", default="int1")
@@ -96,16 +111,7 @@ def main(argv=None) -> int:
                         lambda: lora_linear_fwd(x, args.format, w.tensors(), _meta(w), A, B, 2.0)))
     print(f"{torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}; {args.format} "
           f"K={args.K} N={args.N} M={args.M}")
-    for name, fn in rows:
-        print(f"  {name:<40} {host_us(fn):8.1f} µs host per call")
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(200):
-        ops.lora_linear(x, w, A, B, 2.0, backend=be)
-    prof.disable()
-    s = io.StringIO()
-    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
-    print(s.getvalue())
+    report(rows, lambda: ops.lora_linear(x, w, A, B, 2.0, backend=be), 18)
     return 0
 
 
@@ -183,16 +189,7 @@ def stub_kernels(args) -> int:
         rows[0][1]()
         print(f"cpu; {args.format} K={args.K} N={args.N} M={args.M} fp16; Triton launches stubbed "
               f"({', '.join(launches)}; config {next(iter(picked.values()))})")
-        for name, fn in rows:
-            print(f"  {name:<40} {host_us(fn):8.1f} µs host per call")
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(200):
-            without_grad(layer, x)
-        prof.disable()
-        s = io.StringIO()
-        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(14)
-        print(s.getvalue())
+        report(rows, lambda: without_grad(layer, x), 14)
     finally:
         for kind, run in zip(kinds, real_runs):
             kind.run = run

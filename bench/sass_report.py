@@ -64,6 +64,7 @@ def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, 
     from kernels.lora_linear_fwd import _lora_linear_fwd_kernel
     from kernels.sparse4x4_gemv import _sparse4x4_gemv_kernel
     from kernels.sparse4x4_gemv_dx import _sparse4x4_gemv_dx_kernel
+    from kernels.splitk_finish import one_launch_offered
 
     bm, out_tile, red_tile, split, warps, stages, swap = cfg  # a dense slab's: stages = its buffers
     F = 0 if fmt == "int1" else 1
@@ -90,10 +91,14 @@ def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, 
     elif swap == LUT:
         fn = _int1_gemv_lut_kernel
         ptrs = [("x_ptr", act), ("packed_ptr", "*i32"), ("scale_ptr", act), ("col_ptr", act), ("a_ptr", act),
-                ("parts_ptr", "*fp32"), ("ws_ptr", "*fp32")]
-        scalars = ["M", "N", "K", "KW", "G", "group_size", "R", "stride_xm", "stride_ar"]
+                ("parts_ptr", "*fp32"), ("ws_ptr", "*fp32"), ("y_ptr", act), ("b_ptr", act), ("bias_ptr", act),
+                ("cnt_ptr", "*i32")]
+        scalars = ["M", "N", "K", "KW", "G", "group_size", "R", "stride_xm", "stride_ar", "s", "stride_bn",
+                   "stride_ym"]
+        # LORAQ_ONE_LAUNCH=1: the finish in the same launch, as a call would run it
+        one = one_launch_offered()
         cx = dict(SCALE=scale, HAS_LORA=True, BLOCK_R=16, UPCAST=False, ROWS=bm, BLOCK_N=out_tile, CHUNK_K=red_tile,
-                  BITS=split)
+                  BITS=split, ONE_LAUNCH=one, HAS_BIAS=one, BLOCK_S=16)
     elif swap == GATHER and op == "dx":
         fn = _sparse4x4_gemv_dx_kernel
         ptrs = [("dy_ptr", act), ("values_ptr", act), ("pos_ptr", "*u8"), ("dyb_ptr", act), ("a_ptr", act),

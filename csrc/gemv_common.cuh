@@ -1,4 +1,5 @@
-// Helpers shared by the CUDA small-batch GEMVs (int1_gemv_mma.cuh, sparse4x4_gemv.cuh).
+// Helpers shared by the CUDA small-batch GEMVs (int1_gemv_mma.cuh, sparse4x4_gemv.cuh,
+// sparse4x4_gemv_mma.cuh).
 //
 // Device code only (no torch headers). The conversions are __host__ __device__ so that a kernel's
 // per-thread code can also be compiled for the host and run there (tests/cuda/: the sparse4x4
@@ -31,6 +32,25 @@ __host__ __device__ __forceinline__ V load_ro(const V* p) {
   return *p;
 #endif
 }
+
+#ifdef __CUDACC__
+// D += A·B on the tensor cores: mma.sync m16n8k16, fp32 accumulators, A row-major and B column-
+// major fragments (the last argument picks fp16 or bf16 operands).
+__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, __half) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, __nv_bfloat16) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+#endif  // __CUDACC__
 
 // parts[slot] = x[:, ks]·A[:, ks]ᵀ for this block's share ks of K (a.slots blocks share K), zero
 // past R (a.R rows of A, a.block_r columns of parts). One warp per (row of x, rank) at a time.

@@ -185,21 +185,7 @@ __host__ __device__ __forceinline__ void a_regs(const uint32_t (&val)[2][kSteps 
 __host__ __device__ __forceinline__ uint32_t row_mask(int g) { return (uint32_t)(g & 3) * 0x44444444u; }
 
 #ifdef __CUDACC__
-// D += A·B, m16n8k16, fp32 accumulators (the same instruction as int1_gemv_mma.cuh's).
-__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, __half) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, __nv_bfloat16) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+using loraq_gemv::mma;
 
 // Add a warp's sums for weight rows 16·rg .. 16·rg + 15 into the workspace and zero them.
 template <int NT>

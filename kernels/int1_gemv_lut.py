@@ -24,16 +24,18 @@ import triton.language as tl
 
 from .autotune import LUT
 from .decode import interpreter_upcast, lora_in_dtype, weight_args
-from .splitk_finish import XA_BLOCK_K, _store_xa_part, run_split
-from .host_math import cdiv, block_r
+from .host_math import block_r, cdiv, next_pow2
+from .splitk_finish import XA_BLOCK_K, _finish_if_last, _store_xa_part, one_launch_offered, run_one_launch, run_split
 
 
 @triton.jit
 def _int1_gemv_lut_kernel(
     x_ptr, packed_ptr, scale_ptr, col_ptr, a_ptr, parts_ptr, ws_ptr,
-    M, N, K, KW, G, group_size, R, stride_xm, stride_ar,
+    y_ptr, b_ptr, bias_ptr, cnt_ptr,  # the one-launch finish's (placeholders without ONE_LAUNCH)
+    M, N, K, KW, G, group_size, R, stride_xm, stride_ar, s, stride_bn, stride_ym,
     SCALE: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_K: tl.constexpr, BITS: tl.constexpr,
+    ONE_LAUNCH: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     ENTRIES: tl.constexpr = 1 << BITS  # table entries per group: 256 (bytes) or 16 (nibbles)
     GROUPS: tl.constexpr = CHUNK_K // BITS
@@ -86,6 +88,10 @@ def _int1_gemv_lut_kernel(
     if HAS_LORA and pid_n == 0:  # this chunk's share of x·Aᵀ, for the finish
         _store_xa_part(x_ptr, a_ptr, parts_ptr, pid_m * ROWS, M, k0, tl.minimum(K, k0 + CHUNK_K), R, pid_k,
                        stride_xm, stride_ar, ROWS, BLOCK_R, XA_BLOCK_K, False, UPCAST)
+    if ONE_LAUNCH:  # the last program of this tile to arrive adds the LoRA path and the bias
+        _finish_if_last(ws_ptr, y_ptr, parts_ptr, b_ptr, bias_ptr, cnt_ptr, offs_n, pid_n, pid_m,
+                        tl.num_programs(0), tl.num_programs(2), M, N, R, tl.num_programs(1), s, stride_bn,
+                        stride_ym, HAS_LORA, HAS_BIAS, ROWS, BLOCK_R, BLOCK_S)
 
 
 def lut_supported(meta) -> bool:
@@ -95,12 +101,13 @@ def lut_supported(meta) -> bool:
 
 
 def int1_gemv_lut(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1.0, bias=None, rows: int = 1,
-                  block_n: int = 512, chunk_k: int = 256, bits: int = 8, num_warps: int = 4, num_stages: int = 1):
+                  block_n: int = 512, chunk_k: int = 256, bits: int = 8, num_warps: int = 4, num_stages: int = 1,
+                  one_launch=None):
     """Launch the lookup GEMV for ``x [M, K]`` (meant for ``M`` of 1 to 4); returns ``y [M, N]``
     in ``x.dtype``. Each program covers ``rows`` rows of ``x`` (the weights are read once for
     them; each row builds its own tables), ``block_n`` outputs and ``chunk_k`` inputs; ``bits``
     is 8 (a table entry per byte of weights) or 4 (per nibble: smaller tables, twice the
-    lookups)."""
+    lookups). ``one_launch``: finish in the same launch (None: ``LORAQ_ONE_LAUNCH=1``)."""
     if x.dim() != 2 or x.shape[1] != meta["K"]:
         raise ValueError(f"x must be [M, {meta['K']}], got {tuple(x.shape)}")
     if not lut_supported(meta):
@@ -110,7 +117,7 @@ def int1_gemv_lut(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1
     x = x.contiguous()
     ptrs, ints, mode = weight_args("int1", tensors, meta)
     A, B = lora_in_dtype(x, lora_A, lora_B)
-    return launch_lut(x, ptrs, ints, mode, meta["N"], A, B, scaling, bias, cfg)
+    return launch_lut(x, ptrs, ints, mode, meta["N"], A, B, scaling, bias, cfg, one_launch)
 
 
 def check_lut_config(cfg) -> None:
@@ -129,11 +136,13 @@ def check_lut_config(cfg) -> None:
         raise ValueError(f"chunk_k must be a power of two and a multiple of 32, got {chunk_k}")
 
 
-def launch_lut(x, ptrs, ints, mode, N, lora_A, lora_B, scaling, bias, cfg):
+def launch_lut(x, ptrs, ints, mode, N, lora_A, lora_B, scaling, bias, cfg, one_launch=None):
     """The launch on arguments already prepared (``weight_args``'s; ``lora_A``, ``lora_B`` in
     ``x``'s dtype, or None without LoRA) and checked; ``cfg`` is an ``autotune.lut_configs``
     entry. ``lora_linear_fwd`` calls this directly, so the forward prepares its arguments once.
-    Two launches: the lookups, then ``splitk_finish.finish``. Returns ``y [M, N]`` in x's dtype."""
+    Two launches: the lookups, then ``splitk_finish.finish``; or one, where the last program of
+    each output tile finishes it (``one_launch``; None: ``splitk_finish.one_launch_offered()``).
+    Returns ``y [M, N]`` in x's dtype."""
     rows, block_n, chunk_k, bits, num_warps, num_stages, _ = cfg
     (packed, scale, col), (KW, G, group, _) = ptrs, ints
     M, K = x.shape
@@ -141,14 +150,21 @@ def launch_lut(x, ptrs, ints, mode, N, lora_A, lora_B, scaling, bias, cfg):
     A = lora_A if has_lora else x  # an unused placeholder without LoRA
     R = lora_A.shape[0] if has_lora else 1
     grid = (cdiv(N, block_n), cdiv(K, chunk_k), cdiv(M, rows))
+    one = one_launch_offered() if one_launch is None else one_launch
 
-    def launch(ws, parts):
+    def launch(ws, parts, y=None, counters=None):
         _int1_gemv_lut_kernel[grid](
             x, packed, scale, col, A, parts if has_lora else ws, ws,
-            M, N, K, KW, G, group, R, x.stride(0), A.stride(0),
+            ws if y is None else y, lora_B if has_lora and one else ws, bias if bias is not None and one else ws,
+            ws if counters is None else counters,
+            M, N, K, KW, G, group, R, x.stride(0), A.stride(0), float(scaling),
+            lora_B.stride(0) if has_lora else 0, N if y is None else y.stride(0),
             SCALE=mode, HAS_LORA=has_lora, BLOCK_R=block_r(R),
             UPCAST=interpreter_upcast(x.dtype), ROWS=rows, BLOCK_N=block_n, CHUNK_K=chunk_k, BITS=bits,
+            ONE_LAUNCH=one, HAS_BIAS=bias is not None and one, BLOCK_S=min(16, next_pow2(grid[1])),
             num_warps=num_warps, num_stages=num_stages,
         )
 
+    if one:
+        return run_one_launch(launch, M, N, grid[1], grid[0], grid[2], x, lora_B, R)
     return run_split(launch, M, N, grid[1], x, lora_B, R, scaling, bias)

@@ -19,6 +19,7 @@ of the call, on the GPU and on the host. Here a call is two launches:
 workspace again before it re-raises. ``reference.splitk_finish_ref`` is the reference.
 """
 
+import os
 import threading
 from typing import Callable, Dict, Optional, Tuple
 
@@ -117,29 +118,25 @@ def _store_xa_part(x_ptr, a_ptr, parts_ptr, m0, M, k_start, k_end, R, slot, stri
 
 
 @triton.jit
-def _splitk_finish_kernel(
-    ws_ptr, y_ptr, parts_ptr, b_ptr, bias_ptr,
-    M, N, R, S, s, stride_bn, stride_ym,
-    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    m = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+def _finish_row(ws_ptr, y_ptr, parts_ptr, b_ptr, bias_ptr, m, offs_n, M, N, R, S, s, stride_bn, stride_ym,
+                HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """``y[m, offs_n] = ws + s·(Σ_slots parts[:, m])·B[offs_n]ᵀ + b``, and those sums zeroed.
+    The sums and shares are read at L2 (``.cg``): other programs of the same launch may have
+    made them (the one-launch finish)."""
     inside = offs_n < N
-    acc = tl.load(ws_ptr + m * N + offs_n, mask=inside, other=0.0)
+    acc = tl.load(ws_ptr + m * N + offs_n, mask=inside, other=0.0, cache_modifier=".cg")
     # The zeros below may be stored by other threads than the ones that loaded these sums (the
     # compiler picks each access's layout: on an H100, with N not a multiple of 16, it did, and
     # up to half of a block read back zeros). The barrier orders every load before every store.
     tl.debug_barrier()
-    tl.store(ws_ptr + m * N + offs_n, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=inside)  # ready for the next call
+    tl.store(ws_ptr + m * N + offs_n, tl.zeros_like(acc), mask=inside)  # ready for the next call
     if HAS_LORA:
         offs_r = tl.arange(0, BLOCK_R)
         xa = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for s0 in range(0, S, BLOCK_S):  # x·Aᵀ: the sum of the K slices' shares
             offs_s = s0 + tl.arange(0, BLOCK_S)
             part = tl.load(parts_ptr + (offs_s[:, None] * M + m) * BLOCK_R + offs_r[None, :],
-                           mask=offs_s[:, None] < S, other=0.0)
+                           mask=offs_s[:, None] < S, other=0.0, cache_modifier=".cg")
             xa += tl.sum(part, axis=0)
         bt = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :],
                      mask=inside[:, None] & (offs_r[None, :] < R), other=0.0).to(tl.float32)
@@ -148,6 +145,53 @@ def _splitk_finish_kernel(
         acc += tl.load(bias_ptr + offs_n, mask=inside, other=0.0).to(tl.float32)
     tl.store(y_ptr + m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=inside)
 
+
+@triton.jit
+def _splitk_finish_kernel(
+    ws_ptr, y_ptr, parts_ptr, b_ptr, bias_ptr,
+    M, N, R, S, s, stride_bn, stride_ym,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    _finish_row(ws_ptr, y_ptr, parts_ptr, b_ptr, bias_ptr, tl.program_id(1), offs_n, M, N, R, S, s, stride_bn,
+                stride_ym, HAS_LORA, HAS_BIAS, BLOCK_R, BLOCK_S)
+
+
+@triton.jit
+def _finish_if_last(ws_ptr, y_ptr, parts_ptr, b_ptr, bias_ptr, cnt_ptr, offs_n, pid_n, pid_m, T, G, M, N, R, S, s,
+                    stride_bn, stride_ym, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The one-launch finish, at the end of each program of a split kernel whose grid has ``T``
+    output tiles (``pid_n``), ``S`` slices of K and ``G`` groups of ``ROWS`` rows of x
+    (``pid_m``), after it added its sums into ``ws`` and (``pid_n == 0``, with LoRA) stored its
+    share of x·Aᵀ: the last program of each (tile, group) to arrive finishes that tile's rows.
+
+    ``cnt`` (int32, zero before the launch and left zero after it): ``[G, T]`` arrivals, ``[G]``
+    shares stored, ``[G]`` tiles finished. The last arrival of a tile other than 0 waits for the
+    shares of its group, stored by tile 0's programs: each of those has a lower block index than
+    the same slice's program of this tile, which has arrived, so all of them have started (blocks
+    start in index order, as in CUB's decoupled look-back) and none waits on this one."""
+    tl.debug_barrier()  # every thread's sums and share of this program before the release below
+    if HAS_LORA:
+        if pid_n == 0:
+            tl.atomic_add(cnt_ptr + G * T + pid_m, 1, sem="release")
+    arrived = tl.atomic_add(cnt_ptr + pid_m * T + pid_n, 1, sem="acq_rel")
+    if arrived == S - 1:
+        if HAS_LORA:
+            while tl.atomic_add(cnt_ptr + G * T + pid_m, 0, sem="acquire") < S:
+                pass
+        for i in tl.static_range(ROWS):
+            m = pid_m * ROWS + i
+            if m < M:
+                _finish_row(ws_ptr, y_ptr, parts_ptr, b_ptr, bias_ptr, m, offs_n, M, N, R, S, s, stride_bn,
+                            stride_ym, HAS_LORA, HAS_BIAS, BLOCK_R, BLOCK_S)
+        tl.atomic_xchg(cnt_ptr + pid_m * T + pid_n, 0)
+        if HAS_LORA:  # the last tile of the group to finish resets the group's share counters
+            finished = tl.atomic_add(cnt_ptr + G * T + G + pid_m, 1, sem="acq_rel")
+            if finished == T - 1:
+                tl.atomic_xchg(cnt_ptr + G * T + pid_m, 0)
+                tl.atomic_xchg(cnt_ptr + G * T + G + pid_m, 0)
 
 def finish(ws: torch.Tensor, parts: Optional[torch.Tensor], lora_B: Optional[torch.Tensor], R: int,
            scaling: float, bias: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -167,6 +211,33 @@ def finish(ws: torch.Tensor, parts: Optional[torch.Tensor], lora_B: Optional[tor
         BLOCK_S=min(16, next_pow2(slots)), num_warps=4,
     )
     return y if y.dtype == dtype else y.to(dtype)
+
+
+def one_launch_offered() -> bool:
+    """Whether split GEMVs finish in their own launch (``_finish_if_last``) instead of a second
+    kernel: opt-in with ``LORAQ_ONE_LAUNCH=1`` until the GPU tests of it have passed."""
+    return os.environ.get("LORAQ_ONE_LAUNCH") == "1"
+
+
+def run_one_launch(launch: Callable[..., None], M: int, N: int, slots: int, tiles: int, groups: int,
+                   x: torch.Tensor, lora_B: Optional[torch.Tensor], R: int) -> torch.Tensor:
+    """Run a split kernel that finishes in the same launch: ``launch(ws, parts, y, counters)``
+    with the zeroed ``ws [M, N]``, ``parts`` (with LoRA: ``lora_B`` given) for ``slots`` shares of
+    x·Aᵀ, ``y [M, N]`` and the zeroed int32 ``counters`` (:func:`_finish_if_last`: ``tiles`` output
+    tiles, ``groups`` groups of rows of x); the kernel leaves ``ws`` and ``counters`` zero.
+    Returns ``y`` in ``x.dtype``."""
+    n_counters = groups * (tiles + 2)
+    # the counters after the sums in one workspace (fp32 zeros are int32 zeros)
+    flat = zeroed_workspace(M * N + n_counters, 1, x.device)
+    ws, counters = flat[: M * N].view(M, N), flat[M * N:].view(-1).view(torch.int32)
+    parts = xa_slots(slots, M, R, x.device)[0] if lora_B is not None else None
+    y = torch.empty(M, N, device=x.device, dtype=torch.float32 if interpreter_upcast(x.dtype) else x.dtype)
+    try:
+        launch(ws, parts, y, counters)
+    except BaseException:
+        flat.zero_()
+        raise
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def run_split(launch: Callable[[torch.Tensor, Optional[torch.Tensor]], None], M: int, N: int, slots: int,

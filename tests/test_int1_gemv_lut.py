@@ -34,6 +34,48 @@ def test_lut_gemv_matches_reference(kind, dtype, bits, lora_bias, M, rows):
           reference.lora_linear_ref(x, w, A, B, 0.7, b), f"lut{bits} {kind} {dtype} M={M} rows={rows}")
 
 
+def _clean():
+    from loraq.kernels import splitk_finish
+
+    return all(not ws.any() for ws in splitk_finish.workspaces().values())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lora, bias", [(True, True), (False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("M, rows, block_n", [(1, 1, 16), (3, 1, 32), (5, 2, 16)], ids=["M1", "M3", "M5-rows2"])
+def test_lut_one_launch_matches_two_and_leaves_its_counters_zero(dtype, lora, bias, M, rows, block_n):
+    """The finish in the last program of each tile (several tiles, slices and groups of rows):
+    the two-launch answer, twice in a row (its counters reset themselves), nothing left behind."""
+    from loraq.kernels.int1_gemv_lut import int1_gemv_lut
+
+    w, x, A, B, b = problem("int1", dtype, M, 70, 600, r=5, lora=lora, bias=bias)
+    kw = dict(rows=rows, block_n=block_n, chunk_k=64, bits=4)
+    two = int1_gemv_lut(x, w.tensors(), _meta(w), A, B, 0.7, b, one_launch=False, **kw)
+    for _ in range(2):
+        one = int1_gemv_lut(x, w.tensors(), _meta(w), A, B, 0.7, b, one_launch=True, **kw)
+        assert one.shape == (M, 70) and one.dtype == dtype and _clean()
+        check(one, reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 0.7, f64(b)),
+              reference.lora_linear_ref(x, w, A, B, 0.7, b), f"one launch {dtype} M={M}")
+    # the interpreter adds in one order: the same sums, to the bit
+    torch.testing.assert_close(one, two, rtol=0, atol=0)
+
+
+def test_lut_one_launch_is_opt_in(monkeypatch):
+    from loraq.kernels.splitk_finish import one_launch_offered
+
+    monkeypatch.delenv("LORAQ_ONE_LAUNCH", raising=False)
+    assert not one_launch_offered()
+    monkeypatch.setenv("LORAQ_ONE_LAUNCH", "1")
+    assert one_launch_offered()
+    from loraq.kernels import lora_linear_fwd
+
+    w, x, A, B, b = problem("int1", torch.float16, 2, 40, 200, r=3)
+    y = lora_linear_fwd(x, "int1", w.tensors(), _meta(w), A, B, 0.5, b, config=(1, 16, 64, 4, 4, 1, 2))
+    check(y, reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 0.5, f64(b)),
+          reference.lora_linear_ref(x, w, A, B, 0.5, b), "LORAQ_ONE_LAUNCH=1 through the launcher")
+    assert _clean()
+
+
 @pytest.mark.parametrize("M, cfg", [(M, c) for M in (1, 3) for c in lut_configs(M)], ids=str)
 def test_every_lut_config_through_the_forward_launcher(M, cfg):
     """Each LUT candidate the autotuner may pick, forced through ``lora_linear_fwd``."""
@@ -114,3 +156,33 @@ def test_gpu_every_lut_config_at_a_large_shape(dtype, M):
     low = reference.lora_linear_ref(x, w, A, B, 2.0, b)
     for cfg in lut_configs(M):
         check(lora_linear_fwd(x, "int1", w.tensors(), _meta(w), A, B, 2.0, b, config=cfg), ref, low, f"{cfg}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M, N, K", [(1, 28672, 8192), (3, 4096, 4096), (4, 1000, 512)])
+@pytest.mark.parametrize("lora", [True, False])
+def test_gpu_lut_one_launch_at_large_shapes(dtype, M, N, K, lora):
+    """Thousands of programs: tiles finished by whichever program arrives last, tile 0's shares
+    waited for, the counters reset for the next call (ten calls, one stream, and a CUDA graph)."""
+    from loraq.kernels.int1_gemv_lut import int1_gemv_lut
+
+    w, x, A, B, b = problem("int1", dtype, M, N, K, r=16, lora=lora)
+    ref = reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 2.0, f64(b))
+    low = reference.lora_linear_ref(x, w, A, B, 2.0, b)
+    for cfg in lut_configs(M):
+        kw = dict(rows=cfg[0], block_n=cfg[1], chunk_k=cfg[2], bits=cfg[3], num_warps=cfg[4], one_launch=True)
+        for _ in range(10):
+            y = int1_gemv_lut(x, w.tensors(), _meta(w), A, B, 2.0, b, **kw)
+        check(y, ref, low, f"one launch {cfg}")
+        assert _clean()
+    int1_gemv_lut(x, w.tensors(), _meta(w), A, B, 2.0, b, one_launch=True)  # compiled before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = int1_gemv_lut(x, w.tensors(), _meta(w), A, B, 2.0, b, one_launch=True)
+    for _ in range(5):
+        graph.replay()
+    torch.cuda.synchronize()
+    check(y, ref, low, "one launch under graph replay")
+    assert _clean()
