@@ -157,11 +157,12 @@ def launch_lut(x, ptrs, ints, mode, N, lora_A, lora_B, scaling, bias, cfg, one_l
             x, packed, scale, col, A, parts if has_lora else ws, ws,
             ws if y is None else y, lora_B if has_lora and one else ws, bias if bias is not None and one else ws,
             ws if counters is None else counters,
-            M, N, K, KW, G, group, R, x.stride(0), A.stride(0), float(scaling),
-            lora_B.stride(0) if has_lora else 0, N if y is None else y.stride(0),
+            # the finish's scalars 0 without it: no extra specializations of the two-launch kernel
+            M, N, K, KW, G, group, R, x.stride(0), A.stride(0), float(scaling) if one else 0.0,
+            lora_B.stride(0) if has_lora and one else 0, 0 if y is None else y.stride(0),
             SCALE=mode, HAS_LORA=has_lora, BLOCK_R=block_r(R),
             UPCAST=interpreter_upcast(x.dtype), ROWS=rows, BLOCK_N=block_n, CHUNK_K=chunk_k, BITS=bits,
-            ONE_LAUNCH=one, HAS_BIAS=bias is not None and one, BLOCK_S=min(16, next_pow2(grid[1])),
+            ONE_LAUNCH=one, HAS_BIAS=bias is not None and one, BLOCK_S=min(16, next_pow2(grid[1])) if one else 1,
             num_warps=num_warps, num_stages=num_stages,
         )
 

@@ -34,7 +34,7 @@ from .sparse4x4_gemv_cuda import (SPARSE_CUDA_MAX_M, check_sparse_cuda_config, l
 from .decode import (SCALE_GROUP, _dot, _int1_group_scale, _int1_sign_pairs, _int1_signs, _pair_order, _sparse4x4_tile,
                      decode_dtype, interpreter_upcast, lora_in_dtype, lora_prologue, output_buffer, pair_ones, split_plan, use_asm,
                      weight_args)
-from .splitk_finish import XA_BLOCK_K, _store_xa_part, run_split
+from .splitk_finish import XA_BLOCK_K, _store_xa_part, one_launch_offered, run_split
 from .host_math import cdiv, block_r
 
 INT1, SPARSE4X4 = 0, 1
@@ -210,6 +210,8 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
         elif config[6] in GATHER_FWD:
             check_gather_config(config)
     op = f"lora_linear_fwd:{fmt}:{scale_mode}:{int(has_lora)}" + (":lut" if lut else "") + (":gather" if gather else "")
+    if lut and one_launch_offered():  # the lookup GEMV's times differ with its finish in one launch
+        op += ":one"
     # int1 in fp16 and bf16 up to PAIRS_MAX_M rows: the pair-order decode too (in fp32 its dot is
     # plain FMAs, as the others': not worth the tuning time)
     pairs = fmt == "int1" and x.dtype in (torch.float16, torch.bfloat16)

@@ -74,6 +74,8 @@ def zeroed_workspace(rows: int, cols: int, device: torch.device) -> torch.Tensor
         table[(device, stream)] = ws
         views.clear()  # the views of the old workspace would keep it alive
     view = ws[: rows * cols].view(rows, cols)
+    if len(views) >= 64:  # many shapes (batches of varying size): start again rather than grow
+        views.clear()
     views[key] = (ws, view)
     return view
 
@@ -170,8 +172,10 @@ def _finish_if_last(ws_ptr, y_ptr, parts_ptr, b_ptr, bias_ptr, cnt_ptr, offs_n, 
     ``cnt`` (int32, zero before the launch and left zero after it): ``[G, T]`` arrivals, ``[G]``
     shares stored, ``[G]`` tiles finished. The last arrival of a tile other than 0 waits for the
     shares of its group, stored by tile 0's programs: each of those has a lower block index than
-    the same slice's program of this tile, which has arrived, so all of them have started (blocks
-    start in index order, as in CUB's decoupled look-back) and none waits on this one."""
+    the same slice's program of this tile, which has arrived, so all of them have started if
+    blocks start in index order, and none waits on this one. CUDA does not promise that order
+    (GPUs keep it in practice): before this becomes the default, take each program's indices from
+    a ticket (an atomic counter at its start) instead of ``program_id``, which makes it hold."""
     tl.debug_barrier()  # every thread's sums and share of this program before the release below
     if HAS_LORA:
         if pid_n == 0:

@@ -175,10 +175,12 @@ class LoraLinear(nn.Module):
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        # parameters through _parameters rather than Module.__getattr__: host time on every call
+        # parameters through _parameters rather than Module.__getattr__ (host time on every call);
+        # getattr where they are not there (a parametrization, FSDP's flat parameters)
         params = self._parameters
         if self.adapter_enabled:
-            A, B = params["lora_A"], params["lora_B"]
+            A = params["lora_A"] if "lora_A" in params else self.lora_A
+            B = params["lora_B"] if "lora_B" in params else self.lora_B
             # x_lora None: the adapter sees x itself (no dropout active), the fused single-pass path
             x_lora = None if not self.training or isinstance(self.lora_dropout, nn.Identity) else self.lora_dropout(x)
         else:

@@ -86,3 +86,25 @@ def test_profile_host_stub_kernels_runs_the_whole_stack_on_the_cpu():
     for row in ("kernels.lora_linear_fwd (launcher)", "ops.lora_linear (triton)", "LoraLinear forward, no grad"):
         line = next(ln for ln in out.stdout.splitlines() if row in ln)
         assert float(line.split(row)[1].split("µs")[0]) > 0
+
+
+def test_layer_with_a_parametrized_adapter():
+    """A parametrization moves ``lora_A`` out of ``_parameters``: the forward still finds it."""
+    from torch.nn.utils import parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, t):
+            return 2 * t
+
+    torch.manual_seed(2)
+    layer = lnn.LoraLinear(compress_weight(torch.randn(12, 16), "int1"), rank=2, backend="reference")
+    torch.nn.init.normal_(layer.lora_A)
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        before = layer(x)
+        parametrize.register_parametrization(layer, "lora_A", Double())
+        assert "lora_A" not in layer._parameters
+        after = layer(x)
+    lora = layer.scaling * (x @ layer.lora_A.t()) @ layer.lora_B.t()
+    torch.testing.assert_close(after - before, (lora / 2).detach())
