@@ -16,7 +16,9 @@ sums meet through fp32 atomics in a zeroed workspace. The per-row ``α`` (or one
 multiplies each partial sum. Onebit ``g`` is folded into the table, and per-group scales multiply
 each field's entry (``group_size`` must be a multiple of 8). The programs of the first block of
 outputs also store their chunk's share of ``x·Aᵀ``; ``splitk_finish.finish`` adds the LoRA path
-and the bias and casts, in the second and last launch of a call.
+and the bias and casts, in the second and last launch of a call. In the one-launch mode the first
+program of each chunk to claim it stores the share, and the last program of each output block to
+arrive finishes it (``splitk_finish._finish_if_last``).
 """
 
 import triton
@@ -25,7 +27,7 @@ import triton.language as tl
 from .autotune import LUT
 from .decode import interpreter_upcast, lora_in_dtype, weight_args
 from .host_math import block_r, cdiv, next_pow2
-from .splitk_finish import XA_BLOCK_K, _finish_if_last, _store_xa_part, one_launch_offered, run_one_launch, run_split
+from .splitk_finish import XA_BLOCK_K, _claim_share, _finish_if_last, _store_xa_part, one_launch_offered, run_one_launch, run_split
 
 
 @triton.jit
@@ -55,6 +57,11 @@ def _int1_gemv_lut_kernel(
     offs_w = k0 // 32 + tl.arange(0, CHUNK_K // 32)
     words = tl.load(packed_ptr + offs_n[None, :] * KW + offs_w[:, None],
                     mask=(offs_n[None, :] < N) & (offs_w[:, None] < KW), other=0)
+    if ONE_LAUNCH:  # whichever program of this slice claims first stores its share of x·Aᵀ
+        claimed = _claim_share(cnt_ptr, pid_k, pid_m, tl.num_programs(0), tl.num_programs(2), HAS_LORA)
+        stores_share = claimed == 0
+    else:
+        stores_share = pid_n == 0
     # the table's inputs: for each group of BITS inputs, two halves of BITS/2
     offs_k = k0 + tl.arange(0, GROUPS)[:, None] * BITS + tl.arange(0, HALF)[None, :]  # [GROUPS, HALF]
     pat = tl.arange(0, HALF_ENTRIES)
@@ -85,11 +92,11 @@ def _int1_gemv_lut_kernel(
         if SCALE != 1:  # per-row α (or onebit h)
             acc = acc * tl.load(scale_ptr + offs_n * G, mask=offs_n < N, other=0.0).to(tl.float32)
         tl.atomic_add(ws_ptr + m * N + offs_n, acc, mask=(offs_n < N) & live)
-    if HAS_LORA and pid_n == 0:  # this chunk's share of x·Aᵀ, for the finish
+    if HAS_LORA and stores_share:  # this chunk's share of x·Aᵀ, for the finish
         _store_xa_part(x_ptr, a_ptr, parts_ptr, pid_m * ROWS, M, k0, tl.minimum(K, k0 + CHUNK_K), R, pid_k,
                        stride_xm, stride_ar, ROWS, BLOCK_R, XA_BLOCK_K, False, UPCAST)
     if ONE_LAUNCH:  # the last program of this tile to arrive adds the LoRA path and the bias
-        _finish_if_last(ws_ptr, y_ptr, parts_ptr, b_ptr, bias_ptr, cnt_ptr, offs_n, pid_n, pid_m,
+        _finish_if_last(ws_ptr, y_ptr, parts_ptr, b_ptr, bias_ptr, cnt_ptr, offs_n, pid_n, pid_k, pid_m, claimed,
                         tl.num_programs(0), tl.num_programs(2), M, N, R, tl.num_programs(1), s, stride_bn,
                         stride_ym, HAS_LORA, HAS_BIAS, ROWS, BLOCK_R, BLOCK_S)
 

@@ -161,25 +161,41 @@ def _splitk_finish_kernel(
 
 
 @triton.jit
-def _finish_if_last(ws_ptr, y_ptr, parts_ptr, b_ptr, bias_ptr, cnt_ptr, offs_n, pid_n, pid_m, T, G, M, N, R, S, s,
-                    stride_bn, stride_ym, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
-                    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+def _claim_share(cnt_ptr, pid_k, pid_m, T, G, HAS_LORA: tl.constexpr):
+    """The one-launch finish's claim on storing this program's slice's share of x·Aᵀ: the first
+    of the slice's ``T`` programs (one per output tile) to claim it stores it. Returns the claim's
+    count (0: this program stores it; passed on to :func:`_finish_if_last`), -1 without LoRA.
+    Call it right after issuing the weight loads: the atomic's round trip then overlaps them."""
+    if HAS_LORA:
+        S = tl.num_programs(1)
+        claimed = tl.atomic_add(cnt_ptr + G * (T + 2) + pid_m * S + pid_k, 1, sem="relaxed")
+    else:
+        claimed = -1
+    return claimed
+
+
+@triton.jit
+def _finish_if_last(ws_ptr, y_ptr, parts_ptr, b_ptr, bias_ptr, cnt_ptr, offs_n, pid_n, pid_k, pid_m, claimed, T, G,
+                    M, N, R, S, s, stride_bn, stride_ym, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
     """The one-launch finish, at the end of each program of a split kernel whose grid has ``T``
-    output tiles (``pid_n``), ``S`` slices of K and ``G`` groups of ``ROWS`` rows of x
-    (``pid_m``), after it added its sums into ``ws`` and (``pid_n == 0``, with LoRA) stored its
-    share of x·Aᵀ: the last program of each (tile, group) to arrive finishes that tile's rows.
+    output tiles (``pid_n``), ``S`` slices of K (``pid_k``) and ``G`` groups of ``ROWS`` rows of x
+    (``pid_m``), after it added its sums into ``ws`` and, if its claim (:func:`_claim_share`)
+    was the first of its slice, stored the slice's share of x·Aᵀ: the last program of each
+    (tile, group) to arrive finishes that tile's rows.
 
     ``cnt`` (int32, zero before the launch and left zero after it): ``[G, T]`` arrivals, ``[G]``
-    shares stored, ``[G]`` tiles finished. The last arrival of a tile other than 0 waits for the
-    shares of its group, stored by tile 0's programs: each of those has a lower block index than
-    the same slice's program of this tile, which has arrived, so all of them have started if
-    blocks start in index order, and none waits on this one. CUDA does not promise that order
-    (GPUs keep it in practice): before this becomes the default, take each program's indices from
-    a ticket (an atomic counter at its start) instead of ``program_id``, which makes it hold."""
+    shares stored, ``[G]`` tiles finished, then (with LoRA) ``[G, S]`` claims. The last arrival
+    of a tile waits until the group's ``S`` shares are stored. It cannot wait forever, whatever
+    order the GPU starts blocks in: each of the tile's ``S`` programs claimed its slice before it
+    arrived, so every slice's share was claimed by a program that has started, and a claimer
+    stores its share without waiting on anyone."""
     tl.debug_barrier()  # every thread's sums and share of this program before the release below
     if HAS_LORA:
-        if pid_n == 0:
+        if claimed == 0:
             tl.atomic_add(cnt_ptr + G * T + pid_m, 1, sem="release")
+        if claimed == T - 1:  # the slice's last claim: the claims start again from zero next call
+            tl.atomic_xchg(cnt_ptr + G * (T + 2) + pid_m * S + pid_k, 0, sem="relaxed")
     arrived = tl.atomic_add(cnt_ptr + pid_m * T + pid_n, 1, sem="acq_rel")
     if arrived == S - 1:
         if HAS_LORA:
@@ -196,6 +212,7 @@ def _finish_if_last(ws_ptr, y_ptr, parts_ptr, b_ptr, bias_ptr, cnt_ptr, offs_n, 
             if finished == T - 1:
                 tl.atomic_xchg(cnt_ptr + G * T + pid_m, 0)
                 tl.atomic_xchg(cnt_ptr + G * T + G + pid_m, 0)
+
 
 def finish(ws: torch.Tensor, parts: Optional[torch.Tensor], lora_B: Optional[torch.Tensor], R: int,
            scaling: float, bias: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -228,9 +245,9 @@ def run_one_launch(launch: Callable[..., None], M: int, N: int, slots: int, tile
     """Run a split kernel that finishes in the same launch: ``launch(ws, parts, y, counters)``
     with the zeroed ``ws [M, N]``, ``parts`` (with LoRA: ``lora_B`` given) for ``slots`` shares of
     x·Aᵀ, ``y [M, N]`` and the zeroed int32 ``counters`` (:func:`_finish_if_last`: ``tiles`` output
-    tiles, ``groups`` groups of rows of x); the kernel leaves ``ws`` and ``counters`` zero.
-    Returns ``y`` in ``x.dtype``."""
-    n_counters = groups * (tiles + 2)
+    tiles, ``groups`` groups of rows of x, with LoRA a claim per slice and group); the kernel
+    leaves ``ws`` and ``counters`` zero. Returns ``y`` in ``x.dtype``."""
+    n_counters = groups * (tiles + 2 + (slots if lora_B is not None else 0))
     # the counters after the sums in one workspace (fp32 zeros are int32 zeros)
     flat = zeroed_workspace(M * N + n_counters, 1, x.device)
     ws, counters = flat[: M * N].view(M, N), flat[M * N:].view(-1).view(torch.int32)

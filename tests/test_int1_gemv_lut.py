@@ -1,6 +1,9 @@
 """The lookup-table GEMV (a few rows of x, int1 weights) against loraq.reference, every scale
 mode, both table widths, every dtype; and how the forward launcher offers it to the autotuner."""
 
+import contextlib
+import faulthandler
+
 import pytest
 import torch
 
@@ -58,6 +61,59 @@ def test_lut_one_launch_matches_two_and_leaves_its_counters_zero(dtype, lora, bi
               reference.lora_linear_ref(x, w, A, B, 0.7, b), f"one launch {dtype} M={M}")
     # the interpreter adds in one order: the same sums, to the bit
     torch.testing.assert_close(one, two, rtol=0, atol=0)
+
+
+@contextlib.contextmanager
+def interpreter_program_order(seed):
+    """Run the interpreter's programs in another order than its own (grid axis 0 slowest):
+    reversed for ``seed`` 0, else a random permutation of the whole grid."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    own = builder.set_grid_idx
+    calls = {}
+
+    def shuffled(x, y, z):
+        nx, ny, nz = builder.grid_dim
+        total = nx * ny * nz
+        if calls.get("grid") != (nx, ny, nz) or calls["next"] == total:  # a new launch
+            order = torch.arange(total - 1, -1, -1) if seed == 0 else \
+                torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+            calls.update(grid=(nx, ny, nz), order=order.tolist(), next=0)
+        linear = calls["order"][calls["next"]]
+        calls["next"] += 1
+        own(linear // (ny * nz), linear // nz % ny, linear % nz)
+
+    builder.set_grid_idx = shuffled
+    try:
+        yield
+    finally:
+        del builder.set_grid_idx  # the class's method again
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2], ids=["reversed", "shuffled1", "shuffled2"])
+@pytest.mark.parametrize("M, rows", [(1, 1), (5, 2)], ids=["M1", "M5-rows2"])
+def test_lut_one_launch_in_any_program_order(seed, M, rows):
+    """The one-launch protocol does not rely on the order programs start in: with tile 0 last
+    (which would leave an earlier protocol waiting forever on its shares) or shuffled, the
+    slices' shares are stored by whichever program claims them first, every tile is finished,
+    and the counters are zero for the next call."""
+    from loraq.kernels.int1_gemv_lut import int1_gemv_lut
+
+    dtype = torch.float16
+    w, x, A, B, b = problem("int1", dtype, M, 70, 600, r=5)
+    kw = dict(rows=rows, block_n=16, chunk_k=64, bits=4)
+    ref = reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 0.7, f64(b))
+    low = reference.lora_linear_ref(x, w, A, B, 0.7, b)
+    faulthandler.dump_traceback_later(900, exit=True)  # a protocol that waits forever fails loudly
+    try:
+        with interpreter_program_order(seed):
+            for _ in range(2):
+                y = int1_gemv_lut(x, w.tensors(), _meta(w), A, B, 0.7, b, one_launch=True, **kw)
+                check(y, ref, low, f"one launch, program order {seed}, M={M}")
+                assert _clean()
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def test_lut_one_launch_is_opt_in(monkeypatch):
@@ -164,8 +220,8 @@ def test_gpu_every_lut_config_at_a_large_shape(dtype, M):
 @pytest.mark.parametrize("M, N, K", [(1, 28672, 8192), (3, 4096, 4096), (4, 1000, 512)])
 @pytest.mark.parametrize("lora", [True, False])
 def test_gpu_lut_one_launch_at_large_shapes(dtype, M, N, K, lora):
-    """Thousands of programs: tiles finished by whichever program arrives last, tile 0's shares
-    waited for, the counters reset for the next call (ten calls, one stream, and a CUDA graph)."""
+    """Thousands of programs: tiles finished by whichever program arrives last, the claimed
+    shares of x·Aᵀ waited for, the counters reset for the next call (ten calls, one stream, and a CUDA graph)."""
     from loraq.kernels.int1_gemv_lut import int1_gemv_lut
 
     w, x, A, B, b = problem("int1", dtype, M, N, K, r=16, lora=lora)
