@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch import nn
 
-import loraq
 from loraq import CheckpointError, CompressionConfig, LoraLinear, compress_, load, save
 from loraq.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from models import mlp, resnet18, tiny_bert

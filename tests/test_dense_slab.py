@@ -12,8 +12,8 @@ pytest.importorskip("triton")
 from loraq import reference  # noqa: E402
 from loraq.autograd import LoraLinearFunction  # noqa: E402
 from loraq.kernels.autotune import DENSE_SLAB, SLAB_MERGE, SLAB_OUTPUT_FIRST, SLAB_WIDEN  # noqa: E402
-from test_triton_kernels import (DEV, DTYPES, FORMATS, _kernel_args, candidates_passed, check, f64,  # noqa: E402
-                                 problem)
+from test_triton_kernels import (DEV, DTYPES, FORMATS, _kernel_args, check, f64,  # noqa: E402
+                                 problem, tuner_calls)
 
 
 def _fmt(kind):
@@ -248,33 +248,26 @@ def test_dense_slab_configs_fit_the_buffer_in_equal_slabs_and_start_past_32_rows
 
 
 @pytest.mark.parametrize("launcher_name", ["lora_linear_fwd", "lora_linear_dx"])
-def test_launchers_offer_the_slabs_past_32_rows_only(launcher_name, monkeypatch):
+def test_launchers_offer_the_slabs_past_32_rows_only(launcher_name):
     """Every placement; widened, the width counts the rank, the bias and the padding: K + r + 1
     rounded up to 8 (forward), N + r (dX). dX offers the merged slab only when given ``lora_B``."""
     import loraq.kernels as kernels
-    from loraq.kernels.autotune import configs_for, dense_slab_configs, pairs_configs
+    from loraq.kernels.autotune import dense_slab_configs, pairs_configs
 
     launcher = getattr(kernels, launcher_name)
-    seen = []
-
-    ops_seen = []
-
-    def spy(op, M, N, K, dtype, device, run, bench=None, extra=None):
-        seen.append((M, candidates_passed(extra)))
-        ops_seen.append(op)
-        return configs_for(M)[0]
-
-    monkeypatch.setattr(sys.modules[launcher.__module__], "pick_config", spy)
     N, K, r = 20, 50, 3
-    for M in (32, 33):
-        w, x, A, B, b = problem("int1", torch.float16, M, N, K, r=r)
-        tensors, meta = _kernel_args(w)
-        if launcher_name == "lora_linear_fwd":
-            launcher(x, "int1", tensors, meta, A, B, 0.5, b)
-        else:
-            dy = torch.randn(M, N, dtype=torch.float16, device=DEV)
-            launcher(dy, "int1", tensors, meta, A, dy @ B, 0.5)
-            launcher(dy, "int1", tensors, meta, A, dy @ B, 0.5, lora_B=B)
+    with tuner_calls(launcher) as calls:
+        for M in (32, 33):
+            w, x, A, B, b = problem("int1", torch.float16, M, N, K, r=r)
+            tensors, meta = _kernel_args(w)
+            if launcher_name == "lora_linear_fwd":
+                launcher(x, "int1", tensors, meta, A, B, 0.5, b)
+            else:
+                dy = torch.randn(M, N, dtype=torch.float16, device=DEV)
+                launcher(dy, "int1", tensors, meta, A, dy @ B, 0.5)
+                launcher(dy, "int1", tensors, meta, A, dy @ B, 0.5, lora_B=B)
+    seen = [(c.M, c.candidates) for c in calls]
+    ops_seen = [c.op for c in calls]
     if launcher_name == "lora_linear_fwd":  # after int1's pair-order tiles (tests/test_int1_pairs.py)
         want = dense_slab_configs(33, N, {SLAB_WIDEN: 56, SLAB_OUTPUT_FIRST: 50, SLAB_MERGE: 50}, 2)
         assert seen == [(32, pairs_configs(32)), (33, pairs_configs(33) + want)] and want

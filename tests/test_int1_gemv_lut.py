@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 
 from loraq import reference  # noqa: E402
 from loraq.kernels.autotune import lut_configs  # noqa: E402
-from test_triton_kernels import candidates_passed, DTYPES, check, f64, problem  # noqa: E402
+from test_triton_kernels import DTYPES, check, f64, problem, tuner_calls  # noqa: E402
 
 INT1_KINDS = ["int1", "int1_g16", "int1_onebit"]
 
@@ -176,26 +176,18 @@ def test_lut_refuses_what_it_cannot_do():
         lora_linear_fwd(xs, "sparse4x4", s4.tensors(), {"N": 16, "K": 48}, config=LUT_M1[0])
 
 
-def test_the_launcher_offers_the_lut_only_for_a_few_rows_of_int1(monkeypatch):
+def test_the_launcher_offers_the_lut_only_for_a_few_rows_of_int1():
     """The LUT candidates join the tuning for M ≤ 4 int1 (supported scales) under their own cache
     key, never for more rows, sparse4x4 or groups the table cannot scale."""
-    import sys
-
     from loraq.kernels import autotune, lora_linear_fwd
 
-    seen = []
-
-    def spy(op, M, N, K, dtype, device, run, bench=None, extra=None):
-        seen.append((op, M, any(c[6] == autotune.LUT for c in candidates_passed(extra))))
-        return autotune.configs_for(M)[0]
-
-    monkeypatch.setattr(sys.modules[lora_linear_fwd.__module__], "pick_config", spy)
-    for kind, M in [("int1", 1), ("int1", 5), ("int1_g12", 1), ("int1_onebit", 3), ("sparse4x4", 1), ("int1", 2)]:
-        w, x, *_ = problem(kind, torch.float16, M, 16, 48, lora=False, bias=False)
-        meta = _meta(w) if kind.startswith("int1") else {"N": 16, "K": 48}
-        lora_linear_fwd(x, kind.split("_")[0], w.tensors(), meta)
+    with tuner_calls(lora_linear_fwd) as seen:
+        for kind, M in [("int1", 1), ("int1", 5), ("int1_g12", 1), ("int1_onebit", 3), ("sparse4x4", 1), ("int1", 2)]:
+            w, x, *_ = problem(kind, torch.float16, M, 16, 48, lora=False, bias=False)
+            meta = _meta(w) if kind.startswith("int1") else {"N": 16, "K": 48}
+            lora_linear_fwd(x, kind.split("_")[0], w.tensors(), meta)
     # sparse4x4 gets the gathering GEMV instead (tests/test_sparse4x4_gemv.py)
-    assert [(op.endswith(":lut"), M, lut) for op, M, lut in seen] == [
+    assert [(c.op.endswith(":lut"), c.M, any(cfg[6] == autotune.LUT for cfg in c.candidates)) for c in seen] == [
         (True, 1, True), (False, 5, False), (False, 1, False), (True, 3, True), (False, 1, False), (True, 2, True)]
 
 

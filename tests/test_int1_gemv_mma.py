@@ -6,7 +6,6 @@ with the extension built (tests marked ``gpu``): against loraq.reference in ever
 dtype and config, with odd shapes, and exactly, one weight at a time.
 """
 
-import importlib
 
 import pytest
 import torch
@@ -16,33 +15,22 @@ pytest.importorskip("triton")
 from loraq import reference  # noqa: E402
 from loraq.formats import Int1Weight  # noqa: E402
 from loraq.kernels import lora_linear_fwd  # noqa: E402
-from loraq.kernels.autotune import MMA_GEMV, configs_for, describe  # noqa: E402
+from loraq.kernels.autotune import MMA_GEMV, describe  # noqa: E402
 from loraq.kernels.cuda_ext import SMEM_BUDGET  # noqa: E402
 from loraq.kernels.int1_gemv_mma import (MMA_MAX_M, MMA_SHAPES, MMA_TASK_INPUTS,  # noqa: E402
                                          check_mma_config, int1_gemv_mma, k_slices, mma_gemv_configs,
                                          mma_gemv_status)
-from test_triton_kernels import _kernel_args, candidates_passed, check, f64, problem  # noqa: E402
+from test_triton_kernels import _kernel_args, check, f64, problem, tuner_calls  # noqa: E402
 
 CFG = (MMA_MAX_M, 2, MMA_TASK_INPUTS, 1, 16, 1, MMA_GEMV)
 
 
 def mma_offered(x, w, *lora_bias) -> bool:
-    """Whether the forward launcher passes mma GEMV candidates to the tuner for this call (the
-    tuner itself is replaced: it returns the first tiled config, which then runs)."""
-    fwd = importlib.import_module("loraq.kernels.lora_linear_fwd")  # the module (the package exports the function)
-    seen = []
-
-    def spy(op, M, N, K, dtype, device, run, bench=None, extra=None):
-        seen.extend(candidates_passed(extra) or [])
-        return configs_for(M)[0]
-
-    real, fwd.pick_config = fwd.pick_config, spy
-    try:
+    """Whether the forward launcher passes mma GEMV candidates to the tuner for this call."""
+    with tuner_calls(lora_linear_fwd) as seen:
         lora_linear_fwd(x, "int1", *_kernel_args(w), *lora_bias)
-    finally:
-        fwd.pick_config = real
     assert seen
-    return any(c[6] == MMA_GEMV for c in seen)
+    return any(c[6] == MMA_GEMV for call in seen for c in call.candidates)
 
 
 @pytest.mark.parametrize("M", [1, 3, 8, 16])

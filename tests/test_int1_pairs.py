@@ -3,8 +3,6 @@ dX two rows at a time) against loraq.reference: every candidate tile, every scal
 that do not line up with the 32-bit words included), every dtype, split and unsplit reductions;
 and how the launchers offer them."""
 
-import sys
-
 import pytest
 import torch
 
@@ -12,8 +10,8 @@ pytest.importorskip("triton")
 
 from loraq import reference  # noqa: E402
 from loraq.kernels.autotune import (DOT_PAIRS, PAIRS_DX_MID_M, PAIRS_DX_SMALL_M, PAIRS_MAX_M,  # noqa: E402
-                                    PAIRS_MID_M, PAIRS_SMALL_M, configs_for, pairs_configs)
-from test_triton_kernels import DEV, DTYPES, _kernel_args, candidates_passed, check, f64, problem  # noqa: E402
+                                    PAIRS_MID_M, PAIRS_SMALL_M, pairs_configs)
+from test_triton_kernels import DEV, DTYPES, _kernel_args, check, f64, problem, tuner_calls  # noqa: E402
 
 HALF_DTYPES = [torch.float16, torch.bfloat16]
 
@@ -152,44 +150,33 @@ def test_pairs_configs_cover_small_and_middle_batches_only():
         pairs_configs(4, "bwd")
 
 
-def test_the_launcher_offers_pairs_for_16_bit_int1_only(monkeypatch):
+def test_the_launcher_offers_pairs_for_16_bit_int1_only():
     """fp16 and bf16 int1 up to PAIRS_MAX_M rows (next to the LUT for a few rows and the dense
     slabs past 32); never fp32, sparse4x4 or more rows."""
     import loraq.kernels as kernels
 
-    seen = []
-
-    def spy(op, M, N, K, dtype, device, run, bench=None, extra=None):
-        seen.append((op.split(":")[1], M, dtype, [c for c in candidates_passed(extra) if c[6] == DOT_PAIRS]))
-        return configs_for(M)[0]
-
-    monkeypatch.setattr(sys.modules[kernels.lora_linear_fwd.__module__], "pick_config", spy)
     cases = [("int1", torch.float16, 1), ("int1_onebit", torch.bfloat16, 3), ("int1", torch.float16, 16),
              ("int1_g16", torch.float16, 40), ("int1", torch.float32, 3), ("sparse4x4", torch.float16, 3),
              ("int1", torch.bfloat16, PAIRS_MAX_M + 1)]
-    for kind, dtype, M in cases:
-        w, x, *_ = problem(kind, dtype, M, 16, 48, lora=False, bias=False)
-        tensors, meta = _kernel_args(w)
-        kernels.lora_linear_fwd(x, kind.split("_")[0], tensors, meta)
-    assert [pairs for *_, pairs in seen] == [PAIRS_SMALL_M, PAIRS_SMALL_M, PAIRS_SMALL_M, PAIRS_MID_M, [], [], []]
+    with tuner_calls(kernels.lora_linear_fwd) as seen:
+        for kind, dtype, M in cases:
+            w, x, *_ = problem(kind, dtype, M, 16, 48, lora=False, bias=False)
+            tensors, meta = _kernel_args(w)
+            kernels.lora_linear_fwd(x, kind.split("_")[0], tensors, meta)
+    assert [[c for c in call.candidates if c[6] == DOT_PAIRS] for call in seen] == [PAIRS_SMALL_M, PAIRS_SMALL_M, PAIRS_SMALL_M, PAIRS_MID_M, [], [], []]
 
 
-def test_the_dx_launcher_offers_pairs_for_16_bit_int1_only(monkeypatch):
+def test_the_dx_launcher_offers_pairs_for_16_bit_int1_only():
     import loraq.kernels as kernels
 
-    seen = []
-
-    def spy(op, M, N, K, dtype, device, run, bench=None, extra=None):
-        seen.append([c for c in candidates_passed(extra) if c[6] == DOT_PAIRS])
-        return configs_for(M)[0]
-
-    monkeypatch.setattr(sys.modules[kernels.lora_linear_dx.__module__], "pick_config", spy)
     cases = [("int1", torch.float16, 1), ("int1_onebit", torch.bfloat16, 40), ("int1", torch.float32, 3),
              ("sparse4x4", torch.float16, 20), ("int1", torch.float16, PAIRS_MAX_M + 1)]
-    for kind, dtype, M in cases:
-        w, *_ = problem(kind, dtype, M, 16, 48, lora=False, bias=False)
-        tensors, meta = _kernel_args(w)
-        kernels.lora_linear_dx(torch.randn(M, 16, dtype=dtype, device=DEV), kind.split("_")[0], tensors, meta)
+    with tuner_calls(kernels.lora_linear_dx) as calls:
+        for kind, dtype, M in cases:
+            w, *_ = problem(kind, dtype, M, 16, 48, lora=False, bias=False)
+            tensors, meta = _kernel_args(w)
+            kernels.lora_linear_dx(torch.randn(M, 16, dtype=dtype, device=DEV), kind.split("_")[0], tensors, meta)
+    seen = [[c for c in call.candidates if c[6] == DOT_PAIRS] for call in calls]
     assert seen == [PAIRS_DX_SMALL_M, PAIRS_DX_MID_M, [], [], []]
 
 

@@ -11,7 +11,7 @@ from loraq import reference  # noqa: E402
 from loraq.formats import Sparse4x4Weight  # noqa: E402
 from loraq.formats.sparse4x4 import pack_nibbles  # noqa: E402
 from loraq.kernels.autotune import gather_configs, gather_fwd_configs  # noqa: E402
-from test_triton_kernels import candidates_passed, DTYPES, check, f64, problem  # noqa: E402
+from test_triton_kernels import DTYPES, check, f64, problem, tuner_calls  # noqa: E402
 
 
 def _refs(x, w, A, B, s, b):
@@ -130,25 +130,19 @@ def test_gather_refuses_what_it_cannot_do():
         lora_linear_fwd(x, "sparse4x4", w.tensors(), meta, config=(1, 16, 4, 1, 4, 2, GATHER_T))
 
 
-def test_the_launcher_offers_the_gather_for_small_batches_of_sparse4x4(monkeypatch):
+def test_the_launcher_offers_the_gather_for_small_batches_of_sparse4x4():
     """The gathering candidates join the tuning of sparse4x4 up to GATHER_MAX_M rows under their
     own cache key; int1 and larger batches never see them."""
-    import sys
-
     from loraq.kernels import autotune, lora_linear_fwd
 
-    seen = []
-
-    def spy(op, M, N, K, dtype, device, run, bench=None, extra=None):
-        seen.append((op.endswith(":gather"), M, M <= autotune.GATHER_MAX_M and candidates_passed(extra) == autotune.gather_fwd_configs(M)))
-        return autotune.configs_for(M)[0]
-
-    monkeypatch.setattr(sys.modules[lora_linear_fwd.__module__], "pick_config", spy)
     int1_meta = {"N": 16, "K": 48, "group_size": None, "scale_mode": "mean_abs"}
-    for kind, M in [("sparse4x4", 1), ("sparse4x4", 2), ("sparse4x4", 7), ("sparse4x4", 16), ("sparse4x4", 17),
-                    ("int1", 5)]:
-        w, x, *_ = problem(kind, torch.float16, M, 16, 48, lora=False, bias=False)
-        lora_linear_fwd(x, kind, w.tensors(), {"N": 16, "K": 48} if kind == "sparse4x4" else int1_meta)
+    with tuner_calls(lora_linear_fwd) as calls:
+        for kind, M in [("sparse4x4", 1), ("sparse4x4", 2), ("sparse4x4", 7), ("sparse4x4", 16), ("sparse4x4", 17),
+                        ("int1", 5)]:
+            w, x, *_ = problem(kind, torch.float16, M, 16, 48, lora=False, bias=False)
+            lora_linear_fwd(x, kind, w.tensors(), {"N": 16, "K": 48} if kind == "sparse4x4" else int1_meta)
+    seen = [(c.op.endswith(":gather"), c.M, c.M <= autotune.GATHER_MAX_M and c.candidates == autotune.gather_fwd_configs(c.M))
+            for c in calls]
     assert seen == [(True, 1, True), (True, 2, True), (True, 7, True), (True, 16, True), (False, 17, False),
                     (False, 5, False)]
 

@@ -11,7 +11,6 @@ loraq.reference, with LoRA and bias, every config, exactly, and that the tuner o
 """
 
 import ctypes
-import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -24,13 +23,13 @@ pytest.importorskip("triton")
 from loraq import reference  # noqa: E402
 from loraq.formats import Sparse4x4Weight  # noqa: E402
 from loraq.kernels import lora_linear_fwd  # noqa: E402
-from loraq.kernels.autotune import CUDA_GATHER, SPARSE_MMA, configs_for, describe  # noqa: E402
+from loraq.kernels.autotune import CUDA_GATHER, SPARSE_MMA, describe  # noqa: E402
 from loraq.kernels.cuda_ext import SMEM_BUDGET  # noqa: E402
 from loraq.kernels.sparse4x4_gemv_cuda import (GATHER_TASK_INPUTS, SHAPES, SPARSE_MMA_ROWS,  # noqa: E402
                                                SPARSE_MMA_TASK_INPUTS, WARPS_AN_SM, check_sparse_cuda_config,
                                                rows_for, sparse4x4_gemv_cuda, sparse_cuda_configs, sparse_cuda_status,
                                                sparse_slices)
-from test_triton_kernels import _kernel_args, candidates_passed, check, f64, problem  # noqa: E402
+from test_triton_kernels import _kernel_args, check, f64, problem, tuner_calls  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -241,22 +240,11 @@ def test_rows_and_configs():
 
 
 def sparse_cuda_offered(x, w, *lora_bias) -> bool:
-    """Whether the forward launcher passes sparse4x4 CUDA candidates to the tuner for this call
-    (the tuner itself is replaced: it returns the first tiled config, which then runs)."""
-    fwd = importlib.import_module("loraq.kernels.lora_linear_fwd")
-    seen = []
-
-    def spy(op, M, N, K, dtype, device, run, bench=None, extra=None):
-        seen.extend(candidates_passed(extra) or [])
-        return configs_for(M)[0]
-
-    real, fwd.pick_config = fwd.pick_config, spy
-    try:
+    """Whether the forward launcher passes sparse4x4 CUDA candidates to the tuner for this call."""
+    with tuner_calls(lora_linear_fwd) as seen:
         lora_linear_fwd(x, "sparse4x4", *_kernel_args(w), *lora_bias)
-    finally:
-        fwd.pick_config = real
     assert seen
-    return {CUDA_GATHER, SPARSE_MMA} <= {c[6] for c in seen}
+    return {CUDA_GATHER, SPARSE_MMA} <= {c[6] for call in seen for c in call.candidates}
 
 
 def test_status_and_refusals_off_the_gpu(monkeypatch):

@@ -11,7 +11,7 @@ from loraq import reference  # noqa: E402
 from loraq.formats import Sparse4x4Weight  # noqa: E402
 from loraq.formats.sparse4x4 import pack_nibbles  # noqa: E402
 from loraq.kernels.autotune import gather_configs  # noqa: E402
-from test_triton_kernels import candidates_passed, DTYPES, check, problem  # noqa: E402
+from test_triton_kernels import DTYPES, check, problem, tuner_calls  # noqa: E402
 
 
 def _refs(dy, w, A, dyB, s):
@@ -104,23 +104,17 @@ def test_gather_dx_refuses_what_it_cannot_do():
         lora_linear_dx(dy, "sparse4x4", w.tensors(), meta, config=(1, 2, 16, 1, 4, 2, GATHER))
 
 
-def test_lora_linear_dx_offers_the_gather_for_small_batches_of_sparse4x4(monkeypatch):
-    import sys
-
+def test_lora_linear_dx_offers_the_gather_for_small_batches_of_sparse4x4():
     from loraq.kernels import autotune, lora_linear_dx
 
-    seen = []
-
-    def spy(op, M, N, K, dtype, device, run, bench=None, extra=None):
-        seen.append((op.endswith(":gather"), M, M <= autotune.GATHER_MAX_M and candidates_passed(extra) == autotune.gather_configs(M)))
-        return autotune.configs_for(M)[0]
-
-    monkeypatch.setattr(sys.modules[lora_linear_dx.__module__], "pick_config", spy)
     int1_meta = {"N": 16, "K": 48, "group_size": None, "scale_mode": "mean_abs"}
-    for kind, M in [("sparse4x4", 1), ("sparse4x4", 9), ("sparse4x4", 17), ("int1", 2)]:
-        w, *_ = problem(kind, torch.float16, M, 16, 48, lora=False, bias=False)
-        lora_linear_dx(torch.randn(M, 16, dtype=torch.float16), kind, w.tensors(),
-                       {"N": 16, "K": 48} if kind == "sparse4x4" else int1_meta)
+    with tuner_calls(lora_linear_dx) as calls:
+        for kind, M in [("sparse4x4", 1), ("sparse4x4", 9), ("sparse4x4", 17), ("int1", 2)]:
+            w, *_ = problem(kind, torch.float16, M, 16, 48, lora=False, bias=False)
+            lora_linear_dx(torch.randn(M, 16, dtype=torch.float16), kind, w.tensors(),
+                           {"N": 16, "K": 48} if kind == "sparse4x4" else int1_meta)
+    seen = [(c.op.endswith(":gather"), c.M, c.M <= autotune.GATHER_MAX_M and c.candidates == autotune.gather_configs(c.M))
+            for c in calls]
     assert seen == [(True, 1, True), (True, 9, True), (False, 17, False), (False, 2, False)]
 
 

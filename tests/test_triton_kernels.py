@@ -6,7 +6,10 @@ error against a float64 reference may be at most twice plain PyTorch's in the sa
 small absolute slack.
 """
 
+import contextlib
 import os
+import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +19,7 @@ pytest.importorskip("triton")
 from loraq import LoraLinear, ops, reference  # noqa: E402
 from loraq.autograd import LoraLinearFunction  # noqa: E402
 from loraq.formats import Int1Weight  # noqa: E402
-from loraq.kernels.autotune import LARGE_M, MID_M, SMALL_M  # noqa: E402
+from loraq.kernels.autotune import LARGE_M, MID_M, SMALL_M, configs_for  # noqa: E402
 from weights import make_weight  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -55,6 +58,26 @@ def candidates_passed(extra):
     """The extra candidates a launcher passed to ``pick_config`` (a list, or the function that
     makes it)."""
     return extra() if callable(extra) else extra
+
+
+@contextlib.contextmanager
+def tuner_calls(launcher):
+    """Record what ``launcher`` (``lora_linear_fwd`` or ``lora_linear_dx``) asks its tuner:
+    yields a list that gets one ``(op, M, dtype, candidates)`` namespace per call (``candidates``:
+    the extra configs passed, ``[]`` if none). The tuner is replaced meanwhile: it answers the
+    first tiled config, which then runs."""
+    module = sys.modules[launcher.__module__]
+    seen = []
+
+    def spy(op, M, N, K, dtype, device, run, bench=None, extra=None):
+        seen.append(SimpleNamespace(op=op, M=M, dtype=dtype, candidates=candidates_passed(extra) or []))
+        return configs_for(M)[0]
+
+    real, module.pick_config = module.pick_config, spy
+    try:
+        yield seen
+    finally:
+        module.pick_config = real
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
