@@ -23,6 +23,17 @@ __host__ __device__ __forceinline__ __half from_float<__half>(float v) { return 
 template <>
 __host__ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// Warp `warp` of `total` takes the tasks [first, first + count) of `tasks`: contiguous runs, as
+// even as the division makes them (every warp of a launch, in every kernel and in the emulation).
+struct WarpRun {
+  int64_t first;
+  int count;
+};
+__host__ __device__ __forceinline__ WarpRun warp_run(int64_t warp, int64_t total, int64_t tasks) {
+  const int64_t first = warp * tasks / total;
+  return {first, (int)((warp + 1) * tasks / total - first)};
+}
+
 // A read-only load: through the non-coherent cache on the GPU, a plain read on the host.
 template <typename V>
 __host__ __device__ __forceinline__ V load_ro(const V* p) {

@@ -217,8 +217,7 @@ __global__ void __launch_bounds__(1024) int1_gemv_mma_kernel(const Args a) {
   const int warps = blockDim.x >> 5;
   const int64_t warp = (int64_t)blockIdx.x * warps + (threadIdx.x >> 5), total = (int64_t)gridDim.x * warps;
   const int64_t tasks = (int64_t)((a.N + kTaskRows - 1) / kTaskRows) * chunks;
-  const int64_t first = warp * tasks / total;
-  const int count = (int)((warp + 1) * tasks / total - first);  // this warp's run of tasks
+  const auto [first, count] = loraq_gemv::warp_run(warp, total, tasks);  // this warp's run of tasks
   if (count <= 0) return;
   // lane g reads row g of x for tile 0, row 8 + g for tile 1; lanes past the rows of x read row 0
   // (their columns of the product are never stored)

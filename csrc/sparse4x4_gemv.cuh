@@ -248,8 +248,7 @@ template <typename T, int ROWS, bool VEC>
 __host__ __device__ void run_lane(const Args& a, const float* xs, int tile0, int chunks, int row0, int64_t warp,
                                   int64_t total, int lane) {
   const int64_t tasks = (int64_t)((a.TN + kWarpTileRows - 1) / kWarpTileRows) * chunks;
-  const int64_t first = warp * tasks / total;
-  const int count = (int)((warp + 1) * tasks / total - first);
+  const auto [first, count] = loraq_gemv::warp_run(warp, total, tasks);
   if (count <= 0) return;
   int rg = (int)(first / chunks), c = (int)(first % chunks);  // the task: tile-row group, chunk
   uint32_t val[16], pos[4];

@@ -223,8 +223,7 @@ __global__ void __launch_bounds__(kThreads) sparse4x4_gemv_mma_kernel(const Args
   const int warps = blockDim.x >> 5;
   const int64_t warp = (int64_t)blockIdx.x * warps + (threadIdx.x >> 5), total = (int64_t)gridDim.x * warps;
   const int64_t tasks = (int64_t)((a.N + kTaskRows - 1) / kTaskRows) * chunks;
-  const int64_t first = warp * tasks / total;
-  const int count = (int)((warp + 1) * tasks / total - first);
+  const auto [first, count] = loraq_gemv::warp_run(warp, total, tasks);
   if (count <= 0) return;
   // lane g reads row g of x for tile 0, row 8 + g for tile 1
   int xrow[NT];

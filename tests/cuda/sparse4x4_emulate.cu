@@ -11,6 +11,24 @@
 
 #include "../../csrc/sparse4x4_gemv.cuh"
 
+// The kernels' arguments as the launcher fills them, for a weight packed by Sparse4x4Weight
+// (positions two 4-bit codes a byte) and ws from torch.zeros; the slice plan is set by the caller.
+static loraq_sparse::Args emulated_args(const void* x, const uint16_t* values, const uint8_t* positions, float* ws,
+                                        int M, int N, int K) {
+  loraq_sparse::Args a{};
+  a.x = x;
+  a.values = values;
+  a.positions = positions;
+  a.ws = ws;
+  a.M = M;
+  a.N = N;
+  a.K = K;
+  a.TN = (N + 3) / 4;
+  a.TK = (K + 3) / 4;
+  a.PW = (a.TK + 1) / 2;
+  return a;
+}
+
 namespace gather_emu {
 
 using namespace loraq_sparse;
@@ -53,17 +71,7 @@ extern "C" int sparse4x4_emulate(int dtype, int rows, int vec, const void* x, co
                                  const uint8_t* positions, float* ws, int M, int N, int K, int blocks, int warps,
                                  int k_split) {
   using gather_emu::by_rows;
-  loraq_sparse::Args a{};
-  a.x = x;
-  a.values = values;
-  a.positions = positions;
-  a.ws = ws;
-  a.M = M;
-  a.N = N;
-  a.K = K;
-  a.TN = (N + 3) / 4;
-  a.TK = (K + 3) / 4;
-  a.PW = (a.TK + 1) / 2;
+  loraq_sparse::Args a = emulated_args(x, values, positions, ws, M, N, K);
   a.out4 = N % 4 == 0;  // ws from torch.zeros: aligned
   if (M < 1 || K < 1 || k_split < 1 || blocks < 1 || warps < 1) return 1;
   a.slice_tiles = loraq_sparse::slice_tiles_for(a.TK, k_split < a.TK ? k_split : a.TK);
@@ -136,8 +144,7 @@ void emulate(const Args& a, int blocks, int warps) {
       for (int w = 0; w < warps; ++w) {
         const int64_t warp = (int64_t)b * warps + w, total = (int64_t)blocks * warps;
         const int64_t tasks = (int64_t)((a.N + kTaskRows - 1) / kTaskRows) * chunks;
-        const int64_t first = warp * tasks / total;
-        const int count = (int)((warp + 1) * tasks / total - first);
+        const auto [first, count] = loraq_gemv::warp_run(warp, total, tasks);
         float acc[NT][32][4] = {};
         for (int i = 0; i < count; ++i) {
           const int rg = (int)((first + i) / chunks), c = (int)((first + i) % chunks);
@@ -187,17 +194,7 @@ void emulate(const Args& a, int blocks, int warps) {
 extern "C" int sparse4x4_mma_emulate(int dtype, int vec, const void* x, const uint16_t* values,
                                      const uint8_t* positions, float* ws, int M, int N, int K, int blocks, int warps,
                                      int k_split) {
-  loraq_sparse::Args a{};
-  a.x = x;
-  a.values = values;
-  a.positions = positions;
-  a.ws = ws;
-  a.M = M;
-  a.N = N;
-  a.K = K;
-  a.TN = (N + 3) / 4;
-  a.TK = (K + 3) / 4;
-  a.PW = (a.TK + 1) / 2;
+  loraq_sparse::Args a = emulated_args(x, values, positions, ws, M, N, K);
   if (M < 1 || M > loraq_sparse_mma::kMaxRows || K < 1 || k_split < 1 || blocks < 1 || warps < 1) return 1;
   a.slice_tiles = loraq_sparse_mma::slice_tiles_for(a.TK, k_split < a.TK ? k_split : a.TK);
   const bool two = M > loraq_sparse_mma::kTileRows;
