@@ -109,10 +109,13 @@ def compile_kernel(op: str, fmt: str, cfg, dtype: str = "fp16", arch: int = 90, 
     elif swap in GATHER_FWD:
         fn = _sparse4x4_gemv_kernel
         ptrs = [("x_ptr", act), ("values_ptr", act), ("pos_ptr", "*u8"), ("a_ptr", act), ("parts_ptr", "*fp32"),
-                ("ws_ptr", "*fp32")]
-        scalars = ["M", "N", "K", "TK", "PW", "R", "K_PER_SPLIT", "stride_xm", "stride_ar"]
+                ("ws_ptr", "*fp32"), ("y_ptr", act), ("b_ptr", act), ("bias_ptr", act), ("cnt_ptr", "*i32")]
+        scalars = ["M", "N", "K", "TK", "PW", "R", "K_PER_SPLIT", "stride_xm", "stride_ar", "s", "stride_bn",
+                   "stride_ym"]
+        one = one_launch_offered()  # LORAQ_ONE_LAUNCH=1, as for the lookup GEMV
         cx = dict(HAS_LORA=True, BLOCK_R=16, IEEE=dtype == "fp32", UPCAST=False, ROWS=bm, BLOCK_N=out_tile,
-                  BLOCK_K=red_tile, TRANSPOSE=swap in (GATHER_T, GATHER_T_X4), X4=swap in (GATHER_X4, GATHER_T_X4))
+                  BLOCK_K=red_tile, TRANSPOSE=swap in (GATHER_T, GATHER_T_X4), X4=swap in (GATHER_X4, GATHER_T_X4),
+                  ONE_LAUNCH=one, HAS_BIAS=one, BLOCK_S=16)
     elif op == "fwd":
         fn = _lora_linear_fwd_kernel
         ptrs = [("x_ptr", act), ("w0_ptr", w0), ("w1_ptr", w1), ("w2_ptr", act), ("xa_ptr", act), ("b_ptr", act),

@@ -58,7 +58,8 @@ def _int1_gemv_lut_kernel(
     words = tl.load(packed_ptr + offs_n[None, :] * KW + offs_w[:, None],
                     mask=(offs_n[None, :] < N) & (offs_w[:, None] < KW), other=0)
     if ONE_LAUNCH:  # whichever program of this slice claims first stores its share of x·Aᵀ
-        claimed = _claim_share(cnt_ptr, pid_k, pid_m, tl.num_programs(0), tl.num_programs(2), HAS_LORA)
+        claimed = _claim_share(cnt_ptr, pid_k, pid_m, tl.num_programs(0), tl.num_programs(2), tl.num_programs(1),
+                               HAS_LORA)
         stores_share = claimed == 0
     else:
         stores_share = pid_n == 0

@@ -15,7 +15,9 @@ Programs split N (``BLOCK_N`` rows, a multiple of 4), K (``K_PER_SPLIT`` each, w
 ``BLOCK_K`` at a time) and M (``ROWS`` rows of ``x`` each); partial sums meet through fp32
 atomics in a zeroed workspace. The programs of the first block of outputs also store their
 slice's share of ``x·Aᵀ``; ``splitk_finish.finish`` adds the LoRA path and the bias and casts, in
-the second and last launch of a call.
+the second and last launch of a call. In the one-launch mode (``LORAQ_ONE_LAUNCH=1``) the first
+program of each slice to claim it stores the share, and the last program of each block of
+outputs to arrive finishes it (``splitk_finish._finish_if_last``).
 """
 
 import torch
@@ -24,8 +26,8 @@ import triton.language as tl
 
 from .autotune import GATHER, GATHER_FWD, GATHER_T, GATHER_T_X4, GATHER_X4
 from .decode import interpreter_upcast, lora_in_dtype, split_plan, weight_args
-from .splitk_finish import XA_BLOCK_K, _store_xa_part, run_split
-from .host_math import cdiv, block_r
+from .splitk_finish import XA_BLOCK_K, _claim_share, _finish_if_last, _store_xa_part, one_launch_offered, run_one_launch, run_split
+from .host_math import cdiv, block_r, next_pow2
 
 
 @triton.jit
@@ -113,9 +115,11 @@ def _gather_step(x_rows, values_ptr, pos_ptr, rows, tn, k0, k_end, K, TK, PW, ac
 @triton.jit
 def _sparse4x4_gemv_kernel(
     x_ptr, values_ptr, pos_ptr, a_ptr, parts_ptr, ws_ptr,
-    M, N, K, TK, PW, R, K_PER_SPLIT, stride_xm, stride_ar,
+    y_ptr, b_ptr, bias_ptr, cnt_ptr,  # the one-launch finish's (placeholders without ONE_LAUNCH)
+    M, N, K, TK, PW, R, K_PER_SPLIT, stride_xm, stride_ar, s, stride_bn, stride_ym,
     HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TRANSPOSE: tl.constexpr, X4: tl.constexpr,
+    ONE_LAUNCH: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     TN_B: tl.constexpr = BLOCK_N // 4  # tile rows per program
     TK_B: tl.constexpr = BLOCK_K // 4  # tile columns per step
@@ -127,6 +131,12 @@ def _sparse4x4_gemv_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
+    if ONE_LAUNCH:  # whichever program of this slice claims first stores its share of x·Aᵀ
+        claimed = _claim_share(cnt_ptr, pid_s, pid_m, tl.num_programs(1), tl.num_programs(0), tl.num_programs(2),
+                               HAS_LORA)
+        stores_share = claimed == 0
+    else:
+        stores_share = pid_n == 0
     rows = tl.arange(0, ROWS)
     offs_m = pid_m * ROWS + rows
     # rows of Ŵ past N and of x past M are clamped to the last real ones: their loads stay in
@@ -154,21 +164,26 @@ def _sparse4x4_gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], y,
                   mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
-    if HAS_LORA and pid_n == 0:  # this slice's share of x·Aᵀ, for the finish
+    if HAS_LORA and stores_share:  # this slice's share of x·Aᵀ, for the finish
         _store_xa_part(x_ptr, a_ptr, parts_ptr, pid_m * ROWS, M, k_start, k_end, R, pid_s, stride_xm, stride_ar,
                        ROWS, BLOCK_R, XA_BLOCK_K, IEEE, UPCAST)
+    if ONE_LAUNCH:  # the last program of this block of outputs to arrive adds the LoRA path and the bias
+        _finish_if_last(ws_ptr, y_ptr, parts_ptr, b_ptr, bias_ptr, cnt_ptr, offs_n, pid_n, pid_s, pid_m, claimed,
+                        tl.num_programs(1), tl.num_programs(0), M, N, R, tl.num_programs(2), s, stride_bn, stride_ym,
+                        HAS_LORA, HAS_BIAS, ROWS, BLOCK_R, BLOCK_S)
 
 
 def sparse4x4_gemv(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1.0, bias=None,
                    rows: int = 1, block_n: int = 128, block_k: int = 256, split: int = 4, num_warps: int = 4,
-                   num_stages: int = 2, transpose: bool = False, by_fours: bool = False):
+                   num_stages: int = 2, transpose: bool = False, by_fours: bool = False, one_launch=None):
     """Launch the gathering forward for ``x [M, K]`` (meant for small ``M``) and a sparse4x4
     weight (``tensors``/``meta`` as in ``decode.weight_args``); returns ``y [M, N]`` in
     ``x.dtype``. Each program covers ``rows`` rows of ``x`` (the weights are loaded and decoded
     once for them), ``block_n`` outputs and a ``1/split`` slice of K, walked ``block_k`` inputs at
     a time. ``transpose`` swaps the block's axes (the GATHER_T variant: the same sums, another
     register layout); ``by_fours`` loads each tile column's four inputs once and picks one per
-    value in registers (GATHER_X4, GATHER_T_X4) instead of gathering one input per value."""
+    value in registers (GATHER_X4, GATHER_T_X4) instead of gathering one input per value.
+    ``one_launch``: finish in the same launch (None: ``LORAQ_ONE_LAUNCH=1``)."""
     if x.dim() != 2 or x.shape[1] != meta["K"]:
         raise ValueError(f"x must be [M, {meta['K']}], got {tuple(x.shape)}")
     variant = ((GATHER_T_X4 if by_fours else GATHER_T) if transpose else (GATHER_X4 if by_fours else GATHER))
@@ -177,7 +192,7 @@ def sparse4x4_gemv(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 
     x = x.contiguous()
     ptrs, ints, _ = weight_args("sparse4x4", tensors, meta)
     A, B = lora_in_dtype(x, lora_A, lora_B)
-    return launch_gather(x, ptrs, ints, meta["N"], A, B, scaling, bias, cfg)
+    return launch_gather(x, ptrs, ints, meta["N"], A, B, scaling, bias, cfg, one_launch)
 
 
 def check_gather_config(cfg, limits=(("rows", 1), ("block_n", 4), ("block_k", 8)), variants=GATHER_FWD) -> None:
@@ -196,10 +211,12 @@ def check_gather_config(cfg, limits=(("rows", 1), ("block_n", 4), ("block_k", 8)
         raise ValueError(f"split must be ≥ 1, got {split}")
 
 
-def launch_gather(x, ptrs, ints, N, lora_A, lora_B, scaling, bias, cfg):
+def launch_gather(x, ptrs, ints, N, lora_A, lora_B, scaling, bias, cfg, one_launch=None):
     """The launch on arguments already prepared (``weight_args``'s; ``lora_A``, ``lora_B`` in
     ``x``'s dtype, or None without LoRA); ``cfg`` is an ``autotune.gather_configs`` entry. Two
-    launches: the gathers, then ``splitk_finish.finish``. Returns ``y [M, N]`` in x's dtype."""
+    launches: the gathers, then ``splitk_finish.finish``; or one, where the last program of each
+    block of outputs finishes it (``one_launch``; None: ``splitk_finish.one_launch_offered()``).
+    Returns ``y [M, N]`` in x's dtype."""
     rows, block_n, block_k, split, num_warps, num_stages, _ = cfg
     (values, positions, _), (TK, PW, _, _) = ptrs, ints
     M, K = x.shape
@@ -208,15 +225,23 @@ def launch_gather(x, ptrs, ints, N, lora_A, lora_B, scaling, bias, cfg):
     R = lora_A.shape[0] if has_lora else 1
     split, k_per_split = split_plan(K, block_k, split)
     grid = (cdiv(M, rows), cdiv(N, block_n), split)
+    one = one_launch_offered() if one_launch is None else one_launch
 
-    def launch(ws, parts):
+    def launch(ws, parts, y=None, counters=None):
         _sparse4x4_gemv_kernel[grid](
             x, values, positions, A, parts if has_lora else ws, ws,
-            M, N, K, TK, PW, R, k_per_split, x.stride(0), A.stride(0),
+            ws if y is None else y, lora_B if has_lora and one else ws, bias if bias is not None and one else ws,
+            ws if counters is None else counters,
+            # the finish's scalars 0 without it: no extra specializations of the two-launch kernel
+            M, N, K, TK, PW, R, k_per_split, x.stride(0), A.stride(0), float(scaling) if one else 0.0,
+            lora_B.stride(0) if has_lora and one else 0, 0 if y is None else y.stride(0),
             HAS_LORA=has_lora, BLOCK_R=block_r(R), IEEE=x.dtype == torch.float32,
             UPCAST=interpreter_upcast(x.dtype), ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k,
             TRANSPOSE=cfg[6] in (GATHER_T, GATHER_T_X4), X4=cfg[6] in (GATHER_X4, GATHER_T_X4),
+            ONE_LAUNCH=one, HAS_BIAS=bias is not None and one, BLOCK_S=min(16, next_pow2(split)) if one else 1,
             num_warps=num_warps, num_stages=num_stages,
         )
 
+    if one:  # grid: (groups of rows, blocks of outputs, slices of K)
+        return run_one_launch(launch, M, N, split, grid[1], grid[0], x, lora_B, R)
     return run_split(launch, M, N, split, x, lora_B, R, scaling, bias)

@@ -161,13 +161,14 @@ def _splitk_finish_kernel(
 
 
 @triton.jit
-def _claim_share(cnt_ptr, pid_k, pid_m, T, G, HAS_LORA: tl.constexpr):
-    """The one-launch finish's claim on storing this program's slice's share of x·Aᵀ: the first
-    of the slice's ``T`` programs (one per output tile) to claim it stores it. Returns the claim's
-    count (0: this program stores it; passed on to :func:`_finish_if_last`), -1 without LoRA.
-    Call it right after issuing the weight loads: the atomic's round trip then overlaps them."""
+def _claim_share(cnt_ptr, pid_k, pid_m, T, G, S, HAS_LORA: tl.constexpr):
+    """The one-launch finish's claim on storing this program's slice's share of x·Aᵀ (slice
+    ``pid_k`` of ``S``, group of rows ``pid_m`` of ``G``): the first of the slice's ``T``
+    programs (one per output tile) to claim it stores it. Returns the claim's count (0: this
+    program stores it; passed on to :func:`_finish_if_last`), -1 without LoRA. Where the kernel
+    can, call it right after issuing its first weight loads: the atomic's round trip (and the
+    barrier that hands its answer to every thread) then overlaps them."""
     if HAS_LORA:
-        S = tl.num_programs(1)
         claimed = tl.atomic_add(cnt_ptr + G * (T + 2) + pid_m * S + pid_k, 1, sem="relaxed")
     else:
         claimed = -1

@@ -1,7 +1,6 @@
 """The lookup-table GEMV (a few rows of x, int1 weights) against loraq.reference, every scale
 mode, both table widths, every dtype; and how the forward launcher offers it to the autotuner."""
 
-import contextlib
 import faulthandler
 
 import pytest
@@ -11,7 +10,8 @@ pytest.importorskip("triton")
 
 from loraq import reference  # noqa: E402
 from loraq.kernels.autotune import lut_configs  # noqa: E402
-from test_triton_kernels import DTYPES, check, f64, problem, tuner_calls  # noqa: E402
+from test_triton_kernels import (DTYPES, check, f64, interpreter_program_order, problem, tuner_calls,  # noqa: E402
+                                 workspaces_clean)
 
 INT1_KINDS = ["int1", "int1_g16", "int1_onebit"]
 
@@ -37,12 +37,6 @@ def test_lut_gemv_matches_reference(kind, dtype, bits, lora_bias, M, rows):
           reference.lora_linear_ref(x, w, A, B, 0.7, b), f"lut{bits} {kind} {dtype} M={M} rows={rows}")
 
 
-def _clean():
-    from loraq.kernels import splitk_finish
-
-    return all(not ws.any() for ws in splitk_finish.workspaces().values())
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lora, bias", [(True, True), (False, True), (True, False), (False, False)])
 @pytest.mark.parametrize("M, rows, block_n", [(1, 1, 16), (3, 1, 32), (5, 2, 16)], ids=["M1", "M3", "M5-rows2"])
@@ -56,39 +50,11 @@ def test_lut_one_launch_matches_two_and_leaves_its_counters_zero(dtype, lora, bi
     two = int1_gemv_lut(x, w.tensors(), _meta(w), A, B, 0.7, b, one_launch=False, **kw)
     for _ in range(2):
         one = int1_gemv_lut(x, w.tensors(), _meta(w), A, B, 0.7, b, one_launch=True, **kw)
-        assert one.shape == (M, 70) and one.dtype == dtype and _clean()
+        assert one.shape == (M, 70) and one.dtype == dtype and workspaces_clean()
         check(one, reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 0.7, f64(b)),
               reference.lora_linear_ref(x, w, A, B, 0.7, b), f"one launch {dtype} M={M}")
     # the interpreter adds in one order: the same sums, to the bit
     torch.testing.assert_close(one, two, rtol=0, atol=0)
-
-
-@contextlib.contextmanager
-def interpreter_program_order(seed):
-    """Run the interpreter's programs in another order than its own (grid axis 0 slowest):
-    reversed for ``seed`` 0, else a random permutation of the whole grid."""
-    from triton.runtime import interpreter
-
-    builder = interpreter.interpreter_builder
-    own = builder.set_grid_idx
-    calls = {}
-
-    def shuffled(x, y, z):
-        nx, ny, nz = builder.grid_dim
-        total = nx * ny * nz
-        if calls.get("grid") != (nx, ny, nz) or calls["next"] == total:  # a new launch
-            order = torch.arange(total - 1, -1, -1) if seed == 0 else \
-                torch.randperm(total, generator=torch.Generator().manual_seed(seed))
-            calls.update(grid=(nx, ny, nz), order=order.tolist(), next=0)
-        linear = calls["order"][calls["next"]]
-        calls["next"] += 1
-        own(linear // (ny * nz), linear // nz % ny, linear % nz)
-
-    builder.set_grid_idx = shuffled
-    try:
-        yield
-    finally:
-        del builder.set_grid_idx  # the class's method again
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2], ids=["reversed", "shuffled1", "shuffled2"])
@@ -111,7 +77,7 @@ def test_lut_one_launch_in_any_program_order(seed, M, rows):
             for _ in range(2):
                 y = int1_gemv_lut(x, w.tensors(), _meta(w), A, B, 0.7, b, one_launch=True, **kw)
                 check(y, ref, low, f"one launch, program order {seed}, M={M}")
-                assert _clean()
+                assert workspaces_clean()
     finally:
         faulthandler.cancel_dump_traceback_later()
 
@@ -129,7 +95,7 @@ def test_lut_one_launch_is_opt_in(monkeypatch):
     y = lora_linear_fwd(x, "int1", w.tensors(), _meta(w), A, B, 0.5, b, config=(1, 16, 64, 4, 4, 1, 2))
     check(y, reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 0.5, f64(b)),
           reference.lora_linear_ref(x, w, A, B, 0.5, b), "LORAQ_ONE_LAUNCH=1 through the launcher")
-    assert _clean()
+    assert workspaces_clean()
 
 
 @pytest.mark.parametrize("M, cfg", [(M, c) for M in (1, 3) for c in lut_configs(M)], ids=str)
@@ -224,7 +190,7 @@ def test_gpu_lut_one_launch_at_large_shapes(dtype, M, N, K, lora):
         for _ in range(10):
             y = int1_gemv_lut(x, w.tensors(), _meta(w), A, B, 2.0, b, **kw)
         check(y, ref, low, f"one launch {cfg}")
-        assert _clean()
+        assert workspaces_clean()
     int1_gemv_lut(x, w.tensors(), _meta(w), A, B, 2.0, b, one_launch=True)  # compiled before the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -233,4 +199,4 @@ def test_gpu_lut_one_launch_at_large_shapes(dtype, M, N, K, lora):
         graph.replay()
     torch.cuda.synchronize()
     check(y, ref, low, "one launch under graph replay")
-    assert _clean()
+    assert workspaces_clean()

@@ -2,6 +2,8 @@
 odd shapes, split and unsplit reductions, positions that point into the padding; and how the
 forward launcher offers it to the autotuner."""
 
+import faulthandler
+
 import pytest
 import torch
 
@@ -11,7 +13,8 @@ from loraq import reference  # noqa: E402
 from loraq.formats import Sparse4x4Weight  # noqa: E402
 from loraq.formats.sparse4x4 import pack_nibbles  # noqa: E402
 from loraq.kernels.autotune import gather_configs, gather_fwd_configs  # noqa: E402
-from test_triton_kernels import DTYPES, check, f64, problem, tuner_calls  # noqa: E402
+from test_triton_kernels import (DTYPES, check, f64, interpreter_program_order, problem, tuner_calls,  # noqa: E402
+                                 workspaces_clean)
 
 
 def _refs(x, w, A, B, s, b):
@@ -35,6 +38,43 @@ def test_gather_gemv_matches_reference(dtype, M, rows, lora_bias, transpose, by_
                        split=3, transpose=transpose, by_fours=by_fours)
     assert y.shape == (M, 37) and y.dtype == dtype
     check(y, *_refs(x, w, A, B, 0.7, b), f"gather {dtype} M={M} rows={rows} transpose={transpose} x4={by_fours}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lora, bias", [(True, True), (False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("M, rows, transpose", [(1, 1, False), (5, 2, True)], ids=["M1", "M5-rows2-swapped"])
+def test_gather_one_launch_matches_two_and_leaves_its_counters_zero(dtype, lora, bias, M, rows, transpose):
+    """The finish in the last program of each block of outputs (several blocks, slices and
+    groups of rows): the two-launch answer to the bit, twice in a row, nothing left behind."""
+    from loraq.kernels.sparse4x4_gemv import sparse4x4_gemv
+
+    w, x, A, B, b = problem("sparse4x4", dtype, M, 37, 301, r=5, lora=lora, bias=bias)
+    kw = dict(rows=rows, block_n=16, block_k=64, split=3, transpose=transpose)
+    two = sparse4x4_gemv(x, w.tensors(), {"N": 37, "K": 301}, A, B, 0.7, b, one_launch=False, **kw)
+    for _ in range(2):
+        one = sparse4x4_gemv(x, w.tensors(), {"N": 37, "K": 301}, A, B, 0.7, b, one_launch=True, **kw)
+        assert one.shape == (M, 37) and one.dtype == dtype and workspaces_clean()
+        check(one, *_refs(x, w, A, B, 0.7, b), f"gather, one launch, {dtype} M={M}")
+    torch.testing.assert_close(one, two, rtol=0, atol=0)  # the interpreter adds in one order
+
+
+@pytest.mark.parametrize("seed", [0, 1], ids=["reversed", "shuffled"])
+def test_gather_one_launch_in_any_program_order(seed):
+    """The shares of x·Aᵀ come from whichever program of a slice claims first, not from the
+    first block of outputs: the finish completes with that block last or the grid shuffled."""
+    from loraq.kernels.sparse4x4_gemv import sparse4x4_gemv
+
+    w, x, A, B, b = problem("sparse4x4", torch.float16, 5, 37, 301, r=5)
+    faulthandler.dump_traceback_later(900, exit=True)  # a protocol that waits forever fails loudly
+    try:
+        with interpreter_program_order(seed):
+            for _ in range(2):
+                y = sparse4x4_gemv(x, w.tensors(), {"N": 37, "K": 301}, A, B, 0.7, b, rows=2, block_n=16,
+                                   block_k=64, split=3, one_launch=True)
+                check(y, *_refs(x, w, A, B, 0.7, b), f"gather, one launch, program order {seed}")
+                assert workspaces_clean()
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.mark.parametrize("split", [1, 2, 8])
@@ -176,3 +216,54 @@ def test_gather_configs_take_the_whole_batch_on_smaller_tiles():
     for bad in (0, 17):
         with pytest.raises(ValueError, match="1 to 16 rows"):
             gather_configs(bad)
+
+
+def test_gather_one_launch_through_the_launcher(monkeypatch):
+    """LORAQ_ONE_LAUNCH=1 reaches the gathering GEMV through the forward launcher."""
+    from loraq.kernels import lora_linear_fwd
+
+    monkeypatch.setenv("LORAQ_ONE_LAUNCH", "1")
+    w, x, A, B, b = problem("sparse4x4", torch.float16, 3, 40, 200, r=3)
+    y = lora_linear_fwd(x, "sparse4x4", w.tensors(), {"N": 40, "K": 200}, A, B, 0.5, b,
+                        config=(1, 16, 64, 2, 4, 1, gather_fwd_configs(1)[0][6]))
+    check(y, *_refs(x, w, A, B, 0.5, b), "LORAQ_ONE_LAUNCH=1 through the launcher")
+    assert workspaces_clean()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M, N, K", [(1, 28672, 8192), (5, 4096, 4096), (16, 1000, 512)])
+@pytest.mark.parametrize("lora", [True, False])
+def test_gpu_gather_one_launch_at_large_shapes(dtype, M, N, K, lora):
+    """Thousands of programs running at once: blocks finished by whichever program arrives last,
+    the claimed shares waited for, the counters reset (ten calls, and a CUDA graph's replays)."""
+    w, x, A, B, b = problem("sparse4x4", dtype, M, N, K, r=16, lora=lora)
+    ref, low = _refs(x, w, A, B, 2.0, b)
+    meta = {"N": N, "K": K}
+    for cfg in gather_fwd_configs(M):
+        for _ in range(10):
+            y = sparse4x4_one(x, w, meta, A, B, b, cfg)
+        check(y, ref, low, f"one launch {cfg}")
+        assert workspaces_clean()
+    cfg = gather_fwd_configs(M)[0]
+    sparse4x4_one(x, w, meta, A, B, b, cfg)  # compiled before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = sparse4x4_one(x, w, meta, A, B, b, cfg)
+    for _ in range(5):
+        graph.replay()
+    torch.cuda.synchronize()
+    check(y, ref, low, "one launch under graph replay")
+    assert workspaces_clean()
+
+
+def sparse4x4_one(x, w, meta, A, B, b, cfg):
+    """The gathering GEMV with config ``cfg``, finished in one launch."""
+    from loraq.kernels.autotune import GATHER_T, GATHER_T_X4, GATHER_X4
+    from loraq.kernels.sparse4x4_gemv import sparse4x4_gemv
+
+    rows, block_n, block_k, split, warps, stages, variant = cfg
+    return sparse4x4_gemv(x, w.tensors(), meta, A, B, 2.0, b, rows=rows, block_n=block_n, block_k=block_k,
+                          split=split, num_warps=warps, num_stages=stages, transpose=variant in (GATHER_T, GATHER_T_X4),
+                          by_fours=variant in (GATHER_X4, GATHER_T_X4), one_launch=True)

@@ -9,13 +9,7 @@ import torch
 pytest.importorskip("triton")
 
 from loraq import reference  # noqa: E402
-from test_triton_kernels import DEV, DTYPES, SLACK, _kernel_args, problem  # noqa: E402
-
-
-def _workspace_is_clean():
-    from loraq.kernels import splitk_finish
-
-    return all(not ws.any() for ws in splitk_finish.workspaces().values())
+from test_triton_kernels import DEV, DTYPES, SLACK, _kernel_args, problem, workspaces_clean  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -105,10 +99,10 @@ def test_finish_of_each_split_kernel_gives_the_same_answer_twice_and_leaves_zero
     w, x, A, B, b = problem(fmt, torch.float16, 3, 37, 300, r=5)
     tensors, meta = _kernel_args(w)
     y1 = lora_linear_fwd(x, fmt, tensors, meta, A, B, 0.5, b, config=cfg)
-    assert _workspace_is_clean()
+    assert workspaces_clean()
     y2 = lora_linear_fwd(x, fmt, tensors, meta, A, B, 0.5, b, config=cfg)
     assert torch.equal(y1, y2)
-    assert _workspace_is_clean()
+    assert workspaces_clean()
     # another shape and no LoRA on the same workspace: still the reference's answer
     w2, x2, _, _, _ = problem(fmt, torch.float16, 2, 21, 96, lora=False, bias=False)
     t2, m2 = _kernel_args(w2)
@@ -116,7 +110,7 @@ def test_finish_of_each_split_kernel_gives_the_same_answer_twice_and_leaves_zero
     ref = reference.lora_linear_ref(x2.double(), w2.to(torch.float64), None, None, 1.0)
     low = reference.lora_linear_ref(x2, w2, None, None, 1.0)
     assert (y3.double() - ref).abs().max() <= 2 * (low.double() - ref).abs().max() + 1e-3 * ref.abs().max()
-    assert _workspace_is_clean()
+    assert workspaces_clean()
 
 
 @pytest.mark.gpu
@@ -143,7 +137,7 @@ def test_gpu_finish_under_cuda_graph_replay_and_on_a_side_stream(fmt):
         torch.cuda.synchronize()
         torch.testing.assert_close(captured, expect, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(on_side, expect, rtol=1e-3, atol=1e-3)
-    assert _workspace_is_clean()
+    assert workspaces_clean()
 
 
 @pytest.mark.gpu

@@ -80,6 +80,42 @@ def tuner_calls(launcher):
         module.pick_config = real
 
 
+def workspaces_clean():
+    """Whether every split-K workspace of this thread (sums and one-launch counters) is zero, as
+    each call must leave it."""
+    from loraq.kernels import splitk_finish
+
+    return all(not ws.any() for ws in splitk_finish.workspaces().values())
+
+
+@contextlib.contextmanager
+def interpreter_program_order(seed):
+    """Run the interpreter's programs in another order than its own (grid axis 0 slowest):
+    reversed for ``seed`` 0, else a random permutation of the whole grid."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    own = builder.set_grid_idx
+    calls = {}
+
+    def shuffled(x, y, z):
+        nx, ny, nz = builder.grid_dim
+        total = nx * ny * nz
+        if calls.get("grid") != (nx, ny, nz) or calls["next"] == total:  # a new launch
+            order = torch.arange(total - 1, -1, -1) if seed == 0 else \
+                torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+            calls.update(grid=(nx, ny, nz), order=order.tolist(), next=0)
+        linear = calls["order"][calls["next"]]
+        calls["next"] += 1
+        own(linear // (ny * nz), linear // nz % ny, linear % nz)
+
+    builder.set_grid_idx = shuffled
+    try:
+        yield
+    finally:
+        del builder.set_grid_idx  # the class's method again
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M", [1, 3, 17, 70])
