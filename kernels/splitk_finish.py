@@ -21,7 +21,7 @@ workspace again before it re-raises. ``reference.splitk_finish_ref`` is the refe
 
 import os
 import threading
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -46,6 +46,15 @@ def workspaces() -> Dict[Tuple[torch.device, Optional[int]], torch.Tensor]:
     return table
 
 
+def retired_workspaces() -> List[torch.Tensor]:
+    """This thread's workspaces that a larger one replaced, kept alive for the CUDA graphs that
+    may have captured them (:func:`zeroed_workspace`)."""
+    kept = getattr(_LOCAL, "retired", None)
+    if kept is None:
+        kept = _LOCAL.retired = []
+    return kept
+
+
 def zeroed_workspace(rows: int, cols: int, device: torch.device) -> torch.Tensor:
     """A ``[rows, cols]`` fp32 view of the zeroed workspace of this thread, ``device`` and its
     current stream.
@@ -53,8 +62,11 @@ def zeroed_workspace(rows: int, cols: int, device: torch.device) -> torch.Tensor
     One thread's kernels on one stream run one after another, so one workspace for them is enough:
     each :func:`finish` leaves it zero for the next call. Two streams or two threads never share
     one. It grows (a new ``torch.zeros``) when a call needs more; during a CUDA graph capture that
-    first allocation is captured too (a memset in the graph, harmless). One graph replayed on two
-    streams at once would share its workspace: replay a graph on one stream at a time."""
+    first allocation is captured too (a memset in the graph, harmless). The workspace it replaces
+    is kept (:func:`retired_workspaces`): a graph captured with it still adds into it when
+    replayed, and freed, that memory could belong to other tensors by then. Each growth at least
+    doubles the size, so those kept take less memory than the current one. One graph replayed on
+    two streams at once would share its workspace: replay a graph on one stream at a time."""
     if not isinstance(device, torch.device):
         device = torch.device(device)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
@@ -69,6 +81,8 @@ def zeroed_workspace(rows: int, cols: int, device: torch.device) -> torch.Tensor
     if made is not None and made[0] is ws:  # a view of the current workspace
         return made[1]
     if ws is None or ws.numel() < rows * cols:
+        if ws is not None:  # graphs captured with it replay into it: never free it
+            retired_workspaces().append(ws)
         ws = torch.zeros(max(rows * cols, 2 * (0 if ws is None else ws.numel())), device=device,
                          dtype=torch.float32)
         table[(device, stream)] = ws
@@ -135,7 +149,9 @@ def _finish_row(ws_ptr, y_ptr, parts_ptr, b_ptr, bias_ptr, m, offs_n, M, N, R, S
     if HAS_LORA:
         offs_r = tl.arange(0, BLOCK_R)
         xa = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        for s0 in range(0, S, BLOCK_S):  # x·Aᵀ: the sum of the K slices' shares
+        # x·Aᵀ: the sum of the K slices' shares; never pipelined (a pipelined copy could be
+        # cached in L1) since other programs of the same launch may have written them
+        for s0 in tl.range(0, S, BLOCK_S, num_stages=1):
             offs_s = s0 + tl.arange(0, BLOCK_S)
             part = tl.load(parts_ptr + (offs_s[:, None] * M + m) * BLOCK_R + offs_r[None, :],
                            mask=offs_s[:, None] < S, other=0.0, cache_modifier=".cg")

@@ -74,6 +74,27 @@ def test_workspace_views_are_reused_and_follow_a_grown_workspace():
     assert all(ws is current for ws, _ in splitk_finish._LOCAL.views.values())
 
 
+def test_a_replaced_workspace_is_kept_for_the_graphs_that_captured_it():
+    """A CUDA graph captured before the workspace grew still adds into the old one when replayed:
+    the old one must stay allocated (zero), or the replay would write into freed memory."""
+    import gc
+    import weakref
+
+    from loraq.kernels import splitk_finish
+
+    splitk_finish.zeroed_workspace(2, 3, DEV)
+    stream = torch.cuda.current_stream(DEV).cuda_stream if DEV.type == "cuda" else None
+    old = splitk_finish.workspaces()[(torch.device(DEV), stream)]
+    alive = weakref.ref(old)
+    kept_before = len(splitk_finish.retired_workspaces())
+    splitk_finish.zeroed_workspace(old.numel() + 7, 1, DEV)  # grows
+    del old
+    gc.collect()
+    assert alive() is not None and not alive().any()
+    assert len(splitk_finish.retired_workspaces()) == kept_before + 1
+    assert splitk_finish.retired_workspaces()[-1] is alive()
+
+
 def test_finish_workspace_is_zeroed_again_after_a_failed_call():
     from loraq.kernels.splitk_finish import run_split, zeroed_workspace
 
@@ -111,6 +132,36 @@ def test_finish_of_each_split_kernel_gives_the_same_answer_twice_and_leaves_zero
     low = reference.lora_linear_ref(x2, w2, None, None, 1.0)
     assert (y3.double() - ref).abs().max() <= 2 * (low.double() - ref).abs().max() + 1e-3 * ref.abs().max()
     assert workspaces_clean()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("one_launch", ["0", "1"])
+@pytest.mark.parametrize("fmt", ["int1", "sparse4x4"])
+def test_gpu_a_graph_captured_before_the_workspace_grew_still_replays(fmt, one_launch, monkeypatch):
+    """Two graphs captured on the same capture stream, the second needing a larger workspace:
+    the first still replays into the workspace it captured (kept, not freed and reused by the
+    tensors allocated since), and every workspace stays zero."""
+    from loraq.kernels import lora_linear_fwd
+
+    monkeypatch.setenv("LORAQ_ONE_LAUNCH", one_launch)
+    graphs, outputs, expected = [], [], []
+    for N in (512, 8192):  # the second grows the capture stream's workspace
+        w, x, A, B, b = problem(fmt, torch.float16, 1, N, 4096, r=16)
+        tensors, meta = _kernel_args(w)
+        expected.append(lora_linear_fwd(x, fmt, tensors, meta, A, B, 0.5, b))  # tunes, compiles
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs.append(lora_linear_fwd(x, fmt, tensors, meta, A, B, 0.5, b))
+        graphs.append(graph)
+    clutter = [torch.randn(1 << 20, device="cuda") for _ in range(8)]  # would reuse freed memory
+    for _ in range(3):
+        for graph, out in zip(graphs, outputs):
+            out.zero_()
+            graph.replay()
+    torch.cuda.synchronize()
+    for out, want in zip(outputs, expected):
+        torch.testing.assert_close(out, want, rtol=1e-3, atol=1e-3)
+    assert workspaces_clean() and all(c.abs().max() < 100 for c in clutter)
 
 
 @pytest.mark.gpu

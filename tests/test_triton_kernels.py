@@ -81,11 +81,11 @@ def tuner_calls(launcher):
 
 
 def workspaces_clean():
-    """Whether every split-K workspace of this thread (sums and one-launch counters) is zero, as
-    each call must leave it."""
+    """Whether every split-K workspace of this thread (sums and one-launch counters), those a
+    larger one replaced included, is zero, as each call must leave it."""
     from loraq.kernels import splitk_finish
 
-    return all(not ws.any() for ws in splitk_finish.workspaces().values())
+    return all(not ws.any() for ws in list(splitk_finish.workspaces().values()) + splitk_finish.retired_workspaces())
 
 
 @contextlib.contextmanager
