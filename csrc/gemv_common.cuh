@@ -61,6 +61,28 @@ __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint3
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+
+// Add an mma's accumulator fragments (m16n8, NT tiles of 8 rows of x) into ws [M, N] and zero
+// them: lane (g, t) holds rows 2t, 2t + 1 of each tile for weight rows n0 (times s0) and n0 + 8
+// (times s1); rows past M or N are dropped.
+template <int NT>
+__device__ __forceinline__ void add_fragments(float* ws, int M, int N, float (&acc)[NT][4], int n0, int t,
+                                              float s0, float s1) {
+  const int n1 = n0 + 8;
+#pragma unroll
+  for (int tile = 0; tile < NT; ++tile) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int m = tile * 8 + 2 * t + e;
+      if (m < M) {
+        if (n0 < N) atomicAdd(ws + (int64_t)m * N + n0, acc[tile][e] * s0);
+        if (n1 < N) atomicAdd(ws + (int64_t)m * N + n1, acc[tile][2 + e] * s1);
+      }
+      acc[tile][e] = 0.f;
+      acc[tile][2 + e] = 0.f;
+    }
+  }
+}
 #endif  // __CUDACC__
 
 // parts[slot] = x[:, ks]·A[:, ks]ᵀ for this block's share ks of K (a.slots blocks share K), zero

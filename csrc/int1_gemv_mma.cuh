@@ -180,23 +180,12 @@ __device__ __forceinline__ void task_mma(float (&acc)[NT][4], const uint4& u, co
 // onebit h, rounded to T as the reference rounds Ŵ; group mode folded it into the decode).
 template <typename T, int MODE, int NT>
 __device__ __forceinline__ void flush(const Args& a, float (&acc)[NT][4], int rg, int g, int t) {
+  static_assert(kTileRows == 8, "add_fragments takes m16n8 fragments");
   const T* s = static_cast<const T*>(a.scale);
   const int n0 = rg * kTaskRows + g, n1 = n0 + 8;
   const float s0 = (MODE != kScaleGroup && n0 < a.N) ? to_float(s[(int64_t)n0 * a.G]) : 1.f;
   const float s1 = (MODE != kScaleGroup && n1 < a.N) ? to_float(s[(int64_t)n1 * a.G]) : 1.f;
-#pragma unroll
-  for (int tile = 0; tile < NT; ++tile) {
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int m = tile * kTileRows + 2 * t + e;
-      if (m < a.M) {
-        if (n0 < a.N) atomicAdd(a.ws + (int64_t)m * a.N + n0, acc[tile][e] * s0);
-        if (n1 < a.N) atomicAdd(a.ws + (int64_t)m * a.N + n1, acc[tile][2 + e] * s1);
-      }
-      acc[tile][e] = 0.f;
-      acc[tile][2 + e] = 0.f;
-    }
-  }
+  loraq_gemv::add_fragments<NT>(a.ws, a.M, a.N, acc, n0, t, s0, s1);
 }
 
 template <typename T, int MODE, bool VEC, int NT>

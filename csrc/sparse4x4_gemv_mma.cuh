@@ -190,20 +190,8 @@ using loraq_gemv::mma;
 // Add a warp's sums for weight rows 16·rg .. 16·rg + 15 into the workspace and zero them.
 template <int NT>
 __device__ __forceinline__ void flush(const Args& a, float (&acc)[NT][4], int rg, int g, int t) {
-  const int n0 = rg * kTaskRows + g, n1 = n0 + 8;
-#pragma unroll
-  for (int tile = 0; tile < NT; ++tile) {
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int m = tile * kTileRows + 2 * t + e;
-      if (m < a.M) {
-        if (n0 < a.N) atomicAdd(a.ws + (int64_t)m * a.N + n0, acc[tile][e]);
-        if (n1 < a.N) atomicAdd(a.ws + (int64_t)m * a.N + n1, acc[tile][2 + e]);
-      }
-      acc[tile][e] = 0.f;
-      acc[tile][2 + e] = 0.f;
-    }
-  }
+  static_assert(kTileRows == 8, "add_fragments takes m16n8 fragments");
+  loraq_gemv::add_fragments<NT>(a.ws, a.M, a.N, acc, rg * kTaskRows + g, t, 1.f, 1.f);
 }
 
 template <typename T, bool VEC, int NT>
