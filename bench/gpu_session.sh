@@ -48,8 +48,8 @@ python3 -m loraq info 2>&1 | tee -a "$INFO"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv >> "$INFO" 2>&1
 echo "## host time (bench/profile_host.py)" >> "$INFO"
 python3 bench/profile_host.py >> "$INFO" 2>&1; tail -n 8 "$INFO"
-# loraq's Python alone on this host (launches stubbed): the rest of the line above is Triton's launches
-python3 bench/profile_host.py --stub-kernels --M 1 2>&1 | head -n 4 >> "$INFO"; tail -n 4 "$INFO"
+# the Python alone on this host (Triton's launches recorded by a fake driver, not run), both launch paths
+python3 bench/profile_host.py --stub-kernels --M 1 2>&1 | head -n 5 >> "$INFO"; tail -n 5 "$INFO"
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 KERNEL_TESTS=(tests/test_triton_kernels.py tests/test_int1_gemv_lut.py tests/test_sparse4x4_gemv.py
               tests/test_sparse4x4_gemv_dx.py tests/test_splitk_finish.py tests/test_dense_slab.py

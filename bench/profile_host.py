@@ -7,12 +7,12 @@ host), then a cProfile of the public entry.
 
     python bench/profile_host.py [--format int1] [--K 4096 --N 4096 --M 1]
     python bench/profile_host.py --stub --K 64 --N 64     # the layer's own Python, any CPU
-    python bench/profile_host.py --stub-kernels           # all of loraq's Python, any CPU
+    python bench/profile_host.py --stub-kernels           # loraq's and Triton's Python, any CPU
 
-``--stub-kernels`` runs the whole stack (``LoraLinear`` down to the launchers) on CPU tensors with
-every Triton launch replaced by a no-op and the tuner by the GPU's cached-hit lookup: the host
-time loraq adds before the GPU's launches, measured without a GPU (Triton's own launch cost is
-not in it).
+``--stub-kernels`` runs the whole stack (``LoraLinear`` down to the launchers) on CPU tensors,
+with Triton's launches recorded by a fake driver instead of run and the tuner answering as a GPU's
+cache does: the host time before the GPU's launches, measured without a GPU, with Triton's launch
+path and with ``kernels.fast_launch`` (only the C launcher, about the same for both, is left out).
 """
 
 from __future__ import annotations
@@ -20,15 +20,20 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import os
 import pstats
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
+if "--stub-kernels" in sys.argv:  # the kernels must be defined as JITFunctions (fake_driver.py)
+    os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # fake_driver
 
 from loraq import nn as lnn  # noqa: E402
 from loraq import ops  # noqa: E402
@@ -56,11 +61,34 @@ def without_grad(fn, *args):
         return fn(*args)
 
 
-def report(rows, profiled, lines: int) -> None:
+def both_launch_paths(rows) -> None:
+    """Print each row's host time per call with Triton's launch path and with
+    ``kernels.fast_launch`` (``LORAQ_FAST_LAUNCH=1``), timed alternately so that a slower spell
+    of the machine hits both; the best of three turns each."""
+    print(f"  {'':<40} {'Triton':>8} {'fast':>8}  µs host per call (fast: LORAQ_FAST_LAUNCH=1)")
+    was = os.environ.get("LORAQ_FAST_LAUNCH")
+    try:
+        for name, fn in rows:
+            times = {"0": [], "1": []}
+            for _ in range(3):
+                for mode in times:
+                    os.environ["LORAQ_FAST_LAUNCH"] = mode
+                    times[mode].append(host_us(fn, rounds=3))
+            print(f"  {name:<40} {min(times['0']):8.1f} {min(times['1']):8.1f}")
+    finally:
+        if was is None:
+            os.environ.pop("LORAQ_FAST_LAUNCH", None)
+        else:
+            os.environ["LORAQ_FAST_LAUNCH"] = was
+
+
+def report(rows, profiled=None, lines: int = 0) -> None:
     """Print each row's host time per call, then the top ``lines`` of a cProfile of ``profiled``
-    (by time spent in each function itself)."""
+    (by time spent in each function itself), if given."""
     for name, fn in rows:
         print(f"  {name:<40} {host_us(fn):8.1f} µs host per call")
+    if profiled is None:
+        return
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(200):
@@ -82,8 +110,8 @@ def main(argv=None) -> int:
                    help="replace ops.lora_linear by a stub that returns a fixed tensor: what LoraLinear's "
                         "own Python costs (measurable on any CPU)")
     p.add_argument("--stub-kernels", action="store_true",
-                   help="run every layer of the stack on the CPU with the Triton launches stubbed out: "
-                        "loraq's own Python down to the launch (measurable on any CPU)")
+                   help="run every layer of the stack on the CPU, Triton's launches recorded by a fake driver "
+                        "instead of run: the Python before the GPU works (measurable on any CPU)")
     args = p.parse_args(argv)
     if args.stub:
         return stub_layer(args)
@@ -111,7 +139,10 @@ def main(argv=None) -> int:
                         lambda: lora_linear_fwd(x, args.format, w.tensors(), _meta(w), A, B, 2.0)))
     print(f"{torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}; {args.format} "
           f"K={args.K} N={args.N} M={args.M}")
-    report(rows, lambda: ops.lora_linear(x, w, A, B, 2.0, backend=be), 18)
+    report(rows[:1])
+    both_launch_paths(rows[1:])
+    print("cProfile of ops.lora_linear, LORAQ_FAST_LAUNCH as set:")
+    report([], lambda: ops.lora_linear(x, w, A, B, 2.0, backend=be), 18)
     return 0
 
 
@@ -137,25 +168,18 @@ def stub_layer(args) -> int:
 
 
 def stub_kernels(args) -> int:
-    """Host time of each layer of the stack on CPU tensors, every Triton launch a no-op (counted)
+    """Host time of each layer of the stack on CPU tensors, Triton's launches recorded instead of
+    run (``fake_driver.fake_cuda``: all of Triton's per-call Python runs, its C launcher does not)
     and the tuner answering as on a GPU after the first call (one dict lookup): the Python that
-    loraq runs before the GPU's launches. The config is the first GEMV candidate at up to 16 rows
-    (what the H100 picked), else the first tiled one."""
+    a call runs before the GPU works. Each layer is timed with Triton's launch path and with
+    ``kernels.fast_launch`` (``LORAQ_FAST_LAUNCH=1``), alternately. The config is the first GEMV
+    candidate at up to 16 rows (what the H100 picked), else the first tiled one."""
     import importlib
-    import os
 
-    from triton.runtime.jit import JITFunction
+    from fake_driver import fake_cuda
 
     fwd_mod = importlib.import_module("loraq.kernels.lora_linear_fwd")
-    launches = []
-    # the kernels are JITFunctions, or InterpretedFunctions where TRITON_INTERPRET=1 held at import
-    kinds = [JITFunction]
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-        kinds.append(InterpretedFunction)
-    except ImportError:
-        pass
-    real_runs, real_pick = [k.run for k in kinds], fwd_mod.pick_config
+    real_pick = fwd_mod.pick_config
     picked = {}
 
     def pick(op, M, N, K, dtype, device, run, bench=None, extra=None):
@@ -166,38 +190,40 @@ def stub_kernels(args) -> int:
             hit = picked[key] = more[0] if more and M <= 16 else real_pick(op, M, N, K, dtype, device, run)
         return hit
 
-    for kind in kinds:
-        kind.run = lambda self, *a, **k: launches.append(self.fn.__name__)
     fwd_mod.pick_config = pick
-    was = os.environ.get("TRITON_INTERPRET")
+    saved = {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "LORAQ_FAST_LAUNCH")}
     os.environ["TRITON_INTERPRET"] = "1"  # lets the triton backend take CPU tensors; the kernels are JITFunctions
     try:
-        dt = torch.float16
-        W = torch.randn(args.N, args.K) / args.K**0.5
-        w = compress_weight(W, args.format).to(dt)
-        x = torch.randn(args.M, args.K, dtype=dt)
-        A = torch.randn(args.rank, args.K, dtype=dt) / args.K**0.5
-        B = torch.randn(args.N, args.rank, dtype=dt)
-        layer = lnn.LoraLinear(w, rank=args.rank, backend="triton").to(dt)
-        from loraq.custom_ops import _meta
+        with fake_cuda() as (calls, _):
+            dt = torch.float16
+            W = torch.randn(args.N, args.K) / args.K**0.5
+            w = compress_weight(W, args.format).to(dt)
+            x = torch.randn(args.M, args.K, dtype=dt)
+            A = torch.randn(args.rank, args.K, dtype=dt) / args.K**0.5
+            B = torch.randn(args.N, args.rank, dtype=dt)
+            layer = lnn.LoraLinear(w, rank=args.rank, backend="triton").to(dt)
+            from loraq.custom_ops import _meta
 
-        rows = [("kernels.lora_linear_fwd (launcher)",
-                 lambda: fwd_mod.lora_linear_fwd(x, args.format, w.tensors(), _meta(w), A, B, 2.0)),
-                ("ops.lora_linear (triton)", lambda: ops.lora_linear(x, w, A, B, 2.0, backend="triton")),
-                ("LoraLinear forward, no grad", lambda: without_grad(layer, x))]
-        launches.clear()
-        rows[0][1]()
-        print(f"cpu; {args.format} K={args.K} N={args.N} M={args.M} fp16; Triton launches stubbed "
-              f"({', '.join(launches)}; config {next(iter(picked.values()))})")
-        report(rows, lambda: without_grad(layer, x), 14)
+            rows = [("kernels.lora_linear_fwd (launcher)",
+                     lambda: fwd_mod.lora_linear_fwd(x, args.format, w.tensors(), _meta(w), A, B, 2.0)),
+                    ("ops.lora_linear (triton)", lambda: ops.lora_linear(x, w, A, B, 2.0, backend="triton")),
+                    ("LoraLinear forward, no grad", lambda: without_grad(layer, x))]
+            calls.clear()
+            rows[0][1]()
+            print(f"cpu; {args.format} K={args.K} N={args.N} M={args.M} fp16; Triton's launches recorded, not run "
+                  f"({', '.join(c[0] for c in calls)}; config {next(iter(picked.values()))})")
+            for i, (name, fn) in enumerate(rows):  # the record of launches must not grow without end
+                rows[i] = (name, lambda fn=fn: (fn(), calls.clear()))
+            both_launch_paths(rows)
+            os.environ["LORAQ_FAST_LAUNCH"] = "1"
+            report([], lambda: (without_grad(layer, x), calls.clear()), 14)
     finally:
-        for kind, run in zip(kinds, real_runs):
-            kind.run = run
         fwd_mod.pick_config = real_pick
-        if was is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = was
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return 0
 
 

@@ -11,7 +11,6 @@ epilogue (or on the ``dY`` side for ``dX``), onebit ``g`` as a broadcast vector,
 per-group scales per weight.
 """
 
-import os
 from typing import Dict, Tuple
 
 import torch
@@ -253,15 +252,20 @@ def decode_dtype(dtype: torch.dtype) -> int:
     return W_FP32
 
 
+# Whether the kernels were defined for Triton's interpreter (TRITON_INTERPRET=1 when they were
+# made): fixed from then on, and read on every launch, so not looked up in the environment each time
+INTERPRETED = type(_dot).__name__ == "InterpretedFunction"
+
+
 def use_asm() -> bool:
     """Whether the kernels may use inline PTX (``_rotl``): everywhere but Triton's interpreter."""
-    return os.environ.get("TRITON_INTERPRET") != "1"
+    return not INTERPRETED
 
 
 def interpreter_upcast(dtype: torch.dtype) -> bool:
     """Whether the kernels must feed ``tl.dot`` fp32 copies of bf16 tiles: the Triton interpreter
     (numpy, which has no bfloat16) multiplies bf16 operands as raw bits. Never on a GPU."""
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    return INTERPRETED and dtype == torch.bfloat16
 
 
 def weight_args(fmt: str, tensors: Dict[str, torch.Tensor], meta: Dict) -> Tuple[list, list, int]:

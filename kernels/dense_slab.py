@@ -45,6 +45,7 @@ import triton.language as tl
 from .autotune import SLAB_MERGE, SLAB_OUTPUT_FIRST, SLAB_WIDEN
 from .decode import _dot, _int1_group_scale, _int1_signs, _sparse4x4_tile, interpreter_upcast, use_asm
 from .host_math import cdiv, next_pow2
+from .fast_launch import fast
 
 
 @triton.jit
@@ -173,7 +174,7 @@ def decode_slab(out, fmt: str, ptrs, ints, scale_mode: int, N: int, K: int, n0: 
         mA = mB = out  # placeholders
     else:
         R = mA.shape[0]  # the rank of the merged product (no strip)
-    _decode_slab_kernel[grid](
+    fast(_decode_slab_kernel)[grid](
         *ptrs, lora if lora is not None else out, bias if bias is not None else out, out, mB, mA, n0, k0, rows, cols,
         N, K, R, ext, float(scaling), *ints[:3], out.stride(0), lora.stride(0) if lora is not None else 0,
         mB.stride(0), mA.stride(0),

@@ -27,6 +27,7 @@ import triton.language as tl
 from .autotune import LUT
 from .decode import interpreter_upcast, lora_in_dtype, weight_args
 from .host_math import block_r, cdiv, next_pow2
+from .fast_launch import fast
 from .splitk_finish import XA_BLOCK_K, _claim_share, _finish_if_last, _store_xa_part, one_launch_offered, run_one_launch, run_split
 
 
@@ -161,7 +162,7 @@ def launch_lut(x, ptrs, ints, mode, N, lora_A, lora_B, scaling, bias, cfg, one_l
     one = one_launch_offered() if one_launch is None else one_launch
 
     def launch(ws, parts, y=None, counters=None):
-        _int1_gemv_lut_kernel[grid](
+        fast(_int1_gemv_lut_kernel)[grid](
             x, packed, scale, col, A, parts if has_lora else ws, ws,
             ws if y is None else y, lora_B if has_lora and one else ws, bias if bias is not None and one else ws,
             ws if counters is None else counters,

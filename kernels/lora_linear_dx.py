@@ -24,6 +24,7 @@ from .decode import (_dot, _int1_group_scale, _int1_sign_pairs_t, _int1_signs, _
 from .sparse4x4_gemv import check_gather_config
 from .sparse4x4_gemv_dx import DX_LIMITS, launch_gather_dx
 from .host_math import cdiv, block_r
+from .fast_launch import fast
 
 
 @triton.jit
@@ -181,7 +182,7 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
         pipelining = dx_pipelining(cfg)
         split, n_per_split = split_plan(N, bn, split)
         dx = output_buffer(M, K, dy, split)
-        _lora_linear_dx_kernel[(cdiv(M, bm), cdiv(K, bk), split)](
+        fast(_lora_linear_dx_kernel)[(cdiv(M, bm), cdiv(K, bk), split)](
             dy, *ptrs, dyb, A, dx, M, N, K, n_per_split, float(scaling), *ints,
             dy.stride(0), dx.stride(0), dyb.stride(0), A.stride(0), R,
             FORMAT=0 if fmt == "int1" else 1, SCALE=scale_mode, HAS_LORA=has_lora, IEEE=dy.dtype == torch.float32,

@@ -36,6 +36,7 @@ from .decode import (SCALE_GROUP, _dot, _int1_group_scale, _int1_sign_pairs, _in
                      weight_args)
 from .splitk_finish import XA_BLOCK_K, _store_xa_part, one_launch_offered, run_split
 from .host_math import cdiv, block_r
+from .fast_launch import fast
 
 INT1, SPARSE4X4 = 0, 1
 
@@ -154,7 +155,7 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
         def launch(y, parts, xa):
             xa_arg, b_arg = (xa, B) if xa is not None else (x, x)  # unused placeholders
             a_arg = A if has_lora else x
-            _lora_linear_fwd_kernel[grid](
+            fast(_lora_linear_fwd_kernel)[grid](
                 x, *ptrs, xa_arg, b_arg, bias if bias is not None else x, y, a_arg, parts if parts is not None else y,
                 M, N, K, float(scaling), k_per_split, *ints,
                 x.stride(0), y.stride(0), xa_arg.stride(0), b_arg.stride(0), a_arg.stride(0), R, pair_ones(x.dtype),

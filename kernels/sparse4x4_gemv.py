@@ -28,6 +28,7 @@ from .autotune import GATHER, GATHER_FWD, GATHER_T, GATHER_T_X4, GATHER_X4
 from .decode import interpreter_upcast, lora_in_dtype, split_plan, weight_args
 from .splitk_finish import XA_BLOCK_K, _claim_share, _finish_if_last, _store_xa_part, one_launch_offered, run_one_launch, run_split
 from .host_math import cdiv, block_r, next_pow2
+from .fast_launch import fast
 
 
 @triton.jit
@@ -228,7 +229,7 @@ def launch_gather(x, ptrs, ints, N, lora_A, lora_B, scaling, bias, cfg, one_laun
     one = one_launch_offered() if one_launch is None else one_launch
 
     def launch(ws, parts, y=None, counters=None):
-        _sparse4x4_gemv_kernel[grid](
+        fast(_sparse4x4_gemv_kernel)[grid](
             x, values, positions, A, parts if has_lora else ws, ws,
             ws if y is None else y, lora_B if has_lora and one else ws, bias if bias is not None and one else ws,
             ws if counters is None else counters,

@@ -20,6 +20,7 @@ from .autotune import GATHER
 from .decode import output_buffer, split_plan, weight_args
 from .sparse4x4_gemv import _add_by_slot, _sum_slots, check_gather_config
 from .host_math import cdiv, block_r
+from .fast_launch import fast
 
 
 # (name, least value) of a config's first three fields for dX: whole tiles either way; the
@@ -152,7 +153,7 @@ def launch_gather_dx(dy, ptrs, ints, K, A, dyb, R, scaling, cfg):
     split, n_per_split = split_plan(N, block_n, split)
     dx = output_buffer(M, K, dy, split)
     grid = (cdiv(M, rows), cdiv(K, block_k), split)
-    _sparse4x4_gemv_dx_kernel[grid](
+    fast(_sparse4x4_gemv_dx_kernel)[grid](
         dy, values, positions, dyb, A, dx,
         M, N, K, TK, PW, float(scaling), R, n_per_split,
         dy.stride(0), dx.stride(0), dyb.stride(0), A.stride(0),

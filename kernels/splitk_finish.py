@@ -29,6 +29,7 @@ import triton.language as tl
 
 from .decode import _dot, interpreter_upcast
 from .host_math import cdiv, next_pow2, block_r
+from .fast_launch import fast
 
 XA_BLOCK_K = tl.constexpr(64)  # inputs per step of the x·Aᵀ share (a constexpr global: kernels read it)
 FINISH_BLOCK_N = 256  # outputs per program of the finish kernel
@@ -242,7 +243,7 @@ def finish(ws: torch.Tensor, parts: Optional[torch.Tensor], lora_B: Optional[tor
     y = torch.empty(M, N, device=ws.device, dtype=torch.float32 if interpreter_upcast(dtype) else dtype)
     slots, block_r = (parts.shape[0], parts.shape[2]) if has_lora else (1, 16)
     grid = (cdiv(N, FINISH_BLOCK_N), M)
-    _splitk_finish_kernel[grid](
+    fast(_splitk_finish_kernel)[grid](
         ws, y, parts if has_lora else ws, lora_B if has_lora else ws, bias if bias is not None else ws,
         M, N, R, slots, float(scaling), lora_B.stride(0) if has_lora else 0, y.stride(0),
         HAS_LORA=has_lora, HAS_BIAS=bias is not None, BLOCK_R=block_r, BLOCK_N=FINISH_BLOCK_N,
