@@ -21,7 +21,10 @@ Triton is used as it is, with no fast path, where it would do more than launch: 
 interpreter, when launch hooks are installed (a profiler such as Proton), when a kernel has
 pre-run hooks, and for Triton versions whose ``JITFunction.run``
 does not pass the bound arguments to ``CompiledKernel.run`` the way this module does (checked
-once, from Triton's source: :func:`supported`).
+once, from Triton's source: :func:`supported`). Not in the key, as they do not change in a
+process that launches loraq's kernels: Triton's debug and instrumentation knobs, and the values of
+the kernels' global constexprs (Triton checks those on every launch). :func:`forget` drops the
+kept kernels.
 """
 
 from __future__ import annotations

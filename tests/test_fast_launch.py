@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from loraq.kernels import fast_launch
@@ -55,3 +56,50 @@ def test_interpreted_kernels_are_launched_by_the_interpreter(monkeypatch):
     y = lora_linear_fwd(x, "int1", w.tensors(), meta)
     torch.testing.assert_close(y, lora_linear_ref(x, w, None, None, 1.0, None), rtol=1e-4, atol=1e-4)
     assert not any(launcher.entries for launcher in fast_launch._LAUNCHERS.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int1", "sparse4x4"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_fast_launch_gives_the_results_of_triton_launches(monkeypatch, fmt, dtype):
+    """On a GPU: the forward and dX with LORAQ_FAST_LAUNCH=1, the second call launched from the
+    fast path's cache, equal those of Triton's own launches (to the order of the split sums'
+    atomic adds), at the batch sizes of every kernel family, and at M = 1 for every GEMV config."""
+    import importlib
+
+    from loraq.formats import compress_weight
+    from loraq.kernels import autotune
+
+    fwd_mod = importlib.import_module("loraq.kernels.lora_linear_fwd")
+    dx_mod = importlib.import_module("loraq.kernels.lora_linear_dx")
+    dev = torch.device("cuda")
+    N, K, R = 1000, 4096, 16
+    w = compress_weight(torch.randn(N, K), fmt).to(dtype).to(dev)
+    tensors = w.tensors()
+    meta = {"N": N, "K": K}
+    if fmt == "int1":
+        meta.update(group_size=w.group_size or None, scale_mode=w.scale_mode)
+    A = (torch.randn(R, K, device=dev) / K**0.5).to(dtype)
+    B = torch.randn(N, R, device=dev).to(dtype)
+    bias = torch.randn(N, device=dev).to(dtype)
+    gemv = autotune.lut_configs(1) if fmt == "int1" else autotune.gather_fwd_configs(1)
+    problems = [(M, None) for M in (1, 4, 16, 64, 300)] + [(1, cfg) for cfg in gemv]
+    for M, cfg in problems:
+        x = torch.randn(M, K, device=dev).to(dtype)
+        dy = torch.randn(M, N, device=dev).to(dtype)
+        dyB = dy @ B
+
+        def calls():
+            return (fwd_mod.lora_linear_fwd(x, fmt, tensors, meta, A, B, 0.5, bias, config=cfg),
+                    dx_mod.lora_linear_dx(dy, fmt, tensors, meta, A, dyB, 0.5, lora_B=B))
+
+        monkeypatch.delenv("LORAQ_FAST_LAUNCH", raising=False)
+        expected = calls()
+        monkeypatch.setenv("LORAQ_FAST_LAUNCH", "1")
+        fast_launch.forget()
+        for _ in range(2):  # the first through Triton, the second from the cache
+            got = calls()
+            for g, e in zip(got, expected):
+                torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-3 * e.abs().max().item())
+        assert any(launcher.entries for launcher in fast_launch._LAUNCHERS.values()), (M, cfg)
+    torch.cuda.synchronize()
