@@ -158,10 +158,10 @@ def forget() -> None:
 
 def fast(fn) -> FastLauncher:
     """The :class:`FastLauncher` of ``fn`` (one per function, made on first use)."""
-    launcher = _LAUNCHERS.get(fn)
+    launcher = _LAUNCHERS.get(id(fn))  # by id: a JITFunction hashes its source on every call
     if launcher is None:
-        launcher = _LAUNCHERS[fn] = FastLauncher(fn)
+        launcher = _LAUNCHERS[id(fn)] = FastLauncher(fn)  # which keeps fn alive, so the id stays its
     return launcher
 
 
-_LAUNCHERS: Dict[Any, FastLauncher] = {}
+_LAUNCHERS: Dict[int, FastLauncher] = {}
