@@ -23,6 +23,9 @@ a dense buffer for cuBLAS, with the LoRA path and bias in the same matmul.
 
 The small-batch forwards split K and end in ``splitk_finish.finish`` (LoRA path, bias, cast):
 two launches a call, on a zeroed fp32 workspace kept per thread, device and stream.
+
+Every Triton launch goes through ``fast_launch.fast``: with ``LORAQ_FAST_LAUNCH=1`` a kernel that
+has launched with the same specialization is launched again without Triton's per-call Python.
 """
 
 from .int1_gemv_lut import int1_gemv_lut
