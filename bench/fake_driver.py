@@ -14,19 +14,24 @@ The kernels must be ``JITFunction``s: import ``loraq.kernels`` without ``TRITON_
 from __future__ import annotations
 
 import contextlib
+import gc
 from typing import List
 
 import torch
 
 
 class FakeDriver:
-    """The parts of Triton's active driver that a launch asks for: device 0 of an sm_90 GPU."""
+    """The parts of Triton's active driver that a launch asks for: an sm_90 GPU whose current
+    device and stream are what ``device`` and ``stream`` say (set them to switch)."""
+
+    def __init__(self):
+        self.device, self.stream = 0, 0
 
     def get_current_device(self):
-        return 0
+        return self.device
 
     def get_current_stream(self, device=None):
-        return 0
+        return self.stream
 
     def get_current_target(self):
         from triton.backends.compiler import GPUTarget
@@ -38,26 +43,27 @@ class FakeDriver:
 
 
 class RecordingKernel:
-    """A compiled kernel's stand-in: ``run`` appends ``(kernel name, grid, args)`` to ``calls``
-    (``args``: everything after the launch-metadata and hook arguments, as the launcher gets it)."""
+    """A compiled kernel's stand-in: ``run`` appends ``(kernel name, grid, args, stream, device)``
+    to ``calls`` (``args``: everything after the launch-metadata and hook arguments, as the
+    launcher gets it; ``device``: the one it was compiled for)."""
 
     function = 0
     packed_metadata = ()
 
-    def __init__(self, name: str, calls: List[tuple]):
-        self.name, self.calls = name, calls
+    def __init__(self, name: str, calls: List[tuple], device: int):
+        self.name, self.calls, self.device = name, calls, device
 
     def launch_metadata(self, grid, stream, *args):
         return None
 
     def run(self, gx, gy, gz, stream, function, packed_metadata, launch_metadata, enter_hook, exit_hook, *args):
-        self.calls.append((self.name, (gx, gy, gz), args))
+        self.calls.append((self.name, (gx, gy, gz), args, stream, self.device))
 
 
 @contextlib.contextmanager
 def fake_cuda():
-    """Yields ``(calls, compiles)``: the list each launch is recorded into, and the list of kernel
-    names Triton "compiled" (one per new specialization)."""
+    """Yields ``(calls, compiles, driver)``: the list each launch is recorded into, the list of
+    kernel names Triton "compiled" (one per new specialization), and the :class:`FakeDriver`."""
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
@@ -65,24 +71,32 @@ def fake_cuda():
 
     calls: List[tuple] = []
     compiles: List[str] = []
-    touched = set()
+    touched = {}
 
     def do_compile(self, key, signature, device, constexprs, options, attrs, warmup):
-        kernel = RecordingKernel(self.fn.__name__, calls)
+        kernel = RecordingKernel(self.fn.__name__, calls, device)
         self.device_caches[device][0][key] = kernel
         compiles.append(self.fn.__name__)
-        touched.add(self)
+        touched[id(self)] = self
         return kernel
 
+    # the per-device caches (binders made for the fake target) that exist before: the rest goes after
+    before = {id(fn): (fn, set(fn.device_caches)) for fn in gc.get_objects() if type(fn) is JITFunction}
     real_compile, real_active = JITFunction._do_compile, getattr(driver, "_active", None)
     JITFunction._do_compile = do_compile
-    driver.set_active(FakeDriver())
+    fake = FakeDriver()
+    driver.set_active(fake)
     fast_launch.forget()
     try:
-        yield calls, compiles
-    finally:  # no recording kernel outlives the context (in Triton's caches or the fast launchers')
+        yield calls, compiles, fake
+    finally:  # nothing of the fake GPU outlives the context (in Triton's caches or the fast launchers')
         JITFunction._do_compile = real_compile
         driver._active = real_active  # not reset_active(): without a GPU, making the default driver fails
-        for fn in touched:
-            fn.device_caches.clear()
+        for fn, devices in list(before.values()) + [(fn, set()) for i, fn in touched.items() if i not in before]:
+            for device in set(fn.device_caches) - devices:
+                del fn.device_caches[device]
+            for device in devices:
+                cache = fn.device_caches[device][0]
+                for key in [k for k, v in cache.items() if isinstance(v, RecordingKernel)]:
+                    del cache[key]
         fast_launch.forget()

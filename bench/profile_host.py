@@ -194,7 +194,7 @@ def stub_kernels(args) -> int:
     saved = {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "LORAQ_FAST_LAUNCH")}
     os.environ["TRITON_INTERPRET"] = "1"  # lets the triton backend take CPU tensors; the kernels are JITFunctions
     try:
-        with fake_cuda() as (calls, _):
+        with fake_cuda() as (calls, _, _):
             dt = torch.float16
             W = torch.randn(args.N, args.K) / args.K**0.5
             w = compress_weight(W, args.format).to(dt)

@@ -16,12 +16,11 @@ a float (passed as fp32 whatever its value), and every keyword argument's value 
 launch options), plus the current device.
 
 Opt-in with ``LORAQ_FAST_LAUNCH=1`` until it has run on a GPU: checked on the CPU only, against
-Triton's own launch path with a fake driver (``tests/fast_launch_check.py``, Triton 3.6 and 3.8).
+Triton's own launch path with a fake driver (``tests/fast_launch_check.py``, Triton 3.5 to 3.9).
 Triton is used as it is, with no fast path, where it would do more than launch: under the
-interpreter, when launch hooks are installed (a profiler such as Proton), when a kernel has
-pre-run hooks, and for Triton versions whose ``JITFunction.run``
-does not pass the bound arguments to ``CompiledKernel.run`` the way this module does (checked
-once, from Triton's source: :func:`supported`). Not in the key, as they do not change in a
+interpreter, when launch hooks or a pipeline-inspection hook are installed (a profiler such as
+Proton), when a kernel has pre-run hooks, for tuple and list arguments, and for Triton versions
+other than those checked (:func:`supported`). Not in the key, as they do not change in a
 process that launches loraq's kernels: Triton's debug and instrumentation knobs, and the values of
 the kernels' global constexprs (Triton checks those on every launch). :func:`forget` drops the
 kept kernels.
@@ -50,8 +49,10 @@ MAX_ENTRIES = 1024  # specializations kept per kernel (a new batch size is a new
 
 def _key(device: int, kwargs: dict, args: tuple) -> tuple:
     """What Triton's specialization depends on (module docs): the device, each keyword value, and
-    for each positional argument a tensor's dtype and address mod 16, ``float`` for a float, the
-    value of anything else. One loop without calls: this runs on every launch."""
+    for each positional argument a tensor's dtype and address mod 16, ``float`` for a float, a
+    bool as a bool (Triton passes ``True`` as ``u1`` but makes ``1`` a constant), the value of
+    anything else. Raises TypeError for a tuple or list (Triton decides: they may hold tensors).
+    One loop without calls: this runs on every launch."""
     key = [device, *kwargs.items()]
     add = key.append
     for a in args:
@@ -60,26 +61,37 @@ def _key(device: int, kwargs: dict, args: tuple) -> tuple:
             add((a.dtype, a.data_ptr() & 15))
         elif t is float:
             add(float)
+        elif t is bool:
+            add((bool, a))
+        elif t is tuple or t is list:
+            raise TypeError("a tuple or list argument: launched by Triton")
         else:
             add(a)
     return tuple(key)
 
 
+# Triton versions whose launch path tests/fast_launch_check.py has passed on (3.3 and 3.4 it cannot run on)
+TESTED = ((3, 5), (3, 6), (3, 7), (3, 8), (3, 9))
+
+
 @functools.lru_cache(maxsize=None)
 def supported() -> bool:
-    """Whether this Triton launches a cached kernel as ``kernel.run(grid..., stream, function,
-    packed_metadata, launch_metadata, enter_hook, exit_hook, *bound_args)``: the call this
-    module makes (Triton 3.3 and later; 3.6 and 3.8 checked)."""
+    """Whether this Triton is one whose launch path ``tests/fast_launch_check.py`` has checked
+    (``TESTED``) and still launches a cached kernel as ``kernel.run(grid..., stream, function,
+    packed_metadata, launch_metadata, enter_hook, exit_hook, *bound_args)``, the call this module
+    makes (read from its source, in case of a patched build)."""
     if _JITFunction is None:
         return False
     try:
+        import triton
+
+        version = tuple(int(part) for part in triton.__version__.split(".")[:2])
         src = inspect.getsource(_JITFunction.run)
-    except (OSError, TypeError):
+    except (OSError, TypeError, ValueError):
         return False
-    hooks = _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook
-    return ("kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, launch_metadata,"
-            in src and "*bound_args.values())" in src and all(isinstance(getattr(h, "calls", None), list)
-                                                                for h in hooks))
+    return (version in TESTED and "*bound_args.values())" in src
+            and "kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, launch_metadata,"
+            in src)
 
 
 def fast_launch_offered() -> bool:
@@ -87,10 +99,14 @@ def fast_launch_offered() -> bool:
     return os.environ.get("LORAQ_FAST_LAUNCH") == "1"
 
 
-def _hooks_idle() -> bool:
-    """No launch hook is installed (Triton's hook chains are empty): nothing to call around a launch."""
+def _unhooked(fn) -> bool:
+    """Nothing for Triton to run around this launch: no launch hook (an empty hook chain or None,
+    as Triton's launcher treats it), no pipeline-inspection hook, no pre-run hook on ``fn``."""
     rt = _knobs.runtime
-    return not rt.launch_enter_hook.calls and not rt.launch_exit_hook.calls
+    for hook in (rt.launch_enter_hook, rt.launch_exit_hook):
+        if hook is not None and (type(getattr(hook, "calls", None)) is not list or hook.calls):
+            return False
+    return getattr(rt, "add_stages_inspection_hook", None) is None and not fn.pre_run_hooks
 
 
 class FastLauncher:
@@ -121,7 +137,7 @@ class FastLauncher:
             entry = self.entries.get(key)
         except TypeError:  # an unhashable argument: Triton decides
             return fn[grid](*args, **kwargs)
-        if entry is None or not _hooks_idle():
+        if entry is None or not _unhooked(fn):
             return self._first(key, grid, args, kwargs)
         kernel, tail = entry
         n = len(grid)
@@ -133,7 +149,7 @@ class FastLauncher:
         """Launch through Triton and keep the compiled kernel for ``key`` if later launches can
         reuse it: the bound arguments after the positional ones must be constants of the key."""
         kernel = self.fn[grid](*args, **kwargs)
-        if kernel is None or self.fn.pre_run_hooks or not hasattr(kernel, "packed_metadata"):
+        if kernel is None or not hasattr(kernel, "packed_metadata"):
             return kernel
         params = self.fn.params
         names = {p.name for p in params}

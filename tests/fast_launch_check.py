@@ -57,7 +57,7 @@ def same(a, b) -> bool:
 
 def main() -> int:
     hits, misses = Counter(), Counter()
-    with fake_cuda() as (calls, compiles):
+    with fake_cuda() as (calls, compiles, driver):
         real_launch, real_first = fast_launch.FastLauncher.launch, fast_launch.FastLauncher._first
 
         def first(self, key, grid, args, kwargs):
@@ -82,9 +82,11 @@ def main() -> int:
             triton_calls = calls[before_calls:]
             if len(fast_calls) != 1 or len(triton_calls) != 1:
                 raise Mismatch(f"{name}: {len(fast_calls)} launches by the fast path, {len(triton_calls)} by Triton")
-            (_, g1, a1), (_, g2, a2) = fast_calls[0], triton_calls[0]
+            (_, g1, a1, s1, d1), (_, g2, a2, s2, d2) = fast_calls[0], triton_calls[0]
             if g1 != g2:
                 raise Mismatch(f"{name}: grid {g1} against Triton's {g2}")
+            if (s1, d1) != (s2, d2):
+                raise Mismatch(f"{name}: stream {s1} of device {d1} against Triton's stream {s2} of device {d2}")
             if len(a1) != len(a2):
                 raise Mismatch(f"{name}: {len(a1)} arguments against Triton's {len(a2)}")
             for i, (x, y) in enumerate(zip(a1, a2)):
@@ -102,15 +104,22 @@ def main() -> int:
         fast_launch.FastLauncher.launch, fast_launch.FastLauncher._first = launch, first
         fwd_mod.pick_config = dx_mod.pick_config = every_candidate
         try:
-            exercise()
+            exercise(driver)
         finally:
             fast_launch.FastLauncher.launch, fast_launch.FastLauncher._first = real_launch, real_first
         check_fallbacks()
+    from triton.runtime.jit import JITFunction
+
+    left = [fn.fn.__name__ for fn in (fwd_mod._lora_linear_fwd_kernel, _scale_kernel)
+            if type(fn) is JITFunction and len(fn.device_caches)]
+    if left or any(launcher.entries for launcher in fast_launch._LAUNCHERS.values()):
+        raise Mismatch(f"the fake GPU left caches behind: {left or 'the fast launchers'}")
     names = sorted(set(hits) | set(misses))
     for name in names:
         print(f"{name}: {hits[name]} launches from the fast path's cache, each the same as Triton's; "
               f"{misses[name]} through Triton")
-    print("fallbacks: launch hooks, LORAQ_FAST_LAUNCH unset, a tensor by keyword and a full cache all go through Triton")
+    print("fallbacks: launch hooks (a chain, a plain function; None is no hook), a pre-run hook, LORAQ_FAST_LAUNCH "
+          "unset, a tensor by keyword, a tuple argument and a full cache all go through Triton; True and 1 apart")
     missing = {"_int1_gemv_lut_kernel", "_sparse4x4_gemv_kernel", "_splitk_finish_kernel", "_lora_linear_fwd_kernel",
                "_lora_linear_dx_kernel", "_sparse4x4_gemv_dx_kernel", "_decode_slab_kernel"} - {n for n in names if hits[n]}
     if missing:
@@ -140,10 +149,10 @@ def check_fallbacks() -> None:
     launcher = fast_launch.FastLauncher(_scale_kernel)
     JITFunction.run = run
     try:
-        def through_triton(what, launches=3, **kwargs):
+        def through_triton(what, *args, launches=3, **kwargs):
             seen.clear()
             for _ in range(launches):
-                launcher[(2,)](x, y, 100, 2.0, **kwargs)
+                launcher[(2,)](*(args or (x, y, 100, 2.0)), **kwargs)
             if len(seen) != launches:
                 raise Mismatch(f"{what}: {launches - len(seen)} of {launches} launches skipped Triton")
 
@@ -154,6 +163,32 @@ def check_fallbacks() -> None:
             through_triton("with a launch hook installed", BLOCK=64)
         finally:
             knobs.runtime.launch_enter_hook.remove(hook)
+        chain = knobs.runtime.launch_enter_hook
+        knobs.runtime.launch_enter_hook = hook  # a plain function in place of the chain
+        try:
+            through_triton("with a plain function as the launch hook", BLOCK=64)
+        finally:
+            knobs.runtime.launch_enter_hook = chain
+        launcher.fn.pre_run_hooks.append(lambda *args, **kwargs: None)  # added after the kernel was kept
+        try:
+            through_triton("with a pre-run hook", BLOCK=64)
+        finally:
+            launcher.fn.pre_run_hooks.pop()
+        knobs.runtime.launch_enter_hook = None  # no hook at all: Triton's launcher takes None too
+        try:
+            seen.clear()
+            for _ in range(3):
+                launcher[(2,)](x, y, 100, 2.0, BLOCK=64)
+            if len(seen) != 0:
+                raise Mismatch("with the launch hook set to None, a kept kernel went through Triton")
+        finally:
+            knobs.runtime.launch_enter_hook = chain
+        seen.clear()
+        launcher[(2,)](x, y, True, 2.0, BLOCK=64)  # a bool where an int was: Triton specializes it apart
+        launcher[(2,)](x, y, 1, 2.0, BLOCK=64)
+        if len(seen) != 2:
+            raise Mismatch("True and 1 shared a kept kernel")
+        through_triton("with a tuple argument", (x,), y, 100, 2.0, BLOCK=64)
         del os.environ["LORAQ_FAST_LAUNCH"]  # the default: off
         try:
             through_triton("without LORAQ_FAST_LAUNCH=1", BLOCK=64)
@@ -179,33 +214,36 @@ def check_fallbacks() -> None:
         JITFunction.run = real_run
 
 
-def exercise() -> None:
-    """Every launcher's candidates on a few problems, each call twice (the second from the cache)."""
+def exercise(driver) -> None:
+    """Every launcher's candidates on a few problems, each call twice (the second from the cache);
+    the first shape again on another stream, then on another device."""
     g = torch.Generator().manual_seed(0)
-    for fmt in ("int1", "sparse4x4"):
-        for (N, K) in ((40, 48), (33, 70)):
-            W = torch.randn(N, K, generator=g)
-            for dtype in (torch.float16, torch.bfloat16, torch.float32):
-                w = compress_weight(W, fmt).to(dtype)
-                tensors, meta = w.tensors(), {"N": N, "K": K}
-                if fmt == "int1":
-                    meta.update(group_size=w.group_size or None, scale_mode=w.scale_mode)
-                for M in (1, 3, 16, 40):
-                    for lora, bias in ((True, True), (False, False)):
-                        A = torch.randn(4, K, generator=g).to(dtype) if lora else None
-                        B = torch.randn(N, 4, generator=g).to(dtype) if lora else None
-                        b = torch.randn(N, generator=g).to(dtype) if bias else None
-                        x = torch.randn(M, K, generator=g).to(dtype)
-                        dy = torch.randn(M, N, generator=g).to(dtype)
-                        dyB = dy @ B if lora else None
-                        for _ in range(2):
-                            fwd_mod.lora_linear_fwd(x, fmt, tensors, meta, A, B, 0.5, b)
-                            dx_mod.lora_linear_dx(dy, fmt, tensors, meta, A, dyB, 0.5, lora_B=B)
-                    # an input whose address is not a multiple of 16 bytes: another specialization
-                    buf = torch.randn(M * K + 1, generator=g).to(dtype)
-                    odd = buf[1:].view(M, K)
+    runs = [(fmt, shape, (0, 0)) for fmt in ("int1", "sparse4x4") for shape in ((40, 48), (33, 70))]
+    runs += [(fmt, (40, 48), where) for fmt in ("int1", "sparse4x4") for where in ((0, 7), (1, 9))]
+    for fmt, (N, K), (device, stream) in runs:
+        driver.device, driver.stream = device, stream
+        W = torch.randn(N, K, generator=g)
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            w = compress_weight(W, fmt).to(dtype)
+            tensors, meta = w.tensors(), {"N": N, "K": K}
+            if fmt == "int1":
+                meta.update(group_size=w.group_size or None, scale_mode=w.scale_mode)
+            for M in (1, 3, 16, 40):
+                for lora, bias in ((True, True), (False, False)):
+                    A = torch.randn(4, K, generator=g).to(dtype) if lora else None
+                    B = torch.randn(N, 4, generator=g).to(dtype) if lora else None
+                    b = torch.randn(N, generator=g).to(dtype) if bias else None
+                    x = torch.randn(M, K, generator=g).to(dtype)
+                    dy = torch.randn(M, N, generator=g).to(dtype)
+                    dyB = dy @ B if lora else None
                     for _ in range(2):
-                        fwd_mod.lora_linear_fwd(odd, fmt, tensors, meta)
+                        fwd_mod.lora_linear_fwd(x, fmt, tensors, meta, A, B, 0.5, b)
+                        dx_mod.lora_linear_dx(dy, fmt, tensors, meta, A, dyB, 0.5, lora_B=B)
+                # an input whose address is not a multiple of 16 bytes: another specialization
+                buf = torch.randn(M * K + 1, generator=g).to(dtype)
+                odd = buf[1:].view(M, K)
+                for _ in range(2):
+                    fwd_mod.lora_linear_fwd(odd, fmt, tensors, meta)
 
 
 if __name__ == "__main__":
