@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 from torch import Tensor
@@ -119,7 +119,6 @@ class FastLauncher:
     def __init__(self, fn):
         self.fn = fn
         self.entries: Dict[tuple, Tuple[Any, tuple]] = {}
-        self._params: Optional[list] = None
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
