@@ -18,6 +18,7 @@ path and with ``kernels.fast_launch`` (only the C launcher, about the same for b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import os
@@ -61,25 +62,33 @@ def without_grad(fn, *args):
         return fn(*args)
 
 
+@contextlib.contextmanager
+def environ(**values: str):
+    """``os.environ`` with ``values`` set, restored as it was on the way out."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def both_launch_paths(rows) -> None:
     """Print each row's host time per call with Triton's launch path and with
     ``kernels.fast_launch`` (``LORAQ_FAST_LAUNCH=1``), timed alternately so that a slower spell
     of the machine hits both; the best of three turns each."""
     print(f"  {'':<40} {'Triton':>8} {'fast':>8}  µs host per call (fast: LORAQ_FAST_LAUNCH=1)")
-    was = os.environ.get("LORAQ_FAST_LAUNCH")
-    try:
-        for name, fn in rows:
-            times = {"0": [], "1": []}
-            for _ in range(3):
-                for mode in times:
-                    os.environ["LORAQ_FAST_LAUNCH"] = mode
+    for name, fn in rows:
+        times = {"0": [], "1": []}
+        for _ in range(3):
+            for mode in times:
+                with environ(LORAQ_FAST_LAUNCH=mode):
                     times[mode].append(host_us(fn, rounds=3))
-            print(f"  {name:<40} {min(times['0']):8.1f} {min(times['1']):8.1f}")
-    finally:
-        if was is None:
-            os.environ.pop("LORAQ_FAST_LAUNCH", None)
-        else:
-            os.environ["LORAQ_FAST_LAUNCH"] = was
+        print(f"  {name:<40} {min(times['0']):8.1f} {min(times['1']):8.1f}")
 
 
 def report(rows, profiled=None, lines: int = 0) -> None:
@@ -191,10 +200,9 @@ def stub_kernels(args) -> int:
         return hit
 
     fwd_mod.pick_config = pick
-    saved = {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "LORAQ_FAST_LAUNCH")}
-    os.environ["TRITON_INTERPRET"] = "1"  # lets the triton backend take CPU tensors; the kernels are JITFunctions
+    # TRITON_INTERPRET=1 lets the triton backend take CPU tensors; the kernels are JITFunctions
     try:
-        with fake_cuda() as (calls, _, _):
+        with environ(TRITON_INTERPRET="1"), fake_cuda() as (calls, _, _):
             dt = torch.float16
             W = torch.randn(args.N, args.K) / args.K**0.5
             w = compress_weight(W, args.format).to(dt)
@@ -215,15 +223,10 @@ def stub_kernels(args) -> int:
             for i, (name, fn) in enumerate(rows):  # the record of launches must not grow without end
                 rows[i] = (name, lambda fn=fn: (fn(), calls.clear()))
             both_launch_paths(rows)
-            os.environ["LORAQ_FAST_LAUNCH"] = "1"
-            report([], lambda: (without_grad(layer, x), calls.clear()), 14)
+            with environ(LORAQ_FAST_LAUNCH="1"):
+                report([], lambda: (without_grad(layer, x), calls.clear()), 14)
     finally:
         fwd_mod.pick_config = real_pick
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return 0
 
 
