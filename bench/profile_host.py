@@ -191,8 +191,8 @@ def stub_kernels(args) -> int:
     real_pick = fwd_mod.pick_config
     picked = {}
 
-    def pick(op, M, N, K, dtype, device, run, bench=None, extra=None):
-        key = (op, M, N, K, dtype, device.index)
+    def pick(op, M, N, K, dtype, device, run, bench=None, extra=None, variant=()):
+        key = (op, M, N, K, dtype, device.index, variant)
         hit = picked.get(key)
         if hit is None:
             more = list((extra() if callable(extra) else extra) or [])

@@ -3,14 +3,20 @@
 The winner of a small list of configs is measured under a CUDA graph (``gpu_time``) the first
 time a shape is seen and cached in memory and on disk (``$LORAQ_CACHE_DIR``, default
 ``~/.cache/loraq``) in one JSON file per GPU name and Triton version, so a second process does
-not tune again. Off the GPU (the interpreter) the first, smallest config is used untimed.
-``LORAQ_AUTOTUNE_VERBOSE=1`` prints every candidate's time when a shape is tuned.
+not tune again (the file is merged under a lock, so processes sharing the folder keep each
+other's winners; with no home folder and no ``$LORAQ_CACHE_DIR``, winners stay in memory).
+Off the GPU (the interpreter) the first, smallest config is used untimed. Each tuning is logged
+(logger ``loraq.autotune``, INFO); ``LORAQ_AUTOTUNE_VERBOSE=1`` prints every candidate's time
+and every failure. A launcher's ``config=`` argument skips tuning.
 """
 
+import contextlib
 import json
+import logging
 import os
 import re
 import tempfile
+import threading
 import zlib
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
@@ -114,8 +120,9 @@ SLAB_WIDEN, SLAB_OUTPUT_FIRST, SLAB_MERGE = 1, 2, 3
 # (4: timed under a CUDA graph; version 3's eager timings picked by host time at small batches)
 CACHE_VERSION = 4
 
+_LOG = logging.getLogger("loraq.autotune")
 _MEMORY: Dict[str, Dict[str, Config]] = {}
-# (op, M bucket, N, K, dtype, device) -> config: the per-call fast path, no file or string work
+# (op, M bucket, N, K, dtype, device index, variant) -> config: the per-call path, no file or string work
 _PICKED: Dict[tuple, Config] = {}
 
 
@@ -222,41 +229,81 @@ def gpu_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device)
 
 
-def cache_file(device: torch.device) -> Path:
-    """``$LORAQ_CACHE_DIR/autotune/<GPU name>-triton<version>.json``."""
+def cache_file(device: torch.device) -> Optional[Path]:
+    """``$LORAQ_CACHE_DIR/autotune/<GPU name>-triton<version>-v<CACHE_VERSION>.json`` (default
+    ``~/.cache/loraq``); None, winners kept in memory only, where neither is set nor known."""
     import triton
 
     name = re.sub(r"[^A-Za-z0-9]+", "_", gpu_name(device)).strip("_")
-    root = Path(os.environ.get("LORAQ_CACHE_DIR", Path.home() / ".cache" / "loraq"))
-    return root / "autotune" / f"{name}-triton{triton.__version__}-v{CACHE_VERSION}.json"
+    root = os.environ.get("LORAQ_CACHE_DIR") or None
+    if root is None:
+        try:
+            root = Path.home() / ".cache" / "loraq"
+        except RuntimeError:  # no home directory (a service account)
+            return None
+    return Path(root) / "autotune" / f"{name}-triton{triton.__version__}-v{CACHE_VERSION}.json"
 
 
-def _load(path: Path) -> Dict[str, Config]:
+def _is_config(value) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) == len(Config.__args__)
+            and all(type(v) is int for v in value))
+
+
+def _read(path: Path) -> Dict[str, Config]:
+    """The file's well-formed entries (a missing, unreadable or damaged file: none)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: tuple(v) for k, v in data.items() if isinstance(k, str) and _is_config(v)}
+
+
+def _load(path: Optional[Path]) -> Dict[str, Config]:
     key = str(path)
     if key not in _MEMORY:
-        try:
-            _MEMORY[key] = {k: tuple(v) for k, v in json.loads(path.read_text()).items()}
-        except (OSError, ValueError):
-            _MEMORY[key] = {}
+        _MEMORY[key] = {} if path is None else _read(path)
     return _MEMORY[key]
 
 
-def _store(path: Path, table: Dict[str, Config]) -> None:
-    """Merge ``table`` into the file (another process may have added shapes) via a temporary file."""
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive lock on ``path`` + ``.lock`` between processes (where ``fcntl`` exists), so
+    that two processes merging their winners into one file do not drop each other's."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the last writer wins, the file still parses
+        yield
+        return
+    with open(f"{path}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _store(path: Optional[Path], table: Dict[str, Config]) -> None:
+    """Merge ``table`` into the file (another process may have added shapes) via a temporary
+    file, under the file's lock; readable by the other users of a shared cache folder."""
+    if path is None:
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        merged = {}
-        if path.is_file():
+        with _file_lock(path):
+            merged = {k: list(v) for k, v in _read(path).items()}
+            merged.update({k: list(v) for k, v in table.items()})
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
             try:
-                merged = json.loads(path.read_text())
-            except ValueError:
-                merged = {}
-        merged.update({k: list(v) for k, v in table.items()})
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(merged, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except OSError:  # a read-only home: keep the in-memory table
+                with os.fdopen(fd, "w") as f:
+                    json.dump(merged, f, indent=1, sort_keys=True)
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+    except OSError:  # a read-only or full cache folder: keep the in-memory table
         pass
 
 
@@ -277,54 +324,90 @@ def gpu_time(fn: Callable[[], object]) -> float:
         return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
 
 
-def time_candidates(candidates: List[Config], run: Callable[[Config], None], bench: Callable) -> Dict[Config, float]:
+def time_candidates(candidates: List[Config], run: Callable[[Config], None], bench: Callable,
+                    failures: Optional[Dict[Config, BaseException]] = None) -> Dict[Config, float]:
     """Each candidate's time, ``bench(fn) -> ms``; a config that fails to run (more shared memory
-    or registers than this GPU has) is left out. The fastest ``RETIME_TOP`` are timed again and
-    keep the lower of their two times: one slow timing (the same dense-slab config took 323 µs
-    in one H100 tuning and 226–235 µs in three others) should not decide the winner."""
+    or registers than this GPU has) is left out, and its exception put in ``failures``. The
+    fastest ``RETIME_TOP`` are timed again and keep the lower of their two times: one slow timing
+    (the same dense-slab config took 323 µs in one H100 tuning and 226–235 µs in three others)
+    should not decide the winner; one that fails the second time is left out too."""
+    failures = {} if failures is None else failures
     timings = {}
     for c in candidates:
         try:
             timings[c] = bench(lambda: run(c))
-        except Exception:  # a config this GPU cannot hold (shared memory, registers)
-            continue
+        except Exception as e:  # a config this GPU cannot hold (shared memory, registers)
+            failures[c] = e
     for c in sorted(timings, key=timings.get)[:RETIME_TOP]:
-        timings[c] = min(timings[c], bench(lambda: run(c)))
+        try:
+            timings[c] = min(timings[c], bench(lambda: run(c)))
+        except Exception as e:  # ran once, not twice (memory taken meanwhile): not to be relied on
+            failures[c] = e
+            del timings[c]
     return timings
+
+
+# pick_config's tuning: one at a time in a process (threads would time each other's kernels)
+_TUNING = threading.RLock()
+# Tests set this: every in-memory hit is also checked against the candidate list it stands for,
+# which catches a caller whose ``variant`` misses something its candidates depend on.
+CHECK_HITS = False
 
 
 def pick_config(op: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
                 run: Callable[[Config], None], bench: Optional[Callable] = None,
-                extra: Optional[Union[List[Config], Callable[[], List[Config]]]] = None) -> Config:
+                extra: Optional[Union[List[Config], Callable[[], List[Config]]]] = None,
+                variant: tuple = ()) -> Config:
     """The config for this problem: cached, or the fastest of :func:`configs_for` plus ``extra``
     (a list, or a function that makes it: called only when the answer is not cached in memory;
     timed with ``bench(fn) -> ms``, by default :func:`gpu_time`). Off CUDA: the first
-    of :func:`configs_for`. The cache key holds ``op`` (which must name the kernel), the batch
-    bucket, N, K, the dtype and a checksum of the candidates, so that a changed list is tuned
-    again."""
-    fast = (op, m_bucket(M), N, K, dtype, device.index)
-    if device.type == "cuda":  # every call after the first: one dict lookup (host time)
-        hit = _PICKED.get(fast)
-        if hit is not None:
-            return hit
-    candidates = configs_for(M) + list((extra() if callable(extra) else extra) or [])
+    of :func:`configs_for`, untimed.
+
+    ``op`` names the kernel and ``variant`` (hashable) holds whatever else ``extra`` depends on
+    (the rank, a setting): with the batch bucket, N, K, dtype and device they key the in-memory
+    answer, the per-call path that never builds the candidate list. On disk the key holds a
+    checksum of the candidates instead, so that a changed list is tuned again."""
     if device.type != "cuda":
-        return candidates[0]
-    path = cache_file(device)
-    table = _load(path)
-    # the candidate set is part of the key: a winner cached from another list is not reused
-    key = f"{op}|M{m_bucket(M)}|N{N}|K{K}|{str(dtype).replace('torch.', '')}|c{zlib.crc32(repr(candidates).encode()):08x}"
-    if key not in table:
-        timings = time_candidates(candidates, run, bench or gpu_time)
-        if os.environ.get("LORAQ_AUTOTUNE_VERBOSE") == "1":
-            ranked = sorted(timings.items(), key=lambda kv: kv[1])
-            print(f"loraq autotune {key}: " + ", ".join(f"{c}={1e3 * t:.1f}µs" for c, t in ranked), flush=True)
-        if not timings:
-            raise RuntimeError(f"no kernel config of {op} runs for M={M}, N={N}, K={K}, {dtype}")
-        table[key] = min(timings, key=timings.get)
-        _store(path, table)
-    _PICKED[fast] = table[key]
-    return table[key]
+        return configs_for(M)[0]
+    fast = (op, m_bucket(M), N, K, dtype, device.index, variant)
+    hit = _PICKED.get(fast)  # every call after the first: one dict lookup (host time)
+    if hit is not None and not CHECK_HITS:
+        return hit
+    candidates = configs_for(M) + list((extra() if callable(extra) else extra) or [])
+    if hit is not None:
+        if hit not in candidates:
+            raise AssertionError(f"autotune: the remembered {op} config {hit} is not among this call's candidates: "
+                                 f"the caller's variant {variant} misses something they depend on")
+        return hit
+    with _TUNING:
+        path = cache_file(device)
+        table = _load(path)
+        # the candidate set is part of the key: a winner cached from another list is not reused
+        key = (f"{op}|M{m_bucket(M)}|N{N}|K{K}|{str(dtype).replace('torch.', '')}"
+               f"|c{zlib.crc32(repr(candidates).encode()):08x}")
+        if table.get(key) not in candidates:  # not tuned yet (or a damaged entry)
+            table[key] = _tune(op, key, M, N, K, dtype, candidates, run, bench or gpu_time)
+            _store(path, table)
+        _PICKED[fast] = table[key]
+        return table[key]
+
+
+def _tune(op, key, M, N, K, dtype, candidates, run, bench) -> Config:
+    """The fastest of ``candidates`` (``time_candidates``), logged; raises, naming why each
+    failed, if none runs."""
+    _LOG.info("loraq autotune: timing %d configs of %s (M=%d, N=%d, K=%d, %s), once per shape and GPU",
+              len(candidates), op, M, N, K, dtype)
+    failures: Dict[Config, BaseException] = {}
+    timings = time_candidates(candidates, run, bench, failures)
+    if os.environ.get("LORAQ_AUTOTUNE_VERBOSE") == "1":
+        ranked = sorted(timings.items(), key=lambda kv: kv[1])
+        print(f"loraq autotune {key}: " + ", ".join(f"{c}={1e3 * t:.1f}µs" for c, t in ranked)
+              + "".join(f"; {c} failed: {type(e).__name__}: {e}" for c, e in failures.items()), flush=True)
+    if not timings:
+        reasons = "; ".join(f"{c}: {type(e).__name__}: {e}" for c, e in list(failures.items())[:3])
+        raise RuntimeError(f"no kernel config of {op} runs for M={M}, N={N}, K={K}, {dtype} "
+                           f"({len(failures)} failed; {reasons})") from next(iter(failures.values()), None)
+    return min(timings, key=timings.get)
 
 
 VARIANT_NAMES = {DOT: "tiled", DOT_SWAP: "tiled, swapped", LUT: "lookup GEMV", GATHER: "gather GEMV",

@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import (DENSE_SLAB, DOT, DOT_PAIRS, DOT_SWAP, GATHER, GATHER_MAX_M, SLAB_MERGE, dense_slab_configs,
-                       gather_configs, pairs_configs, pick_config)
+from .autotune import (DENSE_SLAB, DENSE_SLAB_MIN_M, DOT, DOT_PAIRS, DOT_SWAP, GATHER, GATHER_MAX_M, SLAB_MERGE,
+                       dense_slab_cap_mib, dense_slab_configs, gather_configs, pairs_configs, pick_config)
 from .dense_slab import check_slab_config, slab_widths, slab_dx
 from .decode import (_dot, _int1_group_scale, _int1_sign_pairs_t, _int1_signs, _int1_words_t, _pair_scales_t,
                      _sparse4x4_tile, decode_dtype, interpreter_upcast, output_buffer, split_plan, use_asm,
@@ -205,5 +205,7 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
             pairs = pairs_configs(M, "dx") if fmt == "int1" and dy.dtype in (torch.float16, torch.bfloat16) else []
             return pairs + dense_slab_configs(M, K, slab_widths(N, R if has_lora else 0, merge=B is not None),
                                               dy.element_size())
-    cfg = config or pick_config(op, M, N, K, dy.dtype, dy.device, run, extra=extra)
+    # what else the candidates depend on: the slabs' widths and size cap (past 32 rows)
+    variant = (R if has_lora else 0, dense_slab_cap_mib()) if M >= DENSE_SLAB_MIN_M and not gather else ()
+    cfg = config or pick_config(op, M, N, K, dy.dtype, dy.device, run, extra=extra, variant=variant)
     return run(cfg).to(dy.dtype)

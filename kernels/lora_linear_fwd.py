@@ -22,8 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import (CUDA_GATHER, DENSE_SLAB, DOT, DOT_PAIRS, DOT_SWAP, GATHER_FWD, GATHER_MAX_M, LUT, LUT_MAX_M,
-                       MMA_GEMV, SPARSE_MMA, dense_slab_configs, gather_fwd_configs, lut_configs, pairs_configs, pick_config)
+from .autotune import (CUDA_GATHER, DENSE_SLAB, DENSE_SLAB_MIN_M, DOT, DOT_PAIRS, DOT_SWAP, GATHER_FWD, GATHER_MAX_M, LUT,
+                       LUT_MAX_M, MMA_GEMV, SPARSE_MMA, dense_slab_cap_mib, dense_slab_configs, gather_fwd_configs,
+                       lut_configs, pairs_configs, pick_config)
 from .cuda_ext import cuda_gemv_offered
 from .dense_slab import check_slab_config, slab_widths, slab_forward
 from .int1_gemv_lut import check_lut_config, launch_lut, lut_supported
@@ -232,5 +233,13 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
             used = (R if has_lora else 0) + (bias is not None)
             return ((pairs_configs(M) if pairs else []) + mma()
                     + dense_slab_configs(M, N, slab_widths(K, used), x.element_size()))
-    cfg = config or pick_config(op, M, N, K, x.dtype, x.device, run, extra=extra)
+    # what else the candidates depend on: whether the CUDA GEMVs may run (up to 16 rows), the
+    # slabs' widths and size cap (past 32 rows)
+    if M <= 16:
+        variant = (cuda_gemv_offered() and not (mma_problem() if fmt == "int1" else sparse_cuda_problem()),)
+    elif M >= DENSE_SLAB_MIN_M:
+        variant = ((R if has_lora else 0) + (bias is not None), dense_slab_cap_mib())
+    else:
+        variant = ()
+    cfg = config or pick_config(op, M, N, K, x.dtype, x.device, run, extra=extra, variant=variant)
     return run(cfg)

@@ -15,6 +15,11 @@ from loraq import ops  # noqa: E402
 # backend status) must not be the first to import them, or they would be built for a GPU.
 ops.load_backends()
 
+# Every remembered autotune answer is checked against the candidates of the call it answers.
+from loraq.kernels import autotune  # noqa: E402
+
+autotune.CHECK_HITS = True
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

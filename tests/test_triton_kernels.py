@@ -69,7 +69,7 @@ def tuner_calls(launcher):
     module = sys.modules[launcher.__module__]
     seen = []
 
-    def spy(op, M, N, K, dtype, device, run, bench=None, extra=None):
+    def spy(op, M, N, K, dtype, device, run, bench=None, extra=None, variant=()):
         seen.append(SimpleNamespace(op=op, M=M, dtype=dtype, candidates=candidates_passed(extra) or []))
         return configs_for(M)[0]
 
@@ -334,130 +334,6 @@ def test_every_tile_config_and_split_is_correct(fmt, cfg):
           reference.lora_linear_dx_ref(dy, w, A, dyB, 0.5), f"dx {cfg}")
 
 
-def test_autotune_caches_the_winner_on_disk_per_gpu(tmp_path, monkeypatch):
-    """A second process (a cleared memory cache) reads the winner instead of timing again."""
-    from loraq.kernels import autotune
-
-    monkeypatch.setenv("LORAQ_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(autotune, "gpu_name", lambda device: "Fake GPU 80GB")
-    monkeypatch.setattr(autotune, "_MEMORY", {})
-    monkeypatch.setattr(autotune, "_PICKED", {})
-    timed = []
-    fastest = autotune.SMALL_M[3]
-
-    def bench(fn):
-        fn()
-        return 1.0 if timed[-1] == fastest else 2.0
-
-    def run(cfg):
-        timed.append(cfg)
-
-    dev = torch.device("cuda")
-    assert autotune.pick_config("op", 3, 4096, 4096, torch.float16, dev, run, bench) == fastest
-    retimed = [fastest, autotune.SMALL_M[0], autotune.SMALL_M[1]]  # the fastest three, timed again
-    assert timed == autotune.SMALL_M + retimed
-    files = list((tmp_path / "autotune").glob("Fake_GPU_80GB-triton*-v*.json"))
-    assert len(files) == 1 and "op|M4|N4096|K4096|float16" in files[0].read_text()
-    monkeypatch.setattr(autotune, "_MEMORY", {})  # a new process
-    monkeypatch.setattr(autotune, "_PICKED", {})
-    timed.clear()
-    assert autotune.pick_config("op", 4, 4096, 4096, torch.float16, dev, run, bench) == fastest  # same M bucket
-    assert timed == []
-    # another bucket is tuned (and appended to the same file)
-    autotune.pick_config("op", 300, 4096, 4096, torch.float16, dev, run, bench)
-    assert timed == autotune.LARGE_M + autotune.LARGE_M[:3]
-    assert "op|M512|" in files[0].read_text() and "op|M4|" in files[0].read_text()
-    # a changed candidate list (here: extra GEMV configs) is tuned again, not read from the cache
-    monkeypatch.setattr(autotune, "_MEMORY", {})
-    monkeypatch.setattr(autotune, "_PICKED", {})
-    timed.clear()
-    extra = [(1, 256, 256, 4, 4, 1, autotune.LUT)]
-    autotune.pick_config("op", 4, 4096, 4096, torch.float16, dev, run, bench, extra=extra)
-    assert timed == autotune.SMALL_M + extra + retimed
-    # extra may be a function: called when the answer is not in memory, never on a hit
-    monkeypatch.setattr(autotune, "_MEMORY", {})
-    monkeypatch.setattr(autotune, "_PICKED", {})
-    made = []
-    assert autotune.pick_config("op", 4, 4096, 4096, torch.float16, dev, run, bench,
-                                extra=lambda: made.append(1) or extra) == fastest
-    assert autotune.pick_config("op", 4, 4096, 4096, torch.float16, dev, run, bench,
-                                extra=lambda: made.append(1) or extra) == fastest
-    assert made == [1]
-
-
-def test_autotune_times_the_fastest_again_and_skips_configs_that_fail():
-    """One slow timing of the best config (a clock dip) is corrected by its second timing; a
-    config that raises (more shared memory than the GPU has) is left out."""
-    from loraq.kernels.autotune import RETIME_TOP, time_candidates
-
-    first = {"a": 3.0, "b": 1.0, "c": 2.0, "d": 9.0}
-    second = {"a": 0.5, "b": 1.1, "c": 2.5}
-    seen = []
-
-    def bench(fn):
-        name = fn()
-        seen.append(name)
-        return (first if seen.count(name) == 1 else second)[name]
-
-    def run(name):
-        if name == "x":
-            raise RuntimeError("out of resources: shared memory")
-        return name
-
-    timings = time_candidates(["a", "b", "x", "c", "d"], run, bench)
-    assert RETIME_TOP == 3 and seen == ["a", "b", "c", "d", "b", "c", "a"]
-    assert timings == {"a": 0.5, "b": 1.0, "c": 2.0, "d": 9.0}
-    assert min(timings, key=timings.get) == "a"
-
-
-def test_candidates_are_timed_under_a_cuda_graph_and_eagerly_only_if_capture_fails(monkeypatch):
-    """gpu_time takes the CUDA-graph time (the GPU's alone: eager timing of a small problem is the
-    launcher's Python), and falls back to do_bench, host time included, when capture raises; a
-    call that fails in both ways still raises, so time_candidates leaves the config out."""
-    import triton.testing
-
-    from loraq.kernels.autotune import gpu_time, time_candidates
-
-    used = []
-
-    def graph(fn, rep, return_mode):
-        used.append(("graph", rep, return_mode))
-        if fn() == "uncapturable":
-            raise RuntimeError("operation not permitted when stream is capturing")
-        return 0.010
-
-    def eager(fn, warmup, rep, return_mode):
-        used.append(("eager", rep, return_mode))
-        fn()
-        return 0.150
-
-    def run(config):
-        if config == "broken":
-            raise RuntimeError("out of resources: shared memory")
-        return config
-
-    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", graph)
-    monkeypatch.setattr(triton.testing, "do_bench", eager)
-    assert gpu_time(lambda: "fine") == 0.010 and used == [("graph", 20, "median")]
-    used.clear()
-    assert gpu_time(lambda: "uncapturable") == 0.150
-    assert used == [("graph", 20, "median"), ("eager", 20, "median")]
-    timings = time_candidates(["fine", "broken", "uncapturable"], run, gpu_time)
-    assert timings == {"fine": 0.010, "uncapturable": 0.150}
-
-
-def test_autotune_off_the_gpu_uses_the_first_config_untimed():
-    from loraq.kernels import autotune
-
-    def never(_):
-        raise AssertionError("timed off the GPU")
-
-    assert autotune.pick_config("op", 1, 8, 8, torch.float16, torch.device("cpu"), never) == autotune.SMALL_M[0]
-    assert autotune.pick_config("op", 99, 8, 8, torch.float16, torch.device("cpu"), never) == autotune.MID_M[0]
-    assert autotune.pick_config("op", 300, 8, 8, torch.float16, torch.device("cpu"), never) == autotune.LARGE_M[0]
-    assert [autotune.m_bucket(m) for m in (1, 2, 3, 16, 17, 4096, 9000)] == [1, 2, 4, 16, 32, 4096, 4096]
-
-
 def test_compile_before_any_eager_call_in_a_fresh_process():
     """The kernel packages are imported when a layer is built, never inside the traced forward."""
     import subprocess
@@ -471,19 +347,3 @@ def test_compile_before_any_eager_call_in_a_fresh_process():
             "assert y.shape == (3, 10); print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
-
-
-def test_picked_reports_the_chosen_kernel(monkeypatch):
-    """A benchmark reads which config (and kernel) the autotuner chose for an op and problem."""
-    from loraq.kernels import autotune
-
-    monkeypatch.setattr(autotune, "_PICKED", {
-        ("lora_linear_fwd:int1:0:1:lut", 1, 4096, 4096, torch.float16, 0): (1, 256, 256, 4, 4, 1, autotune.LUT),
-        ("lora_linear_fwd:int1:0:1", 16, 4096, 4096, torch.float16, 0): (16, 128, 128, 4, 4, 3, 1),
-        ("lora_linear_dx:int1:0:1", 1, 4096, 4096, torch.float16, 0): (16, 64, 256, 4, 4, 3, 0)})
-    got = autotune.picked("lora_linear_fwd:int1:", 1, 4096, 4096, torch.float16)
-    assert got == [("lora_linear_fwd:int1:0:1:lut", (1, 256, 256, 4, 4, 1, autotune.LUT))]
-    assert autotune.describe(got[0][1]) == "lookup GEMV (1, 256, 256, 4, 4, 1, 2)"
-    assert autotune.describe((16, 128, 128, 4, 4, 3, 1)) == "tiled, swapped (16, 128, 128, 4, 4, 3, 1)"
-    assert autotune.picked("lora_linear_fwd:int1:", 9, 4096, 4096, torch.float16)[0][1][0] == 16  # bucket 16
-    assert autotune.picked("lora_linear_fwd:sparse4x4:", 1, 4096, 4096, torch.float16) == []
