@@ -299,13 +299,14 @@ def lora_prologue(x: torch.Tensor, lora_A, lora_B):
 
 
 def lora_in_dtype(x: torch.Tensor, lora_A, lora_B):
-    """``(A, B)`` in ``x``'s dtype (the same tensors when it already is), or ``(None, None)``."""
+    """``(A, B)`` in ``x``'s dtype and contiguous (the kernels step over the rank with stride 1;
+    the same tensors when they already are), or ``(None, None)``."""
     if lora_A is None:
         return None, None
     dt = x.dtype
     if lora_A.dtype == dt and lora_B.dtype == dt:  # the usual case: skip two .to() calls (host time)
-        return lora_A, lora_B
-    return lora_A.to(dt), lora_B.to(dt)
+        return lora_A.contiguous(), lora_B.contiguous()
+    return lora_A.to(dt).contiguous(), lora_B.to(dt).contiguous()
 
 
 def split_plan(total: int, block: int, split: int) -> Tuple[int, int]:

@@ -135,6 +135,8 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
     ptrs, ints, scale_mode = weight_args(fmt, tensors, meta)
     has_lora = lora_A is not None
     A, B = lora_in_dtype(x, lora_A, lora_B)
+    if bias is not None:
+        bias = bias.contiguous()  # read with stride 1
     R = A.shape[0] if has_lora else 1
 
     def run(cfg):

@@ -2,7 +2,8 @@
 
 Custom ops are opaque to ``torch.compile``: the fake implementations give it output shapes and
 dtypes, so a model with ``LoraLinear`` layers compiles without graph breaks and the kernels run
-as they are. The adapters at the bottom turn a format object into the ops' tensor arguments;
+as they are. The forward ops have autograd formulas (``dX`` through the ``_dx`` op, the LoRA and
+bias gradients in torch), so ``ops.lora_linear`` is differentiable on every backend. The adapters at the bottom turn a format object into the ops' tensor arguments;
 :mod:`loraq.ops` registers them as the ``triton`` backend.
 """
 
@@ -88,6 +89,65 @@ def _(dy, values, positions, N, K, lora_A, dy_B, scaling, lora_B):
     return dy.new_empty(dy.shape[0], K)
 
 
+def _save_forward(ctx, x, lora_A, lora_B, scaling, bias, weight_tensors, weight_ints) -> None:
+    """What the forward ops' backward needs: the input, the adapter and the (frozen) weight."""
+    ctx.save_for_backward(x, lora_A, lora_B, *weight_tensors)
+    ctx.scaling, ctx.weight_ints = scaling, weight_ints
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _forward_grads(ctx, dy, dx_op):
+    """``(dx, dA, dB, db)`` of ``y = x·Ŵᵀ + s·(x·Aᵀ)·Bᵀ + b`` (None where not needed): ``dX`` by
+    ``dx_op(dy, A, dY·B, lora_B)`` (the weight read transposed), the rest in torch."""
+    x, A, B = ctx.saved_tensors[:3]
+    need = ctx.needs_input_grad
+    s = ctx.scaling
+    dx = dA = dB = db = None
+    Ac = Bc = dyB = None
+    if A is not None:
+        Ac, Bc = A.to(dy.dtype), B.to(dy.dtype)
+        dyB = dy @ Bc
+    if need[0]:
+        dx = dx_op(dy, Ac, dyB, Bc)
+    if A is not None and need[-4]:
+        dA = (s * (dyB.t() @ x)).to(A.dtype)
+    if A is not None and need[-3]:
+        dB = (s * (dy.t() @ (x @ Ac.t()))).to(B.dtype)
+    if ctx.bias_dtype is not None and need[-1]:
+        db = dy.sum(0).to(ctx.bias_dtype)
+    return dx, dA, dB, db
+
+
+def _int1_setup(ctx, inputs, output):
+    x, packed, scale, col_scale, K, group_size, onebit, lora_A, lora_B, scaling, bias = inputs
+    _save_forward(ctx, x, lora_A, lora_B, scaling, bias, (packed, scale, col_scale), (K, group_size, onebit))
+
+
+def _int1_backward(ctx, dy):
+    packed, scale, col_scale = ctx.saved_tensors[3:]
+    K, group_size, onebit = ctx.weight_ints
+    dx, dA, dB, db = _forward_grads(ctx, dy, lambda dy, A, dyB, B: torch.ops.loraq.int1_lora_linear_dx(
+        dy, packed, scale, col_scale, K, group_size, onebit, A, dyB, ctx.scaling, B))
+    return dx, None, None, None, None, None, None, dA, dB, None, db
+
+
+def _sparse4x4_setup(ctx, inputs, output):
+    x, values, positions, N, K, lora_A, lora_B, scaling, bias = inputs
+    _save_forward(ctx, x, lora_A, lora_B, scaling, bias, (values, positions), (N, K))
+
+
+def _sparse4x4_backward(ctx, dy):
+    values, positions = ctx.saved_tensors[3:]
+    N, K = ctx.weight_ints
+    dx, dA, dB, db = _forward_grads(ctx, dy, lambda dy, A, dyB, B: torch.ops.loraq.sparse4x4_lora_linear_dx(
+        dy, values, positions, N, K, A, dyB, ctx.scaling, B))
+    return dx, None, None, None, None, dA, dB, None, db
+
+
+int1_lora_linear.register_autograd(_int1_backward, setup_context=_int1_setup)
+sparse4x4_lora_linear.register_autograd(_sparse4x4_backward, setup_context=_sparse4x4_setup)
+
+
 def _meta(weight) -> dict:
     N, K = weight.shape
     if weight.kind == "int1":
@@ -104,10 +164,10 @@ def _check_device(t: Tensor, weight, name: str) -> None:
 def _direct(*tensors) -> bool:
     """Whether to launch the kernel without the custom op's dispatch (about 10 µs of host time a
     call): in eager mode when no input needs a gradient (``LoraLinear``'s autograd function calls
-    in here without grad tracking). Under ``torch.compile``, or when a gradient is wanted, the
-    custom op is called: compile needs it, and it refuses to backpropagate instead of silently
-    dropping the gradient."""
-    if torch.compiler.is_compiling():
+    in here without grad tracking). Under ``torch.compile``, on meta tensors, or when a gradient
+    is wanted, the custom op is called: compile needs it, its fake gives meta tensors their
+    shape, and its autograd formula (below) gives the gradients."""
+    if torch.compiler.is_compiling() or tensors[0].device.type == "meta":  # meta: the fake's shapes
         return False
     if not torch.is_grad_enabled():
         return True

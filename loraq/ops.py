@@ -181,11 +181,22 @@ def lora_linear(
     """``y = x·Ŵᵀ + s·(x·Aᵀ)·Bᵀ + b`` for ``x [..., K]`` and a compressed or dense ``[N, K]`` weight.
 
     The public functional entry: ``backend`` (or ``LORAQ_BACKEND``) picks the implementation;
-    every backend returns what :func:`loraq.reference.lora_linear_ref` returns.
+    every backend returns what :func:`loraq.reference.lora_linear_ref` returns, and gradients
+    flow to ``x``, ``lora_A``, ``lora_B`` and ``bias`` (the weight is frozen).
+
+    Args:
+        x: ``[..., K]`` activations (fp16, bf16 or fp32 for the kernels; others via the reference).
+        weight: a :class:`~loraq.formats.CompressedWeight` or a dense ``[N, K]`` tensor.
+        lora_A, lora_B: the adapter, ``[r, K]`` and ``[N, r]`` (both or neither), cast to ``x.dtype``.
+        scaling: ``s`` multiplying the adapter's path.
+        bias: ``[N]`` or None.
+        backend: ``"auto"``, ``"cuda"``, ``"triton"`` or ``"reference"`` (None: ``LORAQ_BACKEND``).
     """
     N, K = reference.weight_shape(weight)
     reference.check_input(x, K)
     reference.check_lora(lora_A, lora_B, N, K)
+    reference.check_bias(bias, N)
+    reference.check_devices(x, lora_A=lora_A, lora_B=lora_B, bias=bias)
     fn = _impl("lora_linear_fwd", weight, x.device, backend)
     if x.dim() == 2:  # no reshapes (each costs host time)
         return fn(x, weight, lora_A, lora_B, float(scaling), bias)
@@ -217,6 +228,9 @@ def lora_linear_dx(dy: torch.Tensor, weight, lora_A: Optional[torch.Tensor] = No
     if lora_B is not None and (lora_A is None or lora_B.dim() != 2 or tuple(lora_B.shape) != (N, lora_A.shape[0])):
         raise ValueError(f"lora_B must be [{N}, r] with lora_A's rank (and lora_A given); got "
                          f"{tuple(lora_B.shape)}" + ("" if lora_A is None else f" for r = {lora_A.shape[0]}"))
+    if dy_B is not None and not dy_B.is_floating_point():
+        raise TypeError(f"dy_B must be floating point, got {dy_B.dtype}")
+    reference.check_devices(dy, "dy", lora_A=lora_A, dy_B=dy_B, lora_B=lora_B)
     fn = _impl("lora_linear_dx", weight, dy.device, backend)
     r = None if dy_B is None else dy_B.reshape(-1, dy_B.shape[-1])
     out = fn(dy.reshape(-1, N), weight, lora_A, r, float(scaling), lora_B=lora_B)

@@ -49,6 +49,24 @@ def check_lora(lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor], N
         raise ValueError(f"lora_B: expected shape [{N}, {r}] to match lora_A, got {tuple(lora_B.shape)}")
 
 
+def check_bias(bias: Optional[torch.Tensor], N: int) -> None:
+    """Raise a clear error unless ``bias`` is None or a floating tensor of shape ``[N]``."""
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+        raise TypeError(f"bias must be a floating-point tensor, got "
+                        f"{bias.dtype if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+    if tuple(bias.shape) != (N,):
+        raise ValueError(f"bias: expected shape [{N}] (out_features), got {tuple(bias.shape)}")
+
+
+def check_devices(x: torch.Tensor, name: str = "x", **others: Optional[torch.Tensor]) -> None:
+    """Raise a clear error naming the tensor of ``others`` (None skipped) not on ``x``'s device."""
+    for other, t in others.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{other} is on {t.device} but {name} is on {x.device}; move them to one device")
+
+
 def base_matmul_ref(x: torch.Tensor, weight: Weight) -> torch.Tensor:
     """``x·Ŵᵀ``: ``[..., K]`` → ``[..., N]``."""
     return x @ dequantize_ref(weight, x.dtype).t()
@@ -86,6 +104,7 @@ def lora_linear_ref(
     N, K = weight_shape(weight)
     check_input(x, K)
     check_lora(lora_A, lora_B, N, K)
+    check_bias(bias, N)
     y = base_matmul_ref(x, weight)
     if lora_A is not None:
         y = y + scaling * ((x @ lora_A.to(x.dtype).t()) @ lora_B.to(x.dtype).t())

@@ -181,6 +181,82 @@ def test_every_gradient_matches_reference(fmt, dtype):
         check(g, r64, lo, f"{fmt} {dtype} {name}")
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ops_lora_linear_is_differentiable_with_the_kernels(fmt, dtype):
+    """``ops.lora_linear`` called directly (not through ``LoraLinear``) gives the gradients of x,
+    A, B and the bias: the custom ops' autograd formulas. x is 3-D, A in fp32, B and the bias
+    non-contiguous views."""
+    M, N, K, r = 7, 29, 38, 5
+    w, x, A, B, b = problem(fmt, dtype, M, N, K, r=r)
+    x = x.reshape(1, M, K)
+    A = A.float()
+    B = B.t().contiguous().t()  # the rank axis strided
+    b = torch.stack([b, b], 1)[:, 0]  # stride 2
+    dy = torch.randn(1, M, N, dtype=dtype, device=DEV)
+
+    def grads(backend, weight, *tensors):
+        leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+        y = ops.lora_linear(leaves[0], weight, *leaves[1:3], 0.7, leaves[3], backend=backend)
+        return [y, *torch.autograd.grad(y, leaves, dy.to(y.dtype))]
+
+    got = grads("triton", w, x, A, B, b)
+    ref = grads("reference", w.to(torch.float64), *(t.double() for t in (x, A, B, b)))
+    low = grads("reference", w, x, A, B, b)
+    for name, g, r64, lo in zip(["y", "dx", "dA", "dB", "db"], got, ref, low):
+        assert g.dtype == lo.dtype and g.shape == lo.shape
+        check(g, r64, lo, f"{fmt} {dtype} {name}")
+
+
+@pytest.mark.parametrize("fmt, M, variant", [("int1", 3, "lut"), ("sparse4x4", 3, "gather"), ("int1", 5, "split"),
+                                             ("sparse4x4", 40, "slab"), ("int1", 40, "tiled")])
+def test_non_contiguous_adapters_and_bias_in_every_path(fmt, M, variant):
+    """Transposed A and B and a strided bias give the reference's answer in each kernel family
+    (the kernels read them with stride 1 along the rank: the launchers make them contiguous)."""
+    from loraq.kernels import lora_linear_fwd
+    from loraq.kernels.autotune import (DENSE_SLAB_MIB, DENSE_SLAB_TILE, DENSE_SLAB, SLAB_WIDEN,
+                                        gather_fwd_configs, lut_configs)
+
+    N, K, r = 37, 64, 4
+    w, x, A, B, b = problem(fmt, torch.float16, M, N, K, r=r)
+    A, B = A.t().contiguous().t(), B.t().contiguous().t()
+    b = torch.stack([b, b], 1)[:, 1]
+    config = {"lut": lambda: lut_configs(M)[0], "gather": lambda: gather_fwd_configs(M)[0],
+              "split": lambda: (16, 32, 32, 2, 4, 2, 0), "tiled": lambda: LARGE_M[0],
+              "slab": lambda: (*DENSE_SLAB_TILE[:2], 256, SLAB_WIDEN, DENSE_SLAB_TILE[2], 1, DENSE_SLAB)}[variant]()
+    assert DENSE_SLAB_MIB and not A.is_contiguous() and not B.is_contiguous() and not b.is_contiguous()
+    tensors, meta = _kernel_args(w)
+    y = lora_linear_fwd(x, fmt, tensors, meta, A, B, 0.5, b, config=config)
+    check(y, reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 0.5, f64(b)),
+          reference.lora_linear_ref(x, w, A, B, 0.5, b), f"{variant} {config}")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bias_and_devices_are_checked_at_the_boundary(backend):
+    w, x, A, B, b = problem("int1", torch.float32, 3, 19, 41)
+    for bad, message in [(torch.randn(20, device=DEV), r"bias: expected shape \[19\]"),
+                         (torch.randn(1, device=DEV), r"bias: expected shape \[19\]"),
+                         (torch.randn(3, 19, device=DEV), r"bias: expected shape \[19\]"),
+                         (torch.ones(19, dtype=torch.int32, device=DEV), "bias must be a floating-point tensor")]:
+        with pytest.raises((ValueError, TypeError), match=message):
+            ops.lora_linear(x, w, A, B, 1.0, bad, backend=backend)
+    with pytest.raises(ValueError, match="lora_B is on meta but x is on"):
+        ops.lora_linear(x, w, A, B.to("meta"), 1.0, b, backend=backend)
+    with pytest.raises(ValueError, match="bias is on meta but x is on"):
+        ops.lora_linear(x, w, A, B, 1.0, b.to("meta"), backend=backend)
+    dy = torch.randn(3, 19, device=DEV)
+    with pytest.raises(TypeError, match="dy_B must be floating point"):
+        ops.lora_linear_dx(dy, w, A, torch.ones(3, 5, dtype=torch.int64, device=DEV), backend=backend)
+    with pytest.raises(ValueError, match="lora_A is on meta but dy is on"):
+        ops.lora_linear_dx(dy, w, A.to("meta"), dy @ B, backend=backend)
+
+
+def test_a_layer_on_the_meta_device_gives_shapes_without_running_a_kernel():
+    layer = LoraLinear.from_linear(torch.nn.Linear(41, 19), "int1", rank=4, backend="triton").to("meta")
+    y = layer(torch.randn(2, 3, 41, device="meta"))
+    assert y.shape == (2, 3, 19) and y.device.type == "meta"
+
+
 def test_leading_dimensions_and_empty_batch():
     w, x, A, B, b = problem("int1", torch.float16, 6, 11, 20)
     x3 = x.reshape(2, 3, 20)
@@ -225,7 +301,8 @@ def test_custom_ops_pass_opcheck(op, args):
     """Schema, fake (meta) implementation and dispatch of every loraq:: op."""
     ops.backend_status()  # imports the kernels and defines the custom ops
     torch.library.opcheck(getattr(torch.ops.loraq, op).default, args(),
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static",
+                                      "test_autograd_registration"))
 
 
 def _int1():
