@@ -3,8 +3,9 @@
 Custom ops are opaque to ``torch.compile``: the fake implementations give it output shapes and
 dtypes, so a model with ``LoraLinear`` layers compiles without graph breaks and the kernels run
 as they are. The forward ops have autograd formulas (``dX`` through the ``_dx`` op, the LoRA and
-bias gradients in torch), so ``ops.lora_linear`` is differentiable on every backend. The adapters at the bottom turn a format object into the ops' tensor arguments;
-:mod:`loraq.ops` registers them as the ``triton`` backend.
+bias gradients in torch), so ``ops.lora_linear`` is differentiable on every backend. The
+adapters at the bottom turn a format object into the ops' tensor arguments; :mod:`loraq.ops`
+registers them as the ``triton`` backend.
 """
 
 from __future__ import annotations
