@@ -136,7 +136,7 @@ def add_sweep_parser(sub) -> None:
 
 def add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on scikit-learn's digits: pretrain, sweep int1 and "
-                       "sparse4x4 x ranks x inits, report (about 8 minutes on 2 cores)",
+                       "sparse4x4 x ranks x inits, report (about 6 minutes on 2 cores)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="two ranks, two trials per cell (about a minute)")
     p.add_argument("--output", help="demo folder (default: a new folder under ./loraq-runs/)")

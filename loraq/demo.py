@@ -24,7 +24,7 @@ QUICK = dict(ranks=(4, 64), trials=2, epochs=3, pretrain_epochs=10)
 
 
 def demo_config(quick: bool = False) -> SweepConfig:
-    """The demo's sweep: about 8 minutes on 2 CPU cores, or about 1 minute with ``quick``."""
+    """The demo's sweep: about 6 minutes on 2 CPU cores, or about 1 minute with ``quick``."""
     return SweepConfig(**{**DEMO, **FULL, **(QUICK if quick else {})})
 
 
