@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -87,8 +88,10 @@ class CompressionConfig:
         if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.group_size is not None:
-            if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+            if (isinstance(self.group_size, bool) or not isinstance(self.group_size, numbers.Integral)
+                    or self.group_size < 1):
                 raise ValueError(f"group_size must be a positive int or None, got {self.group_size!r}")
+            self.group_size = int(self.group_size)  # a numpy integer too (the config is saved as JSON)
             if self.compression != "int1" or self.scale != "mean_abs":
                 raise ValueError("group_size applies to compression='int1' with scale='mean_abs' only")
         if self.scale not in SCALE_MODES:

@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -24,6 +24,7 @@ from ._version import __version__
 from .api import CONFIG_ATTR, _inside, _set_submodule, set_trainable
 from .formats import format_class
 from .nn import LoraLinear
+from .ops import BACKENDS
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "loraq_config.json"
@@ -104,27 +105,31 @@ def read_description(path: Union[str, os.PathLike]) -> dict:
     return desc
 
 
-def _skeleton(cfg: dict, device: torch.device) -> LoraLinear:
+def _skeleton(cfg: dict, device: torch.device, backend: Optional[str] = None) -> LoraLinear:
     """An empty LoraLinear with the tensor shapes of the saved one, to load the tensors into."""
     dtype = getattr(torch, cfg["dtype"])
     shape = (cfg["out_features"], cfg["in_features"])
     options = {"group_size": cfg["group_size"], "scale": cfg["scale"]} if cfg["compression"] == "int1" else {}
     base = format_class(cfg["compression"]).empty(shape, dtype, device, **options)
     bias = torch.zeros(shape[0], dtype=dtype, device=device) if cfg["bias"] else None
-    return LoraLinear(base, cfg["rank"], cfg["alpha"], cfg["rslora"], cfg["dropout"], bias)
+    return LoraLinear(base, cfg["rank"], cfg["alpha"], cfg["rslora"], cfg["dropout"], bias, backend=backend)
 
 
 def _describe(problems: list, what: str) -> str:
     return f"{what}: {', '.join(problems[:8])}{' ...' if len(problems) > 8 else ''}"
 
 
-def load(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
+def load(model: nn.Module, path: Union[str, os.PathLike], backend: Optional[str] = None) -> nn.Module:
     """Restore a checkpoint written by :func:`save` into ``model`` (the architecture before compression).
 
     The compressed layers are rebuilt from the checkpoint alone (no dense weights needed) and
-    every tensor is restored bit-exactly. Returns ``model``. Raises :class:`CheckpointError`,
-    leaving ``model`` untouched, if the checkpoint is corrupt, truncated or for another model.
+    every tensor is restored bit-exactly. ``backend`` is the rebuilt layers' kernel backend
+    (``None``: ``LORAQ_BACKEND``, else auto; it is a choice of the machine that runs the model,
+    not saved). Returns ``model``. Raises :class:`CheckpointError`, leaving ``model`` untouched,
+    if the checkpoint is corrupt, truncated or for another model.
     """
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     folder = Path(path)
     desc = read_description(folder)
     weights = folder / WEIGHTS_NAME
@@ -152,7 +157,7 @@ def load(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
                 f"here but [{cfg['out_features']}, {cfg['in_features']}] in the checkpoint")
         device = next(iter(old.parameters()), torch.empty(0)).device
         try:
-            new_layers[name] = _skeleton(cfg, device)
+            new_layers[name] = _skeleton(cfg, device, backend)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise CheckpointError(f"layer {name!r} has an unusable description in {CONFIG_NAME} ({e})") from None
     for name in desc.get("modules_to_save", []):

@@ -90,6 +90,26 @@ def test_load_into_an_already_compressed_model(tmp_path):
     assert state_equal(model, other)
 
 
+def test_load_gives_the_layers_the_backend_asked_for(tmp_path):
+    """The backend is the loading machine's choice: ``load(..., backend=)`` sets it on every
+    rebuilt layer (None: LORAQ_BACKEND/auto); a bad name is refused before the model changes.
+    A numpy integer group size is taken as an int (the config is saved as JSON)."""
+    import numpy as np
+
+    model = mlp()
+    compress_(model, CompressionConfig(compression="int1", rank=2, group_size=np.int64(8), backend="triton"))
+    save(model, tmp_path)
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["config"]["group_size"] == 8
+    fresh = load(mlp(), tmp_path, backend="reference")
+    layers = [m for m in fresh.modules() if isinstance(m, LoraLinear)]
+    assert layers and all(m.backend == "reference" for m in layers) and state_equal(model, fresh)
+    assert all(m.backend is None for m in load(mlp(), tmp_path).modules() if isinstance(m, LoraLinear))
+    untouched = mlp()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        load(untouched, tmp_path, backend="tpu")
+    assert not any(isinstance(m, LoraLinear) for m in untouched.modules())
+
+
 # -- bad checkpoints: clear error, model untouched ---------------------------------------------
 @pytest.fixture
 def saved(tmp_path):

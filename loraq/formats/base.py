@@ -24,7 +24,7 @@ def check_dense_weight(W: torch.Tensor, name: str = "weight") -> None:
         raise ValueError(f"{name} must be 2-D [out_features, in_features], got shape {tuple(W.shape)}")
     if W.dtype not in FLOAT_DTYPES:
         raise TypeError(
-            f"{name} must be floating point (float32, float16 or bfloat16), got {W.dtype}; "
+            f"{name} must be floating point (float32, float16, bfloat16 or float64), got {W.dtype}; "
             "integer or already-quantized weights cannot be compressed again"
         )
     if W.numel() == 0:

@@ -13,6 +13,7 @@ Layout (the contract with the kernels):
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -115,7 +116,7 @@ class Int1Weight(CompressedWeight):
         """Binarize ``W`` ``[N, K]``.
 
         Args:
-            W: the dense weight (float32, float16 or bfloat16, finite).
+            W: the dense weight (float32, float16, bfloat16 or float64, finite).
             group_size: inputs sharing one scale per row; ``None`` for one scale per row.
             scale: ``"mean_abs"`` (L2-optimal scale per row/group for the sign pattern) or
                 ``"onebit"`` (``Ŵ = diag(h)·sign(W)·diag(g)``, ``h gᵀ`` the rank-1 SVD of ``|W|``).
@@ -125,8 +126,9 @@ class Int1Weight(CompressedWeight):
             raise ValueError(f"scale must be one of {SCALE_MODES}, got {scale!r}")
         N, K = W.shape
         if group_size is not None:
-            if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size < 1:
                 raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
+            group_size = int(group_size)  # a numpy integer too
             if scale == "onebit":
                 raise ValueError("group_size applies to scale='mean_abs' only; 'onebit' has one scale per row and column")
         packed = pack_sign_bits(W)

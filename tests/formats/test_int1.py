@@ -320,6 +320,14 @@ def test_bad_group_size(group_size):
         Int1Weight.from_dense(torch.randn(4, 8), group_size=group_size)
 
 
+def test_numpy_integer_group_size_is_an_int():
+    import numpy as np
+
+    W = torch.randn(4, 16)
+    q = Int1Weight.from_dense(W, group_size=np.int64(8))
+    assert type(q.group_size) is int and torch.equal(q.dequantize(), Int1Weight.from_dense(W, group_size=8).dequantize())
+
+
 @pytest.mark.parametrize("scale", ["max", "", None, "MEAN_ABS"])
 def test_unknown_scale(scale):
     with pytest.raises(ValueError, match="scale must be one of"):
