@@ -324,16 +324,29 @@ def gpu_time(fn: Callable[[], object]) -> float:
         return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
 
 
+def _progress(items: List[Config], desc: Optional[str]):
+    """``items``, with a progress bar on a terminal when ``desc`` is given and the timing lasts
+    over two seconds (a first call compiles each config: a large model's first step can take
+    minutes)."""
+    if desc is None:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, delay=2.0, leave=False, disable=None, unit="config")
+
+
 def time_candidates(candidates: List[Config], run: Callable[[Config], None], bench: Callable,
-                    failures: Optional[Dict[Config, BaseException]] = None) -> Dict[Config, float]:
+                    failures: Optional[Dict[Config, BaseException]] = None,
+                    desc: Optional[str] = None) -> Dict[Config, float]:
     """Each candidate's time, ``bench(fn) -> ms``; a config that fails to run (more shared memory
     or registers than this GPU has) is left out, and its exception put in ``failures``. The
     fastest ``RETIME_TOP`` are timed again and keep the lower of their two times: one slow timing
     (the same dense-slab config took 323 µs in one H100 tuning and 226–235 µs in three others)
-    should not decide the winner; one that fails the second time is left out too."""
+    should not decide the winner; one that fails the second time is left out too. ``desc``:
+    the label of a progress bar (shown on a terminal when the timing lasts)."""
     failures = {} if failures is None else failures
     timings = {}
-    for c in candidates:
+    for c in _progress(candidates, desc):
         try:
             timings[c] = bench(lambda: run(c))
         except Exception as e:  # a config this GPU cannot hold (shared memory, registers)
@@ -398,7 +411,7 @@ def _tune(op, key, M, N, K, dtype, candidates, run, bench) -> Config:
     _LOG.info("loraq autotune: timing %d configs of %s (M=%d, N=%d, K=%d, %s), once per shape and GPU",
               len(candidates), op, M, N, K, dtype)
     failures: Dict[Config, BaseException] = {}
-    timings = time_candidates(candidates, run, bench, failures)
+    timings = time_candidates(candidates, run, bench, failures, desc=f"loraq autotune {op} M={M} N={N} K={K}")
     if os.environ.get("LORAQ_AUTOTUNE_VERBOSE") == "1":
         ranked = sorted(timings.items(), key=lambda kv: kv[1])
         print(f"loraq autotune {key}: " + ", ".join(f"{c}={1e3 * t:.1f}µs" for c, t in ranked)

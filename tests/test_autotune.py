@@ -400,3 +400,11 @@ def test_a_config_that_fails_when_timed_again_is_dropped(fake_gpu, capsys, monke
     assert "OutOfMemoryError" in out and "out of resources: shared memory" in out
     assert "timing 9 configs of op (M=1, N=64, K=64" in caplog.text
 
+
+
+def test_a_long_tuning_shows_a_progress_bar_on_a_terminal():
+    """Only with a label, on a terminal (tqdm's ``disable=None``) and after two seconds."""
+    items = list(autotune.SMALL_M)
+    assert autotune._progress(items, None) is items
+    bar = autotune._progress(items, "loraq autotune op")
+    assert list(bar) == items and bar.desc == "loraq autotune op" and bar.delay == 2.0
