@@ -402,9 +402,13 @@ def test_a_config_that_fails_when_timed_again_is_dropped(fake_gpu, capsys, monke
 
 
 
-def test_a_long_tuning_shows_a_progress_bar_on_a_terminal():
+def test_a_long_tuning_shows_a_progress_bar_on_a_terminal(monkeypatch):
     """Only with a label, on a terminal (tqdm's ``disable=None``) and after two seconds."""
+    import tqdm.auto
+
+    made = []
+    monkeypatch.setattr(tqdm.auto, "tqdm", lambda items, **kw: made.append(kw) or iter(items))
     items = list(autotune.SMALL_M)
-    assert autotune._progress(items, None) is items
-    bar = autotune._progress(items, "loraq autotune op")
-    assert list(bar) == items and bar.desc == "loraq autotune op" and bar.delay == 2.0
+    assert autotune._progress(items, None) is items and made == []
+    assert list(autotune._progress(items, "loraq autotune op")) == items
+    assert made == [{"desc": "loraq autotune op", "delay": 2.0, "leave": False, "disable": None, "unit": "config"}]
