@@ -22,7 +22,18 @@ that has no network.
 Times are medians: on a GPU from ``triton.testing.do_bench`` (L2 flushed between runs) and, for
 launch-bound sizes, also under a CUDA graph; on a CPU from ``time.perf_counter``. Each row gives
 the bytes the op must move at least (weights as stored, x, y, LoRA), the achieved GB/s, and the
-percentage of the copy bandwidth measured in the same run.
+percentage of the copy bandwidth measured in the same run. "vs cuBLAS" is the cuBLAS row's best
+time over the row's, "-" where cuBLAS was not timed. ``--plot`` is skipped, with a message, when
+no row was timed.
+
+The ``backward_dx_lora`` bytes count ``A`` and ``dY·B`` (what that op reads). The CSVs in
+``bench/results`` (runs up to 2026-11-23) counted ``A`` and ``B`` there instead; their rows are
+measured history and stay as written, so their ``backward_dx_lora`` bytes, GB/s and % copy bw use
+the old count.
+
+Bad options (an unknown format or provider, a size that is not positive, ``--device cuda``
+without a GPU) are refused before anything is measured or written. A run stopped early (a time
+limit, ^C, an error) keeps and reports what it measured; it exits 1 if that is nothing.
 """
 
 from __future__ import annotations
@@ -45,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import _disagrees, bnb_nf4, gemlite_int1  # noqa: E402
 from loraq import ops, reference  # noqa: E402
 from loraq.kernels.autotune import describe, picked  # noqa: E402
-from loraq.formats import compress_weight  # noqa: E402
+from loraq.formats import FORMATS, compress_weight  # noqa: E402
 
 GPU_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672), (512, 1000)]  # (K, N)
 GPU_BATCHES = [1, 4, 16, 64, 256, 4096]
@@ -54,9 +65,11 @@ CPU_BATCHES = [1, 3, 17]
 PROVIDERS = ["cublas", "cublas_lora", "naive", "triton", "cuda", "gemlite", "bnb_nf4"]
 COLUMNS = ["device", "op", "format", "K", "N", "M", "rank", "dtype", "provider", "median_us", "graph_us", "bytes",
            "GBps", "pct_copy_bw", "speedup_vs_cublas", "note"]
+OPS = ["forward", "backward_dx", "backward_dx_lora"]
 
 
 def parse_shapes(text: str) -> List[Tuple[int, int]]:
+    """``--shapes``: ``KxN,...`` with positive K and N."""
     out = []
     for item in text.split(","):
         try:
@@ -64,14 +77,52 @@ def parse_shapes(text: str) -> List[Tuple[int, int]]:
             out.append((int(k), int(n)))
         except ValueError:
             raise argparse.ArgumentTypeError(f"shapes are KxN pairs like 4096x14336, got {item!r}") from None
+        if min(out[-1]) < 1:
+            raise argparse.ArgumentTypeError(f"shapes need K and N of at least 1, got {item!r}")
     return out
 
 
 def ints(text: str) -> List[int]:
+    """``--batches``: comma-separated positive integers, at least one."""
     try:
-        return [int(t) for t in text.split(",") if t.strip()]
+        out = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers of at least 1, got {text!r}")
+    return out
+
+
+def positive(text: str) -> int:
+    """An integer option that must be at least 1 (``--reps``, ``--rank``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 1, got {text!r}")
+    return value
+
+
+def check_run_args(p: argparse.ArgumentParser, args) -> None:
+    """Refuse what a run cannot do (``p.error``, exit 2) before it measures or writes anything:
+    unknown formats or providers, and a device this machine does not have."""
+    for what, asked, known in (("formats", args.formats, sorted(FORMATS)), ("providers", args.providers, PROVIDERS)):
+        unknown = [v for v in asked if v not in known]
+        if unknown:
+            p.error(f"unknown {what} {unknown}; known: {', '.join(known)}")
+    if args.device == "auto":
+        return
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        p.error(f"--device {args.device!r}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA GPU here (torch.cuda.is_available() is False); use cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        p.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def timer(device: torch.device, reps: int) -> Callable[[Callable], Tuple[float, Optional[float]]]:
@@ -127,6 +178,7 @@ def providers_for(fmt: str, weight, W16, x, A, B, s, device, op: str) -> Dict[st
     if op == "backward_dx_lora":
         dy = torch.randn(M, N, dtype=x.dtype, device=device)
         dyB = dy @ B
+        lora = _nbytes(A, dyB)  # what the op reads: A and the given dY·B, not B
         out["cublas"] = (lambda: dy @ W16, _nbytes(W16) + act, "")
         out["cublas_lora"] = (lambda: dy @ W16 + s * (dyB @ A), _nbytes(W16) + act + lora, "dY·B given")
         ref = lambda: reference.lora_linear_dx_ref(dy, weight, A, dyB, s)  # noqa: E731
@@ -184,9 +236,6 @@ def run(args, rows: List[Dict], info: Dict) -> str:
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     shapes = args.shapes or (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
     batches = args.batches or (GPU_BATCHES if device.type == "cuda" else CPU_BATCHES)
-    unknown = set(args.providers) - set(PROVIDERS)
-    if unknown:
-        raise SystemExit(f"bench_kernels: unknown providers {sorted(unknown)}; known: {PROVIDERS}")
     measure = timer(device, args.reps)
     bw = copy_bandwidth(device, args.reps)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -210,39 +259,56 @@ def run(args, rows: List[Dict], info: Dict) -> str:
                 x = torch.randn(M, K, device=device, dtype=dtype)
                 for op in ops_to_run:
                     provs = providers_for(fmt, weight, W16, x, A, B, 2.0, device, op)
-                    base_us = None
-                    for p in args.providers:
-                        if p not in provs:
-                            continue
-                        fn, nbytes, note = provs[p]
-                        row = {"device": name, "op": op, "format": fmt, "K": K, "N": N, "M": M, "rank": args.rank,
-                               "dtype": args.dtype, "provider": p, "bytes": nbytes, "note": note}
-                        if fn is not None:
-                            us, g = measure(fn)
-                            best = min(us, g) if g is not None else us
-                            row.update(median_us=round(us, 2), graph_us=None if g is None else round(g, 2),
-                                       GBps=round(nbytes / (best * 1e-6) / 1e9, 1),
-                                       pct_copy_bw=round(100 * nbytes / (best * 1e-6) / bw, 1))
-                            if p == "cublas":
-                                base_us = best
-                            if p == "triton":  # which kernel the autotuner chose
-                                chosen = picked(f"lora_linear_{'fwd' if op == 'forward' else 'dx'}:{fmt}:", M, N, K,
-                                                dtype)
-                                row["note"] = "; ".join([note] * bool(note) + [describe(c) for _, c in chosen])
-                            if base_us:
-                                row["speedup_vs_cublas"] = round(base_us / best, 2)
-                        rows.append(row)
-                        if info.get("on_row"):
-                            info["on_row"](row)
-                        if not args.quiet:
-                            print(format_row(row))
+                    problem: List[Tuple[Dict, Optional[float]]] = []  # (row, best µs) of each provider
+                    try:
+                        for p in (p for p in args.providers if p in provs):
+                            row = {"device": name, "op": op, "format": fmt, "K": K, "N": N, "M": M,
+                                   "rank": args.rank, "dtype": args.dtype, "provider": p}
+                            problem.append((row, _measure_row(row, *provs[p], measure, bw, dtype)))
+                            rows.append(row)
+                    finally:  # vs cuBLAS needs every provider's time, whatever --providers' order
+                        _speedups(problem)
+                        for row, _ in problem:
+                            if info.get("on_row"):
+                                info["on_row"](row)
+                            if not args.quiet:
+                                print(format_row(row))
     return header
 
 
+def _measure_row(row: Dict, fn: Optional[Callable], nbytes: int, note: str, measure, bw: float,
+                 dtype) -> Optional[float]:
+    """Fill ``row`` with ``fn``'s times, bytes and note; returns its best time (µs), None if not run."""
+    row.update(bytes=nbytes, note=note)
+    if fn is None:
+        return None
+    us, g = measure(fn)
+    best = min(us, g) if g is not None else us
+    row.update(median_us=round(us, 2), graph_us=None if g is None else round(g, 2),
+               GBps=round(nbytes / (best * 1e-6) / 1e9, 1), pct_copy_bw=round(100 * nbytes / (best * 1e-6) / bw, 1))
+    if row["provider"] == "triton":  # which kernel the autotuner chose
+        op, fmt = row["op"], row["format"]
+        chosen = picked(f"lora_linear_{'fwd' if op == 'forward' else 'dx'}:{fmt}:", row["M"], row["N"], row["K"],
+                        dtype)
+        row["note"] = "; ".join([note] * bool(note) + [describe(c) for _, c in chosen])
+    return best
+
+
+def _speedups(problem: List[Tuple[Dict, Optional[float]]]) -> None:
+    """Each timed row's ``speedup_vs_cublas`` (cuBLAS's best time over its own), where cuBLAS was timed."""
+    base = next((best for row, best in problem if row["provider"] == "cublas"), None)
+    for row, best in problem:
+        if base is not None and best is not None:
+            row["speedup_vs_cublas"] = round(base / best, 2)
+
+
 def format_row(r: Dict) -> str:
+    """One row as the run prints it (what ``--from-log`` reads back)."""
     t = f"{r['median_us']:>10.1f}" if r.get("median_us") is not None else f"{'-':>10}"
     g = f"{r['graph_us']:>9.1f}" if r.get("graph_us") is not None else f"{'-':>9}"
-    extra = (f"{r['GBps']:>8.1f} GB/s {r['pct_copy_bw']:>5.1f}% bw  x{r.get('speedup_vs_cublas', 0):>5.2f} "
+    speedup = r.get("speedup_vs_cublas")
+    x = "-" if speedup is None else f"{speedup:.2f}"
+    extra = (f"{r['GBps']:>8.1f} GB/s {r['pct_copy_bw']:>5.1f}% bw  x{x:>5} "
              f"{r['bytes']:>11d} B" if r.get("median_us") is not None else "")
     return (f"{r['op']:<11} {r['format']:<9} K={r['K']:<6} N={r['N']:<6} M={r['M']:<5} {r['provider']:<12} {t} µs "
             f"{g} µs(graph) {extra} {r['note']}")
@@ -259,28 +325,34 @@ def _best(rows, **key) -> Optional[float]:
 
 
 def targets(rows: List[Dict]) -> List[Tuple[str, str]]:
-    """Each performance target with what this run measured ("not measured" where it did not)."""
+    """Each performance target with what this run measured ("not measured" where it did not): the
+    per-shape ones at the issue's shapes and at any other shape measured on a GPU."""
     out = []
 
     def limit(what, us, bound):
-        out.append((what, "not measured" if us is None else
+        out.append((what, "not measured" if us is None or bound is None else
                     f"{us:.1f} µs: {'met' if us <= bound else f'missed by {us / bound:.2f}x'}"))
+
+    def times(a, b) -> Optional[float]:
+        return None if a is None else b * a
+
+    def at(us) -> str:  # the reference time in the target's name, where measured
+        return "" if us is None else f" ({us:.1f} µs)"
 
     fwd = dict(op="forward", provider="triton")
     limit("int1 + LoRA, M=1, 8192→28672 ≤ 15 µs", _best(rows, format="int1", K=8192, N=28672, M=1, **fwd), 15)
     limit("int1 + LoRA, M=1, 4096² ≤ 6 µs", _best(rows, format="int1", K=4096, N=4096, M=1, **fwd), 6)
     limit("sparse4x4 + LoRA, M=1, 8192→28672 ≤ 20 µs",
           _best(rows, format="sparse4x4", K=8192, N=28672, M=1, **fwd), 20)
+    shapes = sorted(set(GPU_SHAPES) | {(r["K"], r["N"]) for r in rows if r["device"] != "cpu"})
     for fmt in ("int1", "sparse4x4"):
-        for K, N in sorted({(r["K"], r["N"]) for r in rows}):
+        for K, N in shapes:
             one, sixteen = (_best(rows, format=fmt, K=K, N=N, M=m, **fwd) for m in (1, 16))
-            if one is not None and sixteen is not None:
-                limit(f"{fmt} {K}→{N}: M=16 ≤ 1.5x M=1 ({one:.1f} µs)", sixteen, 1.5 * one)
-            for op in ("forward", "backward_dx", "backward_dx_lora"):
+            limit(f"{fmt} {K}→{N}: M=16 ≤ 1.5x M=1{at(one)}", sixteen, times(one, 1.5))
+            for op in OPS:
                 mine = _best(rows, op=op, format=fmt, K=K, N=N, M=4096, provider="triton")
                 ref = _best(rows, op=op, format=fmt, K=K, N=N, M=4096, provider="cublas")
-                if mine is not None and ref is not None:
-                    limit(f"{fmt} {K}→{N} {op}, M=4096 ≤ 1.25x cuBLAS ({ref:.1f} µs)", mine, 1.25 * ref)
+                limit(f"{fmt} {K}→{N} {op}, M=4096 ≤ 1.25x cuBLAS{at(ref)}", mine, times(ref, 1.25))
     return out
 
 
@@ -295,8 +367,8 @@ def markdown(rows: List[Dict], path: str, header: str) -> None:
         if r.get("median_us") is None:
             continue
         lines.append(f"| {r['op']} | {r['format']} | {r['K']}→{r['N']} | {r['M']} | {r['provider']} | "
-                     f"{r['median_us']} | {r.get('graph_us') or '-'} | {r['GBps']} | {r['pct_copy_bw']} | "
-                     f"{r.get('speedup_vs_cublas', '-')} |")
+                     f"{r['median_us']} | {_or_dash(r.get('graph_us'))} | {r['GBps']} | {r['pct_copy_bw']} | "
+                     f"{_or_dash(r.get('speedup_vs_cublas'))} |")
     skipped = sorted({(r["provider"], r["note"]) for r in rows if r.get("median_us") is None})
     if skipped:
         lines += ["", "Not run: " + "; ".join(f"{p} ({n})" for p, n in skipped)]
@@ -305,8 +377,21 @@ def markdown(rows: List[Dict], path: str, header: str) -> None:
     print(f"markdown: {path}")
 
 
+def _or_dash(v) -> str:
+    return "-" if v is None else str(v)
+
+
+def _timed(rows: List[Dict]) -> List[Dict]:
+    return [r for r in rows if r.get("median_us") is not None]
+
+
 def plot(rows: List[Dict], path: str) -> None:
-    """Time vs M per provider: one row of panels per (op, format), one column per shape."""
+    """Time vs M per provider: one row of panels per (op, format), one column per shape (of the
+    timed rows; no plot, and a message, if there are none)."""
+    rows = _timed(rows)
+    if not rows:
+        print(f"plot: skipped, no timed rows to draw ({path} not written)")
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -342,14 +427,25 @@ def plot(rows: List[Dict], path: str) -> None:
 
 def read_csv(path: str) -> List[Dict]:
     """Rows written by ``--csv`` (numbers parsed back, empty cells as None), to redraw a GPU run's
-    plot or report anywhere."""
+    plot or report anywhere; a missing file, one without the columns or with a bad number is
+    refused (SystemExit naming it)."""
     ints_ = {"K", "N", "M", "rank", "bytes"}
     floats = {"median_us", "graph_us", "GBps", "pct_copy_bw", "speedup_vs_cublas"}
     out = []
-    with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            out.append({k: (None if v == "" and k in ints_ | floats else int(v) if k in ints_
-                            else float(v) if k in floats else v) for k, v in r.items()})
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise SystemExit(f"bench_kernels: {path} is not a CSV of bench_kernels.py --csv: it has no "
+                                 f"column {', '.join(missing)}")
+            for r in reader:
+                out.append({k: (None if v in ("", None) and k in ints_ | floats else int(v) if k in ints_
+                                else float(v) if k in floats else v) for k, v in r.items() if k in COLUMNS})
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise SystemExit(f"bench_kernels: cannot read {path}: {e}") from None
+    except ValueError as e:
+        raise SystemExit(f"bench_kernels: {path} line {reader.line_num}: {e}") from None
     return out
 
 
@@ -362,28 +458,43 @@ def merge_runs(paths: List[str]) -> Tuple[List[Dict], str]:
     source: Dict[tuple, str] = {}
     for path in paths:
         rows = read_csv(path)
-        for key in {group(r) for r in rows}:
+        for key in dict.fromkeys(group(r) for r in rows):
             kept[key] = [r for r in rows if group(r) == key]
             source[key] = path
-    order = sorted(kept, key=lambda k: (k[2] * k[3], k[2], k[1], k[4], k[0] != "forward"))
+    if not kept:
+        raise SystemExit(f"bench_kernels: no benchmark rows in {', '.join(paths)}")
+    order = sorted(kept, key=_group_order)
     counts = {p: sum(1 for k in order if source[k] == p) for p in paths}
     header = "merged from: " + "; ".join(f"{p} ({n} groups of op, format, shape and M)" for p, n in counts.items())
-    return [r for k in order for r in kept[k]], header
+    return [r for k in order for r in sorted(kept[k], key=lambda r: _rank(PROVIDERS, r["provider"]))], header
+
+
+def _rank(known: List[str], name: str) -> Tuple[int, str]:
+    """``name``'s place in ``known``, names not in it after them, alphabetically."""
+    return (known.index(name), "") if name in known else (len(known), name)
+
+
+def _group_order(k: tuple) -> tuple:
+    """A total order on (op, format, K, N, M): by size, then format, M and op (forward, dX, dX with
+    LoRA), so that a merge writes the same bytes every time."""
+    op, fmt, K, N, M = k
+    return K * N, K, N, fmt, M, _rank(OPS, op)
 
 
 _LOG_ROW = re.compile(
     r"^(?P<op>forward|backward_dx_lora|backward_dx)\s+(?P<format>\S+)\s+K=(?P<K>\d+)\s+N=(?P<N>\d+)\s+M=(?P<M>\d+)\s+"
     r"(?P<provider>\S+)\s+(?P<us>[\d.]+|-) µs\s+(?P<g>[\d.]+|-) µs\(graph\)\s*"
-    r"(?:(?P<GBps>[\d.]+) GB/s\s+(?P<pct>[\d.]+)% bw\s+x\s*(?P<x>[\d.]+)(?:\s+(?P<bytes>\d+) B)?)?\s*(?P<note>.*)$")
+    r"(?:(?P<GBps>[\d.]+) GB/s\s+(?P<pct>[\d.]+)% bw\s+x\s*(?P<x>[\d.]+|-)(?:\s+(?P<bytes>\d+) B)?)?\s*(?P<note>.*)$")
 
 
 def measure(args) -> Tuple[List[Dict], str]:
     """Run the benchmark: ``(rows, report header)``. The CSV (``--csv``) is rewritten after every
     row, so a run killed outright keeps what it measured; a time limit (SIGTERM), ^C or an error
-    ends the run early, and the report says so."""
+    ends the run early, and the report says so. Options are checked before (``check_run_args``):
+    what stops a run here is the machine, hours into a GPU run, not a typo."""
     rows: List[Dict] = []
     info: Dict = {"on_row": (lambda _: write_csv(rows, args.csv, quiet=True)) if args.csv else None}
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         return rows, run(args, rows, info)
     except (KeyboardInterrupt, Exception) as e:  # keep what was measured
@@ -391,6 +502,8 @@ def measure(args) -> Tuple[List[Dict], str]:
         header = f"{info.get('header', '')}; {why} after {len(rows)} rows (this report is partial)"
         print(header)
         return rows, header
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def read_log(path: str) -> Tuple[List[Dict], str]:
@@ -398,7 +511,11 @@ def read_log(path: str) -> Tuple[List[Dict], str]:
     that was killed before it wrote its CSV. Times are those printed (0.1 µs); a log from before
     rows printed their bytes gives bytes as GB/s × time (to the printed 0.1 GB/s)."""
     rows, header, meta, device = [], "", {}, ""
-    for line in Path(path).read_text().splitlines():
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"bench_kernels: cannot read {path}: {e}") from None
+    for line in text.splitlines():
         if line.startswith("device ") and not header:  # the run's header, printed before any row
             header = line
             meta = dict(re.findall(r"(dtype|rank) (\S+?)(?:;|$)", header))
@@ -415,7 +532,7 @@ def read_log(path: str) -> Tuple[List[Dict], str]:
             best = min(us, g) if g is not None else us
             row.update(median_us=us, graph_us=g, GBps=float(d["GBps"]), pct_copy_bw=float(d["pct"]),
                        bytes=int(d["bytes"]) if d["bytes"] else round(float(d["GBps"]) * 1e3 * best))
-            if float(d["x"]):  # 0.00: no cuBLAS row to compare with
+            if d["x"] != "-" and float(d["x"]):  # "-" (0.00 in older logs): no cuBLAS row to compare with
                 row["speedup_vs_cublas"] = float(d["x"])
         rows.append(row)
     if not rows:
@@ -434,18 +551,22 @@ def write_csv(rows: List[Dict], path: str, quiet: bool = False) -> None:
 
 
 def main(argv=None) -> int:
+    """The command line (``--help``): 0 when it wrote its reports, 1 when a run timed no row or an
+    input file is refused, 2 for bad options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", type=parse_shapes, help="KxN,... (default: the issue's on a GPU, tiny on a CPU)")
     p.add_argument("--batches", type=ints, help="M values (default: 1,4,16,64,256,4096 on a GPU)")
-    p.add_argument("--formats", type=lambda t: t.split(","), default=["int1", "sparse4x4"])
-    p.add_argument("--providers", type=lambda t: t.split(","), default=PROVIDERS)
-    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--formats", type=lambda t: t.split(","), default=["int1", "sparse4x4"],
+                   help=f"comma-separated, of {', '.join(sorted(FORMATS))} (default: int1,sparse4x4)")
+    p.add_argument("--providers", type=lambda t: t.split(","), default=PROVIDERS,
+                   help=f"comma-separated, of {', '.join(PROVIDERS)} (default: all)")
+    p.add_argument("--rank", type=positive, default=16)
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     p.add_argument("--backward", action="store_true", help="also time dX = dY·Ŵ")
     p.add_argument("--backward-lora", action="store_true",
                    help="also time dX = dY·Ŵ + s·(dY·B)·A (dY·B given), the layer's fused input gradient")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--device", default="auto", help="auto (cuda if there is one), cpu, cuda or cuda:N")
+    p.add_argument("--reps", type=positive, default=50)
     p.add_argument("--csv", help="write every row here")
     p.add_argument("--plot", help="draw time vs M per shape here (PNG)")
     p.add_argument("--markdown", help="write the targets and every row as a Markdown report here")
@@ -465,13 +586,20 @@ def main(argv=None) -> int:
             p.error("--from-log needs --csv, --plot or --markdown")
         rows, header = read_log(args.from_log)
     else:
+        check_run_args(p, args)
         rows, header = measure(args)
+        if not rows:  # stopped before its first row: no report to write
+            print("bench_kernels: no row was measured", file=sys.stderr)
+            return 1
     if args.csv:
         write_csv(rows, args.csv)
     if args.plot:
         plot(rows, args.plot)
     if args.markdown:
         markdown(rows, args.markdown, header)
+    if not (args.from_csv or args.from_log or _timed(rows)):
+        print("bench_kernels: no row was timed (each row's note says why)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -6,7 +6,7 @@ call of each layer of the stack (queued without synchronizing, so the GPU never 
 host), then a cProfile of the public entry.
 
     python bench/profile_host.py [--format int1] [--K 4096 --N 4096 --M 1]
-    python bench/profile_host.py --stub --K 64 --N 64     # the layer's own Python, any CPU
+    python bench/profile_host.py --stub                   # the layer's own Python, any CPU (64², see --K)
     python bench/profile_host.py --stub-kernels           # loraq's and Triton's Python, any CPU
 
 ``--stub-kernels`` runs the whole stack (``LoraLinear`` down to the launchers) on CPU tensors,
@@ -110,9 +110,11 @@ def report(rows, profiled=None, lines: int = 0) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--format", default="int1")
-    p.add_argument("--K", type=int, default=4096)
-    p.add_argument("--N", type=int, default=4096)
+    p.add_argument("--format", choices=["int1", "sparse4x4"], default="int1")
+    # --stub times F.linear on the CPU as a scale for the layer's Python: at 4096² that is a real
+    # matmul of milliseconds, at 64² a call's own overhead, comparable with the layer's
+    p.add_argument("--K", type=int, help="in features (default 4096; 64 with --stub)")
+    p.add_argument("--N", type=int, help="out features (default 4096; 64 with --stub)")
     p.add_argument("--M", type=int, default=1)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--stub", action="store_true",
@@ -122,6 +124,8 @@ def main(argv=None) -> int:
                    help="run every layer of the stack on the CPU, Triton's launches recorded by a fake driver "
                         "instead of run: the Python before the GPU works (measurable on any CPU)")
     args = p.parse_args(argv)
+    default = 64 if args.stub else 4096
+    args.K, args.N = (default if v is None else v for v in (args.K, args.N))
     if args.stub:
         return stub_layer(args)
     if args.stub_kernels:

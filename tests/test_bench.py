@@ -37,6 +37,7 @@ def test_bench_kernels_writes_csv_and_plot(tmp_path):
     report = (tmp_path / "bench.md").read_text()
     # a CPU run measures none of the GPU targets, and says so
     assert "int1 + LoRA, M=1, 8192→28672 ≤ 15 µs | not measured" in report
+    assert "| sparse4x4 4096→14336 backward_dx, M=4096 ≤ 1.25x cuBLAS | not measured |" in report
     assert "| forward | int1 | 40→24 | 1 | cublas |" in report
     # the plot can be redrawn from the CSV alone (a GPU run's table, on any machine)
     png.unlink()
@@ -101,6 +102,8 @@ def test_bench_kernels_times_dx_with_the_lora_term(tmp_path):
     # the packed weight, A, B, dY and dX: what the dequantize-then-matmul row moves too, and more than
     # cuBLAS's dense dY·W less its dense weight
     assert int(triton_row["bytes"]) == int(rows[2]["bytes"]) > int(rows[0]["bytes"]) - 24 * 40 * 2
+    # the LoRA term reads A [16, 40] and the given dY·B [3, 16] (fp16), not B
+    assert int(rows[1]["bytes"]) - int(rows[0]["bytes"]) == 2 * (16 * 40 + 3 * 16)
 
 
 def test_bench_kernels_from_log_refuses_a_log_without_rows(tmp_path):
@@ -144,6 +147,194 @@ def test_targets_report_met_missed_and_not_measured():
     assert got["int1 8192→28672: M=16 ≤ 1.5x M=1 (12.0 µs)"] == "30.0 µs: missed by 1.67x"
     assert got["int1 4096→4096 forward, M=4096 ≤ 1.25x cuBLAS (450.0 µs)"] == "500.0 µs: met"
     assert got["int1 4096→4096 backward_dx_lora, M=4096 ≤ 1.25x cuBLAS (400.0 µs)"] == "600.0 µs: missed by 1.20x"
+
+
+BAD_OPTIONS = [(["--formats", "int1,int4"], ["'int4'", "dense, int1, sparse4x4"]),
+               (["--shapes", "0x37"], ["'0x37'", "at least 1"]),
+               (["--batches", "0"], ["--batches", "'0'"]),
+               (["--batches", "-1"], ["--batches", "'-1'"]),
+               (["--reps", "0"], ["--reps", "'0'"]),
+               (["--device", "cuda"], ["--device cuda", "no CUDA GPU", "cpu or auto"]),
+               (["--providers", "triton,foo"], ["'foo'", "cublas, cublas_lora, naive, triton"])]
+
+
+@pytest.mark.parametrize("bad, says", BAD_OPTIONS, ids=[" ".join(bad) for bad, _ in BAD_OPTIONS])
+def test_bench_kernels_refuses_bad_options_before_it_measures_or_writes(bad, says, tmp_path, monkeypatch, capsys):
+    """Each bad option is one argparse error (exit 2) naming the value and what is valid, before
+    the copy bandwidth is measured and before any file is written."""
+    import bench_kernels as bk
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # --device cuda on any machine
+    monkeypatch.setattr(bk, "copy_bandwidth", lambda *_: pytest.fail("measured before the options were checked"))
+    files = ["--csv", str(tmp_path / "b.csv"), "--markdown", str(tmp_path / "b.md"), "--plot", str(tmp_path / "b.png")]
+    with pytest.raises(SystemExit) as e:
+        bk.main(bad + files)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and all(s in err.splitlines()[-1] for s in says), err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_kernels_run_stopped_by_an_error_keeps_its_rows_and_fails_with_none(tmp_path, monkeypatch, capsys):
+    """An error in the middle of a run (the machine's, hours in) ends it with the partial report
+    (exit 0); one before the first row writes nothing and exits 1."""
+    import signal
+
+    import bench_kernels as bk
+
+    monkeypatch.setattr(bk, "copy_bandwidth", lambda *_: 1e9)
+    real, calls = bk.providers_for, []
+
+    def fails_after(n):
+        def providers_for(*a):
+            calls.append(a)
+            if len(calls) > n:
+                raise RuntimeError("CUDA out of memory")
+            return real(*a)
+        return providers_for
+
+    argv = ["--shapes", "40x24", "--batches", "1,3", "--formats", "int1", "--providers", "cublas,naive", "--reps", "1",
+            "--device", "cpu", "--csv", str(tmp_path / "b.csv"), "--markdown", str(tmp_path / "b.md")]
+    sigterm = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(bk, "providers_for", fails_after(0))
+    assert bk.main(argv) == 1
+    out = capsys.readouterr()
+    assert "STOPPED by RuntimeError: CUDA out of memory after 0 rows" in out.out and "no row was measured" in out.err
+    assert list(tmp_path.iterdir()) == [] and signal.getsignal(signal.SIGTERM) == sigterm
+    calls.clear()
+    monkeypatch.setattr(bk, "providers_for", fails_after(1))
+    assert bk.main(argv) == 0
+    assert [r["M"] for r in csv.DictReader((tmp_path / "b.csv").open())] == ["1", "1"]
+    assert "STOPPED by RuntimeError: CUDA out of memory after 2 rows (this report is partial)" in (
+        tmp_path / "b.md").read_text()
+
+
+def test_bench_kernels_with_no_timed_row_skips_the_plot_and_fails(tmp_path, capsys):
+    """Every provider skipped (no GPU, no extension): the rows say why, the plot is skipped with a
+    message (matplotlib cannot draw an empty grid), and the exit status is 1."""
+    import bench_kernels as bk
+
+    png = tmp_path / "b.png"
+    assert bk.main(["--shapes", "40x24", "--batches", "1", "--formats", "int1", "--providers", "cuda,gemlite",
+                    "--reps", "1", "--device", "cpu", "--plot", str(png), "--markdown", str(tmp_path / "b.md")]) == 1
+    out = capsys.readouterr()
+    assert "plot: skipped, no timed rows" in out.out and "no row was timed" in out.err and not png.exists()
+    assert "Not run: cuda (" in (tmp_path / "b.md").read_text()
+    bk.plot([], str(png))
+    assert not png.exists() and "plot: skipped" in capsys.readouterr().out
+
+
+def test_bench_kernels_from_csv_refuses_what_is_not_its_csv(tmp_path, capsys):
+    """A missing file, a file without the columns (the Markdown report) or with a bad number: an
+    error naming the file (and the missing columns), a non-zero exit, nothing written."""
+    import bench_kernels as bk
+
+    out = tmp_path / "out.csv"
+    md = subprocess.run([sys.executable, "bench/bench_kernels.py", "--from-csv", "bench/results/h100.md", "--csv",
+                         str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert md.returncode == 1 and "Traceback" not in md.stderr, md.stderr
+    assert "bench/results/h100.md is not a CSV of bench_kernels.py --csv: it has no column device, op," in md.stderr
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text("device,op,format\ncpu,forward,int1\n")
+    bad_number = tmp_path / "bad.csv"
+    bad_number.write_text(",".join(bk.COLUMNS) + "\n" + ",".join(["x"] * len(bk.COLUMNS)) + "\n")
+    for path, says in [(tmp_path / "missing.csv", "No such file"), (wrong, "no column K, N, M, rank"),
+                       (bad_number, "line 2")]:
+        with pytest.raises(SystemExit) as e:
+            bk.main(["--from-csv", str(path), "--csv", str(out), "--plot", str(tmp_path / "out.png")])
+        assert isinstance(e.value.code, str) and str(path) in e.value.code and says in e.value.code, e.value.code
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv", "wrong.csv"]
+
+
+def test_bench_kernels_from_csv_writes_the_same_bytes_every_run(tmp_path):
+    """Merged rows come in one total order (shape, format, M, then forward, dX, dX with LoRA, then
+    provider), whatever the input's order and the string hash seed."""
+    import bench_kernels as bk
+
+    src = tmp_path / "runs.csv"
+    rows = [dict(device="NVIDIA H100", op=op, format=fmt, K=64, N=48, M=M, rank=16, dtype="fp16", provider=p,
+                 median_us=1.0, bytes=1, GBps=1.0, pct_copy_bw=1.0, note="")
+            for fmt in ("sparse4x4", "int1") for M in (3, 1) for op in ("backward_dx_lora", "backward_dx", "forward")
+            for p in ("triton", "cublas")]
+    bk.write_csv(rows, str(src), quiet=True)
+    outs = []
+    for seed in ("1", "2", "3"):
+        out = tmp_path / f"merged{seed}.csv"
+        run = subprocess.run([sys.executable, "bench/bench_kernels.py", "--from-csv", str(src), "--csv", str(out)],
+                             cwd=REPO, capture_output=True, text=True, timeout=120,
+                             env=dict(__import__("os").environ, PYTHONHASHSEED=seed))
+        assert run.returncode == 0, run.stderr
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1] == outs[2]
+    merged = [(r["format"], r["M"], r["op"], r["provider"]) for r in csv.DictReader(outs[0].decode().splitlines())]
+    assert merged == [(fmt, M, op, p) for fmt in ("int1", "sparse4x4") for M in ("1", "3")
+                      for op in ("forward", "backward_dx", "backward_dx_lora") for p in ("cublas", "triton")]
+
+
+def test_bench_kernels_speedups_whatever_the_provider_order(tmp_path, capsys):
+    """vs cuBLAS is filled in once every provider of a problem is timed, so cuBLAS may come last;
+    with no cuBLAS row it is "-" (printed, and in the report), never 0.00, and the printed log
+    reads back."""
+    pytest.importorskip("triton")
+    import bench_kernels as bk
+
+    common = ["--shapes", "40x24", "--batches", "1", "--formats", "int1", "--reps", "1", "--device", "cpu"]
+    with_cublas = tmp_path / "with.csv"
+    assert bk.main(common + ["--providers", "triton,naive,cublas", "--csv", str(with_cublas)]) == 0
+    printed = capsys.readouterr().out
+    rows = list(csv.DictReader(with_cublas.open()))
+    assert [r["provider"] for r in rows] == ["triton", "naive", "cublas"] and rows[2]["speedup_vs_cublas"] == "1.0"
+    assert all(r["speedup_vs_cublas"] for r in rows) and " x    -" not in printed
+    without = tmp_path / "without.csv"
+    assert bk.main(common + ["--providers", "naive,cublas_lora", "--csv", str(without)]) == 0
+    printed = capsys.readouterr().out
+    row_lines = [line for line in printed.splitlines() if line.startswith("forward")]
+    assert len(row_lines) == 2 and all(" x    - " in line and "0.00" not in line for line in row_lines), printed
+    assert all(r["speedup_vs_cublas"] == "" for r in csv.DictReader(without.open()))
+    log = tmp_path / "bench.txt"
+    log.write_text(printed)
+    logged, _ = bk.read_log(str(log))
+    assert [r["provider"] for r in logged] == ["naive", "cublas_lora"]
+    assert all("speedup_vs_cublas" not in r and r["median_us"] > 0 for r in logged)
+    bk.markdown(bk.read_csv(str(without)), str(tmp_path / "b.md"), "header")
+    table = [line for line in (tmp_path / "b.md").read_text().splitlines() if line.startswith("| forward | int1")]
+    assert len(table) == 2 and all(line.endswith(" | - |") and "None" not in line for line in table), table
+
+
+def test_targets_list_what_was_not_measured():
+    """The M=16 and M=4096 targets of every issue shape (and of any other shape measured on a GPU)
+    are listed, "not measured" where their rows are missing; interpreter shapes get none."""
+    import bench_kernels as bk
+
+    def row(K, N, M, provider, us, op="forward", device="NVIDIA H100"):
+        return {"device": device, "op": op, "format": "int1", "K": K, "N": N, "M": M, "provider": provider,
+                "median_us": us, "graph_us": None}
+
+    rows = [row(4096, 4096, 1, "triton", 9.0), row(1024, 2048, 1, "triton", 4.0), row(40, 24, 16, "triton", 1.0,
+                                                                                      device="cpu")]
+    got = dict(bk.targets(rows))
+    assert got["int1 4096→4096: M=16 ≤ 1.5x M=1 (9.0 µs)"] == "not measured"
+    assert got["int1 1024→2048: M=16 ≤ 1.5x M=1 (4.0 µs)"] == "not measured"
+    for fmt in ("int1", "sparse4x4"):
+        for K, N in bk.GPU_SHAPES:
+            for op in ("forward", "backward_dx", "backward_dx_lora"):
+                assert got[f"{fmt} {K}→{N} {op}, M=4096 ≤ 1.25x cuBLAS"] == "not measured"
+    assert got["sparse4x4 8192→28672: M=16 ≤ 1.5x M=1"] == "not measured"
+    assert not any("40→24" in what for what in got)
+    assert [what for what, v in got.items() if v != "not measured"] == ["int1 + LoRA, M=1, 4096² ≤ 6 µs"]
+
+
+def test_profile_host_refuses_an_unknown_format_and_stubs_a_small_layer():
+    """--format is int1 or sparse4x4 (argparse's error, not a traceback); --stub defaults to 64²,
+    where torch's F.linear is a per-call scale for the layer's Python rather than a matmul."""
+    for flag in ("--stub-kernels", "--stub"):
+        bad = subprocess.run([sys.executable, "bench/profile_host.py", flag, "--format", "dense"], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and "invalid choice: 'dense'" in bad.stderr and "sparse4x4" in bad.stderr
+        assert "Traceback" not in bad.stderr
+    stub = subprocess.run([sys.executable, "bench/profile_host.py", "--stub"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert stub.returncode == 0, stub.stderr
+    assert "int1 K=64 N=64 M=1; ops.lora_linear stubbed" in stub.stdout and "F.linear (for scale)" in stub.stdout
 
 
 def test_sass_report_compiles_for_hopper_without_a_gpu():
