@@ -19,3 +19,30 @@ def next_pow2(n: int) -> int:
 def block_r(R: int) -> int:
     """The LoRA rank padded for ``tl.dot`` and ``tl.arange``: a power of two, at least 16."""
     return max(16, next_pow2(R))
+
+
+# The kernels index their tensors with 32-bit integers (Triton's type for program ids, aranges
+# and strides below 2**31): an offset past this would wrap around.
+INDEX_LIMIT = 2**31
+
+
+def rows_per_launch(M: int, width: int) -> int:
+    """How many rows of ``[M, width]`` operands one launch may take so that every element's offset
+    fits in 32 bits: ``M`` itself for all but the largest problems (e.g. 16,745 rows of a
+    128,256-wide LM head), else whole 4096s of rows (one tuning bucket) where they fit."""
+    if M * width < INDEX_LIMIT:
+        return M
+    rows = (INDEX_LIMIT - 1) // width
+    return rows // 4096 * 4096 if rows >= 4096 else max(1, rows)
+
+
+def in_row_chunks(launch, M: int, rows: int, out_cols: int, like):
+    """An ``[M, out_cols]`` output (``like``'s dtype and device) computed ``rows`` rows at a time,
+    ``launch(start, stop)`` giving rows ``start:stop`` (see :func:`rows_per_launch`)."""
+    import torch
+
+    out = torch.empty(M, out_cols, device=like.device, dtype=like.dtype)
+    for start in range(0, M, rows):
+        stop = min(M, start + rows)
+        out[start:stop] = launch(start, stop)
+    return out

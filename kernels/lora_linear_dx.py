@@ -23,7 +23,7 @@ from .decode import (_dot, _int1_group_scale, _int1_sign_pairs_t, _int1_signs, _
                      weight_args)
 from .sparse4x4_gemv import check_gather_config
 from .sparse4x4_gemv_dx import DX_LIMITS, launch_gather_dx
-from .host_math import cdiv, block_r
+from .host_math import block_r, cdiv, in_row_chunks, rows_per_launch
 from .fast_launch import fast
 
 
@@ -148,6 +148,11 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
     dy = dy.contiguous()
     if M == 0:
         return torch.empty(M, K, device=dy.device, dtype=dy.dtype)
+    rows = rows_per_launch(M, max(K, N))
+    if rows < M:  # offsets past 32 bits: a launch per block of rows
+        return in_row_chunks(lambda i, j: lora_linear_dx(dy[i:j], fmt, tensors, meta, lora_A,
+                                                         None if dy_B is None else dy_B[i:j], scaling, config, lora_B),
+                             M, rows, K, dy)
     ptrs, ints, scale_mode = weight_args(fmt, tensors, meta)
     has_lora = lora_A is not None
     if has_lora:

@@ -36,7 +36,7 @@ from .decode import (SCALE_GROUP, _dot, _int1_group_scale, _int1_sign_pairs, _in
                      decode_dtype, interpreter_upcast, lora_in_dtype, lora_prologue, output_buffer, pair_ones, split_plan, use_asm,
                      weight_args)
 from .splitk_finish import XA_BLOCK_K, _store_xa_part, one_launch_offered, run_split
-from .host_math import cdiv, block_r
+from .host_math import block_r, cdiv, in_row_chunks, rows_per_launch
 from .fast_launch import fast
 
 INT1, SPARSE4X4 = 0, 1
@@ -132,6 +132,10 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
     x = x.contiguous()
     if M == 0:
         return torch.empty(M, N, device=x.device, dtype=x.dtype)
+    rows = rows_per_launch(M, max(K, N))
+    if rows < M:  # offsets past 32 bits: a launch per block of rows
+        return in_row_chunks(lambda i, j: lora_linear_fwd(x[i:j], fmt, tensors, meta, lora_A, lora_B, scaling, bias,
+                                                          config), M, rows, N, x)
     ptrs, ints, scale_mode = weight_args(fmt, tensors, meta)
     has_lora = lora_A is not None
     A, B = lora_in_dtype(x, lora_A, lora_B)

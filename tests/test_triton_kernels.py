@@ -257,6 +257,52 @@ def test_a_layer_on_the_meta_device_gives_shapes_without_running_a_kernel():
     assert y.shape == (2, 3, 19) and y.device.type == "meta"
 
 
+@pytest.mark.parametrize("fmt", ["int1", "sparse4x4"])
+def test_problems_past_32_bit_offsets_run_in_blocks_of_rows(fmt, monkeypatch):
+    """The kernels index with 32-bit offsets: an [M, N] output or [M, K] input of 2**31 elements
+    or more is computed a block of rows per launch. Here the limit is lowered to 20 rows of 64."""
+    from loraq.kernels import host_math, lora_linear_dx, lora_linear_fwd
+
+    M, N, K = 70, 37, 64
+    assert host_math.rows_per_launch(10**6, 2**17) == 12288  # whole 4096s of rows under 2**31 elements
+    assert host_math.rows_per_launch(16383, 2**17) == 16383
+    monkeypatch.setattr(host_math, "INDEX_LIMIT", 20 * 64 + 5)
+    assert host_math.rows_per_launch(M, K) == 20 and host_math.rows_per_launch(19, K) == 19
+    w, x, A, B, b = problem(fmt, torch.float16, M, N, K, r=4)
+    tensors, meta = _kernel_args(w)
+    with tuner_calls(lora_linear_fwd) as fwd_calls:
+        y = lora_linear_fwd(x, fmt, tensors, meta, A, B, 0.5, b)
+    assert [c.M for c in fwd_calls] == [20, 20, 20, 10]
+    check(y, reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 0.5, f64(b)),
+          reference.lora_linear_ref(x, w, A, B, 0.5, b), "fwd in blocks")
+    dy = torch.randn(M, N, dtype=torch.float16, device=DEV)
+    with tuner_calls(lora_linear_dx) as dx_calls:
+        dx = lora_linear_dx(dy, fmt, tensors, meta, A, dy @ B, 0.5, lora_B=B)
+    assert [c.M for c in dx_calls] == [20, 20, 20, 10]
+    check(dx, reference.lora_linear_dx_ref(dy.double(), w.to(torch.float64), f64(A), (dy @ B).double(), 0.5),
+          reference.lora_linear_dx_ref(dy, w, A, dy @ B, 0.5), "dx in blocks")
+
+
+@pytest.mark.gpu
+def test_gpu_an_output_of_over_2_31_elements():
+    """16,385 rows of a 131,072-wide output (4.3 GB in fp16): the last rows, which 32-bit offsets
+    would have wrapped onto the first, match the reference."""
+    M, N, K = 16385, 131072, 64
+    w, x, A, B, b = problem("int1", torch.float16, M, N, K, r=4)
+    y = ops.lora_linear(x, w, A, B, 0.5, b, backend="triton")
+    for rows in (slice(0, 8), slice(M - 8, M)):
+        ref = reference.lora_linear_ref(x[rows], w, A, B, 0.5, b)
+        check(y[rows], reference.lora_linear_ref(f64(x[rows]), w.to(torch.float64), f64(A), f64(B), 0.5, f64(b)), ref,
+              f"rows {rows}")
+    del y
+    dy = torch.randn(M, N, dtype=torch.float16, device=DEV)
+    dx = ops.lora_linear_dx(dy, w, A, dy @ B, 0.5, backend="triton")
+    for rows in (slice(0, 8), slice(M - 8, M)):
+        dyB = dy[rows] @ B
+        check(dx[rows], reference.lora_linear_dx_ref(dy[rows].double(), w.to(torch.float64), f64(A), dyB.double(), 0.5),
+              reference.lora_linear_dx_ref(dy[rows], w, A, dyB, 0.5), f"dx rows {rows}")
+
+
 def test_leading_dimensions_and_empty_batch():
     w, x, A, B, b = problem("int1", torch.float16, 6, 11, 20)
     x3 = x.reshape(2, 3, 20)
