@@ -276,8 +276,17 @@ def _file_lock(path: Path):
     except ImportError:  # not POSIX: the last writer wins, the file still parses
         yield
         return
-    with open(f"{path}.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+        f = open(f"{path}.lock", "a")
+    except OSError:  # another user's lock file, a read-only folder: write unlocked
+        yield
+        return
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:  # no locks on this file system (NFS without lockd): write unlocked
+            yield
+            return
         try:
             yield
         finally:
@@ -383,7 +392,7 @@ def pick_config(op: str, M: int, N: int, K: int, dtype: torch.dtype, device: tor
     if device.type != "cuda":
         return configs_for(M)[0]
     fast = (op, m_bucket(M), N, K, dtype, device.index, variant)
-    hit = _PICKED.get(fast)  # every call after the first: one dict lookup (host time)
+    hit = _PICKED.get(fast)  # every call after the first: a dict lookup (host time)
     if hit is not None and not CHECK_HITS:
         return hit
     candidates = configs_for(M) + list((extra() if callable(extra) else extra) or [])

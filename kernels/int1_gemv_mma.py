@@ -120,6 +120,7 @@ def int1_gemv_mma(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1
     x = x.contiguous()
     ptrs, ints, mode = weight_args("int1", tensors, meta)
     A, B = lora_in_dtype(x, lora_A, lora_B)
+    bias = None if bias is None else bias.contiguous()  # read with stride 1
     return launch_mma(x, ptrs, ints, mode, meta["N"], A, B, scaling, bias, cfg)
 
 

@@ -193,6 +193,7 @@ def sparse4x4_gemv(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 
     x = x.contiguous()
     ptrs, ints, _ = weight_args("sparse4x4", tensors, meta)
     A, B = lora_in_dtype(x, lora_A, lora_B)
+    bias = None if bias is None else bias.contiguous()  # read with stride 1
     return launch_gather(x, ptrs, ints, meta["N"], A, B, scaling, bias, cfg, one_launch)
 
 

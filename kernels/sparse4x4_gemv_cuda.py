@@ -160,6 +160,7 @@ def sparse4x4_gemv_cuda(x, tensors, meta, lora_A=None, lora_B=None, scaling: flo
     x = x.contiguous()
     ptrs, _, _ = weight_args("sparse4x4", tensors, meta)
     A, B = lora_in_dtype(x, lora_A, lora_B)
+    bias = None if bias is None else bias.contiguous()  # read with stride 1
     return launch_sparse_cuda(x, ptrs, meta["N"], A, B, scaling, bias, cfg)
 
 

@@ -105,9 +105,9 @@ def _forward_grads(ctx, dy, dx_op):
     s = ctx.scaling
     dx = dA = dB = db = None
     Ac = Bc = dyB = None
-    if A is not None:
+    if A is not None and (need[0] or need[-4] or need[-3]):
         Ac, Bc = A.to(dy.dtype), B.to(dy.dtype)
-        dyB = dy @ Bc
+        dyB = dy @ Bc if need[0] or need[-4] else None  # dX's LoRA term and dA
     if need[0]:
         dx = dx_op(dy, Ac, dyB, Bc)
     if A is not None and need[-4]:

@@ -312,6 +312,34 @@ def test_without_a_home_directory_the_cache_folder_or_memory_is_used(fake_gpu, m
     assert not (fake_gpu / "autotune").exists()
 
 
+@pytest.mark.parametrize("failing", ["flock", "open"])
+def test_without_file_locks_the_winners_are_written_unlocked(fake_gpu, monkeypatch, failing):
+    """A file system without locks (NFS without lockd) or a lock file that cannot be opened
+    (another user's): the file is still written, as it was before locking."""
+    import builtins
+    import errno
+
+    import fcntl
+
+    if failing == "flock":
+        def no_lock(f, op):
+            raise OSError(errno.ENOLCK, "No locks available")
+
+        monkeypatch.setattr(fcntl, "flock", no_lock)
+    else:
+        real_open = builtins.open
+
+        def no_lock_file(name, *args, **kwargs):
+            if str(name).endswith(".lock"):
+                raise PermissionError(errno.EACCES, "Permission denied", str(name))
+            return real_open(name, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", no_lock_file)
+    run, bench = by_rank([autotune.SMALL_M[5]])
+    assert autotune.pick_config("op", 1, 64, 64, torch.float16, CUDA_DEV, run, bench) == autotune.SMALL_M[5]
+    assert list(cache_entries(fake_gpu).values()) == [list(autotune.SMALL_M[5])]
+
+
 def test_the_cache_file_is_readable_by_the_other_users_of_its_folder(fake_gpu):
     run, bench = by_rank([])
     autotune.pick_config("op", 1, 64, 64, torch.float16, CUDA_DEV, run, bench)

@@ -231,6 +231,23 @@ def test_non_contiguous_adapters_and_bias_in_every_path(fmt, M, variant):
           reference.lora_linear_ref(x, w, A, B, 0.5, b), f"{variant} {config}")
 
 
+@pytest.mark.parametrize("one_launch", [False, True])
+def test_the_public_gemvs_take_non_contiguous_adapters_and_bias(one_launch):
+    """``loraq.kernels.int1_gemv_lut`` and ``sparse4x4_gemv`` called directly (not through the
+    fused launcher), with transposed A and B and a strided bias, finishing in a second launch or
+    in the same one."""
+    from loraq.kernels import int1_gemv_lut, sparse4x4_gemv
+
+    for fmt, gemv, options in (("int1", int1_gemv_lut, {"bits": 4, "block_n": 128, "chunk_k": 64}),
+                               ("sparse4x4", sparse4x4_gemv, {"block_n": 32, "block_k": 64, "split": 2})):
+        w, x, A, B, b = problem(fmt, torch.float16, 3, 37, 64, r=4)
+        A, B, b = A.t().contiguous().t(), B.t().contiguous().t(), torch.stack([b, b], 1)[:, 1]
+        tensors, meta = _kernel_args(w)
+        y = gemv(x, tensors, meta, A, B, 0.5, b, rows=4, one_launch=one_launch, **options)
+        check(y, reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 0.5, f64(b)),
+              reference.lora_linear_ref(x, w, A, B, 0.5, b), f"{gemv.__name__}")
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_bias_and_devices_are_checked_at_the_boundary(backend):
     w, x, A, B, b = problem("int1", torch.float32, 3, 19, 41)
