@@ -15,7 +15,8 @@ from loraq import ops  # noqa: E402
 # backend status) must not be the first to import them, or they would be built for a GPU.
 ops.load_backends()
 
-# Every remembered autotune answer is checked against the candidates of the call it answers.
+# On a GPU, every remembered autotune answer is checked against the candidates of the call it
+# answers (off the GPU the tuner remembers nothing: it takes the first config).
 from loraq.kernels import autotune  # noqa: E402
 
 autotune.CHECK_HITS = True
