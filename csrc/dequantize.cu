@@ -53,6 +53,7 @@ torch::Tensor int1_dequantize(const torch::Tensor& packed, const torch::Tensor& 
   TORCH_CHECK(scale.dim() == 2 && scale.is_contiguous(), "scale must be a contiguous 2-D tensor");
   const int64_t N = packed.size(0), words = packed.size(1), groups = scale.size(1);
   TORCH_CHECK(words == (K + 31) / 32, "packed has ", words, " words per row, expected ", (K + 31) / 32);
+  TORCH_CHECK(scale.size(0) == N, "scale has ", scale.size(0), " rows, packed ", N);
   TORCH_CHECK(group_size >= 1 && groups == (K + group_size - 1) / group_size, "scale has ", groups,
               " groups per row, expected ceil(K / group_size) = ", (K + group_size - 1) / group_size);
   TORCH_CHECK(packed.device() == scale.device(), "packed and scale must be on the same device");

@@ -29,6 +29,7 @@ from .decode import interpreter_upcast, lora_in_dtype, weight_args
 from .host_math import block_r, cdiv, next_pow2
 from .fast_launch import fast
 from .splitk_finish import XA_BLOCK_K, _claim_share, _finish_if_last, _store_xa_part, one_launch_offered, run_one_launch, run_split
+from .device_guard import on_input_device
 
 
 @triton.jit
@@ -109,6 +110,7 @@ def lut_supported(meta) -> bool:
     return meta.get("scale_mode") == "onebit" or not group or group % 8 == 0
 
 
+@on_input_device
 def int1_gemv_lut(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1.0, bias=None, rows: int = 1,
                   block_n: int = 512, chunk_k: int = 256, bits: int = 8, num_warps: int = 4, num_stages: int = 1,
                   one_launch=None):

@@ -27,6 +27,7 @@ from .autotune import MMA_GEMV, Config
 from .cuda_ext import MAX_SLOTS, extension_problem, fit_slices, sm_count, smem_limits
 from .decode import SCALE_GROUP, lora_in_dtype, weight_args
 from .splitk_finish import run_split
+from .device_guard import on_input_device
 
 MMA_MAX_M = 16  # rows of x: one mma tile of 8 (its N), or two on the same decoded weights
 MMA_TASK_INPUTS = 512  # inputs a task: 4 lanes x 4 words of 32
@@ -105,6 +106,7 @@ def launch_mma(x, ptrs, ints, mode, N, lora_A, lora_B, scaling, bias, cfg):
     return run_split(launch, M, N, slots, x, lora_B, R, scaling, bias)
 
 
+@on_input_device
 def int1_gemv_mma(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1.0, bias=None,
                   blocks_per_sm: int = 2, warps: int = 16, k_split: int = 1):
     """``y [M, N]`` for ``x [M, K]`` (1 to 16 rows, fp16/bf16, CUDA) and an int1 weight's

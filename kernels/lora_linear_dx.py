@@ -25,6 +25,7 @@ from .sparse4x4_gemv import check_gather_config
 from .sparse4x4_gemv_dx import DX_LIMITS, launch_gather_dx
 from .host_math import block_r, cdiv, in_row_chunks, rows_per_launch
 from .fast_launch import fast
+from .device_guard import on_input_device
 
 
 @triton.jit
@@ -137,6 +138,7 @@ def dx_pipelining(config) -> Tuple[int, bool]:
     return stages, False
 
 
+@on_input_device
 def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling: float = 1.0, config=None,
                    lora_B=None):
     """Launch ``dY·Ŵ (+ s·dy_B·A)`` for ``dy [M, N]`` (fp16/bf16/fp32) and ``dy_B [M, r]``; returns

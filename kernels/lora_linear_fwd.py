@@ -38,6 +38,7 @@ from .decode import (SCALE_GROUP, _dot, _int1_group_scale, _int1_sign_pairs, _in
 from .splitk_finish import XA_BLOCK_K, _store_xa_part, one_launch_offered, run_split
 from .host_math import block_r, cdiv, in_row_chunks, rows_per_launch
 from .fast_launch import fast
+from .device_guard import on_input_device
 
 INT1, SPARSE4X4 = 0, 1
 
@@ -122,6 +123,7 @@ def _lora_linear_fwd_kernel(
         tl.atomic_add(y_ptrs, acc, mask=inside)
 
 
+@on_input_device
 def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1.0, bias=None,
                     config=None):
     """Launch the fused forward. ``x [M, K]`` (fp16/bf16/fp32); ``tensors``/``meta`` are the

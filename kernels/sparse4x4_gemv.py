@@ -29,6 +29,7 @@ from .decode import interpreter_upcast, lora_in_dtype, split_plan, weight_args
 from .splitk_finish import XA_BLOCK_K, _claim_share, _finish_if_last, _store_xa_part, one_launch_offered, run_one_launch, run_split
 from .host_math import cdiv, block_r, next_pow2
 from .fast_launch import fast
+from .device_guard import on_input_device
 
 
 @triton.jit
@@ -174,6 +175,7 @@ def _sparse4x4_gemv_kernel(
                         HAS_LORA, HAS_BIAS, ROWS, BLOCK_R, BLOCK_S)
 
 
+@on_input_device
 def sparse4x4_gemv(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1.0, bias=None,
                    rows: int = 1, block_n: int = 128, block_k: int = 256, split: int = 4, num_warps: int = 4,
                    num_stages: int = 2, transpose: bool = False, by_fours: bool = False, one_launch=None):

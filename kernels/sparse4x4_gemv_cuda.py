@@ -34,6 +34,7 @@ from .autotune import CUDA_GATHER, SPARSE_MMA, Config
 from .cuda_ext import MAX_SLOTS, extension_problem, fit_slices, sm_count, smem_limits
 from .decode import lora_in_dtype, weight_args
 from .splitk_finish import run_split
+from .device_guard import on_input_device
 
 SPARSE_CUDA_MAX_M = 16  # rows of x a call (csrc: kMaxRows)
 GATHER_TASK_INPUTS = 128  # the gather's inputs a task: 32 tile columns (csrc: kTaskInputs)
@@ -140,6 +141,7 @@ def launch_sparse_cuda(x, ptrs, N, lora_A, lora_B, scaling, bias, cfg):
     return run_split(launch, M, N, slots, x, lora_B, R, scaling, bias)
 
 
+@on_input_device
 def sparse4x4_gemv_cuda(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1.0, bias=None,
                         kernel: str = "gather", blocks_per_sm: int = 1, warps: int = 16, k_split: int = 1):
     """``y [M, N]`` for ``x [M, K]`` (1 to 16 rows, fp16/bf16, CUDA) and a sparse4x4 weight's

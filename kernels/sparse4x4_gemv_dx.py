@@ -21,6 +21,7 @@ from .decode import output_buffer, split_plan, weight_args
 from .sparse4x4_gemv import _add_by_slot, _sum_slots, check_gather_config
 from .host_math import cdiv, block_r
 from .fast_launch import fast
+from .device_guard import on_input_device
 
 
 # (name, least value) of a config's first three fields for dX: whole tiles either way; the
@@ -117,6 +118,7 @@ def _sparse4x4_gemv_dx_kernel(
         tl.atomic_add(dx_ptrs, dx, mask=inside)
 
 
+@on_input_device
 def sparse4x4_gemv_dx(dy, tensors, meta, lora_A=None, dy_B=None, scaling: float = 1.0, rows: int = 1,
                       block_k: int = 128, block_n: int = 256, split: int = 4, num_warps: int = 4, num_stages: int = 2):
     """Launch the gathering ``dX`` for ``dy [M, N]`` (meant for small ``M``) and a sparse4x4 weight

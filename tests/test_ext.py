@@ -33,6 +33,8 @@ def test_bad_arguments_raise_clear_errors():
         torch.ops.loraq.int1_dequantize(q.packed, q.scale, 70, 70)
     with pytest.raises(RuntimeError, match="packed must be Int"):
         torch.ops.loraq.int1_dequantize(q.packed.float(), q.scale, 40, 40)
+    with pytest.raises(RuntimeError, match="scale has 4 rows, packed 5"):
+        torch.ops.loraq.int1_dequantize(q.packed, q.scale[:4].contiguous(), 40, 40)
     s = Sparse4x4Weight.from_dense(torch.randn(5, 40))
     with pytest.raises(RuntimeError, match="values must be"):
         torch.ops.loraq.sparse4x4_dequantize(s.values, s.positions, 9, 40)
