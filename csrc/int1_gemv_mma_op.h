@@ -98,6 +98,7 @@ void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const to
   a.group_size = (int)(mode == 1 ? group_size : K);
   a.inv_group_words = mode == 1 ? 32.f / (float)group_size : 0.f;
   TORCH_CHECK(K < (int64_t(1) << 27), "int1_gemv_mma: K must be below 2^27 (its group index is computed in fp32)");
+  TORCH_CHECK(N < (int64_t(1) << 30), "int1_gemv_mma: N must be below 2^30");
   a.minus_ones = x.scalar_type() == at::kHalf ? loraq_mma::Half2Bits<__half>::kMinusOnes
                                                : loraq_mma::Half2Bits<__nv_bfloat16>::kMinusOnes;
   if (K == 0) {  // x·Ŵᵀ = 0 (the workspace stays zero) and so are the shares of x·Aᵀ
@@ -132,6 +133,7 @@ void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const to
   TORCH_CHECK(smem <= (size_t)max_smem, "int1_gemv_mma: x's slice needs ", smem, " bytes of shared memory (",
               max_smem, " available): split K more");
   const bool vec = KW % 4 == 0 && reinterpret_cast<uintptr_t>(a.packed) % 16 == 0;
+  TORCH_CHECK(slices <= 65535, "int1_gemv_mma: ", slices, " K slices exceed the grid's 65535: split K less");
   const dim3 grid((unsigned)blocks, (unsigned)slices);
   const int threads = (int)warps * 32;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

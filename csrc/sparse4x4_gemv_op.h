@@ -128,6 +128,7 @@ void sparse4x4_gemv(const torch::Tensor& x, const torch::Tensor& values, const t
   const bool aligned = reinterpret_cast<uintptr_t>(a.values) % 16 == 0 && reinterpret_cast<uintptr_t>(a.positions) % 16 == 0;
   const bool vec = aligned && (mma ? TK % loraq_sparse_mma::kTaskTiles == 0
                                    : TK % loraq_sparse::kChunkTiles == 0 && a.PW % 16 == 0);
+  TORCH_CHECK(slices <= 65535, "sparse4x4_gemv: ", slices, " K slices exceed the grid's 65535: split K less");
   const dim3 grid((unsigned)blocks, (unsigned)slices, (unsigned)(mma ? 1 : (M + rows - 1) / rows));
   const int threads = (int)warps * 32;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
