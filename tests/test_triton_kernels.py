@@ -208,6 +208,23 @@ def test_ops_lora_linear_is_differentiable_with_the_kernels(fmt, dtype):
         check(g, r64, lo, f"{fmt} {dtype} {name}")
 
 
+def test_ops_lora_linear_gradients_under_torch_compile():
+    """The custom op's autograd formula traced by ``torch.compile`` (fullgraph): the same
+    gradients as eager."""
+    w, x, A, B, b = problem("int1_g16", torch.float32, 5, 29, 48, r=4)
+
+    def loss(x, A, B, b):
+        return (ops.lora_linear(x, w, A, B, 0.7, b, backend="triton") ** 2).sum()
+
+    leaves = [t.clone().requires_grad_() for t in (x, A, B, b)]
+    eager = torch.autograd.grad(loss(*leaves), leaves)
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    traced = torch.autograd.grad(compiled(*leaves), leaves)
+    for e, t in zip(eager, traced):
+        torch.testing.assert_close(t, e)
+
+
 @pytest.mark.parametrize("fmt, M, variant", [("int1", 3, "lut"), ("sparse4x4", 3, "gather"), ("int1", 5, "split"),
                                              ("sparse4x4", 40, "slab"), ("int1", 40, "tiled")])
 def test_non_contiguous_adapters_and_bias_in_every_path(fmt, M, variant):
