@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import platform
 import sys
 from typing import List, Optional
@@ -38,7 +39,28 @@ def info_text() -> str:
     lines.append("backends:")
     for name, (ok, why) in ops.backend_status().items():
         lines.append(f"  {name:<12} {'available' if ok else 'unavailable'}: {why}")
+    lines.append("settings:")
+    settings = sorted((k, v) for k, v in os.environ.items() if k.startswith("LORAQ_") or k == "TRITON_INTERPRET")
+    lines += [f"  {k}={v}" for k, v in settings] or ["  (no LORAQ_* or TRITON_INTERPRET variable set)"]
+    lines += _autotune_lines(torch)
     return "\n".join(lines)
+
+
+def _autotune_lines(torch) -> List[str]:
+    """Where each GPU's tuned kernel configs are cached, and how many (on CUDA with Triton)."""
+    if not torch.cuda.is_available():
+        return []
+    try:
+        from .kernels import autotune
+    except Exception as e:  # no Triton: nothing is tuned
+        return [f"autotune: unavailable ({type(e).__name__})"]
+    lines = ["autotune cache:"]
+    for i in range(torch.cuda.device_count()):
+        path = autotune.cache_file(torch.device("cuda", i))
+        where = "memory only (no home folder; set LORAQ_CACHE_DIR)" if path is None else str(path)
+        count = 0 if path is None else len(autotune._read(path))
+        lines.append(f"  cuda:{i}       {where} ({count} tuned problems)")
+    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:
