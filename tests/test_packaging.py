@@ -42,3 +42,19 @@ def test_setup_skips_the_extension_on_request(tmp_path):
 def test_setup_skips_the_extension_without_torch_at_build_time(tmp_path):
     (line,) = _setup_name(tmp_path, {"LORAQ_BUILD_EXT": "1"}, break_torch=True)
     assert "torch is not importable at build time" in line and "--no-build-isolation" in line
+
+
+def test_the_readme_lists_every_environment_variable_the_code_reads():
+    """The README's table of variables and the ``LORAQ_*`` names the package and setup.py read
+    are the same set."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("### Environment variables"):]
+    table = table[: table.index("\n\n", table.index("|"))]
+    listed = set(re.findall(r"^\| `(LORAQ_[A-Z_]+)` \|", table, re.M))
+    sources = [*(ROOT / "loraq").rglob("*.py"), *(ROOT / "kernels").rglob("*.py"), ROOT / "setup.py"]
+    read = set()
+    for path in sources:
+        read |= set(re.findall(r"environ(?:\.get)?\(?\[?\s*\"(LORAQ_[A-Z_]+)\"", path.read_text()))
+    assert listed and listed == read, (sorted(listed - read), sorted(read - listed))
