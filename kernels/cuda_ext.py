@@ -6,11 +6,12 @@ their launchers are ``int1_gemv_mma.py`` and ``sparse4x4_gemv_cuda.py``.
 """
 
 import importlib
-import os
 from functools import lru_cache
 from typing import Callable, Tuple
 
 import torch
+
+from .env import env_is
 
 SMEM_BUDGET = 200 * 1024  # bytes of x an SM may hold for its blocks (an H100 has 228 KiB)
 MAX_SLOTS = 32  # blocks that store a share of x·Aᵀ (the finish sums the shares)
@@ -32,7 +33,7 @@ def extension_problem(op: str) -> str:
 def cuda_gemv_offered() -> bool:
     """Whether the tuner times the CUDA GEMVs (``LORAQ_CUDA_GEMV=1``; off by default until their
     GPU tests have passed on a GPU: they were written without one)."""
-    return os.environ.get("LORAQ_CUDA_GEMV", "0") == "1"
+    return env_is("LORAQ_CUDA_GEMV", "1")
 
 
 @lru_cache(maxsize=None)

@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 from typing import Any, Dict, Tuple
 
 import torch
 from torch import Tensor
 from torch.nn import Parameter
+
+from .env import env_is
 
 try:
     from triton import knobs as _knobs
@@ -96,7 +97,7 @@ def supported() -> bool:
 
 def fast_launch_offered() -> bool:
     """Whether launches may skip Triton's per-call Python (``LORAQ_FAST_LAUNCH=1``)."""
-    return os.environ.get("LORAQ_FAST_LAUNCH") == "1"
+    return env_is("LORAQ_FAST_LAUNCH", "1")
 
 
 def _unhooked(fn) -> bool:

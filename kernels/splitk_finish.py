@@ -19,7 +19,6 @@ of the call, on the GPU and on the host. Here a call is two launches:
 workspace again before it re-raises. ``reference.splitk_finish_ref`` is the reference.
 """
 
-import os
 import threading
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -30,6 +29,7 @@ import triton.language as tl
 from .decode import _dot, interpreter_upcast
 from .host_math import cdiv, next_pow2, block_r
 from .fast_launch import fast
+from .env import env_is
 
 XA_BLOCK_K = tl.constexpr(64)  # inputs per step of the x·Aᵀ share (a constexpr global: kernels read it)
 FINISH_BLOCK_N = 256  # outputs per program of the finish kernel
@@ -255,7 +255,7 @@ def finish(ws: torch.Tensor, parts: Optional[torch.Tensor], lora_B: Optional[tor
 def one_launch_offered() -> bool:
     """Whether split GEMVs finish in their own launch (``_finish_if_last``) instead of a second
     kernel: opt-in with ``LORAQ_ONE_LAUNCH=1`` until the GPU tests of it have passed."""
-    return os.environ.get("LORAQ_ONE_LAUNCH") == "1"
+    return env_is("LORAQ_ONE_LAUNCH", "1")
 
 
 def run_one_launch(launch: Callable[..., None], M: int, N: int, slots: int, tiles: int, groups: int,

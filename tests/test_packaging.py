@@ -56,5 +56,5 @@ def test_the_readme_lists_every_environment_variable_the_code_reads():
     sources = [*(ROOT / "loraq").rglob("*.py"), *(ROOT / "kernels").rglob("*.py"), ROOT / "setup.py"]
     read = set()
     for path in sources:
-        read |= set(re.findall(r"environ(?:\.get)?\(?\[?\s*\"(LORAQ_[A-Z_]+)\"", path.read_text()))
+        read |= set(re.findall(r"(?:environ(?:\.get)?\(?\[?|env_is\()\s*\"(LORAQ_[A-Z_]+)\"", path.read_text()))
     assert listed and listed == read, (sorted(listed - read), sorted(read - listed))
