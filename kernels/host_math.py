@@ -28,7 +28,7 @@ INDEX_LIMIT = 2**31
 
 def rows_per_launch(M: int, width: int) -> int:
     """How many rows of ``[M, width]`` operands one launch may take so that every element's offset
-    fits in 32 bits: ``M`` itself for all but the largest problems (e.g. 16,745 rows of a
+    fits in 32 bits: ``M`` itself for all but the largest problems (from 16,744 rows of a
     128,256-wide LM head), else whole 4096s of rows (one tuning bucket) where they fit."""
     if M * width < INDEX_LIMIT:
         return M
