@@ -298,15 +298,18 @@ def lora_prologue(x: torch.Tensor, lora_A, lora_B):
     return (x @ lora_A.to(x.dtype).t()).contiguous(), lora_B.to(x.dtype).contiguous(), lora_A.shape[0]
 
 
-def lora_in_dtype(x: torch.Tensor, lora_A, lora_B):
-    """``(A, B)`` in ``x``'s dtype and contiguous (the kernels step over the rank with stride 1;
-    the same tensors when they already are), or ``(None, None)``."""
+def lora_and_bias_args(x: torch.Tensor, lora_A, lora_B, bias):
+    """``(A, B, bias)`` as the kernels read them: ``A`` and ``B`` in ``x``'s dtype, all three
+    contiguous (the kernels step along A's inputs, B's rank and the bias with stride 1); the
+    same tensors when they already are, None where None."""
+    if bias is not None:
+        bias = bias.contiguous()
     if lora_A is None:
-        return None, None
+        return None, None, bias
     dt = x.dtype
     if lora_A.dtype == dt and lora_B.dtype == dt:  # the usual case: skip two .to() calls (host time)
-        return lora_A.contiguous(), lora_B.contiguous()
-    return lora_A.to(dt).contiguous(), lora_B.to(dt).contiguous()
+        return lora_A.contiguous(), lora_B.contiguous(), bias
+    return lora_A.to(dt).contiguous(), lora_B.to(dt).contiguous(), bias
 
 
 def split_plan(total: int, block: int, split: int) -> Tuple[int, int]:

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .autotune import LUT
-from .decode import interpreter_upcast, lora_in_dtype, weight_args
+from .decode import interpreter_upcast, lora_and_bias_args, weight_args
 from .host_math import block_r, cdiv, next_pow2
 from .fast_launch import fast
 from .splitk_finish import XA_BLOCK_K, _claim_share, _finish_if_last, _store_xa_part, one_launch_offered, run_one_launch, run_split
@@ -127,8 +127,7 @@ def int1_gemv_lut(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1
     check_lut_config(cfg)
     x = x.contiguous()
     ptrs, ints, mode = weight_args("int1", tensors, meta)
-    A, B = lora_in_dtype(x, lora_A, lora_B)
-    bias = None if bias is None else bias.contiguous()  # read with stride 1
+    A, B, bias = lora_and_bias_args(x, lora_A, lora_B, bias)
     return launch_lut(x, ptrs, ints, mode, meta["N"], A, B, scaling, bias, cfg, one_launch)
 
 

@@ -25,7 +25,7 @@ import torch
 
 from .autotune import MMA_GEMV, Config
 from .cuda_ext import MAX_SLOTS, extension_problem, fit_slices, sm_count, smem_limits
-from .decode import SCALE_GROUP, lora_in_dtype, weight_args
+from .decode import SCALE_GROUP, lora_and_bias_args, weight_args
 from .splitk_finish import run_split
 from .device_guard import on_input_device
 
@@ -121,8 +121,7 @@ def int1_gemv_mma(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1
     check_mma_config(cfg)
     x = x.contiguous()
     ptrs, ints, mode = weight_args("int1", tensors, meta)
-    A, B = lora_in_dtype(x, lora_A, lora_B)
-    bias = None if bias is None else bias.contiguous()  # read with stride 1
+    A, B, bias = lora_and_bias_args(x, lora_A, lora_B, bias)
     return launch_mma(x, ptrs, ints, mode, meta["N"], A, B, scaling, bias, cfg)
 
 

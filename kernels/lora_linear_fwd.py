@@ -33,8 +33,8 @@ from .sparse4x4_gemv import check_gather_config, launch_gather
 from .sparse4x4_gemv_cuda import (SPARSE_CUDA_MAX_M, check_sparse_cuda_config, launch_sparse_cuda, sparse_cuda_configs,
                                   sparse_cuda_status)
 from .decode import (SCALE_GROUP, _dot, _int1_group_scale, _int1_sign_pairs, _int1_signs, _pair_order, _sparse4x4_tile,
-                     decode_dtype, interpreter_upcast, lora_in_dtype, lora_prologue, output_buffer, pair_ones, split_plan, use_asm,
-                     weight_args)
+                     decode_dtype, interpreter_upcast, lora_and_bias_args, lora_prologue, output_buffer, pair_ones,
+                     split_plan, use_asm, weight_args)
 from .splitk_finish import XA_BLOCK_K, _store_xa_part, one_launch_offered, run_split
 from .host_math import block_r, cdiv, in_row_chunks, rows_per_launch
 from .fast_launch import fast
@@ -140,9 +140,7 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
                                                           config), M, rows, N, x)
     ptrs, ints, scale_mode = weight_args(fmt, tensors, meta)
     has_lora = lora_A is not None
-    A, B = lora_in_dtype(x, lora_A, lora_B)
-    if bias is not None:
-        bias = bias.contiguous()  # read with stride 1
+    A, B, bias = lora_and_bias_args(x, lora_A, lora_B, bias)
     R = A.shape[0] if has_lora else 1
 
     def run(cfg):

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .autotune import GATHER, GATHER_FWD, GATHER_T, GATHER_T_X4, GATHER_X4
-from .decode import interpreter_upcast, lora_in_dtype, split_plan, weight_args
+from .decode import interpreter_upcast, lora_and_bias_args, split_plan, weight_args
 from .splitk_finish import XA_BLOCK_K, _claim_share, _finish_if_last, _store_xa_part, one_launch_offered, run_one_launch, run_split
 from .host_math import cdiv, block_r, next_pow2
 from .fast_launch import fast
@@ -194,8 +194,7 @@ def sparse4x4_gemv(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 
     check_gather_config(cfg)
     x = x.contiguous()
     ptrs, ints, _ = weight_args("sparse4x4", tensors, meta)
-    A, B = lora_in_dtype(x, lora_A, lora_B)
-    bias = None if bias is None else bias.contiguous()  # read with stride 1
+    A, B, bias = lora_and_bias_args(x, lora_A, lora_B, bias)
     return launch_gather(x, ptrs, ints, meta["N"], A, B, scaling, bias, cfg, one_launch)
 
 

@@ -32,7 +32,7 @@ import torch
 
 from .autotune import CUDA_GATHER, SPARSE_MMA, Config
 from .cuda_ext import MAX_SLOTS, extension_problem, fit_slices, sm_count, smem_limits
-from .decode import lora_in_dtype, weight_args
+from .decode import lora_and_bias_args, weight_args
 from .splitk_finish import run_split
 from .device_guard import on_input_device
 
@@ -161,8 +161,7 @@ def sparse4x4_gemv_cuda(x, tensors, meta, lora_A=None, lora_B=None, scaling: flo
     check_sparse_cuda_config(cfg)
     x = x.contiguous()
     ptrs, _, _ = weight_args("sparse4x4", tensors, meta)
-    A, B = lora_in_dtype(x, lora_A, lora_B)
-    bias = None if bias is None else bias.contiguous()  # read with stride 1
+    A, B, bias = lora_and_bias_args(x, lora_A, lora_B, bias)
     return launch_sparse_cuda(x, ptrs, meta["N"], A, B, scaling, bias, cfg)
 
 
