@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from . import ops
+from . import ops, reference
 
 
 def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -88,10 +88,7 @@ class LoraLinearFunction(torch.autograd.Function):
             dyB = dy2 @ Bc  # [M, r]: shared by dX and dA
             if need[1]:
                 dxl = (s * (dyB @ Ac)).reshape(*ctx.lead, K)
-            if need[2]:
-                dA = (s * (dyB.t() @ xl2)).to(A.dtype)
-            if need[3]:
-                dB = (s * (dy2.t() @ (xl2 @ Ac.t()))).to(B.dtype)  # x_l·Aᵀ recomputed: [M, r], cheap
+            dA, dB = reference.lora_factor_grads(dy2, xl2, Ac, dyB, s, need[2], need[3], (A.dtype, B.dtype))
         if need[0]:
             if fused_dx:
                 dx = ops.lora_linear_dx(dy2, ctx.weight, Ac, dyB, s, backend=ctx.backend, lora_B=Bc)

@@ -110,10 +110,8 @@ def _forward_grads(ctx, dy, dx_op):
         dyB = dy @ Bc if need[0] or need[-4] else None  # dX's LoRA term and dA
     if need[0]:
         dx = dx_op(dy, Ac, dyB, Bc)
-    if A is not None and need[-4]:
-        dA = (s * (dyB.t() @ x)).to(A.dtype)
-    if A is not None and need[-3]:
-        dB = (s * (dy.t() @ (x @ Ac.t()))).to(B.dtype)
+    if A is not None and (need[-4] or need[-3]):
+        dA, dB = reference.lora_factor_grads(dy, x, Ac, dyB, s, need[-4], need[-3], (A.dtype, B.dtype))
     if ctx.bias_dtype is not None and need[-1]:
         db = dy.sum(0).to(ctx.bias_dtype)
     return dx, dA, dB, db

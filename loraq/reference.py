@@ -131,9 +131,32 @@ def lora_linear_bwd_ref(
         A, B = lora_A.to(dy.dtype), lora_B.to(dy.dtype)
         dyB = dy @ B
         dx = dx + scaling * (dyB @ A)
-        dA = scaling * (dyB.t() @ x)
-        dB = scaling * (dy.t() @ (x @ A.t()))
+        dA, dB = lora_factor_grads(dy, x, A, dyB, scaling)
     return dx, dA, dB, dy.sum(0)
+
+
+def lora_factor_grads(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    dy_B: Optional[torch.Tensor],
+    scaling: float,
+    need_A: bool = True,
+    need_B: bool = True,
+    dtypes: Optional[Tuple[torch.dtype, torch.dtype]] = None,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``dA = s·(dY·B)ᵀ·X`` and ``dB = s·dYᵀ·(X·Aᵀ)`` (``None`` where not needed).
+
+    ``lora_A`` is already in ``dy``'s dtype and ``dy_B = dY·B`` is given because ``dX`` needs it
+    too; ``X·Aᵀ`` (``[M, r]``) is recomputed rather than saved. The results are in ``dy``'s dtype,
+    or cast to ``dtypes = (A's, B's)`` (the parameters' own). Every backend's backward uses this.
+    """
+    dA = scaling * (dy_B.t() @ x) if need_A else None
+    dB = scaling * (dy.t() @ (x @ lora_A.t())) if need_B else None
+    if dtypes is not None:
+        dA = None if dA is None else dA.to(dtypes[0])
+        dB = None if dB is None else dB.to(dtypes[1])
+    return dA, dB
 
 
 def splitk_finish_ref(
