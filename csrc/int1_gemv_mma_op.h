@@ -101,14 +101,13 @@ void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const to
   TORCH_CHECK(N < (int64_t(1) << 30), "int1_gemv_mma: N must be below 2^30");
   a.minus_ones = x.scalar_type() == at::kHalf ? loraq_mma::Half2Bits<__half>::kMinusOnes
                                                : loraq_mma::Half2Bits<__nv_bfloat16>::kMinusOnes;
-  if (K == 0) {  // x·Ŵᵀ = 0 (the workspace stays zero) and so are the shares of x·Aᵀ
-    if (parts.has_value()) parts->zero_();
-    return;
+  // K slices of whole tasks (none when K = 0)
+  int64_t slices = 0;
+  if (K > 0) {
+    const int64_t per = (K + k_split - 1) / k_split;
+    a.slice_inputs = (int)((per + loraq_mma::kTaskInputs - 1) / loraq_mma::kTaskInputs * loraq_mma::kTaskInputs);
+    slices = (K + a.slice_inputs - 1) / a.slice_inputs;
   }
-  // K slices of whole tasks
-  const int64_t per = (K + k_split - 1) / k_split;
-  a.slice_inputs = (int)((per + loraq_mma::kTaskInputs - 1) / loraq_mma::kTaskInputs * loraq_mma::kTaskInputs);
-  const int64_t slices = (K + a.slice_inputs - 1) / a.slice_inputs;
   if (lora_A.has_value()) {
     const torch::Tensor& A = *lora_A;
     loraq_ops::check_cuda_tensor("int1_gemv_mma", A, "lora_A", x.scalar_type(), 2);
@@ -116,13 +115,17 @@ void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const to
     loraq_ops::check_cuda_tensor("int1_gemv_mma", *parts, "parts", at::kFloat, 3);
     TORCH_CHECK(A.device() == x.device() && parts->device() == x.device(), "int1_gemv_mma: tensors on one device");
     TORCH_CHECK(parts->size(1) == M && parts->size(2) >= A.size(0) && parts->size(0) >= 1 &&
-                    parts->size(0) <= blocks * slices,
+                    (K == 0 || parts->size(0) <= blocks * slices),
                 "int1_gemv_mma: parts must be [slots ≤ blocks·slices, M, ≥ R], got ", parts->sizes());
     a.lora_A = A.data_ptr();
     a.parts = parts->data_ptr<float>();
     a.R = (int)A.size(0);
     a.block_r = (int)parts->size(2);
     a.slots = (int)parts->size(0);
+  }
+  if (K == 0) {  // x·Ŵᵀ = 0 (the workspace stays zero) and so are the shares of x·Aᵀ; validated above
+    if (parts.has_value()) parts->zero_();
+    return;
   }
   if (N == 0) return;
   const int64_t chunks = a.slice_inputs / loraq_mma::kTaskInputs;

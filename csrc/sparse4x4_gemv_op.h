@@ -91,14 +91,13 @@ void sparse4x4_gemv(const torch::Tensor& x, const torch::Tensor& values, const t
   a.TK = (int)TK;
   a.PW = (int)positions.size(1);
   a.out4 = N % 4 == 0 && reinterpret_cast<uintptr_t>(a.ws) % 16 == 0;
-  if (K == 0) {  // x·Ŵᵀ = 0 (the workspace stays zero) and so are the shares of x·Aᵀ
-    if (parts.has_value()) parts->zero_();
-    return;
+  // K slices of whole tasks (32 tile columns for the gather, 64 for the tensor-core kernel; none when K = 0)
+  int64_t slices = 0;
+  if (K > 0) {
+    const int split = (int)std::min<int64_t>(k_split, a.TK);
+    a.slice_tiles = mma ? loraq_sparse_mma::slice_tiles_for(a.TK, split) : loraq_sparse::slice_tiles_for(a.TK, split);
+    slices = (TK + a.slice_tiles - 1) / a.slice_tiles;
   }
-  // K slices of whole tasks (32 tile columns for the gather, 64 for the tensor-core kernel)
-  const int split = (int)std::min<int64_t>(k_split, a.TK);
-  a.slice_tiles = mma ? loraq_sparse_mma::slice_tiles_for(a.TK, split) : loraq_sparse::slice_tiles_for(a.TK, split);
-  const int64_t slices = (TK + a.slice_tiles - 1) / a.slice_tiles;
   if (lora_A.has_value()) {
     const torch::Tensor& A = *lora_A;
     loraq_ops::check_cuda_tensor(op, A, "lora_A", x.scalar_type(), 2);
@@ -106,13 +105,17 @@ void sparse4x4_gemv(const torch::Tensor& x, const torch::Tensor& values, const t
     loraq_ops::check_cuda_tensor(op, *parts, "parts", at::kFloat, 3);
     TORCH_CHECK(A.device() == x.device() && parts->device() == x.device(), "sparse4x4_gemv: tensors on one device");
     TORCH_CHECK(parts->size(1) == M && parts->size(2) >= A.size(0) && parts->size(0) >= 1 &&
-                    parts->size(0) <= blocks * slices,
+                    (K == 0 || parts->size(0) <= blocks * slices),
                 "sparse4x4_gemv: parts must be [slots ≤ blocks·slices, M, ≥ R], got ", parts->sizes());
     a.lora_A = A.data_ptr();
     a.parts = parts->data_ptr<float>();
     a.R = (int)A.size(0);
     a.block_r = (int)parts->size(2);
     a.slots = (int)parts->size(0);
+  }
+  if (K == 0) {  // x·Ŵᵀ = 0 (the workspace stays zero) and so are the shares of x·Aᵀ; validated above
+    if (parts.has_value()) parts->zero_();
+    return;
   }
   if (N == 0) return;
   // the gather: rows of x in fp32; the tensor-core kernel: 8 or 16 rows in 16 bits, padded
