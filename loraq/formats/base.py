@@ -137,7 +137,10 @@ class CompressedWeight(abc.ABC):
                 f"{cls.__name__}.from_state_dict: missing keys {missing}, unexpected keys {unexpected}"
             )
         kwargs: Dict[str, object] = {n: sd[n] for n in cls._tensor_names}
-        kwargs["shape"] = tuple(int(v) for v in sd["shape"].tolist())
+        shape = sd["shape"].reshape(-1).tolist()
+        if len(shape) != 2 or min(shape) < 1:
+            raise ValueError(f"{cls.__name__}.from_state_dict: shape must be [N, K] with N, K ≥ 1, got {shape}")
+        kwargs["shape"] = tuple(int(v) for v in shape)
         for n in cls._meta_names:
             if n != "shape":
                 kwargs[n] = cls._decode_meta(n, int(sd[n].reshape(-1)[0]))

@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .base import CompressedWeight, check_dense_weight
+from .base import FLOAT_DTYPES, CompressedWeight, check_dense_weight
 
 SCALE_MODES = ("mean_abs", "onebit")
 _BIT_SHIFTS = torch.arange(32, dtype=torch.int64)
@@ -122,6 +122,7 @@ class Int1Weight(CompressedWeight):
                 ``"onebit"`` (``Ŵ = diag(h)·sign(W)·diag(g)``, ``h gᵀ`` the rank-1 SVD of ``|W|``).
         """
         check_dense_weight(W)
+        W = W.detach()  # the compressed weight is frozen data, never part of W's autograd graph
         if scale not in SCALE_MODES:
             raise ValueError(f"scale must be one of {SCALE_MODES}, got {scale!r}")
         N, K = W.shape
@@ -183,10 +184,17 @@ class Int1Weight(CompressedWeight):
             if not 0 <= value < len(SCALE_MODES):
                 raise ValueError(f"unknown int1 scale mode code {value}")
             return SCALE_MODES[value]
+        if name == "group_size" and value != -1 and value < 1:
+            raise ValueError(f"Int1Weight: group_size must be ≥ 1 (or -1 for none), got {value}")
         return super()._decode_meta(name, value)
 
     def _check_consistent(self) -> None:
         N, K = self.shape
+        if self.scale_mode == "onebit" and self.group_size is not None:
+            raise ValueError("Int1Weight: scale mode 'onebit' has no group_size")
+        if self.scale.dtype not in FLOAT_DTYPES or self.col_scale.dtype != self.scale.dtype:
+            raise ValueError(f"Int1Weight: scale and col_scale must share one floating dtype, got "
+                             f"{self.scale.dtype} and {self.col_scale.dtype}")
         G = 1 if (self.group_size is None or self.scale_mode == "onebit") else -(-K // self.group_size)
         expect = {"packed": (N, (K + 31) // 32), "scale": (N, G),
                   "col_scale": (K,) if self.scale_mode == "onebit" else (0,)}

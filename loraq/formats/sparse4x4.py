@@ -18,7 +18,7 @@ from typing import Tuple
 
 import torch
 
-from .base import CompressedWeight, check_dense_weight
+from .base import FLOAT_DTYPES, CompressedWeight, check_dense_weight
 
 
 def _to_tiles(W: torch.Tensor) -> torch.Tensor:
@@ -66,9 +66,11 @@ class Sparse4x4Weight(CompressedWeight):
     def from_dense(cls, W: torch.Tensor) -> "Sparse4x4Weight":
         """Keep the largest-magnitude element of every 4x4 tile of ``W`` ``[N, K]``."""
         check_dense_weight(W)
-        tiles = _to_tiles(W)
-        # argmax returns the first maximal index, which is the documented tie rule.
-        pos = tiles.abs().float().argmax(dim=-1)
+        tiles = _to_tiles(W.detach())  # frozen data, never part of W's autograd graph
+        # argmax returns the first maximal index, which is the documented tie rule. Magnitudes are
+        # compared in W's dtype (16-bit ones widened exactly to float32), never rounded.
+        mag = tiles.abs()
+        pos = (mag.float() if W.element_size() < 4 else mag).argmax(dim=-1)
         values = tiles.gather(-1, pos.unsqueeze(-1)).squeeze(-1)
         return cls(values.contiguous(), pack_nibbles(pos), W.shape)
 
@@ -96,6 +98,8 @@ class Sparse4x4Weight(CompressedWeight):
     def _check_consistent(self) -> None:
         N, K = self.shape
         TN, TK = -(-N // 4), -(-K // 4)
+        if self.values.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"Sparse4x4Weight: values must be floating point, got {self.values.dtype}")
         if tuple(self.values.shape) != (TN, TK):
             raise ValueError(f"Sparse4x4Weight: values has shape {tuple(self.values.shape)}, expected {(TN, TK)}")
         if tuple(self.positions.shape) != (TN, -(-TK // 2)) or self.positions.dtype != torch.uint8:

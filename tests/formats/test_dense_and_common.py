@@ -297,3 +297,39 @@ def test_compress_weight():
             compress_weight(W, name, scale="onebit")
     with pytest.raises(ValueError, match="unknown compression"):
         compress_weight(W, "int4")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_from_dense_is_detached_from_the_weights_graph(variant):
+    """Compressing a trainable weight (an nn.Linear's) gives frozen data: no tensor keeps W's
+    autograd graph, so the base gets no gradient, a second backward works, and deepcopy works."""
+    W = torch.randn(7, 45, requires_grad=True)
+    w = build(variant, W)
+    assert not any(t.requires_grad for t in w.tensors().values())
+    x, p = torch.randn(3, 45), torch.randn(7, requires_grad=True)  # p: a trainable part downstream
+    for _ in range(2):  # a second step would fail with "backward through the graph a second time"
+        (x @ w.dequantize().t() * p).sum().backward()
+    assert W.grad is None and p.grad is not None
+    import copy
+    copy.deepcopy(w)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("shape", [[7], [7, 45, 1], [0, 45], [7, -45]])
+def test_from_state_dict_refuses_a_bad_shape_entry(variant, shape):
+    w = build(variant, torch.randn(7, 45))
+    sd = w.state_dict()
+    sd["shape"] = torch.tensor(shape)
+    with pytest.raises(ValueError, match="shape"):
+        type(w).from_state_dict(sd)
+
+
+@pytest.mark.parametrize("variant,name", [("int1", "scale"), ("int1_onebit", "col_scale"),
+                                          ("sparse4x4", "values")])
+def test_from_state_dict_refuses_integer_scales_or_values(variant, name):
+    """An integer ``scale``/``values`` would dequantize to an integer Ŵ: refused on load."""
+    w = build(variant, torch.randn(7, 45))
+    sd = w.state_dict()
+    sd[name] = sd[name].to(torch.int16)
+    with pytest.raises(ValueError, match="floating"):
+        type(w).from_state_dict(sd)

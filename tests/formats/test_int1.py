@@ -388,3 +388,18 @@ def test_float64_onebit_has_float64_accuracy():
     U, S, Vh = torch.linalg.svd(W.abs(), full_matrices=False)
     best = S[0] * torch.outer(U[:, 0], Vh[0]).abs()
     torch.testing.assert_close(torch.outer(q.scale[:, 0], q.col_scale), best, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("code", [0, -2])
+def test_from_state_dict_refuses_a_group_size_below_one(code):
+    sd = Int1Weight.from_dense(torch.randn(4, 40), group_size=8).state_dict()
+    sd["group_size"] = torch.tensor([code])
+    with pytest.raises(ValueError, match="group_size must be ≥ 1"):
+        Int1Weight.from_state_dict(sd)
+
+
+def test_from_state_dict_refuses_onebit_with_a_group_size():
+    sd = Int1Weight.from_dense(torch.randn(4, 40), scale="onebit").state_dict()
+    sd["group_size"] = torch.tensor([8])
+    with pytest.raises(ValueError, match="'onebit' has no group_size"):
+        Int1Weight.from_state_dict(sd)

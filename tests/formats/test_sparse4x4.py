@@ -238,3 +238,18 @@ def test_from_state_dict_wrong_positions_dtype():
     sd["positions"] = sd["positions"].to(torch.int32)
     with pytest.raises(ValueError, match="positions must be uint8"):
         Sparse4x4Weight.from_state_dict(sd)
+
+
+def test_float64_magnitudes_are_compared_unrounded():
+    """A float64 tile is compared in float64: 1 + 1e-12 beats 1, 1e39 does not beat -1e300 (both
+    would round to float32's 1 and inf), and 1e-50 beats 0 (it would underflow)."""
+    W = torch.zeros(4, 12, dtype=torch.float64)
+    W[0, 0], W[1, 1] = 1.0, 1.0 + 1e-12
+    W[0, 4], W[2, 5] = 1e39, -1e300
+    W[3, 11] = 1e-50
+    q = Sparse4x4Weight.from_dense(W)
+    assert q.tile_positions().tolist() == [[5, 9, 15]]
+    assert q.values.tolist() == [[1.0 + 1e-12, -1e300, 1e-50]]
+    kept = torch.zeros_like(W)
+    kept[1, 1], kept[2, 5], kept[3, 11] = W[1, 1], W[2, 5], W[3, 11]
+    assert torch.equal(q.dequantize(), kept)
