@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 import re
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -143,6 +144,15 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def module_names(model: nn.Module) -> Dict[int, List[str]]:
+    """Every name of each submodule, by ``id``: a module registered twice (tied, shared) has two,
+    and replacing it must replace it under both or the tie breaks."""
+    names: Dict[int, List[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), []).append(n)
+    return names
+
+
 def set_trainable(model: nn.Module, modules_to_save: Iterable[str]) -> None:
     """Freeze everything except the LoRA adapters and the parameters of ``modules_to_save``."""
     for p in model.parameters():
@@ -187,6 +197,13 @@ class CompressionReport:
         return "\n".join(rows)
 
 
+def _weights_read_directly(model: nn.Module) -> set:
+    """Names of the ``nn.Linear`` layers whose owner reads ``.weight``/``.bias`` instead of calling
+    them (``nn.MultiheadAttention``'s ``out_proj``): a ``LoraLinear`` there would break the model."""
+    return {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
+            for c, child in m.named_children() if isinstance(child, nn.Linear)}
+
+
 def resolve_targets(model: nn.Module, config: CompressionConfig) -> Tuple[List[str], List[str]]:
     """The names of the ``nn.Linear`` layers ``config`` compresses in ``model``, and of its modules to save.
 
@@ -201,8 +218,14 @@ def resolve_targets(model: nn.Module, config: CompressionConfig) -> Tuple[List[s
             raise ValueError(f"modules_to_save: no module matches {pattern!r}")
     save_names = [n for n in all_names if n and matches(n, config.modules_to_save)]
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    read_directly = _weights_read_directly(model)
     candidates = [n for n in linears if not _inside(n, save_names) and not matches(n, config.exclude_modules)]
-    targets = candidates if config.target_modules is None else [n for n in candidates if matches(n, config.target_modules)]
+    if config.target_modules is not None:
+        candidates = [n for n in candidates if matches(n, config.target_modules)]
+        if any(n in read_directly for n in candidates):
+            warnings.warn(f"{[n for n in candidates if n in read_directly]} match target_modules but are left dense: "
+                          "nn.MultiheadAttention reads their weight itself instead of calling them", stacklevel=3)
+    targets = [n for n in candidates if n not in read_directly]
     if not targets:
         listed = ", ".join(list(linears)[:40]) + (" ..." if len(linears) > 40 else "")
         raise ValueError(
@@ -221,7 +244,9 @@ def compress_(model: nn.Module, config: Optional[CompressionConfig] = None, prog
     """Replace the matching ``nn.Linear`` layers of ``model`` in place by :class:`LoraLinear`.
 
     Everything is checked and every new layer is built before the first replacement, so a bad
-    input raises and leaves ``model`` exactly as it was. Afterwards only the LoRA adapters and
+    input raises and leaves ``model`` exactly as it was. A layer registered under several names
+    (tied) is replaced under each by one ``LoraLinear``; ``nn.MultiheadAttention``'s ``out_proj``
+    is left dense (that module reads its weight directly; listed in ``untouched_linear``). Afterwards only the LoRA adapters and
     ``modules_to_save`` are trainable. ``overrides`` update fields of ``config`` (or build one).
     """
     config = CompressionConfig(**{**(config.to_dict() if config else {}), **overrides})
@@ -247,8 +272,10 @@ def compress_(model: nn.Module, config: Optional[CompressionConfig] = None, prog
                                    layer.base.dense_nbytes, layer.base.nbytes, base_err, init_err))
         new_layers[n] = layer.train(lin.training)
 
+    names = module_names(model)
     for n, layer in new_layers.items():
-        _set_submodule(model, n, layer)
+        for alias in names[id(linears[n])]:  # a shared layer stays shared
+            _set_submodule(model, alias, layer)
     set_trainable(model, save_names)
     setattr(model, CONFIG_ATTR, {"config": config.to_dict(), "modules_to_save": save_names})
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Dict, Optional, Union
 
@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._version import __version__
-from .api import CONFIG_ATTR, _inside, _set_submodule, set_trainable
+from .api import CONFIG_ATTR, _inside, _set_submodule, module_names, set_trainable
 from .formats import format_class
 from .nn import LoraLinear
 from .ops import BACKENDS
@@ -43,46 +43,103 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _temporary_path(path: Path) -> Path:
+    return path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (threads may be creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _write_temporary(path: Path, write) -> Path:
+    """``write(tmp)`` to a new temporary file next to ``path``, flushed to disk; returns it. The
+    file gets the default mode (0666 less the umask), as a plain ``open`` would give it (some
+    writers, safetensors among them, create theirs private)."""
+    tmp = _temporary_path(path)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        write(str(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
 def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _write_temporary(Path(path), write)
     try:
-        write(tmp)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        tmp.unlink(missing_ok=True)
 
 
-def save(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
-    """Save a compressed model to the folder ``path`` (created if needed); returns the folder."""
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
+def _unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped (its names carry an ``_orig_mod.`` prefix), or ``model``."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule" else model
+
+
+def _tensors_to_save(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The model's state dict on the CPU, each tensor its own contiguous memory: safetensors refuses
+    tensors that share memory (tied weights, two views of one buffer), so repeats are copied."""
     tensors: Dict[str, torch.Tensor] = {}
     seen = set()
     for k, v in model.state_dict().items():
         v = v.detach()
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)) if v.numel() else None
-        # safetensors refuses tensors that share memory (tied weights): give repeats their own copy.
-        tensors[k] = v.clone().contiguous() if key in seen else v.contiguous()
-        if key is not None:
-            seen.add(key)
-    tensors = {k: v.cpu() for k, v in tensors.items()}
-    atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    meta = getattr(model, CONFIG_ATTR, {"config": None, "modules_to_save": []})
-    description = {
-        "format": "loraq",
-        "format_version": FORMAT_VERSION,
-        "loraq_version": __version__,
-        "config": meta["config"],
-        "modules_to_save": meta["modules_to_save"],
-        "layers": {n: m.layer_config() for n, m in model.named_modules() if isinstance(m, LoraLinear)},
-        "tensors": {k: [list(v.shape), str(v.dtype).replace("torch.", "")] for k, v in tensors.items()},
-        "sha256": _sha256(folder / WEIGHTS_NAME),
-    }
-    text = json.dumps(description, indent=1)
-    atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+        storage = v.untyped_storage().data_ptr() if v.numel() else None
+        tensors[k] = v.clone().contiguous() if storage in seen else v.contiguous()
+        if storage is not None:
+            seen.add(storage)
+    return {k: v.cpu() for k, v in tensors.items()}
+
+
+def save(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
+    """Save a compressed model to the folder ``path`` (created if needed; ``~`` is expanded); returns
+    the folder.
+
+    Both files are written in full to temporary files first and then renamed into place one after
+    the other, so an interrupted save leaves the folder's previous checkpoint loadable (unless the
+    interruption falls between the two renames).
+    """
+    folder = Path(path).expanduser()
+    model = _unwrap_compiled(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = _tensors_to_save(model)
+    weights = _write_temporary(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    try:
+        meta = getattr(model, CONFIG_ATTR, {"config": None, "modules_to_save": []})
+        description = {
+            "format": "loraq",
+            "format_version": FORMAT_VERSION,
+            "loraq_version": __version__,
+            "config": meta["config"],
+            "modules_to_save": meta["modules_to_save"],
+            "layers": {n: m.layer_config() for n, m in model.named_modules() if isinstance(m, LoraLinear)},
+            "tensors": {k: [list(v.shape), str(v.dtype).replace("torch.", "")] for k, v in tensors.items()},
+            "sha256": _sha256(weights),
+        }
+        text = json.dumps(description, indent=1)
+        config = _write_temporary(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+        os.replace(weights, folder / WEIGHTS_NAME)
+        os.replace(config, folder / CONFIG_NAME)
+    finally:
+        weights.unlink(missing_ok=True)
+        if "config" in locals():
+            config.unlink(missing_ok=True)
     return folder
 
 
@@ -130,7 +187,8 @@ def load(model: nn.Module, path: Union[str, os.PathLike], backend: Optional[str]
     """
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-    folder = Path(path)
+    outer, model = model, _unwrap_compiled(model)
+    folder = Path(path).expanduser()
     desc = read_description(folder)
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
@@ -163,9 +221,12 @@ def load(model: nn.Module, path: Union[str, os.PathLike], backend: Optional[str]
     for name in desc.get("modules_to_save", []):
         if name not in modules:
             raise CheckpointError(f"checkpoint made for another architecture: modules_to_save {name!r} does not exist")
+    # a layer registered under several names (tied) is replaced under each: keep the tie
+    names = module_names(model)
+    placed = {alias: layer for name, layer in new_layers.items() for alias in names[id(modules[name])]}
 
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not _inside(k.rsplit(".", 1)[0], new_layers)}
-    for name, layer in new_layers.items():
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not _inside(k.rsplit(".", 1)[0], placed)}
+    for name, layer in placed.items():
         expected.update({f"{name}.{k}": tuple(v.shape) for k, v in layer.state_dict().items()})
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -176,9 +237,15 @@ def load(model: nn.Module, path: Union[str, os.PathLike], backend: Optional[str]
                                                (mismatched, "shape mismatch (file vs model)")) if p]
         raise CheckpointError("checkpoint made for another architecture; " + "; ".join(parts))
 
-    originals = {name: modules[name] for name in new_layers}
+    for name, layer in new_layers.items():  # the adapters and bias in their saved dtypes (fp32 masters)
+        for k, p in list(layer.named_parameters(recurse=False)):
+            saved = state[f"{name}.{k}"].dtype
+            if saved != p.dtype and saved.is_floating_point:
+                setattr(layer, k, nn.Parameter(p.detach().to(saved), requires_grad=p.requires_grad))
+
+    originals = {name: model.get_submodule(name) for name in placed}
     try:
-        for name, layer in new_layers.items():
+        for name, layer in placed.items():
             _set_submodule(model, name, layer.train(originals[name].training))
         model.load_state_dict(state, strict=True)
     except Exception:
@@ -187,4 +254,4 @@ def load(model: nn.Module, path: Union[str, os.PathLike], backend: Optional[str]
         raise
     set_trainable(model, desc.get("modules_to_save", []))
     setattr(model, CONFIG_ATTR, {"config": desc.get("config"), "modules_to_save": desc.get("modules_to_save", [])})
-    return model
+    return outer

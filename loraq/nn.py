@@ -30,6 +30,9 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+META_KEY = "base_meta"  # state-dict key of the base's metadata (int64: N, K, then the format's own)
+
+
 class LoraLinear(nn.Module):
     """``y = x·Ŵᵀ + s·(dropout(x)·Aᵀ)·Bᵀ + b`` with ``Ŵ`` a frozen compressed weight.
 
@@ -62,6 +65,8 @@ class LoraLinear(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if alpha is not None and not float(alpha) > 0:
             raise ValueError(f"alpha must be > 0, got {alpha}")
+        if backend is not None and backend not in ops.BACKENDS:
+            raise ValueError(f"backend must be one of {ops.BACKENDS} or None, got {backend!r}")
         ops.load_backends()  # once per process, here rather than inside a torch.compile trace
         self.in_features, self.out_features = K, N
         self.compression = base.kind
@@ -109,6 +114,46 @@ class LoraLinear(nn.Module):
         self._meta = value.meta()
         for n, t in value.tensors().items():
             self.register_buffer(f"base_{n}", t.contiguous(), persistent=True)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .half(), .cpu() replace the buffers: drop the cached format object, which still
+        # holds the old tensors (they would stay alive, on the old device, until the next forward)
+        self.__dict__.pop("_base_cache", None)
+        return super()._apply(fn, *args, **kwargs)
+
+    # -- the base's metadata travels in the state dict, so a load into a layer compressed otherwise
+    # (another int1 group size or scale mode, or N or K within the same packed tensor sizes) is refused
+    def _meta_codes(self) -> list:
+        cls = format_class(self.compression)
+        return [self.out_features, self.in_features] + [
+            cls._encode_meta(n, self._meta[n]) for n in cls._meta_names if n != "shape"]
+
+    def _describe_meta(self, codes) -> str:
+        cls = format_class(self.compression)
+        names = ["out_features", "in_features"] + [n for n in cls._meta_names if n != "shape"]
+        if len(codes) != len(names):
+            return str(codes)
+        values = codes[:2] + [cls._decode_meta(n, c) for n, c in zip(names[2:], codes[2:])]
+        return ", ".join(f"{n}={v}" for n, v in zip(names, values))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + META_KEY] = torch.tensor(self._meta_codes(), dtype=torch.int64)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        saved = state_dict.get(prefix + META_KEY)  # absent from state dicts saved before it existed
+        if saved is not None:
+            codes = saved.reshape(-1).tolist()
+            if codes != self._meta_codes():
+                error_msgs.append(
+                    f"the {self.compression} base of {prefix[:-1] or 'this layer'!r} was compressed with "
+                    f"{self._describe_meta(codes)}, this layer with {self._describe_meta(self._meta_codes())}")
+                return  # nothing of this layer is loaded
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if prefix + META_KEY in unexpected_keys:  # the key is this layer's, checked above
+            unexpected_keys.remove(prefix + META_KEY)
 
     # -- construction ------------------------------------------------------------------------
     @classmethod

@@ -190,3 +190,16 @@ def test_footprint_counts_tied_weights_once():
     head.weight = emb.weight
     model = nn.Sequential(emb, head)
     assert footprint(model).dense_bytes == 10 * 6 * 4
+
+
+def test_multihead_attention_out_proj_is_left_dense():
+    """nn.MultiheadAttention reads out_proj.weight itself: compressing it would break the forward."""
+    torch.manual_seed(0)
+    model = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
+    report = compress_(model, compression="int1", rank=2)
+    assert isinstance(model.linear1, LoraLinear) and isinstance(model.linear2, LoraLinear)
+    assert type(model.self_attn.out_proj) is not LoraLinear and "self_attn.out_proj" in report.untouched_linear
+    model(torch.randn(2, 5, 16)).sum().backward()
+    with pytest.warns(UserWarning, match="self_attn.out_proj.*nn.MultiheadAttention"):
+        compress_(nn.TransformerEncoderLayer(16, 2, 32), compression="int1", rank=2,
+                  target_modules=["out_proj", "linear1"])

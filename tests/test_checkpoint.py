@@ -179,3 +179,118 @@ def test_wrong_format_version(saved):
     desc["format_version"] = 99
     (saved / CONFIG_NAME).write_text(json.dumps(desc))
     _load_fails(mlp, saved, "format version 99 is not supported")
+
+
+def _small_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 6))
+
+
+def test_fp32_adapters_on_a_half_base_come_back_bit_exact(tmp_path):
+    """Mixed precision: a bf16 model whose adapters (the trained masters) and bias are fp32."""
+    model = _small_model().to(torch.bfloat16)
+    compress_(model, compression="int1", rank=4, init="svd")
+    for m in model.modules():
+        if isinstance(m, LoraLinear):
+            m.lora_A.data = m.lora_A.data.float() + 1e-4 * torch.randn_like(m.lora_A.data.float())
+            m.lora_B.data = m.lora_B.data.float() + 1e-4 * torch.randn_like(m.lora_B.data.float())
+    save(model, tmp_path)
+    fresh = _small_model().to(torch.bfloat16)
+    load(fresh, tmp_path)
+    assert fresh[0].lora_A.dtype == torch.float32 and fresh[0].base.dtype == torch.bfloat16
+    assert state_equal(model, fresh)
+    assert fresh[0].lora_A.requires_grad and not fresh[0].base_scale.requires_grad
+
+
+def test_files_get_the_umask_mode_and_no_temporary_file_stays(tmp_path):
+    import os
+    import stat
+    old = os.umask(0o022)
+    try:
+        model = _small_model()
+        compress_(model, compression="sparse4x4", rank=2)
+        save(model, tmp_path)
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([WEIGHTS_NAME, CONFIG_NAME])
+    for p in tmp_path.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
+
+
+def test_an_interrupted_resave_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    import loraq.checkpoint as ckpt
+    model = _small_model()
+    compress_(model, compression="int1", rank=2)
+    save(model, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with torch.no_grad():
+        model[0].lora_B.add_(1.0)
+
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt  # e.g. Ctrl-C while the new description is being written
+    monkeypatch.setattr(ckpt.json, "dumps", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save(model, tmp_path)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # and no temporary file left
+    load(_small_model(), tmp_path)
+
+
+def test_buffers_sharing_memory_are_saved(tmp_path):
+    """Two overlapping views of one storage (not the same tensor): safetensors refuses them unless copied."""
+    model = _small_model()
+    store = torch.randn(10)
+    model.register_buffer("a", store[:6])
+    model.register_buffer("b", store[4:])
+    compress_(model, compression="int1", rank=2)
+    save(model, tmp_path)
+    fresh = _small_model()
+    fresh.register_buffer("a", torch.zeros(6))
+    fresh.register_buffer("b", torch.zeros(6))
+    load(fresh, tmp_path)
+    assert torch.equal(fresh.a, store[:6]) and torch.equal(fresh.b, store[4:])
+
+
+def test_a_home_relative_path_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    model = _small_model()
+    compress_(model, compression="int1", rank=2)
+    assert save(model, "~/ckpt") == tmp_path / "ckpt"
+    assert (tmp_path / "ckpt" / WEIGHTS_NAME).is_file() and not (tmp_path / "~").exists()
+    load(_small_model(), "~/ckpt")
+
+
+def test_a_compiled_model_saves_and_loads_under_its_own_names(tmp_path):
+    model = _small_model()
+    compress_(model, compression="int1", rank=2, backend="reference")
+    compiled = torch.compile(model, backend="eager")
+    save(compiled, tmp_path)
+    assert set(json.loads((tmp_path / CONFIG_NAME).read_text())["layers"]) == {"0", "2"}
+    fresh = torch.compile(_small_model(), backend="eager")
+    assert load(fresh, tmp_path) is fresh
+    assert state_equal(model, fresh._orig_mod)
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc = nn.Linear(16, 16)
+        self.dec = self.enc  # one layer used twice
+
+    def forward(self, x):
+        return self.dec(torch.relu(self.enc(x)))
+
+
+def test_a_layer_registered_under_two_names_stays_one_layer(tmp_path):
+    model = _Tied()
+    report = compress_(model, compression="int1", rank=2)
+    assert isinstance(model.enc, LoraLinear) and model.dec is model.enc
+    assert report.untouched_linear == []
+    save(model, tmp_path)
+    fresh = _Tied()
+    load(fresh, tmp_path)
+    assert fresh.dec is fresh.enc and isinstance(fresh.enc, LoraLinear)
+    x = torch.randn(3, 16)
+    assert torch.equal(model(x), fresh(x))

@@ -327,7 +327,7 @@ def test_dtype_moves_base_buffers(compression, opts, cast):
 def test_state_dict_round_trip(compression, opts):
     m = randomize_adapters(LoraLinear.from_linear(make_linear(), compression, rank=3, **opts))
     sd = m.state_dict()
-    assert set(sd) == {"lora_A", "lora_B", "bias"} | {f"base_{n}" for n in m.base._tensor_names}
+    assert set(sd) == {"lora_A", "lora_B", "bias", "base_meta"} | {f"base_{n}" for n in m.base._tensor_names}
     m2 = LoraLinear.from_linear(make_linear(), compression, rank=3, **opts)
     x = torch.randn(4, K)
     assert not torch.equal(m2(x), m(x))
@@ -520,3 +520,56 @@ def test_forward_without_a_wanted_gradient_skips_autograd_and_agrees(compression
     m.disable_adapter()
     with torch.no_grad():
         torch.testing.assert_close(m(x), lora_linear_ref(x, m.base, None, None, 1.0, m.bias))
+
+
+@pytest.mark.parametrize("first,second", [
+    ({"group_size": 32}, {"group_size": 24}),  # K = 48: two groups either way, same tensor shapes
+    ({}, {"scale": "onebit"}),
+])
+def test_state_dict_of_another_int1_layout_is_refused_and_changes_nothing(first, second):
+    m1 = randomize_adapters(LoraLinear.from_linear(make_linear(48, 8), "int1", rank=2, **first))
+    m2 = LoraLinear.from_linear(make_linear(48, 8), "int1", rank=2, **second)
+    before = {k: v.clone() for k, v in m2.state_dict().items()}
+    sd = m1.state_dict()
+    if "scale" in second:  # make the tensor shapes agree so that only the metadata tells them apart
+        sd["base_col_scale"] = m2.base_col_scale.clone()
+    with pytest.raises(RuntimeError, match="was compressed with"):
+        m2.load_state_dict(sd)
+    assert all(torch.equal(v, before[k]) for k, v in m2.state_dict().items())
+
+
+def test_state_dict_of_another_shape_within_the_same_tiles_is_refused():
+    """N = 7 and N = 8 give the same sparse4x4 tensors (two tile rows): the metadata tells them apart."""
+    a = LoraLinear.from_linear(make_linear(16, 7), "sparse4x4", rank=2)
+    b_sd = LoraLinear.from_linear(make_linear(16, 8), "sparse4x4", rank=2).state_dict()
+    b_sd = {k: (v[:7] if k in ("lora_B", "bias") else v) for k, v in b_sd.items()}
+    with pytest.raises(RuntimeError, match="out_features=8"):
+        a.load_state_dict(b_sd)
+
+
+def test_state_dict_without_the_metadata_still_loads():
+    """State dicts saved before ``base_meta`` existed."""
+    m1 = randomize_adapters(LoraLinear.from_linear(make_linear(), "int1", rank=3, group_size=16))
+    sd = {k: v for k, v in m1.state_dict().items() if k != "base_meta"}
+    m2 = LoraLinear.from_linear(make_linear(), "int1", rank=3, group_size=16)
+    m2.load_state_dict(sd, strict=True)
+    x = torch.randn(2, K)
+    assert torch.equal(m1(x), m2(x))
+
+
+def test_moving_the_layer_drops_the_cached_base():
+    """``.half()``/``.to()``/``.cpu()`` replace the buffers; the cached format object must not keep
+    the old ones alive (on the old device, and in a pickle of the module)."""
+    import weakref
+    m = LoraLinear.from_linear(make_linear(), "int1", rank=2)
+    m(torch.randn(2, K))
+    old = weakref.ref(m.base_scale)
+    m.half()
+    assert "_base_cache" not in m.__dict__ and old() is None
+    assert m(torch.randn(2, K, dtype=torch.float16)).dtype == torch.float16
+
+
+@pytest.mark.parametrize("backend", ["torch", "TRITON", "bogus"])
+def test_unknown_backend_is_refused_when_built(backend):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        LoraLinear.from_linear(make_linear(), "int1", rank=2, backend=backend)
