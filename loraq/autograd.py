@@ -61,18 +61,25 @@ class LoraLinearFunction(torch.autograd.Function):
     gradients of the parameters come back in the parameters' own dtypes.
     """
 
+    # torch.func.grad and vmap (per-sample gradients) need the forward without ctx and a vmap rule;
+    # generated here from the ops inside (a loop over the batch for the kernels' custom ops)
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, x_lora, lora_A, lora_B, bias, weight, scaling: float, backend: Optional[str]):
+    def forward(x, x_lora, lora_A, lora_B, bias, weight, scaling: float, backend: Optional[str]):
+        return lora_linear_forward(x, x_lora, lora_A, lora_B, bias, weight, scaling, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, x_lora, lora_A, lora_B, bias, weight, scaling, backend = inputs
         K = weight.shape[1]
         lead = x.shape[:-1]
-        y = lora_linear_forward(x, x_lora, lora_A, lora_B, bias, weight, scaling, backend)
         ctx.same_input = x_lora is None
         if lora_A is not None:
             ctx.save_for_backward((x if x_lora is None else x_lora).reshape(-1, K), lora_A, lora_B)
         ctx.weight, ctx.scaling, ctx.backend, ctx.lead = weight, scaling, backend, lead
         ctx.has_lora = lora_A is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y
 
     @staticmethod
     def backward(ctx, dy):

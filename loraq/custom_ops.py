@@ -147,6 +147,76 @@ int1_lora_linear.register_autograd(_int1_backward, setup_context=_int1_setup)
 sparse4x4_lora_linear.register_autograd(_sparse4x4_backward, setup_context=_sparse4x4_setup)
 
 
+# The dX ops are differentiable too, so a gradient of a gradient (create_graph=True: gradient
+# penalties, Hessian-vector products) works with the kernels as with the reference. The op is
+# linear: out = dY·Ŵ + s·dY_B·A, so d/d(dY) = G·Ŵᵀ (the forward op without LoRA),
+# dA = s·dY_Bᵀ·G and d(dY_B) = s·G·Aᵀ. lora_B only lets the op regroup the sum: no gradient.
+def _dx_setup(ctx, inputs, output, weight_at, lora_at):
+    A, dyB = inputs[lora_at], inputs[lora_at + 1]
+    ctx.save_for_backward(A, dyB, *inputs[weight_at[0]:weight_at[1]])
+    ctx.scaling, ctx.weight_ints = inputs[lora_at + 2], inputs[weight_at[1]:lora_at]
+
+
+def _dx_grads(ctx, g, forward_base):
+    A, dyB = ctx.saved_tensors[:2]
+    need = ctx.needs_input_grad
+    lora_at = len(need) - 4
+    dg = forward_base(g) if need[0] else None
+    dA = ctx.scaling * (dyB.t() @ g) if A is not None and need[lora_at] else None
+    d_dyB = ctx.scaling * (g @ A.t()) if A is not None and need[lora_at + 1] else None
+    grads = [None] * len(need)
+    grads[0], grads[lora_at], grads[lora_at + 1] = dg, dA, d_dyB
+    return tuple(grads)
+
+
+def _int1_dx_backward(ctx, g):
+    packed, scale, col_scale = ctx.saved_tensors[2:]
+    return _dx_grads(ctx, g, lambda g: torch.ops.loraq.int1_lora_linear(
+        g, packed, scale, col_scale, *ctx.weight_ints, None, None, 1.0, None))
+
+
+def _sparse4x4_dx_backward(ctx, g):
+    values, positions = ctx.saved_tensors[2:]
+    return _dx_grads(ctx, g, lambda g: torch.ops.loraq.sparse4x4_lora_linear(
+        g, values, positions, *ctx.weight_ints, None, None, 1.0, None))
+
+
+int1_lora_linear_dx.register_autograd(
+    _int1_dx_backward, setup_context=lambda ctx, inputs, output: _dx_setup(ctx, inputs, output, (1, 4), 7))
+sparse4x4_lora_linear_dx.register_autograd(
+    _sparse4x4_dx_backward, setup_context=lambda ctx, inputs, output: _dx_setup(ctx, inputs, output, (1, 3), 5))
+
+
+def _vmap_over_rows(op, row_args):
+    """Register ``op``'s rule for ``torch.func.vmap`` (per-sample gradients): when only the
+    row-indexed arguments (``x``/``dy`` ``[M, ·]``, ``dy_B``) carry the vmapped dimension, it is
+    folded into the rows (one kernel call on ``B·M`` rows); otherwise one call per batch entry."""
+
+    def rule(info, in_dims, *args):
+        B = info.batch_size
+        batched = [i for i, d in enumerate(in_dims) if d is not None]
+        if all(i in row_args for i in batched):
+            new = list(args)
+            for i in row_args:
+                if args[i] is None:
+                    continue
+                t = args[i].movedim(in_dims[i], 0) if in_dims[i] is not None else args[i].expand(B, *args[i].shape)
+                new[i] = t.reshape(B * t.shape[1], *t.shape[2:])
+            out = op(*new)
+            return out.reshape(B, -1, out.shape[-1]), 0
+        outs = [op(*[a.select(d, b) if d is not None else a for a, d in zip(args, in_dims)]) for b in range(B)]
+        return torch.stack(outs), 0
+
+    if hasattr(torch.library, "register_vmap"):  # torch >= 2.5
+        torch.library.register_vmap(op, rule)
+
+
+_vmap_over_rows(int1_lora_linear, (0,))
+_vmap_over_rows(sparse4x4_lora_linear, (0,))
+_vmap_over_rows(int1_lora_linear_dx, (0, 8))
+_vmap_over_rows(sparse4x4_lora_linear_dx, (0, 6))
+
+
 def _meta(weight) -> dict:
     N, K = weight.shape
     if weight.kind == "int1":
@@ -160,6 +230,9 @@ def _check_device(t: Tensor, weight, name: str) -> None:
             raise ValueError(f"{name} is on {t.device} but the weight's {field} is on {v.device}; move them together")
 
 
+_functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", lambda t: False)
+
+
 def _direct(*tensors) -> bool:
     """Whether to launch the kernel without the custom op's dispatch (about 10 µs of host time a
     call): in eager mode when no input needs a gradient (``LoraLinear``'s autograd function calls
@@ -167,6 +240,8 @@ def _direct(*tensors) -> bool:
     is wanted, the custom op is called: compile needs it, its fake gives meta tensors their
     shape, and its autograd formula (below) gives the gradients."""
     if torch.compiler.is_compiling() or tensors[0].device.type == "meta":  # meta: the fake's shapes
+        return False
+    if _functorch_wrapped(tensors[0]):  # under torch.func (vmap, grad): its rules are the op's
         return False
     if not torch.is_grad_enabled():
         return True
