@@ -12,6 +12,15 @@ from typing import List, Optional
 from ._version import __version__
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default unless its help already says it, or there is none to show."""
+
+    def _get_help_string(self, action):
+        if "(default" in (action.help or "") or action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _version_of(module: str) -> str:
     try:
         return getattr(importlib.import_module(module), "__version__", "installed")
@@ -91,7 +100,7 @@ def _model_options(p) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="mlp", help="mlp | resnet18 | minilm | hf:NAME_OR_PATH")
     g.add_argument("--data", default="digits", help="digits | mnist:PATH | imagefolder:PATH | hf:PATH")
-    g.add_argument("--weights", help="local state dict for resnet18")
+    g.add_argument("--weights", help="local state dict (torch.save file) of the model, for mlp or resnet18")
     g.add_argument("--hidden", type=_ints, default=[1000, 2000], help="mlp hidden sizes")
     g.add_argument("--limit", type=int, help="use at most this many examples")
     g.add_argument("--pretrain-epochs", type=int, default=0, help="train the dense model first")
@@ -110,7 +119,7 @@ def _lora_options(g) -> None:
 
 def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="compress a model and train LoRA adapters on the frozen compressed base",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     _model_options(p)
     g = p.add_argument_group("compression and LoRA")
     g.add_argument("--compression", default="int1", help="int1 | sparse4x4 | dense")
@@ -133,7 +142,7 @@ def add_train_parser(sub) -> None:
 
 def add_sweep_parser(sub) -> None:
     p = sub.add_parser("sweep", help="compressions x ranks x inits, an Optuna study per cell, one evaluation table",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     _model_options(p)
     g = p.add_argument_group("cells")
     g.add_argument("--compressions", type=_csv, default=["int1", "sparse4x4"], help="comma-separated")
@@ -159,7 +168,7 @@ def add_sweep_parser(sub) -> None:
 def add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on scikit-learn's digits: pretrain, sweep int1 and "
                        "sparse4x4 x ranks x inits, report (about 6 minutes on 2 cores)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("--quick", action="store_true", help="two ranks, two trials per cell (about a minute)")
     p.add_argument("--output", help="demo folder (default: a new folder under ./loraq-runs/)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -167,7 +176,7 @@ def add_demo_parser(sub) -> None:
 
 def add_evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="evaluate a run's checkpoint: accuracy, macro P/R/F1, confusion matrix, "
-                       "latency, memory, footprint", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       "latency, memory, footprint", formatter_class=HelpFormatter)
     p.add_argument("run", help="a run folder written by loraq train (or its checkpoint/ folder)")
     p.add_argument("--split", default="test", help="train | val | test")
     p.add_argument("--data", help="another data set spec (default: the run's)")

@@ -14,7 +14,7 @@ import torch
 from .api import footprint
 from .checkpoint import load
 from .report import plot_confusion, write_json
-from .train import TrainConfig, _loaders, autocast_for, resolve_device
+from .train import TrainConfig, _loaders, autocast_for, check_device, resolve_device
 
 SPLITS = ("train", "val", "test")
 
@@ -53,6 +53,7 @@ def evaluate(run, split: str = "test", data: Optional[str] = None, output=None, 
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    check_device(device)
     folder = _run_folder(run)
     cfg = TrainConfig.from_dict(json.loads((folder / "config.json").read_text()))
     cfg.device = device

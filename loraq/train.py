@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .api import CompressionConfig, compress_, footprint
+from .api import CompressionConfig, compress_, footprint, resolve_targets
 from .checkpoint import save
 from .formats import FORMATS
 from .lora_init import INITS
@@ -78,11 +78,12 @@ class TrainConfig:
             raise ValueError(f"pretrain_epochs must be >= 0, got {self.pretrain_epochs!r}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be >= 1 (or None), got {self.patience!r}")
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} asked for, but torch sees no CUDA GPU")
+        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
+            raise ValueError(f"limit must be an integer >= 1 (or None), got {self.limit!r}")
+        check_device(self.device)
         self.hidden = tuple(int(h) for h in self.hidden)
+        if any(h < 1 for h in self.hidden):
+            raise ValueError(f"hidden sizes must be >= 1, got {list(self.hidden)}")
         # Options that CompressionConfig checks (scale/group-size/init combinations) fail here, early.
         CompressionConfig(compression=self.compression, rank=self.rank, alpha=self.alpha, rslora=self.rslora,
                           init=self.init, loftq_iters=self.loftq_iters, group_size=self.group_size,
@@ -95,6 +96,38 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def check_device(device: str) -> None:
+    """Raise a clear ``ValueError`` unless ``device`` is ``auto``, ``cpu`` or a CUDA device this machine has."""
+    if not isinstance(device, str) or (device not in ("auto", "cpu") and not device.startswith("cuda")):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU")
+        try:
+            index = torch.device(device).index
+        except RuntimeError:
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}") from None
+        if index is not None and index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
+
+
+def absolute_paths(cfg: "TrainConfig") -> "TrainConfig":
+    """``cfg`` with relative local paths (data ``mnist:``/``imagefolder:``/``hf:`` folders or files,
+    ``hf:`` models, ``weights``) made absolute, so that the run folder's config.json means the same
+    from any working directory. Hub names (no such local path) stay as given."""
+    from dataclasses import replace
+
+    def spec(value: Optional[str]) -> Optional[str]:
+        if value is None or ":" not in value:
+            return value
+        kind, _, path = value.partition(":")
+        local = Path(path).expanduser()
+        return f"{kind}:{local.resolve()}" if path and local.exists() else value
+
+    weights = None if cfg.weights is None else str(Path(cfg.weights).expanduser().resolve())
+    return replace(cfg, data=spec(cfg.data), model=spec(cfg.model), weights=weights)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -118,11 +151,28 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.o
     return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
 
 
-def run_epoch(model, loader, device, optimizer=None, desc: str = "", quiet: bool = True) -> Dict[str, float]:
-    """One pass over ``loader``; trains when ``optimizer`` is given. Returns mean loss and accuracy."""
+def train_mode(model: nn.Module, freeze_frozen_norms: bool = True) -> None:
+    """``model.train()``, except that batch-norm layers whose parameters are frozen (the compressed
+    model's base) stay in eval mode: their running statistics are part of the frozen model, and
+    updating them would change the base under the adapters (and off the saved best epoch)."""
+    model.train()
+    if freeze_frozen_norms:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(
+                    p.requires_grad for p in m.parameters(recurse=False)):
+                m.eval()
+
+
+def run_epoch(model, loader, device, optimizer=None, desc: str = "", quiet: bool = True,
+              freeze_frozen_norms: bool = True) -> Dict[str, float]:
+    """One pass over ``loader``; trains when ``optimizer`` is given (see :func:`train_mode` for the
+    batch-norm layers). Returns mean loss and accuracy."""
     from .models import forward_batch
 
-    model.train(optimizer is not None)
+    if optimizer is not None:
+        train_mode(model, freeze_frozen_norms)
+    else:
+        model.eval()
     total_loss, correct, seen = 0.0, 0, 0
     grad = torch.enable_grad() if optimizer is not None else torch.no_grad()
     with grad:
@@ -151,8 +201,10 @@ def _loaders(splits, batch_size: int, seed: int):
             DataLoader(splits.test, batch_size=256, **kw))
 
 
-def prepare(cfg: TrainConfig, quiet: bool = True, init_state: Optional[dict] = None):
-    """Data, model (pretrained dense if asked) and device for ``cfg``: ``(splits, bundle, device)``."""
+def prepare(cfg: TrainConfig, quiet: bool = True, init_state: Optional[dict] = None,
+            check: Optional[Callable] = None):
+    """Data, model (pretrained dense if asked) and device for ``cfg``: ``(splits, bundle, device)``.
+    ``check(bundle)`` runs on the built model before any pretraining (to fail early)."""
     from .data import load_data
     from .models import build_model, load_tokenizer
 
@@ -160,6 +212,8 @@ def prepare(cfg: TrainConfig, quiet: bool = True, init_state: Optional[dict] = N
     device = resolve_device(cfg.device)
     splits = load_data(cfg.data, seed=cfg.seed, tokenizer=load_tokenizer(cfg.model), limit=cfg.limit)
     bundle = build_model(cfg.model, splits, weights=cfg.weights, hidden=cfg.hidden, seed=cfg.seed)
+    if check is not None:
+        check(bundle)
     bundle.model.to(device)
     if init_state is not None:
         bundle.model.load_state_dict(init_state)
@@ -174,7 +228,7 @@ def pretrain(model: nn.Module, splits, cfg: TrainConfig, device, quiet: bool = T
     opt = make_optimizer("adam", [p for p in model.parameters() if p.requires_grad], cfg.pretrain_lr, 0.0)
     history = []
     for epoch in tqdm(range(1, cfg.pretrain_epochs + 1), desc="pretraining (dense)", disable=quiet, leave=False):
-        tr = run_epoch(model, train_loader, device, opt, quiet=True)
+        tr = run_epoch(model, train_loader, device, opt, quiet=True, freeze_frozen_norms=False)
         history.append({"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"]})
     return history
 
@@ -187,6 +241,30 @@ def compression_config(cfg: TrainConfig, bundle) -> CompressionConfig:
         exclude_modules=bundle.exclude_modules,
         modules_to_save=cfg.modules_to_save if cfg.modules_to_save is not None else bundle.default_modules_to_save,
     )
+
+
+RUN_FILES = ("config.json", "metrics.csv", "curves.png", "summary.json", "checkpoint")
+
+
+def clear_run(out: Path) -> None:
+    """Remove an earlier run's outputs from ``out`` (a rerun into the same folder)."""
+    import shutil
+
+    evaluations = [p.name for pattern in ("confusion_*.png", "evaluation_*.json") for p in out.glob(pattern)]
+    for name in (*RUN_FILES, *evaluations):  # and what `loraq evaluate` wrote about the old run
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def _snapshot(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """What training changes: the trainable parameters and the buffers (running statistics of
+    trainable batch norms), to return to the best epoch."""
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    state.update({n: b.detach().clone() for n, b in model.named_buffers() if ".base_" not in f".{n}"})
+    return state
 
 
 def default_output(prefix: str) -> Path:
@@ -204,17 +282,25 @@ def train(
 ) -> dict:
     """Run ``loraq train``: returns the summary (also written to ``OUTPUT/summary.json``).
 
-    ``options`` are :class:`TrainConfig` fields (or give ``config``). ``init_state`` replaces
-    pretraining with a ready dense state dict (sweeps pretrain once); ``on_epoch(epoch, metrics)``
-    is called after every validation (an Optuna pruning hook raises from it).
+    ``options`` are :class:`TrainConfig` fields; with ``config`` too, they override its fields.
+    ``init_state`` replaces pretraining with a ready dense state dict (sweeps pretrain once);
+    ``on_epoch(epoch, metrics)`` is called after every validation (an Optuna pruning hook raises
+    from it). Everything (data, model, targets) is checked before anything is written: a run that
+    fails to start leaves ``output`` as it was. Once it starts, the outputs of an earlier run in the
+    same folder are removed, so the folder never mixes two runs.
     """
-    cfg = config if config is not None else TrainConfig(**options)
+    if config is not None:
+        from dataclasses import replace
+
+        cfg = replace(config, **options) if options else config
+    else:
+        cfg = TrainConfig(**options)
+    cfg = absolute_paths(cfg)
     out = Path(output) if output is not None else default_output("train")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", cfg.to_dict())
     started = time.time()
 
-    splits, bundle, device = prepare(cfg, quiet, init_state)
+    splits, bundle, device = prepare(cfg, quiet, init_state,
+                                     check=lambda b: resolve_targets(b.model, compression_config(cfg, b)))
     model = bundle.model
     train_loader, val_loader, test_loader = _loaders(splits, cfg.batch_size, cfg.seed)
     report = compress_(model, compression_config(cfg, bundle), progress=not quiet)
@@ -222,9 +308,12 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
 
+    out.mkdir(parents=True, exist_ok=True)
+    clear_run(out)
+    write_json(out / "config.json", cfg.to_dict())
     start_val = run_epoch(model, val_loader, device)
     best = {"epoch": 0, "val_acc": start_val["acc"], "val_loss": start_val["loss"]}
-    best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    best_state = _snapshot(model)
     metrics: List[Dict] = []
     bar = tqdm(range(1, cfg.epochs + 1), desc=f"{cfg.compression} r={cfg.rank} {cfg.init}", disable=quiet)
     for epoch in bar:
@@ -239,14 +328,14 @@ def train(
         # Better: higher accuracy, or the same accuracy with a clearly lower loss.
         if va["acc"] > best["val_acc"] or (va["acc"] == best["val_acc"] and va["loss"] < best["val_loss"] - 1e-4):
             best = {"epoch": epoch, "val_acc": va["acc"], "val_loss": va["loss"]}
-            best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            best_state = _snapshot(model)
         if on_epoch is not None:
             on_epoch(epoch, row)
         if cfg.patience is not None and epoch - best["epoch"] >= cfg.patience:
             break
 
     with torch.no_grad():  # back to the best epoch
-        named = dict(model.named_parameters())
+        named = {**dict(model.named_parameters()), **dict(model.named_buffers())}
         for n, v in best_state.items():
             named[n].copy_(v)
     save(model, out / "checkpoint")

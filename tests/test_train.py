@@ -73,6 +73,8 @@ def test_early_stopping(tmp_path):
     (dict(compression="int3"), "unknown compression"),
     (dict(optimizer="lion"), "unknown optimizer"),
     (dict(device="tpu"), "device must be"),
+    (dict(limit=0), "limit must be"),
+    (dict(hidden=(16, 0)), "hidden sizes must be"),
 ])
 def test_bad_options_raise_before_any_work(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
@@ -103,8 +105,79 @@ def test_cli_train_and_evaluate(tmp_path):
     (["train", "--model", "vgg99", "--limit", "10"], "vgg99"),
     (["train", "--limit", "200", "--hidden", "8,8", "--rank", "9"], "rank must be between 1 and min"),
     (["evaluate", "/does/not/exist"], "not a loraq run folder"),
+    (["evaluate", "/does/not/exist", "--device", "foo"], "device must be"),
 ])
 def test_cli_bad_input_is_one_clear_error(args, match):
     out = _cli(*args)
     assert out.returncode == 2
     assert match in out.stderr and "Traceback" not in out.stderr
+
+
+def test_train_mode_keeps_frozen_batch_norms_in_eval():
+    from loraq.train import train_mode
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.BatchNorm1d(4))
+    model[1].requires_grad_(False)  # part of the frozen base; model[2] trainable (modules_to_save)
+    train_mode(model)
+    assert model.training and model[0].training and not model[1].training and model[2].training
+    train_mode(model, freeze_frozen_norms=False)  # dense pretraining
+    assert model[1].training
+
+
+def test_resnet_base_statistics_stay_frozen_and_the_checkpoint_is_the_best_epoch(tmp_path):
+    """resnet18's batch norms are part of the frozen base: training the fc adapters must not move
+    their running statistics, and the saved checkpoint reproduces the reported best accuracy."""
+    from test_data import _fake_mnist
+
+    _fake_mnist(tmp_path / "mnist", n_train=64, n_test=16)
+    s = loraq.train(output=tmp_path / "run", quiet=True, model="resnet18", data=f"mnist:{tmp_path / 'mnist'}",
+                    pretrain_epochs=1, epochs=2, batch_size=32, rank=2, lr=0.05, targets=["fc"], clip_rank=True)
+    assert loraq.evaluate(tmp_path / "run", split="val")["accuracy"] == pytest.approx(s["best_val_acc"])
+    pretrained = loraq.train(output=tmp_path / "run0", quiet=True, model="resnet18",
+                             data=f"mnist:{tmp_path / 'mnist'}", pretrain_epochs=1, epochs=1, batch_size=32,
+                             rank=2, lr=1e-12, targets=["fc"], clip_rank=True)
+    from safetensors.torch import load_file
+    a = load_file(str(tmp_path / "run" / "checkpoint" / "model.safetensors"))
+    b = load_file(str(tmp_path / "run0" / "checkpoint" / "model.safetensors"))
+    assert pretrained["config"]["seed"] == s["config"]["seed"]
+    for k in a:
+        if "running_" in k:
+            assert torch.equal(a[k], b[k]), k  # the same pretrained statistics, untouched by either run
+
+
+def test_a_run_that_cannot_start_leaves_the_folder_as_it_was(tmp_path):
+    out = tmp_path / "r"
+    loraq.train(output=out, quiet=True, **{**TINY, "epochs": 1})
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match="nosuch"):
+        loraq.train(output=out, quiet=True, **{**TINY, "seed": 1, "targets": ["nosuch"]})
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    with pytest.raises(FileNotFoundError):
+        loraq.train(output=tmp_path / "fresh", quiet=True, **{**TINY, "data": "mnist:/does/not/exist"})
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_a_rerun_replaces_the_earlier_runs_outputs(tmp_path):
+    out = tmp_path / "r"
+    loraq.train(output=out, quiet=True, **{**TINY, "epochs": 2})
+    loraq.evaluate(out, split="val")
+    loraq.train(output=out, quiet=True, **{**TINY, "epochs": 1, "seed": 3})
+    assert not (out / "evaluation_val.json").exists() and not (out / "confusion_val.png").exists()
+    assert len(read_csv(out / "metrics.csv")) == 1
+    assert json.loads((out / "config.json").read_text())["seed"] == 3
+
+
+def test_options_override_the_config(tmp_path):
+    s = loraq.train(loraq.TrainConfig(**{**TINY, "epochs": 3}), output=tmp_path, quiet=True, epochs=1, rank=2, seed=5)
+    assert (s["epochs_run"], s["config"]["rank"], s["config"]["seed"]) == (1, 2, 5)
+
+
+def test_relative_paths_are_saved_absolute(tmp_path, monkeypatch):
+    from loraq.train import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mn").mkdir()
+    (tmp_path / "w.pt").write_bytes(b"")
+    cfg = absolute_paths(loraq.TrainConfig(data="mnist:mn", model="hf:some-org/some-model", weights="w.pt"))
+    assert cfg.data == f"mnist:{tmp_path / 'mn'}" and cfg.weights == str(tmp_path / "w.pt")
+    assert cfg.model == "hf:some-org/some-model"  # a hub name, not a local path: as given
