@@ -299,11 +299,12 @@ def lora_prologue(x: torch.Tensor, lora_A, lora_B):
 
 
 def lora_and_bias_args(x: torch.Tensor, lora_A, lora_B, bias):
-    """``(A, B, bias)`` as the kernels read them: ``A`` and ``B`` in ``x``'s dtype, all three
-    contiguous (the kernels step along A's inputs, B's rank and the bias with stride 1); the
-    same tensors when they already are, None where None."""
+    """``(A, B, bias)`` as the kernels read them: in ``x``'s dtype (as the reference adds them;
+    the dense-slab path hands the bias to cuBLAS, which refuses a mix), all three contiguous (the
+    kernels step along A's inputs, B's rank and the bias with stride 1); the same tensors when
+    they already are, None where None."""
     if bias is not None:
-        bias = bias.contiguous()
+        bias = (bias if bias.dtype == x.dtype else bias.to(x.dtype)).contiguous()
     if lora_A is None:
         return None, None, bias
     dt = x.dtype

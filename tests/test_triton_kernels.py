@@ -293,6 +293,27 @@ def test_non_contiguous_adapters_and_bias_in_every_path(fmt, M, variant):
           reference.lora_linear_ref(x, w, A, B, 0.5, b), f"{variant} {config}")
 
 
+@pytest.mark.parametrize("placement", ["widen", "output_first", "merge"])
+@pytest.mark.parametrize("lora", [True, False])
+def test_a_bias_in_another_dtype_in_every_dense_slab_placement(placement, lora):
+    """An fp32 bias with fp16 activations (``ops.lora_linear`` accepts it, as the reference does):
+    the dense-slab path hands the bias to cuBLAS, which refused the mix before the launcher cast it."""
+    from loraq.kernels import lora_linear_fwd
+    from loraq.kernels.autotune import (DENSE_SLAB, DENSE_SLAB_TILE, SLAB_MERGE, SLAB_OUTPUT_FIRST,
+                                        SLAB_WIDEN)
+
+    M, N, K, r = 40, 37, 45, 4
+    w, x, A, B, b = problem("int1", torch.float16, M, N, K, r=r, lora=lora)
+    b = b.float()
+    where = {"widen": SLAB_WIDEN, "output_first": SLAB_OUTPUT_FIRST, "merge": SLAB_MERGE}[placement]
+    config = (*DENSE_SLAB_TILE[:2], 64, where, DENSE_SLAB_TILE[2], 1, DENSE_SLAB)
+    tensors, meta = _kernel_args(w)
+    y = lora_linear_fwd(x, "int1", tensors, meta, A, B, 0.5, b, config=config)
+    assert y.dtype == torch.float16
+    check(y, reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 0.5, b.half().double()),
+          reference.lora_linear_ref(x, w, A, B, 0.5, b), f"{placement} lora={lora}")
+
+
 @pytest.mark.parametrize("one_launch", [False, True])
 def test_the_public_gemvs_take_non_contiguous_adapters_and_bias(one_launch):
     """``loraq.kernels.int1_gemv_lut`` and ``sparse4x4_gemv`` called directly (not through the
