@@ -23,7 +23,7 @@ from torch import nn
 from ._version import __version__
 from .api import CONFIG_ATTR, _inside, _set_submodule, module_names, set_trainable
 from .formats import format_class
-from .nn import LoraLinear
+from .nn import META_KEY, LoraLinear
 from .ops import BACKENDS
 
 WEIGHTS_NAME = "model.safetensors"
@@ -228,7 +228,9 @@ def load(model: nn.Module, path: Union[str, os.PathLike], backend: Optional[str]
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not _inside(k.rsplit(".", 1)[0], placed)}
     for name, layer in placed.items():
         expected.update({f"{name}.{k}": tuple(v.shape) for k, v in layer.state_dict().items()})
-    missing = sorted(set(expected) - set(state))
+    # the layers' metadata entries are optional: checkpoints saved before they existed lack them
+    optional = {f"{name}.{META_KEY}" for name in placed}
+    missing = sorted(set(expected) - set(state) - optional)
     unexpected = sorted(set(state) - set(expected))
     mismatched = sorted(f"{k} {tuple(state[k].shape)} vs {expected[k]}" for k in set(expected) & set(state)
                         if tuple(state[k].shape) != expected[k])

@@ -16,7 +16,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows an option's default unless its help already says it, or there is none to show."""
 
     def _get_help_string(self, action):
-        if "(default" in (action.help or "") or action.default in (None, False, argparse.SUPPRESS):
+        if "(default" in (action.help or "") or action.default is None or action.default is False \
+                or action.default == argparse.SUPPRESS:
             return action.help
         return super()._get_help_string(action)
 

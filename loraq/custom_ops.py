@@ -230,7 +230,7 @@ def _check_device(t: Tensor, weight, name: str) -> None:
             raise ValueError(f"{name} is on {t.device} but the weight's {field} is on {v.device}; move them together")
 
 
-_functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", lambda t: False)
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
 def _direct(*tensors) -> bool:
@@ -241,7 +241,7 @@ def _direct(*tensors) -> bool:
     shape, and its autograd formula (below) gives the gradients."""
     if torch.compiler.is_compiling() or tensors[0].device.type == "meta":  # meta: the fake's shapes
         return False
-    if _functorch_wrapped(tensors[0]):  # under torch.func (vmap, grad): its rules are the op's
+    if _transforms_active():  # under torch.func (vmap, grad): the op's rules apply
         return False
     if not torch.is_grad_enabled():
         return True

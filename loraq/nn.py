@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .autograd import LoraLinearFunction, lora_linear_forward
+from .autograd import lora_linear_forward, lora_linear_function
 from .formats import FORMATS, CompressedWeight, check_dense_weight, format_class
 from .lora_init import INITS, init_lora, lora_scaling
 from .reference import check_input
@@ -30,7 +30,8 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-META_KEY = "base_meta"  # state-dict key of the base's metadata (int64: N, K, then the format's own)
+# state-dict key of the base's metadata (int64: N, K, then the format's own): the module's extra state
+META_KEY = getattr(nn.modules.module, "_EXTRA_STATE_KEY_SUFFIX", "_extra_state")
 
 
 class LoraLinear(nn.Module):
@@ -136,15 +137,20 @@ class LoraLinear(nn.Module):
         values = codes[:2] + [cls._decode_meta(n, c) for n, c in zip(names[2:], codes[2:])]
         return ", ".join(f"{n}={v}" for n, v in zip(names, values))
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + META_KEY] = torch.tensor(self._meta_codes(), dtype=torch.int64)
+    def get_extra_state(self) -> torch.Tensor:
+        # the standard place for module metadata (torch.distributed.checkpoint knows the key);
+        # a tensor, so that safetensors holds it
+        return torch.tensor(self._meta_codes(), dtype=torch.int64)
+
+    def set_extra_state(self, state) -> None:
+        """Nothing to set: ``_load_from_state_dict`` compared it with this layer's before loading."""
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        saved = state_dict.get(prefix + META_KEY)  # absent from state dicts saved before it existed
+        key = prefix + META_KEY
+        saved = state_dict.get(key)
         if saved is not None:
-            codes = saved.reshape(-1).tolist()
+            codes = saved.reshape(-1).tolist() if isinstance(saved, torch.Tensor) else list(saved)
             if codes != self._meta_codes():
                 error_msgs.append(
                     f"the {self.compression} base of {prefix[:-1] or 'this layer'!r} was compressed with "
@@ -152,8 +158,8 @@ class LoraLinear(nn.Module):
                 return  # nothing of this layer is loaded
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if prefix + META_KEY in unexpected_keys:  # the key is this layer's, checked above
-            unexpected_keys.remove(prefix + META_KEY)
+        if saved is None and key in missing_keys:  # a state dict saved before the metadata existed
+            missing_keys.remove(key)
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -233,7 +239,7 @@ class LoraLinear(nn.Module):
         bias = params["bias"] if "bias" in params else self.bias  # a plain attribute when there is none
         args = (x, x_lora, A, B, bias, self.base, self.scaling, self.backend)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, A, B, bias)):
-            return LoraLinearFunction.apply(*args)
+            return lora_linear_function().apply(*args)
         return lora_linear_forward(*args)  # no gradient wanted: the same computation without autograd
 
     @torch.no_grad()

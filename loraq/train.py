@@ -243,19 +243,18 @@ def compression_config(cfg: TrainConfig, bundle) -> CompressionConfig:
     )
 
 
-RUN_FILES = ("config.json", "metrics.csv", "curves.png", "summary.json", "checkpoint")
+RUN_FILES = ("config.json", "metrics.csv", "curves.png", "summary.json", "checkpoint/model.safetensors",
+             "checkpoint/loraq_config.json")
+EVALUATION_FILES = tuple(f"{kind}_{split}.{ext}" for split in ("train", "val", "test")
+                         for kind, ext in (("evaluation", "json"), ("confusion", "png")))
 
 
 def clear_run(out: Path) -> None:
-    """Remove an earlier run's outputs from ``out`` (a rerun into the same folder)."""
-    import shutil
-
-    evaluations = [p.name for pattern in ("confusion_*.png", "evaluation_*.json") for p in out.glob(pattern)]
-    for name in (*RUN_FILES, *evaluations):  # and what `loraq evaluate` wrote about the old run
+    """Remove an earlier run's outputs from ``out`` (a rerun into the same folder): only the files
+    ``train`` and ``evaluate`` write, never anything else a user keeps there."""
+    for name in (*RUN_FILES, *EVALUATION_FILES):
         p = out / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
+        if p.is_file() or p.is_symlink():
             p.unlink()
 
 

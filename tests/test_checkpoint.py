@@ -294,3 +294,34 @@ def test_a_layer_registered_under_two_names_stays_one_layer(tmp_path):
     assert fresh.dec is fresh.enc and isinstance(fresh.enc, LoraLinear)
     x = torch.randn(3, 16)
     assert torch.equal(model(x), fresh(x))
+
+
+def test_a_checkpoint_saved_without_layer_metadata_still_loads(tmp_path, monkeypatch):
+    """Checkpoints written before LoraLinear's state dict carried ``_extra_state``."""
+    model = _small_model()
+    compress_(model, compression="int1", rank=2, group_size=8)
+    with monkeypatch.context() as m:  # the state dict as it was then
+        m.setattr(LoraLinear, "get_extra_state", nn.Module.get_extra_state)
+        m.setattr(LoraLinear, "set_extra_state", nn.Module.set_extra_state)
+        save(model, tmp_path)
+    assert not any(k.endswith("_extra_state") for k in json.loads((tmp_path / CONFIG_NAME).read_text())["tensors"])
+    fresh = load(_small_model(), tmp_path)
+    x = torch.randn(3, 40)
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_torch_distributed_checkpoint_state_dicts():
+    """FSDP2 / DCP take and set state dicts by attribute path: the layer metadata must be extra state."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    model = _small_model()
+    compress_(model, compression="sparse4x4", rank=2)
+    sd = get_model_state_dict(model)
+    assert "0._extra_state" in sd
+    fresh = _small_model()
+    compress_(fresh, compression="sparse4x4", rank=2)
+    with torch.no_grad():
+        model[0].lora_B.normal_()
+    set_model_state_dict(fresh, get_model_state_dict(model))
+    x = torch.randn(3, 40)
+    assert torch.equal(fresh(x), model(x))

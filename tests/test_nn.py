@@ -327,7 +327,7 @@ def test_dtype_moves_base_buffers(compression, opts, cast):
 def test_state_dict_round_trip(compression, opts):
     m = randomize_adapters(LoraLinear.from_linear(make_linear(), compression, rank=3, **opts))
     sd = m.state_dict()
-    assert set(sd) == {"lora_A", "lora_B", "bias", "base_meta"} | {f"base_{n}" for n in m.base._tensor_names}
+    assert set(sd) == {"lora_A", "lora_B", "bias", "_extra_state"} | {f"base_{n}" for n in m.base._tensor_names}
     m2 = LoraLinear.from_linear(make_linear(), compression, rank=3, **opts)
     x = torch.randn(4, K)
     assert not torch.equal(m2(x), m(x))
@@ -548,9 +548,9 @@ def test_state_dict_of_another_shape_within_the_same_tiles_is_refused():
 
 
 def test_state_dict_without_the_metadata_still_loads():
-    """State dicts saved before ``base_meta`` existed."""
+    """State dicts saved before the metadata (``_extra_state``) existed."""
     m1 = randomize_adapters(LoraLinear.from_linear(make_linear(), "int1", rank=3, group_size=16))
-    sd = {k: v for k, v in m1.state_dict().items() if k != "base_meta"}
+    sd = {k: v for k, v in m1.state_dict().items() if k != "_extra_state"}
     m2 = LoraLinear.from_linear(make_linear(), "int1", rank=3, group_size=16)
     m2.load_state_dict(sd, strict=True)
     x = torch.randn(2, K)

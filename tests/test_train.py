@@ -181,3 +181,24 @@ def test_relative_paths_are_saved_absolute(tmp_path, monkeypatch):
     cfg = absolute_paths(loraq.TrainConfig(data="mnist:mn", model="hf:some-org/some-model", weights="w.pt"))
     assert cfg.data == f"mnist:{tmp_path / 'mn'}" and cfg.weights == str(tmp_path / "w.pt")
     assert cfg.model == "hf:some-org/some-model"  # a hub name, not a local path: as given
+
+
+def test_a_rerun_leaves_the_users_own_files(tmp_path):
+    out = tmp_path / "r"
+    (out / "checkpoint").mkdir(parents=True)
+    keep = [out / "checkpoint" / "my_model.pt", out / "evaluation_notes.json", out / "notes.txt"]
+    for p in keep:
+        p.write_text("mine")
+    loraq.train(output=out, quiet=True, **{**TINY, "epochs": 1})
+    loraq.train(output=out, quiet=True, **{**TINY, "epochs": 1})
+    assert all(p.read_text() == "mine" for p in keep)
+
+
+def test_a_rerun_through_a_symlinked_checkpoint_folder(tmp_path):
+    out, elsewhere = tmp_path / "r", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out.mkdir()
+    (out / "checkpoint").symlink_to(elsewhere, target_is_directory=True)
+    for _ in range(2):
+        loraq.train(output=out, quiet=True, **{**TINY, "epochs": 1})
+    assert (elsewhere / "model.safetensors").is_file() and (out / "checkpoint").is_symlink()

@@ -293,6 +293,26 @@ def test_non_contiguous_adapters_and_bias_in_every_path(fmt, M, variant):
           reference.lora_linear_ref(x, w, A, B, 0.5, b), f"{variant} {config}")
 
 
+@pytest.mark.parametrize("fmt", ["int1", "sparse4x4"])
+def test_an_ensemble_of_adapters_with_vmap(fmt):
+    """``vmap`` over stacked adapters with ``x`` shared (model ensembling): the batched tensors
+    are the adapters, not ``x``; the kernels go through the custom ops' vmap rules."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    N, K, r = 21, 36, 3
+    w, x, _, _, _ = problem(fmt, torch.float32, 4, N, K, r=r)
+    results = {}
+    for backend in ("triton", "reference"):
+        torch.manual_seed(7)
+        layers = [LoraLinear(w, rank=r, lora_A=torch.randn(r, K), lora_B=torch.randn(N, r), backend=backend)
+                  for _ in range(3)]
+        params, _ = stack_module_state(layers)
+        results[backend] = vmap(lambda p, xx: functional_call(layers[0], p, (xx,)), in_dims=(0, None))(params, x)
+        one = torch.stack([layer(x) for layer in layers])
+        torch.testing.assert_close(results[backend], one, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(results["triton"], results["reference"], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("placement", ["widen", "output_first", "merge"])
 @pytest.mark.parametrize("lora", [True, False])
 def test_a_bias_in_another_dtype_in_every_dense_slab_placement(placement, lora):
