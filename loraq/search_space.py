@@ -8,6 +8,7 @@ space fits every rank.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Dict, Union
 
@@ -29,7 +30,8 @@ def _check_value(name: str, v) -> None:
     elif name == "batch_size":
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"search space: batch_size values must be integers >= 1, got {v!r}")
-    elif isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (v == 0 and name != "weight_decay"):
+    elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 \
+            or (v == 0 and name != "weight_decay"):
         raise ValueError(f"search space: {name} values must be {'>= 0' if name == 'weight_decay' else '> 0'}, got {v!r}")
 
 

@@ -20,6 +20,7 @@ import shutil
 import socket
 import time
 import warnings
+import zlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence
@@ -222,6 +223,34 @@ def open_storage(url: str):
             time.sleep(0.5 * (attempt + 1))
 
 
+def open_storage_checked(url: str):
+    """:func:`open_storage`, with a clear ``ValueError`` when the URL is unusable (a wrong scheme,
+    a host that does not answer, a folder that does not exist)."""
+    from sqlalchemy.exc import ArgumentError, OperationalError
+
+    try:
+        return open_storage(url)
+    except (ArgumentError, OperationalError, ModuleNotFoundError) as e:
+        reason = str(e).strip().splitlines()[0]
+        raise ValueError(f"storage {url!r} cannot be opened: {reason}") from None
+
+
+def _check_same_settings(cfg: "SweepConfig", out: Path) -> None:
+    """A sweep folder belongs to one set of settings (its ``key``): its pretrained model, studies
+    and trial folders mean nothing for others. Refuse to mix them."""
+    previous = out / "sweep.json"
+    if not previous.is_file():
+        return
+    try:
+        saved = json.loads(previous.read_text())
+    except (OSError, ValueError):
+        raise ValueError(f"{previous} is unreadable; use another output folder") from None
+    if saved.get("key") != cfg.key():
+        differ = sorted(k for k, v in cfg.fingerprint().items() if saved.get(k) != v)
+        raise ValueError(f"{out} holds a sweep made with other settings ({', '.join(differ) or 'its key'} differ); "
+                         "rerun with the same settings to resume it, or give another --output")
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -272,7 +301,9 @@ def _sampler(cfg: SweepConfig, cell_index: int, n_trials: int, parallel: bool):
     """TPE seeded by (seed, cell, trials so far): a lone worker is reproducible; parallel ones differ."""
     import optuna
 
-    seed = (cfg.seed * 1_000_003 + cell_index * 10_007 + n_trials + (os.getpid() if parallel else 0)) % 2**31
+    # hashed, not summed: with a sum, workers with consecutive pids (started together) at k + 1 and
+    # k trials drew the same seed, so the same parameters
+    seed = zlib.crc32(repr((cfg.seed, cell_index, n_trials, os.getpid() if parallel else 0)).encode()) % 2**31
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, cfg.trials // 2)))
 
 
@@ -429,7 +460,10 @@ def _cell_row(runner: _Runner, cell: Cell) -> Dict[str, Any]:
     if (folder / "checkpoint").is_dir():  # the best trial ran here: full evaluation and its curves
         done = cell_dir / "best.json"
         previous = json.loads(done.read_text()) if done.is_file() else {}
-        if previous.get("best_trial") != best.number or "evaluation" not in previous:
+        started = str(best.datetime_start)  # with the number: another study's trial 3 is not this one
+        row["best_trial_started"] = started
+        if (previous.get("best_trial"), previous.get("best_trial_started")) != (best.number, started) \
+                or "evaluation" not in previous:
             ev = evaluate(folder, split="test", output=cell_dir, device=runner.cfg.device)
             shutil.copyfile(folder / "curves.png", cell_dir / "curves.png")
             row["evaluation"] = {k: ev[k] for k in ("accuracy", "macro_precision", "macro_recall", "macro_f1")}
@@ -469,7 +503,9 @@ def sweep(config: Optional[SweepConfig] = None, output=None, quiet: bool = False
     """
     cfg = config if config is not None else SweepConfig(**options)
     out = Path(output) if output is not None else default_sweep_output(cfg)
+    _check_same_settings(cfg, out)
     url = cfg.storage or f"sqlite:///{(out / 'optuna.db').resolve()}"
+    storage = open_storage_checked(url) if cfg.storage else None  # a bad URL fails before any work
     tcfg, splits, bundle, device, state = _base_model(cfg, out, quiet)  # raises before writing anything
     write_json(out / "sweep.json", {**cfg.to_dict(), "key": cfg.key()})
     references = _reference_rows(cfg, tcfg, splits, bundle, device)
@@ -481,7 +517,7 @@ def sweep(config: Optional[SweepConfig] = None, output=None, quiet: bool = False
     cells = cfg.cells()
     with warnings.catch_warnings(), tqdm(total=len(cells) * cfg.trials, desc="sweep trials", disable=quiet) as bar:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats, matplotlib plots
-        runner = _Runner(cfg, out, open_storage(url), state, bar)
+        runner = _Runner(cfg, out, storage or open_storage_checked(url), state, bar)
         for wait in (False, True):  # first start every missing trial, then wait for other workers' last ones
             for i, cell in enumerate(cells):
                 runner.run_cell(i, cell, wait)

@@ -271,6 +271,9 @@ def test_cli_sweep_runs_and_prints_the_table(tmp_path, capsys):
     (["--search-space", '{"lr": -1}'], "lr"),
     (["--ranks", "64"], "rank must be between"),
     (["--data", "mnist:/does/not/exist"], "does/not/exist"),
+    (["--storage", "sqlite:////does/not/exist/x.db"], "cannot be opened"),
+    (["--storage", "postgresql://nobody@127.0.0.1:1/x"], "cannot be opened"),
+    (["--search-space", '{"lr": {"low": 1e-3, "high": Infinity}}'], "lr"),
 ])
 def test_cli_sweep_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, message):
     out = tmp_path / "bad"
@@ -288,3 +291,50 @@ def test_demo_configs_match_the_issue():
     assert set(full.compressions) == {"int1", "sparse4x4"} and set(full.inits) == {"gaussian", "svd", "loftq"}
     assert full.ranks == (2, 4, 8, 16, 32, 64, 128) and full.targets is None and full.clip_rank
     assert len(quick.cells()) < len(full.cells()) and quick.trials <= full.trials
+
+
+def test_a_folder_of_other_settings_is_refused_and_left_as_it_was(tiny_sweep):
+    out, _ = tiny_sweep
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"other settings \(pretrain_epochs differ\)"):
+        sweep(output=out, quiet=True, **{**TINY, "pretrain_epochs": 3})
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_new_study_in_the_folder_is_evaluated_afresh(tiny_sweep, tmp_path):
+    """Another study (here: another --study-prefix) writing into a sweep folder: its best trial
+    may have the same number as the old best, and must not take the old one's evaluation."""
+    import shutil
+
+    out, _ = tiny_sweep
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(out, copy_dir)
+    for best in copy_dir.glob("cells/*/best.json"):  # mark the old evaluations: they must not survive
+        old = json.loads(best.read_text())
+        best.write_text(json.dumps({**old, "evaluation": {**old["evaluation"], "accuracy": -1.0}}))
+    result = sweep(output=copy_dir, quiet=True, **{**TINY, "study_prefix": "other"})
+    for row in (r for r in result["rows"] if r.get("kind") == "lora"):
+        cell = copy_dir / "cells" / f"{row['compression']}-r{row['rank']}-{row['init']}"
+        best = json.loads((cell / "best.json").read_text())
+        summary = json.loads((Path(best["checkpoint"]) / "summary.json").read_text())
+        assert best["evaluation"]["accuracy"] == pytest.approx(summary["test_acc"])
+
+
+def test_parallel_workers_draw_different_sampler_seeds(monkeypatch):
+    """Workers started together have consecutive pids: pid p at k + 1 trials and pid p + 1 at k
+    trials drew the same seed (so the same parameters) when the seed was a sum."""
+    import importlib
+
+    sweep_module = importlib.import_module("loraq.sweep")  # the module: loraq.sweep is also a function
+    seeds = []
+    monkeypatch.setattr(optuna.samplers, "TPESampler", lambda seed, **_: seeds.append(seed))
+    cfg = SweepConfig(**TINY)
+    for pid, n in [(1000, 5), (1001, 4), (1002, 3), (1000, 4), (1001, 5)]:
+        monkeypatch.setattr(sweep_module.os, "getpid", lambda pid=pid: pid)
+        sweep_module._sampler(cfg, 0, n, parallel=True)
+    assert len(set(seeds)) == len(seeds)
+    monkeypatch.setattr(sweep_module.os, "getpid", lambda: 1)
+    sweep_module._sampler(cfg, 0, 4, parallel=False)
+    monkeypatch.setattr(sweep_module.os, "getpid", lambda: 2)
+    sweep_module._sampler(cfg, 0, 4, parallel=False)
+    assert seeds[-1] == seeds[-2]  # a lone worker is reproducible
