@@ -127,9 +127,6 @@ class LoraLinearFuncFunction(torch.autograd.Function):
     backward = staticmethod(_backward)
 
 
-_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
-
-
 def lora_linear_function():
     """The Function class for this call: the ``torch.func``-capable one inside a transform."""
-    return LoraLinearFuncFunction if _transforms_active() else LoraLinearFunction
+    return LoraLinearFuncFunction if reference.transforms_active() else LoraLinearFunction

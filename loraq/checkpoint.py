@@ -120,6 +120,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = _tensors_to_save(model)
     weights = _write_temporary(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    config = None
     try:
         meta = getattr(model, CONFIG_ATTR, {"config": None, "modules_to_save": []})
         description = {
@@ -138,7 +139,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
         os.replace(config, folder / CONFIG_NAME)
     finally:
         weights.unlink(missing_ok=True)
-        if "config" in locals():
+        if config is not None:
             config.unlink(missing_ok=True)
     return folder
 

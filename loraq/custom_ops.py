@@ -230,9 +230,6 @@ def _check_device(t: Tensor, weight, name: str) -> None:
             raise ValueError(f"{name} is on {t.device} but the weight's {field} is on {v.device}; move them together")
 
 
-_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
-
-
 def _direct(*tensors) -> bool:
     """Whether to launch the kernel without the custom op's dispatch (about 10 µs of host time a
     call): in eager mode when no input needs a gradient (``LoraLinear``'s autograd function calls
@@ -241,7 +238,7 @@ def _direct(*tensors) -> bool:
     shape, and its autograd formula (below) gives the gradients."""
     if torch.compiler.is_compiling() or tensors[0].device.type == "meta":  # meta: the fake's shapes
         return False
-    if _transforms_active():  # under torch.func (vmap, grad): the op's rules apply
+    if reference.transforms_active():  # under torch.func (vmap, grad): the op's rules apply
         return False
     if not torch.is_grad_enabled():
         return True

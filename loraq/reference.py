@@ -16,6 +16,11 @@ from .formats import CompressedWeight
 Weight = Union[torch.Tensor, CompressedWeight]
 
 
+#: Whether a ``torch.func`` transform (``grad``, ``vmap``) is active: the autograd Function and the
+#: custom ops' fast path choose by it (one C call).
+transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
 def weight_shape(weight: Weight) -> Tuple[int, int]:
     return tuple(weight.shape)  # both tensors and formats expose .shape
 

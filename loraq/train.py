@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -117,8 +117,6 @@ def absolute_paths(cfg: "TrainConfig") -> "TrainConfig":
     """``cfg`` with relative local paths (data ``mnist:``/``imagefolder:``/``hf:`` folders or files,
     ``hf:`` models, ``weights``) made absolute, so that the run folder's config.json means the same
     from any working directory. Hub names (no such local path) stay as given."""
-    from dataclasses import replace
-
     def spec(value: Optional[str]) -> Optional[str]:
         if value is None or ":" not in value:
             return value
@@ -289,8 +287,6 @@ def train(
     same folder are removed, so the folder never mixes two runs.
     """
     if config is not None:
-        from dataclasses import replace
-
         cfg = replace(config, **options) if options else config
     else:
         cfg = TrainConfig(**options)
