@@ -5,14 +5,17 @@ Specs (``DATASETS``):
 * ``digits``: scikit-learn's bundled 8x8 digits (1797 real images, 10 classes); ``x`` is the 64
   pixels divided by 16 (float32 in [0, 1]).
 * ``imagefolder:PATH``: a torchvision ``ImageFolder`` (``PATH/<class>/<image>``, e.g. an ImageNet
-  validation subset) with the usual ImageNet transforms: random resized crop and flip for train,
-  resize + center crop for val / test, then ImageNet mean/std normalisation.
+  validation subset; hidden folders and files are skipped) with the usual ImageNet transforms: random
+  resized crop and flip for train, resize + center crop for val / test, then ImageNet mean/std
+  normalisation.
 * ``mnist:PATH``: torchvision's MNIST files already on disk (``PATH/MNIST/raw/*-ubyte``,
   uncompressed; nothing is downloaded). The official test set is the test split; the training
   files are split into train / val (``test_fraction`` is not used).
 * ``hf:PATH``: a Hugging Face dataset saved with ``save_to_disk`` (a ``Dataset`` or a
   ``DatasetDict``, whose splits are pooled), or a csv / tsv / json / jsonl / parquet file or a folder
-  of them, with a text column and a label column, tokenised with the model's tokenizer.
+  of them, with a text column and a label column, tokenised with the model's tokenizer. Label names
+  are numbered in sorted order; integer labels 0..k-1 are the class indices, other integer sets
+  (1-5 stars) are numbered in increasing order; ``Splits.classes`` maps indices back.
 
 Splits are deterministic: one permutation from ``torch.Generator().manual_seed(seed)``; its first
 ``round(test_fraction * n)`` examples are the test split, the next ``round(val_fraction * n)`` the
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +62,8 @@ class Splits:
             ``(1, 28, 28)``); ``None`` for text.
         collate_fn: ``None`` for tensor / image data; the padding collator for text.
         name: the spec string.
+        classes: what each class index stands for (``classes[i]`` is class ``i``): the folder
+            names (imagefolder), the label names or values (hf), the digits 0-9 (digits, mnist).
     """
 
     train: Dataset
@@ -68,6 +74,7 @@ class Splits:
     input_shape: Optional[tuple]
     collate_fn: Optional[Callable]
     name: str
+    classes: Optional[list] = None
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -151,8 +158,24 @@ class _TransformSubset(Dataset):
         return x, int(y)
 
 
+class _ImageFiles(Dataset):
+    """``(PIL RGB image, class index)`` for each ``(path, class index)`` of ``samples``."""
+
+    def __init__(self, samples: Sequence[Tuple[str, int]]):
+        self.samples = list(samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        from torchvision.datasets.folder import default_loader
+
+        path, y = self.samples[i]
+        return default_loader(path), y
+
+
 class _MnistDataset(Dataset):
-    """uint8 MNIST images kept as they are, normalised per example to a float32 ``[1, 28, 28]``."""
+    """uint8 MNIST images kept as they are, normalised per example to a float32 ``[1, H, W]`` (28x28 for MNIST)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor):
         self.images, self.labels = images, labels.to(torch.int64)
@@ -229,13 +252,14 @@ def _digits(spec, seed, val_fraction, test_fraction, limit) -> Splits:
     y = torch.as_tensor(d.target, dtype=torch.int64)
     tr, va, te = _split_indices(spec, _permutation(len(y), seed, limit), val_fraction, test_fraction)
     parts = [TensorDataset(x[i], y[i]) for i in (tr, va, te)]
-    return Splits(*parts, num_classes=10, kind="tensor", input_shape=(64,), collate_fn=None, name=spec)
+    return Splits(*parts, num_classes=10, kind="tensor", input_shape=(64,), collate_fn=None, name=spec,
+                  classes=list(range(10)))
 
 
 def _imagefolder(spec, path, seed, val_fraction, test_fraction, limit, image_size) -> Splits:
     try:
         from torchvision import transforms as T
-        from torchvision.datasets import ImageFolder
+        from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
     except ImportError as e:
         raise ImportError(f"data set {spec!r} needs torchvision: pip install 'loraq[vision]' ({e})") from None
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
@@ -244,18 +268,31 @@ def _imagefolder(spec, path, seed, val_fraction, test_fraction, limit, image_siz
     if not root.is_dir():
         raise FileNotFoundError(f"data set {spec!r}: {str(root)!r} is not a folder; imagefolder:PATH expects "
                                 f"PATH/<class>/<image> (valid specs: {_valid()})")
+    # as torchvision's ImageFolder, but hidden folders and files (.ipynb_checkpoints, macOS "._x.png"
+    # resource forks) are neither classes nor images: they would add a class or duplicate / broken images
+    classes = sorted(e.name for e in root.iterdir() if e.is_dir() and not e.name.startswith("."))
+
+    def visible_image(file: str) -> bool:
+        rel = Path(file).relative_to(root).parts
+        return has_file_allowed_extension(file, IMG_EXTENSIONS) and not any(q.startswith(".") for q in rel)
+
     try:
-        base = ImageFolder(str(root))
-    except (FileNotFoundError, RuntimeError) as e:
+        if not classes:
+            raise FileNotFoundError(f"no class folder in {str(root)!r}")
+        base = _ImageFiles(make_dataset(str(root), {c: i for i, c in enumerate(classes)}, is_valid_file=visible_image))
+    except FileNotFoundError as e:
         raise FileNotFoundError(f"data set {spec!r}: no images found under {str(root)!r} in the layout "
                                 f"PATH/<class>/<image> ({e})") from None
+    if len(classes) < 2:
+        raise ValueError(f"data set {spec!r}: classification needs at least 2 class folders, {str(root)!r} has "
+                         f"{classes} (PATH must be the folder that holds one folder per class)")
     norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
     eval_tf = T.Compose([T.Resize(int(round(image_size * 256 / 224))), T.CenterCrop(image_size), T.ToTensor(), norm])
     tr, va, te = _split_indices(spec, _permutation(len(base), seed, limit), val_fraction, test_fraction)
     return Splits(_TransformSubset(base, tr, train_tf), _TransformSubset(base, va, eval_tf),
-                  _TransformSubset(base, te, eval_tf), num_classes=len(base.classes), kind="image",
-                  input_shape=(3, image_size, image_size), collate_fn=None, name=spec)
+                  _TransformSubset(base, te, eval_tf), num_classes=len(classes), kind="image",
+                  input_shape=(3, image_size, image_size), collate_fn=None, name=spec, classes=classes)
 
 
 def _mnist_root(spec: str, path: str) -> Path:
@@ -289,8 +326,28 @@ def _mnist(spec, path, seed, val_fraction, test_fraction, limit) -> Splits:
     except ImportError as e:
         raise ImportError(f"data set {spec!r} needs torchvision: pip install 'loraq[vision]' ({e})") from None
     root = _mnist_root(spec, path)
-    train_set = MNIST(str(root), train=True, download=False)
-    test_set = MNIST(str(root), train=False, download=False)
+    raw = root / "MNIST" / "raw"
+    try:
+        train_set = MNIST(str(root), train=True, download=False)
+        test_set = MNIST(str(root), train=False, download=False)
+    except Exception as e:  # noqa: BLE001 - torchvision's errors on truncated / non-IDX files name no file
+        raise ValueError(f"data set {spec!r}: cannot read the IDX files in {str(raw)!r} "
+                         f"({type(e).__name__}: {e})") from None
+    for prefix, ds in (("train", train_set), ("t10k", test_set)):
+        if len(ds.targets) == 0:
+            raise ValueError(f"data set {spec!r}: {prefix}-labels-idx1-ubyte in {str(raw)!r} holds no examples")
+        if len(ds.data) != len(ds.targets) or ds.data.dim() != 3:
+            raise ValueError(f"data set {spec!r}: {prefix}-images-idx3-ubyte holds {tuple(ds.data.shape)} images "
+                             f"but {prefix}-labels-idx1-ubyte {len(ds.targets)} labels in {str(raw)!r}; "
+                             f"need [n, H, W] images and n labels")
+    if train_set.data.shape[1:] != test_set.data.shape[1:]:
+        raise ValueError(f"data set {spec!r}: train images are {tuple(train_set.data.shape[1:])} but test images "
+                         f"{tuple(test_set.data.shape[1:])} in {str(raw)!r}")
+    if min(int(train_set.targets.min()), int(test_set.targets.min())) < 0:
+        raise ValueError(f"data set {spec!r}: negative labels in {str(raw)!r}")
+    # 10 for MNIST, Fashion-MNIST, KMNIST; more for IDX sets such as EMNIST (labels past 9 would
+    # otherwise index past the model's outputs)
+    num_classes = max(10, int(train_set.targets.max()) + 1, int(test_set.targets.max()) + 1)
     n_pool, n_test = len(train_set), len(test_set)
     g = torch.Generator().manual_seed(seed)
     pool_perm = torch.randperm(n_pool, generator=g)
@@ -309,7 +366,8 @@ def _mnist(spec, path, seed, val_fraction, test_fraction, limit) -> Splits:
     return Splits(_MnistDataset(train_set.data[tr_idx], train_set.targets[tr_idx]),
                   _MnistDataset(train_set.data[val_idx], train_set.targets[val_idx]),
                   _MnistDataset(test_set.data[test_idx], test_set.targets[test_idx]),
-                  num_classes=10, kind="image", input_shape=(1, 28, 28), collate_fn=None, name=spec)
+                  num_classes=num_classes, kind="image", input_shape=(1, *train_set.data.shape[1:]),
+                  collate_fn=None, name=spec, classes=list(range(num_classes)))
 
 
 # ------------------------------------------------------------------------------------------ text
@@ -335,8 +393,10 @@ def _read_table(spec: str, file: Path):
             return pd.read_json(file, lines=True)
         if isinstance(obj, dict) and isinstance(obj.get("data"), list):
             obj = obj["data"]
-        if isinstance(obj, dict):  # {column: [values]}
+        if isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):  # {column: [values]}
             return pd.DataFrame(obj)
+        if isinstance(obj, dict):  # one record (a file per example)
+            return pd.DataFrame.from_records([obj])
         return pd.DataFrame.from_records(obj)
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
         raise ValueError(f"data set {spec!r}: cannot read {str(file)!r} ({type(e).__name__}: {e})") from None
@@ -362,18 +422,17 @@ def _load_table(spec: str, path: Path):
         else:
             parts = [loaded]
         names = None
-        for ds in parts:
-            for col in LABEL_COLUMNS:
-                feat = ds.features.get(col)
-                if feat is not None and hasattr(feat, "names") and getattr(feat, "num_classes", None):
-                    names = list(feat.names)
-                    break
-            if names:
+        for ds in parts:  # the names of the column that _text_and_label_columns will pick
+            feat = ds.features.get(_column(LABEL_COLUMNS, [str(c) for c in ds.features]) or "")
+            if feat is not None and hasattr(feat, "names") and getattr(feat, "num_classes", None):
+                names = list(feat.names)
                 break
         frame = pd.concat([ds.to_pandas() for ds in parts], ignore_index=True)
         return frame, names
     if path.is_dir():
-        files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in TABLE_SUFFIXES)
+        # hidden files and folders (.ipynb_checkpoints copies, ...) would duplicate rows across the splits
+        files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in TABLE_SUFFIXES
+                       and not any(q.startswith(".") for q in f.relative_to(path).parts))
     elif path.suffix.lower() in TABLE_SUFFIXES:
         files = [path]
     else:
@@ -386,25 +445,45 @@ def _load_table(spec: str, path: Path):
     return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0], None
 
 
+def _column(names: Sequence[str], cols: List[str]) -> Optional[str]:
+    """The first of ``names`` among ``cols``; then the same ignoring case ("Text", "LABEL")."""
+    exact = next((c for c in names if c in cols), None)
+    if exact is not None:
+        return exact
+    lower = {}
+    for c in cols:
+        lower.setdefault(c.lower(), c)
+    return next((lower[c] for c in names if c in lower), None)
+
+
 def _text_and_label_columns(spec: str, frame) -> Tuple[str, str]:
     import pandas as pd
 
     cols = [str(c) for c in frame.columns]
-    label = next((c for c in LABEL_COLUMNS if c in cols), None)
+    label = _column(LABEL_COLUMNS, cols)
     if label is None:
         raise ValueError(f"data set {spec!r}: no label column among {list(LABEL_COLUMNS)}; columns are {cols}")
     strings = [c for c in cols if c != label and pd.api.types.infer_dtype(frame[c], skipna=True) == "string"]
     if len(strings) == 1:
         return strings[0], label
-    text = next((c for c in TEXT_COLUMNS if c in cols), None)
+    text = _column(TEXT_COLUMNS, cols)
     if text is None:
         raise ValueError(f"data set {spec!r}: cannot tell the text column: none of {list(TEXT_COLUMNS)} and "
                          f"{len(strings)} string columns {strings}; columns are {cols}")
     return text, label
 
 
-def _labels(spec: str, values, names: Optional[List[str]]) -> Tuple[List[Optional[int]], int]:
-    """Class indices (``None`` for unlabeled rows) and the number of classes."""
+_INT_TEXT = re.compile(r"\s*[+-]?\d+\s*")
+
+
+def _labels(spec: str, values, names: Optional[List[str]]) -> Tuple[List[Optional[int]], list]:
+    """Class indices (``None`` for unlabeled rows) and the classes (``classes[i]`` is what index ``i`` stands for).
+
+    Integer labels (or strings that all spell integers, as JSON often holds them) ``0..k-1`` are the class
+    indices themselves (with the data set's class names if it has them); other integer sets (1-5 stars,
+    {3, 7}) are numbered in increasing order, so that no class index is left without examples (it
+    would count as a class in macro metrics). Other strings are numbered in sorted order.
+    """
     import pandas as pd
 
     series = pd.Series(values)
@@ -413,27 +492,36 @@ def _labels(spec: str, values, names: Optional[List[str]]) -> Tuple[List[Optiona
         raise ValueError(f"data set {spec!r}: the label column holds no labels")
     kind = pd.api.types.infer_dtype(present, skipna=True)
     if kind in ("string", "mixed") or kind.startswith("mixed"):
-        strs = sorted({str(v) for v in present})
-        mapping = {s: i for i, s in enumerate(strs)}
+        if all(_INT_TEXT.fullmatch(str(v)) for v in present):
+            series = pd.Series([None if pd.isna(v) else int(str(v)) for v in series], dtype=object)
+            present, kind = series[series.notna()], "integer"
+    if kind in ("string", "mixed") or kind.startswith("mixed"):
+        classes = sorted({str(v) for v in present})
+        mapping = {s: i for i, s in enumerate(classes)}
         out = [None if pd.isna(v) else mapping[str(v)] for v in series]
-        num = len(strs)
     elif kind in ("integer", "boolean", "floating", "decimal"):
         as_float = present.astype("float64")
         if not (as_float == as_float.round()).all():
             raise ValueError(f"data set {spec!r}: labels must be class indices or class names, got non-integer "
                              f"numbers (regression is not supported)")
         out = [None if pd.isna(v) or int(v) < 0 else int(v) for v in series]  # < 0: unlabeled (GLUE test sets)
-        kept = [v for v in out if v is not None]
+        kept = sorted({v for v in out if v is not None})
         if not kept:
             raise ValueError(f"data set {spec!r}: every label is negative (unlabeled)")
-        num = max(kept) + 1
-        if names:
-            num = max(num, len(names))
+        if names and len(names) > kept[-1]:
+            classes = list(names)
+        elif kept == list(range(len(kept))) or names:
+            classes = list(range(kept[-1] + 1))
+        else:
+            mapping = {v: i for i, v in enumerate(kept)}
+            out = [None if v is None else mapping[v] for v in out]
+            classes = kept
     else:
         raise ValueError(f"data set {spec!r}: labels of type {kind!r} are not supported (need ints or strings)")
-    if num < 2:
-        raise ValueError(f"data set {spec!r}: classification needs at least 2 classes, the labels give {num}")
-    return out, num
+    if len(classes) < 2:
+        raise ValueError(f"data set {spec!r}: classification needs at least 2 classes, the labels give "
+                         f"{len(classes)}")
+    return out, classes
 
 
 def _hf(spec, path, seed, val_fraction, test_fraction, limit, tokenizer, max_length) -> Splits:
@@ -445,7 +533,7 @@ def _hf(spec, path, seed, val_fraction, test_fraction, limit, tokenizer, max_len
     root = _existing(spec, path)
     frame, names = _load_table(spec, root)
     text_col, label_col = _text_and_label_columns(spec, frame)
-    labels, num_classes = _labels(spec, frame[label_col].tolist(), names)
+    labels, classes = _labels(spec, frame[label_col].tolist(), names)
     keep = [i for i, v in enumerate(labels) if v is not None]
     if len(keep) < len(labels):
         warnings.warn(f"data set {spec!r}: dropped {len(labels) - len(keep)} unlabeled row(s) "
@@ -470,8 +558,8 @@ def _hf(spec, path, seed, val_fraction, test_fraction, limit, tokenizer, max_len
     if pad_id is None:
         raise ValueError(f"data set {spec!r}: the tokenizer has neither a pad nor an eos token to pad with")
     collate = PadCollator(pad_id, getattr(tokenizer, "padding_side", "right") or "right")
-    return Splits(Subset(full, tr), Subset(full, va), Subset(full, te), num_classes=num_classes, kind="text",
-                  input_shape=None, collate_fn=collate, name=spec)
+    return Splits(Subset(full, tr), Subset(full, va), Subset(full, te), num_classes=len(classes), kind="text",
+                  input_shape=None, collate_fn=collate, name=spec, classes=classes)
 
 
 def load_data(spec: str, *, seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15,

@@ -335,3 +335,119 @@ def test_hf_errors(tmp_path, tokenizer):
 def test_split_sizes_round_half_up():
     s = load_data("digits", limit=30)  # 0.15 * 30 = 4.5 -> 5 each
     assert _sizes(s) == (20, 5, 5) and math.isclose(0.15 * 30, 4.5)
+
+
+# ------------------------------------------------------------------------- edge cases of real files
+
+def _labels_by_text(s, tokenizer):
+    return {tokenizer.decode(part[i]["input_ids"], skip_special_tokens=True): int(part[i]["labels"])
+            for part in (s.train, s.val, s.test) for i in range(len(part))}
+
+
+def test_hf_integer_labels_are_numbered_without_gaps(tmp_path, tokenizer):
+    import json
+
+    # 1-5 stars: 5 classes (not 6 with an empty class 0 that macro metrics would average in)
+    stars = tmp_path / "stars.csv"
+    stars.write_text("text,label\n" + "".join(f"review {i},{1 + i % 5}\n" for i in range(30)))
+    s = load_data(f"hf:{stars}", tokenizer=tokenizer)
+    assert s.num_classes == 5 and s.classes == [1, 2, 3, 4, 5]
+    assert all(y == int(t.split()[-1]) % 5 for t, y in _labels_by_text(s, tokenizer).items())  # star 1 -> 0
+    sparse = tmp_path / "sparse.csv"
+    sparse.write_text("text,label\n" + "".join(f"row {i},{(3, 7)[i % 2]}\n" for i in range(20)))
+    s = load_data(f"hf:{sparse}", tokenizer=tokenizer)
+    assert s.num_classes == 2 and s.classes == [3, 7]
+    # 0..k-1 stay the class indices
+    dense = tmp_path / "dense.csv"
+    dense.write_text("text,label\n" + "".join(f"row {i},{i % 3}\n" for i in range(20)))
+    s = load_data(f"hf:{dense}", tokenizer=tokenizer)
+    assert s.classes == [0, 1, 2] and all(y == int(t.split()[-1]) % 3 for t, y in _labels_by_text(s, tokenizer).items())
+    # a ClassLabel's names fix the indices even when a class has no example ({0, 2} of 3 names)
+    datasets = pytest.importorskip("datasets")
+    feats = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=list(LABEL_NAMES))})
+    datasets.Dataset.from_dict({"text": [f"row {i}" for i in range(20)], "label": [2 * (i % 2) for i in range(20)]},
+                               features=feats).save_to_disk(str(tmp_path / "ds"))
+    s = load_data(f"hf:{tmp_path / 'ds'}", tokenizer=tokenizer)
+    assert s.num_classes == 3 and s.classes == list(LABEL_NAMES)
+    assert all(y == 2 * (int(t.split()[-1]) % 2) for t, y in _labels_by_text(s, tokenizer).items())
+    # JSON labels "0".."11" as strings: numeric order ("10" is class 10, as from a csv), not "0" < "1" < "10"
+    f = tmp_path / "strnum.json"
+    f.write_text(json.dumps([{"text": f"row {i}", "label": str(i % 12)} for i in range(48)]))
+    s = load_data(f"hf:{f}", tokenizer=tokenizer)
+    assert s.num_classes == 12 and s.classes == list(range(12))
+    assert all(y == int(t.split()[-1]) % 12 for t, y in _labels_by_text(s, tokenizer).items())
+
+
+def test_hf_folder_of_single_record_json_files(tmp_path, tokenizer):
+    import json
+
+    for i in range(12):  # one example per file
+        (tmp_path / f"{i:03d}.json").write_text(json.dumps({"text": f"note {i}", "label": ("a", "b")[i % 2]}))
+    s = load_data(f"hf:{tmp_path}", tokenizer=tokenizer)
+    assert sum(_sizes(s)) == 12 and s.classes == ["a", "b"]
+    assert all(y == int(t.split()[-1]) % 2 for t, y in _labels_by_text(s, tokenizer).items())
+
+
+def test_hf_folder_skips_hidden_copies(tmp_path, tokenizer):
+    body = "text,label\n" + "".join(f"row {i},{i % 2}\n" for i in range(20))
+    (tmp_path / "train.csv").write_text(body)
+    (tmp_path / ".ipynb_checkpoints").mkdir()  # Jupyter's copy: would put every row twice, across splits
+    (tmp_path / ".ipynb_checkpoints" / "train-checkpoint.csv").write_text(body)
+    s = load_data(f"hf:{tmp_path}", tokenizer=tokenizer)
+    assert sum(_sizes(s)) == 20 and len(_labels_by_text(s, tokenizer)) == 20
+
+
+def test_hf_column_names_in_other_case(tmp_path, tokenizer):
+    f = tmp_path / "caps.csv"
+    f.write_text("Id,Title,Text,Label\n" + "".join(f"{i},t{i},row {i},{('x', 'y')[i % 2]}\n" for i in range(20)))
+    s = load_data(f"hf:{f}", tokenizer=tokenizer)
+    assert s.classes == ["x", "y"] and all(y == int(t.split()[-1]) % 2 for t, y in _labels_by_text(s, tokenizer).items())
+
+
+def test_mnist_malformed_idx_files(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    _fake_mnist(tmp_path)
+    _write_idx(raw / "train-labels-idx1-ubyte", torch.zeros(30, dtype=torch.uint8))  # 40 images, 30 labels
+    with pytest.raises(ValueError, match="40, 28, 28\\) images but train-labels-idx1-ubyte 30 labels"):
+        load_data(f"mnist:{tmp_path}")
+    (raw / "train-labels-idx1-ubyte").write_bytes(b"")  # truncated download
+    with pytest.raises(ValueError, match="cannot read the IDX files"):
+        load_data(f"mnist:{tmp_path}")
+
+
+def test_mnist_like_idx_with_more_classes_or_other_sizes(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    _fake_mnist(tmp_path)
+    labels = torch.arange(40) % 26  # EMNIST-letters-like labels past 9: the model needs 26 outputs
+    _write_idx(raw / "train-labels-idx1-ubyte", labels)
+    s = load_data(f"mnist:{tmp_path}")
+    assert s.num_classes == 26 and max(int(s.train[i][1]) for i in range(len(s.train))) < 26
+    for prefix, n in (("train", 40), ("t10k", 10)):  # 32x32 images: input_shape follows the files
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", torch.randint(0, 256, (n, 32, 32)))
+    s = load_data(f"mnist:{tmp_path}")
+    assert s.input_shape == (1, 32, 32) == tuple(s.train[0][0].shape)
+
+
+def test_imagefolder_skips_hidden_and_reads_any_mode(tmp_path):
+    from PIL import Image
+
+    for cls, mode in (("gray", "L"), ("rgba", "RGBA"), ("palette", "P")):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.new(mode, (11 + 4 * i, 9 + i)).save(tmp_path / cls / f"{i}.png")
+        (tmp_path / cls / "._0.png").write_bytes(b"macOS resource fork, not an image")
+    (tmp_path / ".ipynb_checkpoints").mkdir()  # not a class
+    s = load_data(f"imagefolder:{tmp_path}", image_size=8, val_fraction=0, test_fraction=0)
+    assert s.classes == ["gray", "palette", "rgba"] and s.num_classes == 3 and len(s.train) == 9
+    x, y = next(iter(DataLoader(s.train, batch_size=9)))
+    assert x.shape == (9, 3, 8, 8) and sorted(y.tolist()) == [0] * 3 + [1] * 3 + [2] * 3
+
+
+def test_imagefolder_one_class_folder_is_refused(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()  # PATH one level too high: a single "class"
+    for i in range(4):
+        Image.new("RGB", (10, 10)).save(tmp_path / "images" / f"{i}.png")
+    with pytest.raises(ValueError, match="at least 2 class folders.*\\['images'\\]"):
+        load_data(f"imagefolder:{tmp_path}", image_size=8)
