@@ -20,22 +20,37 @@ _FULL_SVD_MAX_DIM = 2048
 
 def lora_scaling(rank: int, alpha: Optional[float] = None, rslora: bool = False) -> float:
     """``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA); ``alpha`` defaults to ``r``."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
     alpha = float(rank if alpha is None else alpha)
+    if not (math.isfinite(alpha) and alpha > 0):  # inf: NaN outputs; 0 or < 0: inf/NaN adapters
+        raise ValueError(f"alpha must be > 0 and finite, got {alpha!r}")
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
 def truncated_svd(R: torch.Tensor, rank: int, scaling: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(B, A)`` with ``s·B·A`` the best rank-``rank`` approximation of ``R`` (split evenly)."""
+    """``(B, A)`` with ``s·B·A`` the best rank-``rank`` approximation of ``R`` (split evenly).
+    Components whose singular value is zero (to rounding) come back as zero rows of ``A`` and
+    zero columns of ``B``."""
     R = R.float()
     if min(R.shape) > _FULL_SVD_MAX_DIM and rank < min(R.shape) // 4:
-        devices = [R.device] if R.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # deterministic, leaves the caller's RNG alone
-            torch.manual_seed(0)
+        cuda = R.device.type == "cuda"
+        # deterministic, and leaves the caller's RNG alone: only the generator that svd_lowrank
+        # draws from is seeded (torch.manual_seed would reseed every device's and keep it so)
+        with torch.random.fork_rng(devices=[R.device] if cuda else []):
+            if cuda:
+                with torch.cuda.device(R.device):
+                    torch.cuda.manual_seed(0)
+            else:
+                torch.default_generator.manual_seed(0)
             U, S, V = torch.svd_lowrank(R, q=min(rank + 16, min(R.shape)), niter=6)
         Vh = V.t()
     else:
         U, S, Vh = torch.linalg.svd(R, full_matrices=False)
-    root = (S[:rank] / scaling).sqrt()
+    S = S[:rank]
+    if S.numel():  # rounding noise of a zero component would otherwise become a tiny, barely-trainable pair
+        S = torch.where(S > S.max() * max(R.shape) * torch.finfo(S.dtype).eps, S, torch.zeros_like(S))
+    root = (S / scaling).sqrt()
     return U[:, :rank] * root, root.unsqueeze(1) * Vh[:rank]
 
 
@@ -64,6 +79,11 @@ def init_lora(
     * ``svd``: ``(B, A)`` from the rank-r SVD of ``W − Ŵ`` divided by ``s``: the best rank-r repair.
     * ``loftq``: alternate ``Ŵ_t = compress(W − s·B·A)`` and ``(B, A) = SVD_r(W − Ŵ_t)/s`` for
       ``loftq_iters`` steps, keeping the iterate with the smallest ``‖W − (Ŵ + s·B·A)‖``.
+
+    With ``svd``/``loftq``, rank-r components the residual does not have (it is zero when the
+    compression is exact, e.g. int1 of a weight with one input or ``group_size=1``) get a gaussian
+    row of ``A`` and a zero column of ``B``: the start is the same, and the adapter can still train
+    (an all-zero pair has zero gradients forever).
     """
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
@@ -92,4 +112,8 @@ def init_lora(
             if err < best[0]:
                 best = (err, base, A, B)
         _, base, A, B = best
+    dead = (B == 0).all(0) & (A == 0).all(1)
+    if bool(dead.any()):
+        A = A.clone()
+        A[dead] = (torch.randn(int(dead.sum()), K, generator=generator, device="cpu") / rank).to(A.device)
     return base, A.to(W.dtype), B.to(W.dtype)

@@ -7,7 +7,7 @@ Specs (``MODELS``):
 * ``resnet18``: torchvision's ResNet-18 with ``num_classes`` outputs (``conv1`` takes the data's
   channel count); ``weights=FILE`` loads a local state dict, otherwise it is randomly initialised
   (with a warning). Its default compression target is only ``fc``.
-* ``hf:NAME_OR_PATH``: a transformers sequence classification model with a new head of
+* ``hf:NAME_OR_PATH``: a transformers sequence classification model (in float32) with a new head of
   ``num_classes`` outputs. A local folder is loaded offline; a path that does not exist is taken as
   a hub name, and only then may something be downloaded.
 * ``minilm``: the real pretrained all-MiniLM-L6-v2 shipped by the PyPI package
@@ -23,7 +23,7 @@ import os
 import pathlib
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -134,8 +134,10 @@ def _mlp(splits: "Splits", hidden: Sequence[int], seed: int) -> nn.Module:
     if splits.input_shape is None:
         raise ValueError(f"model 'mlp' needs tensor or image data with an input_shape; data {splits.name!r} is "
                          f"{splits.kind} (use 'minilm' or 'hf:NAME_OR_PATH' for text)")
-    hidden = list(hidden)
-    if not hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
+    if isinstance(hidden, Iterable) and not isinstance(hidden, str):  # else (hidden=64) the error below
+        hidden = list(hidden)
+    if (not isinstance(hidden, list) or not hidden
+            or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden)):
         raise ValueError(f"hidden must be a non-empty sequence of positive ints, got {hidden!r}")
     torch.manual_seed(seed)
     sizes = [math.prod(splits.input_shape)] + hidden
@@ -149,17 +151,18 @@ def _mlp(splits: "Splits", hidden: Sequence[int], seed: int) -> nn.Module:
 def _read_state_dict(spec: str, weights: str) -> dict:
     path = pathlib.Path(weights).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"model {spec!r}: weights file {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        raise FileNotFoundError(f"model {spec!r}: weights file {str(path)!r} "
+                                + ("is a directory, not a file" if path.is_dir() else "does not exist"))
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(path), device="cpu")
-    else:
-        try:
+            state = load_file(str(path), device="cpu")
+        else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - re-raised with the file named
-            raise ValueError(f"model {spec!r}: cannot read weights file {str(path)!r} as a state dict "
-                             f"({type(e).__name__}: {e})") from None
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        raise ValueError(f"model {spec!r}: cannot read weights file {str(path)!r} as a state dict "
+                         f"({type(e).__name__}: {e})") from None
     for key in ("state_dict", "model"):  # common checkpoint wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -175,7 +178,7 @@ def _load_weights(spec: str, model: nn.Module, weights: str, adapt: bool) -> Non
     and a 3-channel ``conv1`` is summed over channels for 1-channel input (else skipped), with warnings."""
     state = dict(_read_state_dict(spec, weights))
     own = model.state_dict()
-    skipped = []
+    skipped, notes = [], []  # notes: warned only once the rest has loaded (not before a refusal)
     if adapt:
         fc_keys = [k for k in state if k.startswith("fc.")]
         bad_fc = [k for k in fc_keys if k in own and state[k].shape != own[k].shape]
@@ -184,21 +187,21 @@ def _load_weights(spec: str, model: nn.Module, weights: str, adapt: bool) -> Non
             for k in fc_keys:
                 del state[k]
             skipped += fc_keys
-            warnings.warn(f"model {spec!r}: {bad_fc[0]} in {weights!r} has shape {shape}, the model has "
-                          f"{tuple(own[bad_fc[0]].shape)} ({own['fc.weight'].shape[0]} classes); loading everything "
-                          f"except fc, which keeps its random init", stacklevel=3)
+            notes.append(f"model {spec!r}: {bad_fc[0]} in {weights!r} has shape {shape}, the model has "
+                         f"{tuple(own[bad_fc[0]].shape)} ({own['fc.weight'].shape[0]} classes); loading everything "
+                         f"except fc, which keeps its random init")
         w = state.get("conv1.weight")
         if w is not None and w.shape != own["conv1.weight"].shape:
             target = own["conv1.weight"].shape
             if w.shape[0] == target[0] and w.shape[2:] == target[2:] and target[1] == 1:
                 state["conv1.weight"] = w.sum(dim=1, keepdim=True)
-                warnings.warn(f"model {spec!r}: conv1 of {weights!r} takes {w.shape[1]} channels; summed over them "
-                              f"for 1-channel input", stacklevel=3)
+                notes.append(f"model {spec!r}: conv1 of {weights!r} takes {w.shape[1]} channels; summed over them "
+                             f"for 1-channel input")
             else:
                 del state["conv1.weight"]
                 skipped.append("conv1.weight")
-                warnings.warn(f"model {spec!r}: conv1 of {weights!r} has shape {tuple(w.shape)}, the model needs "
-                              f"{tuple(target)}; conv1 keeps its random init", stacklevel=3)
+                notes.append(f"model {spec!r}: conv1 of {weights!r} has shape {tuple(w.shape)}, the model needs "
+                             f"{tuple(target)}; conv1 keeps its random init")
     bad = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
     if bad:
         raise ValueError(f"model {spec!r}: weights {weights!r} do not fit the model: shape mismatch for "
@@ -209,6 +212,8 @@ def _load_weights(spec: str, model: nn.Module, weights: str, adapt: bool) -> Non
         raise ValueError(f"model {spec!r}: weights {weights!r} do not fit the model: missing keys "
                          f"{missing[:10]}{' ...' if len(missing) > 10 else ''}, unexpected keys "
                          f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+    for note in notes:
+        warnings.warn(note, stacklevel=3)
 
 
 def _resnet18(spec: str, splits: "Splits", weights: Optional[str], seed: int) -> nn.Module:
@@ -251,13 +256,18 @@ def _hf_model(spec: str, splits: "Splits", weights: Optional[str], seed: int) ->
                          f"(use 'mlp' or 'resnet18', or text data 'hf:PATH')")
     source, local = _hf_source(spec)
     try:
+        import transformers
         from transformers import AutoModelForSequenceClassification
     except ImportError as e:
         raise ImportError(f"model {spec!r} needs transformers: pip install 'loraq[hf]' ({e})") from None
+    # fp32 like the other models (training keeps fp32 weights and autocasts on CUDA): transformers 5
+    # would otherwise load a checkpoint in its saved dtype ("auto"), bf16 for most hub models
+    version = tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit())
+    dtype_arg = {"dtype" if version >= (4, 56) else "torch_dtype": torch.float32}
     torch.manual_seed(seed)  # the new head's init
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=splits.num_classes, ignore_mismatched_sizes=True, local_files_only=local)
+            source, num_labels=splits.num_classes, ignore_mismatched_sizes=True, local_files_only=local, **dtype_arg)
     except (OSError, ValueError) as e:
         raise _hf_error(spec, source, local, "model", e) from None
     cfg = model.config

@@ -301,3 +301,48 @@ def test_tokenizers(offline):
     enc = tok("Hello world")
     assert enc["input_ids"] == [101, 7592, 2088, 102] and tok.pad_token_id == 0
     assert len(tok) == 30522
+
+
+# ------------------------------------------------------------------------------------ review fixes
+
+def test_resnet18_weights_of_another_architecture_fail_without_a_false_warning(tmp_path):
+    import torchvision
+
+    torch.save(torchvision.models.resnet34(num_classes=1000).state_dict(), tmp_path / "r34.pt")
+    rgb = _fake_splits(input_shape=(3, 32, 32), num_classes=10, n=2)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match="r34.pt.*do not fit the model.*unexpected keys \\['layer1.2"):
+            build_model("resnet18", rgb, weights=str(tmp_path / "r34.pt"))
+    # it warned "loading everything except fc" and then loaded nothing
+    assert not [w for w in record if "loading everything" in str(w.message)]
+
+
+def test_unreadable_weights_files_are_named(tmp_path):
+    rgb = _fake_splits(input_shape=(3, 32, 32), num_classes=10, n=2)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="cannot read weights file .*junk.safetensors"):  # was a bare SafetensorError
+        build_model("resnet18", rgb, weights=str(tmp_path / "junk.safetensors"))
+    with pytest.raises(FileNotFoundError, match="is a directory"):  # was "does not exist"
+        build_model("mlp", _fake_splits(), weights=str(tmp_path))
+
+
+def test_hidden_must_be_a_sequence():
+    with pytest.raises(ValueError, match="hidden must be a non-empty sequence of positive ints, got 64"):
+        build_model("mlp", _fake_splits(), hidden=64)  # was TypeError: 'int' object is not iterable
+    assert [m.out_features for m in build_model("mlp", _fake_splits(), hidden=range(3, 5)).model
+            if isinstance(m, nn.Linear)] == [3, 4, 5]
+
+
+def test_hf_checkpoint_saved_in_bf16_loads_in_fp32(tmp_path, offline, text_splits):
+    """transformers 5 loads a checkpoint in its saved dtype by default: bf16 hub models trained in bf16."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=37, max_position_embeddings=64, num_labels=4)
+    torch.manual_seed(0)
+    src = BertForSequenceClassification(cfg).to(torch.bfloat16)
+    src.save_pretrained(tmp_path / "bf16")
+    b = build_model(f"hf:{tmp_path / 'bf16'}", text_splits[1], seed=0)
+    assert {p.dtype for p in b.model.parameters()} == {torch.float32}
+    assert torch.equal(b.model.classifier.weight, src.classifier.weight.float())  # 4 labels: head kept
