@@ -209,6 +209,11 @@ def prepare(cfg: TrainConfig, quiet: bool = True, init_state: Optional[dict] = N
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     splits = load_data(cfg.data, seed=cfg.seed, tokenizer=load_tokenizer(cfg.model), limit=cfg.limit)
+    empty = [name for name, part in zip(("train", "val", "test"), (splits.train, splits.val, splits.test))
+             if len(part) == 0]
+    if empty:  # an empty val/test split would report accuracy 0 on nothing
+        raise ValueError(f"data {cfg.data!r} with limit {cfg.limit} leaves the {' and '.join(empty)} split(s) "
+                         f"empty ({len(splits.train)}/{len(splits.val)}/{len(splits.test)} examples); use more data")
     bundle = build_model(cfg.model, splits, weights=cfg.weights, hidden=cfg.hidden, seed=cfg.seed)
     if check is not None:
         check(bundle)
@@ -342,6 +347,7 @@ def train(
         "trainable_params": report.trainable_params, "stored_bytes": fp.stored_bytes, "dense_bytes": fp.dense_bytes,
         "compression_ratio": fp.ratio, "device": str(device), "seconds": round(time.time() - started, 2),
         "checkpoint": str(out / "checkpoint"), "config": cfg.to_dict(),
+        "classes": splits.classes,  # what each output means: evaluate on other data checks it
     }
     if evaluate_test:
         te = run_epoch(model, test_loader, device)

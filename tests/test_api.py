@@ -20,6 +20,8 @@ def state_equal(a: nn.Module, b: nn.Module) -> bool:
     (dict(rank=0), "rank must be an int >= 1"),
     (dict(rank=2.5), "rank must be an int"),
     (dict(alpha=-1.0), "alpha must be a positive"),
+    (dict(alpha=float("inf")), "alpha must be a positive finite"),
+    (dict(alpha=float("nan")), "alpha must be a positive finite"),
     (dict(init="kaiming"), "init must be one of"),
     (dict(compression="dense", init="svd"), "needs a compressed base"),
     (dict(loftq_iters=0), "loftq_iters"),
@@ -203,3 +205,12 @@ def test_multihead_attention_out_proj_is_left_dense():
     with pytest.warns(UserWarning, match="self_attn.out_proj.*nn.MultiheadAttention"):
         compress_(nn.TransformerEncoderLayer(16, 2, 32), compression="int1", rank=2,
                   target_modules=["out_proj", "linear1"])
+
+
+def test_meta_device_model_is_refused_clearly_and_left_unchanged():
+    model = nn.Sequential(nn.Linear(13, 9, device="meta"))
+    with pytest.raises(ValueError, match="meta device"):
+        compress_(model, CompressionConfig(rank=2))
+    assert isinstance(model[0], nn.Linear)
+    with pytest.raises(ValueError, match="meta device"):
+        LoraLinear.from_linear(nn.Linear(13, 9, device="meta"), "int1", rank=4)

@@ -29,6 +29,9 @@ def check_dense_weight(W: torch.Tensor, name: str = "weight") -> None:
         )
     if W.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(W.shape)})")
+    if W.device.type == "meta":  # no values to compress (a model built on the meta device)
+        raise ValueError(f"{name} is on the meta device: it has no values to compress; materialize the model "
+                         f"first (e.g. model.to_empty(device='cpu') and load its weights)")
     if not bool(torch.isfinite(W).all()):
         bad = int((~torch.isfinite(W)).sum())
         raise ValueError(f"{name} contains {bad} NaN/Inf value(s); refusing to compress a non-finite weight")
