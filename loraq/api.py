@@ -146,6 +146,22 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` the forward / backward hooks registered on ``old`` (activation capture,
+    feature extraction): the same dicts, so the handles the user holds still remove them."""
+    for attr in _HOOK_DICTS:
+        hooks, own = getattr(old, attr, None), getattr(new, attr, None)
+        if hooks and own is not None:
+            hooks.update(own)
+            setattr(new, attr, hooks)
+    if getattr(old, "_backward_hooks", None):
+        new._is_full_backward_hook = old._is_full_backward_hook
+
+
 def module_names(model: nn.Module) -> Dict[int, List[str]]:
     """Every name of each submodule, by ``id``: a module registered twice (tied, shared) has two,
     and replacing it must replace it under both or the tie breaks."""
@@ -247,7 +263,8 @@ def compress_(model: nn.Module, config: Optional[CompressionConfig] = None, prog
 
     Everything is checked and every new layer is built before the first replacement, so a bad
     input raises and leaves ``model`` exactly as it was. A layer registered under several names
-    (tied) is replaced under each by one ``LoraLinear``; ``nn.MultiheadAttention``'s ``out_proj``
+    (tied) is replaced under each by one ``LoraLinear``, which keeps the layer's forward and backward
+    hooks; ``nn.MultiheadAttention``'s ``out_proj``
     is left dense (that module reads its weight directly; listed in ``untouched_linear``). Afterwards only the LoRA adapters and
     ``modules_to_save`` are trainable. ``overrides`` update fields of ``config`` (or build one).
     """
@@ -273,6 +290,7 @@ def compress_(model: nn.Module, config: Optional[CompressionConfig] = None, prog
         reports.append(LayerReport(n, tuple(lin.weight.shape), config.compression, layer.rank,
                                    layer.base.dense_nbytes, layer.base.nbytes, base_err, init_err))
         new_layers[n] = layer.train(lin.training)
+        _carry_hooks(lin, layer)
 
     names = module_names(model)
     for n, layer in new_layers.items():

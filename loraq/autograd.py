@@ -123,10 +123,33 @@ class LoraLinearFuncFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         _setup(ctx, *inputs)
+        x, x_lora, lora_A, lora_B = inputs[:4]
+        ctx.save_for_forward(x if x_lora is None else x_lora, lora_A, lora_B)
 
     backward = staticmethod(_backward)
 
+    @staticmethod
+    def jvp(ctx, tx, txl, tA, tB, tb, *_):
+        """Forward mode (``torch.func.jvp``, ``jacfwd``, ``hessian``): the tangent
+        ``ẋ·Ŵᵀ + s·(ẋ_l·Aᵀ)·Bᵀ + s·(x_l·Ȧᵀ)·Bᵀ + s·(x_l·Aᵀ)·Ḃᵀ + ḃ`` (``ẋ_l = ẋ`` without dropout)."""
+        x_l, A, B = ctx.saved_tensors  # x_l: x (or x after dropout) in its own shape [..., K]
+        s, dtype = ctx.scaling, x_l.dtype
+        fused = A is not None and ctx.same_input  # ẋ_l = ẋ: the adapter's ẋ term rides in the op call
+        out = lora_linear_forward(torch.zeros_like(x_l) if tx is None else tx, None, A if fused else None,
+                                  B if fused else None, tb, ctx.weight, s, ctx.backend)
+        if A is None:
+            return out
+        extra = []
+        if txl is not None and not ctx.same_input:
+            extra.append((txl @ A.to(dtype).t()) @ B.to(dtype).t())
+        if tA is not None:
+            extra.append((x_l @ tA.to(dtype).t()) @ B.to(dtype).t())
+        if tB is not None:
+            extra.append((x_l @ A.to(dtype).t()) @ tB.to(dtype).t())
+        return out + s * sum(extra) if extra else out
+
 
 def lora_linear_function():
-    """The Function class for this call: the ``torch.func``-capable one inside a transform."""
-    return LoraLinearFuncFunction if reference.transforms_active() else LoraLinearFunction
+    """The Function class for this call: under a ``torch.func`` transform or forward-mode AD, the
+    one with ``setup_context``, ``jvp`` and a vmap rule."""
+    return LoraLinearFuncFunction if reference.transform_or_forward_ad_active() else LoraLinearFunction

@@ -125,8 +125,8 @@ def _int1_setup(ctx, inputs, output):
 def _int1_backward(ctx, dy):
     packed, scale, col_scale = ctx.saved_tensors[3:]
     K, group_size, onebit = ctx.weight_ints
-    dx, dA, dB, db = _forward_grads(ctx, dy, lambda dy, A, dyB, B: torch.ops.loraq.int1_lora_linear_dx(
-        dy, packed, scale, col_scale, K, group_size, onebit, A, dyB, ctx.scaling, B))
+    dx, dA, dB, db = _forward_grads(ctx, dy, lambda dy, A, dyB, B: _call(
+        "int1_lora_linear_dx", dy, packed, scale, col_scale, K, group_size, onebit, A, dyB, ctx.scaling, B))
     return dx, None, None, None, None, None, None, dA, dB, None, db
 
 
@@ -138,8 +138,8 @@ def _sparse4x4_setup(ctx, inputs, output):
 def _sparse4x4_backward(ctx, dy):
     values, positions = ctx.saved_tensors[3:]
     N, K = ctx.weight_ints
-    dx, dA, dB, db = _forward_grads(ctx, dy, lambda dy, A, dyB, B: torch.ops.loraq.sparse4x4_lora_linear_dx(
-        dy, values, positions, N, K, A, dyB, ctx.scaling, B))
+    dx, dA, dB, db = _forward_grads(ctx, dy, lambda dy, A, dyB, B: _call(
+        "sparse4x4_lora_linear_dx", dy, values, positions, N, K, A, dyB, ctx.scaling, B))
     return dx, None, None, None, None, dA, dB, None, db
 
 
@@ -171,14 +171,14 @@ def _dx_grads(ctx, g, forward_base):
 
 def _int1_dx_backward(ctx, g):
     packed, scale, col_scale = ctx.saved_tensors[2:]
-    return _dx_grads(ctx, g, lambda g: torch.ops.loraq.int1_lora_linear(
-        g, packed, scale, col_scale, *ctx.weight_ints, None, None, 1.0, None))
+    return _dx_grads(ctx, g, lambda g: _call(
+        "int1_lora_linear", g, packed, scale, col_scale, *ctx.weight_ints, None, None, 1.0, None))
 
 
 def _sparse4x4_dx_backward(ctx, g):
     values, positions = ctx.saved_tensors[2:]
-    return _dx_grads(ctx, g, lambda g: torch.ops.loraq.sparse4x4_lora_linear(
-        g, values, positions, *ctx.weight_ints, None, None, 1.0, None))
+    return _dx_grads(ctx, g, lambda g: _call(
+        "sparse4x4_lora_linear", g, values, positions, *ctx.weight_ints, None, None, 1.0, None))
 
 
 int1_lora_linear_dx.register_autograd(
@@ -217,6 +217,87 @@ _vmap_over_rows(int1_lora_linear_dx, (0, 8))
 _vmap_over_rows(sparse4x4_lora_linear_dx, (0, 6))
 
 
+# torch.func (grad, jacrev, jvp, hessian) and forward-mode AD (torch.autograd.forward_ad). The
+# ops' autograd formulas above serve the eager backward only: under a torch.func transform a
+# custom op whose input needs a gradient fails inside torch (its generated Function has no
+# setup_context), and a forward-mode tangent is dropped silently (the ops have no forward
+# formula). Where either is active the ops run through the Functions below, which have both, and
+# a generated vmap rule (the forward under vmap meets the ops' own rules: vmap still folds the
+# batch into the rows).
+_other_ad_active = reference.transform_or_forward_ad_active
+
+
+def _fwd_jvp(op, inputs, tangents):
+    """The tangent of ``y = x·Ŵᵀ + s·(x·Aᵀ)·Bᵀ + b``: ``ẋ·Ŵᵀ + s·(ẋ·Aᵀ)·Bᵀ + ḃ`` (one op call)
+    ``+ s·(x·Ȧᵀ)·Bᵀ + s·(x·Aᵀ)·Ḃᵀ``."""
+    la = len(inputs) - 4  # lora_A, lora_B, scaling, bias
+    x, A, B, s = inputs[0], inputs[la], inputs[la + 1], inputs[la + 2]
+    tx, tA, tB, tb = tangents[0], tangents[la], tangents[la + 1], tangents[-1]
+    args = list(inputs)
+    args[0], args[-1] = torch.zeros_like(x) if tx is None else tx, tb
+    out = op(*args)
+    if A is not None and tA is not None:
+        out = out + s * ((x @ tA.to(x.dtype).t()) @ B.to(x.dtype).t())
+    if A is not None and tB is not None:
+        out = out + s * ((x @ A.to(x.dtype).t()) @ tB.to(x.dtype).t())
+    return out
+
+
+def _dx_jvp(op, inputs, tangents):
+    """The tangent of ``dY·Ŵ + s·dY_B·A``: ``ḋY·Ŵ`` (one op call) ``+ s·ḋY_B·A + s·dY_B·Ȧ``."""
+    la = len(inputs) - 4  # lora_A, dy_B, scaling, lora_B
+    dy, A, dyB, s = inputs[0], inputs[la], inputs[la + 1], inputs[la + 2]
+    tdy, tA, tdyB = tangents[0], tangents[la], tangents[la + 1]
+    args = list(inputs)
+    args[0] = torch.zeros_like(dy) if tdy is None else tdy
+    args[la] = args[la + 1] = args[-1] = None
+    out = op(*args)
+    if A is not None and tdyB is not None:
+        out = out + s * (tdyB.to(dy.dtype) @ A.to(dy.dtype))
+    if A is not None and tA is not None:
+        out = out + s * (dyB.to(dy.dtype) @ tA.to(dy.dtype))
+    return out
+
+
+def _transform_function(name, setup, backward, jvp):
+    """The op ``loraq::<name>`` as an ``autograd.Function`` that torch.func and forward-mode AD can use."""
+    op = getattr(torch.ops.loraq, name)
+
+    def setup_context(ctx, inputs, output):
+        setup(ctx, inputs, output)
+        ctx.save_for_forward(*(a if isinstance(a, Tensor) else None for a in inputs))
+        ctx.constants = tuple(None if isinstance(a, Tensor) else a for a in inputs)
+
+    def jvp_(ctx, *tangents):
+        inputs = [c if t is None else t for c, t in zip(ctx.constants, ctx.saved_tensors)]
+        return jvp(op, inputs, tangents)
+
+    return type(f"{name}_function", (torch.autograd.Function,), {
+        "generate_vmap_rule": True, "forward": staticmethod(lambda *inputs: op(*inputs)),
+        "setup_context": staticmethod(setup_context), "backward": staticmethod(backward),
+        "jvp": staticmethod(jvp_)})
+
+
+_TRANSFORM_FUNCTIONS = {
+    "int1_lora_linear": _transform_function("int1_lora_linear", _int1_setup, _int1_backward, _fwd_jvp),
+    "sparse4x4_lora_linear": _transform_function(
+        "sparse4x4_lora_linear", _sparse4x4_setup, _sparse4x4_backward, _fwd_jvp),
+    "int1_lora_linear_dx": _transform_function(
+        "int1_lora_linear_dx", lambda ctx, inputs, output: _dx_setup(ctx, inputs, output, (1, 4), 7),
+        _int1_dx_backward, _dx_jvp),
+    "sparse4x4_lora_linear_dx": _transform_function(
+        "sparse4x4_lora_linear_dx", lambda ctx, inputs, output: _dx_setup(ctx, inputs, output, (1, 3), 5),
+        _sparse4x4_dx_backward, _dx_jvp),
+}
+
+
+def _call(name: str, *args):
+    """``torch.ops.loraq.<name>(*args)``; through its Function above under torch.func or forward AD."""
+    if _other_ad_active():
+        return _TRANSFORM_FUNCTIONS[name].apply(*args)
+    return getattr(torch.ops.loraq, name)(*args)
+
+
 def _meta(weight) -> dict:
     N, K = weight.shape
     if weight.kind == "int1":
@@ -225,7 +306,7 @@ def _meta(weight) -> dict:
 
 
 def _check_device(t: Tensor, weight, name: str) -> None:
-    for field, v in weight.tensors().items():
+    for field, v in (weight.tensors() if hasattr(weight, "tensors") else {"tensor": weight}).items():
         if v.device != t.device:
             raise ValueError(f"{name} is on {t.device} but the weight's {field} is on {v.device}; move them together")
 
@@ -238,7 +319,7 @@ def _direct(*tensors) -> bool:
     shape, and its autograd formula (below) gives the gradients."""
     if torch.compiler.is_compiling() or tensors[0].device.type == "meta":  # meta: the fake's shapes
         return False
-    if reference.transforms_active():  # under torch.func (vmap, grad): the op's rules apply
+    if _other_ad_active():  # torch.func (vmap, grad) or forward-mode AD: the op's rules apply
         return False
     if not torch.is_grad_enabled():
         return True
@@ -249,19 +330,19 @@ def triton_lora_linear_fwd(x, weight, lora_A, lora_B, scaling, bias):
     """The ``triton`` backend's ``lora_linear_fwd``: the fused kernels for int1 and sparse4x4,
     cuBLAS through torch for a dense weight, the reference for dtypes the kernels lack (fp64)."""
     kind = getattr(weight, "kind", "dense")
+    _check_device(x, weight, "x")
     if kind == "dense" or x.dtype not in KERNEL_DTYPES:
         return reference.lora_linear_ref(x, weight, lora_A, lora_B, scaling, bias)
-    _check_device(x, weight, "x")
     N, K = weight.shape
     if _direct(x, lora_A, lora_B, bias):
         from loraq.kernels import lora_linear_fwd
 
         return lora_linear_fwd(x, kind, weight.tensors(), _meta(weight), lora_A, lora_B, float(scaling), bias)
     if kind == "int1":
-        return torch.ops.loraq.int1_lora_linear(x, weight.packed, weight.scale, weight.col_scale, K,
+        return _call("int1_lora_linear", x, weight.packed, weight.scale, weight.col_scale, K,
                                                 weight.group_size or 0, weight.scale_mode == "onebit",
                                                 lora_A, lora_B, float(scaling), bias)
-    return torch.ops.loraq.sparse4x4_lora_linear(x, weight.values, weight.positions, N, K, lora_A, lora_B,
+    return _call("sparse4x4_lora_linear", x, weight.values, weight.positions, N, K, lora_A, lora_B,
                                                  float(scaling), bias)
 
 
@@ -269,17 +350,17 @@ def triton_lora_linear_dx(dy, weight, lora_A, dy_B, scaling, lora_B=None):
     """The ``triton`` backend's ``lora_linear_dx`` (``dY·Ŵ + s·(dY·B)·A``; ``lora_B``, when given,
     lets large batches merge ``s·B·A`` into the decoded weight)."""
     kind = getattr(weight, "kind", "dense")
+    _check_device(dy, weight, "dy")
     if kind == "dense" or dy.dtype not in KERNEL_DTYPES:
         return reference.lora_linear_dx_ref(dy, weight, lora_A, dy_B, scaling)
-    _check_device(dy, weight, "dy")
     N, K = weight.shape
     if _direct(dy, lora_A, dy_B, lora_B):
         from loraq.kernels import lora_linear_dx
 
         return lora_linear_dx(dy, kind, weight.tensors(), _meta(weight), lora_A, dy_B, float(scaling), lora_B=lora_B)
     if kind == "int1":
-        return torch.ops.loraq.int1_lora_linear_dx(dy, weight.packed, weight.scale, weight.col_scale, K,
+        return _call("int1_lora_linear_dx", dy, weight.packed, weight.scale, weight.col_scale, K,
                                                    weight.group_size or 0, weight.scale_mode == "onebit",
                                                    lora_A, dy_B, float(scaling), lora_B)
-    return torch.ops.loraq.sparse4x4_lora_linear_dx(dy, weight.values, weight.positions, N, K, lora_A, dy_B,
+    return _call("sparse4x4_lora_linear_dx", dy, weight.values, weight.positions, N, K, lora_A, dy_B,
                                                     float(scaling), lora_B)

@@ -43,11 +43,20 @@ def register(backend: str, primitive: str, kind: str, fn: Callable) -> None:
     _RESOLVED.clear()
 
 
+def _check_weight_device(t: torch.Tensor, weight, name: str) -> None:
+    # torch's matmul refuses most mixes itself, but multiplies a CPU tensor by a meta one into garbage
+    if weight.device != t.device:
+        raise ValueError(f"{name} is on {t.device} but the weight is on {weight.device}; "
+                         "move them to one device")
+
+
 def _reference_fwd(x, weight, lora_A, lora_B, scaling, bias):
+    _check_weight_device(x, weight, "x")
     return reference.lora_linear_ref(x, weight, lora_A, lora_B, scaling, bias)
 
 
 def _reference_dx(dy, weight, lora_A, dy_B, scaling, lora_B=None):
+    _check_weight_device(dy, weight, "dy")
     return reference.lora_linear_dx_ref(dy, weight, lora_A, dy_B, scaling)  # B is in dy_B already
 
 

@@ -21,6 +21,12 @@ Weight = Union[torch.Tensor, CompressedWeight]
 transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
+def transform_or_forward_ad_active() -> bool:
+    """A ``torch.func`` transform or forward-mode AD (``torch.autograd.forward_ad`` dual tensors)
+    is active: then the autograd Functions with ``setup_context``, ``jvp`` and vmap rules apply."""
+    return transforms_active() or getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+
+
 def weight_shape(weight: Weight) -> Tuple[int, int]:
     return tuple(weight.shape)  # both tensors and formats expose .shape
 

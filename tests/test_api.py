@@ -214,3 +214,18 @@ def test_meta_device_model_is_refused_clearly_and_left_unchanged():
     assert isinstance(model[0], nn.Linear)
     with pytest.raises(ValueError, match="meta device"):
         LoraLinear.from_linear(nn.Linear(13, 9, device="meta"), "int1", rank=4)
+
+
+def test_compress_keeps_the_forward_and_backward_hooks_of_a_replaced_layer():
+    model = nn.Sequential(nn.Linear(9, 8), nn.ReLU(), nn.Linear(8, 3))
+    seen = []
+    pre = model[0].register_forward_pre_hook(lambda m, args: seen.append(("pre", type(m).__name__)))
+    post = model[0].register_forward_hook(lambda m, args, out: seen.append(("out", tuple(out.shape))))
+    model[0].register_full_backward_hook(lambda m, gin, gout: seen.append(("grad", tuple(gout[0].shape))))
+    compress_(model, CompressionConfig(rank=2))
+    model(torch.randn(5, 9, requires_grad=True)).sum().backward()
+    assert seen == [("pre", "LoraLinear"), ("out", (5, 8)), ("grad", (5, 8))]
+    pre.remove(), post.remove()  # the handles the user holds still work
+    seen.clear()
+    model(torch.randn(5, 9))
+    assert seen == []

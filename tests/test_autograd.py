@@ -48,6 +48,28 @@ def test_gradcheck_lora(kind, with_bias, xshape):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("same_input", [True, False])
+def test_forward_mode_gradcheck(kind, same_input):
+    """The torch.func Function's ``jvp`` (forward mode: ``jvp``, ``jacfwd``, ``hessian``) against
+    finite differences, with and without a separate dropout input, and with the adapter off."""
+    from loraq.autograd import LoraLinearFuncFunction
+
+    N, K, r = 7, 13, 3
+    base = make_base(kind, torch.randn(N, K, dtype=torch.float64))
+    x, xl, A, B, b = f64(2, 3, K), f64(2, 3, K), f64(r, K), f64(N, r), f64(N)
+
+    def fn(x, xl, A, B, b):
+        return LoraLinearFuncFunction.apply(x, None if same_input else xl, A, B, b, base, 0.8, "reference")
+
+    def off(x, b):
+        return LoraLinearFuncFunction.apply(x, None, None, None, b, base, 0.8, "reference")
+
+    for f, inputs in ((fn, (x, xl, A, B, b)), (off, (x, b))):
+        assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-6, check_forward_ad=True,
+                                        check_backward_ad=False, check_undefined_grad=False)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_gradcheck_adapter_disabled(kind, with_bias):
     N, K = 7, 13
