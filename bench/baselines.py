@@ -14,6 +14,7 @@ before the timing starts).
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -47,10 +48,9 @@ def gemlite_int1(weight, x, A, B, s, act_bytes: int, device) -> Provider:
     """GemLite's 1-bit matmul of ``x`` with the int1 ``weight`` + ``s·(x·Aᵀ)·Bᵀ``."""
     if device.type != "cuda":
         return None, 0, "GemLite needs a CUDA device"
-    try:
-        import gemlite
-    except Exception as e:
-        return None, 0, f"gemlite not installed ({type(e).__name__})"
+    gemlite, why = _import("gemlite", "gemlite")
+    if gemlite is None:
+        return None, 0, why
     try:
         W_q, scales, zeros, group = gemlite_pack_args(weight)
     except ValueError as e:
@@ -75,11 +75,10 @@ def bnb_nf4(W16, x, A, B, s, act_bytes: int, device) -> Provider:
     """bitsandbytes' NF4 matmul of ``x`` with ``W16`` quantized to 4 bits + ``s·(x·Aᵀ)·Bᵀ``."""
     if device.type != "cuda":
         return None, 0, "bitsandbytes NF4 needs a CUDA device"
-    try:
-        import bitsandbytes as bnb
-        import bitsandbytes.functional as bf
-    except Exception as e:
-        return None, 0, f"bitsandbytes not installed ({type(e).__name__})"
+    bnb, why = _import("bitsandbytes", "bitsandbytes")
+    bf, why = _import("bitsandbytes.functional", "bitsandbytes") if bnb is not None else (None, why)
+    if bf is None:
+        return None, 0, why
     packed, state = bf.quantize_4bit(W16, quant_type="nf4")
 
     def fn():
@@ -87,8 +86,25 @@ def bnb_nf4(W16, x, A, B, s, act_bytes: int, device) -> Provider:
 
     refused = _disagrees(bnb.matmul_4bit(x, packed.t(), quant_state=state),
                          x @ bf.dequantize_4bit(packed, state).to(x.dtype).t())
-    nbytes = packed.numel() * packed.element_size() + act_bytes
+    # the weight as stored: the 4-bit codes and the quant state's per-block scales (absmax: 1/8 of
+    # the codes' bytes at the default 64-value blocks), and the nested statistics' when there are
+    stats = [state.absmax, state.code] + ([state.offset, state.state2.absmax, state.state2.code]
+                                          if getattr(state, "nested", False) else [])
+    stored = [t for t in [packed, *stats] if isinstance(t, torch.Tensor)]
+    nbytes = sum(t.numel() * t.element_size() for t in stored) + act_bytes
     return (None, 0, f"bnb_nf4 refused: {refused}") if refused else (fn, nbytes, f"bitsandbytes {bnb.__version__}")
+
+
+def _import(module: str, package: str):
+    """``(module, "")``, or ``(None, why)``: "not installed" only when ``package`` itself is missing
+    (``fetch_baselines.sh`` installs without dependencies: a missing dependency, or a build that
+    does not load, is named as such)."""
+    try:
+        return importlib.import_module(module), ""
+    except Exception as e:
+        if isinstance(e, ModuleNotFoundError) and e.name in (package, module):
+            return None, f"{package} not installed (pip install {package}, or bench/fetch_baselines.sh)"
+        return None, f"{package} is installed but failed to import: {type(e).__name__}: {e}"
 
 
 def _disagrees(out: torch.Tensor, ref: torch.Tensor) -> str:

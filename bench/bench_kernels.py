@@ -33,13 +33,16 @@ the old count.
 
 Bad options (an unknown format or provider, a size that is not positive, ``--device cuda``
 without a GPU) are refused before anything is measured or written. A run stopped early (a time
-limit, ^C, an error) keeps and reports what it measured; it exits 1 if that is nothing.
+limit, ^C, an error) keeps and reports what it measured; it exits 1 if that is nothing. A loraq
+kernel whose output is wrong is refused, not timed: the report names its problem and the run
+exits 1. ``--from-csv`` refuses to merge runs of different devices, dtypes or ranks.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import math
 import re
 import signal
 import statistics
@@ -104,13 +107,40 @@ def positive(text: str) -> int:
     return value
 
 
+def check_outputs(p: argparse.ArgumentParser, args) -> None:
+    """Refuse (``p.error``, exit 2) an output file that cannot be written: a folder, a path under a
+    file, ``--plot`` without matplotlib. The Markdown and the plot are written at the end of a run:
+    found there, the run's hours would be lost."""
+    for flag in ("csv", "plot", "markdown"):
+        path = getattr(args, flag)
+        if path is None:
+            continue
+        if not path or Path(path).is_dir():
+            p.error(f"--{flag} {path!r}: expected a file name, got {'a folder' if path else 'nothing'}")
+        above = next(a for a in Path(path).absolute().parents if a.exists())
+        if not above.is_dir():
+            p.error(f"--{flag} {path}: {above} is a file, not a folder")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as e:
+            p.error(f"--plot needs matplotlib ({e}); pip install matplotlib, or leave --plot out")
+
+
 def check_run_args(p: argparse.ArgumentParser, args) -> None:
     """Refuse what a run cannot do (``p.error``, exit 2) before it measures or writes anything:
-    unknown formats or providers, and a device this machine does not have."""
+    unknown or repeated formats, providers, shapes or batch sizes, and a device this machine does
+    not have."""
     for what, asked, known in (("formats", args.formats, sorted(FORMATS)), ("providers", args.providers, PROVIDERS)):
         unknown = [v for v in asked if v not in known]
         if unknown:
             p.error(f"unknown {what} {unknown}; known: {', '.join(known)}")
+    for what, asked in (("formats", args.formats), ("providers", args.providers), ("shapes", args.shapes),
+                        ("batches", args.batches)):
+        repeated = sorted({v for v in asked or [] if asked.count(v) > 1})
+        if repeated:  # a repeat would time the same problem twice and list it twice in the report
+            names = ["x".join(map(str, v)) if isinstance(v, tuple) else str(v) for v in repeated]
+            p.error(f"--{what} repeats {', '.join(names)}: give each once")
     if args.device == "auto":
         return
     try:
@@ -165,10 +195,13 @@ def _nbytes(*ts) -> int:
     return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
-def providers_for(fmt: str, weight, W16, x, A, B, s, device, op: str) -> Dict[str, Tuple[Optional[Callable], int, str]]:
+def providers_for(fmt: str, weight, W16, x, A, B, s, device, op: str,
+                  wanted=PROVIDERS) -> Dict[str, Tuple[Optional[Callable], int, str]]:
     """``{provider: (fn or None, bytes moved, note)}`` for one problem: ``op`` is ``forward``,
     ``backward_dx`` (``dY·Ŵ``) or ``backward_dx_lora`` (``dY·Ŵ + s·(dY·B)·A``, with ``dY·B``
-    given, as the layer's backward has it for ``dA`` anyway; cuBLAS's row is the plain ``dY·W``)."""
+    given, as the layer's backward has it for ``dA`` anyway; cuBLAS's row is the plain ``dY·W``).
+    Of the providers that run something to be built or checked (loraq's kernels, the other
+    libraries), only those ``wanted``: an unasked one costs no autotuning and cannot stop the run."""
     M, K = x.shape
     N = W16.shape[0]
     act = _nbytes(x) + M * N * x.element_size()
@@ -183,7 +216,7 @@ def providers_for(fmt: str, weight, W16, x, A, B, s, device, op: str) -> Dict[st
         out["cublas_lora"] = (lambda: dy @ W16 + s * (dyB @ A), _nbytes(W16) + act + lora, "dY·B given")
         ref = lambda: reference.lora_linear_dx_ref(dy, weight, A, dyB, s)  # noqa: E731
         out["naive"] = (ref, weight.nbytes + act + lora, "dequantize, then matmul + LoRA; dY·B given")
-        for name in ("triton", "cuda"):
+        for name in (n for n in ("triton", "cuda") if n in wanted):
             ok, why = _status(status, name, device)
             fn = (lambda b=name: ops.lora_linear_dx(dy, weight, A, dyB, s, backend=b, lora_B=B)) if ok else None
             out[name] = _checked(fn, ref, weight.nbytes + act + lora, why or "dY·B given", device)
@@ -193,7 +226,7 @@ def providers_for(fmt: str, weight, W16, x, A, B, s, device, op: str) -> Dict[st
         out["cublas"] = (lambda: dy @ W16, _nbytes(W16) + act, "")
         out["naive"] = (lambda: dy @ weight.dequantize().to(x.dtype), weight.nbytes + act, "dequantize, then matmul")
         ref = lambda: dy @ weight.dequantize().to(x.dtype)  # noqa: E731
-        for name in ("triton", "cuda"):
+        for name in (n for n in ("triton", "cuda") if n in wanted):
             ok, why = _status(status, name, device)
             out[name] = _checked((lambda b=name: ops.base_matmul_t(dy, weight, backend=b)) if ok else None,
                                  ref, weight.nbytes + act, why, device)
@@ -203,12 +236,16 @@ def providers_for(fmt: str, weight, W16, x, A, B, s, device, op: str) -> Dict[st
     out["naive"] = (lambda: reference.lora_linear_ref(x, weight, A, B, s), weight.nbytes + act + lora,
                     "dequantize, then matmul + LoRA")
     ref = lambda: reference.lora_linear_ref(x, weight, A, B, s)  # noqa: E731
-    for name in ("triton", "cuda"):
+    for name in (n for n in ("triton", "cuda") if n in wanted):
         ok, why = _status(status, name, device)
         out[name] = _checked((lambda b=name: ops.lora_linear(x, weight, A, B, s, backend=b)) if ok else None,
                              ref, weight.nbytes + act + lora, why, device)
-    out["gemlite"] = gemlite_int1(weight, x, A, B, s, act + lora, device)
-    out["bnb_nf4"] = bnb_nf4(W16, x, A, B, s, act + lora, device)
+    for name, make, w in (("gemlite", gemlite_int1, weight), ("bnb_nf4", bnb_nf4, W16)):
+        if name in wanted:
+            try:  # another library's failure is its row's note, not the end of loraq's benchmark
+                out[name] = make(w, x, A, B, s, act + lora, device)
+            except Exception as e:
+                out[name] = (None, 0, f"{name} failed: {type(e).__name__}: {e}")
     return out
 
 
@@ -258,7 +295,7 @@ def run(args, rows: List[Dict], info: Dict) -> str:
             for M in batches:
                 x = torch.randn(M, K, device=device, dtype=dtype)
                 for op in ops_to_run:
-                    provs = providers_for(fmt, weight, W16, x, A, B, 2.0, device, op)
+                    provs = providers_for(fmt, weight, W16, x, A, B, 2.0, device, op, args.providers)
                     problem: List[Tuple[Dict, Optional[float]]] = []  # (row, best µs) of each provider
                     try:
                         for p in (p for p in args.providers if p in provs):
@@ -369,12 +406,22 @@ def markdown(rows: List[Dict], path: str, header: str) -> None:
         lines.append(f"| {r['op']} | {r['format']} | {r['K']}→{r['N']} | {r['M']} | {r['provider']} | "
                      f"{r['median_us']} | {_or_dash(r.get('graph_us'))} | {r['GBps']} | {r['pct_copy_bw']} | "
                      f"{_or_dash(r.get('speedup_vs_cublas'))} |")
-    skipped = sorted({(r["provider"], r["note"]) for r in rows if r.get("median_us") is None})
+    skipped = sorted({(r["provider"], r["note"]) for r in rows
+                      if r.get("median_us") is None and not (r.get("note") or "").startswith("REFUSED")})
     if skipped:
         lines += ["", "Not run: " + "; ".join(f"{p} ({n})" for p, n in skipped)]
+    if _refused(rows):  # named with their problem: which kernel is wrong where
+        lines += ["", "Refused (output disagrees with loraq.reference, not timed): "
+                  + "; ".join(_refused(rows))]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n".join(lines) + "\n")
     print(f"markdown: {path}")
+
+
+def _refused(rows: List[Dict]) -> List[str]:
+    """The rows whose kernel was refused for a wrong output, each as ``op format K→N M=m provider: why``."""
+    return [f"{r['op']} {r['format']} {r['K']}→{r['N']} M={r['M']} {r['provider']}: "
+            f"{r['note'].split(': ', 1)[-1]}" for r in rows if (r.get("note") or "").startswith("REFUSED")]
 
 
 def _or_dash(v) -> str:
@@ -440,8 +487,14 @@ def read_csv(path: str) -> List[Dict]:
                 raise SystemExit(f"bench_kernels: {path} is not a CSV of bench_kernels.py --csv: it has no "
                                  f"column {', '.join(missing)}")
             for r in reader:
-                out.append({k: (None if v in ("", None) and k in ints_ | floats else int(v) if k in ints_
-                                else float(v) if k in floats else v) for k, v in r.items() if k in COLUMNS})
+                if None in r or None in r.values():  # csv's restkey / restval: a short or long line
+                    raise ValueError(f"not {len(reader.fieldnames)} cells, as in the header")
+                row = {k: (None if v in ("", None) and k in ints_ | floats else int(v) if k in ints_
+                           else float(v) if k in floats else v) for k, v in r.items() if k in COLUMNS}
+                for k in ("median_us", "graph_us"):  # a NaN, zero or negative time would be reported as met
+                    if row[k] is not None and not (math.isfinite(row[k]) and row[k] > 0):
+                        raise ValueError(f"{k} {row[k]} is not a time (a positive, finite number of µs)")
+                out.append(row)
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise SystemExit(f"bench_kernels: cannot read {path}: {e}") from None
     except ValueError as e:
@@ -456,16 +509,25 @@ def merge_runs(paths: List[str]) -> Tuple[List[Dict], str]:
     group = lambda r: (r["op"], r["format"], r["K"], r["N"], r["M"])  # noqa: E731
     kept: Dict[tuple, List[Dict]] = {}
     source: Dict[tuple, str] = {}
+    setups: Dict[tuple, str] = {}  # (device, dtype, rank) -> the first file that has it
     for path in paths:
         rows = read_csv(path)
+        for r in rows:
+            setups.setdefault((r["device"], r["dtype"], r["rank"]), path)
         for key in dict.fromkeys(group(r) for r in rows):
             kept[key] = [r for r in rows if group(r) == key]
             source[key] = path
     if not kept:
         raise SystemExit(f"bench_kernels: no benchmark rows in {', '.join(paths)}")
+    if len(setups) > 1:  # a report has one device, dtype and rank: its targets and rows are compared as one
+        raise SystemExit("bench_kernels: --from-csv merges runs of one device, dtype and rank; these differ: "
+                         + "; ".join(f"{p}: device {d}, dtype {t}, rank {r}"
+                                     for (d, t, r), p in setups.items()))
+    (device, dtype, rank), = setups
     order = sorted(kept, key=_group_order)
     counts = {p: sum(1 for k in order if source[k] == p) for p in paths}
-    header = "merged from: " + "; ".join(f"{p} ({n} groups of op, format, shape and M)" for p, n in counts.items())
+    header = (f"device {device}; dtype {dtype}; rank {rank}; merged from: "
+              + "; ".join(f"{p} ({n} groups of op, format, shape and M)" for p, n in counts.items()))
     return [r for k in order for r in sorted(kept[k], key=lambda r: _rank(PROVIDERS, r["provider"]))], header
 
 
@@ -551,8 +613,9 @@ def write_csv(rows: List[Dict], path: str, quiet: bool = False) -> None:
 
 
 def main(argv=None) -> int:
-    """The command line (``--help``): 0 when it wrote its reports, 1 when a run timed no row or an
-    input file is refused, 2 for bad options."""
+    """The command line (``--help``): 0 when it wrote its reports, 1 when a run timed no row, a
+    loraq kernel's output was wrong (the reports are still written) or an input file is refused,
+    2 for bad options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", type=parse_shapes, help="KxN,... (default: the issue's on a GPU, tiny on a CPU)")
     p.add_argument("--batches", type=ints, help="M values (default: 1,4,16,64,256,4096 on a GPU)")
@@ -577,13 +640,21 @@ def main(argv=None) -> int:
     p.add_argument("--from-log", help="measure nothing: rebuild --csv / --plot / --markdown from the printed "
                                       "output of a run that was killed before it wrote them")
     args = p.parse_args(argv)
-    if args.from_csv:
+    # "is not None": an empty --from-csv "$UNSET" must not start a (GPU-hours) measuring run
+    if args.from_csv is not None and args.from_log is not None:
+        p.error("--from-csv and --from-log: give one of them")
+    check_outputs(p, args)
+    if args.from_csv is not None:
         if not (args.plot or args.csv or args.markdown):
             p.error("--from-csv needs --plot, --csv or --markdown")
+        if not all(args.from_csv.split(",")):
+            p.error(f"--from-csv {args.from_csv!r}: expected comma-separated CSV files")
         rows, header = merge_runs(args.from_csv.split(","))
-    elif args.from_log:
+    elif args.from_log is not None:
         if not (args.csv or args.plot or args.markdown):
             p.error("--from-log needs --csv, --plot or --markdown")
+        if not args.from_log:
+            p.error("--from-log '': expected the printed output of a run")
         rows, header = read_log(args.from_log)
     else:
         check_run_args(p, args)
@@ -597,8 +668,15 @@ def main(argv=None) -> int:
         plot(rows, args.plot)
     if args.markdown:
         markdown(rows, args.markdown, header)
-    if not (args.from_csv or args.from_log or _timed(rows)):
+    if args.from_csv is not None or args.from_log is not None:
+        return 0
+    if not _timed(rows):
         print("bench_kernels: no row was timed (each row's note says why)", file=sys.stderr)
+        return 1
+    wrong = _refused(rows)
+    if wrong:  # a wrong kernel fails the run (CI), though the other rows are reported
+        print(f"bench_kernels: {len(wrong)} kernel output(s) disagree with loraq.reference, not timed: "
+              + "; ".join(wrong), file=sys.stderr)
         return 1
     return 0
 

@@ -155,7 +155,16 @@ BAD_OPTIONS = [(["--formats", "int1,int4"], ["'int4'", "dense, int1, sparse4x4"]
                (["--batches", "-1"], ["--batches", "'-1'"]),
                (["--reps", "0"], ["--reps", "'0'"]),
                (["--device", "cuda"], ["--device cuda", "no CUDA GPU", "cpu or auto"]),
-               (["--providers", "triton,foo"], ["'foo'", "cublas, cublas_lora, naive, triton"])]
+               (["--providers", "triton,foo"], ["'foo'", "cublas, cublas_lora, naive, triton"]),
+               # a repeat timed the same problem twice and listed it twice in the report
+               (["--shapes", "40x24,8x8,40x24"], ["--shapes repeats 40x24"]),
+               (["--batches", "1,3,1"], ["--batches repeats 1"]),
+               (["--formats", "int1,int1"], ["--formats repeats int1"]),
+               (["--providers", "triton,cublas,triton"], ["--providers repeats triton"]),
+               # an empty --from-csv "$UNSET" started a whole measuring run; both inputs, one was ignored
+               (["--from-csv", ""], ["--from-csv ''", "CSV files"]),
+               (["--from-log", ""], ["--from-log ''"]),
+               (["--from-csv", "a.csv", "--from-log", "b.txt"], ["--from-csv and --from-log"])]
 
 
 @pytest.mark.parametrize("bad, says", BAD_OPTIONS, ids=[" ".join(bad) for bad, _ in BAD_OPTIONS])
@@ -555,3 +564,169 @@ def test_gpu_session_script_parses_and_documents_its_ncu_step():
     assert ncu_step.index('python3 "${args[@]}"; }') < ncu_step.index("ncu --nvtx")
     assert '--nvtx-include "loraq_call/"' in ncu_step
     assert 'NVTX_RANGE = "loraq_call"' in (REPO / "bench" / "run_problem.py").read_text()
+
+
+def test_bench_kernels_refuses_an_output_it_could_not_write_before_it_measures(tmp_path, monkeypatch, capsys):
+    """--markdown and --plot are written after the whole run: a folder, a path under a file, or a
+    plot without matplotlib crashed there (a traceback, the report lost); now exit 2 up front."""
+    import bench_kernels as bk
+
+    monkeypatch.setattr(bk, "copy_bandwidth", lambda *_: pytest.fail("measured before the outputs were checked"))
+    (tmp_path / "afile").write_text("x")
+    run = ["--shapes", "40x24", "--batches", "1", "--formats", "int1", "--providers", "cublas", "--device", "cpu"]
+    for bad, says in [(["--markdown", str(tmp_path)], "a folder"), (["--csv", str(tmp_path / "afile" / "b.csv")],
+                                                                    "is a file, not a folder"),
+                      (["--csv", ""], "nothing")]:
+        with pytest.raises(SystemExit) as e:
+            bk.main(run + bad)
+        err = capsys.readouterr().err.splitlines()[-1]
+        assert e.value.code == 2 and f"--{bad[0][2:]}" in err and says in err, err
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed
+    with pytest.raises(SystemExit) as e:
+        bk.main(run + ["--plot", str(tmp_path / "b.png"), "--markdown", str(tmp_path / "b.md")])
+    assert e.value.code == 2 and "--plot needs matplotlib" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_a_wrong_kernel_fails_the_run_and_the_report_names_its_problem(tmp_path, monkeypatch, capsys):
+    """A loraq kernel whose output disagrees with the reference gets no time, the report says for
+    which op, format, shape and M, and the exit status is 1 (it was 0: CI passed a wrong kernel).
+    A provider not asked for is not built or checked at all."""
+    pytest.importorskip("triton")
+    import bench_kernels as bk
+
+    real = bk.ops.lora_linear
+    monkeypatch.setattr(bk.ops, "lora_linear", lambda *a, **k: real(*a, **k) * 1.5)
+    md, out = tmp_path / "b.md", tmp_path / "b.csv"
+    argv = ["--shapes", "40x24", "--batches", "3", "--formats", "int1", "--reps", "1", "--device", "cpu",
+            "--csv", str(out), "--markdown", str(md)]
+    assert bk.main(argv + ["--providers", "cublas,triton"]) == 1
+    err = capsys.readouterr().err
+    assert "1 kernel output(s) disagree with loraq.reference" in err and "forward int1 40→24 M=3 triton" in err
+    rows = {r["provider"]: r for r in csv.DictReader(out.open())}
+    assert rows["triton"]["median_us"] == "" and rows["triton"]["note"].startswith("REFUSED")
+    assert float(rows["cublas"]["median_us"]) > 0
+    text = md.read_text()
+    assert "Refused (output disagrees with loraq.reference, not timed): forward int1 40→24 M=3 triton: max error" in text
+    assert "| forward | int1 | 40→24 | 3 | triton |" not in text and "Not run:" not in text
+    monkeypatch.setattr(bk.ops, "lora_linear", lambda *a, **k: pytest.fail("an unasked provider was run"))
+    assert bk.main(argv + ["--providers", "cublas,naive"]) == 0
+
+
+def test_a_failing_other_library_is_its_rows_note_not_the_end_of_the_run(tmp_path, monkeypatch, capsys):
+    import bench_kernels as bk
+
+    def broken(*_):
+        raise RuntimeError("unsupported shape")
+
+    monkeypatch.setattr(bk, "gemlite_int1", broken)
+    out = tmp_path / "b.csv"
+    assert bk.main(["--shapes", "40x24", "--batches", "1,3", "--formats", "int1", "--providers", "cublas,gemlite",
+                    "--reps", "1", "--device", "cpu", "--csv", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["M"], r["provider"]) for r in rows] == [("1", "cublas"), ("1", "gemlite"), ("3", "cublas"),
+                                                       ("3", "gemlite")]
+    assert all(r["note"] == "gemlite failed: RuntimeError: unsupported shape" for r in rows[1::2])
+
+
+def _runs_csv(bk, path, device="NVIDIA H100 80GB HBM3", dtype="fp16", rank=16, us=1.0):
+    rows = [dict(device=device, op="forward", format="int1", K=64, N=48, M=1, rank=rank, dtype=dtype, provider=p,
+                 median_us=us, bytes=1, GBps=1.0, pct_copy_bw=1.0, note="") for p in ("cublas", "triton")]
+    bk.write_csv(rows, str(path), quiet=True)
+    return path
+
+
+def test_from_csv_refuses_to_merge_runs_of_different_gpus_dtypes_or_ranks(tmp_path):
+    """A later run's rows replace an earlier one's: from another GPU (or dtype, or rank) they were
+    mixed into one report silently, its targets judged on whichever came last."""
+    import bench_kernels as bk
+
+    h100 = _runs_csv(bk, tmp_path / "h100.csv")
+    md = tmp_path / "m.md"
+    for other, says in [(_runs_csv(bk, tmp_path / "a100.csv", device="NVIDIA A100-SXM4-80GB"), "NVIDIA A100"),
+                        (_runs_csv(bk, tmp_path / "bf16.csv", dtype="bf16"), "dtype bf16"),
+                        (_runs_csv(bk, tmp_path / "r64.csv", rank=64), "rank 64")]:
+        with pytest.raises(SystemExit) as e:
+            bk.main(["--from-csv", f"{h100},{other}", "--markdown", str(md)])
+        msg = str(e.value.code)
+        assert "merges runs of one device, dtype and rank" in msg and str(other) in msg and says in msg, msg
+        assert not md.exists()
+    assert bk.main(["--from-csv", f"{h100},{h100}", "--markdown", str(md)]) == 0
+    assert "device NVIDIA H100 80GB HBM3; dtype fp16; rank 16; merged from:" in md.read_text()
+
+
+@pytest.mark.parametrize("cell, says", [("nan", "median_us nan is not a time"), ("0", "median_us 0.0 is not a time"),
+                                        ("-3", "median_us -3.0 is not a time")])
+def test_from_csv_refuses_a_time_that_is_not_one(tmp_path, cell, says):
+    """A NaN, zero or negative time was read and judged ("0.0 µs: met", "nan µs: missed by nanx")."""
+    import bench_kernels as bk
+
+    path = _runs_csv(bk, tmp_path / "r.csv")
+    lines = path.read_text().splitlines()
+    lines[2] = lines[2].replace(",1.0,", f",{cell},", 1)  # triton's median_us
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit) as e:
+        bk.main(["--from-csv", str(path), "--markdown", str(tmp_path / "m.md")])
+    assert f"{path} line 3: {says}" in str(e.value.code), e.value.code
+
+
+def test_from_csv_refuses_a_line_with_missing_or_extra_cells(tmp_path):
+    import bench_kernels as bk
+
+    for name, edit in [("short", lambda line: line.rsplit(",", 2)[0]), ("long", lambda line: line + ",extra")]:
+        path = _runs_csv(bk, tmp_path / f"{name}.csv")
+        lines = path.read_text().splitlines()
+        lines[1] = edit(lines[1])
+        path.write_text("\n".join(lines) + "\n")
+        with pytest.raises(SystemExit) as e:
+            bk.main(["--from-csv", str(path), "--csv", str(tmp_path / "out.csv")])
+        assert f"{path} line 2: not 16 cells, as in the header" in str(e.value.code), e.value.code
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_bnb_bytes_count_the_nf4_block_scales(monkeypatch):
+    """NF4 stores a fp32 absmax per 64-value block beside the 4-bit codes (1/8 more bytes): the
+    bytes moved, and so GB/s and % of bandwidth, counted only the codes. A stand-in bitsandbytes."""
+    import types
+
+    from baselines import bnb_nf4
+
+    N, K = 48, 128
+
+    def quantize_4bit(W, quant_type):
+        state = types.SimpleNamespace(W=W, absmax=torch.ones(N * K // 64), code=torch.zeros(16), nested=False)
+        return torch.zeros(N * K // 2, 1, dtype=torch.uint8), state
+
+    bnb = types.ModuleType("bitsandbytes")
+    bnb.__version__ = "0-stand-in"
+    bnb.matmul_4bit = lambda x, packed_t, quant_state: x @ quant_state.W.t()
+    functional = types.ModuleType("bitsandbytes.functional")
+    functional.quantize_4bit = quantize_4bit
+    functional.dequantize_4bit = lambda packed, state: state.W
+    bnb.functional = functional
+    monkeypatch.setitem(sys.modules, "bitsandbytes", bnb)
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", functional)
+    W, x = torch.randn(N, K), torch.randn(2, K)
+    fn, nbytes, note = bnb_nf4(W, x, torch.randn(4, K), torch.randn(N, 4), 1.0, 100, torch.device("cuda"))
+    assert fn is not None and note == "bitsandbytes 0-stand-in"
+    assert nbytes == N * K // 2 + 4 * N * K // 64 + 4 * 16 + 100
+
+
+def test_other_libraries_say_not_installed_only_when_they_are_not(tmp_path, monkeypatch):
+    """fetch_baselines.sh installs without dependencies: a GemLite whose import fails for another
+    reason was reported as "not installed"."""
+    from baselines import gemlite_int1
+
+    from loraq.formats import compress_weight
+
+    w, x, cuda = compress_weight(torch.randn(8, 64), "int1"), torch.randn(2, 64), torch.device("cuda")
+    monkeypatch.setitem(sys.modules, "gemlite", None)
+    fn, _, why = gemlite_int1(w, x, None, None, 1.0, 0, cuda)
+    assert fn is None and why.startswith("gemlite not installed (pip install gemlite")
+    monkeypatch.delitem(sys.modules, "gemlite")
+    (tmp_path / "gemlite").mkdir()
+    (tmp_path / "gemlite" / "__init__.py").write_text("import a_missing_dependency_of_gemlite\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fn, _, why = gemlite_int1(w, x, None, None, 1.0, 0, cuda)
+    assert fn is None and why.startswith("gemlite is installed but failed to import: ModuleNotFoundError")
+    assert "a_missing_dependency_of_gemlite" in why
