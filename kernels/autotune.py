@@ -17,11 +17,14 @@ import os
 import re
 import tempfile
 import threading
+import warnings
 import zlib
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
+
+from .env import env_is
 
 # BLOCK_M, output tile (BLOCK_N forward / BLOCK_K for dX), reduction tile, split of the
 # reduction over programs (fp32 atomics), num_warps, num_stages, variant (below).
@@ -124,6 +127,8 @@ _LOG = logging.getLogger("loraq.autotune")
 _MEMORY: Dict[str, Dict[str, Config]] = {}
 # (op, M bucket, N, K, dtype, device index, variant) -> config: the per-call path, no file or string work
 _PICKED: Dict[tuple, Config] = {}
+# cache files already warned about (damaged, or not writable): one warning a file and process
+_WARNED: set = set()  # (path, "read" or "write")
 
 
 def m_bucket(M: int) -> int:
@@ -241,6 +246,10 @@ def cache_file(device: torch.device) -> Optional[Path]:
             root = Path.home() / ".cache" / "loraq"
         except RuntimeError:  # no home directory (a service account)
             return None
+    # "~/x" set where no shell expands it (a .env file, Docker's ENV, os.environ in Python) is the
+    # home folder's, not a folder named "~" in the working directory; a relative folder is taken
+    # from where the process is now (the in-memory table is keyed by the file it was read from)
+    root = os.path.abspath(os.path.expanduser(root))
     return Path(root) / "autotune" / f"{name}-triton{triton.__version__}-v{CACHE_VERSION}.json"
 
 
@@ -249,15 +258,32 @@ def _is_config(value) -> bool:
             and all(type(v) is int for v in value))
 
 
+def _warn_once(path: Path, what: str, message: str) -> None:
+    if (path, what) not in _WARNED:
+        _WARNED.add((path, what))
+        warnings.warn(f"loraq autotune: {message}", RuntimeWarning, stacklevel=3)
+
+
 def _read(path: Path) -> Dict[str, Config]:
-    """The file's well-formed entries (a missing, unreadable or damaged file: none)."""
+    """The file's well-formed entries (a missing file: none). An unreadable or damaged file (a
+    truncated write, an edit by hand) is warned about once: its shapes are tuned again and the
+    next winner's write replaces it."""
+    why = None
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (FileNotFoundError, NotADirectoryError):  # not written yet (or no such folder)
         return {}
+    except (OSError, ValueError) as e:
+        data, why = {}, f"{type(e).__name__}: {e}"
     if not isinstance(data, dict):
-        return {}
-    return {k: tuple(v) for k, v in data.items() if isinstance(k, str) and _is_config(v)}
+        data, why = {}, f"a JSON {type(data).__name__}, not an object"
+    entries = {k: tuple(v) for k, v in data.items() if isinstance(k, str) and _is_config(v)}
+    if len(entries) < len(data):
+        why = f"{len(data) - len(entries)} of its {len(data)} entries malformed"
+    if why is not None:
+        _warn_once(path, "read", f"ignoring what cannot be used in the cache file {path} ({why}); "
+                                 f"those shapes are tuned again and the file rewritten")
+    return entries
 
 
 def _load(path: Optional[Path]) -> Dict[str, Config]:
@@ -278,9 +304,12 @@ def _file_lock(path: Path):
         return
     try:
         f = open(f"{path}.lock", "a")
-    except OSError:  # another user's lock file, a read-only folder: write unlocked
-        yield
-        return
+    except OSError:
+        try:  # another user's lock file (0644 under the usual umask): flock needs only reading
+            f = open(f"{path}.lock")
+        except OSError:  # a read-only folder without one: write unlocked
+            yield
+            return
     with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX)
@@ -312,8 +341,10 @@ def _store(path: Optional[Path], table: Dict[str, Config]) -> None:
             except BaseException:
                 os.unlink(tmp)
                 raise
-    except OSError:  # a read-only or full cache folder: keep the in-memory table
-        pass
+    except OSError as e:  # a read-only or full cache folder: keep the in-memory table
+        _warn_once(path, "write", f"cannot write the cache file {path} ({type(e).__name__}: {e}); "
+                         f"tuned configs are kept in this process only "
+                         f"(set LORAQ_CACHE_DIR to a writable folder)")
 
 
 RETIME_TOP = 3  # the fastest candidates are timed twice (time_candidates)
@@ -421,7 +452,7 @@ def _tune(op, key, M, N, K, dtype, candidates, run, bench) -> Config:
               len(candidates), op, M, N, K, dtype)
     failures: Dict[Config, BaseException] = {}
     timings = time_candidates(candidates, run, bench, failures, desc=f"loraq autotune {op} M={M} N={N} K={K}")
-    if os.environ.get("LORAQ_AUTOTUNE_VERBOSE") == "1":
+    if env_is("LORAQ_AUTOTUNE_VERBOSE", "1"):
         ranked = sorted(timings.items(), key=lambda kv: kv[1])
         print(f"loraq autotune {key}: " + ", ".join(f"{c}={1e3 * t:.1f}µs" for c, t in ranked)
               + "".join(f"; {c} failed: {type(e).__name__}: {e}" for c, e in failures.items()), flush=True)

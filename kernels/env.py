@@ -8,17 +8,38 @@ bytes), which a comparison reads in 0.04 µs.
 """
 
 import os
-from typing import Dict, Tuple
+import warnings
+from typing import Dict, Set, Tuple
 
 _ENCODED: Dict[Tuple[str, str], Tuple[bytes, bytes]] = {}
+_OFF = (None, b"", b"0")
+_WARNED: Set[Tuple[str, str]] = set()  # (name, value) already warned about
 
 
 def env_is(name: str, value: str) -> bool:
-    """``os.environ.get(name) == value``."""
+    """``os.environ.get(name) == value``. Asked whether a switch is ``"1"``, a value that is none
+    of unset, empty, ``0`` and ``1`` (``true``, ``yes``, ``on``) is warned about once: it is off."""
     raw = getattr(os.environ, "_data", None)
     if type(raw) is not dict or os.name != "posix":  # Windows (str keys) or a replaced os.environ
-        return os.environ.get(name) == value
+        got = os.environ.get(name)
+        if got == value:
+            return True
+        if value == "1" and got not in ("", "0", None):
+            _warn_unknown(name, got)
+        return False
     pair = _ENCODED.get((name, value))
     if pair is None:
         pair = _ENCODED[(name, value)] = (os.fsencode(name), os.fsencode(value))
-    return raw.get(pair[0]) == pair[1]
+    got = raw.get(pair[0])
+    if got == pair[1]:
+        return True
+    if got not in _OFF and value == "1":  # a switch set to something it does not understand
+        _warn_unknown(name, os.fsdecode(got))
+    return False
+
+
+def _warn_unknown(name: str, got: str) -> None:
+    if (name, got) not in _WARNED:
+        _WARNED.add((name, got))
+        warnings.warn(f"{name}={got!r} is not understood: set {name}=1 to turn it on (0 or unset: off); "
+                      f"it is off", RuntimeWarning, stacklevel=3)

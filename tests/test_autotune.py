@@ -25,6 +25,7 @@ def fake_gpu(tmp_path, monkeypatch):
     monkeypatch.setattr(autotune, "gpu_name", lambda device: "Fake GPU 80GB")
     monkeypatch.setattr(autotune, "_MEMORY", {})
     monkeypatch.setattr(autotune, "_PICKED", {})
+    monkeypatch.setattr(autotune, "_WARNED", set())
     return tmp_path
 
 
@@ -277,7 +278,13 @@ def test_a_damaged_cache_file_is_ignored_and_rewritten(fake_gpu, content):
     path.parent.mkdir(parents=True)
     path.write_bytes(content)
     run, bench = by_rank([autotune.SMALL_M[2]])
-    assert autotune.pick_config("op", 1, 64, 64, torch.float16, CUDA_DEV, run, bench) == autotune.SMALL_M[2]
+    with pytest.warns(RuntimeWarning, match=r"cache file .*Fake_GPU_80GB.* tuned again") as warned:
+        got = autotune.pick_config("op", 1, 64, 64, torch.float16, CUDA_DEV, run, bench)
+        assert got == autotune.SMALL_M[2]
+        path.write_bytes(content)  # damaged again (by hand): the warning is not repeated
+        autotune._MEMORY.clear()
+        autotune.pick_config("op", 1, 65, 64, torch.float16, CUDA_DEV, run, bench)
+    assert len(warned) == 1
     entries = cache_entries(fake_gpu)
     assert list(entries.values()) == [list(autotune.SMALL_M[2])]
 
@@ -292,6 +299,47 @@ def test_a_cached_answer_that_is_not_a_candidate_is_tuned_again(fake_gpu):
     autotune._PICKED.clear()
     assert autotune.pick_config("op", 1, 64, 64, torch.float16, CUDA_DEV, run, bench) == autotune.SMALL_M[1]
     assert json.loads(path.read_text()) == {key: list(autotune.SMALL_M[1])}
+
+
+def test_an_unwritable_cache_folder_warns_once_and_tuning_goes_on(fake_gpu, monkeypatch):
+    """A LORAQ_CACHE_DIR that cannot be written (here a file, as a read-only folder would be for
+    root): the winners stay in memory, and the user is told once why every process tunes again."""
+    blocker = fake_gpu / "not_a_folder"
+    blocker.write_text("")
+    monkeypatch.setenv("LORAQ_CACHE_DIR", str(blocker))
+    run, bench = by_rank([autotune.SMALL_M[3]])
+    match = r"cannot write the cache file .*not_a_folder.*LORAQ_CACHE_DIR"
+    with pytest.warns(RuntimeWarning, match=match) as warned:
+        for n in (64, 65, 66):
+            got = autotune.pick_config("op", 1, n, 64, torch.float16, CUDA_DEV, run, bench)
+            assert got == autotune.SMALL_M[3]
+    assert len(warned) == 1
+
+
+def test_a_cache_folder_with_a_tilde_or_a_relative_path(fake_gpu, monkeypatch):
+    """``~`` that no shell expanded (a .env file, Docker's ENV) is the home folder, not a folder
+    named ``~`` in the working directory; a relative folder is made absolute."""
+    home, cwd = fake_gpu / "home", fake_gpu / "cwd"
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("LORAQ_CACHE_DIR", "~/cache")
+    assert autotune.cache_file(CUDA_DEV).parent == home / "cache" / "autotune"
+    run, bench = by_rank([])
+    autotune.pick_config("op", 1, 64, 64, torch.float16, CUDA_DEV, run, bench)
+    assert list((home / "cache" / "autotune").glob("*.json")) and list(cwd.iterdir()) == []
+    monkeypatch.setenv("LORAQ_CACHE_DIR", "rel")
+    assert autotune.cache_file(CUDA_DEV).parent == cwd / "rel" / "autotune"
+
+
+def test_an_unknown_verbose_value_is_warned_about(fake_gpu, monkeypatch, capsys):
+    monkeypatch.setattr("loraq.kernels.env._WARNED", set())
+    monkeypatch.setenv("LORAQ_AUTOTUNE_VERBOSE", "yes")
+    run, bench = by_rank([])
+    match = r"LORAQ_AUTOTUNE_VERBOSE='yes' is not understood: set LORAQ_AUTOTUNE_VERBOSE=1"
+    with pytest.warns(RuntimeWarning, match=match):
+        autotune.pick_config("op", 1, 64, 64, torch.float16, CUDA_DEV, run, bench)
+    assert capsys.readouterr().out == ""
 
 
 def test_without_a_home_directory_the_cache_folder_or_memory_is_used(fake_gpu, monkeypatch):
@@ -338,6 +386,32 @@ def test_without_file_locks_the_winners_are_written_unlocked(fake_gpu, monkeypat
     run, bench = by_rank([autotune.SMALL_M[5]])
     assert autotune.pick_config("op", 1, 64, 64, torch.float16, CUDA_DEV, run, bench) == autotune.SMALL_M[5]
     assert list(cache_entries(fake_gpu).values()) == [list(autotune.SMALL_M[5])]
+
+
+def test_another_users_lock_file_still_locks(fake_gpu, monkeypatch):
+    """A shared cache folder: the lock file another user created (0644) cannot be opened for
+    writing, but flock needs only a read handle, so the merge is still locked."""
+    import builtins
+    import errno
+
+    import fcntl
+
+    real_open, real_flock, locked = builtins.open, fcntl.flock, []
+
+    def not_ours(name, mode="r", *args, **kwargs):
+        if str(name).endswith(".lock") and mode != "r":
+            raise PermissionError(errno.EACCES, "Permission denied", str(name))
+        return real_open(name, mode, *args, **kwargs)
+
+    path = autotune.cache_file(CUDA_DEV)
+    path.parent.mkdir(parents=True)
+    Path(f"{path}.lock").touch()
+    monkeypatch.setattr(builtins, "open", not_ours)
+    monkeypatch.setattr(fcntl, "flock", lambda f, op: locked.append((f.mode, op)) or real_flock(f, op))
+    run, bench = by_rank([autotune.SMALL_M[6]])
+    assert autotune.pick_config("op", 1, 64, 64, torch.float16, CUDA_DEV, run, bench) == autotune.SMALL_M[6]
+    assert locked == [("r", fcntl.LOCK_EX), ("r", fcntl.LOCK_UN)]
+    assert list(cache_entries(fake_gpu).values()) == [list(autotune.SMALL_M[6])]
 
 
 def test_the_cache_file_is_readable_by_the_other_users_of_its_folder(fake_gpu):
