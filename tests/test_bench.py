@@ -130,9 +130,9 @@ def test_targets_report_met_missed_and_not_measured():
     finally:
         sys.path.pop(0)
 
-    def row(fmt, K, N, M, provider, us, op="forward", device="NVIDIA H100"):
+    def row(fmt, K, N, M, provider, us, op="forward", device="NVIDIA H100", dtype="fp16", rank=16):
         return {"device": device, "op": op, "format": fmt, "K": K, "N": N, "M": M, "provider": provider,
-                "median_us": us, "graph_us": None}
+                "median_us": us, "graph_us": None, "dtype": dtype, "rank": rank}
 
     rows = [row("int1", 8192, 28672, 1, "triton", 12.0), row("int1", 8192, 28672, 16, "triton", 30.0),
             row("int1", 4096, 4096, 1, "triton", 9.0),
@@ -147,6 +147,10 @@ def test_targets_report_met_missed_and_not_measured():
     assert got["int1 8192→28672: M=16 ≤ 1.5x M=1 (12.0 µs)"] == "30.0 µs: missed by 1.67x"
     assert got["int1 4096→4096 forward, M=4096 ≤ 1.25x cuBLAS (450.0 µs)"] == "500.0 µs: met"
     assert got["int1 4096→4096 backward_dx_lora, M=4096 ≤ 1.25x cuBLAS (400.0 µs)"] == "600.0 µs: missed by 1.20x"
+    # the targets are fp16, rank 16: a bf16 or rank-64 run is not judged against them
+    for other in (dict(dtype="bf16"), dict(rank=64)):
+        got = dict(bk.targets([row("sparse4x4", 8192, 28672, 1, "triton", 10.0, **other)]))
+        assert got["sparse4x4 + LoRA, M=1, 8192→28672 ≤ 20 µs"] == "not measured"
 
 
 BAD_OPTIONS = [(["--formats", "int1,int4"], ["'int4'", "dense, int1, sparse4x4"]),
@@ -316,7 +320,7 @@ def test_targets_list_what_was_not_measured():
 
     def row(K, N, M, provider, us, op="forward", device="NVIDIA H100"):
         return {"device": device, "op": op, "format": "int1", "K": K, "N": N, "M": M, "provider": provider,
-                "median_us": us, "graph_us": None}
+                "median_us": us, "graph_us": None, "dtype": "fp16", "rank": 16}
 
     rows = [row(4096, 4096, 1, "triton", 9.0), row(1024, 2048, 1, "triton", 4.0), row(40, 24, 16, "triton", 1.0,
                                                                                       device="cpu")]
