@@ -40,6 +40,15 @@ def main():
     parser.add_argument("--init", default="svd", choices=["gaussian", "svd", "loftq"])
     parser.add_argument("--epochs", type=int, default=15)
     args = parser.parse_args()
+    if args.epochs < 0:
+        parser.error(f"--epochs must be at least 0, got {args.epochs}")
+    init = "gaussian" if args.compression == "dense" else args.init
+    try:  # a bad option fails now, not after the dense model's pretraining
+        # clip_rank: above 10, the 10-wide head gets a full-rank adapter (as in `loraq demo`), not an error
+        config = loraq.CompressionConfig(compression=args.compression, rank=args.rank, init=init,
+                                         clip_rank=True)
+    except ValueError as e:
+        parser.error(str(e))
 
     torch.manual_seed(0)
     digits = load_digits()
@@ -52,8 +61,7 @@ def main():
     fit(model, x[train], y[train], epochs=20, lr=1e-3)
     dense_acc = accuracy(model, x[test], y[test])
 
-    init = "gaussian" if args.compression == "dense" else args.init
-    report = loraq.compress_(model, loraq.CompressionConfig(compression=args.compression, rank=args.rank, init=init))
+    report = loraq.compress_(model, config)
     print(report)
     for m in model.modules():
         if isinstance(m, loraq.LoraLinear):
