@@ -22,6 +22,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class Parser(argparse.ArgumentParser):
+    """A usage error is one line on stderr (argparse prints the whole usage first), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _version_of(module: str) -> str:
     try:
         return getattr(importlib.import_module(module), "__version__", "installed")
@@ -51,9 +58,37 @@ def info_text() -> str:
         lines.append(f"  {name:<12} {'available' if ok else 'unavailable'}: {why}")
     lines.append("settings:")
     settings = sorted((k, v) for k, v in os.environ.items() if k.startswith("LORAQ_") or k == "TRITON_INTERPRET")
-    lines += [f"  {k}={v}" for k, v in settings] or ["  (no LORAQ_* or TRITON_INTERPRET variable set)"]
+    lines += [f"  {k}={v}{_setting_problem(k, v, ops)}" for k, v in settings] \
+        or ["  (no LORAQ_* or TRITON_INTERPRET variable set)"]
     lines += _autotune_lines(torch)
     return "\n".join(lines)
+
+
+_SWITCHES = ("LORAQ_AUTOTUNE_VERBOSE", "LORAQ_CUDA_GEMV", "LORAQ_ONE_LAUNCH", "LORAQ_FAST_LAUNCH")
+_SETTINGS = ("LORAQ_BACKEND", "LORAQ_CACHE_DIR", "LORAQ_DENSE_SLAB_MIB", "LORAQ_BUILD_EXT", *_SWITCHES)
+
+
+def _setting_problem(name: str, value: str, ops) -> str:
+    """Why an environment setting will not do what it says ('' when it will): listed bare, a typo
+    or a value loraq does not understand would look like it is in effect."""
+    if name == "LORAQ_BACKEND":
+        if value not in ops.BACKENDS:
+            return (f"  (invalid: expected one of {', '.join(ops.BACKENDS)}; every layer built without "
+                    "backend= raises)")
+        ok = ops.backend_status().get(value, (True, ""))[0]
+        return "" if ok else "  (unavailable here, see backends: every layer built without backend= raises)"
+    if name in _SWITCHES:
+        return "" if value in ("", "0", "1") else "  (not understood, so off: 1 turns it on, 0 or unset: off)"
+    if name == "LORAQ_DENSE_SLAB_MIB":
+        try:
+            if int(value) >= 0:
+                return ""
+        except ValueError:
+            pass
+        return "  (invalid: a whole number of MiB >= 0 expected; the Triton kernels on CUDA raise)"
+    if name.startswith("LORAQ_") and name not in _SETTINGS:
+        return f"  (not a loraq setting, ignored; known: {', '.join(sorted(_SETTINGS))})"
+    return ""
 
 
 def _autotune_lines(torch) -> List[str]:
@@ -74,8 +109,8 @@ def _autotune_lines(torch) -> List[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loraq", description="Compress, then adapt: 1-bit / 1:16 sparse Linear "
-                                     "layers repaired with LoRA, run by fused kernels.")
+    parser = Parser(prog="loraq", description="Compress, then adapt: 1-bit / 1:16 sparse Linear "
+                    "layers repaired with LoRA, run by fused kernels.")
     parser.add_argument("--version", action="version", version=f"loraq {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("info", help="versions, devices and which backends are available (and why not)")
@@ -102,10 +137,10 @@ def _model_options(p) -> None:
     g.add_argument("--model", default="mlp", help="mlp | resnet18 | minilm | hf:NAME_OR_PATH")
     g.add_argument("--data", default="digits", help="digits | mnist:PATH | imagefolder:PATH | hf:PATH")
     g.add_argument("--weights", help="local state dict (torch.save file) of the model, for mlp or resnet18")
-    g.add_argument("--hidden", type=_ints, default=[1000, 2000], help="mlp hidden sizes")
+    g.add_argument("--hidden", type=_ints, default="1000,2000", help="mlp hidden sizes, comma-separated")
     g.add_argument("--limit", type=int, help="use at most this many examples")
     g.add_argument("--pretrain-epochs", type=int, default=0, help="train the dense model first")
-    g.add_argument("--pretrain-lr", type=float, default=1e-3)
+    g.add_argument("--pretrain-lr", type=float, default=1e-3, help="learning rate of the dense pretraining")
 
 
 def _lora_options(g) -> None:
@@ -113,8 +148,8 @@ def _lora_options(g) -> None:
     g.add_argument("--modules-to-save", type=_csv, help="comma-separated modules kept dense and trainable")
     g.add_argument("--clip-rank", action="store_true",
                    help="give layers narrower than the rank a full-rank adapter instead of an error")
-    g.add_argument("--rslora", action="store_true")
-    g.add_argument("--loftq-iters", type=int, default=1)
+    g.add_argument("--rslora", action="store_true", help="scale adapters by alpha/sqrt(rank), not alpha/rank")
+    g.add_argument("--loftq-iters", type=int, default=1, help="alternations of init loftq")
     g.add_argument("--group-size", type=int, help="int1 inputs per scale (default: one per row)")
 
 
@@ -124,18 +159,18 @@ def add_train_parser(sub) -> None:
     _model_options(p)
     g = p.add_argument_group("compression and LoRA")
     g.add_argument("--compression", default="int1", help="int1 | sparse4x4 | dense")
-    g.add_argument("--rank", type=int, default=8)
-    g.add_argument("--alpha", type=float)
+    g.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    g.add_argument("--alpha", type=float, help="LoRA alpha: adapters are scaled by alpha/rank (default: the rank)")
     g.add_argument("--init", default="gaussian", help="gaussian | svd | loftq")
     _lora_options(g)
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", default="adam", help="adam | adamw | sgd")
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="weight decay")
+    g.add_argument("--batch-size", type=int, default=64, help="training batch size")
+    g.add_argument("--epochs", type=int, default=10, help="LoRA training epochs")
     g.add_argument("--patience", type=int, help="stop after this many epochs without a better validation accuracy")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="random seed of data splits, init and training")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--output", help="run folder (default: a new folder under ./loraq-runs/)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -146,17 +181,19 @@ def add_sweep_parser(sub) -> None:
                        formatter_class=HelpFormatter)
     _model_options(p)
     g = p.add_argument_group("cells")
-    g.add_argument("--compressions", type=_csv, default=["int1", "sparse4x4"], help="comma-separated")
-    g.add_argument("--ranks", type=_ints, default=[2, 4, 8, 16, 32, 64, 128], help="comma-separated")
-    g.add_argument("--inits", type=_csv, default=["gaussian", "svd", "loftq"], help="comma-separated")
+    g.add_argument("--compressions", type=_csv, default="int1,sparse4x4",
+                   help="comma-separated: int1, sparse4x4, dense")
+    g.add_argument("--ranks", type=_ints, default="2,4,8,16,32,64,128", help="comma-separated LoRA ranks")
+    g.add_argument("--inits", type=_csv, default="gaussian,svd,loftq", help="comma-separated: gaussian, svd, loftq")
     _lora_options(g)
     g = p.add_argument_group("search")
     g.add_argument("--trials", type=int, default=10, help="finished (complete or pruned) trials per cell")
     g.add_argument("--epochs", type=int, default=10, help="LoRA training epochs per trial")
-    g.add_argument("--patience", type=int)
+    g.add_argument("--patience", type=int, help="stop a trial after this many epochs without a better validation "
+                   "accuracy")
     g.add_argument("--search-space", help="JSON (or a JSON file) overriding parameters of the default space, "
                    'e.g. \'{"lr": {"low": 1e-4, "high": 1e-2, "log": true}, "optimizer": ["adamw"]}\'')
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="random seed of data splits, init and training")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     g.add_argument("--storage", help="Optuna storage URL shared by workers, e.g. postgresql://user@host/db "
                    "(default: sqlite in the output folder)")
@@ -181,14 +218,33 @@ def add_evaluate_parser(sub) -> None:
     p.add_argument("run", help="a run folder written by loraq train (or its checkpoint/ folder)")
     p.add_argument("--split", default="test", help="train | val | test")
     p.add_argument("--data", help="another data set spec (default: the run's)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=256, help="examples per forward (and per timed batch)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--output", help="where to write the results (default: the run folder)")
+
+
+def _check_backend(device: str) -> None:
+    """A ``LORAQ_BACKEND`` that cannot run on ``device`` fails here, as bad input, before anything is
+    written: the layers would raise it mid-run, after the run folder was started."""
+    from . import ops
+    from .train import check_device, resolve_device
+
+    name = os.environ.get("LORAQ_BACKEND")
+    if not name or name in ("auto", "reference"):
+        return
+    if name not in ops.BACKENDS:
+        raise ValueError(f"LORAQ_BACKEND must be one of {', '.join(ops.BACKENDS)}, got {name!r}")
+    check_device(device)
+    dev = resolve_device(device)
+    ok, why = ops.backend_status(dev)[name]
+    if not ok:
+        raise ValueError(f"LORAQ_BACKEND={name} cannot run on {dev}: {why}")
 
 
 def run_train(args) -> int:
     from .train import TrainConfig, train
 
+    _check_backend(args.device)
     options = {k: v for k, v in vars(args).items() if k not in ("command", "output", "quiet")}
     summary = train(TrainConfig(**options), output=args.output, quiet=args.quiet)
     print(f"best epoch {summary['best_epoch']}: validation accuracy {summary['best_val_acc']:.4f}, "
@@ -205,14 +261,16 @@ def _print_sweep(result) -> None:
 def run_sweep(args) -> int:
     from .sweep import SweepConfig, sweep
 
+    _check_backend(args.device)
     options = {k: v for k, v in vars(args).items() if k not in ("command", "output", "quiet")}
     _print_sweep(sweep(SweepConfig(**options), output=args.output, quiet=args.quiet))
     return 0
 
 
 def run_demo(args) -> int:
-    from .demo import demo
+    from .demo import demo, demo_config
 
+    _check_backend(demo_config(args.quick).device)
     result = demo(quick=args.quick, output=args.output, quiet=args.quiet)
     _print_sweep(result)
     print(f"demo finished in {result['seconds']:.0f} s")
@@ -222,6 +280,7 @@ def run_demo(args) -> int:
 def run_evaluate(args) -> int:
     from .evaluate import evaluate
 
+    _check_backend(args.device)
     r = evaluate(args.run, split=args.split, data=args.data, output=args.output, device=args.device,
                  batch_size=args.batch_size)
     print(f"{r['split']} ({r['examples']} examples): accuracy {r['accuracy']:.4f}, macro precision "
@@ -232,6 +291,19 @@ def run_evaluate(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # a pipe's buffered output fails here, not in Python's flush at exit
+        return status
+    except BrokenPipeError:  # the reader left (loraq info | head): no traceback, now or at exit
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is no file (captured)
+            pass
+        return 141  # the shell's status for SIGPIPE
+
+
+def _main(argv: Optional[List[str]]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -246,6 +318,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, FileNotFoundError, ImportError) as e:  # bad input or a missing extra: one line, exit 2
         print(f"loraq {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        raise
+    except OSError as e:  # an output path that is a file, no permission, a full disk: one line, exit 1
+        print(f"loraq {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's status for SIGINT
+        resumes = args.command == "sweep" or (args.command == "demo" and args.output is not None)
+        print(f"loraq {args.command}: interrupted" + ("; rerun the same command to resume it (finished trials "
+              "are kept)" if resumes else ""), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
