@@ -49,6 +49,8 @@ def parse_search_space(spec: Union[None, str, Path, Dict[str, Any]] = None) -> D
         text = str(spec)
         if Path(text).is_file():
             text = Path(text).read_text()
+        elif text.lstrip()[:1] not in ("{", "[") and (text.endswith(".json") or "/" in text):
+            raise ValueError(f"search space file {text!r} does not exist (give a JSON object or a JSON file)")
         try:
             override = json.loads(text)
         except json.JSONDecodeError as e:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -491,6 +492,31 @@ def format_table(rows: Sequence[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+class _InterruptFilter(logging.Filter):
+    """Drops Optuna's report of a trial stopped by Ctrl-C (a warning with the KeyboardInterrupt's
+    traceback, then "failed with value None"): the CLI says in one line that it was interrupted."""
+
+    def __init__(self):
+        super().__init__()
+        self.trial = None  # the interrupted trial whose second line is still to come
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[0] if record.exc_info else None
+        message = record.getMessage()
+        if exc is not None and issubclass(exc, KeyboardInterrupt):
+            self.trial = message.split(" failed", 1)[0]
+            return False
+        if self.trial is not None and message.startswith(f"{self.trial} failed with value"):
+            self.trial = None
+            return False
+        return True
+
+
+def _quiet_interrupts(logger: logging.Logger) -> None:
+    if not any(isinstance(f, _InterruptFilter) for f in logger.filters):
+        logger.addFilter(_InterruptFilter())
+
+
 def sweep(config: Optional[SweepConfig] = None, output=None, quiet: bool = False, **options) -> Dict[str, Any]:
     """Run ``loraq sweep`` (resuming what the output folder's storage already holds).
 
@@ -514,6 +540,7 @@ def sweep(config: Optional[SweepConfig] = None, output=None, quiet: bool = False
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _quiet_interrupts(logging.getLogger("optuna.study._optimize"))
     cells = cfg.cells()
     with warnings.catch_warnings(), tqdm(total=len(cells) * cfg.trials, desc="sweep trials", disable=quiet) as bar:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats, matplotlib plots

@@ -8,6 +8,7 @@ and ``summary.json``.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime
@@ -18,10 +19,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import ops
 from .api import CompressionConfig, compress_, footprint, resolve_targets
 from .checkpoint import save
 from .formats import FORMATS
 from .lora_init import INITS
+from .nn import LoraLinear
 from .report import plot_curves, write_csv, write_json
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -69,11 +72,11 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        for name in ("lr", "pretrain_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        for name in ("lr", "pretrain_lr"):  # inf: training diverges silently
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"{name} must be > 0 and finite, got {getattr(self, name)!r}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"weight_decay must be >= 0 and finite, got {self.weight_decay!r}")
         if self.pretrain_epochs < 0:
             raise ValueError(f"pretrain_epochs must be >= 0, got {self.pretrain_epochs!r}")
         if self.patience is not None and self.patience < 1:
@@ -305,6 +308,9 @@ def train(
     train_loader, val_loader, test_loader = _loaders(splits, cfg.batch_size, cfg.seed)
     report = compress_(model, compression_config(cfg, bundle), progress=not quiet)
     model.to(device)
+    for layer in model.modules():  # an unusable backend (LORAQ_BACKEND=triton on a CPU) fails before writing
+        if isinstance(layer, LoraLinear):
+            ops.resolve_backend(layer.backend, device, layer.base.kind)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
 

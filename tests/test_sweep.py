@@ -219,6 +219,7 @@ def test_fail_dead_local_trials(tmp_path, owner, expect_failed):
     ({"search_space": {"batch_size": [0]}}, "batch_size"),
     ({"search_space": {"batch_size": []}}, "empty"),
     ({"search_space": "{not json"}, "JSON"),
+    ({"search_space": "/does/not/exist.json"}, "does not exist"),
 ])
 def test_bad_sweep_config_raises(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -338,3 +339,37 @@ def test_parallel_workers_draw_different_sampler_seeds(monkeypatch):
     monkeypatch.setattr(sweep_module.os, "getpid", lambda: 2)
     sweep_module._sampler(cfg, 0, 4, parallel=False)
     assert seeds[-1] == seeds[-2]  # a lone worker is reproducible
+
+
+def test_a_trial_stopped_by_ctrl_c_is_not_reported_with_a_traceback():
+    """Optuna logged a Ctrl-C'd trial as a failure with the KeyboardInterrupt's whole traceback;
+    other failures are still reported."""
+    import importlib
+    import logging
+
+    import optuna
+
+    sweep_module = importlib.import_module("loraq.sweep")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    optuna_logger = logging.getLogger("optuna")
+    optuna_logger.addHandler(handler)
+    try:
+        sweep_module._quiet_interrupts(logging.getLogger("optuna.study._optimize"))
+        study = optuna.create_study()
+
+        def interrupted(trial):
+            raise KeyboardInterrupt
+
+        def failing(trial):
+            raise ValueError("bad trial")
+
+        with pytest.raises(KeyboardInterrupt):
+            study.optimize(interrupted, n_trials=1)
+        study.optimize(failing, n_trials=1, catch=(ValueError,))
+    finally:
+        optuna_logger.removeHandler(handler)
+    messages = [r.getMessage() for r in records]
+    assert not any("Trial 0 failed" in m or "KeyboardInterrupt" in m for m in messages), messages
+    assert any("Trial 1 failed" in m and "bad trial" in m for m in messages), messages

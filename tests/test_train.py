@@ -75,6 +75,8 @@ def test_early_stopping(tmp_path):
     (dict(device="tpu"), "device must be"),
     (dict(limit=0), "limit must be"),
     (dict(hidden=(16, 0)), "hidden sizes must be"),
+    (dict(lr=float("inf")), "lr must be > 0 and finite"),
+    (dict(weight_decay=float("nan")), "weight_decay must be >= 0 and finite"),
 ])
 def test_bad_options_raise_before_any_work(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
@@ -202,3 +204,11 @@ def test_a_rerun_through_a_symlinked_checkpoint_folder(tmp_path):
     for _ in range(2):
         loraq.train(output=out, quiet=True, **{**TINY, "epochs": 1})
     assert (elsewhere / "model.safetensors").is_file() and (out / "checkpoint").is_symlink()
+
+
+def test_an_unusable_backend_fails_before_the_run_folder_is_written(tmp_path, monkeypatch):
+    """LORAQ_BACKEND=cuda on a CPU failed in the first forward, after config.json was written."""
+    monkeypatch.setenv("LORAQ_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+        loraq.train(output=tmp_path / "x", quiet=True, **{**TINY, "device": "cpu"})
+    assert not (tmp_path / "x").exists()
