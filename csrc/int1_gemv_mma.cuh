@@ -1,7 +1,7 @@
 // The int1 small-batch forward on tensor cores: x·Ŵᵀ for up to 16 rows of x, the weight read once.
 //
 // Device code only (no torch headers), so that bench/sass_report.py-style checks can compile it
-// for sm_90 in seconds: csrc/int1_gemv_mma.cu holds the launcher and the op registration.
+// for sm_90 in seconds: csrc/int1_gemv_mma_op.h holds the launcher and the op registration.
 //
 // Why: at one row of x the Triton kernels either decode a whole tile through shared memory
 // (tl.dot) or look sums up in tables (int1_gemv_lut.py, L1-bound on an H100: NOTES.md). Here each

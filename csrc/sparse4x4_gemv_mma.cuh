@@ -118,7 +118,7 @@ __host__ __device__ __forceinline__ int x_unit(int m, int row_units, int c, int 
 }
 
 // Fill the shared copy of this block's slice of x (k0 .. k0 + inputs): unit (m, c, s, t) holds
-// x[m, 4·tk + 0 .. 3] for tile column tk = 64·c + 16·t + s of the slice; zeros past K and M.
+// x[m, 4·tk + 0 .. 3] for tile column tk = 128·c + 32·t + s of the slice; zeros past K and M.
 // Thread `tid` of `threads`.
 template <typename T>
 __host__ __device__ void fill_x(const Args& a, uint32_t* xs, int k0, int inputs, int row_units, int rows, int tid,

@@ -93,8 +93,9 @@ def test_launcher_refuses_it_off_the_gpu_and_never_offers_it(monkeypatch):
     s = problem("sparse4x4", torch.float16, 2, 37, 300, device="cpu")[0]
     with pytest.raises(ValueError, match="it takes an int1 weight, got sparse4x4"):
         lora_linear_fwd(x, "sparse4x4", *_kernel_args(s), A, B, 0.5, b, config=CFG)
-    monkeypatch.setenv("LORAQ_CUDA_GEMV", "1")  # offered, but it cannot run here
-    assert not mma_offered(x, w, A, B, 0.5, b)
+    if not torch.cuda.is_available():  # Triton runs CPU tensors only in its interpreter (no GPU)
+        monkeypatch.setenv("LORAQ_CUDA_GEMV", "1")  # offered, but it cannot run here
+        assert not mma_offered(x, w, A, B, 0.5, b)
 
 
 # --- on a GPU, with the extension built -------------------------------------------------------
@@ -150,7 +151,7 @@ def test_every_shape_and_split(shape, k_split, M):
 @pytest.mark.parametrize("M", [1, 2, 7, 12])
 def test_with_and_without_lora_and_bias(lora_bias, M):
     _needs_kernel()
-    run_mma("int1", torch.bfloat16, M, 333, 2000, *lora_bias)
+    run_mma("int1", torch.bfloat16, M, 333, 2000, lora=lora_bias[0], bias=lora_bias[1])
 
 
 @pytest.mark.gpu
@@ -173,6 +174,28 @@ def test_each_weight_lands_in_its_place(dtype):
         x[torch.arange(len(rows)), torch.tensor(rows)] = 1
         y = lora_linear_fwd(x, "int1", tensors, meta, config=CFG)
         assert torch.equal(y, dense[:, rows].t()), f"inputs {rows}"
+
+
+def offset_view(t: torch.Tensor, elems: int) -> torch.Tensor:
+    """``t``'s values in a view that starts ``elems`` elements into a larger buffer (as a row slice
+    of a bigger tensor, or x[1:], does): its data pointer is not 16-byte aligned."""
+    view = torch.empty(t.numel() + elems, dtype=t.dtype, device=t.device)[elems:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 9])
+def test_views_that_start_unaligned(M):
+    """packed 4 bytes and x 2 bytes into their buffers, with K % 128 == 0 (where an aligned packed
+    takes 16-byte loads): the launcher must see the pointer and load word by word."""
+    _needs_kernel()
+    w, x, A, B, b = problem("int1_g32", torch.float16, M, 64, 2048, r=5)
+    tensors, meta = _kernel_args(w)
+    tensors = dict(tensors, packed=offset_view(tensors["packed"], 1))
+    y = lora_linear_fwd(offset_view(x, 1), "int1", tensors, meta, A, B, 0.5, b, config=CFG)
+    check(y, reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 0.5, f64(b)),
+          reference.lora_linear_ref(x, w, A, B, 0.5, b), f"unaligned M={M}")
 
 
 @pytest.mark.gpu

@@ -265,9 +265,10 @@ def test_status_and_refusals_off_the_gpu(monkeypatch):
     i = problem("int1", torch.float16, 2, 37, 300, device="cpu")[0]
     with pytest.raises(ValueError, match="it takes a sparse4x4 weight, got int1"):
         lora_linear_fwd(x, "int1", *_kernel_args(i), A, B, 0.5, b, config=CFG)
-    monkeypatch.setenv("LORAQ_CUDA_GEMV", "1")  # offered, but they cannot run here
-    assert not sparse_cuda_offered(x, w, A, B, 0.5, b)
-    if torch.cuda.is_available():
+    if not torch.cuda.is_available():  # Triton runs CPU tensors only in its interpreter (no GPU)
+        monkeypatch.setenv("LORAQ_CUDA_GEMV", "1")  # offered, but they cannot run here
+        assert not sparse_cuda_offered(x, w, A, B, 0.5, b)
+    else:
         cuda = torch.zeros(1, 64, dtype=torch.float16, device="cuda")
         assert "float16 or bfloat16" in sparse_cuda_status(cuda.float())[1]
         assert "1 to 16 rows" in sparse_cuda_status(torch.zeros(17, 64, dtype=torch.float16, device="cuda"))[1]
@@ -346,6 +347,30 @@ def test_each_value_lands_in_its_place(kernel, dtype):
         y = lora_linear_fwd(x[:M], "sparse4x4", tensors, meta, config=cfg)
         exact = (x[:M].double() @ w.dequantize().double().t()).to(dtype)
         assert torch.equal(y, exact), f"M={M}"
+
+
+def offset_view(t: torch.Tensor, elems: int) -> torch.Tensor:
+    """``t``'s values in a view that starts ``elems`` elements into a larger buffer (as a row slice
+    of a bigger tensor, or x[1:], does): its data pointer is not 16-byte aligned."""
+    view = torch.empty(t.numel() + elems, dtype=t.dtype, device=t.device)[elems:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("M", [1, 9])
+def test_views_that_start_unaligned(kernel, M):
+    """values, positions and x one element into their buffers, with TK % 128 == 0 (where aligned
+    ones take 16-byte loads): the launcher must see the pointers and load value by value."""
+    _needs_kernel()
+    w, x, A, B, b = problem("sparse4x4", torch.float16, M, 64, 2048, r=5)
+    tensors, meta = _kernel_args(w)
+    tensors = {name: offset_view(t, 1) for name, t in tensors.items()}
+    cfg = next(c for c in sparse_cuda_configs(M) if c[6] == kernel)
+    y = lora_linear_fwd(offset_view(x, 1), "sparse4x4", tensors, meta, A, B, 0.5, b, config=cfg)
+    check(y, reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 0.5, f64(b)),
+          reference.lora_linear_ref(x, w, A, B, 0.5, b), f"unaligned {kernel} M={M}")
 
 
 @pytest.mark.gpu
