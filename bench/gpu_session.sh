@@ -31,9 +31,12 @@ INFO="$OUT/info.txt"
 # and sparse4x4 forwards up to 16 rows): for this GPU's architecture alone, on every core
 if [ "${LORAQ_BUILD_EXT:-0}" = 1 ]; then
   [ -d /usr/local/cuda ] && export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+  # the system compiler: a gcc whose C++ runtime gets linked into _C.so (the H100 machine's
+  # /opt/gcc) made every refused argument crash Python instead of raising
+  [ -x /usr/bin/gcc ] && [ -x /usr/bin/g++ ] && export CC="${CC:-/usr/bin/gcc}" CXX="${CXX:-/usr/bin/g++}"
   export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}"
   export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-  export LORAQ_CUDA_GEMV="${LORAQ_CUDA_GEMV:-1}"  # the tuner times them (opt-in until their GPU tests pass)
+  export LORAQ_CUDA_GEMV="${LORAQ_CUDA_GEMV:-1}"  # the tuner times them (the default; 0 leaves them out)
 fi
 LORAQ_BUILD_EXT="${LORAQ_BUILD_EXT:-0}" python3 -m pip install -q --no-deps --no-build-isolation -e . \
   > "$INFO" 2>&1 || { cat "$INFO"; exit 1; }

@@ -10,7 +10,7 @@ tensors (the format's fields) and know nothing of autograd, ``nn`` or the backen
   (an autotune candidate of :func:`lora_linear_fwd` for up to 4 rows)
 * :func:`int1_gemv_mma`: the forward for up to 16 rows of ``x`` and an int1 weight on tensor cores,
   a CUDA kernel in ``loraq._C`` (``csrc/int1_gemv_mma.cuh``); an autotune candidate of
-  :func:`lora_linear_fwd` where the extension is built and ``LORAQ_CUDA_GEMV=1``
+  :func:`lora_linear_fwd` where the extension is built (``LORAQ_CUDA_GEMV=0`` leaves it out)
 * :func:`sparse4x4_gemv_cuda`: the forward for up to 16 rows of ``x`` and a sparse4x4 weight, a
   CUDA gather in ``loraq._C`` (``csrc/sparse4x4_gemv.cuh``); a candidate under the same conditions
 * :func:`sparse4x4_gemv`: the forward for up to 16 rows of ``x`` and a sparse4x4 weight, by

@@ -14,8 +14,8 @@ path and the bias and casts: two launches a call, like the other small-batch for
 It is an autotune candidate of :func:`lora_linear_fwd` for int1 in fp16 and bf16 up to
 ``MMA_MAX_M`` rows when the extension is built (``CUDA_HOME=... pip install --no-build-isolation
 -e .``), the GPU has ``mma.sync`` for bf16 (compute capability 8.0 or newer) and
-``LORAQ_CUDA_GEMV=1`` is set (``cuda_ext.cuda_gemv_offered``): it was written without a GPU, and
-stays opt-in until its GPU tests have passed on one (a forced ``config`` runs it regardless). Configs:
+``LORAQ_CUDA_GEMV`` is not ``0`` (``cuda_ext.cuda_gemv_offered``; a forced ``config`` runs it
+regardless). Written without a GPU; its GPU tests passed on an H100 on 2026-11-24. Configs:
 ``(MMA_MAX_M, blocks an SM, MMA_TASK_INPUTS, K slices at least, warps a block, 1, MMA_GEMV)``.
 """
 

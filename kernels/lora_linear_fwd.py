@@ -12,8 +12,8 @@ Batches of more than 32 rows also time decoding ``Ŵ`` a slab at a time into a d
 for cuBLAS, the LoRA path and bias in cuBLAS too (``dense_slab.py``), and take it when it is faster.
 Small batches also time a GEMV that never decodes a tile, and take it when it is faster: the
 table lookup for up to 4 rows of int1 (``int1_gemv_lut.py``), and the gather for up to 16 rows
-of sparse4x4 (``sparse4x4_gemv.py``); where the extension ``loraq._C`` is built and
-``LORAQ_CUDA_GEMV=1``, also the CUDA GEMVs for up to 16 rows (``int1_gemv_mma.py``,
+of sparse4x4 (``sparse4x4_gemv.py``); where the extension ``loraq._C`` is built (and
+``LORAQ_CUDA_GEMV`` is not ``0``), also the CUDA GEMVs for up to 16 rows (``int1_gemv_mma.py``,
 ``sparse4x4_gemv_cuda.py``). int1 in fp16 and bf16 also times, up to 256 rows, this kernel
 with its signs decoded two at a time in pair order (``DOT_PAIRS``, ``decode._int1_sign_pairs``).
 """
@@ -223,7 +223,7 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
     # int1 in fp16 and bf16 up to PAIRS_MAX_M rows: the pair-order decode too (in fp32 its dot is
     # plain FMAs, as the others': not worth the tuning time)
     pairs = fmt == "int1" and x.dtype in (torch.float16, torch.bfloat16)
-    def mma():  # offered (LORAQ_CUDA_GEMV=1) and able to run here
+    def mma():  # offered (LORAQ_CUDA_GEMV not 0) and able to run here
         return [] if M > MMA_MAX_M or not cuda_gemv_offered() or mma_problem() else mma_gemv_configs(M)
 
     def sparse_cuda():  # the same for the sparse4x4 CUDA GEMVs

@@ -19,9 +19,9 @@ of ``x·Aᵀ``, and ``splitk_finish.finish`` adds the LoRA path and the bias and
 call, like the other small-batch forwards.
 
 Both are autotune candidates of :func:`lora_linear_fwd` for sparse4x4 in fp16 and bf16 up to 16
-rows when the extension is built and ``LORAQ_CUDA_GEMV=1`` is set (``cuda_ext.cuda_gemv_offered``:
-written without a GPU, they stay opt-in until their GPU tests have passed on one; a forced
-``config`` runs them regardless). Configs: ``(rows of x a block, blocks an SM, inputs a task, K
+rows when the extension is built and ``LORAQ_CUDA_GEMV`` is not ``0`` (``cuda_ext.cuda_gemv_offered``;
+written without a GPU, their GPU tests passed on an H100 on 2026-11-24; a forced ``config`` runs
+them regardless). Configs: ``(rows of x a block, blocks an SM, inputs a task, K
 slices at least, warps a block, 1, variant)``: the gather's rows are 1, 2, 4 or 8 and its tasks
 ``GATHER_TASK_INPUTS``; the tensor-core kernel's are 16 and ``SPARSE_MMA_TASK_INPUTS``.
 """

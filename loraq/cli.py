@@ -77,6 +77,8 @@ def _setting_problem(name: str, value: str, ops) -> str:
                     "backend= raises)")
         ok = ops.backend_status().get(value, (True, ""))[0]
         return "" if ok else "  (unavailable here, see backends: every layer built without backend= raises)"
+    if name == "LORAQ_CUDA_GEMV":  # on by default
+        return "" if value in ("", "0", "1") else "  (not understood, so on: 0 turns it off)"
     if name in _SWITCHES:
         return "" if value in ("", "0", "1") else "  (not understood, so off: 1 turns it on, 0 or unset: off)"
     if name == "LORAQ_DENSE_SLAB_MIB":

@@ -514,3 +514,24 @@ def test_a_long_tuning_shows_a_progress_bar_on_a_terminal(monkeypatch):
     assert autotune._progress(items, None) is items and made == []
     assert list(autotune._progress(items, "loraq autotune op")) == items
     assert made == [{"desc": "loraq autotune op", "delay": 2.0, "leave": False, "disable": None, "unit": "config"}]
+
+
+def test_a_config_wrong_on_the_gpu_is_never_offered_to_its_kernel(fake_gpu):
+    """The sparse4x4 dX tile that computed wrong answers on an H100 is not timed (nor picked when
+    it would be fastest) for that kernel; other kernels still get it."""
+    (bad,) = autotune.WRONG_ON_GPU["lora_linear_dx:sparse4x4"]
+    assert bad in autotune.configs_for(256)
+    run, bench = by_rank([bad])  # it would win
+    timed = []
+
+    def recorded(cfg):
+        timed.append(cfg)
+        run(cfg)
+
+    got = autotune.pick_config("lora_linear_dx:sparse4x4:0:0", 256, 4096, 14336, torch.float16, CUDA_DEV, recorded,
+                               bench)
+    assert got != bad and timed and bad not in timed
+    run, bench = by_rank([bad])
+    assert autotune.pick_config("lora_linear_dx:int1:0:0", 256, 4096, 14336, torch.float16, CUDA_DEV, run,
+                                bench) == bad
+    assert autotune.wrong_on_gpu("lora_linear_fwd:sparse4x4:0:0") == ()

@@ -53,8 +53,9 @@ def test_lut_one_launch_matches_two_and_leaves_its_counters_zero(dtype, lora, bi
         assert one.shape == (M, 70) and one.dtype == dtype and workspaces_clean()
         check(one, reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 0.7, f64(b)),
               reference.lora_linear_ref(x, w, A, B, 0.7, b), f"one launch {dtype} M={M}")
-    # the interpreter adds in one order: the same sums, to the bit
-    torch.testing.assert_close(one, two, rtol=0, atol=0)
+    if x.device.type == "cpu":  # the interpreter adds in one order: the same sums, to the bit
+        torch.testing.assert_close(one, two, rtol=0, atol=0)
+    # (a GPU's fp32 atomics add in any order: there the reference check above is the test)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2], ids=["reversed", "shuffled1", "shuffled2"])

@@ -200,8 +200,8 @@ def test_views_that_start_unaligned(M):
 
 @pytest.mark.gpu
 def test_the_tuner_offers_it_up_to_16_rows(monkeypatch):
-    """With the extension built and LORAQ_CUDA_GEMV=1, a forward of up to 16 rows (int1, fp16) times
-    it among the others; without the variable, it does not."""
+    """With the extension built (and LORAQ_CUDA_GEMV not 0), a forward of up to 16 rows (int1, fp16) times
+    it among the others; with LORAQ_CUDA_GEMV=0, it does not."""
     _needs_kernel()
     w, x, A, B, b = problem("int1", torch.float16, 16, 64, 512)
     monkeypatch.setenv("LORAQ_CUDA_GEMV", "1")
@@ -209,8 +209,10 @@ def test_the_tuner_offers_it_up_to_16_rows(monkeypatch):
     assert not mma_offered(torch.cat([x, x[:1]]), w, A, B, 0.5, b)  # 17 rows
     assert not mma_offered(x.float(), w)
     assert mma_offered(x[:3], w, A, B, 0.5, b)
+    monkeypatch.setenv("LORAQ_CUDA_GEMV", "0")
+    assert not mma_offered(x[:3], w, A, B, 0.5, b)  # turned off
     monkeypatch.delenv("LORAQ_CUDA_GEMV")
-    assert not mma_offered(x[:3], w, A, B, 0.5, b)  # opt-in
+    assert mma_offered(x[:3], w, A, B, 0.5, b)  # on by default
 
 
 def test_fragment_order_emulated_from_the_ptx_layout():

@@ -178,6 +178,8 @@ def test_environment_table_defaults_are_the_codes(monkeypatch, tmp_path):
             assert set(got) == {default}, (name, default, got)
         elif re.search(rf"env_is\(\"{name}\", \"1\"\)", src):
             assert default in ("unset", "0"), (name, default)  # a switch: unset and 0 are both off
+        elif re.search(rf"not env_is\(\"{name}\", \"0\"\)", src):
+            assert default == "1", (name, default)  # a switch on unless 0
         elif name == "LORAQ_CACHE_DIR":
             from loraq.kernels import autotune
 

@@ -55,7 +55,9 @@ def test_gather_one_launch_matches_two_and_leaves_its_counters_zero(dtype, lora,
         one = sparse4x4_gemv(x, w.tensors(), {"N": 37, "K": 301}, A, B, 0.7, b, one_launch=True, **kw)
         assert one.shape == (M, 37) and one.dtype == dtype and workspaces_clean()
         check(one, *_refs(x, w, A, B, 0.7, b), f"gather, one launch, {dtype} M={M}")
-    torch.testing.assert_close(one, two, rtol=0, atol=0)  # the interpreter adds in one order
+    if x.device.type == "cpu":  # the interpreter adds in one order: the same sums, to the bit
+        torch.testing.assert_close(one, two, rtol=0, atol=0)
+    # (a GPU's fp32 atomics add in any order: there the reference check above is the test)
 
 
 @pytest.mark.parametrize("seed", [0, 1], ids=["reversed", "shuffled"])

@@ -375,13 +375,15 @@ def test_views_that_start_unaligned(kernel, M):
 
 @pytest.mark.gpu
 def test_the_tuner_offers_them_up_to_16_rows(monkeypatch):
-    """With the extension built and LORAQ_CUDA_GEMV=1, a sparse4x4 forward of up to 16 rows (fp16)
-    times both kernels among the others; without the variable, it does not."""
+    """With the extension built (and LORAQ_CUDA_GEMV not 0), a sparse4x4 forward of up to 16 rows (fp16)
+    times both kernels among the others; with LORAQ_CUDA_GEMV=0, it does not."""
     _needs_kernel()
     w, x, A, B, b = problem("sparse4x4", torch.float16, 16, 64, 512)
     monkeypatch.setenv("LORAQ_CUDA_GEMV", "1")
     assert sparse_cuda_offered(x, w, A, B, 0.5, b) and sparse_cuda_offered(x[:1], w)
     assert not sparse_cuda_offered(torch.cat([x, x[:1]]), w, A, B, 0.5, b)  # 17 rows
     assert not sparse_cuda_offered(x.float(), w)
+    monkeypatch.setenv("LORAQ_CUDA_GEMV", "0")
+    assert not sparse_cuda_offered(x[:3], w, A, B, 0.5, b)  # turned off
     monkeypatch.delenv("LORAQ_CUDA_GEMV")
-    assert not sparse_cuda_offered(x[:3], w, A, B, 0.5, b)  # opt-in
+    assert sparse_cuda_offered(x[:3], w, A, B, 0.5, b)  # on by default

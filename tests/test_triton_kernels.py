@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 from loraq import LoraLinear, ops, reference  # noqa: E402
 from loraq.autograd import LoraLinearFunction  # noqa: E402
 from loraq.formats import Int1Weight  # noqa: E402
-from loraq.kernels.autotune import LARGE_M, MID_M, SMALL_M, configs_for  # noqa: E402
+from loraq.kernels.autotune import LARGE_M, MID_M, SMALL_M, configs_for, wrong_on_gpu  # noqa: E402
 from weights import make_weight  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -575,7 +575,9 @@ def test_gpu_every_dx_candidate_at_the_refused_benchmark_problem(fmt, lora):
     low = reference.lora_linear_dx_ref(dy, w, A_, dyB, 0.5)
     candidates = configs_for(M) + (pairs_configs(M, "dx") if fmt == "int1" else []) + dense_slab_configs(
         M, K, slab_widths(N, r if lora else 0, merge=lora), 2)
-    for cfg in candidates:
+    wrong = wrong_on_gpu(f"lora_linear_dx:{fmt}:0:{int(lora)}")
+    assert fmt == "int1" or wrong, "the config found wrong here is no longer set aside"
+    for cfg in (c for c in candidates if c not in wrong):
         for attempt in range(3):
             dx = lora_linear_dx(dy, fmt, tensors, meta, A_, dyB, 0.5, config=cfg, lora_B=B if lora else None)
             check(dx, ref, low, f"{fmt} dx {cfg}, attempt {attempt}")
