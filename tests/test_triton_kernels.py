@@ -557,9 +557,9 @@ def test_gpu_large_shapes(fmt, dtype, M):
 @pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora"])
 def test_gpu_every_dx_candidate_at_the_refused_benchmark_problem(fmt, lora):
     """The benchmark refused the tuned sparse4x4 dX at 14336→4096, M = 256, fp16 (an H100 run of
-    2026-11-23: max error 0.283 against an allowance of 0.0327; which candidate had won is not
-    recorded). Every candidate of that call, three times each (a race shows as a varying
-    answer), checked against the reference, names the wrong one."""
+    2026-11-23: max error 0.283 against an allowance of 0.0327). This test found the wrong
+    candidate (autotune.WRONG_ON_GPU, no longer offered there); every other candidate of that
+    call, three times each (a race shows as a varying answer), agrees with the reference."""
     from loraq.kernels import lora_linear_dx
     from loraq.kernels.autotune import dense_slab_configs, pairs_configs
     from loraq.kernels.dense_slab import slab_widths
