@@ -21,6 +21,7 @@ from loraq.kernels.int1_gemv_mma import (MMA_MAX_M, MMA_SHAPES, MMA_TASK_INPUTS,
                                          check_mma_config, int1_gemv_mma, k_slices, mma_gemv_configs,
                                          mma_gemv_status)
 from test_triton_kernels import _kernel_args, check, f64, problem, tuner_calls  # noqa: E402
+from weights import offset_view  # noqa: E402
 
 CFG = (MMA_MAX_M, 2, MMA_TASK_INPUTS, 1, 16, 1, MMA_GEMV)
 
@@ -174,14 +175,6 @@ def test_each_weight_lands_in_its_place(dtype):
         x[torch.arange(len(rows)), torch.tensor(rows)] = 1
         y = lora_linear_fwd(x, "int1", tensors, meta, config=CFG)
         assert torch.equal(y, dense[:, rows].t()), f"inputs {rows}"
-
-
-def offset_view(t: torch.Tensor, elems: int) -> torch.Tensor:
-    """``t``'s values in a view that starts ``elems`` elements into a larger buffer (as a row slice
-    of a bigger tensor, or x[1:], does): its data pointer is not 16-byte aligned."""
-    view = torch.empty(t.numel() + elems, dtype=t.dtype, device=t.device)[elems:].view(t.shape)
-    view.copy_(t)
-    return view
 
 
 @pytest.mark.gpu

@@ -30,6 +30,7 @@ from loraq.kernels.sparse4x4_gemv_cuda import (GATHER_TASK_INPUTS, SHAPES, SPARS
                                                rows_for, sparse4x4_gemv_cuda, sparse_cuda_configs, sparse_cuda_status,
                                                sparse_slices)
 from test_triton_kernels import _kernel_args, check, f64, problem, tuner_calls  # noqa: E402
+from weights import offset_view  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -347,14 +348,6 @@ def test_each_value_lands_in_its_place(kernel, dtype):
         y = lora_linear_fwd(x[:M], "sparse4x4", tensors, meta, config=cfg)
         exact = (x[:M].double() @ w.dequantize().double().t()).to(dtype)
         assert torch.equal(y, exact), f"M={M}"
-
-
-def offset_view(t: torch.Tensor, elems: int) -> torch.Tensor:
-    """``t``'s values in a view that starts ``elems`` elements into a larger buffer (as a row slice
-    of a bigger tensor, or x[1:], does): its data pointer is not 16-byte aligned."""
-    view = torch.empty(t.numel() + elems, dtype=t.dtype, device=t.device)[elems:].view(t.shape)
-    view.copy_(t)
-    return view
 
 
 @pytest.mark.gpu

@@ -1,6 +1,9 @@
-"""Test helper: a weight of a named kind from a dense matrix (shared by the op and kernel tests)."""
+"""Test helpers: a weight of a named kind from a dense matrix (shared by the op and kernel tests),
+and a tensor in a view whose data pointer is not 16-byte aligned."""
 
 import re
+
+import torch
 
 from loraq.formats import DenseWeight, Int1Weight, Sparse4x4Weight
 
@@ -21,3 +24,11 @@ def make_weight(kind: str, W):
     if kind == "sparse4x4":
         return Sparse4x4Weight.from_dense(W)
     raise AssertionError(f"unknown weight kind {kind!r}")
+
+
+def offset_view(t: torch.Tensor, elems: int) -> torch.Tensor:
+    """``t``'s values in a view that starts ``elems`` elements into a larger buffer (as a row slice
+    of a bigger tensor, or x[1:], does): its data pointer is not 16-byte aligned."""
+    view = torch.empty(t.numel() + elems, dtype=t.dtype, device=t.device)[elems:].view(t.shape)
+    view.copy_(t)
+    return view
