@@ -9,6 +9,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+#include <string.h>
 
 namespace loraq_gemv {
 
@@ -85,25 +86,125 @@ __device__ __forceinline__ void add_fragments(float* ws, int M, int N, float (&a
 }
 #endif  // __CUDACC__
 
-// parts[slot] = x[:, ks]·A[:, ks]ᵀ for this block's share ks of K (a.slots blocks share K), zero
-// past R (a.R rows of A, a.block_r columns of parts). One warp per (row of x, rank) at a time.
-template <typename T, typename Args>
-__device__ void store_xa_share(const Args& a, int slot) {
-  const T* x = static_cast<const T*>(a.x);
-  const T* A = static_cast<const T*>(a.lora_A);
-  const int per = (a.K + a.slots - 1) / a.slots;
-  const int k0 = slot * per, k1 = min(a.K, k0 + per);
-  const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-  for (int idx = threadIdx.x >> 5; idx < a.M * a.block_r; idx += warps) {
-    const int m = idx / a.block_r, r = idx % a.block_r;
-    float s = 0.f;
-    if (r < a.R)
-      for (int k = k0 + lane; k < k1; k += 32)
-        s += to_float(x[(int64_t)m * a.K + k]) * to_float(A[(int64_t)r * a.K + k]);
+// Whether 8 inputs of a row of `base` ([rows, K] 16-bit values) at a multiple of 8 are one
+// aligned 16-byte load: K % 8 == 0 and a 16-byte aligned base.
+__host__ __device__ __forceinline__ bool rows_aligned16(const void* base, int K) {
+  return K % 8 == 0 && (reinterpret_cast<uintptr_t>(base) & 15u) == 0;
+}
+
+// Inputs k .. k + 7 (k a multiple of 8) of row m of `base` ([rows, K] 16-bit values), the bits
+// two to a word (input k in the low half of .x); zeros past K and for m ≥ rows. `vec`:
+// rows_aligned16, and then eight inputs inside the row are one 16-byte load.
+__host__ __device__ __forceinline__ uint4 load_x8(const void* base, int rows, int K, int m, int k, bool vec) {
+  if (m >= rows || k >= K) return make_uint4(0u, 0u, 0u, 0u);
+  const uint16_t* row = static_cast<const uint16_t*>(base) + (int64_t)m * K;
+  if (vec && k + 8 <= K) return load_ro(reinterpret_cast<const uint4*>(row + k));
+  uint32_t w[4];
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-    if (lane == 0) a.parts[((int64_t)slot * a.M + m) * a.block_r + r] = s;
+  for (int e = 0; e < 4; ++e) {
+    const uint32_t lo = k + 2 * e < K ? load_ro(row + k + 2 * e) : 0u;
+    const uint32_t hi = k + 2 * e + 1 < K ? load_ro(row + k + 2 * e + 1) : 0u;
+    w[e] = lo | (hi << 16);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// Input e (0..7) of a load_x8 result, as fp32.
+template <typename T>
+__host__ __device__ __forceinline__ float input_of(const uint4& q, int e) {
+  const uint32_t w = e < 2 ? q.x : e < 4 ? q.y : e < 6 ? q.z : q.w;
+  const uint16_t bits = (uint16_t)((e & 1) ? w >> 16 : w & 0xFFFFu);
+  T v;
+  memcpy(&v, &bits, 2);
+  return to_float(v);
+}
+
+// A copy into shared memory, `items` of them, thread `tid` of `threads`: `load(item)` for U items
+// a round, then `store(item, data)` for each. A thread's loads of a round are in flight together:
+// one memory latency a round, where a loop that stores each load before the next waits for each.
+template <int U, typename D, typename Load, typename Store>
+__host__ __device__ __forceinline__ void staged_copy(int items, int tid, int threads, Load load, Store store) {
+  for (int base = tid; base < items; base += U * threads) {
+    D d[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (base + u * threads < items) d[u] = load(base + u * threads);
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (base + u * threads < items) store(base + u * threads, d[u]);
   }
 }
+
+// The shares of x·Aᵀ: slot s of a.slots sums inputs [s·per, (s + 1)·per) of K, per a multiple of
+// 8 (xa_share_per), into parts[s] [M, block_r] (zero past R). One warp an item: a row m of x and
+// kXaRanks ranks r0 .. r0 + 3; lane l takes inputs k0 + 8·l + 256·i, eight a load.
+constexpr int kXaRanks = 4;
+
+__host__ __device__ __forceinline__ int xa_share_per(int K, int slots) { return ((K + slots - 1) / slots + 7) / 8 * 8; }
+
+// Lane `lane`'s partial sums of the item (m, r0) of slot `slot`: the warp's sums are these added
+// over its 32 lanes. Where x's and A's rows are 16-byte aligned, a round is five 16-byte loads
+// (x and four rows of A) in flight together; else one input a round.
+template <typename T, typename Args>
+__host__ __device__ __forceinline__ void xa_lane_partial(const Args& a, int slot, int m, int r0, int lane,
+                                                         float (&s)[kXaRanks]) {
+  const int per = xa_share_per(a.K, a.slots);
+  const int k0 = slot * per, k1 = min(a.K, k0 + per);  // k1 is a multiple of 8 or K
+  const uint16_t* x = static_cast<const uint16_t*>(a.x) + (int64_t)m * a.K;
+  const uint16_t* A = static_cast<const uint16_t*>(a.lora_A);
+#pragma unroll
+  for (int q = 0; q < kXaRanks; ++q) s[q] = 0.f;
+  if (rows_aligned16(a.x, a.K) && rows_aligned16(a.lora_A, a.K)) {  // K % 8 == 0: k + 8 ≤ k1
+#pragma unroll 1  // one round of loads at a time: unrolled, ptxas held 20 registers more
+    for (int k = k0 + 8 * lane; k < k1; k += 256) {
+      const uint4 xv = load_ro(reinterpret_cast<const uint4*>(x + k));
+      uint4 av[kXaRanks];
+#pragma unroll
+      for (int q = 0; q < kXaRanks; ++q)
+        av[q] = r0 + q < a.R ? load_ro(reinterpret_cast<const uint4*>(A + (int64_t)(r0 + q) * a.K + k))
+                             : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const float xe = input_of<T>(xv, e);
+#pragma unroll
+        for (int q = 0; q < kXaRanks; ++q) s[q] += xe * input_of<T>(av[q], e);
+      }
+    }
+  } else {
+#pragma unroll 1
+    for (int k = k0 + lane; k < k1; k += 32) {
+      const float xe = input_of<T>(make_uint4(load_ro(x + k), 0u, 0u, 0u), 0);
+#pragma unroll
+      for (int q = 0; q < kXaRanks; ++q)
+        if (r0 + q < a.R) s[q] += xe * input_of<T>(make_uint4(load_ro(A + (int64_t)(r0 + q) * a.K + k), 0u, 0u, 0u), 0);
+    }
+  }
+}
+
+#ifdef __CUDACC__
+// parts[slot] for this block's slot (a.R rows of A, a.block_r columns of parts, a multiple of
+// kXaRanks): every warp of the block takes items in turn.
+template <typename T, typename Args>
+__device__ void store_xa_share(const Args& a, int slot) {
+  const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  const int groups = a.block_r / kXaRanks;
+  for (int idx = threadIdx.x >> 5; idx < a.M * groups; idx += warps) {
+    const int m = idx / groups, r0 = (idx % groups) * kXaRanks;
+    float s[kXaRanks];
+    xa_lane_partial<T>(a, slot, m, r0, lane, s);
+#pragma unroll
+    for (int q = 0; q < kXaRanks; ++q)
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) s[q] += __shfl_xor_sync(0xffffffffu, s[q], off);
+    if (lane < kXaRanks) {
+      float v = s[0];
+#pragma unroll
+      for (int q = 1; q < kXaRanks; ++q)
+        if (lane == q) v = s[q];
+      a.parts[((int64_t)slot * a.M + m) * a.block_r + r0 + lane] = v;
+    }
+  }
+}
+#endif  // __CUDACC__
 
 }  // namespace loraq_gemv

@@ -77,7 +77,7 @@ __device__ __forceinline__ uint32_t sign_pair(uint32_t word, int p, uint32_t min
 // 8-byte units of the shared copy of x: row m of x, chunk c (512 inputs) of the slice, word j of
 // lane t's four, register pair i. The four lanes t of a quad read adjacent units; rows of x are
 // 32 bytes apart modulo 128, so the 16 lanes of a half warp hit 16 different 8-byte bank pairs.
-__device__ __forceinline__ int x_unit(int m, int row_units, int c, int j, int i, int t) {
+__host__ __device__ __forceinline__ int x_unit(int m, int row_units, int c, int j, int i, int t) {
   return m * row_units + ((c * 4 + j) * 8 + i) * 4 + t;
 }
 
@@ -99,29 +99,69 @@ struct Args {
   float inv_group_words;
 };
 
+// Inputs 32w .. 32w + 31 of one row of x (a word's worth), as loraq_gemv::load_x8 returns them.
+struct XWord {
+  uint4 q[4];
+};
+
+// Onebit: x·g for 8 inputs, each rounded to T (the reference rounds h·g; the tolerance covers the
+// difference).
+template <typename T>
+__host__ __device__ __forceinline__ uint4 times_g(const uint4& xq, const uint4& gq) {
+  uint32_t w[4];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const float lo = loraq_gemv::input_of<T>(xq, 2 * e) * loraq_gemv::input_of<T>(gq, 2 * e);
+    const float hi = loraq_gemv::input_of<T>(xq, 2 * e + 1) * loraq_gemv::input_of<T>(gq, 2 * e + 1);
+    w[e] = (uint32_t)bits16(from_float<T>(lo)) | ((uint32_t)bits16(from_float<T>(hi)) << 16);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
 // Fill the shared copy of this block's slice of x in pair order: unit (m, c, j, i, t) holds, for
 // word w = 16c + 4t + j of the slice, the pairs (x[32w + p], x[32w + p + 16]) for p = 2i, 2i + 1.
 // Inputs past K are 0 (the padding bits of the last word decode to -1 and must add nothing).
-// Onebit: x·g, rounded to T (the reference rounds h·g; the tolerance covers the difference).
+// Onebit: x·g. Thread `tid` of `threads` (__host__ too: tests/cuda/ runs it on the CPU).
+//
+// An item is a word of one row of x: four 16-byte loads (where x's rows are aligned), two items a
+// round in flight, then eight 8-byte stores. Item bits 0-1 are t and the next ones the row of x,
+// so that a warp's stores spread over the banks (rows of x are 4 units apart modulo 16).
 template <typename T, int MODE>
-__device__ void fill_x(const Args& a, uint32_t* xs, int k0, int chunks, int row_units) {
-  const T* x = static_cast<const T*>(a.x);
-  const T* g = static_cast<const T*>(a.col);
-  const int pairs_per_row = chunks * kTaskInputs / 2;  // 16 pairs a word
-  for (int idx = threadIdx.x; idx < a.M * pairs_per_row; idx += blockDim.x) {
-    const int m = idx / pairs_per_row, rest = idx % pairs_per_row;
-    const int w = rest >> 4, p = rest & 15;  // word of the slice, register of the word
-    const int k_lo = k0 + 32 * w + p, k_hi = k_lo + 16;
-    float lo = k_lo < a.K ? to_float(x[(int64_t)m * a.K + k_lo]) : 0.f;
-    float hi = k_hi < a.K ? to_float(x[(int64_t)m * a.K + k_hi]) : 0.f;
-    if (MODE == kScaleOnebit) {
-      lo *= k_lo < a.K ? to_float(g[k_lo]) : 0.f;
-      hi *= k_hi < a.K ? to_float(g[k_hi]) : 0.f;
+__host__ __device__ void fill_x(const Args& a, uint32_t* xs, int k0, int chunks, int row_units, int tid,
+                                int threads) {
+  const bool vx = loraq_gemv::rows_aligned16(a.x, a.K), vg = loraq_gemv::rows_aligned16(a.col, a.K);
+  const int items = a.M * chunks * kTaskWords;
+  auto word_of = [&](int item, int& m, int& w) {
+    const int t = item & 3, rest = item >> 2, cj = rest / a.M;
+    m = rest % a.M;
+    w = (cj >> 2) * kTaskWords + 4 * t + (cj & 3);
+  };
+  auto load = [&](int item) {
+    int m, w;
+    word_of(item, m, w);
+    XWord d;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      d.q[q] = loraq_gemv::load_x8(a.x, a.M, a.K, m, k0 + 32 * w + 8 * q, vx);
+      if (MODE == kScaleOnebit) d.q[q] = times_g<T>(d.q[q], loraq_gemv::load_x8(a.col, 1, a.K, 0, k0 + 32 * w + 8 * q, vg));
     }
-    const uint32_t pair = (uint32_t)bits16(from_float<T>(lo)) | ((uint32_t)bits16(from_float<T>(hi)) << 16);
-    const int c = w >> 4, t = (w >> 2) & 3, j = w & 3, i = p >> 1;
-    xs[2 * x_unit(m, row_units, c, j, i, t) + (p & 1)] = pair;
-  }
+    return d;
+  };
+  auto store = [&](int item, const XWord& d) {
+    int m, w;
+    word_of(item, m, w);
+    const int c = w >> 4, t = (w >> 2) & 3, j = w & 3;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {  // pairs 2i, 2i + 1: inputs 2i, 2i + 1 with 2i + 16, 2i + 17
+      const uint4& lo4 = d.q[i >> 2];
+      const uint4& hi4 = d.q[2 + (i >> 2)];
+      const uint32_t lo = (i & 3) == 0 ? lo4.x : (i & 3) == 1 ? lo4.y : (i & 3) == 2 ? lo4.z : lo4.w;
+      const uint32_t hi = (i & 3) == 0 ? hi4.x : (i & 3) == 1 ? hi4.y : (i & 3) == 2 ? hi4.z : hi4.w;
+      *reinterpret_cast<uint2*>(xs + 2 * x_unit(m, row_units, c, j, i, t)) =
+          make_uint2((lo & 0xFFFFu) | (hi << 16), (lo >> 16) | (hi & 0xFFFF0000u));
+    }
+  };
+  loraq_gemv::staged_copy<MODE == kScaleOnebit ? 1 : 2, XWord>(items, tid, threads, load, store);
 }
 
 // Lane (g, t)'s four words of one weight row for the task's chunk, zeros past the row or past N.
@@ -199,7 +239,7 @@ __global__ void __launch_bounds__(1024) int1_gemv_mma_kernel(const Args a) {
 
   const int block = blockIdx.y * gridDim.x + blockIdx.x;
   if (a.parts != nullptr && block < a.slots) loraq_gemv::store_xa_share<T>(a, block);
-  fill_x<T, MODE>(a, xs, k0, chunks, row_units);
+  fill_x<T, MODE>(a, xs, k0, chunks, row_units, threadIdx.x, blockDim.x);
   __syncthreads();
 
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;

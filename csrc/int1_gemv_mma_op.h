@@ -114,9 +114,9 @@ void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const to
     TORCH_CHECK(A.size(1) == K, "int1_gemv_mma: lora_A must be [R, K]");
     loraq_ops::check_cuda_tensor("int1_gemv_mma", *parts, "parts", at::kFloat, 3);
     TORCH_CHECK(A.device() == x.device() && parts->device() == x.device(), "int1_gemv_mma: tensors on one device");
-    TORCH_CHECK(parts->size(1) == M && parts->size(2) >= A.size(0) && parts->size(0) >= 1 &&
+    TORCH_CHECK(parts->size(1) == M && parts->size(2) >= A.size(0) && parts->size(2) % 4 == 0 && parts->size(0) >= 1 &&
                     (K == 0 || parts->size(0) <= blocks * slices),
-                "int1_gemv_mma: parts must be [slots ≤ blocks·slices, M, ≥ R], got ", parts->sizes());
+                "int1_gemv_mma: parts must be [slots ≤ blocks·slices, M, ≥ R and a multiple of 4], got ", parts->sizes());
     a.lora_A = A.data_ptr();
     a.parts = parts->data_ptr<float>();
     a.R = (int)A.size(0);

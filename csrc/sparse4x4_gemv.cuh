@@ -71,15 +71,30 @@ __host__ __device__ __forceinline__ float value_at<__nv_bfloat16>(uint32_t pair,
 
 // Copy inputs [k0, k0 + inputs) of rows row0 .. row0 + ROWS - 1 of x into xs[k][m] as fp32, zeros
 // past K and past M (a position in the padding of the last tile reads a zero). Thread `tid` of
-// `threads`; consecutive threads read consecutive inputs of a row.
+// `threads`. An item is 8 inputs of one row (one 16-byte load where x's rows are aligned), two
+// items a round in flight; items of a row are consecutive, so a warp reads whole lines.
 template <typename T, int ROWS>
 __host__ __device__ void fill_x(const Args& a, float* xs, int k0, int inputs, int row0, int tid, int threads) {
-  const T* x = static_cast<const T*>(a.x);
-  for (int idx = tid; idx < inputs * ROWS; idx += threads) {
-    const int m = idx / inputs, k = idx % inputs;
-    const int row = row0 + m, kk = k0 + k;
-    xs[k * ROWS + m] = (row < a.M && kk < a.K) ? to_float(x[(int64_t)row * a.K + kk]) : 0.f;
-  }
+  const bool vx = loraq_gemv::rows_aligned16(a.x, a.K);
+  const int per_row = inputs / 8;  // inputs is a multiple of kTaskInputs
+  auto load = [&](int item) {
+    return loraq_gemv::load_x8(a.x, a.M, a.K, row0 + item / per_row, k0 + 8 * (item % per_row), vx);
+  };
+  auto store = [&](int item, const uint4& q) {
+    const int m = item / per_row, k = 8 * (item % per_row);
+    float v[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] = loraq_gemv::input_of<T>(q, e);
+    if (ROWS == 1) {  // 32 contiguous bytes at a multiple of 32
+      float4* out = reinterpret_cast<float4*>(xs + k);
+      out[0] = make_float4(v[0], v[1], v[2], v[3]);
+      out[1] = make_float4(v[4], v[5], v[6], v[7]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) xs[(k + e) * ROWS + m] = v[e];
+    }
+  };
+  loraq_gemv::staged_copy<2, uint4>(ROWS * per_row, tid, threads, load, store);
 }
 
 // Lane data of one task: tile row tn, tile columns tk .. tk + 31. val[i] holds values 2i (low

@@ -119,21 +119,37 @@ __host__ __device__ __forceinline__ int x_unit(int m, int row_units, int c, int 
 
 // Fill the shared copy of this block's slice of x (k0 .. k0 + inputs): unit (m, c, s, t) holds
 // x[m, 4·tk + 0 .. 3] for tile column tk = 128·c + 32·t + s of the slice; zeros past K and M.
-// Thread `tid` of `threads`.
+// Thread `tid` of `threads`. An item is 8 inputs (tile columns tk, tk + 1, s even) of one row:
+// one 16-byte load where x's rows are aligned, two items a round in flight, two 8-byte stores.
+// Item bits 0-1 are t, 2-5 s / 2, then the row of x and c: a warp reads four runs of 128 bytes,
+// and half its lanes store s + 1 first, so that each store of a warp spreads over the banks.
 template <typename T>
 __host__ __device__ void fill_x(const Args& a, uint32_t* xs, int k0, int inputs, int row_units, int rows, int tid,
                                 int threads) {
-  const T* x = static_cast<const T*>(a.x);
-  const int pairs = inputs / 2;
-  for (int idx = tid; idx < rows * pairs; idx += threads) {
-    const int m = idx / pairs, k = 2 * (idx % pairs);  // inputs k, k + 1 of the slice
-    const int kk = k0 + k;
-    const float lo = (m < a.M && kk < a.K) ? to_float(x[(int64_t)m * a.K + kk]) : 0.f;
-    const float hi = (m < a.M && kk + 1 < a.K) ? to_float(x[(int64_t)m * a.K + kk + 1]) : 0.f;
-    const int tk = k >> 2, c = tk / kTaskTiles, s = tk % kSteps, t = (tk % kTaskTiles) / kSteps;
-    xs[2 * x_unit(m, row_units, c, s, t) + ((k >> 1) & 1)] =
-        (uint32_t)bits16(from_float<T>(lo)) | ((uint32_t)bits16(from_float<T>(hi)) << 16);
-  }
+  const bool vx = loraq_gemv::rows_aligned16(a.x, a.K);
+  const int chunks = inputs / kTaskInputs;
+  auto where = [&](int item, int& m, int& c, int& s, int& t) {
+    t = item & 3;
+    s = 2 * ((item >> 2) & (kSteps / 2 - 1));
+    const int rest = item / (2 * kSteps);
+    m = rest % rows;
+    c = rest / rows;
+  };
+  auto load = [&](int item) {
+    int m, c, s, t;
+    where(item, m, c, s, t);
+    return loraq_gemv::load_x8(a.x, a.M, a.K, m, k0 + 4 * (kTaskTiles * c + kSteps * t + s), vx);
+  };
+  auto store = [&](int item, const uint4& q) {
+    int m, c, s, t;
+    where(item, m, c, s, t);
+    const bool swap = (s >> 1) & 2;  // s / 2 in 2, 3 (mod 4): the second unit first
+    *reinterpret_cast<uint2*>(xs + 2 * x_unit(m, row_units, c, s + swap, t)) =
+        swap ? make_uint2(q.z, q.w) : make_uint2(q.x, q.y);
+    *reinterpret_cast<uint2*>(xs + 2 * x_unit(m, row_units, c, s + !swap, t)) =
+        swap ? make_uint2(q.x, q.y) : make_uint2(q.z, q.w);
+  };
+  loraq_gemv::staged_copy<2, uint4>(rows * chunks * 2 * kSteps, tid, threads, load, store);
 }
 
 // A lane's data of one task: its two tile rows (tn, tn + 2), tile columns tk .. tk + kSteps - 1.

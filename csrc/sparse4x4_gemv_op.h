@@ -104,9 +104,9 @@ void sparse4x4_gemv(const torch::Tensor& x, const torch::Tensor& values, const t
     TORCH_CHECK(A.size(1) == K, "sparse4x4_gemv: lora_A must be [R, K]");
     loraq_ops::check_cuda_tensor(op, *parts, "parts", at::kFloat, 3);
     TORCH_CHECK(A.device() == x.device() && parts->device() == x.device(), "sparse4x4_gemv: tensors on one device");
-    TORCH_CHECK(parts->size(1) == M && parts->size(2) >= A.size(0) && parts->size(0) >= 1 &&
+    TORCH_CHECK(parts->size(1) == M && parts->size(2) >= A.size(0) && parts->size(2) % 4 == 0 && parts->size(0) >= 1 &&
                     (K == 0 || parts->size(0) <= blocks * slices),
-                "sparse4x4_gemv: parts must be [slots ≤ blocks·slices, M, ≥ R], got ", parts->sizes());
+                "sparse4x4_gemv: parts must be [slots ≤ blocks·slices, M, ≥ R and a multiple of 4], got ", parts->sizes());
     a.lora_A = A.data_ptr();
     a.parts = parts->data_ptr<float>();
     a.R = (int)A.size(0);

@@ -30,7 +30,7 @@ from loraq.kernels.sparse4x4_gemv_cuda import (GATHER_TASK_INPUTS, SHAPES, SPARS
                                                rows_for, sparse4x4_gemv_cuda, sparse_cuda_configs, sparse_cuda_status,
                                                sparse_slices)
 from test_triton_kernels import _kernel_args, check, f64, problem, tuner_calls  # noqa: E402
-from weights import offset_view  # noqa: E402
+from weights import aligned, offset_view  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -59,15 +59,6 @@ def emulator(tmp_path_factory):
     so.sparse4x4_mma_emulate.restype = ctypes.c_int
     so.sparse4x4_mma_emulate.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6
     return so
-
-
-def aligned(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of ``t`` whose data starts 16-byte aligned (the 16-byte load path's need)."""
-    flat = torch.empty(t.numel() * t.element_size() + 16, dtype=torch.uint8)
-    start = (-flat.data_ptr()) % 16
-    out = flat[start:start + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
-    out.copy_(t)
-    return out
 
 
 def emulate(lib, x, w, rows, blocks=2, warps=2, k_split=1, vec=None):
@@ -124,6 +115,21 @@ def test_emulated_work_split_and_load_paths(emulator, rows, vec, blocks, warps, 
     x = torch.randn(3 if rows == 4 else 11, K, dtype=torch.float16)
     y = emulate(emulator, x, w, rows, blocks, warps, k_split, vec)
     reference_check(y, x, w, f"rows={rows} vec={vec} blocks={blocks} warps={warps} k_split={k_split}")
+
+
+@pytest.mark.parametrize("rows", [1, 2, 8, "mma"])
+@pytest.mark.parametrize("where", ["aligned", "unaligned"])
+def test_emulated_copy_of_x_takes_either_load_path(emulator, rows, where):
+    """The block's copy of x loads eight inputs at once where x's rows are 16-byte aligned and
+    one at a time where they are not (here K % 8 == 0 but x starts 2 bytes in): same answer,
+    with the copy split over several rounds of every thread (three blocks of one warp)."""
+    torch.manual_seed(17)
+    N, K = 70, 1024
+    w = Sparse4x4Weight.from_dense(torch.randn(N, K)).to(torch.bfloat16)
+    x = torch.randn(13 if rows == "mma" else rows, K, dtype=torch.bfloat16)
+    x = aligned(x) if where == "aligned" else offset_view(x, 1)
+    y = emulate(emulator, x, w, rows, blocks=3, warps=1, k_split=2)
+    reference_check(y, x, w, f"rows={rows} x {where}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -1,5 +1,5 @@
 """Test helpers: a weight of a named kind from a dense matrix (shared by the op and kernel tests),
-and a tensor in a view whose data pointer is not 16-byte aligned."""
+and tensors in views whose data pointer is or is not 16-byte aligned."""
 
 import re
 
@@ -32,3 +32,12 @@ def offset_view(t: torch.Tensor, elems: int) -> torch.Tensor:
     view = torch.empty(t.numel() + elems, dtype=t.dtype, device=t.device)[elems:].view(t.shape)
     view.copy_(t)
     return view
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``t`` whose data starts 16-byte aligned (the 16-byte load path's need)."""
+    flat = torch.empty(t.numel() * t.element_size() + 16, dtype=torch.uint8)
+    start = (-flat.data_ptr()) % 16
+    out = flat[start:start + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+    out.copy_(t)
+    return out

@@ -1,0 +1,161 @@
+"""The CUDA GEMVs' prologues, run on the host (CI has no GPU): the int1 mma GEMV's copy of x into
+shared memory in pair order (``fill_x`` in csrc/int1_gemv_mma.cuh) and the shares of x·Aᵀ that the
+first blocks of every CUDA GEMV store (``xa_lane_partial`` in csrc/gemv_common.cuh).
+
+Both are the kernels' own per-thread code, compiled for the host with nvcc
+(tests/cuda/gemv_prologue_emulate.cu) and run thread by thread: every thread's share of a block's
+copy, every lane of every item of every slot. The copy must be, word for word, the layout that
+``x_unit`` gives (and that tests/test_int1_gemv_mma.py's fragment test multiplies); the shares
+must be each slot's slice of x·Aᵀ, zero past the rank. Both load paths are covered: 16-byte loads
+where x's rows are aligned, one input at a time where K % 8 ≠ 0 or a pointer is not aligned.
+"""
+
+import ctypes
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from weights import aligned, offset_view
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import sass_cuda  # noqa: E402
+
+TASK_INPUTS = 512  # csrc/int1_gemv_mma.cuh: kTaskInputs
+ROW_PAD_UNITS = 4  # kRowPadUnits
+XA_RANKS = 4  # csrc/gemv_common.cuh: kXaRanks
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    """tests/cuda/gemv_prologue_emulate.cu built into a shared library (nvcc, host code only)."""
+    compiler = sass_cuda.nvcc()
+    if compiler is None:
+        pytest.skip("no nvcc on this machine (CUDA_HOME unset and none on PATH)")
+    out = tmp_path_factory.mktemp("prologue") / "libgemv_prologue.so"
+    done = subprocess.run([compiler, "-O2", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-o", str(out),
+                           str(ROOT / "tests" / "cuda" / "gemv_prologue_emulate.cu")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    so = ctypes.CDLL(str(out))
+    so.int1_fill_emulate.restype = ctypes.c_int
+    so.int1_fill_emulate.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5
+    so.xa_share_emulate.restype = ctypes.c_int
+    so.xa_share_emulate.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5
+    return so
+
+
+def bits(t: torch.Tensor) -> np.ndarray:
+    """The 16-bit patterns of an fp16/bf16 tensor, as uint32."""
+    return t.contiguous().view(torch.int16).numpy().astype(np.uint16).astype(np.uint32)
+
+
+def pair_order(x: torch.Tensor, k0: int, chunks: int, g=None) -> np.ndarray:
+    """The shared copy the kernel must leave, built from its definition: unit (m, c, j, i, t) =
+    ``m·row_units + ((4c + j)·8 + i)·4 + t`` holds, for word w = 16c + 4t + j of the slice, the
+    pairs (x[32w + p], x[32w + p + 16]) for p = 2i, 2i + 1 (low half first); zeros past K; the
+    padding units untouched (all ones)."""
+    M, K = x.shape
+    vals = (x.float() * g.float()).to(x.dtype) if g is not None else x  # onebit: x·g rounded to x's dtype
+    b = bits(vals)
+    row_units = chunks * TASK_INPUTS // 4 + ROW_PAD_UNITS
+    xs = np.full(M * row_units * 2, 0xFFFFFFFF, dtype=np.uint32)
+    for m in range(M):
+        for w in range(chunks * 16):
+            c, t, j = w >> 4, (w >> 2) & 3, w & 3
+            for p in range(16):
+                lo_k, hi_k = k0 + 32 * w + p, k0 + 32 * w + p + 16
+                lo = b[m, lo_k] if lo_k < K else 0
+                hi = b[m, hi_k] if hi_k < K else 0
+                unit = m * row_units + ((c * 4 + j) * 8 + (p >> 1)) * 4 + t
+                xs[2 * unit + (p & 1)] = lo | (hi << 16)
+    return xs
+
+
+def fill(lib, x, k0, chunks, threads, g=None):
+    M, K = x.shape
+    row_units = chunks * TASK_INPUTS // 4 + ROW_PAD_UNITS
+    xs = np.full(M * row_units * 2, 0xFFFFFFFF, dtype=np.uint32)
+    dtype = 0 if x.dtype == torch.float16 else 1
+    rc = lib.int1_fill_emulate(dtype, int(g is not None), x.data_ptr(), g.data_ptr() if g is not None else None,
+                               xs.ctypes.data, M, K, k0, chunks, threads)
+    assert rc == 0
+    return xs
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M, K, k0, chunks", [(1, 1024, 0, 2), (3, 1000, 512, 1), (16, 4096 + 3, 3584, 2),
+                                              (5, 45, 0, 1), (9, 130, 0, 1), (16, 2048, 1024, 2)])
+@pytest.mark.parametrize("threads", [32, 96, 1024])
+@pytest.mark.parametrize("where", ["aligned", "unaligned"])
+def test_int1_fill_is_the_pair_order(lib, dtype, M, K, k0, chunks, threads, where):
+    torch.manual_seed(M * 7919 + K + k0 + threads)
+    x = torch.randn(M, K, dtype=dtype)
+    x = aligned(x) if where == "aligned" else offset_view(x, 1)
+    assert np.array_equal(fill(lib, x, k0, chunks, threads), pair_order(x, k0, chunks))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M, K", [(2, 1024), (16, 1000), (3, 77)])
+@pytest.mark.parametrize("g_where", ["aligned", "unaligned"])
+def test_int1_fill_onebit_multiplies_by_g(lib, dtype, M, K, g_where):
+    torch.manual_seed(M + K)
+    x = aligned(torch.randn(M, K, dtype=dtype))
+    g = torch.rand(K, dtype=dtype) + 0.5
+    g = aligned(g) if g_where == "aligned" else offset_view(g, 3)
+    chunks = -(-K // TASK_INPUTS)
+    got = fill(lib, x, 0, chunks, 64, g)
+    assert np.array_equal(got, pair_order(x, 0, chunks, g))
+    assert not np.array_equal(got, pair_order(x, 0, chunks))  # g was applied
+
+
+def test_int1_fill_refuses_bad_arguments(lib):
+    x = torch.randn(2, 64, dtype=torch.float16)
+    xs = np.zeros(2 * (128 + ROW_PAD_UNITS) * 2, dtype=np.uint32)
+    for args in [(2, 0, 0, 1, 32), (2, 64, 100, 1, 32), (2, 64, 0, 0, 32), (2, 64, 0, 1, 0), (0, 64, 0, 1, 32)]:
+        M, K, k0, chunks, threads = args
+        assert lib.int1_fill_emulate(0, 0, x.data_ptr(), None, xs.ctypes.data, M, K, k0, chunks, threads) == 1
+    assert not xs.any()  # nothing written
+
+
+def xa_shares(lib, x, A, block_r, slots):
+    M, K = x.shape
+    R = A.shape[0]
+    parts = torch.full((slots, M, block_r), float("nan"), dtype=torch.float32)
+    rc = lib.xa_share_emulate(0 if x.dtype == torch.float16 else 1, x.data_ptr(), A.data_ptr(), parts.data_ptr(),
+                              M, K, R, block_r, slots)
+    assert rc == 0
+    return parts
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M, K, R, block_r, slots", [(1, 8192, 16, 16, 32), (16, 4096, 16, 16, 32),
+                                                     (3, 1000, 5, 16, 7), (2, 45, 8, 16, 32), (4, 4103, 33, 64, 13),
+                                                     (1, 300, 1, 16, 1)])
+@pytest.mark.parametrize("where", ["aligned", "x unaligned", "A unaligned"])
+def test_xa_shares_are_each_slots_slice(lib, dtype, M, K, R, block_r, slots, where):
+    torch.manual_seed(M * 31 + K + R + slots)
+    x = torch.randn(M, K, dtype=dtype)
+    A = torch.randn(R, K, dtype=dtype) / K ** 0.5
+    x = offset_view(x, 1) if where == "x unaligned" else aligned(x)
+    A = offset_view(A, 1) if where == "A unaligned" else aligned(A)
+    parts = xa_shares(lib, x, A, block_r, slots)
+    per = (-(-K // slots) + 7) // 8 * 8  # xa_share_per: a multiple of 8, so 16-byte loads stay inside a share
+    for s in range(slots):
+        ks = slice(min(K, s * per), min(K, (s + 1) * per))
+        want = x[:, ks].double() @ A[:, ks].double().t()
+        torch.testing.assert_close(parts[s, :, :R].double(), want, rtol=1e-5, atol=1e-5)
+        assert (parts[s, :, R:] == 0).all()  # past the rank
+    torch.testing.assert_close(parts.sum(0)[:, :R].double(), x.double() @ A.double().t(), rtol=1e-5, atol=1e-4)
+
+
+def test_xa_share_refuses_bad_arguments(lib):
+    x = torch.randn(2, 64, dtype=torch.float16)
+    A = torch.randn(4, 64, dtype=torch.float16)
+    parts = torch.zeros(2, 2, 16)
+    for dtype, R, block_r, slots in [(2, 4, 16, 2), (0, 4, 2, 2), (0, 4, 18, 2), (0, 4, 16, 0), (0, 0, 16, 2)]:
+        assert lib.xa_share_emulate(dtype, x.data_ptr(), A.data_ptr(), parts.data_ptr(), 2, 64, R, block_r, slots) == 1
+    assert not parts.any()
