@@ -181,6 +181,18 @@ __device__ __forceinline__ uint4 load_words(const Args& a, int n, int word) {
   return u;
 }
 
+// Lane (g, t)'s lines of task `task` (rows g and g + 8 of its row group, its four words of the
+// chunk) on their way into L2.
+__device__ __forceinline__ void prefetch_task(const Args& a, int64_t task, int chunks, int g, int word0) {
+  const int rg = (int)(task / chunks), word = word0 + (int)(task % chunks) * kTaskWords;
+  if (word >= a.KW) return;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int n = rg * kTaskRows + g + 8 * half;
+    if (n < a.N) loraq_gemv::prefetch_l2(a.packed + (int64_t)n * a.KW + word);
+  }
+}
+
 // (-α, -α) in T for the group of word `word` of row n (group mode), else (-1, -1).
 template <typename T, int MODE>
 __device__ __forceinline__ uint32_t minus_pair(const Args& a, int n, int word) {
@@ -237,15 +249,20 @@ __global__ void __launch_bounds__(1024) int1_gemv_mma_kernel(const Args a) {
   const int chunks = (min(a.K - k0, a.slice_inputs) + kTaskInputs - 1) / kTaskInputs;
   const int row_units = chunks * 128 + kRowPadUnits;  // 8-byte units a row of x (512 inputs: 128)
 
-  const int block = blockIdx.y * gridDim.x + blockIdx.x;
-  if (a.parts != nullptr && block < a.slots) loraq_gemv::store_xa_share<T>(a, block);
-  fill_x<T, MODE>(a, xs, k0, chunks, row_units, threadIdx.x, blockDim.x);
-  __syncthreads();
-
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int warps = blockDim.x >> 5;
   const int64_t warp = (int64_t)blockIdx.x * warps + (threadIdx.x >> 5), total = (int64_t)gridDim.x * warps;
   const int64_t tasks = (int64_t)((a.N + kTaskRows - 1) / kTaskRows) * chunks;
+  const int word0 = k0 / 32 + 4 * t;  // lane t's first word of chunk 0
+  {  // the first two tasks start for L2 before the copy of x (the plan is made again after it: held
+     // across the copy, it would take registers)
+    const auto [first, count] = loraq_gemv::warp_run(warp, total, tasks);
+    for (int i = 0; i < 2 && i < count; ++i) prefetch_task(a, first + i, chunks, g, word0);
+  }
+  const int block = blockIdx.y * gridDim.x + blockIdx.x;
+  if (a.parts != nullptr && block < a.slots) loraq_gemv::store_xa_share<T>(a, block);
+  fill_x<T, MODE>(a, xs, k0, chunks, row_units, threadIdx.x, blockDim.x);
+  __syncthreads();
   const auto [first, count] = loraq_gemv::warp_run(warp, total, tasks);  // this warp's run of tasks
   if (count <= 0) return;
   // lane g reads row g of x for tile 0, row 8 + g for tile 1; lanes past the rows of x read row 0
@@ -253,7 +270,6 @@ __global__ void __launch_bounds__(1024) int1_gemv_mma_kernel(const Args a) {
   int xrow[NT];
 #pragma unroll
   for (int tile = 0; tile < NT; ++tile) xrow[tile] = (tile * kTileRows + g < a.M ? tile * kTileRows + g : 0) * row_units;
-  const int word0 = k0 / 32 + 4 * t;  // lane t's first word of chunk 0
 
   float acc[NT][4] = {};
   int rg = (int)(first / chunks), c = (int)(first % chunks);  // the task: row group, chunk

@@ -97,6 +97,16 @@ __host__ __device__ void fill_x(const Args& a, float* xs, int k0, int inputs, in
   loraq_gemv::staged_copy<2, uint4>(ROWS * per_row, tid, threads, load, store);
 }
 
+// The lines of a lane's task (tile row tn, tile columns tk .. tk + 31: 64 bytes of values, 16 of
+// positions) on their way into L2.
+__host__ __device__ __forceinline__ void prefetch_task(const Args& a, int tn, int tk) {
+  if (tn >= a.TN || tk >= a.TK) return;
+  const uint16_t* vrow = a.values + (int64_t)tn * a.TK + tk;
+  loraq_gemv::prefetch_l2(vrow);
+  if (tk + 16 < a.TK) loraq_gemv::prefetch_l2(vrow + 16);
+  loraq_gemv::prefetch_l2(a.positions + (int64_t)tn * a.PW + tk / 2);
+}
+
 // Lane data of one task: tile row tn, tile columns tk .. tk + 31. val[i] holds values 2i (low
 // half) and 2i + 1; pos[q] the positions of values 8q .. 8q + 7, 4 bits each. Zeros past TN and
 // TK (a zero value adds nothing wherever its position points).
@@ -312,13 +322,18 @@ __global__ void __launch_bounds__(kThreads, 1) sparse4x4_gemv_kernel(const Args 
   float* xs = reinterpret_cast<float*>(smem_f4);
   const int tile0 = blockIdx.y * a.slice_tiles, row0 = blockIdx.z * ROWS;
   const int chunks = slice_chunks(a, tile0);
+  const int warps = blockDim.x >> 5, lane = threadIdx.x & 31;
+  const int64_t warp = (int64_t)blockIdx.x * warps + (threadIdx.x >> 5), total = (int64_t)gridDim.x * warps;
+  {  // the first two tasks of this lane's run start for L2 before the copy of x (run_lane's plan)
+    const auto [first, count] = loraq_gemv::warp_run(warp, total, (int64_t)((a.TN + kWarpTileRows - 1) / kWarpTileRows) * chunks);
+    for (int i = 0; i < 2 && i < count; ++i)
+      prefetch_task(a, (int)((first + i) / chunks) * kWarpTileRows + lane, tile0 + (int)((first + i) % chunks) * kChunkTiles);
+  }
   const int block = blockIdx.y * gridDim.x + blockIdx.x;
   if (a.parts != nullptr && blockIdx.z == 0 && block < a.slots) loraq_gemv::store_xa_share<T>(a, block);
   fill_x<T, ROWS>(a, xs, 4 * tile0, chunks * kTaskInputs, row0, threadIdx.x, blockDim.x);
   __syncthreads();
-  const int warps = blockDim.x >> 5;
-  run_lane<T, ROWS, VEC>(a, xs, tile0, chunks, row0, (int64_t)blockIdx.x * warps + (threadIdx.x >> 5),
-                         (int64_t)gridDim.x * warps, threadIdx.x & 31);
+  run_lane<T, ROWS, VEC>(a, xs, tile0, chunks, row0, warp, total, lane);
 }
 
 }  // namespace loraq_sparse
