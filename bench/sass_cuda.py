@@ -37,7 +37,7 @@ if _interpret is not None:  # nothing here compiles Triton: leave the caller's s
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 DTYPES = {"fp16": "__half", "bf16": "__nv_bfloat16"}
-MODES = {0: "row", 1: "group", 2: "onebit"}
+MODES = {0: "row", 1: "group", 2: "onebit", 3: "row+offset", 4: "onebit+offset"}  # 3, 4: the offset decode
 KERNELS = ("mma", "sparse", "sparse_mma")
 HEADERS = {"mma": "int1_gemv_mma.cuh", "sparse": "sparse4x4_gemv.cuh", "sparse_mma": "sparse4x4_gemv_mma.cuh"}
 
@@ -133,7 +133,7 @@ def describe(r: Dict) -> str:
     total = sum(loop.values())
     loads = "16-byte" if r["vec"] else "scalar "
     if r["kernel"] == "mma":
-        what = f"int1 mma {r['dtype']} {MODES[r['mode']]:6s} {loads} loads, {r['tiles']} tile(s) of x"
+        what = f"int1 mma {r['dtype']} {MODES[r['mode']]:13s} {loads} loads, {r['tiles']} tile(s) of x"
         ops = f"{loop.get('HMMA', 0)} HMMA, {loop.get('LOP3', 0)} LOP3"
     elif r["kernel"] == "sparse_mma":
         what = f"sparse4x4 mma {r['dtype']} {loads} loads, {r['tiles']} tile(s) of x"

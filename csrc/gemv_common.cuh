@@ -45,6 +45,16 @@ __host__ __device__ __forceinline__ V load_ro(const V* p) {
 #endif
 }
 
+// *p += v for a float in shared memory that several threads add to (a plain add on the host, where
+// the emulation runs one thread at a time).
+__host__ __device__ __forceinline__ void add_shared(float* p, float v) {
+#ifdef __CUDA_ARCH__
+  atomicAdd(p, v);
+#else
+  *p += v;
+#endif
+}
+
 // Start the line of `p` on its way into L2 (a hint: nothing waits, no register is written). The
 // kernels ask for their first tasks' weights this way before they copy x, so that the loads after
 // the copy find them in L2 instead of waiting for memory then. Nothing on the host.

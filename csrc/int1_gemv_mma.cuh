@@ -51,6 +51,52 @@ constexpr int kRowPadUnits = 4;   // 32 bytes of padding per row of x in shared 
 
 // Scale modes, as decode.SCALE_ROW / SCALE_GROUP / SCALE_ONEBIT in kernels/decode.py.
 constexpr int kScaleRow = 0, kScaleGroup = 1, kScaleOnebit = 2;
+// Per-row α and onebit with the offset decode (below; LORAQ_OFFSET_DECODE=1, opt-in until its GPU
+// tests have run): the op's modes 3 and 4.
+constexpr int kScaleRowOffset = 3, kScaleOnebitOffset = 4;
+__host__ __device__ constexpr bool is_offset(int mode) { return mode >= kScaleRowOffset; }
+__host__ __device__ constexpr bool is_onebit(int mode) { return mode == kScaleOnebit || mode == kScaleOnebitOffset; }
+
+// The offset decode: one LOP3 a register. Register p of a word takes bits p and p + 16 of the word
+// shifted so that they land on mantissa bit q = kOffsetQ0 + (p & 3) of each half, ORed with 16.0
+// in both halves: each half is then 16 + b·2^(p & 3) exactly (b the bit), in fp16 (mantissa bits
+// 6..9) and in bf16 (3..6). x is stored times 2^-(p & 3), so the mma sums 16·x' + b·x, and
+//   Σ (2b − 1)·x = 2·Σ (16 + b·2^(p&3))·x' − Σ (32 + 2^(p&3))·x',
+// the last sum a constant C of each row of x and K slice (fill_x computes it into the row's padding
+// unit; the warp that holds the slice's chunk 0 of a row group subtracts it in its flush). Four
+// shifts and 16 LOP3 decode a word where pair order takes 15 and 16. The partial sums grow about
+// 9x (the 16s), which fp32 holds with 20 bits to spare over fp16's.
+template <typename T>
+struct OffsetDecode;
+template <>
+struct OffsetDecode<__half> {
+  static constexpr int kQ0 = 6;                     // mantissa bits 6..9 of 10
+  static constexpr uint32_t kSixteens = 0x4C004C00u;  // (16, 16)
+};
+template <>
+struct OffsetDecode<__nv_bfloat16> {
+  static constexpr int kQ0 = 3;                     // mantissa bits 3..6 of 7
+  static constexpr uint32_t kSixteens = 0x41804180u;
+};
+
+// Copy h (0..3) of a word for the offset decode: bits 4h .. 4h + 3 (and 16 more) moved to kQ0.
+template <typename T>
+__host__ __device__ __forceinline__ uint32_t offset_copy(uint32_t word, int h) {
+  const int shift = OffsetDecode<T>::kQ0 - 4 * h;
+  return shift >= 0 ? word << shift : word >> -shift;
+}
+
+// Register p of a word, from its copy p >> 2: (16 + b·2^(p&3), 16 + b'·2^(p&3)) in T; `sixteens`
+// holds (16, 16) (from a register: as an immediate the compiler would split the LOP3 in two).
+template <typename T>
+__host__ __device__ __forceinline__ uint32_t offset_pair(uint32_t copy, int p, uint32_t sixteens) {
+  return (copy & (0x00010001u << (OffsetDecode<T>::kQ0 + (p & 3)))) | sixteens;
+}
+
+// The shared float where fill_x puts C for row m of x (the row's first padding unit).
+__host__ __device__ __forceinline__ int offset_c_index(int m, int row_units) {
+  return 2 * (m * row_units + row_units - kRowPadUnits);
+}
 
 template <typename T>
 struct Half2Bits;  // the bits of (-1, -1) in T, and the mma instruction for T
@@ -94,6 +140,7 @@ struct Args {
   // (-1, -1) in T, from the launcher: as an immediate, the compiler splits the decode's
   // (shifted & mask) ^ (-1, -1) into two LOP3 (one immediate each); from a register it is one
   uint32_t minus_ones;
+  uint32_t sixteens;  // (16, 16) in T: the offset decode's constant, from a register likewise
   // group mode: 1 / (words a group). A word's group is floor((word + 0.5) · this), exact in fp32
   // for words < 2^22 (K < 134 M): three instructions where an integer division takes about twenty
   float inv_group_words;
@@ -118,10 +165,30 @@ __host__ __device__ __forceinline__ uint4 times_g(const uint4& xq, const uint4& 
   return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
+// Two consecutive inputs (as stored: the low half is register p's, the high half register p + 1's)
+// times 2^-(p & 3) and 2^-((p + 1) & 3), rounded to T (exact unless they fall below T's normal
+// range); adds each scaled input times 32 + 2^(its p & 3) to csum (the offset decode's C).
+template <typename T>
+__host__ __device__ __forceinline__ uint32_t scaled_pair(uint32_t two, int p, float& csum) {
+  uint32_t out = 0;
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const int r = (p + e) & 3;
+    const uint16_t bits = (uint16_t)(e ? two >> 16 : two & 0xFFFFu);
+    T v;
+    memcpy(&v, &bits, 2);
+    const T scaled = from_float<T>(to_float(v) * (1.f / (float)(1 << r)));
+    csum += to_float(scaled) * (float)(32 + (1 << r));
+    out |= (uint32_t)bits16(scaled) << (16 * e);
+  }
+  return out;
+}
+
 // Fill the shared copy of this block's slice of x in pair order: unit (m, c, j, i, t) holds, for
 // word w = 16c + 4t + j of the slice, the pairs (x[32w + p], x[32w + p + 16]) for p = 2i, 2i + 1.
 // Inputs past K are 0 (the padding bits of the last word decode to -1 and must add nothing).
-// Onebit: x·g. Thread `tid` of `threads` (__host__ too: tests/cuda/ runs it on the CPU).
+// Onebit: x·g. The offset decode: x·2^-(p & 3), and C added into each row's padding unit (zeroed
+// before). Thread `tid` of `threads` (__host__ too: tests/cuda/ runs it on the CPU).
 //
 // An item is a word of one row of x: four 16-byte loads (where x's rows are aligned), two items a
 // round in flight, then eight 8-byte stores. Item bits 0-1 are t and the next ones the row of x,
@@ -143,7 +210,7 @@ __host__ __device__ void fill_x(const Args& a, uint32_t* xs, int k0, int chunks,
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       d.q[q] = loraq_gemv::load_x8(a.x, a.M, a.K, m, k0 + 32 * w + 8 * q, vx);
-      if (MODE == kScaleOnebit) d.q[q] = times_g<T>(d.q[q], loraq_gemv::load_x8(a.col, 1, a.K, 0, k0 + 32 * w + 8 * q, vg));
+      if (is_onebit(MODE)) d.q[q] = times_g<T>(d.q[q], loraq_gemv::load_x8(a.col, 1, a.K, 0, k0 + 32 * w + 8 * q, vg));
     }
     return d;
   };
@@ -151,17 +218,23 @@ __host__ __device__ void fill_x(const Args& a, uint32_t* xs, int k0, int chunks,
     int m, w;
     word_of(item, m, w);
     const int c = w >> 4, t = (w >> 2) & 3, j = w & 3;
+    float csum = 0.f;  // the offset decode's share of C from this word
 #pragma unroll
     for (int i = 0; i < 8; ++i) {  // pairs 2i, 2i + 1: inputs 2i, 2i + 1 with 2i + 16, 2i + 17
       const uint4& lo4 = d.q[i >> 2];
       const uint4& hi4 = d.q[2 + (i >> 2)];
-      const uint32_t lo = (i & 3) == 0 ? lo4.x : (i & 3) == 1 ? lo4.y : (i & 3) == 2 ? lo4.z : lo4.w;
-      const uint32_t hi = (i & 3) == 0 ? hi4.x : (i & 3) == 1 ? hi4.y : (i & 3) == 2 ? hi4.z : hi4.w;
+      uint32_t lo = (i & 3) == 0 ? lo4.x : (i & 3) == 1 ? lo4.y : (i & 3) == 2 ? lo4.z : lo4.w;
+      uint32_t hi = (i & 3) == 0 ? hi4.x : (i & 3) == 1 ? hi4.y : (i & 3) == 2 ? hi4.z : hi4.w;
+      if (is_offset(MODE)) {  // register p = 2i + e takes x' = x·2^-(p & 3)
+        lo = scaled_pair<T>(lo, 2 * i, csum);
+        hi = scaled_pair<T>(hi, 2 * i, csum);
+      }
       *reinterpret_cast<uint2*>(xs + 2 * x_unit(m, row_units, c, j, i, t)) =
           make_uint2((lo & 0xFFFFu) | (hi << 16), (lo >> 16) | (hi & 0xFFFF0000u));
     }
+    if (is_offset(MODE)) loraq_gemv::add_shared(reinterpret_cast<float*>(xs + offset_c_index(m, row_units)), csum);
   };
-  loraq_gemv::staged_copy<MODE == kScaleOnebit ? 1 : 2, XWord>(items, tid, threads, load, store);
+  loraq_gemv::staged_copy<is_onebit(MODE) ? 1 : 2, XWord>(items, tid, threads, load, store);
 }
 
 // Lane (g, t)'s four words of one weight row for the task's chunk, zeros past the row or past N.
@@ -204,8 +277,9 @@ __device__ __forceinline__ uint32_t minus_pair(const Args& a, int n, int word) {
 }
 
 // One task: 16 rows x 512 inputs, 32 mma steps a tile of x. u, v: the words of rows g and g + 8;
-// xrow[tile]: the first unit of the row of x that lane g reads for each tile.
-template <typename T, int NT>
+// xrow[tile]: the first unit of the row of x that lane g reads for each tile. OFFSET: the offset
+// decode (mu[0] holds (16, 16) then), else pair order's.
+template <typename T, int NT, bool OFFSET>
 __device__ __forceinline__ void task_mma(float (&acc)[NT][4], const uint4& u, const uint4& v,
                                          const uint32_t (&mu)[4], const uint32_t (&mv)[4], const uint32_t* xs,
                                          const int (&xrow)[NT], int c, int t) {
@@ -213,12 +287,30 @@ __device__ __forceinline__ void task_mma(float (&acc)[NT][4], const uint4& u, co
   const uint32_t wv[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
+    uint32_t cu[4], cv[4];  // the offset decode's four copies of each word
+    if (OFFSET) {
+#pragma unroll
+      for (int h = 0; h < 4; ++h) {
+        cu[h] = offset_copy<T>(wu[j], h);
+        cv[h] = offset_copy<T>(wv[j], h);
+      }
+    }
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       // registers 2i (columns 2t, 2t+1) and 2i + 1 (columns 2t+8, 2t+9), rows g and g + 8; i and
       // j are constants once unrolled, so each shift is an immediate
-      const uint32_t fa[4] = {sign_pair(wu[j], 2 * i, mu[j]), sign_pair(wv[j], 2 * i, mv[j]),
-                              sign_pair(wu[j], 2 * i + 1, mu[j]), sign_pair(wv[j], 2 * i + 1, mv[j])};
+      uint32_t fa[4];
+      if (OFFSET) {
+        fa[0] = offset_pair<T>(cu[i >> 1], 2 * i, mu[0]);
+        fa[1] = offset_pair<T>(cv[i >> 1], 2 * i, mu[0]);
+        fa[2] = offset_pair<T>(cu[i >> 1], 2 * i + 1, mu[0]);
+        fa[3] = offset_pair<T>(cv[i >> 1], 2 * i + 1, mu[0]);
+      } else {
+        fa[0] = sign_pair(wu[j], 2 * i, mu[j]);
+        fa[1] = sign_pair(wv[j], 2 * i, mv[j]);
+        fa[2] = sign_pair(wu[j], 2 * i + 1, mu[j]);
+        fa[3] = sign_pair(wv[j], 2 * i + 1, mv[j]);
+      }
 #pragma unroll
       for (int tile = 0; tile < NT; ++tile) {
         const uint2 b = *reinterpret_cast<const uint2*>(xs + 2 * (xrow[tile] + ((c * 4 + j) * 8 + i) * 4 + t));
@@ -229,14 +321,28 @@ __device__ __forceinline__ void task_mma(float (&acc)[NT][4], const uint4& u, co
 }
 
 // Add a warp's sums for rows 16·rg .. 16·rg + 15 into the workspace, times the row scale (α or
-// onebit h, rounded to T as the reference rounds Ŵ; group mode folded it into the decode).
+// onebit h, rounded to T as the reference rounds Ŵ; group mode folded it into the decode). The
+// offset decode: the sums are 2·acc, less C of the slice where the run held the slice's chunk 0
+// of this row group (`chunk0`; C is read from the padding unit of each row of x, xs_c).
 template <typename T, int MODE, int NT>
-__device__ __forceinline__ void flush(const Args& a, float (&acc)[NT][4], int rg, int g, int t) {
+__device__ __forceinline__ void flush(const Args& a, float (&acc)[NT][4], int rg, int g, int t, bool chunk0,
+                                      const float* xs_c, int row_units) {
   static_assert(kTileRows == 8, "add_fragments takes m16n8 fragments");
   const T* s = static_cast<const T*>(a.scale);
   const int n0 = rg * kTaskRows + g, n1 = n0 + 8;
   const float s0 = (MODE != kScaleGroup && n0 < a.N) ? to_float(s[(int64_t)n0 * a.G]) : 1.f;
   const float s1 = (MODE != kScaleGroup && n1 < a.N) ? to_float(s[(int64_t)n1 * a.G]) : 1.f;
+  if (is_offset(MODE)) {
+#pragma unroll
+    for (int tile = 0; tile < NT; ++tile)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {  // columns 2t + e: rows of x
+        const int m = tile * kTileRows + 2 * t + e;
+        const float cm = chunk0 && m < a.M ? xs_c[offset_c_index(m, row_units)] : 0.f;
+        acc[tile][e] = 2.f * acc[tile][e] - cm;
+        acc[tile][2 + e] = 2.f * acc[tile][2 + e] - cm;
+      }
+  }
   loraq_gemv::add_fragments<NT>(a.ws, a.M, a.N, acc, n0, t, s0, s1);
 }
 
@@ -259,6 +365,10 @@ __global__ void __launch_bounds__(1024) int1_gemv_mma_kernel(const Args a) {
     const auto [first, count] = loraq_gemv::warp_run(warp, total, tasks);
     for (int i = 0; i < 2 && i < count; ++i) prefetch_task(a, first + i, chunks, g, word0);
   }
+  if (is_offset(MODE)) {  // C of each row of x: zero before fill_x adds into it
+    for (int m = threadIdx.x; m < a.M; m += blockDim.x) reinterpret_cast<float*>(xs)[offset_c_index(m, row_units)] = 0.f;
+    __syncthreads();
+  }
   const int block = blockIdx.y * gridDim.x + blockIdx.x;
   if (a.parts != nullptr && block < a.slots) loraq_gemv::store_xa_share<T>(a, block);
   fill_x<T, MODE>(a, xs, k0, chunks, row_units, threadIdx.x, blockDim.x);
@@ -273,6 +383,7 @@ __global__ void __launch_bounds__(1024) int1_gemv_mma_kernel(const Args a) {
 
   float acc[NT][4] = {};
   int rg = (int)(first / chunks), c = (int)(first % chunks);  // the task: row group, chunk
+  bool chunk0 = c == 0;  // the offset decode: this run of the row group holds the slice's chunk 0
   uint4 u = load_words<VEC>(a, rg * kTaskRows + g, word0 + c * kTaskWords);
   uint4 v = load_words<VEC>(a, rg * kTaskRows + g + 8, word0 + c * kTaskWords);
   for (int left = count; left > 0; --left) {
@@ -288,13 +399,17 @@ __global__ void __launch_bounds__(1024) int1_gemv_mma_kernel(const Args a) {
       nv = load_words<VEC>(a, nrg * kTaskRows + g + 8, word0 + nc * kTaskWords);
     }
     uint32_t mu[4], mv[4];
+    if (is_offset(MODE)) mu[0] = a.sixteens;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < 4 && !is_offset(MODE); ++j) {
       mu[j] = minus_pair<T, MODE>(a, rg * kTaskRows + g, word0 + c * kTaskWords + j);
       mv[j] = minus_pair<T, MODE>(a, rg * kTaskRows + g + 8, word0 + c * kTaskWords + j);
     }
-    task_mma<T, NT>(acc, u, v, mu, mv, xs, xrow, c, t);
-    if (left == 1 || nrg != rg) flush<T, MODE, NT>(a, acc, rg, g, t);
+    task_mma<T, NT, is_offset(MODE)>(acc, u, v, mu, mv, xs, xrow, c, t);
+    if (left == 1 || nrg != rg) {
+      flush<T, MODE, NT>(a, acc, rg, g, t, chunk0, reinterpret_cast<const float*>(xs), row_units);
+      chunk0 = true;  // the next run of a row group starts at its chunk 0
+    }
     rg = nrg;
     c = nc;
     u = nu;

@@ -37,7 +37,9 @@ template <typename T, bool VEC, int NT>
 void launch_mode(int64_t mode, const Args& a, dim3 grid, int threads, size_t smem, cudaStream_t stream) {
   if (mode == loraq_mma::kScaleRow) launch<T, loraq_mma::kScaleRow, VEC, NT>(a, grid, threads, smem, stream);
   else if (mode == loraq_mma::kScaleGroup) launch<T, loraq_mma::kScaleGroup, VEC, NT>(a, grid, threads, smem, stream);
-  else launch<T, loraq_mma::kScaleOnebit, VEC, NT>(a, grid, threads, smem, stream);
+  else if (mode == loraq_mma::kScaleOnebit) launch<T, loraq_mma::kScaleOnebit, VEC, NT>(a, grid, threads, smem, stream);
+  else if (mode == loraq_mma::kScaleRowOffset) launch<T, loraq_mma::kScaleRowOffset, VEC, NT>(a, grid, threads, smem, stream);
+  else launch<T, loraq_mma::kScaleOnebitOffset, VEC, NT>(a, grid, threads, smem, stream);
 }
 
 template <typename T, bool VEC>
@@ -48,7 +50,8 @@ void launch_tiles(int64_t mode, const Args& a, dim3 grid, int threads, size_t sm
 
 // Adds x·Ŵᵀ into ws [M, N] (fp32, zeroed) and, when lora_A is given, stores parts[s] = this
 // slot's share of x·Aᵀ (parts [slots, M, block_r], fp32; r past R gets 0).
-// mode: 0 per-row α, 1 per-group α (group_size a multiple of 32), 2 onebit (h in scale, g in col).
+// mode: 0 per-row α, 1 per-group α (group_size a multiple of 32), 2 onebit (h in scale, g in col); 3 and 4:
+// 0 and 2 with the offset decode (int1_gemv_mma.cuh).
 // blocks: blocks per K slice; warps: warps a block; k_split: K slices (blockIdx.y).
 void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale,
                    const torch::Tensor& col, const c10::optional<torch::Tensor>& lora_A, torch::Tensor ws,
@@ -66,11 +69,14 @@ void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const to
               packed.sizes());
   loraq_ops::check_cuda_tensor("int1_gemv_mma", scale, "scale", x.scalar_type(), 2);
   TORCH_CHECK(scale.size(0) == N, "int1_gemv_mma: scale must have N = ", N, " rows, got ", scale.sizes());
-  TORCH_CHECK(mode >= 0 && mode <= 2, "int1_gemv_mma: mode must be 0 (row), 1 (group) or 2 (onebit), got ", mode);
+  TORCH_CHECK(mode >= 0 && mode <= 4,
+              "int1_gemv_mma: mode must be 0 (row), 1 (group), 2 (onebit), 3 (row) or 4 (onebit) with the offset "
+              "decode, got ", mode);
+  const bool onebit = mode == 2 || mode == 4;
   TORCH_CHECK(mode != 1 || (group_size > 0 && group_size % 32 == 0 && scale.size(1) == (K + group_size - 1) / group_size),
               "int1_gemv_mma: per-group scales need a group size that is a multiple of 32 and scale [N, ceil(K/group)]");
   TORCH_CHECK(mode == 1 || scale.size(1) >= 1, "int1_gemv_mma: scale must have a column");
-  if (mode == 2) {
+  if (onebit) {
     loraq_ops::check_cuda_tensor("int1_gemv_mma", col, "col", x.scalar_type(), 1);
     TORCH_CHECK(col.size(0) == K, "int1_gemv_mma: col must be [K] = [", K, "], got ", col.sizes());
   }
@@ -81,14 +87,14 @@ void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const to
               "int1_gemv_mma: blocks and k_split must be ≥ 1 and warps 1 to 32");
   TORCH_CHECK(lora_A.has_value() == parts.has_value(), "int1_gemv_mma: lora_A and parts come together");
   TORCH_CHECK(x.device() == packed.device() && x.device() == ws.device() && x.device() == scale.device() &&
-                  (mode != 2 || x.device() == col.device()),
+                  (!onebit || x.device() == col.device()),
               "int1_gemv_mma: tensors on one device");
 
   Args a{};
   a.x = x.data_ptr();
   a.packed = packed.data_ptr<int32_t>();
   a.scale = scale.data_ptr();
-  a.col = mode == 2 ? col.data_ptr() : nullptr;
+  a.col = onebit ? col.data_ptr() : nullptr;
   a.ws = ws.data_ptr<float>();
   a.M = (int)M;
   a.N = (int)N;
@@ -101,6 +107,8 @@ void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const to
   TORCH_CHECK(N < (int64_t(1) << 30), "int1_gemv_mma: N must be below 2^30");
   a.minus_ones = x.scalar_type() == at::kHalf ? loraq_mma::Half2Bits<__half>::kMinusOnes
                                                : loraq_mma::Half2Bits<__nv_bfloat16>::kMinusOnes;
+  a.sixteens = x.scalar_type() == at::kHalf ? loraq_mma::OffsetDecode<__half>::kSixteens
+                                             : loraq_mma::OffsetDecode<__nv_bfloat16>::kSixteens;
   // K slices of whole tasks (none when K = 0)
   int64_t slices = 0;
   if (K > 0) {

@@ -1,7 +1,7 @@
 """loraq's switches, read from the environment on every call, cheaply.
 
 The launch path asks a few of them per call (``LORAQ_FAST_LAUNCH``, ``LORAQ_ONE_LAUNCH``,
-``LORAQ_CUDA_GEMV``), and users and tests may change them at run time, so they are not cached.
+``LORAQ_CUDA_GEMV``, ``LORAQ_OFFSET_DECODE``), and users and tests may change them at run time, so they are not cached.
 ``os.environ.get`` encodes the name and decodes the value each time (about 1 µs); on POSIX,
 CPython's ``os.environ`` keeps the raw table it updates on every change (``_data``, bytes to
 bytes), which a comparison reads in 0.04 µs.

@@ -15,7 +15,10 @@ It is an autotune candidate of :func:`lora_linear_fwd` for int1 in fp16 and bf16
 ``MMA_MAX_M`` rows when the extension is built (``CUDA_HOME=... pip install --no-build-isolation
 -e .``), the GPU has ``mma.sync`` for bf16 (compute capability 8.0 or newer) and
 ``LORAQ_CUDA_GEMV`` is not ``0`` (``cuda_ext.cuda_gemv_offered``; a forced ``config`` runs it
-regardless). Written without a GPU; its GPU tests passed on an H100 on 2026-11-24. Configs:
+regardless). Written without a GPU; its GPU tests passed on an H100 on 2026-11-24. With
+``LORAQ_OFFSET_DECODE=1`` (opt-in: written without a GPU, its GPU tests not run yet) per-row and
+onebit weights take the offset decode, one ``LOP3`` a register of A instead of a shift and a
+``LOP3`` (the op's modes 3 and 4; ``csrc/int1_gemv_mma.cuh``). Configs:
 ``(MMA_MAX_M, blocks an SM, MMA_TASK_INPUTS, K slices at least, warps a block, 1, MMA_GEMV)``.
 """
 
@@ -25,7 +28,8 @@ import torch
 
 from .autotune import MMA_GEMV, Config
 from .cuda_ext import MAX_SLOTS, extension_problem, fit_slices, sm_count, smem_limits
-from .decode import SCALE_GROUP, lora_and_bias_args, weight_args
+from .decode import SCALE_GROUP, SCALE_ONEBIT, SCALE_ROW, lora_and_bias_args, weight_args
+from .env import env_is
 from .splitk_finish import run_split
 from .device_guard import on_input_device
 
@@ -33,6 +37,16 @@ MMA_MAX_M = 16  # rows of x: one mma tile of 8 (its N), or two on the same decod
 MMA_TASK_INPUTS = 512  # inputs a task: 4 lanes x 4 words of 32
 # (blocks an SM, warps a block): 64 registers a thread (the kernel's launch bound) allow 32 warps an SM
 MMA_SHAPES = ((2, 16), (4, 8), (1, 32), (2, 8))
+# the op's modes for per-row α and onebit with the offset decode (csrc/int1_gemv_mma.cuh: one LOP3 a
+# register of A instead of two, about 18% fewer instructions in the loop; opt-in with
+# LORAQ_OFFSET_DECODE=1 until its GPU tests have run)
+OFFSET_MODES = {SCALE_ROW: 3, SCALE_ONEBIT: 4}
+
+
+def op_mode(mode: int) -> int:
+    """The op's ``mode`` for a weight's scale mode: the offset decode's where it applies and
+    ``LORAQ_OFFSET_DECODE`` is ``1``."""
+    return OFFSET_MODES.get(mode, mode) if env_is("LORAQ_OFFSET_DECODE", "1") else mode
 
 
 def mma_gemv_status(x: torch.Tensor, meta) -> Tuple[bool, str]:
@@ -100,7 +114,7 @@ def launch_mma(x, ptrs, ints, mode, N, lora_A, lora_B, scaling, bias, cfg):
 
     def launch(ws, parts):
         torch.ops.loraq.int1_gemv_mma(x, packed, scale, col, lora_A if has_lora else None, ws,
-                                      parts if has_lora else None, mode, group if mode == SCALE_GROUP else 0,
+                                      parts if has_lora else None, op_mode(mode), group if mode == SCALE_GROUP else 0,
                                       blocks, warps, slices)
 
     return run_split(launch, M, N, slots, x, lora_B, R, scaling, bias)
@@ -126,4 +140,4 @@ def int1_gemv_mma(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1
 
 
 __all__ = ["int1_gemv_mma", "mma_gemv_status", "mma_gemv_configs", "check_mma_config", "k_slices",
-           "launch_mma", "MMA_MAX_M"]
+           "launch_mma", "op_mode", "MMA_MAX_M", "OFFSET_MODES"]

@@ -1,6 +1,8 @@
 """The CUDA GEMVs' prologues, run on the host (CI has no GPU): the int1 mma GEMV's copy of x into
-shared memory in pair order (``fill_x`` in csrc/int1_gemv_mma.cuh) and the shares of x·Aᵀ that the
-first blocks of every CUDA GEMV store (``xa_lane_partial`` in csrc/gemv_common.cuh).
+shared memory in pair order (``fill_x`` in csrc/int1_gemv_mma.cuh; with the offset decode, x
+scaled per register and each row's constant C), the offset decode itself (its registers, and
+that the sums it gives, less C, are Ŵ·xᵀ), and the shares of x·Aᵀ that the first blocks of every
+CUDA GEMV store (``xa_lane_partial`` in csrc/gemv_common.cuh).
 
 Both are the kernels' own per-thread code, compiled for the host with nvcc
 (tests/cuda/gemv_prologue_emulate.cu) and run thread by thread: every thread's share of a block's
@@ -43,6 +45,8 @@ def lib(tmp_path_factory):
     so = ctypes.CDLL(str(out))
     so.int1_fill_emulate.restype = ctypes.c_int
     so.int1_fill_emulate.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5
+    so.int1_offset_pair_emulate.restype = ctypes.c_uint32
+    so.int1_offset_pair_emulate.argtypes = [ctypes.c_int, ctypes.c_uint32, ctypes.c_int]
     so.xa_share_emulate.restype = ctypes.c_int
     so.xa_share_emulate.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5
     return so
@@ -53,16 +57,22 @@ def bits(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().view(torch.int16).numpy().astype(np.uint16).astype(np.uint32)
 
 
-def pair_order(x: torch.Tensor, k0: int, chunks: int, g=None) -> np.ndarray:
+def pair_order(x: torch.Tensor, k0: int, chunks: int, g=None, offset=False):
     """The shared copy the kernel must leave, built from its definition: unit (m, c, j, i, t) =
     ``m·row_units + ((4c + j)·8 + i)·4 + t`` holds, for word w = 16c + 4t + j of the slice, the
     pairs (x[32w + p], x[32w + p + 16]) for p = 2i, 2i + 1 (low half first); zeros past K; the
-    padding units untouched (all ones)."""
+    padding units untouched (all ones). The offset decode: each input times 2^-(p & 3) (rounded to
+    x's dtype), and C = Σ (32 + 2^(p & 3))·x' over the slice in the row's first padding unit.
+    Returns ``(xs, C per row or None)`` (C's unit left all ones in xs: its sum's order is free)."""
     M, K = x.shape
     vals = (x.float() * g.float()).to(x.dtype) if g is not None else x  # onebit: x·g rounded to x's dtype
-    b = bits(vals)
     row_units = chunks * TASK_INPUTS // 4 + ROW_PAD_UNITS
     xs = np.full(M * row_units * 2, 0xFFFFFFFF, dtype=np.uint32)
+    C = np.zeros(M) if offset else None
+    p_of_k = torch.arange(K) % 32 % 16  # the register an input goes to
+    if offset:
+        vals = (vals.float() * 2.0 ** -(p_of_k % 4).float()).to(x.dtype)
+    b = bits(vals)
     for m in range(M):
         for w in range(chunks * 16):
             c, t, j = w >> 4, (w >> 2) & 3, w & 3
@@ -72,18 +82,34 @@ def pair_order(x: torch.Tensor, k0: int, chunks: int, g=None) -> np.ndarray:
                 hi = b[m, hi_k] if hi_k < K else 0
                 unit = m * row_units + ((c * 4 + j) * 8 + (p >> 1)) * 4 + t
                 xs[2 * unit + (p & 1)] = lo | (hi << 16)
-    return xs
+                if offset:
+                    C[m] += sum((32 + 2 ** (p % 4)) * float(vals[m, k]) for k in (lo_k, hi_k) if k < K)
+    return xs, C
 
 
-def fill(lib, x, k0, chunks, threads, g=None):
+def fill(lib, x, k0, chunks, threads, g=None, offset=False):
+    """``(xs, C per row or None)`` from the kernel's fill_x run thread by thread (C's unit set back
+    to all ones in xs, as pair_order leaves it)."""
     M, K = x.shape
     row_units = chunks * TASK_INPUTS // 4 + ROW_PAD_UNITS
     xs = np.full(M * row_units * 2, 0xFFFFFFFF, dtype=np.uint32)
     dtype = 0 if x.dtype == torch.float16 else 1
-    rc = lib.int1_fill_emulate(dtype, int(g is not None), x.data_ptr(), g.data_ptr() if g is not None else None,
+    mode = {(False, False): 0, (True, False): 2, (False, True): 3, (True, True): 4}[(g is not None, offset)]
+    rc = lib.int1_fill_emulate(dtype, mode, x.data_ptr(), g.data_ptr() if g is not None else None,
                                xs.ctypes.data, M, K, k0, chunks, threads)
     assert rc == 0
-    return xs
+    if not offset:
+        return xs, None
+    at = [2 * (m * row_units + row_units - ROW_PAD_UNITS) for m in range(M)]
+    C = xs[at].view(np.float32).astype(np.float64)
+    xs[at] = 0xFFFFFFFF
+    return xs, C
+
+
+def same_copy(got, want):
+    assert np.array_equal(got[0], want[0])
+    if want[1] is not None:
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)  # fp32 sums, in the kernel's order
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -91,25 +117,27 @@ def fill(lib, x, k0, chunks, threads, g=None):
                                               (5, 45, 0, 1), (9, 130, 0, 1), (16, 2048, 1024, 2)])
 @pytest.mark.parametrize("threads", [32, 96, 1024])
 @pytest.mark.parametrize("where", ["aligned", "unaligned"])
-def test_int1_fill_is_the_pair_order(lib, dtype, M, K, k0, chunks, threads, where):
+@pytest.mark.parametrize("offset", [False, True], ids=["pair order", "offset decode"])
+def test_int1_fill_is_the_pair_order(lib, dtype, M, K, k0, chunks, threads, where, offset):
     torch.manual_seed(M * 7919 + K + k0 + threads)
     x = torch.randn(M, K, dtype=dtype)
     x = aligned(x) if where == "aligned" else offset_view(x, 1)
-    assert np.array_equal(fill(lib, x, k0, chunks, threads), pair_order(x, k0, chunks))
+    same_copy(fill(lib, x, k0, chunks, threads, offset=offset), pair_order(x, k0, chunks, offset=offset))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("M, K", [(2, 1024), (16, 1000), (3, 77)])
 @pytest.mark.parametrize("g_where", ["aligned", "unaligned"])
-def test_int1_fill_onebit_multiplies_by_g(lib, dtype, M, K, g_where):
+@pytest.mark.parametrize("offset", [False, True], ids=["pair order", "offset decode"])
+def test_int1_fill_onebit_multiplies_by_g(lib, dtype, M, K, g_where, offset):
     torch.manual_seed(M + K)
     x = aligned(torch.randn(M, K, dtype=dtype))
     g = torch.rand(K, dtype=dtype) + 0.5
     g = aligned(g) if g_where == "aligned" else offset_view(g, 3)
     chunks = -(-K // TASK_INPUTS)
-    got = fill(lib, x, 0, chunks, 64, g)
-    assert np.array_equal(got, pair_order(x, 0, chunks, g))
-    assert not np.array_equal(got, pair_order(x, 0, chunks))  # g was applied
+    got = fill(lib, x, 0, chunks, 64, g, offset)
+    same_copy(got, pair_order(x, 0, chunks, g, offset))
+    assert not np.array_equal(got[0], pair_order(x, 0, chunks, offset=offset)[0])  # g was applied
 
 
 def test_int1_fill_refuses_bad_arguments(lib):
@@ -118,7 +146,42 @@ def test_int1_fill_refuses_bad_arguments(lib):
     for args in [(2, 0, 0, 1, 32), (2, 64, 100, 1, 32), (2, 64, 0, 0, 32), (2, 64, 0, 1, 0), (0, 64, 0, 1, 32)]:
         M, K, k0, chunks, threads = args
         assert lib.int1_fill_emulate(0, 0, x.data_ptr(), None, xs.ctypes.data, M, K, k0, chunks, threads) == 1
+    for dtype, mode in [(2, 0), (0, 1), (0, 5), (0, -1), (0, 2), (0, 4)]:  # group fills as row; onebit needs g
+        assert lib.int1_fill_emulate(dtype, mode, x.data_ptr(), None, xs.ctypes.data, 2, 64, 0, 1, 32) == 1
     assert not xs.any()  # nothing written
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_offset_decode_sums_less_c_are_the_product(lib, dtype):
+    """The offset decode (modes 3 and 4), the kernel's own register for every word and p: each half
+    must read as 16 + b·2^(p & 3) in the dtype (b the weight's bit p or p + 16). With x stored times
+    2^-(p & 3) (as fill_x stores it), doubling the sums an mma of those registers gives and
+    subtracting C = Σ (32 + 2^(p & 3))·x' must give Ŵ·xᵀ exactly (here in float64; the lanes'
+    fragments are the pair-order ones, tested in test_int1_gemv_mma.py)."""
+    code = 0 if dtype == torch.float16 else 1
+    rng = np.random.default_rng(1)
+    M = 9
+    words = rng.integers(0, 2**32, size=(16, 16), dtype=np.uint64)  # 16 rows x 512 inputs
+    x = torch.randn(M, 512).to(dtype)
+    halves = torch.empty(16, 16, 16, 2, dtype=torch.int32)  # row, word, register p, (low, high)
+    for row in range(16):
+        for w in range(16):
+            for p in range(16):
+                reg = lib.int1_offset_pair_emulate(code, int(words[row, w]), p)
+                halves[row, w, p, 0], halves[row, w, p, 1] = reg & 0xFFFF, reg >> 16
+    values = halves.to(torch.int16).view(dtype).double()  # as the tensor cores read them
+    bit = torch.from_numpy(((words[:, :, None] >> np.arange(32, dtype=np.uint64)) & 1).astype(np.float64))
+    p = torch.arange(16)
+    assert torch.equal(values[..., 0], 16 + bit[:, :, :16] * 2.0 ** (p % 4))
+    assert torch.equal(values[..., 1], 16 + bit[:, :, 16:] * 2.0 ** (p % 4))
+    # register p holds inputs 32w + p (low) and 32w + p + 16 (high): the weights in input order
+    a = torch.cat([values[..., 0], values[..., 1]], dim=2).reshape(16, 512)
+    p_of_k = torch.arange(512) % 32 % 16
+    xp = (x.double() * 2.0 ** -(p_of_k % 4).double())
+    assert torch.equal(xp.to(dtype).double(), xp)  # x' is exact in the dtype
+    C = (xp * (32 + 2.0 ** (p_of_k % 4).double())).sum(1)
+    signs = 2 * bit.reshape(16, 512) - 1
+    torch.testing.assert_close(2 * (a @ xp.t()) - C, signs @ x.double().t(), rtol=1e-12, atol=1e-9)
 
 
 def xa_shares(lib, x, A, block_r, slots):

@@ -82,6 +82,18 @@ def test_status_names_what_is_missing():
         assert "multiple of 32" in mma_gemv_status(cuda, dict(meta, group_size=48))[1]
 
 
+def test_offset_decode_is_opt_in_and_only_for_row_and_onebit_scales(monkeypatch):
+    from loraq.kernels.decode import SCALE_GROUP, SCALE_ONEBIT, SCALE_ROW
+    from loraq.kernels.int1_gemv_mma import op_mode
+
+    monkeypatch.delenv("LORAQ_OFFSET_DECODE", raising=False)
+    assert [op_mode(m) for m in (SCALE_ROW, SCALE_GROUP, SCALE_ONEBIT)] == [0, 1, 2]
+    monkeypatch.setenv("LORAQ_OFFSET_DECODE", "1")
+    assert [op_mode(m) for m in (SCALE_ROW, SCALE_GROUP, SCALE_ONEBIT)] == [3, 1, 4]  # csrc: kScale*Offset
+    monkeypatch.setenv("LORAQ_OFFSET_DECODE", "0")
+    assert op_mode(SCALE_ROW) == 0
+
+
 def test_launcher_refuses_it_off_the_gpu_and_never_offers_it(monkeypatch):
     """Forced, it raises with the reason before anything runs; tuned, it is not among the
     candidates on the CPU (nor anywhere the extension is missing)."""
@@ -180,15 +192,52 @@ def test_each_weight_lands_in_its_place(dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [1, 9])
 def test_views_that_start_unaligned(M):
-    """packed 4 bytes and x 2 bytes into their buffers, with K % 128 == 0 (where an aligned packed
-    takes 16-byte loads): the launcher must see the pointer and load word by word."""
+    """packed 4 bytes, x and lora_A 2 bytes into their buffers, with K % 128 == 0 (where an aligned
+    packed takes 16-byte loads): the launcher must see the pointer and load word by word (the copy
+    of x and the share of x·Aᵀ check their own)."""
     _needs_kernel()
     w, x, A, B, b = problem("int1_g32", torch.float16, M, 64, 2048, r=5)
     tensors, meta = _kernel_args(w)
     tensors = dict(tensors, packed=offset_view(tensors["packed"], 1))
-    y = lora_linear_fwd(offset_view(x, 1), "int1", tensors, meta, A, B, 0.5, b, config=CFG)
+    y = lora_linear_fwd(offset_view(x, 1), "int1", tensors, meta, offset_view(A, 1), B, 0.5, b, config=CFG)
     check(y, reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 0.5, f64(b)),
           reference.lora_linear_ref(x, w, A, B, 0.5, b), f"unaligned M={M}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M", [1, 8, 9, 16])
+@pytest.mark.parametrize("N, K", [(37, 300), (1000, 1000), (77, 4100), (4096, 4096), (300, 14336)])
+def test_offset_decode_matches_reference(monkeypatch, kind, dtype, M, N, K):
+    """LORAQ_OFFSET_DECODE=1: per-row and onebit weights take the offset decode (group scales keep
+    pair order), with LoRA and bias, odd N and K, and K split in slices (14336 at 16 rows)."""
+    _needs_kernel()
+    monkeypatch.setenv("LORAQ_OFFSET_DECODE", "1")
+    run_mma(kind, dtype, M, N, K)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", MMA_SHAPES, ids=str)
+@pytest.mark.parametrize("k_split", [1, 3, 40])
+@pytest.mark.parametrize("M", [1, 13])
+def test_offset_decode_every_shape_and_split(monkeypatch, shape, k_split, M):
+    """The offset decode's constant C is subtracted once per row group and K slice, by the warp
+    whose run holds the slice's chunk 0: runs that start and end inside row groups, 1 to 40 slices."""
+    _needs_kernel()
+    monkeypatch.setenv("LORAQ_OFFSET_DECODE", "1")
+    bps, warps = shape
+    run_mma("int1", torch.float16, M, 1000, 4100, (MMA_MAX_M, bps, MMA_TASK_INPUTS, k_split, warps, 1, MMA_GEMV))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_offset_decode_is_exact_on_unit_vectors(monkeypatch, dtype):
+    """Rows of x that are unit vectors: 2·(16·x' + b) − (32·x' + 1) = 2b − 1 exactly, so y is the
+    column of Ŵ to the bit, at every position of a word, a task and a chunk."""
+    _needs_kernel()
+    monkeypatch.setenv("LORAQ_OFFSET_DECODE", "1")
+    test_each_weight_lands_in_its_place(dtype)
 
 
 @pytest.mark.gpu
@@ -276,7 +325,11 @@ def test_every_instantiation_compiles_for_hopper_without_spills():
     if sass_cuda.nvcc() is None:
         pytest.skip("no nvcc on this machine (CUDA_HOME unset and none on PATH)")
     kernels = sass_cuda.compile_all()
-    assert len(kernels) == 24
+    assert len(kernels) == 40  # 2 dtypes x 5 modes (3 and 4: the offset decode) x 2 load paths x 1 or 2 tiles
     for k in kernels:
         assert k["registers"] <= 64 and k["spill_bytes"] == 0, k
         assert k["loop"] is not None and k["loop"]["HMMA"] == 32 * k["tiles"], k
+    loop = {(k["dtype"], k["mode"], k["vec"], k["tiles"]): sum(k["loop"].values()) for k in kernels}
+    for (dtype, mode, vec, tiles), total in loop.items():  # the offset decode's point: fewer instructions
+        if mode in (3, 4):
+            assert total < loop[(dtype, mode - 3, vec, tiles)] - 40, (dtype, mode, vec, tiles)

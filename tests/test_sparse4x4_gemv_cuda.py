@@ -360,14 +360,15 @@ def test_each_value_lands_in_its_place(kernel, dtype):
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("M", [1, 9])
 def test_views_that_start_unaligned(kernel, M):
-    """values, positions and x one element into their buffers, with TK % 128 == 0 (where aligned
-    ones take 16-byte loads): the launcher must see the pointers and load value by value."""
+    """values, positions, x and lora_A one element into their buffers, with TK % 128 == 0 (where
+    aligned ones take 16-byte loads): the kernels must see the pointers and load value by value
+    (the copy of x and the share of x·Aᵀ check their own)."""
     _needs_kernel()
     w, x, A, B, b = problem("sparse4x4", torch.float16, M, 64, 2048, r=5)
     tensors, meta = _kernel_args(w)
     tensors = {name: offset_view(t, 1) for name, t in tensors.items()}
     cfg = next(c for c in sparse_cuda_configs(M) if c[6] == kernel)
-    y = lora_linear_fwd(offset_view(x, 1), "sparse4x4", tensors, meta, A, B, 0.5, b, config=cfg)
+    y = lora_linear_fwd(offset_view(x, 1), "sparse4x4", tensors, meta, offset_view(A, 1), B, 0.5, b, config=cfg)
     check(y, reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 0.5, f64(b)),
           reference.lora_linear_ref(x, w, A, B, 0.5, b), f"unaligned {kernel} M={M}")
 

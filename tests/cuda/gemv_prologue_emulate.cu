@@ -1,32 +1,56 @@
 // The CUDA GEMVs' prologues run on the host for tests/test_gemv_prologue.py, built with nvcc into
 // a shared library and called with ctypes: the int1 mma GEMV's copy of x into shared memory in
-// pair order (fill_x, every thread of a block in turn) and the shares of x·Aᵀ that the first
-// blocks of every CUDA GEMV store (xa_lane_partial for every lane of every item; the warp's
-// shuffle sum is a plain sum here). The per-thread code is the kernels' own.
+// pair order (fill_x, every thread of a block in turn), its offset decode of one register, and
+// the shares of x·Aᵀ that the first blocks of every CUDA GEMV store (xa_lane_partial for every
+// lane of every item; the warp's shuffle sum is a plain sum here). The code is the kernels' own.
 #include <stdint.h>
 
 #include "../../csrc/int1_gemv_mma.cuh"
 
 // xs (uint32 words, 2 a unit, M rows of chunks·128 + kRowPadUnits units) as `threads` threads of
-// one block fill it for the slice starting at input k0. dtype 0: fp16, 1: bf16; onebit: x·g.
-extern "C" int int1_fill_emulate(int dtype, int onebit, const void* x, const void* g, uint32_t* xs, int M, int K,
+// one block fill it for the slice starting at input k0. dtype 0: fp16, 1: bf16; mode as the op's:
+// 0 (row; group fills the same), 2 (onebit: x·g), 3 and 4 (0 and 2 with the offset decode: x
+// scaled per register, and C in each row's padding unit, zeroed first as the kernel does).
+template <typename T>
+static int fill_all(int mode, const loraq_mma::Args& a, uint32_t* xs, int k0, int chunks, int row_units, int threads) {
+  using namespace loraq_mma;
+  if (is_offset(mode))
+    for (int m = 0; m < a.M; ++m) reinterpret_cast<float*>(xs)[offset_c_index(m, row_units)] = 0.f;
+  for (int tid = 0; tid < threads; ++tid) {
+    switch (mode) {
+      case kScaleRow: fill_x<T, kScaleRow>(a, xs, k0, chunks, row_units, tid, threads); break;
+      case kScaleOnebit: fill_x<T, kScaleOnebit>(a, xs, k0, chunks, row_units, tid, threads); break;
+      case kScaleRowOffset: fill_x<T, kScaleRowOffset>(a, xs, k0, chunks, row_units, tid, threads); break;
+      case kScaleOnebitOffset: fill_x<T, kScaleOnebitOffset>(a, xs, k0, chunks, row_units, tid, threads); break;
+      default: return 1;
+    }
+  }
+  return 0;
+}
+
+extern "C" int int1_fill_emulate(int dtype, int mode, const void* x, const void* g, uint32_t* xs, int M, int K,
                                  int k0, int chunks, int threads) {
   using namespace loraq_mma;
   if (M < 1 || K < 1 || chunks < 1 || threads < 1 || k0 < 0 || k0 % kTaskInputs) return 1;
+  if (mode != kScaleRow && mode != kScaleOnebit && !is_offset(mode)) return 1;
+  if (mode > kScaleOnebitOffset || (is_onebit(mode) && g == nullptr)) return 1;
   Args a{};
   a.x = x;
   a.col = g;
   a.M = M;
   a.K = K;
   const int row_units = chunks * (kTaskInputs / 4) + kRowPadUnits;
-  for (int tid = 0; tid < threads; ++tid) {
-    if (dtype == 0 && !onebit) fill_x<__half, kScaleRow>(a, xs, k0, chunks, row_units, tid, threads);
-    else if (dtype == 0) fill_x<__half, kScaleOnebit>(a, xs, k0, chunks, row_units, tid, threads);
-    else if (dtype == 1 && !onebit) fill_x<__nv_bfloat16, kScaleRow>(a, xs, k0, chunks, row_units, tid, threads);
-    else if (dtype == 1) fill_x<__nv_bfloat16, kScaleOnebit>(a, xs, k0, chunks, row_units, tid, threads);
-    else return 1;
-  }
-  return 0;
+  if (dtype == 0) return fill_all<__half>(mode, a, xs, k0, chunks, row_units, threads);
+  if (dtype == 1) return fill_all<__nv_bfloat16>(mode, a, xs, k0, chunks, row_units, threads);
+  return 1;
+}
+
+// Register p (0..15) of `word` under the offset decode, as the kernel builds it (offset_copy, then
+// offset_pair with (16, 16) in the dtype). dtype 0: fp16, 1: bf16.
+extern "C" uint32_t int1_offset_pair_emulate(int dtype, uint32_t word, int p) {
+  using namespace loraq_mma;
+  if (dtype == 0) return offset_pair<__half>(offset_copy<__half>(word, p >> 2), p, OffsetDecode<__half>::kSixteens);
+  return offset_pair<__nv_bfloat16>(offset_copy<__nv_bfloat16>(word, p >> 2), p, OffsetDecode<__nv_bfloat16>::kSixteens);
 }
 
 // parts [slots, M, block_r] fp32 as the kernels' store_xa_share writes it, every slot.
