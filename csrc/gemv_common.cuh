@@ -188,7 +188,8 @@ __host__ __device__ __forceinline__ void xa_lane_partial(const Args& a, int slot
       for (int e = 0; e < 8; ++e) {
         const float xe = input_of<T>(xv, e);
 #pragma unroll
-        for (int q = 0; q < kXaRanks; ++q) s[q] += xe * input_of<T>(av[q], e);
+        for (int q = 0; q < kXaRanks; ++q)  // past R nothing is added: an inf or NaN x must leave those 0
+          if (r0 + q < a.R) s[q] += xe * input_of<T>(av[q], e);
       }
     }
   } else {

@@ -61,11 +61,12 @@ __host__ __device__ constexpr bool is_onebit(int mode) { return mode == kScaleOn
 // shifted so that they land on mantissa bit q = kOffsetQ0 + (p & 3) of each half, ORed with 16.0
 // in both halves: each half is then 16 + b·2^(p & 3) exactly (b the bit), in fp16 (mantissa bits
 // 6..9) and in bf16 (3..6). x is stored times 2^-(p & 3), so the mma sums 16·x' + b·x, and
-//   Σ (2b − 1)·x = 2·Σ (16 + b·2^(p&3))·x' − Σ (32 + 2^(p&3))·x',
-// the last sum a constant C of each row of x and K slice (fill_x computes it into the row's padding
-// unit; the warp that holds the slice's chunk 0 of a row group subtracts it in its flush). Four
-// shifts and 16 LOP3 decode a word where pair order takes 15 and 16. The partial sums grow about
-// 9x (the 16s), which fp32 holds with 20 bits to spare over fp16's.
+//   Σ (2b − 1)·x = 2·(Σ (16 + b·2^(p&3))·x' − C/2),  C = Σ (32 + 2^(p&3))·x',
+// C a constant of each row of x and chunk of 512 inputs (fill_x computes it into a table after the
+// rows of x). Each task subtracts its chunk's C/2 from the accumulators as soon as its mma steps
+// are done, so that they never hold more than one task's 16·Σx': over a whole run they would grow
+// with its length wherever x does not average zero, and the mma's fp32 rounding with them. The
+// flush doubles. Four shifts and 16 LOP3 decode a word where pair order takes 15 and 16.
 template <typename T>
 struct OffsetDecode;
 template <>
@@ -93,9 +94,10 @@ __host__ __device__ __forceinline__ uint32_t offset_pair(uint32_t copy, int p, u
   return (copy & (0x00010001u << (OffsetDecode<T>::kQ0 + (p & 3)))) | sixteens;
 }
 
-// The shared float where fill_x puts C for row m of x (the row's first padding unit).
-__host__ __device__ __forceinline__ int offset_c_index(int m, int row_units) {
-  return 2 * (m * row_units + row_units - kRowPadUnits);
+// The offset decode's C of row m of x and chunk c of the slice: a float in the table that follows
+// the M rows of x (row_units 8-byte units each) in shared memory, M·chunks floats.
+__host__ __device__ __forceinline__ float* offset_c(uint32_t* xs, int M, int row_units, int chunks, int m, int c) {
+  return reinterpret_cast<float*>(xs + 2 * M * row_units) + m * chunks + c;
 }
 
 template <typename T>
@@ -187,8 +189,8 @@ __host__ __device__ __forceinline__ uint32_t scaled_pair(uint32_t two, int p, fl
 // Fill the shared copy of this block's slice of x in pair order: unit (m, c, j, i, t) holds, for
 // word w = 16c + 4t + j of the slice, the pairs (x[32w + p], x[32w + p + 16]) for p = 2i, 2i + 1.
 // Inputs past K are 0 (the padding bits of the last word decode to -1 and must add nothing).
-// Onebit: x·g. The offset decode: x·2^-(p & 3), and C added into each row's padding unit (zeroed
-// before). Thread `tid` of `threads` (__host__ too: tests/cuda/ runs it on the CPU).
+// Onebit: x·g. The offset decode: x·2^-(p & 3), and each word's share of C added into the table
+// after the rows (zeroed before). Thread `tid` of `threads` (__host__ too: tests/cuda/ runs it on the CPU).
 //
 // An item is a word of one row of x: four 16-byte loads (where x's rows are aligned), two items a
 // round in flight, then eight 8-byte stores. Item bits 0-1 are t and the next ones the row of x,
@@ -232,7 +234,7 @@ __host__ __device__ void fill_x(const Args& a, uint32_t* xs, int k0, int chunks,
       *reinterpret_cast<uint2*>(xs + 2 * x_unit(m, row_units, c, j, i, t)) =
           make_uint2((lo & 0xFFFFu) | (hi << 16), (lo >> 16) | (hi & 0xFFFF0000u));
     }
-    if (is_offset(MODE)) loraq_gemv::add_shared(reinterpret_cast<float*>(xs + offset_c_index(m, row_units)), csum);
+    if (is_offset(MODE)) loraq_gemv::add_shared(offset_c(xs, a.M, row_units, chunks, m, c), csum);
   };
   loraq_gemv::staged_copy<is_onebit(MODE) ? 1 : 2, XWord>(items, tid, threads, load, store);
 }
@@ -321,29 +323,33 @@ __device__ __forceinline__ void task_mma(float (&acc)[NT][4], const uint4& u, co
 }
 
 // Add a warp's sums for rows 16·rg .. 16·rg + 15 into the workspace, times the row scale (α or
-// onebit h, rounded to T as the reference rounds Ŵ; group mode folded it into the decode). The
-// offset decode: the sums are 2·acc, less C of the slice where the run held the slice's chunk 0
-// of this row group (`chunk0`; C is read from the padding unit of each row of x, xs_c).
+// onebit h, rounded to T as the reference rounds Ŵ; group mode folded it into the decode), and
+// times 2 with the offset decode (its tasks subtracted C/2 already).
 template <typename T, int MODE, int NT>
-__device__ __forceinline__ void flush(const Args& a, float (&acc)[NT][4], int rg, int g, int t, bool chunk0,
-                                      const float* xs_c, int row_units) {
+__device__ __forceinline__ void flush(const Args& a, float (&acc)[NT][4], int rg, int g, int t) {
   static_assert(kTileRows == 8, "add_fragments takes m16n8 fragments");
   const T* s = static_cast<const T*>(a.scale);
   const int n0 = rg * kTaskRows + g, n1 = n0 + 8;
-  const float s0 = (MODE != kScaleGroup && n0 < a.N) ? to_float(s[(int64_t)n0 * a.G]) : 1.f;
-  const float s1 = (MODE != kScaleGroup && n1 < a.N) ? to_float(s[(int64_t)n1 * a.G]) : 1.f;
-  if (is_offset(MODE)) {
-#pragma unroll
-    for (int tile = 0; tile < NT; ++tile)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {  // columns 2t + e: rows of x
-        const int m = tile * kTileRows + 2 * t + e;
-        const float cm = chunk0 && m < a.M ? xs_c[offset_c_index(m, row_units)] : 0.f;
-        acc[tile][e] = 2.f * acc[tile][e] - cm;
-        acc[tile][2 + e] = 2.f * acc[tile][2 + e] - cm;
-      }
-  }
+  const float twice = is_offset(MODE) ? 2.f : 1.f;
+  const float s0 = (MODE != kScaleGroup && n0 < a.N) ? twice * to_float(s[(int64_t)n0 * a.G]) : 1.f;
+  const float s1 = (MODE != kScaleGroup && n1 < a.N) ? twice * to_float(s[(int64_t)n1 * a.G]) : 1.f;
   loraq_gemv::add_fragments<NT>(a.ws, a.M, a.N, acc, n0, t, s0, s1);
+}
+
+// The offset decode, after a task of chunk c: its C/2 off the accumulators of lane (g, t)'s rows of
+// x (2t, 2t + 1 of each tile; rows past M read nothing, their columns are never stored).
+template <int NT>
+__device__ __forceinline__ void subtract_half_c(const Args& a, float (&acc)[NT][4], uint32_t* xs, int row_units,
+                                                int chunks, int c, int t) {
+#pragma unroll
+  for (int tile = 0; tile < NT; ++tile)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int m = tile * kTileRows + 2 * t + e;
+      const float half_c = m < a.M ? 0.5f * *offset_c(xs, a.M, row_units, chunks, m, c) : 0.f;
+      acc[tile][e] -= half_c;
+      acc[tile][2 + e] -= half_c;
+    }
 }
 
 template <typename T, int MODE, bool VEC, int NT>
@@ -365,8 +371,8 @@ __global__ void __launch_bounds__(1024) int1_gemv_mma_kernel(const Args a) {
     const auto [first, count] = loraq_gemv::warp_run(warp, total, tasks);
     for (int i = 0; i < 2 && i < count; ++i) prefetch_task(a, first + i, chunks, g, word0);
   }
-  if (is_offset(MODE)) {  // C of each row of x: zero before fill_x adds into it
-    for (int m = threadIdx.x; m < a.M; m += blockDim.x) reinterpret_cast<float*>(xs)[offset_c_index(m, row_units)] = 0.f;
+  if (is_offset(MODE)) {  // the table of C: zero before fill_x adds into it
+    for (int i = threadIdx.x; i < a.M * chunks; i += blockDim.x) *offset_c(xs, a.M, row_units, chunks, 0, i) = 0.f;
     __syncthreads();
   }
   const int block = blockIdx.y * gridDim.x + blockIdx.x;
@@ -383,7 +389,6 @@ __global__ void __launch_bounds__(1024) int1_gemv_mma_kernel(const Args a) {
 
   float acc[NT][4] = {};
   int rg = (int)(first / chunks), c = (int)(first % chunks);  // the task: row group, chunk
-  bool chunk0 = c == 0;  // the offset decode: this run of the row group holds the slice's chunk 0
   uint4 u = load_words<VEC>(a, rg * kTaskRows + g, word0 + c * kTaskWords);
   uint4 v = load_words<VEC>(a, rg * kTaskRows + g + 8, word0 + c * kTaskWords);
   for (int left = count; left > 0; --left) {
@@ -406,10 +411,8 @@ __global__ void __launch_bounds__(1024) int1_gemv_mma_kernel(const Args a) {
       mv[j] = minus_pair<T, MODE>(a, rg * kTaskRows + g + 8, word0 + c * kTaskWords + j);
     }
     task_mma<T, NT, is_offset(MODE)>(acc, u, v, mu, mv, xs, xrow, c, t);
-    if (left == 1 || nrg != rg) {
-      flush<T, MODE, NT>(a, acc, rg, g, t, chunk0, reinterpret_cast<const float*>(xs), row_units);
-      chunk0 = true;  // the next run of a row group starts at its chunk 0
-    }
+    if (is_offset(MODE)) subtract_half_c<NT>(a, acc, xs, row_units, chunks, c, t);
+    if (left == 1 || nrg != rg) flush<T, MODE, NT>(a, acc, rg, g, t);
     rg = nrg;
     c = nc;
     u = nu;

@@ -38,8 +38,9 @@ MMA_TASK_INPUTS = 512  # inputs a task: 4 lanes x 4 words of 32
 # (blocks an SM, warps a block): 64 registers a thread (the kernel's launch bound) allow 32 warps an SM
 MMA_SHAPES = ((2, 16), (4, 8), (1, 32), (2, 8))
 # the op's modes for per-row α and onebit with the offset decode (csrc/int1_gemv_mma.cuh: one LOP3 a
-# register of A instead of two, about 18% fewer instructions in the loop; opt-in with
-# LORAQ_OFFSET_DECODE=1 until its GPU tests have run)
+# register of A instead of two, about 16% fewer instructions in the loop, and an error up to fp16's
+# rounding of y where x does not average zero, NOTES.md v14b; opt-in with LORAQ_OFFSET_DECODE=1
+# until its GPU tests have run)
 OFFSET_MODES = {SCALE_ROW: 3, SCALE_ONEBIT: 4}
 
 
@@ -67,9 +68,11 @@ def mma_gemv_status(x: torch.Tensor, meta) -> Tuple[bool, str]:
 
 def k_slices(M: int, K: int, blocks_per_sm: int, at_least: int = 1, limits=None) -> int:
     """K slices (about ``at_least`` or more) so that ``blocks_per_sm`` blocks' copies of ``x``
-    (``M`` rows of a slice, pair order, 2 bytes an input, 32 bytes of padding a row) fit the
-    shared memory (``cuda_ext.fit_slices``; ``limits``: ``cuda_ext.smem_limits`` of the GPU)."""
-    return fit_slices(K, MMA_TASK_INPUTS, lambda inputs: M * (inputs * 2 + 32), blocks_per_sm, at_least,
+    (``M`` rows of a slice, pair order, 2 bytes an input, 32 bytes of padding a row, and the offset
+    decode's 4 bytes a row and task) fit the shared memory (``cuda_ext.fit_slices``; ``limits``:
+    ``cuda_ext.smem_limits`` of the GPU)."""
+    return fit_slices(K, MMA_TASK_INPUTS, lambda inputs: M * (inputs * 2 + 32 + 4 * (inputs // MMA_TASK_INPUTS)),
+                      blocks_per_sm, at_least,
                       f"{M} rows of x", *([limits] if limits else []))
 
 

@@ -62,13 +62,13 @@ def pair_order(x: torch.Tensor, k0: int, chunks: int, g=None, offset=False):
     ``m·row_units + ((4c + j)·8 + i)·4 + t`` holds, for word w = 16c + 4t + j of the slice, the
     pairs (x[32w + p], x[32w + p + 16]) for p = 2i, 2i + 1 (low half first); zeros past K; the
     padding units untouched (all ones). The offset decode: each input times 2^-(p & 3) (rounded to
-    x's dtype), and C = Σ (32 + 2^(p & 3))·x' over the slice in the row's first padding unit.
-    Returns ``(xs, C per row or None)`` (C's unit left all ones in xs: its sum's order is free)."""
+    x's dtype), and C = Σ (32 + 2^(p & 3))·x' of each row and chunk of 512 inputs in a table after
+    the rows. Returns ``(xs without the table, C [M, chunks] or None)``."""
     M, K = x.shape
     vals = (x.float() * g.float()).to(x.dtype) if g is not None else x  # onebit: x·g rounded to x's dtype
     row_units = chunks * TASK_INPUTS // 4 + ROW_PAD_UNITS
     xs = np.full(M * row_units * 2, 0xFFFFFFFF, dtype=np.uint32)
-    C = np.zeros(M) if offset else None
+    C = np.zeros((M, chunks)) if offset else None
     p_of_k = torch.arange(K) % 32 % 16  # the register an input goes to
     if offset:
         vals = (vals.float() * 2.0 ** -(p_of_k % 4).float()).to(x.dtype)
@@ -83,27 +83,27 @@ def pair_order(x: torch.Tensor, k0: int, chunks: int, g=None, offset=False):
                 unit = m * row_units + ((c * 4 + j) * 8 + (p >> 1)) * 4 + t
                 xs[2 * unit + (p & 1)] = lo | (hi << 16)
                 if offset:
-                    C[m] += sum((32 + 2 ** (p % 4)) * float(vals[m, k]) for k in (lo_k, hi_k) if k < K)
+                    C[m, c] += sum((32 + 2 ** (p % 4)) * float(vals[m, k]) for k in (lo_k, hi_k) if k < K)
     return xs, C
 
 
 def fill(lib, x, k0, chunks, threads, g=None, offset=False):
-    """``(xs, C per row or None)`` from the kernel's fill_x run thread by thread (C's unit set back
-    to all ones in xs, as pair_order leaves it)."""
+    """``(xs without the table, C [M, chunks] or None)`` from the kernel's fill_x run thread by
+    thread (xs with room for the offset decode's table of C after the rows of x)."""
     M, K = x.shape
     row_units = chunks * TASK_INPUTS // 4 + ROW_PAD_UNITS
-    xs = np.full(M * row_units * 2, 0xFFFFFFFF, dtype=np.uint32)
+    rows_words = M * row_units * 2
+    xs = np.full(rows_words + M * chunks, 0xFFFFFFFF, dtype=np.uint32)
     dtype = 0 if x.dtype == torch.float16 else 1
     mode = {(False, False): 0, (True, False): 2, (False, True): 3, (True, True): 4}[(g is not None, offset)]
     rc = lib.int1_fill_emulate(dtype, mode, x.data_ptr(), g.data_ptr() if g is not None else None,
                                xs.ctypes.data, M, K, k0, chunks, threads)
     assert rc == 0
+    table = xs[rows_words:]
     if not offset:
-        return xs, None
-    at = [2 * (m * row_units + row_units - ROW_PAD_UNITS) for m in range(M)]
-    C = xs[at].view(np.float32).astype(np.float64)
-    xs[at] = 0xFFFFFFFF
-    return xs, C
+        assert (table == 0xFFFFFFFF).all()  # no table without the offset decode
+        return xs[:rows_words], None
+    return xs[:rows_words], table.view(np.float32).astype(np.float64).reshape(M, chunks)
 
 
 def same_copy(got, want):

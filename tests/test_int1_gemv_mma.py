@@ -45,7 +45,7 @@ def test_k_slices_cover_k_and_fit_the_shared_memory(M, K, bps, at_least):
     tasks = -(-K // MMA_TASK_INPUTS)
     per = -(-(-(-K // slices)) // MMA_TASK_INPUTS) * MMA_TASK_INPUTS  # the kernel's slice length
     assert 1 <= slices <= tasks and -(-K // per) == slices
-    assert bps * M * (per * 2 + 32) <= SMEM_BUDGET
+    assert bps * M * (per * 2 + 32 + 4 * (per // MMA_TASK_INPUTS)) <= SMEM_BUDGET  # x's rows and C's table
     assert per // MMA_TASK_INPUTS <= -(-tasks // min(at_least, tasks))  # at least as fine as asked
 
 
@@ -238,6 +238,32 @@ def test_offset_decode_is_exact_on_unit_vectors(monkeypatch, dtype):
     _needs_kernel()
     monkeypatch.setenv("LORAQ_OFFSET_DECODE", "1")
     test_each_weight_lands_in_its_place(dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M", [1, 16])
+def test_offset_decode_keeps_its_precision_when_x_does_not_average_zero(dtype, M):
+    """x = randn + 1 and one warp for the whole product (one block of one warp: a run of all 56
+    tasks of K = 28672): the offset decode's sums carry 16·Σx', which each task takes off again
+    (C/2 of its chunk), so the error stays that of one task, not of the run. A numpy model of the
+    mma rounding toward zero (NOTES.md, v14b) gives 4.9e-4 of max|y| (pair order 5.8e-6; the
+    constant taken off once a run instead: 3.0e-2). Against x·Ŵᵀ in float64; the op is called
+    directly for the one-warp launch."""
+    _needs_kernel()
+    N, K = 16, 28672
+    torch.manual_seed(M)
+    w = Int1Weight.from_dense(torch.randn(N, K)).to(dtype).to("cuda")
+    x = (torch.randn(M, K, device="cuda") + 1).to(dtype)
+    want = x.double() @ w.to(torch.float64).dequantize().t()
+    scale = w.scale.to(dtype)
+    errors = {}
+    for mode in (0, 3):  # pair order, the offset decode
+        ws = torch.zeros(M, N, device="cuda")
+        torch.ops.loraq.int1_gemv_mma(x, w.packed, scale, scale, None, ws, None, mode, 0, 1, 1, 1)
+        errors[mode] = ((ws.double() - want).abs().max() / want.abs().max()).item()
+    assert errors[3] < 1.5e-3, errors  # the fp16 tests' tolerance; fp16's own rounding of y is 4.9e-4
+    assert errors[0] < 5e-5, errors
 
 
 @pytest.mark.gpu

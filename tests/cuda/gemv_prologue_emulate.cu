@@ -7,15 +7,15 @@
 
 #include "../../csrc/int1_gemv_mma.cuh"
 
-// xs (uint32 words, 2 a unit, M rows of chunks·128 + kRowPadUnits units) as `threads` threads of
-// one block fill it for the slice starting at input k0. dtype 0: fp16, 1: bf16; mode as the op's:
-// 0 (row; group fills the same), 2 (onebit: x·g), 3 and 4 (0 and 2 with the offset decode: x
-// scaled per register, and C in each row's padding unit, zeroed first as the kernel does).
+// xs (uint32 words, 2 a unit, M rows of chunks·128 + kRowPadUnits units, then M·chunks floats) as
+// `threads` threads of one block fill it for the slice starting at input k0. dtype 0: fp16, 1:
+// bf16; mode as the op's: 0 (row; group fills the same), 2 (onebit: x·g), 3 and 4 (0 and 2 with
+// the offset decode: x scaled per register, and the table of C, zeroed first as the kernel does).
 template <typename T>
 static int fill_all(int mode, const loraq_mma::Args& a, uint32_t* xs, int k0, int chunks, int row_units, int threads) {
   using namespace loraq_mma;
   if (is_offset(mode))
-    for (int m = 0; m < a.M; ++m) reinterpret_cast<float*>(xs)[offset_c_index(m, row_units)] = 0.f;
+    for (int i = 0; i < a.M * chunks; ++i) *offset_c(xs, a.M, row_units, chunks, 0, i) = 0.f;
   for (int tid = 0; tid < threads; ++tid) {
     switch (mode) {
       case kScaleRow: fill_x<T, kScaleRow>(a, xs, k0, chunks, row_units, tid, threads); break;
