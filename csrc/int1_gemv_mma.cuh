@@ -95,9 +95,10 @@ __host__ __device__ __forceinline__ uint32_t offset_pair(uint32_t copy, int p, u
 }
 
 // The offset decode's C of row m of x and chunk c of the slice: a float in the table that follows
-// the M rows of x (row_units 8-byte units each) in shared memory, M·chunks floats.
-__host__ __device__ __forceinline__ float* offset_c(uint32_t* xs, int M, int row_units, int chunks, int m, int c) {
-  return reinterpret_cast<float*>(xs + 2 * M * row_units) + m * chunks + c;
+// the M rows of x (row_units 8-byte units each) in shared memory, M·chunks floats, chunk-major (the
+// four lanes t of a quad read rows 2t, 2t + 1 of one chunk: adjacent words).
+__host__ __device__ __forceinline__ float* offset_c(uint32_t* xs, int M, int row_units, int m, int c) {
+  return reinterpret_cast<float*>(xs + 2 * M * row_units) + c * M + m;
 }
 
 template <typename T>
@@ -234,7 +235,7 @@ __host__ __device__ void fill_x(const Args& a, uint32_t* xs, int k0, int chunks,
       *reinterpret_cast<uint2*>(xs + 2 * x_unit(m, row_units, c, j, i, t)) =
           make_uint2((lo & 0xFFFFu) | (hi << 16), (lo >> 16) | (hi & 0xFFFF0000u));
     }
-    if (is_offset(MODE)) loraq_gemv::add_shared(offset_c(xs, a.M, row_units, chunks, m, c), csum);
+    if (is_offset(MODE)) loraq_gemv::add_shared(offset_c(xs, a.M, row_units, m, c), csum);
   };
   loraq_gemv::staged_copy<is_onebit(MODE) ? 1 : 2, XWord>(items, tid, threads, load, store);
 }
@@ -340,13 +341,13 @@ __device__ __forceinline__ void flush(const Args& a, float (&acc)[NT][4], int rg
 // x (2t, 2t + 1 of each tile; rows past M read nothing, their columns are never stored).
 template <int NT>
 __device__ __forceinline__ void subtract_half_c(const Args& a, float (&acc)[NT][4], uint32_t* xs, int row_units,
-                                                int chunks, int c, int t) {
+                                                int c, int t) {
 #pragma unroll
   for (int tile = 0; tile < NT; ++tile)
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       const int m = tile * kTileRows + 2 * t + e;
-      const float half_c = m < a.M ? 0.5f * *offset_c(xs, a.M, row_units, chunks, m, c) : 0.f;
+      const float half_c = m < a.M ? 0.5f * *offset_c(xs, a.M, row_units, m, c) : 0.f;
       acc[tile][e] -= half_c;
       acc[tile][2 + e] -= half_c;
     }
@@ -372,7 +373,7 @@ __global__ void __launch_bounds__(1024) int1_gemv_mma_kernel(const Args a) {
     for (int i = 0; i < 2 && i < count; ++i) prefetch_task(a, first + i, chunks, g, word0);
   }
   if (is_offset(MODE)) {  // the table of C: zero before fill_x adds into it
-    for (int i = threadIdx.x; i < a.M * chunks; i += blockDim.x) *offset_c(xs, a.M, row_units, chunks, 0, i) = 0.f;
+    for (int i = threadIdx.x; i < a.M * chunks; i += blockDim.x) offset_c(xs, a.M, row_units, 0, 0)[i] = 0.f;
     __syncthreads();
   }
   const int block = blockIdx.y * gridDim.x + blockIdx.x;
@@ -411,7 +412,7 @@ __global__ void __launch_bounds__(1024) int1_gemv_mma_kernel(const Args a) {
       mv[j] = minus_pair<T, MODE>(a, rg * kTaskRows + g + 8, word0 + c * kTaskWords + j);
     }
     task_mma<T, NT, is_offset(MODE)>(acc, u, v, mu, mv, xs, xrow, c, t);
-    if (is_offset(MODE)) subtract_half_c<NT>(a, acc, xs, row_units, chunks, c, t);
+    if (is_offset(MODE)) subtract_half_c<NT>(a, acc, xs, row_units, c, t);
     if (left == 1 || nrg != rg) flush<T, MODE, NT>(a, acc, rg, g, t);
     rg = nrg;
     c = nc;

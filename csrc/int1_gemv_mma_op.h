@@ -137,8 +137,9 @@ void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const to
   }
   if (N == 0) return;
   const int64_t chunks = a.slice_inputs / loraq_mma::kTaskInputs;
-  // x's rows, then the offset decode's table of C (M·chunks floats; kept for every mode: 0.4% more)
-  const size_t smem = (size_t)M * (chunks * 128 + loraq_mma::kRowPadUnits) * 8 + (size_t)M * chunks * 4;
+  // x's rows, then with the offset decode its table of C (M·chunks floats); kernels/int1_gemv_mma.py's
+  // k_slices plans with the same sizes
+  const size_t smem = (size_t)M * (chunks * 128 + loraq_mma::kRowPadUnits) * 8 + (mode >= 3 ? (size_t)M * chunks * 4 : 0);
   const c10::cuda::CUDAGuard guard(x.device());
   int max_smem = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.device().index()));

@@ -66,12 +66,13 @@ def mma_gemv_status(x: torch.Tensor, meta) -> Tuple[bool, str]:
     return (not problem), problem
 
 
-def k_slices(M: int, K: int, blocks_per_sm: int, at_least: int = 1, limits=None) -> int:
+def k_slices(M: int, K: int, blocks_per_sm: int, at_least: int = 1, limits=None, offset: bool = False) -> int:
     """K slices (about ``at_least`` or more) so that ``blocks_per_sm`` blocks' copies of ``x``
-    (``M`` rows of a slice, pair order, 2 bytes an input, 32 bytes of padding a row, and the offset
-    decode's 4 bytes a row and task) fit the shared memory (``cuda_ext.fit_slices``; ``limits``:
-    ``cuda_ext.smem_limits`` of the GPU)."""
-    return fit_slices(K, MMA_TASK_INPUTS, lambda inputs: M * (inputs * 2 + 32 + 4 * (inputs // MMA_TASK_INPUTS)),
+    (``M`` rows of a slice, pair order, 2 bytes an input, 32 bytes of padding a row, and with the
+    offset decode (``offset``) 4 bytes a row and task) fit the shared memory
+    (``cuda_ext.fit_slices``; ``limits``: ``cuda_ext.smem_limits`` of the GPU)."""
+    table = 4 if offset else 0
+    return fit_slices(K, MMA_TASK_INPUTS, lambda inputs: M * (inputs * 2 + 32 + table * (inputs // MMA_TASK_INPUTS)),
                       blocks_per_sm, at_least,
                       f"{M} rows of x", *([limits] if limits else []))
 
@@ -104,7 +105,8 @@ def launch_mma(x, ptrs, ints, mode, N, lora_A, lora_B, scaling, bias, cfg):
     _, bps, _, split, warps, _, _ = cfg
     (packed, scale, col), (_, _, group, _) = ptrs, ints
     M, K = x.shape
-    slices = k_slices(M, K, bps, split, smem_limits(x.device.index or 0))
+    mode_op = op_mode(mode)  # the switch is read once a call: the plan and the launch agree
+    slices = k_slices(M, K, bps, split, smem_limits(x.device.index or 0), offset=mode_op in OFFSET_MODES.values())
     blocks = max(1, -(-sm_count(x.device.index or 0) * bps // slices))  # per slice
     has_lora = lora_A is not None
     R = lora_A.shape[0] if has_lora else 1
@@ -117,7 +119,7 @@ def launch_mma(x, ptrs, ints, mode, N, lora_A, lora_B, scaling, bias, cfg):
 
     def launch(ws, parts):
         torch.ops.loraq.int1_gemv_mma(x, packed, scale, col, lora_A if has_lora else None, ws,
-                                      parts if has_lora else None, op_mode(mode), group if mode == SCALE_GROUP else 0,
+                                      parts if has_lora else None, mode_op, group if mode == SCALE_GROUP else 0,
                                       blocks, warps, slices)
 
     return run_split(launch, M, N, slots, x, lora_B, R, scaling, bias)

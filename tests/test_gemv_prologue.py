@@ -1,6 +1,6 @@
 """The CUDA GEMVs' prologues, run on the host (CI has no GPU): the int1 mma GEMV's copy of x into
 shared memory in pair order (``fill_x`` in csrc/int1_gemv_mma.cuh; with the offset decode, x
-scaled per register and each row's constant C), the offset decode itself (its registers, and
+scaled per register and the table of constants C, one a row of x and chunk), the offset decode itself (its registers, and
 that the sums it gives, less C, are Ŵ·xᵀ), and the shares of x·Aᵀ that the first blocks of every
 CUDA GEMV store (``xa_lane_partial`` in csrc/gemv_common.cuh).
 
@@ -30,6 +30,7 @@ import sass_cuda  # noqa: E402
 TASK_INPUTS = 512  # csrc/int1_gemv_mma.cuh: kTaskInputs
 ROW_PAD_UNITS = 4  # kRowPadUnits
 XA_RANKS = 4  # csrc/gemv_common.cuh: kXaRanks
+GUARD = 64  # words past what a fill may write, checked untouched
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def pair_order(x: torch.Tensor, k0: int, chunks: int, g=None, offset=False):
     pairs (x[32w + p], x[32w + p + 16]) for p = 2i, 2i + 1 (low half first); zeros past K; the
     padding units untouched (all ones). The offset decode: each input times 2^-(p & 3) (rounded to
     x's dtype), and C = Σ (32 + 2^(p & 3))·x' of each row and chunk of 512 inputs in a table after
-    the rows. Returns ``(xs without the table, C [M, chunks] or None)``."""
+    the rows (chunk-major). Returns ``(xs without the table, C [M, chunks] or None)``."""
     M, K = x.shape
     vals = (x.float() * g.float()).to(x.dtype) if g is not None else x  # onebit: x·g rounded to x's dtype
     row_units = chunks * TASK_INPUTS // 4 + ROW_PAD_UNITS
@@ -93,17 +94,18 @@ def fill(lib, x, k0, chunks, threads, g=None, offset=False):
     M, K = x.shape
     row_units = chunks * TASK_INPUTS // 4 + ROW_PAD_UNITS
     rows_words = M * row_units * 2
-    xs = np.full(rows_words + M * chunks, 0xFFFFFFFF, dtype=np.uint32)
+    xs = np.full(rows_words + M * chunks + GUARD, 0xFFFFFFFF, dtype=np.uint32)
     dtype = 0 if x.dtype == torch.float16 else 1
     mode = {(False, False): 0, (True, False): 2, (False, True): 3, (True, True): 4}[(g is not None, offset)]
     rc = lib.int1_fill_emulate(dtype, mode, x.data_ptr(), g.data_ptr() if g is not None else None,
                                xs.ctypes.data, M, K, k0, chunks, threads)
     assert rc == 0
-    table = xs[rows_words:]
+    table = xs[rows_words:rows_words + M * chunks]
+    assert (xs[rows_words + M * chunks:] == 0xFFFFFFFF).all()  # nothing written past the table
     if not offset:
         assert (table == 0xFFFFFFFF).all()  # no table without the offset decode
         return xs[:rows_words], None
-    return xs[:rows_words], table.view(np.float32).astype(np.float64).reshape(M, chunks)
+    return xs[:rows_words], table.view(np.float32).astype(np.float64).reshape(chunks, M).T  # offset_c: c·M + m
 
 
 def same_copy(got, want):

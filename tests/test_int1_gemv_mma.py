@@ -16,7 +16,7 @@ from loraq import reference  # noqa: E402
 from loraq.formats import Int1Weight  # noqa: E402
 from loraq.kernels import lora_linear_fwd  # noqa: E402
 from loraq.kernels.autotune import MMA_GEMV, describe  # noqa: E402
-from loraq.kernels.cuda_ext import SMEM_BUDGET  # noqa: E402
+from loraq.kernels.cuda_ext import SMEM_BUDGET, smem_limits  # noqa: E402
 from loraq.kernels.int1_gemv_mma import (MMA_MAX_M, MMA_SHAPES, MMA_TASK_INPUTS,  # noqa: E402
                                          check_mma_config, int1_gemv_mma, k_slices, mma_gemv_configs,
                                          mma_gemv_status)
@@ -38,14 +38,16 @@ def mma_offered(x, w, *lora_bias) -> bool:
 @pytest.mark.parametrize("K", [1, 31, 512, 513, 1000, 4096, 8192, 14336, 28672])
 @pytest.mark.parametrize("bps", [1, 2, 4])
 @pytest.mark.parametrize("at_least", [1, 3])
-def test_k_slices_cover_k_and_fit_the_shared_memory(M, K, bps, at_least):
+@pytest.mark.parametrize("offset", [False, True], ids=["pair order", "offset decode"])
+def test_k_slices_cover_k_and_fit_the_shared_memory(M, K, bps, at_least, offset):
     """The slices are whole tasks, cover K, number what the kernel launches (its own rounding:
-    ceil(K / slices) up to a task), and their copies of x fit the budget."""
-    slices = k_slices(M, K, bps, at_least)
+    ceil(K / slices) up to a task), and their copies of x (with the offset decode's table of C)
+    fit the budget."""
+    slices = k_slices(M, K, bps, at_least, offset=offset)
     tasks = -(-K // MMA_TASK_INPUTS)
     per = -(-(-(-K // slices)) // MMA_TASK_INPUTS) * MMA_TASK_INPUTS  # the kernel's slice length
     assert 1 <= slices <= tasks and -(-K // per) == slices
-    assert bps * M * (per * 2 + 32 + 4 * (per // MMA_TASK_INPUTS)) <= SMEM_BUDGET  # x's rows and C's table
+    assert bps * M * (per * 2 + 32 + (4 * (per // MMA_TASK_INPUTS) if offset else 0)) <= SMEM_BUDGET
     assert per // MMA_TASK_INPUTS <= -(-tasks // min(at_least, tasks))  # at least as fine as asked
 
 
@@ -222,8 +224,8 @@ def test_offset_decode_matches_reference(monkeypatch, kind, dtype, M, N, K):
 @pytest.mark.parametrize("k_split", [1, 3, 40])
 @pytest.mark.parametrize("M", [1, 13])
 def test_offset_decode_every_shape_and_split(monkeypatch, shape, k_split, M):
-    """The offset decode's constant C is subtracted once per row group and K slice, by the warp
-    whose run holds the slice's chunk 0: runs that start and end inside row groups, 1 to 40 slices."""
+    """The offset decode's constants C (one a row of x and chunk) are taken off after each task:
+    runs that start and end inside row groups, 1 to 40 slices."""
     _needs_kernel()
     monkeypatch.setenv("LORAQ_OFFSET_DECODE", "1")
     bps, warps = shape
@@ -244,12 +246,12 @@ def test_offset_decode_is_exact_on_unit_vectors(monkeypatch, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("M", [1, 16])
 def test_offset_decode_keeps_its_precision_when_x_does_not_average_zero(dtype, M):
-    """x = randn + 1 and one warp for the whole product (one block of one warp: a run of all 56
-    tasks of K = 28672): the offset decode's sums carry 16·Σx', which each task takes off again
-    (C/2 of its chunk), so the error stays that of one task, not of the run. A numpy model of the
-    mma rounding toward zero (NOTES.md, v14b) gives 4.9e-4 of max|y| (pair order 5.8e-6; the
-    constant taken off once a run instead: 3.0e-2). Against x·Ŵᵀ in float64; the op is called
-    directly for the one-warp launch."""
+    """x = randn + 1, one block of one warp a K slice: at one row of x one warp runs all 56 tasks
+    of K = 28672 (16 rows need K slices to fit the shared memory: 5 on an H100). The offset decode's
+    sums carry 16·Σx', which each task takes off again (C/2 of its chunk), so the error stays that
+    of one task, not of the run. A numpy model of the mma rounding toward zero (NOTES.md, v14b)
+    gives 4.9e-4 of max|y| (pair order 5.8e-6; the constant taken off once a run instead: 3.0e-2).
+    Against x·Ŵᵀ in float64; the op is called directly for the one-warp launch."""
     _needs_kernel()
     N, K = 16, 28672
     torch.manual_seed(M)
@@ -258,9 +260,10 @@ def test_offset_decode_keeps_its_precision_when_x_does_not_average_zero(dtype, M
     want = x.double() @ w.to(torch.float64).dequantize().t()
     scale = w.scale.to(dtype)
     errors = {}
+    slices = k_slices(M, K, 1, limits=smem_limits(0), offset=True)  # 1 at one row; 16 rows of 28672 inputs do not fit
     for mode in (0, 3):  # pair order, the offset decode
         ws = torch.zeros(M, N, device="cuda")
-        torch.ops.loraq.int1_gemv_mma(x, w.packed, scale, scale, None, ws, None, mode, 0, 1, 1, 1)
+        torch.ops.loraq.int1_gemv_mma(x, w.packed, scale, scale, None, ws, None, mode, 0, 1, 1, slices)
         errors[mode] = ((ws.double() - want).abs().max() / want.abs().max()).item()
     assert errors[3] < 1.5e-3, errors  # the fp16 tests' tolerance; fp16's own rounding of y is 4.9e-4
     assert errors[0] < 5e-5, errors

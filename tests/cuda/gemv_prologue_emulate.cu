@@ -15,7 +15,7 @@ template <typename T>
 static int fill_all(int mode, const loraq_mma::Args& a, uint32_t* xs, int k0, int chunks, int row_units, int threads) {
   using namespace loraq_mma;
   if (is_offset(mode))
-    for (int i = 0; i < a.M * chunks; ++i) *offset_c(xs, a.M, row_units, chunks, 0, i) = 0.f;
+    for (int i = 0; i < a.M * chunks; ++i) offset_c(xs, a.M, row_units, 0, 0)[i] = 0.f;
   for (int tid = 0; tid < threads; ++tid) {
     switch (mode) {
       case kScaleRow: fill_x<T, kScaleRow>(a, xs, k0, chunks, row_units, tid, threads); break;
