@@ -13,19 +13,13 @@ where x's rows are aligned, one input at a time where K % 8 ≠ 0 or a pointer i
 """
 
 import ctypes
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from host_cuda import host_library
 from weights import aligned, offset_view
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-import sass_cuda  # noqa: E402
 
 TASK_INPUTS = 512  # csrc/int1_gemv_mma.cuh: kTaskInputs
 ROW_PAD_UNITS = 4  # kRowPadUnits
@@ -36,14 +30,7 @@ GUARD = 64  # words past what a fill may write, checked untouched
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
     """tests/cuda/gemv_prologue_emulate.cu built into a shared library (nvcc, host code only)."""
-    compiler = sass_cuda.nvcc()
-    if compiler is None:
-        pytest.skip("no nvcc on this machine (CUDA_HOME unset and none on PATH)")
-    out = tmp_path_factory.mktemp("prologue") / "libgemv_prologue.so"
-    done = subprocess.run([compiler, "-O2", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-o", str(out),
-                           str(ROOT / "tests" / "cuda" / "gemv_prologue_emulate.cu")], capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
-    so = ctypes.CDLL(str(out))
+    so = host_library("gemv_prologue_emulate.cu", tmp_path_factory.mktemp("prologue"))
     so.int1_fill_emulate.restype = ctypes.c_int
     so.int1_fill_emulate.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5
     so.int1_offset_pair_emulate.restype = ctypes.c_uint32

@@ -11,7 +11,6 @@ loraq.reference, with LoRA and bias, every config, exactly, and that the tuner o
 """
 
 import ctypes
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from loraq.kernels.sparse4x4_gemv_cuda import (GATHER_TASK_INPUTS, SHAPES, SPARS
                                                rows_for, sparse4x4_gemv_cuda, sparse_cuda_configs, sparse_cuda_status,
                                                sparse_slices)
 from test_triton_kernels import _kernel_args, check, f64, problem, tuner_calls  # noqa: E402
+from host_cuda import host_library  # noqa: E402
 from weights import aligned, offset_view  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,14 +46,7 @@ MMA_CFG = (SPARSE_MMA_ROWS, 1, SPARSE_MMA_TASK_INPUTS, 1, 16, 1, SPARSE_MMA)
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
     """tests/cuda/sparse4x4_emulate.cu built into a shared library (nvcc, host code only)."""
-    compiler = sass_cuda.nvcc()
-    if compiler is None:
-        pytest.skip("no nvcc on this machine (CUDA_HOME unset and none on PATH)")
-    lib = tmp_path_factory.mktemp("emulate") / "libsparse4x4_emulate.so"
-    done = subprocess.run([compiler, "-O2", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-o", str(lib),
-                           str(ROOT / "tests" / "cuda" / "sparse4x4_emulate.cu")], capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
-    so = ctypes.CDLL(str(lib))
+    so = host_library("sparse4x4_emulate.cu", tmp_path_factory.mktemp("emulate"))
     so.sparse4x4_emulate.restype = ctypes.c_int
     so.sparse4x4_emulate.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6
     so.sparse4x4_mma_emulate.restype = ctypes.c_int
