@@ -3,7 +3,8 @@
 Every instantiation a launcher can pick is compiled for sm_90 in one nvcc call (seconds: the
 headers have no torch in them):
 * ``mma``: the int1 mma GEMV (csrc/int1_gemv_mma.cuh): dtype x scale mode x 16-byte loads x tiles
-  of x; its loop is the one that holds the mma (one 16-row x 512-input task);
+  of x x finish (two launches, or ``one``: the one-launch finish, csrc/gemv_finish.cuh); its loop
+  is the one that holds the mma (one 16-row x 512-input task);
 * ``sparse``: the sparse4x4 gather (csrc/sparse4x4_gemv.cuh): dtype x rows of x x 16-byte loads;
   its loop is the one with the most FFMA (one task: a lane's 32 stored values);
 * ``sparse_mma``: the sparse4x4 tensor-core kernel (csrc/sparse4x4_gemv_mma.cuh): dtype x 16-byte
@@ -52,8 +53,8 @@ def nvcc() -> Optional[str]:
 
 def instantiations(kernel: str = "mma") -> List[Dict]:
     if kernel == "mma":
-        return [dict(kernel=kernel, dtype=d, mode=m, vec=v, tiles=nt)
-                for d, m, v, nt in itertools.product(DTYPES, MODES, (True, False), (1, 2))]
+        return [dict(kernel=kernel, dtype=d, mode=m, vec=v, tiles=nt, one=one)
+                for d, m, v, nt, one in itertools.product(DTYPES, MODES, (True, False), (1, 2), (False, True))]
     if kernel == "sparse":
         return [dict(kernel=kernel, dtype=d, rows=r, vec=v) for d, r, v in itertools.product(DTYPES, (1, 2, 4, 8),
                                                                                                (True, False))]
@@ -69,9 +70,10 @@ def _template(inst) -> str:
     t, vec = DTYPES[inst["dtype"]], str(inst["vec"]).lower()
     mangled_t = "6__half" if inst["dtype"] == "fp16" else "13__nv_bfloat16"
     if inst["kernel"] == "mma":
+        one = str(inst["one"]).lower()
         line = (f"template __global__ void loraq_mma::int1_gemv_mma_kernel<{t}, {inst['mode']}, {vec}, "
-                f"{inst['tiles']}>(const loraq_mma::Args);")
-        return line, f"I{mangled_t}Li{inst['mode']}ELb{int(inst['vec'])}ELi{inst['tiles']}EE"
+                f"{inst['tiles']}, {one}>(const loraq_mma::Args);")
+        return line, f"I{mangled_t}Li{inst['mode']}ELb{int(inst['vec'])}ELi{inst['tiles']}ELb{int(inst['one'])}EE"
     if inst["kernel"] == "sparse_mma":
         line = (f"template __global__ void loraq_sparse_mma::sparse4x4_gemv_mma_kernel<{t}, {vec}, {inst['tiles']}>"
                 "(const loraq_sparse::Args);")
@@ -133,7 +135,8 @@ def describe(r: Dict) -> str:
     total = sum(loop.values())
     loads = "16-byte" if r["vec"] else "scalar "
     if r["kernel"] == "mma":
-        what = f"int1 mma {r['dtype']} {MODES[r['mode']]:13s} {loads} loads, {r['tiles']} tile(s) of x"
+        what = (f"int1 mma {r['dtype']} {MODES[r['mode']]:13s} {loads} loads, {r['tiles']} tile(s) of x"
+                + (", one launch" if r["one"] else ""))
         ops = f"{loop.get('HMMA', 0)} HMMA, {loop.get('LOP3', 0)} LOP3"
     elif r["kernel"] == "sparse_mma":
         what = f"sparse4x4 mma {r['dtype']} {loads} loads, {r['tiles']} tile(s) of x"

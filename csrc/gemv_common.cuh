@@ -203,7 +203,27 @@ __host__ __device__ __forceinline__ void xa_lane_partial(const Args& a, int slot
   }
 }
 
+// s[lane] for lanes 0 .. kXaRanks - 1 (a select: indexing a register array by a variable would
+// put it in local memory).
+__host__ __device__ __forceinline__ float pick_rank(const float (&s)[kXaRanks], int lane) {
+  float v = s[0];
+#pragma unroll
+  for (int q = 1; q < kXaRanks; ++q)
+    if (lane == q) v = s[q];
+  return v;
+}
+
 #ifdef __CUDACC__
+// The warp's sums of the item (m, r0) of `slot`, in every lane.
+template <typename T, typename Args>
+__device__ __forceinline__ void xa_warp_sums(const Args& a, int slot, int m, int r0, int lane, float (&s)[kXaRanks]) {
+  xa_lane_partial<T>(a, slot, m, r0, lane, s);
+#pragma unroll
+  for (int q = 0; q < kXaRanks; ++q)
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) s[q] += __shfl_xor_sync(0xffffffffu, s[q], off);
+}
+
 // parts[slot] for this block's slot (a.R rows of A, a.block_r columns of parts, a multiple of
 // kXaRanks): every warp of the block takes items in turn.
 template <typename T, typename Args>
@@ -213,18 +233,8 @@ __device__ void store_xa_share(const Args& a, int slot) {
   for (int idx = threadIdx.x >> 5; idx < a.M * groups; idx += warps) {
     const int m = idx / groups, r0 = (idx % groups) * kXaRanks;
     float s[kXaRanks];
-    xa_lane_partial<T>(a, slot, m, r0, lane, s);
-#pragma unroll
-    for (int q = 0; q < kXaRanks; ++q)
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) s[q] += __shfl_xor_sync(0xffffffffu, s[q], off);
-    if (lane < kXaRanks) {
-      float v = s[0];
-#pragma unroll
-      for (int q = 1; q < kXaRanks; ++q)
-        if (lane == q) v = s[q];
-      a.parts[((int64_t)slot * a.M + m) * a.block_r + r0 + lane] = v;
-    }
+    xa_warp_sums<T>(a, slot, m, r0, lane, s);
+    if (lane < kXaRanks) a.parts[((int64_t)slot * a.M + m) * a.block_r + r0 + lane] = pick_rank(s, lane);
   }
 }
 #endif  // __CUDACC__

@@ -39,6 +39,7 @@
 #include <stdint.h>
 
 #include "gemv_common.cuh"
+#include "gemv_finish.cuh"
 
 namespace loraq_mma {
 
@@ -147,6 +148,7 @@ struct Args {
   // group mode: 1 / (words a group). A word's group is floor((word + 0.5) · this), exact in fp32
   // for words < 2^22 (K < 134 M): three instructions where an integer division takes about twenty
   float inv_group_words;
+  loraq_gemv::Finish fin;  // the one-launch finish (gemv_finish.cuh); fin.y null: two launches
 };
 
 // Inputs 32w .. 32w + 31 of one row of x (a word's worth), as loraq_gemv::load_x8 returns them.
@@ -353,35 +355,11 @@ __device__ __forceinline__ void subtract_half_c(const Args& a, float (&acc)[NT][
     }
 }
 
+// A warp's run of tasks [first, first + count) of its K slice, summed on the tensor cores and
+// added into the workspace whenever its 16 rows change.
 template <typename T, int MODE, bool VEC, int NT>
-__global__ void __launch_bounds__(1024) int1_gemv_mma_kernel(const Args a) {
-  extern __shared__ uint4 smem_raw[];
-  uint32_t* xs = reinterpret_cast<uint32_t*>(smem_raw);
-  const int slice = blockIdx.y;
-  const int k0 = slice * a.slice_inputs;
-  const int chunks = (min(a.K - k0, a.slice_inputs) + kTaskInputs - 1) / kTaskInputs;
-  const int row_units = chunks * 128 + kRowPadUnits;  // 8-byte units a row of x (512 inputs: 128)
-
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int warps = blockDim.x >> 5;
-  const int64_t warp = (int64_t)blockIdx.x * warps + (threadIdx.x >> 5), total = (int64_t)gridDim.x * warps;
-  const int64_t tasks = (int64_t)((a.N + kTaskRows - 1) / kTaskRows) * chunks;
-  const int word0 = k0 / 32 + 4 * t;  // lane t's first word of chunk 0
-  {  // the first two tasks start for L2 before the copy of x (the plan is made again after it: held
-     // across the copy, it would take registers)
-    const auto [first, count] = loraq_gemv::warp_run(warp, total, tasks);
-    for (int i = 0; i < 2 && i < count; ++i) prefetch_task(a, first + i, chunks, g, word0);
-  }
-  if (is_offset(MODE)) {  // the table of C: zero before fill_x adds into it
-    for (int i = threadIdx.x; i < a.M * chunks; i += blockDim.x) offset_c(xs, a.M, row_units, 0, 0)[i] = 0.f;
-    __syncthreads();
-  }
-  const int block = blockIdx.y * gridDim.x + blockIdx.x;
-  if (a.parts != nullptr && block < a.slots) loraq_gemv::store_xa_share<T>(a, block);
-  fill_x<T, MODE>(a, xs, k0, chunks, row_units, threadIdx.x, blockDim.x);
-  __syncthreads();
-  const auto [first, count] = loraq_gemv::warp_run(warp, total, tasks);  // this warp's run of tasks
-  if (count <= 0) return;
+__device__ __forceinline__ void run_tasks(const Args& a, uint32_t* xs, int64_t first, int count, int chunks,
+                                          int row_units, int word0, int g, int t) {
   // lane g reads row g of x for tile 0, row 8 + g for tile 1; lanes past the rows of x read row 0
   // (their columns of the product are never stored)
   int xrow[NT];
@@ -419,6 +397,69 @@ __global__ void __launch_bounds__(1024) int1_gemv_mma_kernel(const Args a) {
     u = nu;
     v = nv;
   }
+}
+
+// The one-launch finish after a warp's run (gemv_finish.cuh): it arrives at the row groups its run
+// added to and finishes those it completes; then it leaves. Its indices are read again
+// (loraq_gemv::fresh_indices): reused from before the loop, they would be held across it, in
+// registers the loop needs (ptxas spilled 150-200 bytes in the per-row modes).
+template <typename T>
+__device__ __forceinline__ void finish_after_run(const Args& a) {
+  const loraq_gemv::Indices at = loraq_gemv::fresh_indices();
+  const int k0 = at.block_y * a.slice_inputs;
+  const int chunks = (min(a.K - k0, a.slice_inputs) + kTaskInputs - 1) / kTaskInputs;
+  const int lane = at.thread & 31, warps = at.threads >> 5;
+  const int64_t warp = (int64_t)at.block_x * warps + (at.thread >> 5), total = (int64_t)at.blocks_x * warps;
+  const int rgs = (a.N + kTaskRows - 1) / kTaskRows;
+  const loraq_gemv::WarpRun run = loraq_gemv::warp_run(warp, total, (int64_t)rgs * chunks);
+  const int64_t first = run.first;
+  const int count = run.count;
+  const int rg0 = count > 0 ? (int)(first / chunks) : 0, rg1 = count > 0 ? (int)((first + count - 1) / chunks) + 1 : 0;
+  const int64_t launch_warps = total * at.blocks_y;
+  const int batch = loraq_gemv::xa_batch(a, launch_warps);
+  loraq_gemv::arrive_and_finish<T>(
+      a, rg0, rg1, [&](int rg) { return loraq_gemv::run_tasks_in_group(first, count, chunks, rg); },
+      [&](int rg) { return loraq_gemv::Outputs{0, a.M, rg * kTaskRows, min(kTaskRows, a.N - rg * kTaskRows)}; },
+      batch, lane);
+  loraq_gemv::leave(a, launch_warps, batch, lane);
+}
+
+// ONE: the one-launch finish (gemv_finish.cuh; a.fin.y set), a separate instantiation so that the
+// two-launch kernel's registers and loop stay as they were.
+template <typename T, int MODE, bool VEC, int NT, bool ONE>
+__global__ void __launch_bounds__(1024) int1_gemv_mma_kernel(const Args a) {
+  extern __shared__ uint4 smem_raw[];
+  uint32_t* xs = reinterpret_cast<uint32_t*>(smem_raw);
+  const int slice = blockIdx.y;
+  const int k0 = slice * a.slice_inputs;
+  const int chunks = (min(a.K - k0, a.slice_inputs) + kTaskInputs - 1) / kTaskInputs;
+  const int row_units = chunks * 128 + kRowPadUnits;  // 8-byte units a row of x (512 inputs: 128)
+
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int warps = blockDim.x >> 5;
+  const int64_t warp = (int64_t)blockIdx.x * warps + (threadIdx.x >> 5), total = (int64_t)gridDim.x * warps;
+  const int64_t tasks = (int64_t)((a.N + kTaskRows - 1) / kTaskRows) * chunks;
+  const int word0 = k0 / 32 + 4 * t;  // lane t's first word of chunk 0
+  {  // the first two tasks start for L2 before the copy of x (the plan is made again after it: held
+     // across the copy, it would take registers)
+    const auto [first, count] = loraq_gemv::warp_run(warp, total, tasks);
+    for (int i = 0; i < 2 && i < count; ++i) prefetch_task(a, first + i, chunks, g, word0);
+  }
+  if (is_offset(MODE)) {  // the table of C: zero before fill_x adds into it
+    for (int i = threadIdx.x; i < a.M * chunks; i += blockDim.x) offset_c(xs, a.M, row_units, 0, 0)[i] = 0.f;
+    __syncthreads();
+  }
+  const int block = blockIdx.y * gridDim.x + blockIdx.x;
+  if (ONE && a.parts != nullptr)  // this warp's batch of x·Aᵀ's items
+    loraq_gemv::own_xa_batch<T>(a, (int64_t)blockIdx.y * total + warp, loraq_gemv::xa_batch(a, total * gridDim.y), lane);
+  if (!ONE && a.parts != nullptr && block < a.slots) loraq_gemv::store_xa_share<T>(a, block);
+  fill_x<T, MODE>(a, xs, k0, chunks, row_units, threadIdx.x, blockDim.x);
+  __syncthreads();
+  const loraq_gemv::WarpRun run = loraq_gemv::warp_run(warp, total, tasks);  // this warp's run of tasks
+  const int64_t first = run.first;
+  const int count = run.count;
+  if (count > 0) run_tasks<T, MODE, VEC, NT>(a, xs, first, count, chunks, row_units, word0, g, t);
+  if (ONE) finish_after_run<T>(a);
 }
 
 }  // namespace loraq_mma

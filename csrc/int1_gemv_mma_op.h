@@ -2,7 +2,8 @@
 //
 // It adds x·Ŵᵀ (fp32, rows of x ≤ 16) into a zeroed workspace and, with LoRA, stores each slot's
 // share of x·Aᵀ; kernels/int1_gemv_mma.py calls it inside splitk_finish.run_split, whose finish
-// adds the LoRA path and the bias, casts, and zeroes the workspace again.
+// adds the LoRA path and the bias, casts, and zeroes the workspace again. Given y, it finishes in
+// the same launch instead (gemv_finish.cuh; LORAQ_ONE_LAUNCH=1).
 // Included once, by gemv_ops.cu (one translation unit for the GEMV ops: each costs minutes to compile).
 #pragma once
 
@@ -20,9 +21,9 @@ using loraq_mma::Args;
 
 // The dynamic shared memory limit is always set to the device's opt-in maximum, not this call's
 // need: two threads setting different limits could fail each other's launch.
-template <typename T, int MODE, bool VEC, int NT>
+template <typename T, int MODE, bool VEC, int NT, bool ONE>
 void launch(const Args& a, dim3 grid, int threads, size_t smem, cudaStream_t stream) {
-  auto kernel = loraq_mma::int1_gemv_mma_kernel<T, MODE, VEC, NT>;
+  auto kernel = loraq_mma::int1_gemv_mma_kernel<T, MODE, VEC, NT, ONE>;
   if (smem > 48 * 1024) {
     int max_smem = 0, device = 0;
     C10_CUDA_CHECK(cudaGetDevice(&device));
@@ -33,19 +34,26 @@ void launch(const Args& a, dim3 grid, int threads, size_t smem, cudaStream_t str
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, bool VEC, int NT>
+template <typename T, bool VEC, int NT, bool ONE>
 void launch_mode(int64_t mode, const Args& a, dim3 grid, int threads, size_t smem, cudaStream_t stream) {
-  if (mode == loraq_mma::kScaleRow) launch<T, loraq_mma::kScaleRow, VEC, NT>(a, grid, threads, smem, stream);
-  else if (mode == loraq_mma::kScaleGroup) launch<T, loraq_mma::kScaleGroup, VEC, NT>(a, grid, threads, smem, stream);
-  else if (mode == loraq_mma::kScaleOnebit) launch<T, loraq_mma::kScaleOnebit, VEC, NT>(a, grid, threads, smem, stream);
-  else if (mode == loraq_mma::kScaleRowOffset) launch<T, loraq_mma::kScaleRowOffset, VEC, NT>(a, grid, threads, smem, stream);
-  else launch<T, loraq_mma::kScaleOnebitOffset, VEC, NT>(a, grid, threads, smem, stream);
+  using namespace loraq_mma;
+  if (mode == kScaleRow) launch<T, kScaleRow, VEC, NT, ONE>(a, grid, threads, smem, stream);
+  else if (mode == kScaleGroup) launch<T, kScaleGroup, VEC, NT, ONE>(a, grid, threads, smem, stream);
+  else if (mode == kScaleOnebit) launch<T, kScaleOnebit, VEC, NT, ONE>(a, grid, threads, smem, stream);
+  else if (mode == kScaleRowOffset) launch<T, kScaleRowOffset, VEC, NT, ONE>(a, grid, threads, smem, stream);
+  else launch<T, kScaleOnebitOffset, VEC, NT, ONE>(a, grid, threads, smem, stream);
 }
 
 template <typename T, bool VEC>
 void launch_tiles(int64_t mode, const Args& a, dim3 grid, int threads, size_t smem, cudaStream_t stream) {
-  if (a.M <= loraq_mma::kTileRows) launch_mode<T, VEC, 1>(mode, a, grid, threads, smem, stream);
-  else launch_mode<T, VEC, 2>(mode, a, grid, threads, smem, stream);
+  const bool one = a.fin.y != nullptr;
+  if (a.M <= loraq_mma::kTileRows) {
+    if (one) launch_mode<T, VEC, 1, true>(mode, a, grid, threads, smem, stream);
+    else launch_mode<T, VEC, 1, false>(mode, a, grid, threads, smem, stream);
+  } else {
+    if (one) launch_mode<T, VEC, 2, true>(mode, a, grid, threads, smem, stream);
+    else launch_mode<T, VEC, 2, false>(mode, a, grid, threads, smem, stream);
+  }
 }
 
 // Adds x·Ŵᵀ into ws [M, N] (fp32, zeroed) and, when lora_A is given, stores parts[s] = this
@@ -53,10 +61,15 @@ void launch_tiles(int64_t mode, const Args& a, dim3 grid, int threads, size_t sm
 // mode: 0 per-row α, 1 per-group α (group_size a multiple of 32), 2 onebit (h in scale, g in col); 3 and 4:
 // 0 and 2 with the offset decode (int1_gemv_mma.cuh).
 // blocks: blocks per K slice; warps: warps a block; k_split: K slices (blockIdx.y).
+// With y, the one-launch finish (gemv_finish.cuh): the kernel also writes y = ws + s·(x·Aᵀ)·Bᵀ + b
+// and leaves ws zero; parts is then xa [1, M, block_r] (zero), `slots` the slots x·Aᵀ is cut into,
+// and counters the zeroed int32 counters (loraq_gemv::finish_counters of them), left zero.
 void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale,
                    const torch::Tensor& col, const c10::optional<torch::Tensor>& lora_A, torch::Tensor ws,
                    const c10::optional<torch::Tensor>& parts, int64_t mode, int64_t group_size, int64_t blocks,
-                   int64_t warps, int64_t k_split) {
+                   int64_t warps, int64_t k_split, const c10::optional<torch::Tensor>& y,
+                   const c10::optional<torch::Tensor>& counters, const c10::optional<torch::Tensor>& lora_B,
+                   const c10::optional<torch::Tensor>& bias, double scaling, int64_t slots) {
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               "int1_gemv_mma: x must be float16 or bfloat16, got ", x.scalar_type());
   loraq_ops::check_cuda_tensor("int1_gemv_mma", x, "x", x.scalar_type(), 2);
@@ -116,6 +129,9 @@ void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const to
     a.slice_inputs = (int)((per + loraq_mma::kTaskInputs - 1) / loraq_mma::kTaskInputs * loraq_mma::kTaskInputs);
     slices = (K + a.slice_inputs - 1) / a.slice_inputs;
   }
+  const bool one = y.has_value();
+  TORCH_CHECK(one || (!counters.has_value() && !lora_B.has_value() && !bias.has_value()),
+              "int1_gemv_mma: counters, lora_B and bias are the one-launch finish's: they come with y");
   if (lora_A.has_value()) {
     const torch::Tensor& A = *lora_A;
     loraq_ops::check_cuda_tensor("int1_gemv_mma", A, "lora_A", x.scalar_type(), 2);
@@ -130,9 +146,34 @@ void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const to
     a.R = (int)A.size(0);
     a.block_r = (int)parts->size(2);
     a.slots = (int)parts->size(0);
+    if (one) {  // parts is xa [1, M, block_r]; the slots are the argument's
+      TORCH_CHECK(parts->size(0) == 1 && slots >= 1 && (K == 0 || slots <= blocks * slices),
+                  "int1_gemv_mma: with y, parts must be xa [1, M, block_r] and 1 ≤ slots ≤ blocks·slices, got ",
+                  parts->sizes(), " and ", slots, " slots");
+      a.slots = (int)slots;
+    }
+  }
+  if (one) {
+    const int64_t launch_warps = blocks * std::max<int64_t>(slices, 1) * warps;
+    const int64_t units = (N + loraq_mma::kTaskRows - 1) / loraq_mma::kTaskRows;
+    loraq_ops::check_finish_args("int1_gemv_mma", x, *y, counters, lora_A.has_value(), lora_B, bias, N,
+                                 lora_A.has_value() ? lora_A->size(0) : 0,
+                                 loraq_gemv::finish_counters(units, loraq_gemv::xa_items(a), launch_warps));
+    a.fin.y = y->data_ptr();
+    a.fin.lora_B = lora_B.has_value() ? lora_B->data_ptr() : nullptr;
+    a.fin.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+    a.fin.scaling = (float)scaling;
+    a.fin.counters = counters->data_ptr<int32_t>();
+    a.fin.units = (int)units;
+    a.fin.unit_tasks = (int)((K + loraq_mma::kTaskInputs - 1) / loraq_mma::kTaskInputs);
   }
   if (K == 0) {  // x·Ŵᵀ = 0 (the workspace stays zero) and so are the shares of x·Aᵀ; validated above
-    if (parts.has_value()) parts->zero_();
+    if (one) {  // y = b (or 0): x·Aᵀ is 0 too
+      if (bias.has_value()) y->copy_(bias->unsqueeze(0).expand({M, N}));
+      else y->zero_();
+    } else if (parts.has_value()) {
+      parts->zero_();
+    }
     return;
   }
   if (N == 0) return;
@@ -162,14 +203,17 @@ void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const to
 // For torch.compile's tracing (FakeTensor/Meta): the op only writes its outputs in place.
 void int1_gemv_mma_meta(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
                         const c10::optional<torch::Tensor>&, torch::Tensor, const c10::optional<torch::Tensor>&,
-                        int64_t, int64_t, int64_t, int64_t, int64_t) {}
+                        int64_t, int64_t, int64_t, int64_t, int64_t, const c10::optional<torch::Tensor>&,
+                        const c10::optional<torch::Tensor>&, const c10::optional<torch::Tensor>&,
+                        const c10::optional<torch::Tensor>&, double, int64_t) {}
 
 }  // namespace loraq_mma_op
 
 TORCH_LIBRARY_FRAGMENT(loraq, m) {
   m.def(
       "int1_gemv_mma(Tensor x, Tensor packed, Tensor scale, Tensor col, Tensor? lora_A, Tensor(a!) ws, "
-      "Tensor(b!)? parts, int mode, int group_size, int blocks, int warps, int k_split) -> ()");
+      "Tensor(b!)? parts, int mode, int group_size, int blocks, int warps, int k_split, Tensor(c!)? y=None, "
+      "Tensor(d!)? counters=None, Tensor? lora_B=None, Tensor? bias=None, float scaling=1.0, int slots=0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(loraq, CUDA, m) { m.impl("int1_gemv_mma", &loraq_mma_op::int1_gemv_mma); }

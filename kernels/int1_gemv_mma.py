@@ -30,7 +30,8 @@ from .autotune import MMA_GEMV, Config
 from .cuda_ext import MAX_SLOTS, extension_problem, fit_slices, sm_count, smem_limits
 from .decode import SCALE_GROUP, SCALE_ONEBIT, SCALE_ROW, lora_and_bias_args, weight_args
 from .env import env_is
-from .splitk_finish import run_split
+from .host_math import block_r, cdiv
+from .splitk_finish import one_launch_offered, one_launch_workspace, run_split
 from .device_guard import on_input_device
 
 MMA_MAX_M = 16  # rows of x: one mma tile of 8 (its N), or two on the same decoded weights
@@ -98,10 +99,11 @@ def check_mma_config(cfg) -> None:
                          "and at most 64 warps an SM")
 
 
-def launch_mma(x, ptrs, ints, mode, N, lora_A, lora_B, scaling, bias, cfg):
-    """The launch on arguments already prepared (``weight_args``'s; ``lora_A``, ``lora_B`` in
-    ``x``'s dtype, or None) and checked. Two launches: the kernel, then ``splitk_finish.finish``.
-    Returns ``y [M, N]`` in ``x.dtype``."""
+def launch_mma(x, ptrs, ints, mode, N, lora_A, lora_B, scaling, bias, cfg, one_launch=None):
+    """The launch on arguments already prepared (``weight_args``'s; ``lora_A``, ``lora_B`` and
+    ``bias`` in ``x``'s dtype and contiguous, or None) and checked. Two launches (the kernel, then
+    ``splitk_finish.finish``), or with ``one_launch`` (None: ``LORAQ_ONE_LAUNCH=1``) one: the
+    kernel finishes itself (``csrc/gemv_finish.cuh``). Returns ``y [M, N]`` in ``x.dtype``."""
     _, bps, _, split, warps, _, _ = cfg
     (packed, scale, col), (_, _, group, _) = ptrs, ints
     M, K = x.shape
@@ -117,20 +119,45 @@ def launch_mma(x, ptrs, ints, mode, N, lora_A, lora_B, scaling, bias, cfg):
     col = scale if col is None else col
     lora_A = lora_A.contiguous() if has_lora else None
 
+    group = group if mode == SCALE_GROUP else 0
+    if one_launch_offered() if one_launch is None else one_launch:
+        return _one_launch(x, packed, scale, col, lora_A, lora_B, bias, scaling, mode_op, group, N,
+                           blocks, warps, slices, slots)
+
     def launch(ws, parts):
         torch.ops.loraq.int1_gemv_mma(x, packed, scale, col, lora_A if has_lora else None, ws,
-                                      parts if has_lora else None, mode_op, group if mode == SCALE_GROUP else 0,
-                                      blocks, warps, slices)
+                                      parts if has_lora else None, mode_op, group, blocks, warps, slices)
 
     return run_split(launch, M, N, slots, x, lora_B, R, scaling, bias)
 
 
+def _one_launch(x, packed, scale, col, lora_A, lora_B, bias, scaling, mode_op, group, N, blocks, warps, slices,
+                slots):
+    """The kernel with its finish in the same launch: ``y`` from one kernel, the workspace (sums,
+    ``x·Aᵀ`` and the counters) left zero."""
+    M, K = x.shape
+    has_lora = lora_A is not None
+    width = block_r(lora_A.shape[0]) if has_lora else 0
+    items = slots * M * (width // 4) if has_lora else 0
+    # arrivals (a row group of 16 outputs each), two counters, and at most one flag an item
+    flat, ws, xa, counters = one_launch_workspace(M, N, M * width, cdiv(N, 16) + 2 + items, x.device)
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    try:
+        torch.ops.loraq.int1_gemv_mma(x, packed, scale, col, lora_A, ws, xa.view(1, M, width) if has_lora else None,
+                                      mode_op, group, blocks, warps, slices, y, counters, lora_B, bias,
+                                      float(scaling), slots if has_lora else 0)
+    except BaseException:
+        flat.zero_()
+        raise
+    return y
+
+
 @on_input_device
 def int1_gemv_mma(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1.0, bias=None,
-                  blocks_per_sm: int = 2, warps: int = 16, k_split: int = 1):
+                  blocks_per_sm: int = 2, warps: int = 16, k_split: int = 1, one_launch=None):
     """``y [M, N]`` for ``x [M, K]`` (1 to 16 rows, fp16/bf16, CUDA) and an int1 weight's
     ``tensors``/``meta``, in ``x.dtype``; raises ValueError (with the reason) where the kernel
-    does not run."""
+    does not run. ``one_launch``: finish in the same launch (None: ``LORAQ_ONE_LAUNCH=1``)."""
     if x.dim() != 2 or x.shape[1] != meta["K"]:
         raise ValueError(f"x must be [M, {meta['K']}], got {tuple(x.shape)}")
     ok, why = mma_gemv_status(x, meta)
@@ -141,7 +168,7 @@ def int1_gemv_mma(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1
     x = x.contiguous()
     ptrs, ints, mode = weight_args("int1", tensors, meta)
     A, B, bias = lora_and_bias_args(x, lora_A, lora_B, bias)
-    return launch_mma(x, ptrs, ints, mode, meta["N"], A, B, scaling, bias, cfg)
+    return launch_mma(x, ptrs, ints, mode, meta["N"], A, B, scaling, bias, cfg, one_launch)
 
 
 __all__ = ["int1_gemv_mma", "mma_gemv_status", "mma_gemv_configs", "check_mma_config", "k_slices",

@@ -258,6 +258,17 @@ def one_launch_offered() -> bool:
     return env_is("LORAQ_ONE_LAUNCH", "1")
 
 
+def one_launch_workspace(M: int, N: int, floats: int, counters: int, device: torch.device):
+    """``(flat, ws [M, N], extra [floats], counters [counters] int32)``: views of one zeroed
+    workspace (:func:`zeroed_workspace`) for a split kernel that finishes in its own launch: the
+    sums, ``floats`` more fp32 zeros, then the counters (fp32 zeros are int32 zeros). The kernel
+    leaves them all zero; zero ``flat`` if it may not have."""
+    flat = zeroed_workspace(M * N + floats + counters, 1, device)
+    ws = flat[: M * N].view(M, N)
+    extra = flat[M * N: M * N + floats].view(-1)
+    return flat, ws, extra, flat[M * N + floats:].view(-1).view(torch.int32)
+
+
 def run_one_launch(launch: Callable[..., None], M: int, N: int, slots: int, tiles: int, groups: int,
                    x: torch.Tensor, lora_B: Optional[torch.Tensor], R: int) -> torch.Tensor:
     """Run a split kernel that finishes in the same launch: ``launch(ws, parts, y, counters)``
@@ -266,9 +277,7 @@ def run_one_launch(launch: Callable[..., None], M: int, N: int, slots: int, tile
     tiles, ``groups`` groups of rows of x, with LoRA a claim per slice and group); the kernel
     leaves ``ws`` and ``counters`` zero. Returns ``y`` in ``x.dtype``."""
     n_counters = groups * (tiles + 2 + (slots if lora_B is not None else 0))
-    # the counters after the sums in one workspace (fp32 zeros are int32 zeros)
-    flat = zeroed_workspace(M * N + n_counters, 1, x.device)
-    ws, counters = flat[: M * N].view(M, N), flat[M * N:].view(-1).view(torch.int32)
+    flat, ws, _, counters = one_launch_workspace(M, N, 0, n_counters, x.device)
     parts = xa_slots(slots, M, R, x.device)[0] if lora_B is not None else None
     y = torch.empty(M, N, device=x.device, dtype=torch.float32 if interpreter_upcast(x.dtype) else x.dtype)
     try:

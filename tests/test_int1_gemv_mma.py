@@ -20,7 +20,7 @@ from loraq.kernels.cuda_ext import SMEM_BUDGET, smem_limits  # noqa: E402
 from loraq.kernels.int1_gemv_mma import (MMA_MAX_M, MMA_SHAPES, MMA_TASK_INPUTS,  # noqa: E402
                                          check_mma_config, int1_gemv_mma, k_slices, mma_gemv_configs,
                                          mma_gemv_status)
-from test_triton_kernels import _kernel_args, check, f64, problem, tuner_calls  # noqa: E402
+from test_triton_kernels import _kernel_args, check, f64, problem, tuner_calls, workspaces_clean  # noqa: E402
 from weights import offset_view  # noqa: E402
 
 CFG = (MMA_MAX_M, 2, MMA_TASK_INPUTS, 1, 16, 1, MMA_GEMV)
@@ -269,6 +269,101 @@ def test_offset_decode_keeps_its_precision_when_x_does_not_average_zero(dtype, M
     assert errors[0] < 5e-5, errors
 
 
+def _one_and_two_launches(kind, dtype, M, N, K, cfg=CFG, lora=True, bias=True, offset=False):
+    """The op through int1_gemv_mma with its finish in the same launch and in a second one: each
+    checked against the reference, the workspace left zero after each."""
+    w, x, A, B, b = problem(kind, dtype, M, N, K, r=5, lora=lora, bias=bias)
+    tensors, meta = _kernel_args(w)
+    _, bps, _, split, warps, _, _ = cfg
+    want = (reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 0.5, f64(b)),
+            reference.lora_linear_ref(x, w, A, B, 0.5, b))
+    out = {}
+    for one in (True, False):
+        out[one] = int1_gemv_mma(x, tensors, meta, A, B, 0.5, b, bps, warps, split, one_launch=one)
+        assert out[one].shape == (M, N) and out[one].dtype == dtype
+        check(out[one], *want, f"mma {kind} {dtype} M={M} N={N} K={K} {cfg} one launch={one}")
+        assert workspaces_clean(), f"one launch={one} left its workspace dirty"
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M", [1, 9, 16])
+@pytest.mark.parametrize("N, K", [(37, 300), (1000, 1000), (77, 4100), (4096, 4096), (28672, 8192)])
+def test_one_launch_finish_matches_reference(kind, dtype, M, N, K):
+    """The finish in the same launch (csrc/gemv_finish.cuh): row groups finished by the warp that
+    completes them, x·Aᵀ from batches claimed by every warp; the workspace, x·Aᵀ and the counters
+    zero after (the next call and CUDA graphs find them so)."""
+    _needs_kernel()
+    _one_and_two_launches(kind, dtype, M, N, K)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", MMA_SHAPES, ids=str)
+@pytest.mark.parametrize("k_split", [1, 3, 40])
+@pytest.mark.parametrize("lora_bias", [(True, True), (False, False), (True, False), (False, True)],
+                         ids=["lora+bias", "plain", "lora", "bias"])
+def test_one_launch_every_shape_split_and_path(shape, k_split, lora_bias):
+    _needs_kernel()
+    bps, warps = shape
+    _one_and_two_launches("int1_g64", torch.float16, 5, 1000, 4100,
+                          (MMA_MAX_M, bps, MMA_TASK_INPUTS, k_split, warps, 1, MMA_GEMV), *lora_bias)
+
+
+@pytest.mark.gpu
+def test_one_launch_many_calls_and_a_cuda_graph():
+    """Ten calls in a row, then a CUDA graph replayed five times: each must find the counters,
+    x·Aᵀ and the sums zero, so every answer equals the first (the finish reads the sums in any
+    order of arrival: close, not equal, to the two-launch answer)."""
+    _needs_kernel()
+    w, x, A, B, b = problem("int1", torch.float16, 3, 4096, 4096, r=16)
+    tensors, meta = _kernel_args(w)
+    run = lambda: int1_gemv_mma(x, tensors, meta, A, B, 0.5, b, 2, 16, 1, one_launch=True)  # noqa: E731
+    first = run()
+    want = (reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 0.5, f64(b)),
+            reference.lora_linear_ref(x, w, A, B, 0.5, b))
+    for _ in range(10):
+        check(run(), *want, "one launch, again")
+    assert workspaces_clean()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # the workspace of this stream exists before the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            y = run()
+    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(5):
+        graph.replay()
+        torch.cuda.synchronize()
+        check(y, *want, "one launch, graph replay")
+        torch.testing.assert_close(y, first, rtol=2e-3, atol=2e-3 * first.abs().max().item())
+
+
+@pytest.mark.gpu
+def test_one_launch_refuses_bad_finish_arguments():
+    """The op checks the finish's tensors before anything runs and changes nothing."""
+    _needs_kernel()
+    w, x, A, B, b = problem("int1", torch.float16, 2, 64, 1024, r=4)
+    tensors, meta = _kernel_args(w)
+    ws = torch.zeros(2, 64, device="cuda")
+    xa = torch.zeros(1, 2, 16, device="cuda")
+    y = torch.empty(2, 64, dtype=torch.float16, device="cuda")
+    counters = torch.zeros(4, dtype=torch.int32, device="cuda")  # too few: 4 arrivals + 2 + batches
+    scale = tensors["scale"].to(torch.float16)
+    with pytest.raises(RuntimeError, match="counters must have at least"):
+        torch.ops.loraq.int1_gemv_mma(x, tensors["packed"], scale, scale, A, ws, xa, 0, 0, 2, 4, 1, y, counters,
+                                      B, b, 0.5, 2)
+    with pytest.raises(RuntimeError, match="they come with y"):
+        torch.ops.loraq.int1_gemv_mma(x, tensors["packed"], scale, scale, None, ws, None, 0, 0, 2, 4, 1, None,
+                                      counters)
+    with pytest.raises(RuntimeError, match="y must be"):
+        torch.ops.loraq.int1_gemv_mma(x, tensors["packed"], scale, scale, None, ws, None, 0, 0, 2, 4, 1,
+                                      y[:, :10].contiguous(), torch.zeros(100, dtype=torch.int32, device="cuda"))
+    assert not ws.any() and not xa.any() and not counters.any()
+
+
 @pytest.mark.gpu
 def test_the_tuner_offers_it_up_to_16_rows(monkeypatch):
     """With the extension built (and LORAQ_CUDA_GEMV not 0), a forward of up to 16 rows (int1, fp16) times
@@ -344,7 +439,9 @@ def test_fragment_order_emulated_from_the_ptx_layout():
 def test_every_instantiation_compiles_for_hopper_without_spills():
     """nvcc (CI has one; the extension itself is not built there) compiles every kernel the
     launcher can pick for sm_90: 64 registers at most (the launch bound that lets 32 warps share
-    an SM), nothing spilled, and the mma loop (bench/sass_cuda.py) with 32 HMMA a tile of x."""
+    an SM), nothing spilled, and the mma loop (bench/sass_cuda.py) with 32 HMMA a tile of x. The
+    one-launch instantiations (csrc/gemv_finish.cuh) may spill a little around the finish's call,
+    and their loop stays within 5% of the two-launch one's."""
     import sys
     from pathlib import Path
 
@@ -354,11 +451,14 @@ def test_every_instantiation_compiles_for_hopper_without_spills():
     if sass_cuda.nvcc() is None:
         pytest.skip("no nvcc on this machine (CUDA_HOME unset and none on PATH)")
     kernels = sass_cuda.compile_all()
-    assert len(kernels) == 40  # 2 dtypes x 5 modes (3 and 4: the offset decode) x 2 load paths x 1 or 2 tiles
+    # 2 dtypes x 5 modes (3 and 4: the offset decode) x 2 load paths x 1 or 2 tiles x two or one launch
+    assert len(kernels) == 80
     for k in kernels:
-        assert k["registers"] <= 64 and k["spill_bytes"] == 0, k
+        assert k["registers"] <= 64 and k["spill_bytes"] <= (64 if k["one"] else 0), k
         assert k["loop"] is not None and k["loop"]["HMMA"] == 32 * k["tiles"], k
-    loop = {(k["dtype"], k["mode"], k["vec"], k["tiles"]): sum(k["loop"].values()) for k in kernels}
-    for (dtype, mode, vec, tiles), total in loop.items():  # the offset decode's point: fewer instructions
+    loop = {(k["dtype"], k["mode"], k["vec"], k["tiles"], k["one"]): sum(k["loop"].values()) for k in kernels}
+    for (dtype, mode, vec, tiles, one), total in loop.items():  # the offset decode's point: fewer instructions
+        if one:
+            assert total <= 1.05 * loop[(dtype, mode, vec, tiles, False)], (dtype, mode, vec, tiles)
         if mode in (3, 4):
-            assert total < loop[(dtype, mode - 3, vec, tiles)] - 40, (dtype, mode, vec, tiles)
+            assert total < loop[(dtype, mode - 3, vec, tiles, one)] - 40, (dtype, mode, vec, tiles, one)

@@ -1,0 +1,163 @@
+"""The CUDA GEMVs' one-launch finish (csrc/gemv_finish.cuh, LORAQ_ONE_LAUNCH=1) on the host.
+
+tests/cuda/gemv_finish_emulate.cu runs the int1 mma GEMV's grid block by block, in the order a
+test gives, with the kernel's own task split, items of x·Aᵀ, counters and finish of each output
+(the sums of each task come from a dense W: the protocol is under test, not the mma). Each run must
+give y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ + b, leave the sums, x·Aᵀ and every counter zero for the next call,
+and never wait forever, whatever the order of the blocks: with blocks that start late, the
+finishers compute the batches of x·Aᵀ that nobody has claimed. On the GPU the blocks overlap;
+that is tested there (tests/test_int1_gemv_mma.py, marked gpu)."""
+
+import ctypes
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from host_cuda import host_library
+
+TASK_INPUTS, TASK_ROWS, XA_RANKS = 512, 16, 4
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    so = host_library("gemv_finish_emulate.cu", tmp_path_factory.mktemp("finish"))
+    so.int1_finish_emulate.restype = ctypes.c_int
+    so.int1_finish_emulate.argtypes = ([ctypes.c_int] + [ctypes.c_void_p] * 6 + [ctypes.c_float]
+                                       + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 10 + [ctypes.c_void_p] * 2)
+    return so
+
+
+def _slices(K, k_split):
+    per = -(-K // k_split)
+    inputs = -(-per // TASK_INPUTS) * TASK_INPUTS
+    return -(-K // inputs)
+
+
+def _counters(N, M, block_r, slots, has_lora, launch_warps):
+    items = slots * M * (block_r // XA_RANKS) if has_lora else 0
+    batch = max(1, -(-items // launch_warps))
+    return -(-N // TASK_ROWS) + 2 + -(-items // batch)
+
+
+class Problem:
+    """One call's inputs and the buffers the kernel shares between calls."""
+
+    def __init__(self, dtype, M, N, K, R, bias, blocks, warps, k_split, slots=None, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.dtype, self.M, self.N, self.K, self.R = dtype, M, N, K, R
+        self.blocks, self.warps, self.k_split = blocks, warps, k_split
+        self.slices = _slices(K, k_split)
+        self.x = torch.randn(M, K, generator=g).to(dtype)
+        self.W = torch.randn(N, K, generator=g).sign()  # int1's values; any would do
+        self.A = (torch.randn(R, K, generator=g) / K ** 0.5).to(dtype) if R else None
+        self.B = torch.randn(N, R, generator=g).to(dtype) if R else None
+        self.bias = torch.randn(N, generator=g).to(dtype) if bias else None
+        self.scaling = 0.75
+        self.block_r = max(16, 1 << (R - 1).bit_length()) if R else 16
+        self.slots = min(32, blocks * self.slices) if slots is None else slots
+        self.ws = torch.zeros(M, N)
+        self.xa = torch.zeros(M, self.block_r)
+        self.n_counters = _counters(N, M, self.block_r, self.slots, R > 0, blocks * warps * self.slices)
+        self.counters = torch.zeros(self.n_counters, dtype=torch.int32)
+
+    def expected(self):
+        x = self.x.double()
+        y = x @ self.W.double().T
+        if self.A is not None:
+            y += self.scaling * (x @ self.A.double().T) @ self.B.double().T
+        if self.bias is not None:
+            y += self.bias.double()
+        return y
+
+    def run(self, lib, order):
+        y = torch.full((self.M, self.N), float("nan")).to(self.dtype)
+        xf = self.x.float().contiguous()
+        stats = np.zeros(3, dtype=np.int32)
+        order = np.ascontiguousarray(order, dtype=np.int32)
+        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        rc = lib.int1_finish_emulate(0 if self.dtype == torch.float16 else 1, ptr(self.x), ptr(xf), ptr(self.W),
+                                     ptr(self.A), ptr(self.B), ptr(self.bias), self.scaling, ptr(y), ptr(self.ws),
+                                     ptr(self.xa), ptr(self.counters), self.n_counters, self.M, self.N, self.K,
+                                     self.R, self.block_r, self.slots, self.blocks, self.warps, self.k_split,
+                                     order.ctypes.data, stats.ctypes.data)
+        return rc, y, stats
+
+    def orders(self):
+        n = self.blocks * self.slices
+        shuffled = list(range(n))
+        random.Random(n).shuffle(shuffled)
+        return {"in order": list(range(n)), "reversed": list(range(n))[::-1], "shuffled": shuffled}
+
+    def assert_left_zero(self):
+        assert not self.ws.any(), "the sums were not all zeroed"
+        assert not self.xa.any(), "x·Aᵀ was not zeroed"
+        assert not self.counters.any(), f"counters left: {self.counters.nonzero().flatten().tolist()}"
+
+
+def _close(y, expected, dtype):
+    tol = 1e-2 if dtype == torch.float16 else 4e-2  # the cast of y to the dtype, on values up to ~100
+    np.testing.assert_allclose(y.double().numpy(), expected.numpy(), rtol=tol, atol=tol * expected.abs().max().item())
+
+
+SHAPES = [  # M, N, K, R, bias, blocks, warps, k_split
+    (1, 37, 1000, 16, True, 3, 2, 1),
+    (1, 16, 512, 0, True, 2, 2, 1),
+    (3, 100, 1500, 5, False, 4, 3, 3),
+    (16, 48, 2100, 33, True, 2, 4, 2),
+    (9, 17, 45, 1, False, 1, 1, 1),
+    (5, 300, 3000, 8, True, 8, 2, 4),
+    (2, 64, 700, 16, False, 5, 8, 1),  # more warps than tasks: some warps have no run
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}-N{}-K{}-R{}-b{}-{}x{}-s{}".format(*s))
+def test_one_launch_finish_in_any_block_order(lib, dtype, shape):
+    M, N, K, R, bias, blocks, warps, k_split = shape
+    p = Problem(dtype, M, N, K, R, bias, blocks, warps, k_split)
+    for name, order in p.orders().items():
+        for call in range(2):  # the second call finds what the first left: zeros
+            rc, y, stats = p.run(lib, order)
+            assert rc == 0, (name, call, rc)
+            _close(y, p.expected(), dtype)
+            p.assert_left_zero()
+            assert stats[0] == -(-N // TASK_ROWS), "every row group is finished once"
+            if R:
+                items = p.slots * M * (p.block_r // XA_RANKS)
+                assert stats[1] + stats[2] == items, "every item of x·Aᵀ is computed once"
+
+
+def test_finishers_compute_the_batches_of_blocks_that_have_not_started(lib):
+    """Reversed, the warps that own the first batches run last: the finishers before them must
+    compute those batches themselves (on a GPU: blocks that never got an SM while others wait).
+    (Here warps run one at a time, to their end: even in order, a finisher of K slice 1 may find
+    batches of later warps unclaimed. On a GPU every resident warp claims before it sums.)"""
+    p = Problem(torch.float16, 4, 200, 2048, 16, True, 6, 4, 2)
+    rc, y, stats = p.run(lib, p.orders()["reversed"])
+    assert rc == 0 and stats[1] > 0
+    _close(y, p.expected(), torch.float16)
+    p.assert_left_zero()
+
+
+def test_every_slot_count_and_a_single_warp(lib):
+    for slots in (1, 2, 7, 12):
+        p = Problem(torch.bfloat16, 2, 40, 1800, 6, True, 3, 2, 4, slots=slots)
+        for order in p.orders().values():
+            rc, y, _ = p.run(lib, order)
+            assert rc == 0
+            _close(y, p.expected(), torch.bfloat16)
+            p.assert_left_zero()
+    p = Problem(torch.float16, 1, 33, 1100, 3, True, 1, 1, 1)  # one warp does everything
+    rc, y, stats = p.run(lib, [0])
+    assert rc == 0 and stats[0] == 3
+    _close(y, p.expected(), torch.float16)
+
+
+def test_too_few_counters_and_bad_arguments_are_refused(lib):
+    p = Problem(torch.float16, 2, 40, 600, 4, False, 2, 2, 1)
+    p.n_counters -= 1
+    assert p.run(lib, [0, 1])[0] == 2
+    p = Problem(torch.float16, 2, 40, 600, 4, False, 2, 2, 1, slots=5)  # more slots than blocks
+    assert p.run(lib, [0, 1])[0] == 1
