@@ -218,7 +218,8 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
         elif config[6] in GATHER_FWD:
             check_gather_config(config)
     op = f"lora_linear_fwd:{fmt}:{scale_mode}:{int(has_lora)}" + (":lut" if lut else "") + (":gather" if gather else "")
-    if (lut or gather) and one_launch_offered():  # the GEMVs' times differ with their finish in one launch
+    # the GEMVs' times differ with their finish in one launch (the int1 CUDA GEMV's too, up to 16 rows)
+    if (lut or gather or (fmt == "int1" and M <= MMA_MAX_M)) and one_launch_offered():
         op += ":one"
     # int1 in fp16 and bf16 up to PAIRS_MAX_M rows: the pair-order decode too (in fp32 its dot is
     # plain FMAs, as the others': not worth the tuning time)

@@ -113,6 +113,21 @@ def test_launcher_refuses_it_off_the_gpu_and_never_offers_it(monkeypatch):
         assert not mma_offered(x, w, A, B, 0.5, b)
 
 
+@pytest.mark.parametrize("M", [2, 8, 16, 17])
+def test_one_launch_keys_the_tuner_apart_up_to_16_rows(monkeypatch, M):
+    """With LORAQ_ONE_LAUNCH=1 the int1 GEMVs (the lookup GEMV up to 4 rows, the CUDA mma GEMV up
+    to 16) time differently: their winners are cached under another key; past 16 rows nothing
+    changes."""
+    w, x, A, B, b = problem("int1", torch.float32, M, 37, 300, device="cpu")
+    keys = {}
+    for one in ("0", "1"):
+        monkeypatch.setenv("LORAQ_ONE_LAUNCH", one)
+        with tuner_calls(lora_linear_fwd) as seen:
+            lora_linear_fwd(x, "int1", *_kernel_args(w), A, B, 0.5, b)
+        keys[one] = seen[0].op
+    assert keys["1"] == (keys["0"] + ":one" if M <= MMA_MAX_M else keys["0"]), keys
+
+
 # --- on a GPU, with the extension built -------------------------------------------------------
 
 
