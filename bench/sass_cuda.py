@@ -8,7 +8,7 @@ headers have no torch in them):
 * ``sparse``: the sparse4x4 gather (csrc/sparse4x4_gemv.cuh): dtype x rows of x x 16-byte loads;
   its loop is the one with the most FFMA (one task: a lane's 32 stored values);
 * ``sparse_mma``: the sparse4x4 tensor-core kernel (csrc/sparse4x4_gemv_mma.cuh): dtype x 16-byte
-  loads x tiles of x; its loop is the one that holds the mma (one task: 16 weight rows x 128 tile
+  loads x tiles of x x finish (two launches or one); its loop is the one that holds the mma (one task: 16 weight rows x 128 tile
   columns, 512 stored values).
 Per kernel: the registers, the spills, and the opcodes of that loop.
 
@@ -59,8 +59,8 @@ def instantiations(kernel: str = "mma") -> List[Dict]:
         return [dict(kernel=kernel, dtype=d, rows=r, vec=v) for d, r, v in itertools.product(DTYPES, (1, 2, 4, 8),
                                                                                                (True, False))]
     if kernel == "sparse_mma":
-        return [dict(kernel=kernel, dtype=d, vec=v, tiles=nt) for d, v, nt in itertools.product(DTYPES, (True, False),
-                                                                                                 (1, 2))]
+        return [dict(kernel=kernel, dtype=d, vec=v, tiles=nt, one=one)
+                for d, v, nt, one in itertools.product(DTYPES, (True, False), (1, 2), (False, True))]
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
 
 
@@ -75,9 +75,10 @@ def _template(inst) -> str:
                 f"{inst['tiles']}, {one}>(const loraq_mma::Args);")
         return line, f"I{mangled_t}Li{inst['mode']}ELb{int(inst['vec'])}ELi{inst['tiles']}ELb{int(inst['one'])}EE"
     if inst["kernel"] == "sparse_mma":
-        line = (f"template __global__ void loraq_sparse_mma::sparse4x4_gemv_mma_kernel<{t}, {vec}, {inst['tiles']}>"
-                "(const loraq_sparse::Args);")
-        return line, f"I{mangled_t}Lb{int(inst['vec'])}ELi{inst['tiles']}EE"
+        args = "loraq_sparse_mma::MmaArgs" if inst["one"] else "loraq_sparse::Args"
+        line = (f"template __global__ void loraq_sparse_mma::sparse4x4_gemv_mma_kernel<{t}, {vec}, {inst['tiles']}, "
+                f"{str(inst['one']).lower()}>(const {args});")
+        return line, f"I{mangled_t}Lb{int(inst['vec'])}ELi{inst['tiles']}ELb{int(inst['one'])}EE"
     line = (f"template __global__ void loraq_sparse::sparse4x4_gemv_kernel<{t}, {inst['rows']}, {vec}>"
             "(const loraq_sparse::Args);")
     return line, f"I{mangled_t}Li{inst['rows']}ELb{int(inst['vec'])}EE"
@@ -139,7 +140,8 @@ def describe(r: Dict) -> str:
                 + (", one launch" if r["one"] else ""))
         ops = f"{loop.get('HMMA', 0)} HMMA, {loop.get('LOP3', 0)} LOP3"
     elif r["kernel"] == "sparse_mma":
-        what = f"sparse4x4 mma {r['dtype']} {loads} loads, {r['tiles']} tile(s) of x"
+        what = (f"sparse4x4 mma {r['dtype']} {loads} loads, {r['tiles']} tile(s) of x"
+                + (", one launch" if r["one"] else ""))
         # a task: 16 weight rows (4 tile rows) x 32 mma steps of 4 tile columns = 512 stored values
         ops = f"{total / 512:.2f} a stored value; {loop.get('HMMA', 0)} HMMA, {loop.get('PRMT', 0)} PRMT"
     else:

@@ -184,25 +184,9 @@ __device__ __forceinline__ void own_xa_batch(const Args& a, int64_t w, int batch
   if (mine) add_xa_items<T>(a, (int)w * batch, min((int)w * batch + batch, xa_items(a)), lane);
 }
 
-// What wait_for_xa reads, passed by value: out of line, it must not take the address of a kernel's
-// arguments (every read of them would then be a generic load).
-struct XaArgs {
-  const void* x;
-  const void* lora_A;
-  float* parts;
-  Finish fin;
-  int M, K, R, block_r, slots;
-};
-template <typename Args>
-__device__ __forceinline__ XaArgs xa_args(const Args& a) {
-  return {a.x, a.lora_A, a.parts, a.fin, a.M, a.K, a.R, a.block_r, a.slots};
-}
-
 // Until xa is whole: claim and compute the batches nobody has claimed, else wait for the others'.
-// Out of line: inlined into a kernel whose registers are capped at 64, its nested loops spilled
-// 200 to 300 bytes.
-template <typename T>
-__device__ __noinline__ void wait_for_xa(const XaArgs a, int batch, int lane) {
+template <typename T, typename Args>
+__device__ __forceinline__ void wait_for_xa_inline(const Args& a, int batch, int lane) {
   const int items = xa_items(a), batches = xa_batches(a, batch);
   int* flags = flags_of(a.fin);
   for (;;) {
@@ -224,13 +208,34 @@ __device__ __noinline__ void wait_for_xa(const XaArgs a, int batch, int lane) {
   __syncwarp();
 }
 
+// What the out-of-line wait reads, passed by value: a function that takes a kernel's arguments
+// by reference takes their address, and every read of them in the kernel becomes a generic load.
+struct XaArgs {
+  const void* x;
+  const void* lora_A;
+  float* parts;
+  Finish fin;
+  int M, K, R, block_r, slots;
+};
+template <typename Args>
+__device__ __forceinline__ XaArgs xa_args(const Args& a) {
+  return {a.x, a.lora_A, a.parts, a.fin, a.M, a.K, a.R, a.block_r, a.slots};
+}
+
+// wait_for_xa_inline out of line: inlined into the int1 kernel, capped at 64 registers by its
+// launch bound, its nested loops spilled 200 to 300 bytes. Kernels allowed more registers inline it.
+template <typename T>
+__device__ __noinline__ void wait_for_xa(const XaArgs a, int batch, int lane) {
+  wait_for_xa_inline<T>(a, batch, lane);
+}
+
 // After a warp's run of tasks: lane i adds tasks(u) to the arrivals of unit u = u0 + i (and + 32,
 // ...) for u < u1; the warp finishes each unit that an add completes: outputs(u) gives its rows of
-// x [m0, m0 + rows) and weight rows [n0, n0 + cols).
+// x [m0, m0 + rows) and weight rows [n0, n0 + cols). INLINE_WAIT: the wait for x·Aᵀ inlined.
 struct Outputs {
   int m0, rows, n0, cols;
 };
-template <typename T, typename Args, typename Tasks, typename Out>
+template <typename T, bool INLINE_WAIT = false, typename Args, typename Tasks, typename Out>
 __device__ void arrive_and_finish(const Args& a, int u0, int u1, Tasks tasks, Out outputs, int batch, int lane) {
   __threadfence();  // this warp's sums (atomics into ws) before its arrivals
   __syncwarp();
@@ -247,7 +252,8 @@ __device__ void arrive_and_finish(const Args& a, int u0, int u1, Tasks tasks, Ou
     __threadfence();  // the other warps' sums, released by their arrivals, before the reads below
     __syncwarp();
     if (!xa_whole) {
-      wait_for_xa<T>(xa_args(a), batch, lane);
+      if (INLINE_WAIT) wait_for_xa_inline<T>(a, batch, lane);
+      else wait_for_xa<T>(xa_args(a), batch, lane);
       xa_whole = true;
     }
     while (finishing) {

@@ -44,7 +44,10 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "gemv_common.cuh"
+#include "gemv_finish.cuh"
 #include "sparse4x4_gemv.cuh"
 
 namespace loraq_sparse_mma {
@@ -64,6 +67,11 @@ using loraq_gemv::load_ro;
 using loraq_gemv::to_float;
 
 using Args = loraq_sparse::Args;  // slice_tiles: a multiple of kTaskTiles here
+// The one-launch kernel's arguments: the finish's besides (gemv_finish.cuh). A type of its own:
+// grown by them, loraq_sparse::Args made ptxas give the gather up to 8 registers more.
+struct MmaArgs : Args {
+  loraq_gemv::Finish fin;
+};
 
 // A funnel shift right of hi:lo by min(s, 32), the low 32 bits (shf.r.clamp).
 __host__ __device__ __forceinline__ uint32_t funnel_rc(uint32_t lo, uint32_t hi, uint32_t s) {
@@ -210,19 +218,11 @@ __device__ __forceinline__ void flush(const Args& a, float (&acc)[NT][4], int rg
   loraq_gemv::add_fragments<NT>(a.ws, a.M, a.N, acc, rg * kTaskRows + g, t, 1.f, 1.f);
 }
 
+// A warp's run of tasks in its block's K slice (tile columns from tile0, `chunks` tasks a row
+// group, xs its copy of x), summed on the tensor cores and added into the workspace whenever its
+// 16 rows change.
 template <typename T, bool VEC, int NT>
-__global__ void __launch_bounds__(kThreads) sparse4x4_gemv_mma_kernel(const Args a) {
-  extern __shared__ uint4 smem_u4[];
-  uint32_t* xs = reinterpret_cast<uint32_t*>(smem_u4);
-  const int tile0 = blockIdx.y * a.slice_tiles;
-  const int tiles = min(a.TK - tile0, a.slice_tiles);
-  const int chunks = (tiles + kTaskTiles - 1) / kTaskTiles;
-  const int row_units = chunks * kSteps * 4 + kRowPadUnits;  // 8-byte units a row of x
-  const int block = blockIdx.y * gridDim.x + blockIdx.x;
-  if (a.parts != nullptr && block < a.slots) loraq_gemv::store_xa_share<T>(a, block);
-  fill_x<T>(a, xs, 4 * tile0, chunks * kTaskInputs, row_units, NT * kTileRows, threadIdx.x, blockDim.x);
-  __syncthreads();
-
+__device__ __forceinline__ void run_warp(const Args& a, const uint32_t* xs, int tile0, int chunks, int row_units) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int warps = blockDim.x >> 5;
   const int64_t warp = (int64_t)blockIdx.x * warps + (threadIdx.x >> 5), total = (int64_t)gridDim.x * warps;
@@ -274,6 +274,59 @@ __global__ void __launch_bounds__(kThreads) sparse4x4_gemv_mma_kernel(const Args
       for (int q = 0; q < kSteps / 8; ++q) pos[j][q] = npos[j][q];
     }
   }
+}
+// The one-launch finish after a warp's run (gemv_finish.cuh), as int1_gemv_mma.cuh's: row groups
+// of 16 weight rows, every row of x; the indices read again so that nothing is held across the
+// loop. The wait for x·Aᵀ is inlined (this kernel may take up to 128 registers).
+template <typename T>
+__device__ __forceinline__ void finish_after_run(const MmaArgs& a) {
+  const loraq_gemv::Indices at = loraq_gemv::fresh_indices();
+  const int tile0 = at.block_y * a.slice_tiles;
+  const int chunks = (min(a.TK - tile0, a.slice_tiles) + kTaskTiles - 1) / kTaskTiles;
+  const int lane = at.thread & 31, warps = at.threads >> 5;
+  const int64_t warp = (int64_t)at.block_x * warps + (at.thread >> 5), total = (int64_t)at.blocks_x * warps;
+  const int rgs = (a.N + kTaskRows - 1) / kTaskRows;
+  const loraq_gemv::WarpRun run = loraq_gemv::warp_run(warp, total, (int64_t)rgs * chunks);
+  const int64_t first = run.first;
+  const int count = run.count;
+  const int rg0 = count > 0 ? (int)(first / chunks) : 0, rg1 = count > 0 ? (int)((first + count - 1) / chunks) + 1 : 0;
+  const int64_t launch_warps = total * at.blocks_y;
+  const int batch = loraq_gemv::xa_batch(a, launch_warps);
+  loraq_gemv::arrive_and_finish<T, true>(
+      a, rg0, rg1, [&](int rg) { return loraq_gemv::run_tasks_in_group(first, count, chunks, rg); },
+      [&](int rg) { return loraq_gemv::Outputs{0, a.M, rg * kTaskRows, min(kTaskRows, a.N - rg * kTaskRows)}; },
+      batch, lane);
+  loraq_gemv::leave(a, launch_warps, batch, lane);
+}
+
+// ONE: the one-launch finish (a.fin.y set), a separate instantiation (the two-launch kernel's
+// registers and loop stay as they were). Its launch bound asks for one block an SM at least: left to
+// its own heuristic, ptxas held the one-launch kernel to 64 registers and spilled 440-1284 bytes
+// (with it, 112 and none; the configs put 16 warps at most on an SM, which 128 registers allow).
+template <typename T, bool VEC, int NT, bool ONE>
+__global__ void __launch_bounds__(kThreads, ONE ? 1 : 0)
+    sparse4x4_gemv_mma_kernel(const std::conditional_t<ONE, MmaArgs, Args> a) {
+  extern __shared__ uint4 smem_u4[];
+  uint32_t* xs = reinterpret_cast<uint32_t*>(smem_u4);
+  const int tile0 = blockIdx.y * a.slice_tiles;
+  const int tiles = min(a.TK - tile0, a.slice_tiles);
+  const int chunks = (tiles + kTaskTiles - 1) / kTaskTiles;
+  const int row_units = chunks * kSteps * 4 + kRowPadUnits;  // 8-byte units a row of x
+  const int block = blockIdx.y * gridDim.x + blockIdx.x;
+  if constexpr (ONE) {
+    if (a.parts != nullptr) {  // this warp's batch of x·Aᵀ's items
+      const int warps = blockDim.x >> 5;
+      const int64_t total = (int64_t)gridDim.x * warps;
+      loraq_gemv::own_xa_batch<T>(a, (int64_t)blockIdx.y * total + (int64_t)blockIdx.x * warps + (threadIdx.x >> 5),
+                                  loraq_gemv::xa_batch(a, total * gridDim.y), threadIdx.x & 31);
+    }
+  } else if (a.parts != nullptr && block < a.slots) {
+    loraq_gemv::store_xa_share<T>(a, block);
+  }
+  fill_x<T>(a, xs, 4 * tile0, chunks * kTaskInputs, row_units, NT * kTileRows, threadIdx.x, blockDim.x);
+  __syncthreads();
+  run_warp<T, VEC, NT>(a, xs, tile0, chunks, row_units);
+  if constexpr (ONE) finish_after_run<T>(a);
 }
 #endif  // __CUDACC__
 

@@ -3,7 +3,8 @@
 //
 // It adds x·Ŵᵀ (fp32, rows of x ≤ 16) into a zeroed workspace and, with LoRA, stores each slot's
 // share of x·Aᵀ; kernels/sparse4x4_gemv_cuda.py calls it inside splitk_finish.run_split, whose
-// finish adds the LoRA path and the bias, casts, and zeroes the workspace again.
+// finish adds the LoRA path and the bias, casts, and zeroes the workspace again. Given y, the
+// tensor-core kernel finishes in the same launch instead (gemv_finish.cuh; LORAQ_ONE_LAUNCH=1).
 // Included once, by gemv_ops.cu (one translation unit for the GEMV ops: each costs minutes to compile).
 #pragma once
 
@@ -22,8 +23,8 @@ using loraq_sparse::Args;
 
 // The kernel's dynamic shared memory may go up to the device's opt-in limit. Always that value,
 // not this call's need: two threads setting different limits could fail each other's launch.
-template <typename Kernel>
-void launch_kernel(Kernel kernel, const Args& a, dim3 grid, int threads, size_t smem, int max_smem,
+template <typename Kernel, typename A>
+void launch_kernel(Kernel kernel, const A& a, dim3 grid, int threads, size_t smem, int max_smem,
                    cudaStream_t stream) {
   if (smem > 48 * 1024)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem));
@@ -32,15 +33,22 @@ void launch_kernel(Kernel kernel, const Args& a, dim3 grid, int threads, size_t 
 }
 
 template <typename T, bool VEC>
-void launch_rows(int64_t rows, int64_t M, const Args& a, dim3 grid, int threads, size_t smem, int max_smem,
-                 cudaStream_t stream) {
+void launch_rows(int64_t rows, int64_t M, const loraq_sparse_mma::MmaArgs& one_args, dim3 grid, int threads,
+                 size_t smem, int max_smem, cudaStream_t stream) {
+  const Args& a = one_args;  // every kernel but the one-launch tensor-core kernel takes the base
   if (rows == 1) launch_kernel(loraq_sparse::sparse4x4_gemv_kernel<T, 1, VEC>, a, grid, threads, smem, max_smem, stream);
   else if (rows == 2) launch_kernel(loraq_sparse::sparse4x4_gemv_kernel<T, 2, VEC>, a, grid, threads, smem, max_smem, stream);
   else if (rows == 4) launch_kernel(loraq_sparse::sparse4x4_gemv_kernel<T, 4, VEC>, a, grid, threads, smem, max_smem, stream);
   else if (rows == 8) launch_kernel(loraq_sparse::sparse4x4_gemv_kernel<T, 8, VEC>, a, grid, threads, smem, max_smem, stream);
-  else if (M <= loraq_sparse_mma::kTileRows)
-    launch_kernel(loraq_sparse_mma::sparse4x4_gemv_mma_kernel<T, VEC, 1>, a, grid, threads, smem, max_smem, stream);
-  else launch_kernel(loraq_sparse_mma::sparse4x4_gemv_mma_kernel<T, VEC, 2>, a, grid, threads, smem, max_smem, stream);
+  else if (one_args.fin.y != nullptr) {  // the tensor-core kernel with its finish in the same launch
+    if (M <= loraq_sparse_mma::kTileRows)
+      launch_kernel(loraq_sparse_mma::sparse4x4_gemv_mma_kernel<T, VEC, 1, true>, one_args, grid, threads, smem, max_smem,
+                    stream);
+    else launch_kernel(loraq_sparse_mma::sparse4x4_gemv_mma_kernel<T, VEC, 2, true>, one_args, grid, threads, smem,
+                       max_smem, stream);
+  } else if (M <= loraq_sparse_mma::kTileRows)
+    launch_kernel(loraq_sparse_mma::sparse4x4_gemv_mma_kernel<T, VEC, 1, false>, a, grid, threads, smem, max_smem, stream);
+  else launch_kernel(loraq_sparse_mma::sparse4x4_gemv_mma_kernel<T, VEC, 2, false>, a, grid, threads, smem, max_smem, stream);
 }
 
 // Adds x·Ŵᵀ into ws [M, N] (fp32, zeroed) and, when lora_A is given, stores parts[s] = this
@@ -48,10 +56,16 @@ void launch_rows(int64_t rows, int64_t M, const Args& a, dim3 grid, int threads,
 // rows: rows of x a block: 1, 2, 4 or 8 for the gather (blockIdx.z covers M), 16 for the
 // tensor-core kernel (all of them); blocks: blocks per K slice; warps: warps a block; k_split:
 // K slices (blockIdx.y).
+// With y (the tensor-core kernel only), the one-launch finish (gemv_finish.cuh): the kernel also
+// writes y = ws + s·(x·Aᵀ)·Bᵀ + b and leaves ws zero; parts is then xa [1, M, block_r] (zero),
+// `slots` the slots x·Aᵀ is cut into, and counters the zeroed int32 counters
+// (loraq_gemv::finish_counters of them), left zero.
 void sparse4x4_gemv(const torch::Tensor& x, const torch::Tensor& values, const torch::Tensor& positions,
                     const c10::optional<torch::Tensor>& lora_A, torch::Tensor ws,
                     const c10::optional<torch::Tensor>& parts, int64_t N, int64_t rows, int64_t blocks, int64_t warps,
-                    int64_t k_split) {
+                    int64_t k_split, const c10::optional<torch::Tensor>& y, const c10::optional<torch::Tensor>& counters,
+                    const c10::optional<torch::Tensor>& lora_B, const c10::optional<torch::Tensor>& bias,
+                    double scaling, int64_t slots) {
   const char* op = "sparse4x4_gemv";
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               "sparse4x4_gemv: x must be float16 or bfloat16, got ", x.scalar_type());
@@ -79,7 +93,7 @@ void sparse4x4_gemv(const torch::Tensor& x, const torch::Tensor& values, const t
               "sparse4x4_gemv: tensors on one device");
   TORCH_CHECK(K < (int64_t(1) << 30) && N < (int64_t(1) << 30), "sparse4x4_gemv: N and K must be below 2^30");
 
-  Args a{};
+  loraq_sparse_mma::MmaArgs a{};  // the gather and the two-launch tensor-core kernel take its base
   a.x = x.data_ptr();
   a.values = reinterpret_cast<const uint16_t*>(values.data_ptr());
   a.positions = positions.data_ptr<uint8_t>();
@@ -98,6 +112,11 @@ void sparse4x4_gemv(const torch::Tensor& x, const torch::Tensor& values, const t
     a.slice_tiles = mma ? loraq_sparse_mma::slice_tiles_for(a.TK, split) : loraq_sparse::slice_tiles_for(a.TK, split);
     slices = (TK + a.slice_tiles - 1) / a.slice_tiles;
   }
+  const bool one = y.has_value();
+  TORCH_CHECK(one || (!counters.has_value() && !lora_B.has_value() && !bias.has_value()),
+              "sparse4x4_gemv: counters, lora_B and bias are the one-launch finish's: they come with y");
+  TORCH_CHECK(!one || mma, "sparse4x4_gemv: the one-launch finish (y) is the tensor-core kernel's (rows 16), got rows ",
+              rows);
   if (lora_A.has_value()) {
     const torch::Tensor& A = *lora_A;
     loraq_ops::check_cuda_tensor(op, A, "lora_A", x.scalar_type(), 2);
@@ -112,9 +131,34 @@ void sparse4x4_gemv(const torch::Tensor& x, const torch::Tensor& values, const t
     a.R = (int)A.size(0);
     a.block_r = (int)parts->size(2);
     a.slots = (int)parts->size(0);
+    if (one) {  // parts is xa [1, M, block_r]; the slots are the argument's
+      TORCH_CHECK(parts->size(0) == 1 && slots >= 1 && (K == 0 || slots <= blocks * slices),
+                  "sparse4x4_gemv: with y, parts must be xa [1, M, block_r] and 1 ≤ slots ≤ blocks·slices, got ",
+                  parts->sizes(), " and ", slots, " slots");
+      a.slots = (int)slots;
+    }
+  }
+  if (one) {
+    const int64_t launch_warps = blocks * std::max<int64_t>(slices, 1) * warps;
+    const int64_t units = (N + loraq_sparse_mma::kTaskRows - 1) / loraq_sparse_mma::kTaskRows;
+    loraq_ops::check_finish_args(op, x, *y, counters, lora_A.has_value(), lora_B, bias, N,
+                                 lora_A.has_value() ? lora_A->size(0) : 0,
+                                 loraq_gemv::finish_counters(units, loraq_gemv::xa_items(a), launch_warps));
+    a.fin.y = y->data_ptr();
+    a.fin.lora_B = lora_B.has_value() ? lora_B->data_ptr() : nullptr;
+    a.fin.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+    a.fin.scaling = (float)scaling;
+    a.fin.counters = counters->data_ptr<int32_t>();
+    a.fin.units = (int)units;
+    a.fin.unit_tasks = (int)((TK + loraq_sparse_mma::kTaskTiles - 1) / loraq_sparse_mma::kTaskTiles);
   }
   if (K == 0) {  // x·Ŵᵀ = 0 (the workspace stays zero) and so are the shares of x·Aᵀ; validated above
-    if (parts.has_value()) parts->zero_();
+    if (one) {  // y = b (or 0): x·Aᵀ is 0 too
+      if (bias.has_value()) y->copy_(bias->unsqueeze(0).expand({M, N}));
+      else y->zero_();
+    } else if (parts.has_value()) {
+      parts->zero_();
+    }
     return;
   }
   if (N == 0) return;
@@ -147,14 +191,17 @@ void sparse4x4_gemv(const torch::Tensor& x, const torch::Tensor& values, const t
 // For torch.compile's tracing (FakeTensor/Meta): the op only writes its outputs in place.
 void sparse4x4_gemv_meta(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
                          const c10::optional<torch::Tensor>&, torch::Tensor, const c10::optional<torch::Tensor>&,
-                         int64_t, int64_t, int64_t, int64_t, int64_t) {}
+                         int64_t, int64_t, int64_t, int64_t, int64_t, const c10::optional<torch::Tensor>&,
+                         const c10::optional<torch::Tensor>&, const c10::optional<torch::Tensor>&,
+                         const c10::optional<torch::Tensor>&, double, int64_t) {}
 
 }  // namespace loraq_sparse_op
 
 TORCH_LIBRARY_FRAGMENT(loraq, m) {
   m.def(
       "sparse4x4_gemv(Tensor x, Tensor values, Tensor positions, Tensor? lora_A, Tensor(a!) ws, Tensor(b!)? parts, "
-      "int N, int rows, int blocks, int warps, int k_split) -> ()");
+      "int N, int rows, int blocks, int warps, int k_split, Tensor(c!)? y=None, Tensor(d!)? counters=None, "
+      "Tensor? lora_B=None, Tensor? bias=None, float scaling=1.0, int slots=0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(loraq, CUDA, m) { m.impl("sparse4x4_gemv", &loraq_sparse_op::sparse4x4_gemv); }

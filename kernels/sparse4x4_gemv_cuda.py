@@ -16,7 +16,8 @@ value once, with the block's slice of ``x`` in shared memory and the work cut st
 
 Sums go into the zeroed fp32 workspace by atomics, the first ``slots`` blocks store their share
 of ``x·Aᵀ``, and ``splitk_finish.finish`` adds the LoRA path and the bias and casts: two launches a
-call, like the other small-batch forwards.
+call, like the other small-batch forwards. With ``LORAQ_ONE_LAUNCH=1`` the tensor-core kernel
+finishes in its own launch (``csrc/gemv_finish.cuh``; written without a GPU, not run on one yet).
 
 Both are autotune candidates of :func:`lora_linear_fwd` for sparse4x4 in fp16 and bf16 up to 16
 rows when the extension is built and ``LORAQ_CUDA_GEMV`` is not ``0`` (``cuda_ext.cuda_gemv_offered``;
@@ -33,7 +34,8 @@ import torch
 from .autotune import CUDA_GATHER, SPARSE_MMA, Config
 from .cuda_ext import MAX_SLOTS, extension_problem, fit_slices, sm_count, smem_limits
 from .decode import lora_and_bias_args, weight_args
-from .splitk_finish import run_split
+from .host_math import block_r, cdiv
+from .splitk_finish import one_launch_offered, one_launch_workspace, run_split
 from .device_guard import on_input_device
 
 SPARSE_CUDA_MAX_M = 16  # rows of x a call (csrc: kMaxRows)
@@ -117,10 +119,12 @@ def check_sparse_cuda_config(cfg) -> None:
         raise ValueError(f"config {cfg}: blocks an SM and K slices must be ≥ 1, warps 1 to {MAX_WARPS}")
 
 
-def launch_sparse_cuda(x, ptrs, N, lora_A, lora_B, scaling, bias, cfg):
+def launch_sparse_cuda(x, ptrs, N, lora_A, lora_B, scaling, bias, cfg, one_launch=None):
     """The launch on arguments already prepared (``weight_args``'s pointers; ``lora_A``, ``lora_B``
-    in ``x``'s dtype, or None) and checked. Two launches: the kernel, then
-    ``splitk_finish.finish``. Returns ``y [M, N]`` in ``x.dtype``."""
+    and ``bias`` in ``x``'s dtype and contiguous, or None) and checked. Two launches: the kernel,
+    then ``splitk_finish.finish``; the tensor-core kernel with ``one_launch`` (None:
+    ``LORAQ_ONE_LAUNCH=1``) finishes in its own launch (``csrc/gemv_finish.cuh``). Returns
+    ``y [M, N]`` in ``x.dtype``."""
     rows, bps, _, split, warps, _, _ = cfg
     values, positions, _ = ptrs
     M, K = x.shape
@@ -134,6 +138,9 @@ def launch_sparse_cuda(x, ptrs, N, lora_A, lora_B, scaling, bias, cfg):
     values = values.to(x.dtype)  # Ŵ in the activation dtype, as the reference rounds it
     lora_A = lora_A.contiguous() if has_lora else None
 
+    if rows == SPARSE_MMA_ROWS and (one_launch_offered() if one_launch is None else one_launch):
+        return _one_launch(x, values, positions, lora_A, lora_B, bias, scaling, N, blocks, warps, slices, slots)
+
     def launch(ws, parts):
         torch.ops.loraq.sparse4x4_gemv(x, values, positions, lora_A, ws, parts if has_lora else None, N, rows,
                                        blocks, warps, slices)
@@ -141,12 +148,34 @@ def launch_sparse_cuda(x, ptrs, N, lora_A, lora_B, scaling, bias, cfg):
     return run_split(launch, M, N, slots, x, lora_B, R, scaling, bias)
 
 
+def _one_launch(x, values, positions, lora_A, lora_B, bias, scaling, N, blocks, warps, slices, slots):
+    """The tensor-core kernel with its finish in the same launch: ``y`` from one kernel, the
+    workspace (sums, ``x·Aᵀ`` and the counters) left zero."""
+    M = x.shape[0]
+    has_lora = lora_A is not None
+    width = block_r(lora_A.shape[0]) if has_lora else 0
+    items = slots * M * (width // 4) if has_lora else 0
+    # arrivals (a row group of 16 outputs each), two counters, and at most one flag an item
+    flat, ws, xa, counters = one_launch_workspace(M, N, M * width, cdiv(N, 16) + 2 + items, x.device)
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    try:
+        torch.ops.loraq.sparse4x4_gemv(x, values, positions, lora_A, ws, xa.view(1, M, width) if has_lora else None,
+                                       N, SPARSE_MMA_ROWS, blocks, warps, slices, y, counters, lora_B, bias,
+                                       float(scaling), slots if has_lora else 0)
+    except BaseException:
+        flat.zero_()
+        raise
+    return y
+
+
 @on_input_device
 def sparse4x4_gemv_cuda(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1.0, bias=None,
-                        kernel: str = "gather", blocks_per_sm: int = 1, warps: int = 16, k_split: int = 1):
+                        kernel: str = "gather", blocks_per_sm: int = 1, warps: int = 16, k_split: int = 1,
+                        one_launch=None):
     """``y [M, N]`` for ``x [M, K]`` (1 to 16 rows, fp16/bf16, CUDA) and a sparse4x4 weight's
     ``tensors``/``meta``, in ``x.dtype``, by ``kernel`` (``"gather"`` or ``"mma"``). Raises
-    ValueError (with the reason) where the kernel does not run."""
+    ValueError (with the reason) where the kernel does not run. ``one_launch`` (the ``"mma"``
+    kernel only): finish in the same launch (None: ``LORAQ_ONE_LAUNCH=1``)."""
     if x.dim() != 2 or x.shape[1] != meta["K"]:
         raise ValueError(f"x must be [M, {meta['K']}], got {tuple(x.shape)}")
     if kernel not in ("gather", "mma"):
@@ -162,7 +191,7 @@ def sparse4x4_gemv_cuda(x, tensors, meta, lora_A=None, lora_B=None, scaling: flo
     x = x.contiguous()
     ptrs, _, _ = weight_args("sparse4x4", tensors, meta)
     A, B, bias = lora_and_bias_args(x, lora_A, lora_B, bias)
-    return launch_sparse_cuda(x, ptrs, meta["N"], A, B, scaling, bias, cfg)
+    return launch_sparse_cuda(x, ptrs, meta["N"], A, B, scaling, bias, cfg, one_launch)
 
 
 __all__ = ["sparse4x4_gemv_cuda", "sparse_cuda_status", "sparse_cuda_configs", "check_sparse_cuda_config",
