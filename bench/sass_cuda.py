@@ -102,16 +102,22 @@ def compile_all(arch: int = 90, kernel: str = "mma") -> List[Dict]:
         if done.returncode:
             raise RuntimeError(f"nvcc failed:\n{done.stdout}\n{done.stderr}")
         sass = subprocess.run([cuobjdump(), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
-    # ptxas -v: "Compiling entry function '<name>'", then "... N bytes spill stores ..." and "Used N registers"
-    usage, name = {}, None
+    # ptxas -v: "Compiling entry function '<name>'", "Function properties for <name>", then "... N bytes
+    # spill stores ..." and "Used N registers". A device function called by a kernel (not inlined)
+    # gets its own "Function properties": its spills are not the kernel's (call_spill_bytes, added to
+    # the kernel that calls it: one such function a kernel here).
+    usage, name, callee = {}, None, None
     for line in done.stderr.splitlines():
         m = re.search(r"entry function '(\w+)'", line)
         if m:
-            name = m.group(1)
-            usage[name] = {"spill_bytes": 0}
+            name, callee = m.group(1), None
+            usage[name] = {"spill_bytes": 0, "call_spill_bytes": 0}
+        m = re.search(r"Function properties for (\w+)", line)
+        if m:
+            callee = None if m.group(1) in usage else m.group(1)
         m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
         if m and name:
-            usage[name]["spill_bytes"] = int(m.group(1)) + int(m.group(2))
+            usage[name]["call_spill_bytes" if callee else "spill_bytes"] = int(m.group(1)) + int(m.group(2))
         m = re.search(r"Used (\d+) registers", line)
         if m and name:
             usage[name]["registers"] = int(m.group(1))

@@ -44,22 +44,29 @@ __host__ __device__ __forceinline__ int* done_of(const Finish& f) { return f.cou
 __host__ __device__ __forceinline__ int* exits_of(const Finish& f) { return f.counters + f.units + 1; }
 __host__ __device__ __forceinline__ int* flags_of(const Finish& f) { return f.counters + f.units + kFinishCounters; }
 
-// Items of x·Aᵀ: a slot's items are (row m of x, ranks r0 .. r0 + kXaRanks - 1), slot-major.
+// Items of x·Aᵀ: a slot's items are (row m of x, ranks r0 .. r0 + kXaRanks - 1), slot-major; none
+// past R (the two-launch shares cover block_r, as the finish kernel reads them).
+template <typename Args>
+__host__ __device__ __forceinline__ int xa_groups(const Args& a) {
+  return (a.R + kXaRanks - 1) / kXaRanks;
+}
 template <typename Args>
 __host__ __device__ __forceinline__ int xa_items_per_slot(const Args& a) {
-  return a.M * (a.block_r / kXaRanks);
+  return a.M * xa_groups(a);
 }
 template <typename Args>
 __host__ __device__ __forceinline__ int xa_items(const Args& a) {
   return a.parts == nullptr ? 0 : a.slots * xa_items_per_slot(a);
 }
-// Items a batch: the items spread over every warp of the launch (batch w is warp w's).
-__host__ __device__ __forceinline__ int xa_batch_of(int items, int64_t total_warps) {
-  const int64_t b = (items + total_warps - 1) / total_warps;
-  return b < 1 ? 1 : (int)b;
+// Items a batch: the items spread over every warp of the launch (batch w is warp w's). In 32 bits
+// (the op checks that the warps of a launch and the items fit): a 64-bit division is a call, and
+// the registers live across it were spilled.
+__host__ __device__ __forceinline__ int xa_batch_of(int items, int total_warps) {
+  const int b = (int)(((unsigned)items + (unsigned)total_warps - 1u) / (unsigned)total_warps);
+  return b < 1 ? 1 : b;
 }
 template <typename Args>
-__host__ __device__ __forceinline__ int xa_batch(const Args& a, int64_t total_warps) {
+__host__ __device__ __forceinline__ int xa_batch(const Args& a, int total_warps) {
   return xa_batch_of(xa_items(a), total_warps);
 }
 template <typename Args>
@@ -67,7 +74,7 @@ __host__ __device__ __forceinline__ int xa_batches(const Args& a, int batch) {
   return (xa_items(a) + batch - 1) / batch;
 }
 // The int32 counters a launch needs: `units` arrivals, kFinishCounters, a flag a batch of `items`.
-__host__ __device__ __forceinline__ int64_t finish_counters(int64_t units, int items, int64_t total_warps) {
+__host__ __device__ __forceinline__ int64_t finish_counters(int64_t units, int items, int total_warps) {
   return units + kFinishCounters + (items + xa_batch_of(items, total_warps) - 1) / xa_batch_of(items, total_warps);
 }
 struct XaItem {
@@ -75,7 +82,7 @@ struct XaItem {
 };
 template <typename Args>
 __host__ __device__ __forceinline__ XaItem xa_item(const Args& a, int i) {
-  const int per = xa_items_per_slot(a), groups = a.block_r / kXaRanks, idx = i % per;
+  const int per = xa_items_per_slot(a), groups = xa_groups(a), idx = i % per;
   return {i / per, idx / groups, (idx % groups) * kXaRanks};
 }
 
@@ -154,7 +161,7 @@ __device__ __forceinline__ Indices fresh_indices() {
 
 __device__ __forceinline__ int load_acquire(const int* p) {
   int v;
-  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  asm volatile("ld.acquire.gpu.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
   return v;
 }
 
@@ -178,17 +185,20 @@ __device__ __forceinline__ void add_xa_items(const Args& a, int first, int end, 
 // Warp `w` of the launch, before it copies x: batch w of x·Aᵀ's items, if there is one and a
 // waiting finisher has not claimed it first.
 template <typename T, typename Args>
-__device__ __forceinline__ void own_xa_batch(const Args& a, int64_t w, int batch, int lane) {
+__device__ __forceinline__ void own_xa_batch(const Args& a, int w, int batch, int lane) {
   if (w >= xa_batches(a, batch)) return;
   const int mine = __shfl_sync(0xffffffffu, lane == 0 ? atomicExch(flags_of(a.fin) + w, 1) : 1, 0) == 0;
-  if (mine) add_xa_items<T>(a, (int)w * batch, min((int)w * batch + batch, xa_items(a)), lane);
+  if (mine) add_xa_items<T>(a, w * batch, min(w * batch + batch, xa_items(a)), lane);
 }
 
 // Until xa is whole: claim and compute the batches nobody has claimed, else wait for the others'.
+// The counters must be zero at the launch (the launchers' workspace is): with a stale flag and
+// too few items done it would wait forever, so after about 20 s (2^35 cycles) it traps instead.
 template <typename T, typename Args>
 __device__ __forceinline__ void wait_for_xa_inline(const Args& a, int batch, int lane) {
   const int items = xa_items(a), batches = xa_batches(a, batch);
   int* flags = flags_of(a.fin);
+  const long long start = clock64();
   for (;;) {
     const int done = __shfl_sync(0xffffffffu, lane == 0 ? load_acquire(done_of(a.fin)) : 0, 0);
     if (done >= items) break;
@@ -202,7 +212,10 @@ __device__ __forceinline__ void wait_for_xa_inline(const Args& a, int batch, int
         computed = true;
       }
     }
-    if (!computed) __nanosleep(100);
+    if (!computed) {
+      __nanosleep(100);
+      if (clock64() - start > (1ll << 35)) __trap();  // state that was not zero at the launch
+    }
   }
   __threadfence();
   __syncwarp();
@@ -270,7 +283,7 @@ __device__ void arrive_and_finish(const Args& a, int u0, int u1, Tasks tasks, Ou
 // flags of the batches (every finisher, the only reader of xa, has left by then). Without LoRA
 // there is nothing to zero.
 template <typename Args>
-__device__ void leave(const Args& a, int64_t total_warps, int batch, int lane) {
+__device__ void leave(const Args& a, int total_warps, int batch, int lane) {
   if (a.parts == nullptr) return;
   __threadfence();
   __syncwarp();

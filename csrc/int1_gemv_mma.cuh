@@ -415,7 +415,7 @@ __device__ __forceinline__ void finish_after_run(const Args& a) {
   const int64_t first = run.first;
   const int count = run.count;
   const int rg0 = count > 0 ? (int)(first / chunks) : 0, rg1 = count > 0 ? (int)((first + count - 1) / chunks) + 1 : 0;
-  const int64_t launch_warps = total * at.blocks_y;
+  const int launch_warps = (int)(total * at.blocks_y);  // below 2^31: the op checks
   const int batch = loraq_gemv::xa_batch(a, launch_warps);
   loraq_gemv::arrive_and_finish<T>(
       a, rg0, rg1, [&](int rg) { return loraq_gemv::run_tasks_in_group(first, count, chunks, rg); },
@@ -451,7 +451,7 @@ __global__ void __launch_bounds__(1024) int1_gemv_mma_kernel(const Args a) {
   }
   const int block = blockIdx.y * gridDim.x + blockIdx.x;
   if (ONE && a.parts != nullptr)  // this warp's batch of x·Aᵀ's items
-    loraq_gemv::own_xa_batch<T>(a, (int64_t)blockIdx.y * total + warp, loraq_gemv::xa_batch(a, total * gridDim.y), lane);
+    loraq_gemv::own_xa_batch<T>(a, (int)(blockIdx.y * total + warp), loraq_gemv::xa_batch(a, (int)(total * gridDim.y)), lane);
   if (!ONE && a.parts != nullptr && block < a.slots) loraq_gemv::store_xa_share<T>(a, block);
   fill_x<T, MODE>(a, xs, k0, chunks, row_units, threadIdx.x, blockDim.x);
   __syncthreads();

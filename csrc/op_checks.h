@@ -1,6 +1,7 @@
 // Argument checks shared by the ops' launchers (host code): each error names the op and the tensor.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <torch/extension.h>
 
 namespace loraq_ops {

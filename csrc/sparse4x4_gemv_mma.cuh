@@ -290,7 +290,7 @@ __device__ __forceinline__ void finish_after_run(const MmaArgs& a) {
   const int64_t first = run.first;
   const int count = run.count;
   const int rg0 = count > 0 ? (int)(first / chunks) : 0, rg1 = count > 0 ? (int)((first + count - 1) / chunks) + 1 : 0;
-  const int64_t launch_warps = total * at.blocks_y;
+  const int launch_warps = (int)(total * at.blocks_y);  // below 2^31: the op checks
   const int batch = loraq_gemv::xa_batch(a, launch_warps);
   loraq_gemv::arrive_and_finish<T, true>(
       a, rg0, rg1, [&](int rg) { return loraq_gemv::run_tasks_in_group(first, count, chunks, rg); },
@@ -317,8 +317,8 @@ __global__ void __launch_bounds__(kThreads, ONE ? 1 : 0)
     if (a.parts != nullptr) {  // this warp's batch of x·Aᵀ's items
       const int warps = blockDim.x >> 5;
       const int64_t total = (int64_t)gridDim.x * warps;
-      loraq_gemv::own_xa_batch<T>(a, (int64_t)blockIdx.y * total + (int64_t)blockIdx.x * warps + (threadIdx.x >> 5),
-                                  loraq_gemv::xa_batch(a, total * gridDim.y), threadIdx.x & 31);
+      loraq_gemv::own_xa_batch<T>(a, (int)(blockIdx.y * total + (int64_t)blockIdx.x * warps + (threadIdx.x >> 5)),
+                                  loraq_gemv::xa_batch(a, (int)(total * gridDim.y)), threadIdx.x & 31);
     }
   } else if (a.parts != nullptr && block < a.slots) {
     loraq_gemv::store_xa_share<T>(a, block);

@@ -154,7 +154,7 @@ def _one_launch(x, values, positions, lora_A, lora_B, bias, scaling, N, blocks, 
     M = x.shape[0]
     has_lora = lora_A is not None
     width = block_r(lora_A.shape[0]) if has_lora else 0
-    items = slots * M * (width // 4) if has_lora else 0
+    items = slots * M * cdiv(lora_A.shape[0], 4) if has_lora else 0  # csrc/gemv_finish.cuh: xa_items
     # arrivals (a row group of 16 outputs each), two counters, and at most one flag an item
     flat, ws, xa, counters = one_launch_workspace(M, N, M * width, cdiv(N, 16) + 2 + items, x.device)
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)

@@ -35,8 +35,13 @@ def _slices(K, k_split):
     return -(-K // inputs)
 
 
-def _counters(N, M, block_r, slots, has_lora, launch_warps):
-    items = slots * M * (block_r // XA_RANKS) if has_lora else 0
+def _items(slots, M, R):
+    """Items of x·Aᵀ (csrc/gemv_finish.cuh: xa_items): a slot, a row of x, four ranks."""
+    return slots * M * -(-R // XA_RANKS)
+
+
+def _counters(N, M, R, slots, launch_warps):
+    items = _items(slots, M, R)
     batch = max(1, -(-items // launch_warps))
     return -(-N // TASK_ROWS) + 2 + -(-items // batch)
 
@@ -59,7 +64,7 @@ class Problem:
         self.slots = min(32, blocks * self.slices) if slots is None else slots
         self.ws = torch.zeros(M, N)
         self.xa = torch.zeros(M, self.block_r)
-        self.n_counters = _counters(N, M, self.block_r, self.slots, R > 0, blocks * warps * self.slices)
+        self.n_counters = _counters(N, M, R, self.slots, blocks * warps * self.slices)
         self.counters = torch.zeros(self.n_counters, dtype=torch.int32)
 
     def expected(self):
@@ -125,8 +130,7 @@ def test_one_launch_finish_in_any_block_order(lib, dtype, shape):
             p.assert_left_zero()
             assert stats[0] == -(-N // TASK_ROWS), "every row group is finished once"
             if R:
-                items = p.slots * M * (p.block_r // XA_RANKS)
-                assert stats[1] + stats[2] == items, "every item of x·Aᵀ is computed once"
+                assert stats[1] + stats[2] == _items(p.slots, M, R), "every item of x·Aᵀ is computed once"
 
 
 def test_finishers_compute_the_batches_of_blocks_that_have_not_started(lib):

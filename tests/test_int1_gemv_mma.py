@@ -376,6 +376,9 @@ def test_one_launch_refuses_bad_finish_arguments():
     with pytest.raises(RuntimeError, match="y must be"):
         torch.ops.loraq.int1_gemv_mma(x, tensors["packed"], scale, scale, None, ws, None, 0, 0, 2, 4, 1,
                                       y[:, :10].contiguous(), torch.zeros(100, dtype=torch.int32, device="cuda"))
+    with pytest.raises(RuntimeError, match="memory location|overlap"):  # the counters inside the sums
+        torch.ops.loraq.int1_gemv_mma(x, tensors["packed"], scale, scale, None, ws, None, 0, 0, 2, 4, 1, y,
+                                      ws.view(-1).view(torch.int32))
     assert not ws.any() and not xa.any() and not counters.any()
 
 
@@ -455,8 +458,10 @@ def test_every_instantiation_compiles_for_hopper_without_spills():
     """nvcc (CI has one; the extension itself is not built there) compiles every kernel the
     launcher can pick for sm_90: 64 registers at most (the launch bound that lets 32 warps share
     an SM), nothing spilled, and the mma loop (bench/sass_cuda.py) with 32 HMMA a tile of x. The
-    one-launch instantiations (csrc/gemv_finish.cuh) may spill a little around the finish's call,
-    and their loop stays within 5% of the two-launch one's."""
+    one-launch instantiations (csrc/gemv_finish.cuh) spill in their finish, after the loop (at 64
+    registers, 256-304 bytes), store nothing to the stack in the loop and reload at most 6 values
+    a task there (group scales, two tiles of x), and their loop stays within 5% of the two-launch
+    one's."""
     import sys
     from pathlib import Path
 
@@ -469,7 +474,9 @@ def test_every_instantiation_compiles_for_hopper_without_spills():
     # 2 dtypes x 5 modes (3 and 4: the offset decode) x 2 load paths x 1 or 2 tiles x two or one launch
     assert len(kernels) == 80
     for k in kernels:
-        assert k["registers"] <= 64 and k["spill_bytes"] <= (64 if k["one"] else 0), k
+        assert k["registers"] <= 64 and k["spill_bytes"] <= (320 if k["one"] else 0), k
+        assert k["call_spill_bytes"] <= (64 if k["one"] else 0), k  # the out-of-line wait for x·Aᵀ
+        assert k["loop"].get("STL", 0) == 0 and k["loop"].get("LDL", 0) <= (6 if k["one"] else 0), k
         assert k["loop"] is not None and k["loop"]["HMMA"] == 32 * k["tiles"], k
     loop = {(k["dtype"], k["mode"], k["vec"], k["tiles"], k["one"]): sum(k["loop"].values()) for k in kernels}
     for (dtype, mode, vec, tiles, one), total in loop.items():  # the offset decode's point: fewer instructions

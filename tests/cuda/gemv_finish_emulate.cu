@@ -37,7 +37,8 @@ static int run(loraq_mma::Args& a, const float* W, const float* xf, int blocks, 
   using namespace loraq_gemv;
   using loraq_mma::kTaskInputs;
   using loraq_mma::kTaskRows;
-  const int64_t total = (int64_t)blocks * warps, launch_warps = total * slices;
+  const int64_t total = (int64_t)blocks * warps;
+  const int launch_warps = (int)(total * slices);
   const int rgs = (a.N + kTaskRows - 1) / kTaskRows;
   const int batch = xa_batch(a, launch_warps), items = xa_items(a), batches = items ? xa_batches(a, batch) : 0;
   int* flags = flags_of(a.fin);
@@ -47,8 +48,7 @@ static int run(loraq_mma::Args& a, const float* W, const float* xf, int blocks, 
     const int chunks = (std::min(a.K - k0, a.slice_inputs) + kTaskInputs - 1) / kTaskInputs;
     for (int wi = 0; wi < warps; ++wi) {
       const int64_t warp = (int64_t)bx * warps + wi, w = (int64_t)by * total + warp;
-      // own_xa_batch
-      if (a.parts != nullptr && w < batches && atomic_add_int(flags + w, 1) == 0)
+      if (a.parts != nullptr && w < batches && atomic_add_int(flags + w, 1) == 0)  // own_xa_batch
         add_items<T>(a, (int)w * batch, std::min((int)w * batch + batch, items), &stats[2]);
       // the run: each task's sums into ws, as flush adds them
       const WarpRun r = warp_run(warp, total, (int64_t)rgs * chunks);
@@ -133,7 +133,7 @@ extern "C" int int1_finish_emulate(int dtype, const void* x, const float* xf, co
   a.fin.counters = counters;
   a.fin.units = (N + kTaskRows - 1) / kTaskRows;
   a.fin.unit_tasks = (K + kTaskInputs - 1) / kTaskInputs;
-  const int64_t launch_warps = (int64_t)blocks * warps * slices;
+  const int launch_warps = blocks * warps * slices;
   if (n_counters < loraq_gemv::finish_counters(a.fin.units, loraq_gemv::xa_items(a), launch_warps)) return 2;
   for (int i = 0; i < 3; ++i) stats[i] = 0;
   if (dtype == 0) return run<__half>(a, W, xf, blocks, warps, slices, order, stats);
