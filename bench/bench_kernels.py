@@ -11,6 +11,8 @@ Providers (each skipped with its reason when unavailable):
   naive        dequantize ``Ŵ`` to dense, then matmul + LoRA (what you get without kernels)
   triton       loraq's fused Triton kernels
   cuda         loraq's CUDA kernels (when the extension registers them)
+  triton_one   the forward as ``triton`` with ``LORAQ_ONE_LAUNCH=1`` (the small-batch GEMVs finish
+               in their own launch; tuned apart), so that both are timed in one run
   gemlite      GemLite's 1-bit Triton matmul on the same int1 weight + unfused LoRA (when gemlite
                is installed; int1 per-row or per-group scales only)
   bnb_nf4      bitsandbytes NF4 ``matmul_4bit`` + unfused LoRA (when bitsandbytes is installed)
@@ -41,8 +43,10 @@ exits 1. ``--from-csv`` refuses to merge runs of different devices, dtypes or ra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import math
+import os
 import re
 import signal
 import statistics
@@ -65,7 +69,9 @@ GPU_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672), (512, 1
 GPU_BATCHES = [1, 4, 16, 64, 256, 4096]
 CPU_SHAPES = [(96, 80), (45, 37)]
 CPU_BATCHES = [1, 3, 17]
-PROVIDERS = ["cublas", "cublas_lora", "naive", "triton", "cuda", "gemlite", "bnb_nf4"]
+# (a new provider goes last: a plot's colour is its index here)
+PROVIDERS = ["cublas", "cublas_lora", "naive", "triton", "cuda", "gemlite", "bnb_nf4", "triton_one"]
+ONE_LAUNCH = {"LORAQ_ONE_LAUNCH": "1"}  # triton_one's switch, set while its row is checked and timed
 COLUMNS = ["device", "op", "format", "K", "N", "M", "rank", "dtype", "provider", "median_us", "graph_us", "bytes",
            "GBps", "pct_copy_bw", "speedup_vs_cublas", "note"]
 OPS = ["forward", "backward_dx", "backward_dx_lora"]
@@ -240,6 +246,11 @@ def providers_for(fmt: str, weight, W16, x, A, B, s, device, op: str,
         ok, why = _status(status, name, device)
         out[name] = _checked((lambda b=name: ops.lora_linear(x, weight, A, B, s, backend=b)) if ok else None,
                              ref, weight.nbytes + act + lora, why, device)
+    if "triton_one" in wanted:
+        ok, why = _status(status, "triton", device)
+        fn = _with_env(lambda: ops.lora_linear(x, weight, A, B, s, backend="triton"), ONE_LAUNCH) if ok else None
+        out["triton_one"] = _checked(fn, ref, weight.nbytes + act + lora,
+                                     "; ".join(n for n in (why, "LORAQ_ONE_LAUNCH=1") if n), device)
     for name, make, w in (("gemlite", gemlite_int1, weight), ("bnb_nf4", bnb_nf4, W16)):
         if name in wanted:
             try:  # another library's failure is its row's note, not the end of loraq's benchmark
@@ -249,12 +260,36 @@ def providers_for(fmt: str, weight, W16, x, A, B, s, device, op: str,
     return out
 
 
+def _with_env(fn: Callable, env: Dict[str, str]) -> Callable:
+    """``fn``, marked to run with the environment variables ``env`` set (``_environment``): set
+    around its check and its whole timing, not each call (whose Python would then be timed)."""
+    fn.env = env
+    return fn
+
+
+@contextlib.contextmanager
+def _environment(env: Dict[str, str]):
+    """``env`` set in ``os.environ`` inside the block, the previous values back after."""
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _checked(fn: Optional[Callable], ref: Callable, nbytes: int, note: str, device) -> Tuple[Optional[Callable], int, str]:
     """``fn`` only if its output agrees with the reference (checked once, which also runs any
     autotuning before the timing): a wrong kernel is reported, never timed."""
     if fn is None:
         return fn, nbytes, note
-    wrong = _disagrees(fn(), ref())
+    with _environment(getattr(fn, "env", {})):
+        out = fn()
+    wrong = _disagrees(out, ref())
     return (None, nbytes, f"REFUSED, output disagrees with loraq.reference: {wrong}") if wrong else (fn, nbytes, note)
 
 
@@ -319,14 +354,16 @@ def _measure_row(row: Dict, fn: Optional[Callable], nbytes: int, note: str, meas
     row.update(bytes=nbytes, note=note)
     if fn is None:
         return None
-    us, g = measure(fn)
+    with _environment(getattr(fn, "env", {})):
+        us, g = measure(fn)
     best = min(us, g) if g is not None else us
     row.update(median_us=round(us, 2), graph_us=None if g is None else round(g, 2),
                GBps=round(nbytes / (best * 1e-6) / 1e9, 1), pct_copy_bw=round(100 * nbytes / (best * 1e-6) / bw, 1))
-    if row["provider"] == "triton":  # which kernel the autotuner chose
-        op, fmt = row["op"], row["format"]
-        chosen = picked(f"lora_linear_{'fwd' if op == 'forward' else 'dx'}:{fmt}:", row["M"], row["N"], row["K"],
-                        dtype)
+    if row["provider"] in ("triton", "triton_one"):  # which kernel the autotuner chose
+        op, fmt, one = row["op"], row["format"], row["provider"] == "triton_one"
+        chosen = [(key, c) for key, c in picked(f"lora_linear_{'fwd' if op == 'forward' else 'dx'}:{fmt}:", row["M"],
+                                                  row["N"], row["K"], dtype)
+                  if key.endswith(":one") == one]  # the one-launch switch keys the tuner apart
         row["note"] = "; ".join([note] * bool(note) + [describe(c) for _, c in chosen])
     return best
 

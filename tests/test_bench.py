@@ -734,3 +734,32 @@ def test_other_libraries_say_not_installed_only_when_they_are_not(tmp_path, monk
     fn, _, why = gemlite_int1(w, x, None, None, 1.0, 0, cuda)
     assert fn is None and why.startswith("gemlite is installed but failed to import: ModuleNotFoundError")
     assert "a_missing_dependency_of_gemlite" in why
+
+
+def test_triton_one_times_the_one_launch_forward_beside_the_default(tmp_path, monkeypatch):
+    """``triton_one`` is the fused forward with LORAQ_ONE_LAUNCH=1, set around its check and its
+    timing only: both rows in one run, forward only, the switch gone after."""
+    pytest.importorskip("triton")
+    import os
+
+    import bench_kernels as bk
+
+    monkeypatch.delenv("LORAQ_ONE_LAUNCH", raising=False)
+    seen = []
+    real = bk.ops.lora_linear
+
+    def spy(*a, **k):
+        seen.append(os.environ.get("LORAQ_ONE_LAUNCH"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(bk.ops, "lora_linear", spy)
+    csv_path = tmp_path / "one.csv"
+    assert bk.main(["--shapes", "40x24", "--batches", "1", "--formats", "int1", "--providers", "triton,triton_one",
+                    "--reps", "2", "--backward", "--device", "cpu", "--csv", str(csv_path), "--quiet"]) == 0
+    rows = list(csv.DictReader(csv_path.open()))
+    assert sorted((r["op"], r["provider"]) for r in rows) == [("backward_dx", "triton"), ("forward", "triton"),
+                                                              ("forward", "triton_one")]
+    one = next(r for r in rows if r["provider"] == "triton_one")
+    assert "LORAQ_ONE_LAUNCH=1" in one["note"] and float(one["median_us"]) > 0
+    assert "1" in seen and None in seen  # the one-launch row ran with the switch, the default row without
+    assert "LORAQ_ONE_LAUNCH" not in os.environ
