@@ -361,9 +361,10 @@ def _measure_row(row: Dict, fn: Optional[Callable], nbytes: int, note: str, meas
                GBps=round(nbytes / (best * 1e-6) / 1e9, 1), pct_copy_bw=round(100 * nbytes / (best * 1e-6) / bw, 1))
     if row["provider"] in ("triton", "triton_one"):  # which kernel the autotuner chose
         op, fmt, one = row["op"], row["format"], row["provider"] == "triton_one"
-        chosen = [(key, c) for key, c in picked(f"lora_linear_{'fwd' if op == 'forward' else 'dx'}:{fmt}:", row["M"],
-                                                  row["N"], row["K"], dtype)
-                  if key.endswith(":one") == one]  # the one-launch switch keys the tuner apart
+        every = picked(f"lora_linear_{'fwd' if op == 'forward' else 'dx'}:{fmt}:", row["M"], row["N"], row["K"], dtype)
+        # the one-launch switch keys the tuner apart where it changes a kernel (small batches); elsewhere
+        # both rows ran the same key
+        chosen = [(key, c) for key, c in every if key.endswith(":one") == one] or every
         row["note"] = "; ".join([note] * bool(note) + [describe(c) for _, c in chosen])
     return best
 

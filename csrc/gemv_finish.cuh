@@ -59,8 +59,8 @@ __host__ __device__ __forceinline__ int xa_items(const Args& a) {
   return a.parts == nullptr ? 0 : a.slots * xa_items_per_slot(a);
 }
 // Items a batch: the items spread over every warp of the launch (batch w is warp w's). In 32 bits
-// (the op checks that the warps of a launch and the items fit): a 64-bit division is a call, and
-// the registers live across it were spilled.
+// (the op checks that the warps of a launch and the items are below 2^30, so that their sums here
+// fit too): a 64-bit division is a call, and the registers live across it were spilled.
 __host__ __device__ __forceinline__ int xa_batch_of(int items, int total_warps) {
   const int b = (int)(((unsigned)items + (unsigned)total_warps - 1u) / (unsigned)total_warps);
   return b < 1 ? 1 : b;
@@ -159,6 +159,12 @@ __device__ __forceinline__ Indices fresh_indices() {
   return at;
 }
 
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
 __device__ __forceinline__ int load_acquire(const int* p) {
   int v;
   asm volatile("ld.acquire.gpu.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -193,12 +199,13 @@ __device__ __forceinline__ void own_xa_batch(const Args& a, int w, int batch, in
 
 // Until xa is whole: claim and compute the batches nobody has claimed, else wait for the others'.
 // The counters must be zero at the launch (the launchers' workspace is): with a stale flag and
-// too few items done it would wait forever, so after about 20 s (2^35 cycles) it traps instead.
+// too few items done it would wait forever, so after 20 s it traps instead (the global timer, in
+// ns: a warp may resume on another SM, whose cycle counter is another).
 template <typename T, typename Args>
 __device__ __forceinline__ void wait_for_xa_inline(const Args& a, int batch, int lane) {
   const int items = xa_items(a), batches = xa_batches(a, batch);
   int* flags = flags_of(a.fin);
-  const long long start = clock64();
+  const uint64_t start = global_ns();
   for (;;) {
     const int done = __shfl_sync(0xffffffffu, lane == 0 ? load_acquire(done_of(a.fin)) : 0, 0);
     if (done >= items) break;
@@ -214,7 +221,7 @@ __device__ __forceinline__ void wait_for_xa_inline(const Args& a, int batch, int
     }
     if (!computed) {
       __nanosleep(100);
-      if (clock64() - start > (1ll << 35)) __trap();  // state that was not zero at the launch
+      if (global_ns() - start > 20000000000ull) __trap();  // state that was not zero at the launch
     }
   }
   __threadfence();

@@ -140,15 +140,20 @@ void sparse4x4_gemv(const torch::Tensor& x, const torch::Tensor& values, const t
   }
   if (one) {
     const int64_t launch_warps = blocks * std::max<int64_t>(slices, 1) * warps;
-    // the kernels count warps, items and batches in 32 bits
-    TORCH_CHECK(launch_warps < (int64_t(1) << 31) &&
-                    int64_t(M) * a.slots * ((a.R + loraq_gemv::kXaRanks - 1) / loraq_gemv::kXaRanks) < (int64_t(1) << 31),
+    // the kernels count warps, items and batches in 32 bits (and add them: below 2^30)
+    TORCH_CHECK(launch_warps < (int64_t(1) << 30) &&
+                    int64_t(M) * a.slots * ((a.R + loraq_gemv::kXaRanks - 1) / loraq_gemv::kXaRanks) < (int64_t(1) << 30),
                 "sparse4x4_gemv: too many warps or items of x·Aᵀ for the one-launch finish");
     const int64_t units = (N + loraq_sparse_mma::kTaskRows - 1) / loraq_sparse_mma::kTaskRows;
     loraq_ops::check_finish_args(op, x, *y, counters, lora_A.has_value(), lora_B, bias, N,
                                  lora_A.has_value() ? lora_A->size(0) : 0,
                                  loraq_gemv::finish_counters(units, loraq_gemv::xa_items(a), launch_warps));
-    // y, the counters and the sums are written by the kernel: none may overlap another, nor x·Aᵀ
+    // y, the counters and the sums are written by the kernel: none may overlap another, nor x·Aᵀ,
+    // and y none of the inputs (blocks that start late read them after others wrote y)
+    at::assert_no_overlap(*y, x);
+    if (lora_A.has_value()) at::assert_no_overlap(*y, *lora_A);
+    if (lora_B.has_value()) at::assert_no_overlap(*y, *lora_B);
+    if (bias.has_value()) at::assert_no_overlap(*y, *bias);
     at::assert_no_overlap(*y, ws);
     at::assert_no_overlap(*y, *counters);
     at::assert_no_overlap(*counters, ws);

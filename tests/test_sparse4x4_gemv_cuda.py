@@ -181,9 +181,10 @@ def test_every_instantiation_compiles_for_hopper_without_spills():
         assert k["loop"] is not None and k["loop"]["HMMA"] == 32 * k["tiles"], k
         if k["vec"]:
             assert sum(k["loop"].values()) <= 1.6 * 512, k
-        if k["one"] and k["vec"]:  # the one-launch finish (csrc/gemv_finish.cuh) leaves the loop about as it
-            # was (with loads value by value, the fallback for unaligned weights, it grew 20%: NOTES.md v15)
-            assert loop[(k["dtype"], k["vec"], k["tiles"], True)] <= 1.03 * loop[(k["dtype"], k["vec"], k["tiles"], False)], k
+        if k["one"]:  # the one-launch finish (csrc/gemv_finish.cuh) leaves the loop about as it was (with
+            # loads value by value, the fallback for unaligned weights, it grew 20%: NOTES.md v15)
+            grown = 1.03 if k["vec"] else 1.25
+            assert loop[(k["dtype"], k["vec"], k["tiles"], True)] <= grown * loop[(k["dtype"], k["vec"], k["tiles"], False)], k
 
 
 # --- planning, configs and refusals (CPU) -------------------------------------------------------
@@ -420,6 +421,27 @@ def test_mma_one_launch_every_shape_and_split(shape, k_split):
     check(y, reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 0.5, f64(b)),
           reference.lora_linear_ref(x, w, A, B, 0.5, b), f"sparse4x4 mma one launch {shape} split {k_split}")
     assert workspaces_clean()
+
+
+@pytest.mark.gpu
+def test_mma_one_launch_refuses_bad_finish_arguments():
+    """The op checks the finish's tensors before anything runs and changes nothing."""
+    _needs_kernel()
+    w, x, A, B, b = problem("sparse4x4", torch.float16, 2, 64, 1024, r=4)
+    tensors, meta = _kernel_args(w)
+    values, positions = tensors["values"].to(x.dtype), tensors["positions"]
+    ws = torch.zeros(2, 64, device="cuda")
+    xa = torch.zeros(1, 2, 16, device="cuda")
+    y = torch.empty(2, 64, dtype=torch.float16, device="cuda")
+    counters = torch.zeros(4, dtype=torch.int32, device="cuda")  # too few: 4 arrivals + 2 + batches
+    with pytest.raises(RuntimeError, match="counters must have at least"):
+        torch.ops.loraq.sparse4x4_gemv(x, values, positions, A, ws, xa, 64, 16, 2, 4, 1, y, counters, B, b, 0.5, 2)
+    with pytest.raises(RuntimeError, match="they come with y"):
+        torch.ops.loraq.sparse4x4_gemv(x, values, positions, None, ws, None, 64, 16, 2, 4, 1, None, counters)
+    with pytest.raises(RuntimeError, match="memory location|overlap"):  # y over x
+        torch.ops.loraq.sparse4x4_gemv(x, values, positions, None, ws, None, 64, 16, 2, 4, 1,
+                                       x.view(-1)[:128].view(2, 64), torch.zeros(100, dtype=torch.int32, device="cuda"))
+    assert not ws.any() and not xa.any() and not counters.any()
 
 
 @pytest.mark.gpu
