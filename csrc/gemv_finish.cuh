@@ -304,6 +304,27 @@ __device__ void leave(const Args& a, int total_warps, int batch, int lane) {
     *exits_of(a.fin) = 0;
   }
 }
+// The one-launch finish after a warp's run, for the stream-K kernels whose units are row groups of
+// `rows` weight rows (every row of x) and whose K slice (blockIdx.y) has `chunks` tasks a row group:
+// arrive at the row groups the run added to, finish those it completes, then leave. The caller
+// reads its indices afresh (fresh_indices): reused from before its loop, they would be held across
+// it, in registers the loop needs (ptxas spilled 150-200 bytes in int1's per-row modes).
+template <typename T, bool INLINE_WAIT, typename Args>
+__device__ __forceinline__ void finish_row_groups(const Args& a, const Indices& at, int chunks, int rows) {
+  const int lane = at.thread & 31, warps = at.threads >> 5;
+  const int64_t warp = (int64_t)at.block_x * warps + (at.thread >> 5), total = (int64_t)at.blocks_x * warps;
+  const int rgs = (a.N + rows - 1) / rows;
+  const WarpRun run = warp_run(warp, total, (int64_t)rgs * chunks);
+  const int64_t first = run.first;
+  const int count = run.count;
+  const int rg0 = count > 0 ? (int)(first / chunks) : 0, rg1 = count > 0 ? (int)((first + count - 1) / chunks) + 1 : 0;
+  const int launch_warps = (int)(total * at.blocks_y);  // below 2^30: the ops check
+  const int batch = xa_batch(a, launch_warps);
+  arrive_and_finish<T, INLINE_WAIT>(
+      a, rg0, rg1, [&](int rg) { return run_tasks_in_group(first, count, chunks, rg); },
+      [&](int rg) { return Outputs{0, a.M, rg * rows, min(rows, a.N - rg * rows)}; }, batch, lane);
+  leave(a, launch_warps, batch, lane);
+}
 #endif  // __CUDACC__
 
 }  // namespace loraq_gemv

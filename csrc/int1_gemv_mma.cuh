@@ -399,29 +399,14 @@ __device__ __forceinline__ void run_tasks(const Args& a, uint32_t* xs, int64_t f
   }
 }
 
-// The one-launch finish after a warp's run (gemv_finish.cuh): it arrives at the row groups its run
-// added to and finishes those it completes; then it leaves. Its indices are read again
-// (loraq_gemv::fresh_indices): reused from before the loop, they would be held across it, in
-// registers the loop needs (ptxas spilled 150-200 bytes in the per-row modes).
+// The one-launch finish after a warp's run (gemv_finish.cuh): row groups of 16 weight rows; the
+// wait for x·Aᵀ out of line (inlined, at this kernel's 64 registers, it spilled 200-300 bytes).
 template <typename T>
 __device__ __forceinline__ void finish_after_run(const Args& a) {
   const loraq_gemv::Indices at = loraq_gemv::fresh_indices();
   const int k0 = at.block_y * a.slice_inputs;
   const int chunks = (min(a.K - k0, a.slice_inputs) + kTaskInputs - 1) / kTaskInputs;
-  const int lane = at.thread & 31, warps = at.threads >> 5;
-  const int64_t warp = (int64_t)at.block_x * warps + (at.thread >> 5), total = (int64_t)at.blocks_x * warps;
-  const int rgs = (a.N + kTaskRows - 1) / kTaskRows;
-  const loraq_gemv::WarpRun run = loraq_gemv::warp_run(warp, total, (int64_t)rgs * chunks);
-  const int64_t first = run.first;
-  const int count = run.count;
-  const int rg0 = count > 0 ? (int)(first / chunks) : 0, rg1 = count > 0 ? (int)((first + count - 1) / chunks) + 1 : 0;
-  const int launch_warps = (int)(total * at.blocks_y);  // below 2^31: the op checks
-  const int batch = loraq_gemv::xa_batch(a, launch_warps);
-  loraq_gemv::arrive_and_finish<T>(
-      a, rg0, rg1, [&](int rg) { return loraq_gemv::run_tasks_in_group(first, count, chunks, rg); },
-      [&](int rg) { return loraq_gemv::Outputs{0, a.M, rg * kTaskRows, min(kTaskRows, a.N - rg * kTaskRows)}; },
-      batch, lane);
-  loraq_gemv::leave(a, launch_warps, batch, lane);
+  loraq_gemv::finish_row_groups<T, false>(a, at, chunks, kTaskRows);
 }
 
 // ONE: the one-launch finish (gemv_finish.cuh; a.fin.y set), a separate instantiation so that the

@@ -275,28 +275,15 @@ __device__ __forceinline__ void run_warp(const Args& a, const uint32_t* xs, int 
     }
   }
 }
-// The one-launch finish after a warp's run (gemv_finish.cuh), as int1_gemv_mma.cuh's: row groups
-// of 16 weight rows, every row of x; the indices read again so that nothing is held across the
-// loop. The wait for x·Aᵀ is inlined (this kernel may take up to 128 registers).
+
+// The one-launch finish after a warp's run (gemv_finish.cuh): row groups of 16 weight rows; the
+// wait for x·Aᵀ inlined (this kernel may take up to 128 registers).
 template <typename T>
 __device__ __forceinline__ void finish_after_run(const MmaArgs& a) {
   const loraq_gemv::Indices at = loraq_gemv::fresh_indices();
   const int tile0 = at.block_y * a.slice_tiles;
   const int chunks = (min(a.TK - tile0, a.slice_tiles) + kTaskTiles - 1) / kTaskTiles;
-  const int lane = at.thread & 31, warps = at.threads >> 5;
-  const int64_t warp = (int64_t)at.block_x * warps + (at.thread >> 5), total = (int64_t)at.blocks_x * warps;
-  const int rgs = (a.N + kTaskRows - 1) / kTaskRows;
-  const loraq_gemv::WarpRun run = loraq_gemv::warp_run(warp, total, (int64_t)rgs * chunks);
-  const int64_t first = run.first;
-  const int count = run.count;
-  const int rg0 = count > 0 ? (int)(first / chunks) : 0, rg1 = count > 0 ? (int)((first + count - 1) / chunks) + 1 : 0;
-  const int launch_warps = (int)(total * at.blocks_y);  // below 2^31: the op checks
-  const int batch = loraq_gemv::xa_batch(a, launch_warps);
-  loraq_gemv::arrive_and_finish<T, true>(
-      a, rg0, rg1, [&](int rg) { return loraq_gemv::run_tasks_in_group(first, count, chunks, rg); },
-      [&](int rg) { return loraq_gemv::Outputs{0, a.M, rg * kTaskRows, min(kTaskRows, a.N - rg * kTaskRows)}; },
-      batch, lane);
-  loraq_gemv::leave(a, launch_warps, batch, lane);
+  loraq_gemv::finish_row_groups<T, true>(a, at, chunks, kTaskRows);
 }
 
 // ONE: the one-launch finish (a.fin.y set), a separate instantiation (the two-launch kernel's

@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "finish_op.h"
 #include "op_checks.h"
 #include "sparse4x4_gemv.cuh"
 #include "sparse4x4_gemv_mma.cuh"
@@ -138,42 +139,13 @@ void sparse4x4_gemv(const torch::Tensor& x, const torch::Tensor& values, const t
       a.slots = (int)slots;
     }
   }
-  if (one) {
-    const int64_t launch_warps = blocks * std::max<int64_t>(slices, 1) * warps;
-    // the kernels count warps, items and batches in 32 bits (and add them: below 2^30)
-    TORCH_CHECK(launch_warps < (int64_t(1) << 30) &&
-                    int64_t(M) * a.slots * ((a.R + loraq_gemv::kXaRanks - 1) / loraq_gemv::kXaRanks) < (int64_t(1) << 30),
-                "sparse4x4_gemv: too many warps or items of x·Aᵀ for the one-launch finish");
-    const int64_t units = (N + loraq_sparse_mma::kTaskRows - 1) / loraq_sparse_mma::kTaskRows;
-    loraq_ops::check_finish_args(op, x, *y, counters, lora_A.has_value(), lora_B, bias, N,
-                                 lora_A.has_value() ? lora_A->size(0) : 0,
-                                 loraq_gemv::finish_counters(units, loraq_gemv::xa_items(a), launch_warps));
-    // y, the counters and the sums are written by the kernel: none may overlap another, nor x·Aᵀ,
-    // and y none of the inputs (blocks that start late read them after others wrote y)
-    at::assert_no_overlap(*y, x);
-    if (lora_A.has_value()) at::assert_no_overlap(*y, *lora_A);
-    if (lora_B.has_value()) at::assert_no_overlap(*y, *lora_B);
-    if (bias.has_value()) at::assert_no_overlap(*y, *bias);
-    at::assert_no_overlap(*y, ws);
-    at::assert_no_overlap(*y, *counters);
-    at::assert_no_overlap(*counters, ws);
-    if (parts.has_value()) {
-      at::assert_no_overlap(*parts, ws);
-      at::assert_no_overlap(*parts, *y);
-      at::assert_no_overlap(*parts, *counters);
-    }
-    a.fin.y = y->data_ptr();
-    a.fin.lora_B = lora_B.has_value() ? lora_B->data_ptr() : nullptr;
-    a.fin.bias = bias.has_value() ? bias->data_ptr() : nullptr;
-    a.fin.scaling = (float)scaling;
-    a.fin.counters = counters->data_ptr<int32_t>();
-    a.fin.units = (int)units;
-    a.fin.unit_tasks = (int)((TK + loraq_sparse_mma::kTaskTiles - 1) / loraq_sparse_mma::kTaskTiles);
-  }
+  if (one)
+    loraq_ops::set_finish(op, a, x, ws, parts, *y, counters, lora_A, lora_B, bias, scaling,
+                          blocks * std::max<int64_t>(slices, 1) * warps, loraq_sparse_mma::kTaskRows,
+                          (TK + loraq_sparse_mma::kTaskTiles - 1) / loraq_sparse_mma::kTaskTiles);
   if (K == 0) {  // x·Ŵᵀ = 0 (the workspace stays zero) and so are the shares of x·Aᵀ; validated above
-    if (one) {  // y = b (or 0): x·Aᵀ is 0 too
-      if (bias.has_value()) y->copy_(bias->unsqueeze(0).expand({M, N}));
-      else y->zero_();
+    if (one) {
+      loraq_ops::finish_without_inputs(*y, bias);
     } else if (parts.has_value()) {
       parts->zero_();
     }

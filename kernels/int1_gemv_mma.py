@@ -30,8 +30,7 @@ from .autotune import MMA_GEMV, Config
 from .cuda_ext import MAX_SLOTS, extension_problem, fit_slices, sm_count, smem_limits
 from .decode import SCALE_GROUP, SCALE_ONEBIT, SCALE_ROW, lora_and_bias_args, weight_args
 from .env import env_is
-from .host_math import block_r, cdiv
-from .splitk_finish import one_launch_offered, one_launch_workspace, run_split
+from .splitk_finish import one_launch_offered, run_cuda_one_launch, run_split
 from .device_guard import on_input_device
 
 MMA_MAX_M = 16  # rows of x: one mma tile of 8 (its N), or two on the same decoded weights
@@ -133,23 +132,14 @@ def launch_mma(x, ptrs, ints, mode, N, lora_A, lora_B, scaling, bias, cfg, one_l
 
 def _one_launch(x, packed, scale, col, lora_A, lora_B, bias, scaling, mode_op, group, N, blocks, warps, slices,
                 slots):
-    """The kernel with its finish in the same launch: ``y`` from one kernel, the workspace (sums,
-    ``x·Aᵀ`` and the counters) left zero."""
-    M, K = x.shape
+    """The kernel with its finish in the same launch (``splitk_finish.run_cuda_one_launch``)."""
     has_lora = lora_A is not None
-    width = block_r(lora_A.shape[0]) if has_lora else 0
-    items = slots * M * cdiv(lora_A.shape[0], 4) if has_lora else 0  # csrc/gemv_finish.cuh: xa_items
-    # arrivals (a row group of 16 outputs each), two counters, and at most one flag an item
-    flat, ws, xa, counters = one_launch_workspace(M, N, M * width, cdiv(N, 16) + 2 + items, x.device)
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    try:
-        torch.ops.loraq.int1_gemv_mma(x, packed, scale, col, lora_A, ws, xa.view(1, M, width) if has_lora else None,
-                                      mode_op, group, blocks, warps, slices, y, counters, lora_B, bias,
-                                      float(scaling), slots if has_lora else 0)
-    except BaseException:
-        flat.zero_()
-        raise
-    return y
+
+    def launch(ws, xa, y, counters):
+        torch.ops.loraq.int1_gemv_mma(x, packed, scale, col, lora_A, ws, xa, mode_op, group, blocks, warps, slices, y,
+                                      counters, lora_B, bias, float(scaling), slots if has_lora else 0)
+
+    return run_cuda_one_launch(launch, x.shape[0], N, lora_A.shape[0] if has_lora else None, slots, x)
 
 
 @on_input_device

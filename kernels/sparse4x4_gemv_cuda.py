@@ -34,8 +34,7 @@ import torch
 from .autotune import CUDA_GATHER, SPARSE_MMA, Config
 from .cuda_ext import MAX_SLOTS, extension_problem, fit_slices, sm_count, smem_limits
 from .decode import lora_and_bias_args, weight_args
-from .host_math import block_r, cdiv
-from .splitk_finish import one_launch_offered, one_launch_workspace, run_split
+from .splitk_finish import one_launch_offered, run_cuda_one_launch, run_split
 from .device_guard import on_input_device
 
 SPARSE_CUDA_MAX_M = 16  # rows of x a call (csrc: kMaxRows)
@@ -149,23 +148,14 @@ def launch_sparse_cuda(x, ptrs, N, lora_A, lora_B, scaling, bias, cfg, one_launc
 
 
 def _one_launch(x, values, positions, lora_A, lora_B, bias, scaling, N, blocks, warps, slices, slots):
-    """The tensor-core kernel with its finish in the same launch: ``y`` from one kernel, the
-    workspace (sums, ``x·Aᵀ`` and the counters) left zero."""
-    M = x.shape[0]
+    """The tensor-core kernel with its finish in the same launch (``splitk_finish.run_cuda_one_launch``)."""
     has_lora = lora_A is not None
-    width = block_r(lora_A.shape[0]) if has_lora else 0
-    items = slots * M * cdiv(lora_A.shape[0], 4) if has_lora else 0  # csrc/gemv_finish.cuh: xa_items
-    # arrivals (a row group of 16 outputs each), two counters, and at most one flag an item
-    flat, ws, xa, counters = one_launch_workspace(M, N, M * width, cdiv(N, 16) + 2 + items, x.device)
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    try:
-        torch.ops.loraq.sparse4x4_gemv(x, values, positions, lora_A, ws, xa.view(1, M, width) if has_lora else None,
-                                       N, SPARSE_MMA_ROWS, blocks, warps, slices, y, counters, lora_B, bias,
-                                       float(scaling), slots if has_lora else 0)
-    except BaseException:
-        flat.zero_()
-        raise
-    return y
+
+    def launch(ws, xa, y, counters):
+        torch.ops.loraq.sparse4x4_gemv(x, values, positions, lora_A, ws, xa, N, SPARSE_MMA_ROWS, blocks, warps, slices,
+                                       y, counters, lora_B, bias, float(scaling), slots if has_lora else 0)
+
+    return run_cuda_one_launch(launch, x.shape[0], N, lora_A.shape[0] if has_lora else None, slots, x)
 
 
 @on_input_device

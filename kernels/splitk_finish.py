@@ -288,6 +288,25 @@ def run_one_launch(launch: Callable[..., None], M: int, N: int, slots: int, tile
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
+def run_cuda_one_launch(launch: Callable[..., None], M: int, N: int, R: Optional[int], slots: int,
+                        x: torch.Tensor, rows: int = 16) -> torch.Tensor:
+    """Run a CUDA GEMV that finishes in its own launch (``csrc/gemv_finish.cuh``):
+    ``launch(ws, xa, y, counters)`` with the zeroed ``ws [M, N]``, ``xa [1, M, block_r]`` (zero;
+    None without LoRA: ``R`` None), ``y [M, N]`` in ``x.dtype`` and the zeroed int32 counters (an
+    arrival a group of ``rows`` outputs, two, and at most a flag an item of x·Aᵀ: ``slots`` × M ×
+    ceil(R / 4)); the kernel leaves them zero. Returns ``y``."""
+    width = block_r(R) if R is not None else 0
+    items = slots * M * cdiv(R, 4) if R is not None else 0  # gemv_finish.cuh: xa_items
+    flat, ws, xa, counters = one_launch_workspace(M, N, M * width, cdiv(N, rows) + 2 + items, x.device)
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    try:
+        launch(ws, xa.view(1, M, width) if R is not None else None, y, counters)
+    except BaseException:
+        flat.zero_()
+        raise
+    return y
+
+
 def run_split(launch: Callable[[torch.Tensor, Optional[torch.Tensor]], None], M: int, N: int, slots: int,
               x: torch.Tensor, lora_B: Optional[torch.Tensor], R: int, scaling: float,
               bias: Optional[torch.Tensor]) -> torch.Tensor:

@@ -165,3 +165,35 @@ def test_too_few_counters_and_bad_arguments_are_refused(lib):
     assert p.run(lib, [0, 1])[0] == 2
     p = Problem(torch.float16, 2, 40, 600, 4, False, 2, 2, 1, slots=5)  # more slots than blocks
     assert p.run(lib, [0, 1])[0] == 1
+
+
+def test_the_python_launcher_hands_zeroed_buffers_and_cleans_up_after_an_error():
+    """kernels/splitk_finish.run_cuda_one_launch (both CUDA GEMVs' one-launch path): the sums,
+    x·Aᵀ and counters it hands the kernel are zero and as large as csrc/gemv_finish.cuh needs; a
+    launch that raises leaves the workspace zero again for the next call."""
+    from loraq.kernels import splitk_finish
+
+    x = torch.randn(3, 100, dtype=torch.float16)
+    M, N, R, slots = 3, 70, 5, 6
+    seen = {}
+
+    def launch(ws, xa, y, counters):
+        seen.update(ws=ws.shape, xa=None if xa is None else xa.shape, y=(y.shape, y.dtype), n=counters.numel())
+        assert not ws.any() and (xa is None or not xa.any()) and not counters.any()
+        y.fill_(1)
+
+    y = splitk_finish.run_cuda_one_launch(launch, M, N, R, slots, x)
+    assert torch.equal(y, torch.ones(M, N, dtype=torch.float16))
+    assert seen["ws"] == (M, N) and seen["xa"] == (1, M, 16) and seen["y"] == ((M, N), torch.float16)
+    assert seen["n"] >= -(-N // TASK_ROWS) + 2 + _items(slots, M, R)
+    splitk_finish.run_cuda_one_launch(launch, M, N, None, slots, x)
+    assert seen["xa"] is None and seen["n"] >= -(-N // TASK_ROWS) + 2
+
+    def fails(ws, xa, y, counters):
+        ws.fill_(3)
+        counters.fill_(7)
+        raise RuntimeError("launch failed")
+
+    with pytest.raises(RuntimeError, match="launch failed"):
+        splitk_finish.run_cuda_one_launch(fails, M, N, R, slots, x)
+    assert all(not ws.any() for ws in splitk_finish.workspaces().values())
