@@ -195,7 +195,7 @@ def stub_kernels(args) -> int:
     real_pick = fwd_mod.pick_config
     picked = {}
 
-    def pick(op, M, N, K, dtype, device, run, bench=None, extra=None, variant=()):
+    def pick(op, M, N, K, dtype, device, run, bench=None, extra=None, variant=(), check=None):
         key = (op, M, N, K, dtype, device.index, variant)
         hit = picked.get(key)
         if hit is None:

@@ -388,11 +388,18 @@ def _progress(items: List[Config], desc: Optional[str]):
     return tqdm(items, desc=desc, delay=2.0, leave=False, disable=None, unit="config")
 
 
+class WrongOutput(RuntimeError):
+    """A candidate config whose output failed the tuning check (``check`` of :func:`pick_config`)."""
+
+
 def time_candidates(candidates: List[Config], run: Callable[[Config], None], bench: Callable,
                     failures: Optional[Dict[Config, BaseException]] = None,
-                    desc: Optional[str] = None) -> Dict[Config, float]:
+                    desc: Optional[str] = None, check: Optional[Callable[[object], Optional[str]]] = None
+                    ) -> Dict[Config, float]:
     """Each candidate's time, ``bench(fn) -> ms``; a config that fails to run (more shared memory
-    or registers than this GPU has) is left out, and its exception put in ``failures``. The
+    or registers than this GPU has) is left out, and its exception put in ``failures``. With
+    ``check``, each candidate first runs once and ``check(its output)`` must return None: one that
+    returns a reason is left out untimed, a :class:`WrongOutput` in ``failures``. The
     fastest ``RETIME_TOP`` are timed again and keep the lower of their two times: one slow timing
     (the same dense-slab config took 323 µs in one H100 tuning and 226–235 µs in three others)
     should not decide the winner; one that fails the second time is left out too. ``desc``:
@@ -401,6 +408,10 @@ def time_candidates(candidates: List[Config], run: Callable[[Config], None], ben
     timings = {}
     for c in _progress(candidates, desc):
         try:
+            why = None if check is None else check(run(c))
+            if why:
+                failures[c] = WrongOutput(f"wrong output: {why}")
+                continue
             timings[c] = bench(lambda: run(c))
         except Exception as e:  # a config this GPU cannot hold (shared memory, registers)
             failures[c] = e
@@ -413,6 +424,14 @@ def time_candidates(candidates: List[Config], run: Callable[[Config], None], ben
     return timings
 
 
+def rows_from(check, row0: int):
+    """A launcher's ``check`` as seen by a call on the rows of its input from ``row0`` (a batch
+    split into launches): ``check.from_row(row0)`` (``loraq.tuning_check``'s checks have it; a
+    plain function is dropped: it cannot know which rows it is shown). None stays None."""
+    from_row = getattr(check, "from_row", None)
+    return None if from_row is None else from_row(row0)
+
+
 # pick_config's tuning: one at a time in a process (threads would time each other's kernels)
 _TUNING = threading.RLock()
 # Tests set this: every in-memory hit is also checked against the candidate list it stands for,
@@ -423,11 +442,15 @@ CHECK_HITS = False
 def pick_config(op: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
                 run: Callable[[Config], None], bench: Optional[Callable] = None,
                 extra: Optional[Union[List[Config], Callable[[], List[Config]]]] = None,
-                variant: tuple = ()) -> Config:
+                variant: tuple = (), check: Optional[Callable[[object], Optional[str]]] = None) -> Config:
     """The config for this problem: cached, or the fastest of :func:`configs_for` plus ``extra``
     (a list, or a function that makes it: called only when the answer is not cached in memory;
     timed with ``bench(fn) -> ms``, by default :func:`gpu_time`). Off CUDA: the first
     of :func:`configs_for`, untimed.
+
+    ``check(output) -> None or why`` (``loraq.tuning_check``): when tuning, each candidate's
+    ``run(c)`` output must pass it before it is timed; those that fail are left out with a
+    warning, so that a config that is fast and wrong on this GPU never wins.
 
     ``op`` names the kernel and ``variant`` (hashable) holds whatever else ``extra`` depends on
     (the rank, a setting): with the batch bucket, N, K, dtype and device they key the in-memory
@@ -453,19 +476,28 @@ def pick_config(op: str, M: int, N: int, K: int, dtype: torch.dtype, device: tor
         key = (f"{op}|M{m_bucket(M)}|N{N}|K{K}|{str(dtype).replace('torch.', '')}"
                f"|c{zlib.crc32(repr(candidates).encode()):08x}")
         if table.get(key) not in candidates:  # not tuned yet (or a damaged entry)
-            table[key] = _tune(op, key, M, N, K, dtype, candidates, run, bench or gpu_time)
+            table[key] = _tune(op, key, M, N, K, dtype, candidates, run, bench or gpu_time, check)
             _store(path, table)
         _PICKED[fast] = table[key]
         return table[key]
 
 
-def _tune(op, key, M, N, K, dtype, candidates, run, bench) -> Config:
-    """The fastest of ``candidates`` (``time_candidates``), logged; raises, naming why each
-    failed, if none runs."""
+def _tune(op, key, M, N, K, dtype, candidates, run, bench, check=None) -> Config:
+    """The fastest of ``candidates`` (``time_candidates``), logged; warns about those whose output
+    failed ``check``; raises, naming why each failed, if none runs."""
     _LOG.info("loraq autotune: timing %d configs of %s (M=%d, N=%d, K=%d, %s), once per shape and GPU",
               len(candidates), op, M, N, K, dtype)
     failures: Dict[Config, BaseException] = {}
-    timings = time_candidates(candidates, run, bench, failures, desc=f"loraq autotune {op} M={M} N={N} K={K}")
+    timings = time_candidates(candidates, run, bench, failures, desc=f"loraq autotune {op} M={M} N={N} K={K}",
+                              check=check)
+    wrong = {c: e for c, e in failures.items() if isinstance(e, WrongOutput)}
+    if wrong:
+        message = (f"loraq autotune: {len(wrong)} of {len(candidates)} configs of {op} (M={M}, N={N}, K={K}, "
+                   f"{dtype}) gave wrong results on this GPU and were left out: "
+                   + "; ".join(f"{describe(c)}: {e}" for c, e in list(wrong.items())[:3])
+                   + ". Please report it with `python -m loraq info`.")
+        _LOG.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
     if env_is("LORAQ_AUTOTUNE_VERBOSE", "1"):
         ranked = sorted(timings.items(), key=lambda kv: kv[1])
         print(f"loraq autotune {key}: " + ", ".join(f"{c}={1e3 * t:.1f}µs" for c, t in ranked)

@@ -24,6 +24,7 @@ from .decode import (_dot, _int1_group_scale, _int1_sign_pairs_t, _int1_signs, _
 from .sparse4x4_gemv import check_gather_config
 from .sparse4x4_gemv_dx import DX_LIMITS, launch_gather_dx
 from .host_math import block_r, cdiv, in_row_chunks, rows_per_launch
+from .autotune import rows_from
 from .fast_launch import fast
 from .device_guard import on_input_device
 
@@ -140,11 +141,12 @@ def dx_pipelining(config) -> Tuple[int, bool]:
 
 @on_input_device
 def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling: float = 1.0, config=None,
-                   lora_B=None):
+                   lora_B=None, check=None):
     """Launch ``dY·Ŵ (+ s·dy_B·A)`` for ``dy [M, N]`` (fp16/bf16/fp32) and ``dy_B [M, r]``; returns
     ``[M, K]`` in ``dy.dtype``. ``config`` forces a tile config (``autotune.Config``). ``lora_B``
     (``[N, r]``, the ``B`` of ``dy_B = dY·B``), when given, adds the merged dense slab
-    ``dY·(Ŵ + s·B·A)`` to the large-batch candidates."""
+    ``dY·(Ŵ + s·B·A)`` to the large-batch candidates. ``check(dx) -> None or why``
+    (``loraq.tuning_check.dx_check``) judges each candidate's output when the tuner times them."""
     M, N = dy.shape
     K = meta["K"]
     dy = dy.contiguous()
@@ -153,7 +155,8 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
     rows = rows_per_launch(M, max(K, N))
     if rows < M:  # offsets past 32 bits: a launch per block of rows
         return in_row_chunks(lambda i, j: lora_linear_dx(dy[i:j], fmt, tensors, meta, lora_A,
-                                                         None if dy_B is None else dy_B[i:j], scaling, config, lora_B),
+                                                         None if dy_B is None else dy_B[i:j], scaling, config,
+                                                         lora_B, rows_from(check, i)),
                              M, rows, K, dy)
     ptrs, ints, scale_mode = weight_args(fmt, tensors, meta)
     has_lora = lora_A is not None
@@ -214,5 +217,6 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
                                               dy.element_size())
     # what else the candidates depend on: the slabs' widths and size cap (past 32 rows)
     variant = (R if has_lora else 0, dense_slab_cap_mib()) if M >= DENSE_SLAB_MIN_M and not gather else ()
-    cfg = config or pick_config(op, M, N, K, dy.dtype, dy.device, run, extra=extra, variant=variant)
+    cfg = config or pick_config(op, M, N, K, dy.dtype, dy.device, run, extra=extra, variant=variant,
+                                check=check)
     return run(cfg).to(dy.dtype)

@@ -37,6 +37,7 @@ from .decode import (SCALE_GROUP, _dot, _int1_group_scale, _int1_sign_pairs, _in
                      split_plan, use_asm, weight_args)
 from .splitk_finish import XA_BLOCK_K, _store_xa_part, one_launch_offered, run_split
 from .host_math import block_r, cdiv, in_row_chunks, rows_per_launch
+from .autotune import rows_from
 from .fast_launch import fast
 from .device_guard import on_input_device
 
@@ -125,10 +126,12 @@ def _lora_linear_fwd_kernel(
 
 @on_input_device
 def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1.0, bias=None,
-                    config=None):
+                    config=None, check=None):
     """Launch the fused forward. ``x [M, K]`` (fp16/bf16/fp32); ``tensors``/``meta`` are the
     format's (``weight_args`` explains them); returns ``y [M, N]`` in ``x.dtype``. ``config``
-    forces a tile config (``autotune.Config``) instead of the tuned one."""
+    forces a tile config (``autotune.Config``) instead of the tuned one. ``check(y) -> None
+    or why`` (``loraq.tuning_check.forward_check``) judges each candidate's output when the tuner
+    times them."""
     M, K = x.shape
     N = meta["N"]
     x = x.contiguous()
@@ -137,7 +140,7 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
     rows = rows_per_launch(M, max(K, N))
     if rows < M:  # offsets past 32 bits: a launch per block of rows
         return in_row_chunks(lambda i, j: lora_linear_fwd(x[i:j], fmt, tensors, meta, lora_A, lora_B, scaling, bias,
-                                                          config), M, rows, N, x)
+                                                          config, rows_from(check, i)), M, rows, N, x)
     ptrs, ints, scale_mode = weight_args(fmt, tensors, meta)
     has_lora = lora_A is not None
     A, B, bias = lora_and_bias_args(x, lora_A, lora_B, bias)
@@ -248,5 +251,6 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
         variant = ((R if has_lora else 0) + (bias is not None), dense_slab_cap_mib())
     else:
         variant = ()
-    cfg = config or pick_config(op, M, N, K, x.dtype, x.device, run, extra=extra, variant=variant)
+    cfg = config or pick_config(op, M, N, K, x.dtype, x.device, run, extra=extra, variant=variant,
+                                check=check)
     return run(cfg)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .tuning_check import dx_check, forward_check
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -26,15 +27,29 @@ def _int1_parts(packed, scale, col_scale, K, group_size, onebit):
              "scale_mode": "onebit" if onebit else "mean_abs"})
 
 
+def _launch_fwd(x, fmt, tensors, meta, lora_A, lora_B, scaling, bias):
+    """``kernels.lora_linear_fwd``, its tuning checked against the reference (``tuning_check``)."""
+    from loraq.kernels import lora_linear_fwd
+
+    check = forward_check(x, fmt, tensors, meta, lora_A, lora_B, scaling, bias)
+    return lora_linear_fwd(x, fmt, tensors, meta, lora_A, lora_B, scaling, bias, check=check)
+
+
+def _launch_dx(dy, fmt, tensors, meta, lora_A, dy_B, scaling, lora_B):
+    """``kernels.lora_linear_dx``, its tuning checked against the reference (``tuning_check``)."""
+    from loraq.kernels import lora_linear_dx
+
+    check = dx_check(dy, fmt, tensors, meta, lora_A, dy_B, scaling)
+    return lora_linear_dx(dy, fmt, tensors, meta, lora_A, dy_B, scaling, lora_B=lora_B, check=check)
+
+
 @torch.library.custom_op("loraq::int1_lora_linear", mutates_args=())
 def int1_lora_linear(x: Tensor, packed: Tensor, scale: Tensor, col_scale: Tensor, K: int, group_size: int,
                      onebit: bool, lora_A: Optional[Tensor], lora_B: Optional[Tensor], scaling: float,
                      bias: Optional[Tensor]) -> Tensor:
     """``x·Ŵᵀ + s·(x·Aᵀ)·Bᵀ + b`` for int1 ``Ŵ`` (``group_size`` 0: one scale per row)."""
-    from loraq.kernels import lora_linear_fwd
-
     tensors, meta = _int1_parts(packed, scale, col_scale, K, group_size, onebit)
-    return lora_linear_fwd(x, "int1", tensors, meta, lora_A, lora_B, scaling, bias)
+    return _launch_fwd(x, "int1", tensors, meta, lora_A, lora_B, scaling, bias)
 
 
 @int1_lora_linear.register_fake
@@ -48,10 +63,8 @@ def int1_lora_linear_dx(dy: Tensor, packed: Tensor, scale: Tensor, col_scale: Te
                         lora_B: Optional[Tensor]) -> Tensor:
     """``dY·Ŵ + s·(dY·B)·A`` for int1 ``Ŵ`` (``dy_B = dY·B``; both LoRA tensors None: ``dY·Ŵ``;
     ``lora_B``, the ``B`` of ``dy_B`` or None, lets large batches merge ``s·B·A`` into ``Ŵ``)."""
-    from loraq.kernels import lora_linear_dx
-
     tensors, meta = _int1_parts(packed, scale, col_scale, K, group_size, onebit)
-    return lora_linear_dx(dy, "int1", tensors, meta, lora_A, dy_B, scaling, lora_B=lora_B)
+    return _launch_dx(dy, "int1", tensors, meta, lora_A, dy_B, scaling, lora_B)
 
 
 @int1_lora_linear_dx.register_fake
@@ -63,10 +76,8 @@ def _(dy, packed, scale, col_scale, K, group_size, onebit, lora_A, dy_B, scaling
 def sparse4x4_lora_linear(x: Tensor, values: Tensor, positions: Tensor, N: int, K: int, lora_A: Optional[Tensor],
                           lora_B: Optional[Tensor], scaling: float, bias: Optional[Tensor]) -> Tensor:
     """``x·Ŵᵀ + s·(x·Aᵀ)·Bᵀ + b`` for sparse4x4 ``Ŵ``."""
-    from loraq.kernels import lora_linear_fwd
-
-    return lora_linear_fwd(x, "sparse4x4", {"values": values, "positions": positions}, {"N": N, "K": K},
-                           lora_A, lora_B, scaling, bias)
+    return _launch_fwd(x, "sparse4x4", {"values": values, "positions": positions}, {"N": N, "K": K},
+                       lora_A, lora_B, scaling, bias)
 
 
 @sparse4x4_lora_linear.register_fake
@@ -79,10 +90,8 @@ def sparse4x4_lora_linear_dx(dy: Tensor, values: Tensor, positions: Tensor, N: i
                              lora_A: Optional[Tensor], dy_B: Optional[Tensor], scaling: float,
                              lora_B: Optional[Tensor]) -> Tensor:
     """``dY·Ŵ + s·(dY·B)·A`` for sparse4x4 ``Ŵ`` (``lora_B`` as for int1)."""
-    from loraq.kernels import lora_linear_dx
-
-    return lora_linear_dx(dy, "sparse4x4", {"values": values, "positions": positions}, {"N": N, "K": K},
-                          lora_A, dy_B, scaling, lora_B=lora_B)
+    return _launch_dx(dy, "sparse4x4", {"values": values, "positions": positions}, {"N": N, "K": K},
+                      lora_A, dy_B, scaling, lora_B)
 
 
 @sparse4x4_lora_linear_dx.register_fake
@@ -335,9 +344,7 @@ def triton_lora_linear_fwd(x, weight, lora_A, lora_B, scaling, bias):
         return reference.lora_linear_ref(x, weight, lora_A, lora_B, scaling, bias)
     N, K = weight.shape
     if _direct(x, lora_A, lora_B, bias):
-        from loraq.kernels import lora_linear_fwd
-
-        return lora_linear_fwd(x, kind, weight.tensors(), _meta(weight), lora_A, lora_B, float(scaling), bias)
+        return _launch_fwd(x, kind, weight.tensors(), _meta(weight), lora_A, lora_B, float(scaling), bias)
     if kind == "int1":
         return _call("int1_lora_linear", x, weight.packed, weight.scale, weight.col_scale, K,
                                                 weight.group_size or 0, weight.scale_mode == "onebit",
@@ -355,9 +362,7 @@ def triton_lora_linear_dx(dy, weight, lora_A, dy_B, scaling, lora_B=None):
         return reference.lora_linear_dx_ref(dy, weight, lora_A, dy_B, scaling)
     N, K = weight.shape
     if _direct(dy, lora_A, dy_B, lora_B):
-        from loraq.kernels import lora_linear_dx
-
-        return lora_linear_dx(dy, kind, weight.tensors(), _meta(weight), lora_A, dy_B, float(scaling), lora_B=lora_B)
+        return _launch_dx(dy, kind, weight.tensors(), _meta(weight), lora_A, dy_B, float(scaling), lora_B)
     if kind == "int1":
         return _call("int1_lora_linear_dx", dy, weight.packed, weight.scale, weight.col_scale, K,
                                                    weight.group_size or 0, weight.scale_mode == "onebit",

@@ -37,3 +37,15 @@ def _seed_and_backend(monkeypatch):
     torch.manual_seed(1234)
     monkeypatch.delenv("LORAQ_BACKEND", raising=False)
     yield
+
+
+@pytest.fixture
+def fake_gpu(tmp_path, monkeypatch):
+    """For the tuner's tests (no GPU runs anything): an empty cache folder and memory, and a GPU
+    named "Fake GPU 80GB"; yields the folder."""
+    monkeypatch.setenv("LORAQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "gpu_name", lambda device: "Fake GPU 80GB")
+    monkeypatch.setattr(autotune, "_MEMORY", {})
+    monkeypatch.setattr(autotune, "_PICKED", {})
+    monkeypatch.setattr(autotune, "_WARNED", set())
+    return tmp_path

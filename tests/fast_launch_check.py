@@ -94,7 +94,7 @@ def main() -> int:
                     raise Mismatch(f"{name}: argument {i} ({self.fn.arg_names[i]}) is {x!r} against Triton's {y!r}")
             return kernel
 
-        def every_candidate(op, M, N, K, dtype, device, run, bench=None, extra=None, variant=()):
+        def every_candidate(op, M, N, K, dtype, device, run, bench=None, extra=None, variant=(), check=None):
             candidates = autotune.configs_for(M) + list((extra() if callable(extra) else extra) or [])
             candidates = [c for c in candidates if c[6] not in CUDA_ONLY]
             for cfg in candidates:

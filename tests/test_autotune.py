@@ -18,17 +18,6 @@ from loraq.kernels import autotune
 CUDA_DEV = torch.device("cuda")
 
 
-@pytest.fixture
-def fake_gpu(tmp_path, monkeypatch):
-    """An empty cache folder and memory, and a GPU named "Fake GPU 80GB"; yields the folder."""
-    monkeypatch.setenv("LORAQ_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(autotune, "gpu_name", lambda device: "Fake GPU 80GB")
-    monkeypatch.setattr(autotune, "_MEMORY", {})
-    monkeypatch.setattr(autotune, "_PICKED", {})
-    monkeypatch.setattr(autotune, "_WARNED", set())
-    return tmp_path
-
-
 def by_rank(order):
     """``(run, bench)``: ``bench`` times the config ``run`` last saw at its index in ``order``
     (earlier is faster; configs not in it, 100)."""
@@ -227,7 +216,7 @@ def test_the_launchers_variants_determine_their_candidates(launcher_name, monkey
 
     seen = {}
 
-    def record(op, M, N, K, dtype, device, run, bench=None, extra=None, variant=()):
+    def record(op, M, N, K, dtype, device, run, bench=None, extra=None, variant=(), check=None):
         candidates = autotune.configs_for(M) + list((extra() if callable(extra) else extra) or [])
         key = (op, autotune.m_bucket(M), N, K, dtype, variant)
         assert seen.setdefault(key, candidates) == candidates, f"{key}: two candidate lists"

@@ -181,7 +181,7 @@ def test_every_gradient_through_the_slab_path(kind, N, K, placement, monkeypatch
 
     chosen = []
 
-    def slab(op, M, N, K, dtype, device, run, bench=None, extra=None, variant=()):
+    def slab(op, M, N, K, dtype, device, run, bench=None, extra=None, variant=(), check=None):
         chosen.append(op)
         return (16, 32, 64, placement, 4, 1, DENSE_SLAB)
 

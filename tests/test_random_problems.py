@@ -64,24 +64,37 @@ def _draw(seed):
     return rng, w, x, A, B, bias, scaling
 
 
-def _random_pick(rng, picked):
+def _random_pick(rng, picked, checks):
     """A stand-in for the tuner: a kernel family (a config's last field) drawn uniformly among the
-    candidates it would time, then a config of that family."""
+    candidates it would time, then a config of that family. The tuning check the launcher passes
+    goes into ``checks``."""
 
-    def pick(op, M, N, K, dtype, device, run, bench=None, extra=None, variant=()):
+    def pick(op, M, N, K, dtype, device, run, bench=None, extra=None, variant=(), check=None):
         candidates = autotune.configs_for(M) + list((extra() if callable(extra) else extra) or [])
         family = rng.choice(sorted({c[-1] for c in candidates}))
         picked.append(rng.choice([c for c in candidates if c[-1] == family]))
+        checks.append(check)
         return picked[-1]
     return pick
+
+
+def _tuning_check_judges(checks, out, what):
+    """The tuner's check (``loraq.tuning_check``) that the launcher passed accepts the kernel's
+    output ``out`` (which matched the reference) and refuses it with one checked value off."""
+    assert len(checks) == 1 and checks[0] is not None, f"{what}: the launcher passed no tuning check"
+    assert checks[0](out) is None, f"{what}: the tuning check refused a right answer: {checks[0](out)}"
+    bad = out.clone()
+    bad[-1, -1] = float(out.float().abs().max()) * 4 + 1
+    assert checks[0](bad), f"{what}: the tuning check accepted a wrong answer"
+    checks.clear()
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_a_random_problem_matches_the_reference(seed, monkeypatch):
     rng, w, x, A, B, bias, s = _draw(seed)
-    picked = []
-    monkeypatch.setattr(FWD, "pick_config", _random_pick(rng, picked))
-    monkeypatch.setattr(DX, "pick_config", _random_pick(rng, picked))
+    picked, checks = [], []
+    monkeypatch.setattr(FWD, "pick_config", _random_pick(rng, picked, checks))
+    monkeypatch.setattr(DX, "pick_config", _random_pick(rng, picked, checks))
     w64 = w.to(torch.float64)
     f64 = lambda t: None if t is None else t.double()  # noqa: E731
     what = f"seed {seed}: {w!r}, x {x.dtype} {tuple(x.shape)}, rank {0 if A is None else A.shape[0]}, s {s}"
@@ -89,6 +102,7 @@ def test_a_random_problem_matches_the_reference(seed, monkeypatch):
     y = ops.lora_linear(x, w, A, B, s, bias, backend="triton")
     ref = reference.lora_linear_ref(f64(x), w64, f64(A), f64(B), s, None if bias is None else f64(bias.to(x.dtype)))
     check(y, ref, reference.lora_linear_ref(x, w, A, B, s, bias), f"{what}, forward {picked}")
+    _tuning_check_judges(checks, y, f"{what}, forward {picked}")
 
     dy = torch.randn(x.shape[0], w.shape[0]).to(x.dtype)
     Ac = None if A is None else A.to(x.dtype)
@@ -98,3 +112,4 @@ def test_a_random_problem_matches_the_reference(seed, monkeypatch):
     dx = ops.lora_linear_dx(dy, w, Ac, dyB, s, backend="triton", lora_B=lora_B)
     ref = reference.lora_linear_dx_ref(f64(dy), w64, f64(Ac), f64(dyB), s)
     check(dx, ref, reference.lora_linear_dx_ref(dy, w, Ac, dyB, s), f"{what}, dX {picked}")
+    _tuning_check_judges(checks, dx, f"{what}, dX {picked}")

@@ -69,7 +69,7 @@ def tuner_calls(launcher):
     module = sys.modules[launcher.__module__]
     seen = []
 
-    def spy(op, M, N, K, dtype, device, run, bench=None, extra=None, variant=()):
+    def spy(op, M, N, K, dtype, device, run, bench=None, extra=None, variant=(), check=None):
         seen.append(SimpleNamespace(op=op, M=M, dtype=dtype, candidates=candidates_passed(extra) or []))
         return configs_for(M)[0]
 

@@ -66,6 +66,25 @@ class CompressedWeight(abc.ABC):
     def dtype(self) -> torch.dtype:
         """The dtype of ``dequantize()`` (that of the scales / values)."""
 
+    # how many rows a row block of ``rows`` must start at a multiple of (sparse4x4 stores tiles of 4)
+    _row_step: ClassVar[int] = 1
+
+    def rows(self, start: int, stop: int) -> "CompressedWeight":
+        """Rows ``start .. stop - 1`` of ``Ŵ`` as a weight of their own, sharing this one's storage
+        (views, no copy): ``w.rows(a, b).dequantize()`` equals ``w.dequantize()[a:b]``. ``start``
+        must be a multiple of the format's row step (4 for sparse4x4, whose tiles span 4 rows)."""
+        N = self.shape[0]
+        step = self._row_step
+        ints = isinstance(start, int) and isinstance(stop, int)
+        if not (ints and 0 <= start < stop <= N and start % step == 0):
+            raise ValueError(f"{type(self).__name__}.rows: need 0 ≤ start < stop ≤ {N} with start a "
+                             f"multiple of {step}, got start={start!r}, stop={stop!r}")
+        return self._rows(start, stop)
+
+    def _rows(self, start: int, stop: int) -> "CompressedWeight":
+        """``rows`` after its checks: each format slices its own tensors."""
+        raise NotImplementedError(f"{type(self).__name__} has no row blocks")
+
     # -- derived ---------------------------------------------------------------------------
     @property
     def out_features(self) -> int:

@@ -36,6 +36,9 @@ class DenseWeight(CompressedWeight):
     def dequantize(self) -> torch.Tensor:
         return self.weight
 
+    def _rows(self, start: int, stop: int) -> "DenseWeight":
+        return DenseWeight(self.weight[start:stop], (stop - start, self.shape[1]))
+
     def _check_consistent(self) -> None:
         if tuple(self.weight.shape) != self.shape:
             raise ValueError(f"DenseWeight: weight has shape {tuple(self.weight.shape)}, expected {self.shape}")

@@ -172,6 +172,11 @@ class Int1Weight(CompressedWeight):
         alpha = self.scale.repeat_interleave(gs, dim=1)[:, :K]
         return signs * alpha  # exact: α times ±1
 
+    def _rows(self, start: int, stop: int) -> "Int1Weight":
+        # packed and scale have a row per weight row; onebit's g (col_scale) is per input
+        return Int1Weight(self.packed[start:stop], self.scale[start:stop], self.col_scale,
+                          (stop - start, self.shape[1]), self.group_size, self.scale_mode)
+
     @classmethod
     def _encode_meta(cls, name, value):
         if name == "scale_mode":

@@ -95,6 +95,12 @@ class Sparse4x4Weight(CompressedWeight):
         tiles.scatter_(-1, self.tile_positions().unsqueeze(-1), self.values.unsqueeze(-1))
         return _from_tiles(tiles, *self.shape)
 
+    _row_step = 4  # a tile row holds 4 weight rows
+
+    def _rows(self, start: int, stop: int) -> "Sparse4x4Weight":
+        t0, t1 = start // 4, -(-stop // 4)  # the tile rows holding them (the last one cropped)
+        return Sparse4x4Weight(self.values[t0:t1], self.positions[t0:t1], (stop - start, self.shape[1]))
+
     def _check_consistent(self) -> None:
         N, K = self.shape
         TN, TK = -(-N // 4), -(-K // 4)
