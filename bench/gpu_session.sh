@@ -9,7 +9,7 @@
 # fit one 10-minute device call) keep the call inside a device lease; TESTS picks the
 # tests (default "gpu": the GPU-marked large shapes and every tile, lookup and gather config;
 # "gemv": those of the lookup and gathering GEMVs alone; "slab": the dense-slab path's; "pairs": int1's
-# pair decode's; "cuda" (alias "mma"): the CUDA GEMVs' and the extension's; "all": the files, which compile for many
+# pair decode's; "cuda" (alias "mma"): the CUDA GEMVs' (the lookup GEMV's too) and the extension's; "all": the files, which compile for many
 # minutes); BENCH_DX_LORA=1 also times dX with the LoRA term (--backward-lora); NCU="forward int1
 # 8192 28672 16;dx int1 8192 28672 16" (op, format, K, N, M; ';' between problems) profiles the
 # kernels the tuner chose for each problem after the benchmark, with the stall reasons, into
@@ -56,13 +56,13 @@ python3 bench/profile_host.py --stub-kernels --M 1 2>&1 | head -n 5 >> "$INFO"; 
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 KERNEL_TESTS=(tests/test_triton_kernels.py tests/test_int1_gemv_lut.py tests/test_sparse4x4_gemv.py
               tests/test_sparse4x4_gemv_dx.py tests/test_splitk_finish.py tests/test_dense_slab.py
-              tests/test_int1_pairs.py tests/test_int1_gemv_mma.py tests/test_sparse4x4_gemv_cuda.py
-              tests/test_fast_launch.py)
+              tests/test_int1_pairs.py tests/test_int1_gemv_mma.py tests/test_int1_gemv_lut_cuda.py
+              tests/test_sparse4x4_gemv_cuda.py tests/test_fast_launch.py)
 if [ "${TESTS:-gpu}" = all ]; then SELECT=("${KERNEL_TESTS[@]}" tests/test_bench.py)
 elif [ "${TESTS:-gpu}" = slab ]; then SELECT=(tests/test_dense_slab.py tests/test_bench.py -k "gpu or dense_slab")
 elif [ "${TESTS:-gpu}" = mma ] || [ "${TESTS:-gpu}" = cuda ]; then
-  SELECT=(tests/test_int1_gemv_mma.py tests/test_sparse4x4_gemv_cuda.py tests/test_ext.py tests/test_bench.py
-          -k "gpu or mma or gemv or dequantize")
+  SELECT=(tests/test_int1_gemv_mma.py tests/test_int1_gemv_lut_cuda.py tests/test_sparse4x4_gemv_cuda.py tests/test_ext.py
+          tests/test_bench.py -k "gpu or mma or gemv or dequantize")
 elif [ "${TESTS:-gpu}" = pairs ]; then SELECT=(tests/test_int1_pairs.py tests/test_bench.py -k "gpu or pairs")
 elif [ "${TESTS:-gpu}" = gemv ]; then SELECT=("${KERNEL_TESTS[@]:1}" tests/test_bench.py -k "gpu or every_lut or every_gather or finish")
 else SELECT=("${KERNEL_TESTS[@]}" tests/test_bench.py -k "gpu or every_tile or every_lut or every_gather or finish"); fi
@@ -78,7 +78,7 @@ echo "tests exit $TESTS_RC"; tail -n 25 "$OUT/tests.txt"
 # (out-of-bounds and misaligned accesses), appended to tests.txt
 if [ "${SANITIZE:-0}" = 1 ]; then
   timeout "${SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q \
-    -p no:cacheprovider tests/test_int1_gemv_mma.py tests/test_sparse4x4_gemv_cuda.py \
+    -p no:cacheprovider tests/test_int1_gemv_mma.py tests/test_int1_gemv_lut_cuda.py tests/test_sparse4x4_gemv_cuda.py \
     -k "(each_weight or each_value or with_and_without) and not emulated" >> "$OUT/tests.txt" 2>&1
   echo "sanitize exit $?" | tee -a "$OUT/tests.txt"
 fi

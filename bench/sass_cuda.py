@@ -9,7 +9,10 @@ headers have no torch in them):
   its loop is the one with the most FFMA (one task: a lane's 32 stored values);
 * ``sparse_mma``: the sparse4x4 tensor-core kernel (csrc/sparse4x4_gemv_mma.cuh): dtype x 16-byte
   loads x tiles of x x finish (two launches or one); its loop is the one that holds the mma (one task: 16 weight rows x 128 tile
-  columns, 512 stored values).
+  columns, 512 stored values);
+* ``lut``: the int1 lookup GEMV for one row of x (csrc/int1_gemv_lut.cuh): dtype x scale mode (row,
+  group, onebit) x 16-byte loads x finish; its loop is the one with the most LDS (one task: a
+  lane's 2 x 256 weights, 128 lookups).
 Per kernel: the registers, the spills, and the opcodes of that loop.
 
     python bench/sass_cuda.py                    # one line each, both kernels
@@ -39,8 +42,9 @@ if _interpret is not None:  # nothing here compiles Triton: leave the caller's s
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 DTYPES = {"fp16": "__half", "bf16": "__nv_bfloat16"}
 MODES = {0: "row", 1: "group", 2: "onebit", 3: "row+offset", 4: "onebit+offset"}  # 3, 4: the offset decode
-KERNELS = ("mma", "sparse", "sparse_mma")
-HEADERS = {"mma": "int1_gemv_mma.cuh", "sparse": "sparse4x4_gemv.cuh", "sparse_mma": "sparse4x4_gemv_mma.cuh"}
+KERNELS = ("mma", "sparse", "sparse_mma", "lut")
+HEADERS = {"mma": "int1_gemv_mma.cuh", "sparse": "sparse4x4_gemv.cuh", "sparse_mma": "sparse4x4_gemv_mma.cuh",
+           "lut": "int1_gemv_lut.cuh"}
 
 
 def nvcc() -> Optional[str]:
@@ -61,6 +65,9 @@ def instantiations(kernel: str = "mma") -> List[Dict]:
     if kernel == "sparse_mma":
         return [dict(kernel=kernel, dtype=d, vec=v, tiles=nt, one=one)
                 for d, v, nt, one in itertools.product(DTYPES, (True, False), (1, 2), (False, True))]
+    if kernel == "lut":
+        return [dict(kernel=kernel, dtype=d, mode=m, vec=v, one=one)
+                for d, m, v, one in itertools.product(DTYPES, (0, 1, 2), (True, False), (False, True))]
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
 
 
@@ -74,6 +81,11 @@ def _template(inst) -> str:
         line = (f"template __global__ void loraq_mma::int1_gemv_mma_kernel<{t}, {inst['mode']}, {vec}, "
                 f"{inst['tiles']}, {one}>(const loraq_mma::Args);")
         return line, f"I{mangled_t}Li{inst['mode']}ELb{int(inst['vec'])}ELi{inst['tiles']}ELb{int(inst['one'])}EE"
+    if inst["kernel"] == "lut":
+        one = str(inst["one"]).lower()
+        line = (f"template __global__ void loraq_lut::int1_gemv_lut_kernel<{t}, {inst['mode']}, {vec}, {one}>"
+                "(const loraq_mma::Args);")
+        return line, f"I{mangled_t}Li{inst['mode']}ELb{int(inst['vec'])}ELb{int(inst['one'])}EE"
     if inst["kernel"] == "sparse_mma":
         args = "loraq_sparse_mma::MmaArgs" if inst["one"] else "loraq_sparse::Args"
         line = (f"template __global__ void loraq_sparse_mma::sparse4x4_gemv_mma_kernel<{t}, {vec}, {inst['tiles']}, "
@@ -122,7 +134,7 @@ def compile_all(arch: int = 90, kernel: str = "mma") -> List[Dict]:
         if m and name:
             usage[name]["registers"] = int(m.group(1))
     functions = re.split(r"\n\s*Function : ", sass)
-    key_op = "FFMA" if kernel == "sparse" else "HMMA"
+    key_op = {"sparse": "FFMA", "lut": "LDS"}.get(kernel, "HMMA")
     out = []
     for inst in insts:
         key = _template(inst)[1]
@@ -145,6 +157,11 @@ def describe(r: Dict) -> str:
         what = (f"int1 mma {r['dtype']} {MODES[r['mode']]:13s} {loads} loads, {r['tiles']} tile(s) of x"
                 + (", one launch" if r["one"] else ""))
         ops = f"{loop.get('HMMA', 0)} HMMA, {loop.get('LOP3', 0)} LOP3"
+    elif r["kernel"] == "lut":
+        what = (f"int1 lookup {r['dtype']} {MODES[r['mode']]:13s} {loads} loads"
+                + (", one launch" if r["one"] else ""))
+        # a lookup (an LDS) is 4 weights of a lane; the loop holds two tasks of 256
+        ops = f"{total / max(1, 4 * loop.get('LDS', 0)):.2f} a weight; {loop.get('LDS', 0)} LDS, {loop.get('LOP3', 0)} LOP3, {loop.get('FADD', 0)} FADD"
     elif r["kernel"] == "sparse_mma":
         what = (f"sparse4x4 mma {r['dtype']} {loads} loads, {r['tiles']} tile(s) of x"
                 + (", one launch" if r["one"] else ""))

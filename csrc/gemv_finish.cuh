@@ -325,6 +325,16 @@ __device__ __forceinline__ void finish_row_groups(const Args& a, const Indices& 
       [&](int rg) { return Outputs{0, a.M, rg * rows, min(rows, a.N - rg * rows)}; }, batch, lane);
   leave(a, launch_warps, batch, lane);
 }
+
+// The finish after a warp's run for a kernel whose K slices are a.slice_inputs inputs cut into
+// tasks of task_inputs (the int1 GEMVs): the slice's chunks, then finish_row_groups.
+template <typename T, bool INLINE_WAIT, typename Args>
+__device__ __forceinline__ void finish_input_slices(const Args& a, int task_inputs, int rows) {
+  const Indices at = fresh_indices();
+  const int k0 = at.block_y * a.slice_inputs;
+  const int chunks = (min(a.K - k0, a.slice_inputs) + task_inputs - 1) / task_inputs;
+  finish_row_groups<T, INLINE_WAIT>(a, at, chunks, rows);
+}
 #endif  // __CUDACC__
 
 }  // namespace loraq_gemv

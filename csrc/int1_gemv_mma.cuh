@@ -403,10 +403,7 @@ __device__ __forceinline__ void run_tasks(const Args& a, uint32_t* xs, int64_t f
 // wait for x·Aᵀ out of line (inlined, at this kernel's 64 registers, it spilled 200-300 bytes).
 template <typename T>
 __device__ __forceinline__ void finish_after_run(const Args& a) {
-  const loraq_gemv::Indices at = loraq_gemv::fresh_indices();
-  const int k0 = at.block_y * a.slice_inputs;
-  const int chunks = (min(a.K - k0, a.slice_inputs) + kTaskInputs - 1) / kTaskInputs;
-  loraq_gemv::finish_row_groups<T, false>(a, at, chunks, kTaskRows);
+  loraq_gemv::finish_input_slices<T, false>(a, kTaskInputs, kTaskRows);
 }
 
 // ONE: the one-launch finish (gemv_finish.cuh; a.fin.y set), a separate instantiation so that the

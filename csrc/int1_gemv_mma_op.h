@@ -14,47 +14,61 @@
 
 #include "finish_op.h"
 #include "op_checks.h"
+#include "int1_gemv_lut.cuh"
 #include "int1_gemv_mma.cuh"
 
 namespace loraq_mma_op {
 
 using loraq_mma::Args;
 
-// The dynamic shared memory limit is always set to the device's opt-in maximum, not this call's
-// need: two threads setting different limits could fail each other's launch.
-template <typename T, int MODE, bool VEC, int NT, bool ONE>
-void launch(const Args& a, dim3 grid, int threads, size_t smem, cudaStream_t stream) {
-  auto kernel = loraq_mma::int1_gemv_mma_kernel<T, MODE, VEC, NT, ONE>;
-  if (smem > 48 * 1024) {
-    int max_smem = 0, device = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem));
-  }
-  kernel<<<grid, threads, smem, stream>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
+// Where and how a call launches (the dynamic shared memory limit: the device's opt-in maximum,
+// loraq_ops::launch_kernel).
+struct Launch {
+  dim3 grid;
+  int threads;
+  size_t smem;
+  int max_smem;
+  cudaStream_t stream;
+};
 
 template <typename T, bool VEC, int NT, bool ONE>
-void launch_mode(int64_t mode, const Args& a, dim3 grid, int threads, size_t smem, cudaStream_t stream) {
+void launch_mode(int64_t mode, const Args& a, const Launch& l) {
   using namespace loraq_mma;
-  if (mode == kScaleRow) launch<T, kScaleRow, VEC, NT, ONE>(a, grid, threads, smem, stream);
-  else if (mode == kScaleGroup) launch<T, kScaleGroup, VEC, NT, ONE>(a, grid, threads, smem, stream);
-  else if (mode == kScaleOnebit) launch<T, kScaleOnebit, VEC, NT, ONE>(a, grid, threads, smem, stream);
-  else if (mode == kScaleRowOffset) launch<T, kScaleRowOffset, VEC, NT, ONE>(a, grid, threads, smem, stream);
-  else launch<T, kScaleOnebitOffset, VEC, NT, ONE>(a, grid, threads, smem, stream);
+  auto go = [&](auto kernel) { loraq_ops::launch_kernel(kernel, a, l.grid, l.threads, l.smem, l.max_smem, l.stream); };
+  if (mode == kScaleRow) go(int1_gemv_mma_kernel<T, kScaleRow, VEC, NT, ONE>);
+  else if (mode == kScaleGroup) go(int1_gemv_mma_kernel<T, kScaleGroup, VEC, NT, ONE>);
+  else if (mode == kScaleOnebit) go(int1_gemv_mma_kernel<T, kScaleOnebit, VEC, NT, ONE>);
+  else if (mode == kScaleRowOffset) go(int1_gemv_mma_kernel<T, kScaleRowOffset, VEC, NT, ONE>);
+  else go(int1_gemv_mma_kernel<T, kScaleOnebitOffset, VEC, NT, ONE>);
 }
 
 template <typename T, bool VEC>
-void launch_tiles(int64_t mode, const Args& a, dim3 grid, int threads, size_t smem, cudaStream_t stream) {
+void launch_tiles(int64_t mode, const Args& a, const Launch& l) {
   const bool one = a.fin.y != nullptr;
   if (a.M <= loraq_mma::kTileRows) {
-    if (one) launch_mode<T, VEC, 1, true>(mode, a, grid, threads, smem, stream);
-    else launch_mode<T, VEC, 1, false>(mode, a, grid, threads, smem, stream);
+    if (one) launch_mode<T, VEC, 1, true>(mode, a, l);
+    else launch_mode<T, VEC, 1, false>(mode, a, l);
   } else {
-    if (one) launch_mode<T, VEC, 2, true>(mode, a, grid, threads, smem, stream);
-    else launch_mode<T, VEC, 2, false>(mode, a, grid, threads, smem, stream);
+    if (one) launch_mode<T, VEC, 2, true>(mode, a, l);
+    else launch_mode<T, VEC, 2, false>(mode, a, l);
   }
+}
+
+// The lookup GEMV (one row of x; modes 0 to 2), two launches or one.
+template <typename T, bool VEC, bool ONE>
+void launch_lut_mode(int64_t mode, const Args& a, const Launch& l) {
+  using namespace loraq_mma;
+  auto go = [&](auto kernel) { loraq_ops::launch_kernel(kernel, a, l.grid, l.threads, l.smem, l.max_smem, l.stream); };
+  if (mode == kScaleRow) go(loraq_lut::int1_gemv_lut_kernel<T, kScaleRow, VEC, ONE>);
+  else if (mode == kScaleGroup) go(loraq_lut::int1_gemv_lut_kernel<T, kScaleGroup, VEC, ONE>);
+  else go(loraq_lut::int1_gemv_lut_kernel<T, kScaleOnebit, VEC, ONE>);
+}
+
+template <typename T, bool VEC>
+void launch_kernels(bool lut, int64_t mode, const Args& a, const Launch& l) {
+  if (!lut) launch_tiles<T, VEC>(mode, a, l);
+  else if (a.fin.y != nullptr) launch_lut_mode<T, VEC, true>(mode, a, l);
+  else launch_lut_mode<T, VEC, false>(mode, a, l);
 }
 
 // Adds x·Ŵᵀ into ws [M, N] (fp32, zeroed) and, when lora_A is given, stores parts[s] = this
@@ -65,12 +79,14 @@ void launch_tiles(int64_t mode, const Args& a, dim3 grid, int threads, size_t sm
 // With y, the one-launch finish (gemv_finish.cuh): the kernel also writes y = ws + s·(x·Aᵀ)·Bᵀ + b
 // and leaves ws zero; parts is then xa [1, M, block_r] (zero), `slots` the slots x·Aᵀ is cut into,
 // and counters the zeroed int32 counters (loraq_gemv::finish_counters of them), left zero.
+// lut = 1: the lookup GEMV (int1_gemv_lut.cuh) instead, for one row of x and modes 0 to 2; its
+// K slices are whole tasks of 512 inputs and its shared memory the slice's table.
 void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale,
                    const torch::Tensor& col, const c10::optional<torch::Tensor>& lora_A, torch::Tensor ws,
                    const c10::optional<torch::Tensor>& parts, int64_t mode, int64_t group_size, int64_t blocks,
                    int64_t warps, int64_t k_split, const c10::optional<torch::Tensor>& y,
                    const c10::optional<torch::Tensor>& counters, const c10::optional<torch::Tensor>& lora_B,
-                   const c10::optional<torch::Tensor>& bias, double scaling, int64_t slots) {
+                   const c10::optional<torch::Tensor>& bias, double scaling, int64_t slots, int64_t lut) {
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               "int1_gemv_mma: x must be float16 or bfloat16, got ", x.scalar_type());
   loraq_ops::check_cuda_tensor("int1_gemv_mma", x, "x", x.scalar_type(), 2);
@@ -86,6 +102,11 @@ void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const to
   TORCH_CHECK(mode >= 0 && mode <= 4,
               "int1_gemv_mma: mode must be 0 (row), 1 (group), 2 (onebit), 3 (row) or 4 (onebit) with the offset "
               "decode, got ", mode);
+  TORCH_CHECK(lut == 0 || lut == 1, "int1_gemv_mma: lut must be 0 (the mma GEMV) or 1 (the lookup GEMV), got ", lut);
+  TORCH_CHECK(lut == 0 || (M == 1 && mode <= 2),
+              "int1_gemv_mma: the lookup GEMV (lut = 1) takes one row of x and modes 0 to 2, got ", M, " rows and mode ",
+              mode);
+  const int64_t task_inputs = lut ? loraq_lut::kTaskInputs : loraq_mma::kTaskInputs;
   const bool onebit = mode == 2 || mode == 4;
   TORCH_CHECK(mode != 1 || (group_size > 0 && group_size % 32 == 0 && scale.size(1) == (K + group_size - 1) / group_size),
               "int1_gemv_mma: per-group scales need a group size that is a multiple of 32 and scale [N, ceil(K/group)]");
@@ -127,7 +148,7 @@ void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const to
   int64_t slices = 0;
   if (K > 0) {
     const int64_t per = (K + k_split - 1) / k_split;
-    a.slice_inputs = (int)((per + loraq_mma::kTaskInputs - 1) / loraq_mma::kTaskInputs * loraq_mma::kTaskInputs);
+    a.slice_inputs = (int)((per + task_inputs - 1) / task_inputs * task_inputs);
     slices = (K + a.slice_inputs - 1) / a.slice_inputs;
   }
   const bool one = y.has_value();
@@ -157,7 +178,7 @@ void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const to
   if (one)
     loraq_ops::set_finish("int1_gemv_mma", a, x, ws, parts, *y, counters, lora_A, lora_B, bias, scaling,
                           blocks * std::max<int64_t>(slices, 1) * warps, loraq_mma::kTaskRows,
-                          (K + loraq_mma::kTaskInputs - 1) / loraq_mma::kTaskInputs);
+                          (K + task_inputs - 1) / task_inputs);  // both kernels' units: 16 rows
   if (K == 0) {  // x·Ŵᵀ = 0 (the workspace stays zero) and so are the shares of x·Aᵀ; validated above
     if (one) {
       loraq_ops::finish_without_inputs(*y, bias);
@@ -167,26 +188,26 @@ void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const to
     return;
   }
   if (N == 0) return;
-  const int64_t chunks = a.slice_inputs / loraq_mma::kTaskInputs;
-  // x's rows, then with the offset decode its table of C (M·chunks floats); kernels/int1_gemv_mma.py's
-  // k_slices plans with the same sizes
-  const size_t smem = (size_t)M * (chunks * 128 + loraq_mma::kRowPadUnits) * 8 + (mode >= 3 ? (size_t)M * chunks * 4 : 0);
+  const int64_t chunks = a.slice_inputs / task_inputs;
+  // x's rows, then with the offset decode its table of C (M·chunks floats); the lookup GEMV: its
+  // table of sums. kernels/int1_gemv_mma.py's k_slices plans with the same sizes
+  const size_t smem = lut ? (size_t)loraq_lut::table_bytes((int)chunks)
+                          : (size_t)M * (chunks * 128 + loraq_mma::kRowPadUnits) * 8 + (mode >= 3 ? (size_t)M * chunks * 4 : 0);
   const c10::cuda::CUDAGuard guard(x.device());
   int max_smem = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.device().index()));
-  TORCH_CHECK(smem <= (size_t)max_smem, "int1_gemv_mma: x's slice needs ", smem, " bytes of shared memory (",
-              max_smem, " available): split K more");
+  TORCH_CHECK(smem <= (size_t)max_smem, "int1_gemv_mma: ", lut ? "the slice's table" : "x's slice", " needs ", smem,
+              " bytes of shared memory (", max_smem, " available): split K more");
   const bool vec = KW % 4 == 0 && reinterpret_cast<uintptr_t>(a.packed) % 16 == 0;
   TORCH_CHECK(slices <= 65535, "int1_gemv_mma: ", slices, " K slices exceed the grid's 65535: split K less");
-  const dim3 grid((unsigned)blocks, (unsigned)slices);
-  const int threads = (int)warps * 32;
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Launch l{dim3((unsigned)blocks, (unsigned)slices), (int)warps * 32, smem, max_smem,
+                 c10::cuda::getCurrentCUDAStream()};
   if (x.scalar_type() == at::kHalf) {
-    if (vec) launch_tiles<__half, true>(mode, a, grid, threads, smem, stream);
-    else launch_tiles<__half, false>(mode, a, grid, threads, smem, stream);
+    if (vec) launch_kernels<__half, true>(lut, mode, a, l);
+    else launch_kernels<__half, false>(lut, mode, a, l);
   } else {
-    if (vec) launch_tiles<__nv_bfloat16, true>(mode, a, grid, threads, smem, stream);
-    else launch_tiles<__nv_bfloat16, false>(mode, a, grid, threads, smem, stream);
+    if (vec) launch_kernels<__nv_bfloat16, true>(lut, mode, a, l);
+    else launch_kernels<__nv_bfloat16, false>(lut, mode, a, l);
   }
 }
 
@@ -195,7 +216,7 @@ void int1_gemv_mma_meta(const torch::Tensor&, const torch::Tensor&, const torch:
                         const c10::optional<torch::Tensor>&, torch::Tensor, const c10::optional<torch::Tensor>&,
                         int64_t, int64_t, int64_t, int64_t, int64_t, const c10::optional<torch::Tensor>&,
                         const c10::optional<torch::Tensor>&, const c10::optional<torch::Tensor>&,
-                        const c10::optional<torch::Tensor>&, double, int64_t) {}
+                        const c10::optional<torch::Tensor>&, double, int64_t, int64_t) {}
 
 }  // namespace loraq_mma_op
 
@@ -203,7 +224,8 @@ TORCH_LIBRARY_FRAGMENT(loraq, m) {
   m.def(
       "int1_gemv_mma(Tensor x, Tensor packed, Tensor scale, Tensor col, Tensor? lora_A, Tensor(a!) ws, "
       "Tensor(b!)? parts, int mode, int group_size, int blocks, int warps, int k_split, Tensor(c!)? y=None, "
-      "Tensor(d!)? counters=None, Tensor? lora_B=None, Tensor? bias=None, float scaling=1.0, int slots=0) -> ()");
+      "Tensor(d!)? counters=None, Tensor? lora_B=None, Tensor? bias=None, float scaling=1.0, int slots=0, "
+      "int lut=0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(loraq, CUDA, m) { m.impl("int1_gemv_mma", &loraq_mma_op::int1_gemv_mma); }

@@ -22,16 +22,7 @@ namespace loraq_sparse_op {
 
 using loraq_sparse::Args;
 
-// The kernel's dynamic shared memory may go up to the device's opt-in limit. Always that value,
-// not this call's need: two threads setting different limits could fail each other's launch.
-template <typename Kernel, typename A>
-void launch_kernel(Kernel kernel, const A& a, dim3 grid, int threads, size_t smem, int max_smem,
-                   cudaStream_t stream) {
-  if (smem > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem));
-  kernel<<<grid, threads, smem, stream>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
+using loraq_ops::launch_kernel;
 
 template <typename T, bool VEC>
 void launch_rows(int64_t rows, int64_t M, const loraq_sparse_mma::MmaArgs& one_args, dim3 grid, int threads,

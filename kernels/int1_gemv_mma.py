@@ -1,4 +1,5 @@
-"""``y = x·Ŵᵀ + s·(x·Aᵀ)·Bᵀ + b`` for up to 16 rows of ``x`` and an int1 ``Ŵ``, on tensor cores.
+"""``y = x·Ŵᵀ + s·(x·Aᵀ)·Bᵀ + b`` for up to 16 rows of ``x`` and an int1 ``Ŵ``, on tensor cores
+(and, for one row, by table lookup: ``CUDA_LUT`` below).
 
 The kernel is CUDA C++ (``csrc/int1_gemv_mma.cuh``, built into ``loraq._C`` as
 ``torch.ops.loraq.int1_gemv_mma``): each warp decodes its weights two signs at a time straight
@@ -26,7 +27,7 @@ from typing import List, Tuple
 
 import torch
 
-from .autotune import MMA_GEMV, Config
+from .autotune import CUDA_LUT, MMA_GEMV, Config
 from .cuda_ext import MAX_SLOTS, extension_problem, fit_slices, sm_count, smem_limits
 from .decode import SCALE_GROUP, SCALE_ONEBIT, SCALE_ROW, lora_and_bias_args, weight_args
 from .env import env_is
@@ -77,6 +78,35 @@ def k_slices(M: int, K: int, blocks_per_sm: int, at_least: int = 1, limits=None,
                       f"{M} rows of x", *([limits] if limits else []))
 
 
+# The lookup GEMV (csrc/int1_gemv_lut.cuh, the op's lut = 1) for one row of x: each block tabulates
+# the 16 signed sums of every 4 inputs of its K slice in shared memory (16 bytes an input), and a
+# lane adds one entry a nibble of weights. Configs (1, blocks an SM, CUDA_LUT_TASK_INPUTS, K slices
+# at least, warps a block, 1, CUDA_LUT); the table of 8192 inputs (128 KiB) fits one block an SM.
+CUDA_LUT_TASK_INPUTS = 512
+CUDA_LUT_SHAPES = ((1, 32), (2, 16), (4, 8), (2, 8))
+
+
+def cuda_lut_status(x: torch.Tensor, meta) -> Tuple[bool, str]:
+    """``(usable, why not)`` for the CUDA lookup GEMV on ``x`` and an int1 weight's ``meta``."""
+    if x.dim() == 2 and x.shape[0] != 1:
+        return False, f"the CUDA lookup GEMV takes one row of x, got {x.shape[0]}"
+    return mma_gemv_status(x, meta)
+
+
+def lut_k_slices(K: int, blocks_per_sm: int, at_least: int = 1, limits=None) -> int:
+    """K slices (about ``at_least`` or more) so that ``blocks_per_sm`` blocks' tables (16 bytes an
+    input of a slice, and 128 of padding) fit the shared memory (``cuda_ext.fit_slices``)."""
+    return fit_slices(K, CUDA_LUT_TASK_INPUTS, lambda inputs: 16 * inputs + 128, blocks_per_sm, at_least,
+                      "the lookup GEMV's table", *([limits] if limits else []))
+
+
+def cuda_lut_configs(M: int) -> List[Config]:
+    """The CUDA lookup GEMV's candidates (one row of x)."""
+    if M != 1:
+        raise ValueError(f"the CUDA lookup GEMV takes one row of x, got {M}")
+    return [(1, bps, CUDA_LUT_TASK_INPUTS, 1, warps, 1, CUDA_LUT) for bps, warps in CUDA_LUT_SHAPES]
+
+
 def mma_gemv_configs(M: int) -> List[Config]:
     """The mma GEMV's candidates for ``1 ≤ M ≤ MMA_MAX_M`` rows of x (K slices: 1, raised at run
     time when x's slice does not fit the shared memory)."""
@@ -86,13 +116,16 @@ def mma_gemv_configs(M: int) -> List[Config]:
 
 
 def check_mma_config(cfg) -> None:
-    """Raise ValueError unless ``cfg`` is a config the mma GEMV runs."""
-    if len(cfg) != 7 or cfg[6] != MMA_GEMV:
-        raise ValueError(f"config {cfg} is not an mma GEMV config (its last field must be {MMA_GEMV})")
-    rows, bps, inputs, split, warps, stages, _ = cfg
-    if rows != MMA_MAX_M or inputs != MMA_TASK_INPUTS or stages != 1:
-        raise ValueError(f"config {cfg}: the mma GEMV's fields 0, 2 and 5 are fixed "
-                         f"({MMA_MAX_M}, {MMA_TASK_INPUTS}, 1)")
+    """Raise ValueError unless ``cfg`` is a config the mma GEMV (or, variant ``CUDA_LUT``, the
+    lookup GEMV) runs."""
+    if len(cfg) != 7 or cfg[6] not in (MMA_GEMV, CUDA_LUT):
+        raise ValueError(f"config {cfg} is not an mma GEMV config (its last field must be {MMA_GEMV}, or "
+                         f"{CUDA_LUT} for the lookup GEMV)")
+    rows, bps, inputs, split, warps, stages, variant = cfg
+    fixed = (MMA_MAX_M, MMA_TASK_INPUTS) if variant == MMA_GEMV else (1, CUDA_LUT_TASK_INPUTS)
+    if (rows, inputs) != fixed or stages != 1:
+        raise ValueError(f"config {cfg}: the {'mma' if variant == MMA_GEMV else 'lookup'} GEMV's fields 0, 2 "
+                         f"and 5 are fixed ({fixed[0]}, {fixed[1]}, 1)")
     if bps < 1 or split < 1 or not 1 <= warps <= 32 or bps * warps > 64:
         raise ValueError(f"config {cfg}: blocks an SM and K slices must be ≥ 1, warps 1 to 32, "
                          "and at most 64 warps an SM")
@@ -103,11 +136,14 @@ def launch_mma(x, ptrs, ints, mode, N, lora_A, lora_B, scaling, bias, cfg, one_l
     ``bias`` in ``x``'s dtype and contiguous, or None) and checked. Two launches (the kernel, then
     ``splitk_finish.finish``), or with ``one_launch`` (None: ``LORAQ_ONE_LAUNCH=1``) one: the
     kernel finishes itself (``csrc/gemv_finish.cuh``). Returns ``y [M, N]`` in ``x.dtype``."""
-    _, bps, _, split, warps, _, _ = cfg
+    _, bps, _, split, warps, _, variant = cfg
     (packed, scale, col), (_, _, group, _) = ptrs, ints
     M, K = x.shape
-    mode_op = op_mode(mode)  # the switch is read once a call: the plan and the launch agree
-    slices = k_slices(M, K, bps, split, smem_limits(x.device.index or 0), offset=mode_op in OFFSET_MODES.values())
+    lut = int(variant == CUDA_LUT)  # the lookup GEMV: one row of x, no offset decode
+    mode_op = mode if lut else op_mode(mode)  # the switch is read once a call: the plan and the launch agree
+    limits = smem_limits(x.device.index or 0)
+    slices = (lut_k_slices(K, bps, split, limits) if lut
+              else k_slices(M, K, bps, split, limits, offset=mode_op in OFFSET_MODES.values()))
     blocks = max(1, -(-sm_count(x.device.index or 0) * bps // slices))  # per slice
     has_lora = lora_A is not None
     R = lora_A.shape[0] if has_lora else 1
@@ -121,39 +157,41 @@ def launch_mma(x, ptrs, ints, mode, N, lora_A, lora_B, scaling, bias, cfg, one_l
     group = group if mode == SCALE_GROUP else 0
     if one_launch_offered() if one_launch is None else one_launch:
         return _one_launch(x, packed, scale, col, lora_A, lora_B, bias, scaling, mode_op, group, N,
-                           blocks, warps, slices, slots)
+                           blocks, warps, slices, slots, lut)
 
     def launch(ws, parts):
         torch.ops.loraq.int1_gemv_mma(x, packed, scale, col, lora_A if has_lora else None, ws,
-                                      parts if has_lora else None, mode_op, group, blocks, warps, slices)
+                                      parts if has_lora else None, mode_op, group, blocks, warps, slices, lut=lut)
 
     return run_split(launch, M, N, slots, x, lora_B, R, scaling, bias)
 
 
 def _one_launch(x, packed, scale, col, lora_A, lora_B, bias, scaling, mode_op, group, N, blocks, warps, slices,
-                slots):
+                slots, lut):
     """The kernel with its finish in the same launch (``splitk_finish.run_cuda_one_launch``)."""
     has_lora = lora_A is not None
 
     def launch(ws, xa, y, counters):
         torch.ops.loraq.int1_gemv_mma(x, packed, scale, col, lora_A, ws, xa, mode_op, group, blocks, warps, slices, y,
-                                      counters, lora_B, bias, float(scaling), slots if has_lora else 0)
+                                      counters, lora_B, bias, float(scaling), slots if has_lora else 0, lut)
 
     return run_cuda_one_launch(launch, x.shape[0], N, lora_A.shape[0] if has_lora else None, slots, x)
 
 
 @on_input_device
 def int1_gemv_mma(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1.0, bias=None,
-                  blocks_per_sm: int = 2, warps: int = 16, k_split: int = 1, one_launch=None):
+                  blocks_per_sm: int = 2, warps: int = 16, k_split: int = 1, one_launch=None, lookup: bool = False):
     """``y [M, N]`` for ``x [M, K]`` (1 to 16 rows, fp16/bf16, CUDA) and an int1 weight's
     ``tensors``/``meta``, in ``x.dtype``; raises ValueError (with the reason) where the kernel
-    does not run. ``one_launch``: finish in the same launch (None: ``LORAQ_ONE_LAUNCH=1``)."""
+    does not run. ``one_launch``: finish in the same launch (None: ``LORAQ_ONE_LAUNCH=1``).
+    ``lookup``: the lookup GEMV (one row of x) instead of the mma GEMV."""
     if x.dim() != 2 or x.shape[1] != meta["K"]:
         raise ValueError(f"x must be [M, {meta['K']}], got {tuple(x.shape)}")
-    ok, why = mma_gemv_status(x, meta)
+    ok, why = (cuda_lut_status if lookup else mma_gemv_status)(x, meta)
     if not ok:
         raise ValueError(why)
-    cfg = (MMA_MAX_M, blocks_per_sm, MMA_TASK_INPUTS, k_split, warps, 1, MMA_GEMV)
+    cfg = ((1, blocks_per_sm, CUDA_LUT_TASK_INPUTS, k_split, warps, 1, CUDA_LUT) if lookup
+           else (MMA_MAX_M, blocks_per_sm, MMA_TASK_INPUTS, k_split, warps, 1, MMA_GEMV))
     check_mma_config(cfg)
     x = x.contiguous()
     ptrs, ints, mode = weight_args("int1", tensors, meta)
@@ -162,4 +200,5 @@ def int1_gemv_mma(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1
 
 
 __all__ = ["int1_gemv_mma", "mma_gemv_status", "mma_gemv_configs", "check_mma_config", "k_slices",
-           "launch_mma", "op_mode", "MMA_MAX_M", "OFFSET_MODES"]
+           "launch_mma", "op_mode", "MMA_MAX_M", "OFFSET_MODES", "cuda_lut_status", "cuda_lut_configs",
+           "lut_k_slices", "CUDA_LUT_TASK_INPUTS"]

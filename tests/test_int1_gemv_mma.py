@@ -101,7 +101,7 @@ def test_launcher_refuses_it_off_the_gpu_and_never_offers_it(monkeypatch):
     candidates on the CPU (nor anywhere the extension is missing)."""
     w, x, A, B, b = problem("int1", torch.float16, 2, 37, 300, device="cpu")
     tensors, meta = _kernel_args(w)
-    with pytest.raises(ValueError, match="CUDA mma GEMV, which cannot run here: .*CUDA kernel"):
+    with pytest.raises(ValueError, match="CUDA int1 GEMV, which cannot run here: .*CUDA kernel"):
         lora_linear_fwd(x, "int1", tensors, meta, A, B, 0.5, b, config=CFG)
     with pytest.raises(ValueError, match="int1_gemv_mma|CUDA kernel"):
         int1_gemv_mma(x, tensors, meta, A, B, 0.5, b)
