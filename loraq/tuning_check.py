@@ -16,6 +16,7 @@ that computes something else.
 
 from __future__ import annotations
 
+import abc
 import logging
 from typing import Dict, List, Optional
 
@@ -78,7 +79,7 @@ def _verdict(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> Option
     return None
 
 
-class _ReferenceCheck:
+class _ReferenceCheck(abc.ABC):
     """A check (``check(out) -> None or why``) of ``out``, a launcher's output for the rows of its
     input from ``row0``, against reference rows computed once a tuning (``_reference``). Made on
     every call that may tune, so it only stores its arguments until it is called."""
@@ -97,8 +98,9 @@ class _ReferenceCheck:
             self._refs = {}
         return type(self)(self._args, self.row0 + row0, self._refs)
 
+    @abc.abstractmethod
     def _reference(self, rows: List[int]) -> torch.Tensor:
-        raise NotImplementedError
+        """The reference rows ``rows`` of the output, fp32."""
 
     def __call__(self, out: torch.Tensor) -> Optional[str]:
         if self._refs is None:

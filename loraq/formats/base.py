@@ -81,9 +81,9 @@ class CompressedWeight(abc.ABC):
                              f"multiple of {step}, got start={start!r}, stop={stop!r}")
         return self._rows(start, stop)
 
+    @abc.abstractmethod
     def _rows(self, start: int, stop: int) -> "CompressedWeight":
         """``rows`` after its checks: each format slices its own tensors."""
-        raise NotImplementedError(f"{type(self).__name__} has no row blocks")
 
     # -- derived ---------------------------------------------------------------------------
     @property
