@@ -9,8 +9,8 @@
 // (its loop: 462 for a warp's 16 x 512 weights), and it took 25.7 µs at 8192→28672 (target 15).
 // Here each block first tabulates, for every group of 4 inputs of its K slice, the 16 sums
 // ±x0 ±x1 ±x2 ±x3 (fp32, in shared memory); a weight row's nibble of sign bits then picks its
-// group's sum: a shift, a LOP3, an LDS and an FADD for 4 weights, about 1.1 instructions a
-// weight. The Triton lookup GEMV (int1_gemv_lut.py) does the same lookups through warp shuffles
+// group's sum: a shift, a LOP3, an LDS and an FADD for 4 weights; with the loop's own, 1.31
+// instructions a weight a lane compiled for sm_90 (bench/sass_cuda.py --kernel lut). The Triton lookup GEMV (int1_gemv_lut.py) does the same lookups through warp shuffles
 // and is bound by the L1 pipeline; an LDS of a table that the lanes share costs one pass.
 //
 // Lanes and banks: a task is 16 weight rows x 512 inputs (16 words a row). Lane (r, h) = (lane / 2,
@@ -143,7 +143,7 @@ __host__ __device__ __forceinline__ float lookup(const unsigned char* table, uin
 #ifdef __CUDA_ARCH__
   (void)table;
   float v;
-  asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(at));
+  asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(at) : "memory");  // reads the table: after its fill
   return v;
 #else
   float v;
@@ -308,7 +308,7 @@ __global__ void __launch_bounds__(1024) int1_gemv_lut_kernel(const Args a) {
     const auto [first, count] = loraq_gemv::warp_run(warp, total, tasks);
     for (int i = 0; i < 2 && i < count; ++i) {
       const int rg = (int)((first + i) / chunks);
-      const int word = slice_word0 + (int)((first + i) % chunks) * kTaskWords + chunk_word(h, 0);
+      const int word = slice_word0 + (int)((first + i) % chunks) * kTaskWords + 8 * h;  // the row's 64 bytes
       const int n = rg * kTaskRows + r;
       if (n < a.N && word < a.KW) loraq_gemv::prefetch_l2(a.packed + (int64_t)n * a.KW + word);
     }
@@ -318,6 +318,10 @@ __global__ void __launch_bounds__(1024) int1_gemv_lut_kernel(const Args a) {
     loraq_gemv::own_xa_batch<T>(a, (int)(blockIdx.y * total + warp), loraq_gemv::xa_batch(a, (int)(total * gridDim.y)), lane);
   if (!ONE && a.parts != nullptr && block < a.slots) loraq_gemv::store_xa_share<T>(a, block);
   fill_table<T, MODE>(a, lut_table, k0, chunks, threadIdx.x, blockDim.x);
+  // the OR of a nibble's offset into a base needs the table 64-byte aligned: ptxas honours the
+  // declaration's 128 (the CUDA guide does not promise it for dynamic shared memory), so a
+  // toolchain that did not must fail here, not give wrong sums
+  if (table_address(lut_table) & 63u) __trap();
   __syncthreads();
   const loraq_gemv::WarpRun run = loraq_gemv::warp_run(warp, total, tasks);
   const int64_t first = run.first;

@@ -118,8 +118,8 @@ void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const to
   loraq_ops::check_cuda_tensor("int1_gemv_mma", ws, "ws", at::kFloat, 2);
   TORCH_CHECK(ws.size(0) == M && ws.size(1) == N, "int1_gemv_mma: ws must be [M, N] = [", M, ", ", N, "], got ",
               ws.sizes());
-  TORCH_CHECK(blocks >= 1 && k_split >= 1 && warps >= 1 && warps <= 32,
-              "int1_gemv_mma: blocks and k_split must be ≥ 1 and warps 1 to 32");
+  TORCH_CHECK(blocks >= 1 && blocks < (int64_t(1) << 30) && k_split >= 1 && warps >= 1 && warps <= 32,
+              "int1_gemv_mma: blocks must be 1 to 2^30 - 1, k_split ≥ 1 and warps 1 to 32");
   TORCH_CHECK(lora_A.has_value() == parts.has_value(), "int1_gemv_mma: lora_A and parts come together");
   TORCH_CHECK(x.device() == packed.device() && x.device() == ws.device() && x.device() == scale.device() &&
                   (!onebit || x.device() == col.device()),

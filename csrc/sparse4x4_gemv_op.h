@@ -78,8 +78,9 @@ void sparse4x4_gemv(const torch::Tensor& x, const torch::Tensor& values, const t
   const bool mma = rows == 16;
   TORCH_CHECK(rows == 1 || rows == 2 || rows == 4 || rows == 8 || mma,
               "sparse4x4_gemv: rows must be 1, 2, 4 or 8 (the gather) or 16 (the tensor-core kernel), got ", rows);
-  TORCH_CHECK(blocks >= 1 && k_split >= 1 && warps >= 1 && warps * 32 <= loraq_sparse::kThreads,
-              "sparse4x4_gemv: blocks and k_split must be ≥ 1 and warps 1 to ", loraq_sparse::kThreads / 32);
+  TORCH_CHECK(blocks >= 1 && blocks < (int64_t(1) << 30) && k_split >= 1 && warps >= 1 &&
+                  warps * 32 <= loraq_sparse::kThreads,
+              "sparse4x4_gemv: blocks must be 1 to 2^30 - 1, k_split ≥ 1 and warps 1 to ", loraq_sparse::kThreads / 32);
   TORCH_CHECK(lora_A.has_value() == parts.has_value(), "sparse4x4_gemv: lora_A and parts come together");
   TORCH_CHECK(x.device() == values.device() && x.device() == positions.device() && x.device() == ws.device(),
               "sparse4x4_gemv: tensors on one device");
