@@ -10,13 +10,15 @@
 // Here each block first tabulates, for every group of 4 inputs of its K slice, the 16 sums
 // ±x0 ±x1 ±x2 ±x3 (fp32, in shared memory); a weight row's nibble of sign bits then picks its
 // group's sum: a shift, a LOP3, an LDS and an FADD for 4 weights; with the loop's own, 1.31
-// instructions a weight a lane compiled for sm_90 (bench/sass_cuda.py --kernel lut). The Triton lookup GEMV (int1_gemv_lut.py) does the same lookups through warp shuffles
-// and is bound by the L1 pipeline; an LDS of a table that the lanes share costs one pass.
+// instructions a weight a lane compiled for sm_90 (bench/sass_cuda.py --kernel lut). The Triton
+// lookup GEMV (int1_gemv_lut.py) does the same lookups through warp shuffles and is bound by the
+// L1 pipeline; an LDS of a table that the lanes share costs one pass.
 //
 // Lanes and banks: a task is 16 weight rows x 512 inputs (16 words a row). Lane (r, h) = (lane / 2,
 // lane % 2) reads words 4h .. 4h + 3 and 8 + 4h .. 11 + 4h of row r (two 16-byte loads; each load
-// of the lane pair is one whole 32-byte sector of the row). At each unrolled step (word j, nibble i) the 16 lanes of each h look up the same group's
-// 16 entries (16 consecutive banks; equal entries broadcast); the two halves h lie 64 bytes apart
+// of the lane pair is one whole 32-byte sector of the row). At each unrolled step (word j, nibble
+// i) the 16 lanes of each h look up the same group's 16 entries (16 consecutive banks; equal
+// entries broadcast); the two halves h lie 64 bytes apart
 // modulo 128 (the table of h = 1 starts after that of h = 0 and 64 bytes of padding), so a warp's
 // lookup never conflicts. Every table base is a multiple of 64 bytes, so a nibble's offset (its
 // value times 4, bits 2-5) is ORed into the base with the mask, in one LOP3.
