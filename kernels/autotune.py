@@ -7,7 +7,8 @@ not tune again (the file is merged under a lock, so processes sharing the folder
 other's winners; with no home folder and no ``$LORAQ_CACHE_DIR``, winners stay in memory).
 Off the GPU (the interpreter) the first, smallest config is used untimed. Each tuning is logged
 (logger ``loraq.autotune``, INFO); ``LORAQ_AUTOTUNE_VERBOSE=1`` prints every candidate's time
-and every failure. A launcher's ``config=`` argument skips tuning.
+and every failure. A launcher's ``config=`` argument skips tuning. Inside a CUDA graph capture
+nothing is timed: an untuned problem gets the first candidate, with a warning.
 """
 
 import contextlib
@@ -130,6 +131,8 @@ _MEMORY: Dict[str, Dict[str, Config]] = {}
 _PICKED: Dict[tuple, Config] = {}
 # cache files already warned about (damaged, or not writable): one warning a file and process
 _WARNED: set = set()  # (path, "read" or "write")
+# problems first met inside a CUDA graph capture, warned about once each (_untuned_in_capture)
+_CAPTURE_WARNED: set = set()
 
 
 def m_bucket(M: int) -> int:
@@ -453,6 +456,10 @@ def pick_config(op: str, M: int, N: int, K: int, dtype: torch.dtype, device: tor
     ``run(c)`` output must pass it before it is timed; those that fail are left out with a
     warning, so that a config that is fast and wrong on this GPU never wins.
 
+    A problem first met while the stream is capturing a CUDA graph is not tuned (that would
+    record the candidates into the graph and synchronize inside the capture): it gets a cached
+    winner (memory or disk) or, with a warning, the first candidate, untimed and not cached.
+
     ``op`` names the kernel and ``variant`` (hashable) holds whatever else ``extra`` depends on
     (the rank, a setting): with the batch bucket, N, K, dtype and device they key the in-memory
     answer, the per-call path that never builds the candidate list. On disk the key holds a
@@ -477,10 +484,40 @@ def pick_config(op: str, M: int, N: int, K: int, dtype: torch.dtype, device: tor
         key = (f"{op}|M{m_bucket(M)}|N{N}|K{K}|{str(dtype).replace('torch.', '')}"
                f"|c{zlib.crc32(repr(candidates).encode()):08x}")
         if table.get(key) not in candidates:  # not tuned yet (or a damaged entry)
+            if _capturing():  # nothing can be timed or checked inside a capture: remember nothing
+                return _untuned_in_capture(op, M, N, K, dtype, candidates)
             table[key] = _tune(op, key, M, N, K, dtype, candidates, run, bench or gpu_time, check)
             _store(path, table)
         _PICKED[fast] = table[key]
         return table[key]
+
+
+def _capturing() -> bool:
+    """Whether the current CUDA stream is capturing a CUDA graph: a tuning there would record its
+    candidates into the user's graph, and its timing and checking synchronize, which a capture
+    forbids (the capture would be invalidated)."""
+    try:
+        return bool(torch.cuda.is_current_stream_capturing())
+    except Exception:  # no CUDA runtime: nothing captures
+        return False
+
+
+def _untuned_in_capture(op, M, N, K, dtype, candidates) -> Config:
+    """The config of a problem first met inside a CUDA graph capture: the first candidate (the
+    first of :func:`configs_for`, the small tiled kernel that runs every problem), untimed and not
+    remembered, so that the next call outside a capture tunes it. Warns once per problem."""
+    cfg = candidates[0]
+    problem = (op, m_bucket(M), N, K, dtype)
+    if problem not in _CAPTURE_WARNED:
+        _CAPTURE_WARNED.add(problem)
+        message = (f"loraq autotune: {op} (M={M}, N={N}, K={K}, {str(dtype).replace('torch.', '')}) was first "
+                   f"called while a CUDA graph was being captured, where its kernel configs cannot be timed; "
+                   f"the graph gets the untuned {describe(cfg)}, which may be several times slower. "
+                   "Call the model once with this batch size before capturing (a warm-up; "
+                   "torch.compile's mode='reduce-overhead' makes one) so that it is tuned first.")
+        _LOG.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+    return cfg
 
 
 def _tune(op, key, M, N, K, dtype, candidates, run, bench, check=None) -> Config:

@@ -48,4 +48,5 @@ def fake_gpu(tmp_path, monkeypatch):
     monkeypatch.setattr(autotune, "_MEMORY", {})
     monkeypatch.setattr(autotune, "_PICKED", {})
     monkeypatch.setattr(autotune, "_WARNED", set())
+    monkeypatch.setattr(autotune, "_CAPTURE_WARNED", set())
     return tmp_path

@@ -524,3 +524,46 @@ def test_a_config_wrong_on_the_gpu_is_never_offered_to_its_kernel(fake_gpu):
     assert autotune.pick_config("lora_linear_dx:int1:0:0", 256, 4096, 14336, torch.float16, CUDA_DEV, run,
                                 bench) == bad
     assert autotune.wrong_on_gpu("lora_linear_fwd:sparse4x4:0:0") == ()
+
+
+def test_a_problem_first_met_inside_a_cuda_graph_capture_is_not_tuned(fake_gpu, monkeypatch, caplog):
+    """While the stream captures a CUDA graph nothing is run, timed or stored: the first candidate
+    comes back with one warning per problem; a winner already on disk is used; once the capture is
+    over the same problem is tuned as usual."""
+    capturing = [True]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    fastest = autotune.SMALL_M[4]
+    run, bench = by_rank([fastest])
+    calls = []
+
+    def recorded(cfg):
+        calls.append(cfg)
+        run(cfg)
+
+    args = ("lora_linear_fwd:int1:1:1", 3, 4096, 4096, torch.float16, CUDA_DEV, recorded, bench)
+    extra = [(1, 512, 256, 4, 4, 1, autotune.LUT)]
+    with pytest.warns(RuntimeWarning, match="while a CUDA graph was being captured") as caught:
+        got = autotune.pick_config(*args, extra=extra)
+        assert autotune.pick_config(*args, extra=extra) == got  # a second call: no second warning
+    assert len(caught) == 1 and "M=3, N=4096, K=4096, float16" in str(caught[0].message)
+    assert got == autotune.configs_for(3)[0] and calls == []
+    assert not (fake_gpu / "autotune").exists() or not list((fake_gpu / "autotune").glob("*.json"))
+    assert autotune._PICKED == {}
+
+    capturing[0] = False  # after the capture: tuned, stored on disk
+    assert autotune.pick_config(*args, extra=extra) == fastest and calls
+    assert len(cache_entries(fake_gpu)) == 1
+
+    autotune._PICKED.clear()  # another process: inside a capture the disk's winner is used, untimed
+    capturing[0] = True
+    calls.clear()
+    assert autotune.pick_config(*args, extra=extra) == fastest and calls == []
+
+
+def test_the_capture_check_is_false_without_a_cuda_runtime(monkeypatch):
+    """A torch whose CUDA query raises (no driver) counts as not capturing."""
+    def broken():
+        raise RuntimeError("no CUDA driver")
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", broken)
+    assert autotune._capturing() is False

@@ -584,6 +584,39 @@ def test_gpu_every_dx_candidate_at_the_refused_benchmark_problem(fmt, lora):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int1", "sparse4x4"])
+def test_gpu_a_problem_first_met_inside_a_cuda_graph_capture(fmt, tmp_path, monkeypatch):
+    """A shape never tuned, first called while a CUDA graph is captured: the tuner times nothing
+    (it would synchronize inside the capture), warns, and the graph replays the right answer with
+    the untuned first config; the next eager call tunes as usual."""
+    from loraq.kernels import autotune
+
+    monkeypatch.setenv("LORAQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "_MEMORY", {})
+    monkeypatch.setattr(autotune, "_PICKED", {})
+    monkeypatch.setattr(autotune, "_CAPTURE_WARNED", set())
+    M, N, K = 3, 1000, 1537
+    w, x, A, B, b = problem(fmt, torch.float16, M, N, K, r=16)
+
+    def expected():
+        return (reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 2.0, f64(b)),
+                reference.lora_linear_ref(x, w, A, B, 2.0, b))
+
+    graph = torch.cuda.CUDAGraph()
+    with pytest.warns(RuntimeWarning, match="while a CUDA graph was being captured"):
+        with torch.no_grad(), torch.cuda.graph(graph):
+            y = ops.lora_linear(x, w, A, B, 2.0, b, backend="triton")
+    assert autotune._PICKED == {}
+    x.copy_(torch.randn_like(x))  # the graph reads x where it is: replay on new inputs
+    graph.replay()
+    torch.cuda.synchronize()
+    check(y, *expected(), f"{fmt}: replayed")
+    with torch.no_grad():  # outside the capture: tuned as usual
+        check(ops.lora_linear(x, w, A, B, 2.0, b, backend="triton"), *expected(), f"{fmt}: eager")
+    assert autotune._PICKED
+
+
+@pytest.mark.gpu
 def test_gpu_auto_picks_triton():
     assert ops.resolve_backend("auto", torch.device("cuda"), "int1") in ("triton", "cuda")
     assert os.environ.get("TRITON_INTERPRET") != "1"
