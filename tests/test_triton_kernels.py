@@ -514,6 +514,28 @@ def test_torch_compile_has_no_graph_break(fmt, compiler):
         torch.testing.assert_close(torch.compile(net, backend=compiler, fullgraph=True)(x), eager)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int1", "sparse4x4"])
+def test_gpu_torch_compile_reduce_overhead_replays_cuda_graphs(fmt, tmp_path, monkeypatch):
+    """``mode="reduce-overhead"`` (inductor's CUDA graphs, the way to take the launchers' Python
+    out of small-batch inference) on a model never tuned: its eager warm-up tunes, the captured
+    graphs replay, and each call's answer is the eager one's, new inputs and all."""
+    from loraq.kernels import autotune
+
+    monkeypatch.setenv("LORAQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "_MEMORY", {})
+    monkeypatch.setattr(autotune, "_PICKED", {})
+    net = _model(fmt, torch.float16, "triton")
+    torch._dynamo.reset()
+    compiled = torch.compile(net, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        for step in range(4):  # warm-up, capture, replays
+            x = torch.randn(2, 24, device=DEV, dtype=torch.float16)
+            got = compiled(x).clone()  # a graph's output is overwritten by its next replay
+            torch.testing.assert_close(got, net(x), rtol=2e-3, atol=2e-3, msg=lambda m: f"call {step}: {m}")
+    assert autotune._PICKED, "the warm-up did not tune"
+
+
 @pytest.mark.parametrize("fmt", ["int1", "sparse4x4"])
 def test_training_gives_the_same_losses_with_each_backend(fmt):
     xb = torch.randn(32, 24, device=DEV)
