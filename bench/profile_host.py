@@ -8,11 +8,15 @@ host), then a cProfile of the public entry.
     python bench/profile_host.py [--format int1] [--K 4096 --N 4096 --M 1]
     python bench/profile_host.py --stub                   # the layer's own Python, any CPU (64², see --K)
     python bench/profile_host.py --stub-kernels           # loraq's and Triton's Python, any CPU
+    python bench/profile_host.py --stub-kernels --cuda-op mma   # the same with loraq._C's GEMVs picked
 
 ``--stub-kernels`` runs the whole stack (``LoraLinear`` down to the launchers) on CPU tensors,
 with Triton's launches recorded by a fake driver instead of run and the tuner answering as a GPU's
 cache does: the host time before the GPU's launches, measured without a GPU, with Triton's launch
 path and with ``kernels.fast_launch`` (only the C launcher, about the same for both, is left out).
+``--cuda-op`` does it as if the extension ``loraq._C`` were built and its GEMV picked, its ops
+recorded instead of run (their C++ dispatch left out). ``LoraLinear`` rows are its eager
+inference: after the first call, through a kept ``ops.forward_plan``.
 """
 
 from __future__ import annotations
@@ -123,6 +127,10 @@ def main(argv=None) -> int:
     p.add_argument("--stub-kernels", action="store_true",
                    help="run every layer of the stack on the CPU, Triton's launches recorded by a fake driver "
                         "instead of run: the Python before the GPU works (measurable on any CPU)")
+    p.add_argument("--cuda-op", choices=["mma", "lut"],
+                   help="with --stub-kernels: as if the CUDA extension were built, its GEMV picked at up to 16 rows "
+                        "(mma: the tensor-core GEMVs of both formats; lut: int1's lookup GEMV, one row), its ops "
+                        "recorded instead of run")
     args = p.parse_args(argv)
     default = 64 if args.stub else 4096
     args.K, args.N = (default if v is None else v for v in (args.K, args.N))
@@ -180,6 +188,45 @@ def stub_layer(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def fake_extension(on, calls):
+    """With ``on``, the CUDA extension's GEMVs as if built and usable on an H100 (132 SMs, 227 KiB
+    of shared memory a block): each ``torch.ops.loraq`` op a Python function that records its call
+    into ``calls``. The op's own dispatch (torch's C++ dispatcher, about as long as a torch call)
+    is left out, as Triton's C launcher is."""
+    if not on:
+        yield
+        return
+    import importlib
+
+    # modules, not the functions of the same names that loraq.kernels exports
+    int1_gemv_mma, lora_linear_fwd, sparse4x4_gemv_cuda = (importlib.import_module(f"loraq.kernels.{m}") for m in (
+        "int1_gemv_mma", "lora_linear_fwd", "sparse4x4_gemv_cuda"))
+
+    ok = lambda *a: (True, "")  # noqa: E731
+    patches = [(lora_linear_fwd, "mma_gemv_status", ok), (lora_linear_fwd, "sparse_cuda_status", ok),
+               (lora_linear_fwd, "cuda_gemv_offered", lambda: True)]
+    for mod in (int1_gemv_mma, sparse4x4_gemv_cuda):
+        patches += [(mod, "sm_count", lambda index: 132), (mod, "smem_limits", lambda index: (232448, 233472))]
+    ops_ns = torch.ops.loraq
+    for name in ("int1_gemv_mma", "sparse4x4_gemv"):
+        patches.append((ops_ns, name, lambda *a, name=name, **k: calls.append((name,))))
+    saved = [(obj, name, obj.__dict__.get(name, _MISSING)) for obj, name, _ in patches]
+    for obj, name, value in patches:
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for obj, name, value in saved:
+            if value is _MISSING:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, value)
+
+
+_MISSING = object()
+
+
 def stub_kernels(args) -> int:
     """Host time of each layer of the stack on CPU tensors, Triton's launches recorded instead of
     run (``fake_driver.fake_cuda``: all of Triton's per-call Python runs, its C launcher does not)
@@ -191,22 +238,27 @@ def stub_kernels(args) -> int:
 
     from fake_driver import fake_cuda
 
+    from loraq.kernels.autotune import CUDA_GATHER, CUDA_LUT, MMA_GEMV, SPARSE_MMA
+
     fwd_mod = importlib.import_module("loraq.kernels.lora_linear_fwd")
     real_pick = fwd_mod.pick_config
     picked = {}
+    cuda = (MMA_GEMV, CUDA_LUT, CUDA_GATHER, SPARSE_MMA)
 
     def pick(op, M, N, K, dtype, device, run, bench=None, extra=None, variant=(), check=None):
         key = (op, M, N, K, dtype, device.index, variant)
         hit = picked.get(key)
         if hit is None:
             more = list((extra() if callable(extra) else extra) or [])
+            if args.cuda_op:  # the extension's GEMV, as the H100 picked at 1 and 16 rows
+                more = [c for c in more if c[6] in cuda and (args.cuda_op == "lut") == (c[6] == CUDA_LUT)]
             hit = picked[key] = more[0] if more and M <= 16 else real_pick(op, M, N, K, dtype, device, run)
         return hit
 
     fwd_mod.pick_config = pick
     # TRITON_INTERPRET=1 lets the triton backend take CPU tensors; the kernels are JITFunctions
     try:
-        with environ(TRITON_INTERPRET="1"), fake_cuda() as (calls, _, _):
+        with environ(TRITON_INTERPRET="1"), fake_cuda() as (calls, _, _), fake_extension(args.cuda_op, calls):
             dt = torch.float16
             W = torch.randn(args.N, args.K) / args.K**0.5
             w = compress_weight(W, args.format).to(dt)

@@ -484,7 +484,7 @@ def pick_config(op: str, M: int, N: int, K: int, dtype: torch.dtype, device: tor
         key = (f"{op}|M{m_bucket(M)}|N{N}|K{K}|{str(dtype).replace('torch.', '')}"
                f"|c{zlib.crc32(repr(candidates).encode()):08x}")
         if table.get(key) not in candidates:  # not tuned yet (or a damaged entry)
-            if _capturing():  # nothing can be timed or checked inside a capture: remember nothing
+            if capturing():  # nothing can be timed or checked inside a capture: remember nothing
                 return _untuned_in_capture(op, M, N, K, dtype, candidates)
             table[key] = _tune(op, key, M, N, K, dtype, candidates, run, bench or gpu_time, check)
             _store(path, table)
@@ -492,7 +492,7 @@ def pick_config(op: str, M: int, N: int, K: int, dtype: torch.dtype, device: tor
         return table[key]
 
 
-def _capturing() -> bool:
+def capturing() -> bool:
     """Whether the current CUDA stream is capturing a CUDA graph: a tuning there would record its
     candidates into the user's graph, and its timing and checking synchronize, which a capture
     forbids (the capture would be invalidated)."""

@@ -23,6 +23,7 @@ onebit weights take the offset decode, one ``LOP3`` a register of A instead of a
 ``(MMA_MAX_M, blocks an SM, MMA_TASK_INPUTS, K slices at least, warps a block, 1, MMA_GEMV)``.
 """
 
+from functools import lru_cache
 from typing import List, Tuple
 
 import torch
@@ -67,6 +68,7 @@ def mma_gemv_status(x: torch.Tensor, meta) -> Tuple[bool, str]:
     return (not problem), problem
 
 
+@lru_cache(maxsize=1024)  # per call otherwise (host time): a few shapes, a few configs
 def k_slices(M: int, K: int, blocks_per_sm: int, at_least: int = 1, limits=None, offset: bool = False) -> int:
     """K slices (about ``at_least`` or more) so that ``blocks_per_sm`` blocks' copies of ``x``
     (``M`` rows of a slice, pair order, 2 bytes an input, 32 bytes of padding a row, and with the
@@ -93,6 +95,7 @@ def cuda_lut_status(x: torch.Tensor, meta) -> Tuple[bool, str]:
     return mma_gemv_status(x, meta)
 
 
+@lru_cache(maxsize=1024)
 def lut_k_slices(K: int, blocks_per_sm: int, at_least: int = 1, limits=None) -> int:
     """K slices (about ``at_least`` or more) so that ``blocks_per_sm`` blocks' tables (16 bytes an
     input of a slice, and 128 of padding) fit the shared memory (``cuda_ext.fit_slices``)."""
@@ -149,8 +152,9 @@ def launch_mma(x, ptrs, ints, mode, N, lora_A, lora_B, scaling, bias, cfg, one_l
     R = lora_A.shape[0] if has_lora else 1
     slots = min(MAX_SLOTS, blocks * slices)
     # the kernel reads the scales in x's dtype (the reference rounds Ŵ to it too); col is onebit's g
-    col = col.to(x.dtype) if col is not scale else None
-    scale = scale.to(x.dtype)
+    dt = x.dtype  # .to() of a tensor already in dt still costs a microsecond of host time
+    col = (col if col.dtype == dt else col.to(dt)) if col is not scale else None
+    scale = scale if scale.dtype == dt else scale.to(dt)
     col = scale if col is None else col
     lora_A = lora_A.contiguous() if has_lora else None
 

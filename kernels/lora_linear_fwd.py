@@ -37,7 +37,8 @@ from .decode import (SCALE_GROUP, _dot, _int1_group_scale, _int1_sign_pairs, _in
                      split_plan, use_asm, weight_args)
 from .splitk_finish import XA_BLOCK_K, _store_xa_part, one_launch_offered, run_split
 from .host_math import block_r, cdiv, in_row_chunks, rows_per_launch
-from .autotune import rows_from
+from .autotune import capturing as autotune_capturing, rows_from
+from .env import switches
 from .fast_launch import fast
 from .device_guard import on_input_device
 
@@ -141,13 +142,69 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
     if rows < M:  # offsets past 32 bits: a launch per block of rows
         return in_row_chunks(lambda i, j: lora_linear_fwd(x[i:j], fmt, tensors, meta, lora_A, lora_B, scaling, bias,
                                                           config, rows_from(check, i)), M, rows, N, x)
+    run_on, cfg, _ = _prepared(x, fmt, tensors, meta, lora_A, lora_B, scaling, bias, config, check)
+    return run_on(x, cfg)
+
+
+class ForwardPlan:
+    """The fused forward prepared once for every ``x`` of one shape, dtype and device: calling it
+    with such an ``x`` launches the config the tuner picked, on the weight, LoRA and bias tensors
+    it was made with (their values as they are at the call), skipping the per-call work of
+    :func:`lora_linear_fwd` (its arguments' preparation, the cache lookup, the candidate checks).
+    ``current()``: whether the switches it was made under (``env.switches``) still hold."""
+
+    __slots__ = ("_run_on", "cfg", "_switches", "_shape", "_dtype", "_device")
+
+    def __init__(self, run_on, cfg, x):
+        self._run_on, self.cfg, self._switches = run_on, cfg, switches()
+        self._shape, self._dtype, self._device = x.shape, x.dtype, x.device
+
+    def current(self) -> bool:
+        return switches() == self._switches
+
+    def __call__(self, x):
+        if x.shape != self._shape or x.dtype != self._dtype or x.device != self._device:
+            raise ValueError(f"this plan takes x of shape {tuple(self._shape)}, {self._dtype} on {self._device}; "
+                             f"got {tuple(x.shape)}, {x.dtype} on {x.device}")
+        x = x.contiguous()
+        if x.is_cuda and x.device.index != torch.cuda.current_device():
+            with torch.cuda.device(x.device):
+                return self._run_on(x, self.cfg)
+        return self._run_on(x, self.cfg)
+
+
+@on_input_device
+def forward_plan(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1.0, bias=None,
+                 check=None):
+    """A :class:`ForwardPlan` of :func:`lora_linear_fwd` for inputs shaped like ``x`` (the same
+    arguments), tuned first if the problem is new; None where a plan would not stay right:
+    no rows, a batch split into launches, an argument the launcher would cast or copy (a plan must
+    read the caller's tensors at each call, never a copy made once), or a CUDA graph being
+    captured (where a new problem gets an untuned config that must not be kept)."""
+    M, K = x.shape
+    if M == 0 or rows_per_launch(M, max(K, meta["N"])) < M or autotune_capturing():
+        return None
+    x = x.contiguous()
+    run_on, cfg, bound = _prepared(x, fmt, tensors, meta, lora_A, lora_B, scaling, bias, None, check)
+    ptrs, A, B, b = bound
+    own = list(tensors.values())
+    if not all(any(p is t for t in own) for p in ptrs) or A is not lora_A or B is not lora_B or b is not bias:
+        return None
+    return ForwardPlan(run_on, cfg, x)
+
+
+def _prepared(x, fmt, tensors, meta, lora_A, lora_B, scaling, bias, config, check):
+    """``(run_on(x, cfg) -> y, the config, (weight pointers, A, B, bias) as the kernels read them)``
+    for a contiguous ``x [M, K]`` that one launch covers; tunes the config if it is new."""
+    M, K = x.shape
+    N = meta["N"]
     ptrs, ints, scale_mode = weight_args(fmt, tensors, meta)
     has_lora = lora_A is not None
     A, B, bias = lora_and_bias_args(x, lora_A, lora_B, bias)
     R = A.shape[0] if has_lora else 1
 
-    def run(cfg):
-        # the GEMVs of small batches, on the arguments prepared above
+    def run_on(x, cfg):
+        # the GEMVs of small batches, on the arguments prepared above (x: this call's, of the same shape)
         if cfg[6] == LUT:
             return launch_lut(x, ptrs, ints, scale_mode, N, A, B, scaling, bias, cfg)
         if cfg[6] in (MMA_GEMV, CUDA_LUT):
@@ -254,6 +311,6 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
         variant = ((R if has_lora else 0) + (bias is not None), dense_slab_cap_mib())
     else:
         variant = ()
-    cfg = config or pick_config(op, M, N, K, x.dtype, x.device, run, extra=extra, variant=variant,
-                                check=check)
-    return run(cfg)
+    cfg = config or pick_config(op, M, N, K, x.dtype, x.device, lambda cfg: run_on(x, cfg), extra=extra,
+                                variant=variant, check=check)
+    return run_on, cfg, (ptrs, A, B, bias)

@@ -27,6 +27,7 @@ slices at least, warps a block, 1, variant)``: the gather's rows are 1, 2, 4 or 
 ``GATHER_TASK_INPUTS``; the tensor-core kernel's are 16 and ``SPARSE_MMA_TASK_INPUTS``.
 """
 
+from functools import lru_cache
 from typing import List, Tuple
 
 import torch
@@ -82,6 +83,7 @@ def slice_bytes(rows: int, M: int):
     return lambda inputs: rows * inputs * 4
 
 
+@lru_cache(maxsize=1024)  # per call otherwise (host time): a few shapes, a few configs
 def sparse_slices(rows: int, M: int, K: int, blocks_per_sm: int, at_least: int = 1, limits=None) -> int:
     """K slices (about ``at_least`` or more) so that ``blocks_per_sm`` blocks' copies of ``x`` fit
     the shared memory (``cuda_ext.fit_slices``; ``limits``: ``cuda_ext.smem_limits`` of the GPU)."""
@@ -134,7 +136,7 @@ def launch_sparse_cuda(x, ptrs, N, lora_A, lora_B, scaling, bias, cfg, one_launc
     has_lora = lora_A is not None
     R = lora_A.shape[0] if has_lora else 1
     slots = min(MAX_SLOTS, blocks * slices)
-    values = values.to(x.dtype)  # Ŵ in the activation dtype, as the reference rounds it
+    values = values if values.dtype == x.dtype else values.to(x.dtype)  # Ŵ in x's dtype, as the reference rounds it
     lora_A = lora_A.contiguous() if has_lora else None
 
     if rows == SPARSE_MMA_ROWS and (one_launch_offered() if one_launch is None else one_launch):

@@ -353,6 +353,22 @@ def triton_lora_linear_fwd(x, weight, lora_A, lora_B, scaling, bias):
                                                  float(scaling), bias)
 
 
+def triton_forward_plan(x, weight, lora_A, lora_B, scaling, bias):
+    """The ``triton`` backend's prepared forward (``kernels.lora_linear_fwd.forward_plan``) for
+    inputs shaped like ``x [M, K]``, or None where calls must take the full path: a dense weight,
+    a dtype the kernels lack, or a call that needs the custom op (``_direct``: a gradient wanted,
+    ``torch.compile``, meta tensors, torch.func)."""
+    kind = getattr(weight, "kind", "dense")
+    if kind == "dense" or x.dtype not in KERNEL_DTYPES or not _direct(x, lora_A, lora_B, bias):
+        return None
+    _check_device(x, weight, "x")
+    from loraq.kernels.lora_linear_fwd import forward_plan
+
+    tensors, meta = weight.tensors(), _meta(weight)
+    check = forward_check(x, kind, tensors, meta, lora_A, lora_B, float(scaling), bias)
+    return forward_plan(x, kind, tensors, meta, lora_A, lora_B, float(scaling), bias, check=check)
+
+
 def triton_lora_linear_dx(dy, weight, lora_A, dy_B, scaling, lora_B=None):
     """The ``triton`` backend's ``lora_linear_dx`` (``dY·Ŵ + s·(dY·B)·A``; ``lora_B``, when given,
     lets large batches merge ``s·B·A`` into the decoded weight)."""

@@ -11,7 +11,7 @@ from . import ops
 from .autograd import lora_linear_forward, lora_linear_function
 from .formats import FORMATS, CompressedWeight, check_dense_weight, format_class
 from .lora_init import INITS, init_lora, lora_scaling
-from .reference import check_input
+from .reference import check_input, transform_or_forward_ad_active
 
 
 def check_rank(rank, N: int, K: int, name: str = "") -> None:
@@ -120,6 +120,7 @@ class LoraLinear(nn.Module):
         # .to(), .half(), .cpu() replace the buffers: drop the cached format object, which still
         # holds the old tensors (they would stay alive, on the old device, until the next forward)
         self.__dict__.pop("_base_cache", None)
+        self.__dict__.pop("_plans", None)  # .half() keeps the Parameter objects: their plans would be stale
         return super()._apply(fn, *args, **kwargs)
 
     # -- the base's metadata travels in the state dict, so a load into a layer compressed otherwise
@@ -216,6 +217,10 @@ class LoraLinear(nn.Module):
         self.adapter_enabled = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(x) is torch.Tensor and not torch.compiler.is_compiling():
+            y = self._planned(x)  # eager inference: a prepared launch (ops.forward_plan)
+            if y is not None:
+                return y
         check_input(x, self.in_features)
         device = x.device.type
         if device in ("cuda", "cpu") and torch.is_autocast_enabled(device):
@@ -224,6 +229,78 @@ class LoraLinear(nn.Module):
             with torch.autocast(device, enabled=False):
                 return self._forward(x)
         return self._forward(x)
+
+    # -- eager inference through prepared launches ------------------------------------------
+    # A small batch's kernel takes microseconds on the GPU; the checks, backend choice and tuner
+    # lookup before it take tens of microseconds of Python. After a first call of a given input
+    # shape, dtype and device, the layer keeps ops.forward_plan's prepared launch for it and, while
+    # nothing it depends on changes, calls it directly: the same kernel on the same tensors.
+    _MAX_PLANS = 32  # input signatures kept (a generation's prompts come in many lengths)
+
+    def _plan_tensors(self):
+        """``(A, B, bias)`` a call would use, or None where a plan must not be used: a gradient
+        wanted, LoRA dropout active, a parametrized or sharded parameter (not in ``_parameters``),
+        autocast, a torch.func transform or forward-mode AD."""
+        params = self._parameters
+        if self.adapter_enabled:
+            A, B = params.get("lora_A"), params.get("lora_B")
+            if A is None or B is None or (self.training and type(self._modules.get("lora_dropout")) is not nn.Identity):
+                return None
+        else:
+            A = B = None
+        if "bias" in params:
+            bias = params["bias"]
+        elif self.__dict__.get("bias", 0) is None:
+            bias = None
+        else:  # a bias computed by a parametrization: the full path reads it each call
+            return None
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (A, B, bias)):
+            return None
+        return A, B, bias
+
+    def __getstate__(self):
+        # pickle and deepcopy: plans hold launch closures (not picklable) bound to this layer's tensors
+        state = super().__getstate__()
+        state.pop("_plans", None)
+        return state
+
+    def _planned(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The forward through a kept plan, or None: the caller takes the full path."""
+        if x.requires_grad and torch.is_grad_enabled():
+            return None
+        dev = x.device.type
+        if (dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev)) or transform_or_forward_ad_active():
+            return None
+        tensors = self._plan_tensors()
+        if tensors is None:
+            return None
+        # the tensors' identities and storages: a replaced parameter or buffer (.to(), a new base,
+        # .data =) means new plans; values changed in place (load_state_dict) are read by the kernels
+        held = tensors + tuple(self._buffers.values())
+        owner = (tuple(map(id, held)), tuple(0 if t is None else t.data_ptr() for t in held), self.scaling,
+                 self.backend)
+        kept = self.__dict__.get("_plans")
+        if kept is None or kept[0] != owner:
+            kept = self.__dict__["_plans"] = (owner, {})
+        plans = kept[1]
+        key = (x.shape, x.dtype, x.device)
+        if key in plans:
+            plan = plans[key]
+            if plan is None:
+                return None
+            if plan.current():
+                y = plan(x if x.dim() == 2 else x.reshape(-1, self.in_features))
+                return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+            plans.pop(key, None)  # a switch changed (LORAQ_*): this call takes the full path, the next a new plan
+            return None
+        if x.dim() == 0 or x.shape[-1] != self.in_features or not x.is_floating_point():
+            return None  # the full path raises the error
+        if len(plans) >= self._MAX_PLANS:
+            plans.clear()
+        A, B, bias = tensors
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        plans[key] = plan = ops.forward_plan(x2, self.base, A, B, self.scaling, bias, self.backend)
+        return None  # this first call takes the full path too (it tunes the problem if it is new)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         # parameters through _parameters rather than Module.__getattr__ (host time on every call);

@@ -32,6 +32,8 @@ _PRIMITIVES = ("lora_linear_fwd", "lora_linear_dx")
 # _IMPLS[backend][primitive][format kind] = callable
 _IMPLS: Dict[str, Dict[str, Dict[str, Callable]]] = {b: {p: {} for p in _PRIMITIVES} for b in BACKENDS[1:]}
 _WARNED = set()
+# backend -> the maker of its prepared forwards (forward_plan); a backend without one has none
+_PLANS: Dict[str, Callable] = {}
 _RESOLVED: Dict[tuple, str] = {}  # (backend, device type, kind, interpreter) -> concrete backend
 
 
@@ -82,6 +84,7 @@ def _load_kernel_packages() -> Dict[str, str]:
             for kind in ("int1", "sparse4x4", "dense"):
                 register("triton", "lora_linear_fwd", kind, custom.triton_lora_linear_fwd)
                 register("triton", "lora_linear_dx", kind, custom.triton_lora_linear_dx)
+            _PLANS["triton"] = custom.triton_forward_plan
     try:
         importlib.import_module("loraq._C")
     except Exception as e:
@@ -211,6 +214,29 @@ def lora_linear(
         return fn(x, weight, lora_A, lora_B, float(scaling), bias)
     y = fn(x.reshape(-1, K), weight, lora_A, lora_B, float(scaling), bias)
     return y.reshape(*x.shape[:-1], N)
+
+
+def forward_plan(x: torch.Tensor, weight, lora_A: Optional[torch.Tensor] = None,
+                 lora_B: Optional[torch.Tensor] = None, scaling: float = 1.0,
+                 bias: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> Optional[Callable]:
+    """:func:`lora_linear` prepared for every ``x`` of this 2-D ``x``'s shape, dtype and device:
+    ``plan(x) -> y``, the same kernel on the same ``weight``, ``lora_A``, ``lora_B`` and ``bias``
+    tensors (their values at each call) without the per-call checks, backend choice and tuner
+    lookup, which cost more host time than a small batch's kernel takes on the GPU. Raises as
+    :func:`lora_linear` does for bad arguments; returns None where the backend has no plan (the
+    reference; a gradient wanted; an argument the kernels would cast, such as a LoRA factor in
+    another dtype). ``plan.current()`` says whether the environment switches it was made under
+    (``LORAQ_*``) still hold: make a new one when they do not. ``LoraLinear`` keeps its plans
+    itself; this is the functional form."""
+    N, K = reference.weight_shape(weight)
+    reference.check_input(x, K)
+    if x.dim() != 2:
+        raise ValueError(f"forward_plan takes a 2-D x [M, {K}], got shape {tuple(x.shape)}")
+    reference.check_lora(lora_A, lora_B, N, K)
+    reference.check_bias(bias, N)
+    reference.check_devices(x, lora_A=lora_A, lora_B=lora_B, bias=bias)
+    make = _PLANS.get(resolve_backend(backend, x.device, _kind(weight)))
+    return None if make is None else make(x, weight, lora_A, lora_B, float(scaling), bias)
 
 
 def base_matmul_t(dy: torch.Tensor, weight, backend: Optional[str] = None) -> torch.Tensor:

@@ -566,4 +566,4 @@ def test_the_capture_check_is_false_without_a_cuda_runtime(monkeypatch):
         raise RuntimeError("no CUDA driver")
 
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", broken)
-    assert autotune._capturing() is False
+    assert autotune.capturing() is False

@@ -1,0 +1,264 @@
+"""Prepared forwards (``ops.forward_plan``, ``kernels.lora_linear_fwd.ForwardPlan``) and
+``LoraLinear``'s eager inference through them: the same answers as the full path, bit for bit,
+and a new plan (or the full path) whenever anything a plan was made with changes. Tiny shapes
+under the Triton interpreter without a GPU; the ``gpu`` tests run the real kernels."""
+
+import importlib
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from loraq import LoraLinear, ops  # noqa: E402
+from loraq.formats import compress_weight  # noqa: E402
+
+fwd_mod = importlib.import_module("loraq.kernels.lora_linear_fwd")
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+N, K = 40, 24
+
+
+def make_layer(fmt="int1", dtype=torch.float16, bias=True, rank=4, **kw):
+    base = compress_weight(torch.randn(N, K), fmt, **kw)
+    layer = LoraLinear(base, rank=rank, backend="triton", bias=torch.randn(N) if bias else None).to(DEV, dtype)
+    with torch.no_grad():
+        layer.lora_A.normal_(std=0.3)
+        layer.lora_B.normal_()
+    return layer.eval()
+
+
+def full(layer, x):
+    """The forward without a kept plan (a call after the plans are dropped takes the full path)."""
+    layer.__dict__.pop("_plans", None)
+    return layer(x)
+
+
+@pytest.fixture
+def plan_calls(monkeypatch):
+    """The inputs' shapes of every call of a kept plan."""
+    calls = []
+    real = fwd_mod.ForwardPlan.__call__
+
+    def counted(self, x):
+        calls.append(tuple(x.shape))
+        return real(self, x)
+
+    monkeypatch.setattr(fwd_mod.ForwardPlan, "__call__", counted)
+    return calls
+
+
+@pytest.mark.parametrize("fmt, kw", [("int1", {}), ("int1", {"group_size": 8}), ("int1", {"scale": "onebit"}),
+                                     ("sparse4x4", {})], ids=["int1", "int1_g8", "int1_onebit", "sparse4x4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lora, bias", [(True, True), (False, False), (True, False)], ids=["lora+bias", "plain", "lora"])
+def test_planned_calls_give_the_full_paths_answer_bit_for_bit(fmt, kw, dtype, lora, bias, plan_calls):
+    layer = make_layer(fmt, dtype, bias, **kw)
+    if not lora:
+        layer.disable_adapter()
+    with torch.no_grad():
+        for shape in [(1, K), (3, K), (2, 3, K), (K,)]:
+            first = torch.randn(shape, device=DEV, dtype=dtype)
+            layer(first)  # makes the plan
+            x = torch.randn(shape, device=DEV, dtype=dtype)  # fresh values through the kept plan
+            before = len(plan_calls)
+            got = layer(x)
+            assert len(plan_calls) == before + 1, f"{shape}: the kept plan was not used"
+            expected = full(layer, x)
+            assert got.shape == expected.shape == (*shape[:-1], N) and got.dtype == dtype
+            assert torch.equal(got, expected), f"{shape}: planned {got} != full {expected}"
+
+
+def test_values_changed_in_place_are_read_by_the_kept_plan(plan_calls):
+    layer, other = make_layer(), make_layer()
+    x = torch.randn(3, K, device=DEV, dtype=torch.float16)
+    with torch.no_grad():
+        layer(x)
+        layer.lora_B.mul_(-2.0)  # an optimizer step, in place
+        layer.bias.add_(1.0)
+        assert torch.equal(layer(x), full(layer, x))
+        layer(x)
+        layer.load_state_dict(other.state_dict())  # copies into the same tensors
+        calls = len(plan_calls)
+        assert torch.equal(layer(x), other(x)) and len(plan_calls) == calls + 1
+
+
+@pytest.mark.parametrize("change", ["new lora_A", ".data of another dtype", "half()", "new base", "scaling",
+                                    "disable_adapter", "to(float32)"])
+def test_a_replaced_tensor_or_setting_means_a_new_plan(change, plan_calls):
+    layer = make_layer()
+    x = torch.randn(2, K, device=DEV, dtype=torch.float16)
+    with torch.no_grad():
+        layer(x)
+        layer(x)
+        assert plan_calls
+        if change == "new lora_A":
+            layer.lora_A = torch.nn.Parameter(torch.randn_like(layer.lora_A))
+        elif change == ".data of another dtype":
+            layer.lora_B.data = torch.randn(N, 4, device=DEV, dtype=torch.float32)  # a cast: no plan
+        elif change == "half()":
+            layer.float()
+            layer.half()  # the same Parameter objects, new storages
+        elif change == "new base":
+            layer.base = compress_weight(torch.randn(N, K), "int1").to(DEV, torch.float16)
+        elif change == "scaling":
+            layer.scaling = 0.25
+        elif change == "disable_adapter":
+            layer.disable_adapter()
+        elif change == "to(float32)":
+            layer.float()
+            x = x.float()
+        got = layer(x)
+        assert torch.equal(got, full(layer, x))
+        assert torch.equal(layer(x), full(layer, x))  # and through the new plan, if there is one
+
+
+def test_a_changed_switch_takes_the_full_path_then_a_new_plan(monkeypatch, plan_calls):
+    layer = make_layer()
+    x = torch.randn(2, K, device=DEV, dtype=torch.float16)
+    with torch.no_grad():
+        layer(x)
+        layer(x)
+        assert len(plan_calls) == 1
+        old = layer.__dict__["_plans"][1][(x.shape, x.dtype, x.device)]
+        monkeypatch.setenv("LORAQ_ONE_LAUNCH", "1")
+        assert not old.current()
+        got = layer(x)  # the stale plan is dropped: the full path answers
+        assert len(plan_calls) == 1 and torch.equal(got, full(layer, x))
+        layer(x)  # a new plan, made under the new switch (full() made it already)
+        new = layer.__dict__["_plans"][1][(x.shape, x.dtype, x.device)]
+        assert new is not old and new.current()
+        before = len(plan_calls)
+        assert torch.equal(layer(x), got) and len(plan_calls) == before + 1
+
+
+def test_calls_that_need_the_full_path_never_use_a_plan(plan_calls):
+    """Gradients, LoRA dropout in training, autocast and torch.func transforms."""
+    layer = make_layer(dtype=torch.float32)
+    x = torch.randn(3, K, device=DEV)
+    for _ in range(2):  # gradients wanted: autograd
+        y = layer(x)
+        y.sum().backward()
+    assert layer.lora_A.grad is not None and not plan_calls
+    with torch.no_grad():
+        xg = x.clone().requires_grad_()  # under no_grad a leaf needing a gradient is fine
+        layer(xg)
+        assert torch.equal(layer(xg), full(layer, x)) and len(plan_calls) == 1
+    dropped = LoraLinear(compress_weight(torch.randn(N, K), "int1"), rank=4, dropout=0.5, backend="triton").to(DEV)
+    dropped.train()
+    with torch.no_grad():
+        for _ in range(2):
+            dropped(x)
+    assert len(plan_calls) == 1
+    with torch.no_grad(), torch.autocast(DEV.type, dtype=torch.bfloat16):
+        y = layer(x)
+        assert y.dtype == torch.bfloat16 and layer(x).dtype == torch.bfloat16
+    assert len(plan_calls) == 1
+    with torch.no_grad():
+        batched = torch.func.vmap(layer)(torch.randn(2, 3, K, device=DEV))
+    assert len(plan_calls) == 1 and batched.shape == (2, 3, N)
+
+
+def test_a_bad_input_raises_the_full_paths_error_with_plans_kept():
+    layer = make_layer()
+    with torch.no_grad():
+        layer(torch.randn(2, K, device=DEV, dtype=torch.float16))
+        with pytest.raises(ValueError, match="expected last dimension 24"):
+            layer(torch.randn(2, K + 1, device=DEV, dtype=torch.float16))
+        with pytest.raises(TypeError, match="floating point"):
+            layer(torch.ones(2, K, device=DEV, dtype=torch.int64))
+
+
+def test_the_kept_plans_are_bounded(plan_calls):
+    layer = make_layer()
+    with torch.no_grad():
+        for M in range(1, LoraLinear._MAX_PLANS + 6):
+            x = torch.randn(M, K, device=DEV, dtype=torch.float16)
+            layer(x)
+            assert torch.equal(layer(x), full(layer, x))
+            assert len(layer.__dict__["_plans"][1]) <= LoraLinear._MAX_PLANS
+
+
+def test_ops_forward_plan_is_lora_linear_prepared():
+    base = compress_weight(torch.randn(N, K), "sparse4x4").to(DEV, torch.float16)
+    A = torch.randn(4, K, device=DEV, dtype=torch.float16) / 5
+    B = torch.randn(N, 4, device=DEV, dtype=torch.float16)
+    b = torch.randn(N, device=DEV, dtype=torch.float16)
+    x = torch.randn(5, K, device=DEV, dtype=torch.float16)
+    plan = ops.forward_plan(x, base, A, B, 0.5, b, backend="triton")
+    for _ in range(2):
+        x = torch.randn(5, K, device=DEV, dtype=torch.float16)
+        assert torch.equal(plan(x), ops.lora_linear(x, base, A, B, 0.5, b, backend="triton"))
+    assert plan.current()
+    with pytest.raises(ValueError, match=r"this plan takes x of shape \(5, 24\)"):
+        plan(torch.randn(4, K, device=DEV, dtype=torch.float16))
+    with pytest.raises(ValueError, match="2-D"):
+        ops.forward_plan(x.unsqueeze(0), base, A, B, 0.5, b, backend="triton")
+    with pytest.raises(ValueError, match="lora_A and lora_B"):
+        ops.forward_plan(x, base, A, None, backend="triton")
+    # no plan: the reference backend, a factor the kernels would cast, no rows
+    assert ops.forward_plan(x, base, A, B, 0.5, b, backend="reference") is None
+    assert ops.forward_plan(x, base, A.float(), B, 0.5, b, backend="triton") is None
+    assert ops.forward_plan(x[:0], base, A, B, 0.5, b, backend="triton") is None
+    with torch.enable_grad():  # a gradient wanted: the custom op's path
+        assert ops.forward_plan(x, base, A.requires_grad_(), B, 0.5, b, backend="triton") is None
+
+
+def test_a_plan_is_not_made_while_a_cuda_graph_is_captured(monkeypatch):
+    """A problem first met in a capture gets an untuned config, which a plan must not keep."""
+    from loraq.kernels import autotune
+
+    monkeypatch.setattr(autotune, "capturing", lambda: True)
+    monkeypatch.setattr(fwd_mod, "autotune_capturing", lambda: True)
+    base = compress_weight(torch.randn(N, K), "int1").to(DEV, torch.float16)
+    x = torch.randn(2, K, device=DEV, dtype=torch.float16)
+    assert ops.forward_plan(x, base, backend="triton") is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int1", "sparse4x4"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M", [1, 16, 300])
+def test_gpu_planned_calls_at_real_sizes(fmt, dtype, M, plan_calls):
+    """The real kernels (the CUDA GEMVs too where built) through kept plans: the full path's
+    answers, new inputs every call, on the default stream and a side stream."""
+    base = compress_weight(torch.randn(1000, 1537), fmt)
+    layer = LoraLinear(base, rank=16, backend="triton", bias=torch.randn(1000)).to(DEV, dtype).eval()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer(torch.randn(M, 1537, device=DEV, dtype=dtype))
+        for _ in range(3):
+            x = torch.randn(M, 1537, device=DEV, dtype=dtype)
+            assert torch.equal(layer(x), full(layer, x))
+            layer(x)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            on_side = layer(x)
+        torch.cuda.current_stream().wait_stream(side)
+        assert torch.equal(on_side, full(layer, x))
+    assert plan_calls
+
+
+def test_a_layer_with_plans_pickles_and_copies(tmp_path, plan_calls):
+    """Plans hold launch closures bound to the layer's tensors: pickling, ``torch.save`` of the
+    whole module and ``deepcopy`` leave them out, and the copy makes its own."""
+    import copy
+    import pickle
+
+    layer = make_layer()
+    x = torch.randn(2, K, device=DEV, dtype=torch.float16)
+    with torch.no_grad():
+        layer(x)
+        expected = layer(x)
+        assert plan_calls
+        twin = copy.deepcopy(layer)
+        loaded = pickle.loads(pickle.dumps(layer))
+        torch.save(layer, tmp_path / "layer.pt")
+        saved = torch.load(tmp_path / "layer.pt", weights_only=False)
+        for other in (twin, loaded, saved):
+            assert "_plans" not in other.__dict__
+            other(x)
+            calls = len(plan_calls)
+            assert torch.equal(other(x), expected) and len(plan_calls) == calls + 1
+        twin.lora_B.zero_()  # the copy's own tensors: the original is unchanged
+        assert torch.equal(layer(x), expected)
