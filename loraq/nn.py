@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .ops import plans_possible
 from .autograd import lora_linear_forward, lora_linear_function
 from .formats import FORMATS, CompressedWeight, check_dense_weight, format_class
 from .lora_init import INITS, init_lora, lora_scaling
@@ -266,13 +267,12 @@ class LoraLinear(nn.Module):
 
     def _planned(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The forward through a kept plan, or None: the caller takes the full path."""
-        if x.requires_grad and torch.is_grad_enabled():
+        if not plans_possible(x):  # plans are the kernels' (the GPU's, or their interpreter's in tests)
             return None
-        dev = x.device.type
-        if (dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev)) or transform_or_forward_ad_active():
+        tensors = self._plan_tensors()  # first: a training step leaves here, cheaply
+        if tensors is None or (x.requires_grad and torch.is_grad_enabled()):
             return None
-        tensors = self._plan_tensors()
-        if tensors is None:
+        if torch.is_autocast_enabled(x.device.type) or transform_or_forward_ad_active():
             return None
         # the tensors' identities and storages: a replaced parameter or buffer (.to(), a new base,
         # .data =) means new plans; values changed in place (load_state_dict) are read by the kernels

@@ -34,6 +34,13 @@ _IMPLS: Dict[str, Dict[str, Dict[str, Callable]]] = {b: {p: {} for p in _PRIMITI
 _WARNED = set()
 # backend -> the maker of its prepared forwards (forward_plan); a backend without one has none
 _PLANS: Dict[str, Callable] = {}
+_INTERPRETED = False  # the Triton kernels were defined for the interpreter (they run on CPU tensors)
+
+
+def plans_possible(x: torch.Tensor) -> bool:
+    """Whether :func:`forward_plan` can give ``x`` a plan at all: a CUDA tensor, or a CPU one when
+    the Triton kernels run in the interpreter (tests). A cheap filter before anything else."""
+    return x.is_cuda or _INTERPRETED
 _RESOLVED: Dict[tuple, str] = {}  # (backend, device type, kind, interpreter) -> concrete backend
 
 
@@ -85,6 +92,8 @@ def _load_kernel_packages() -> Dict[str, str]:
                 register("triton", "lora_linear_fwd", kind, custom.triton_lora_linear_fwd)
                 register("triton", "lora_linear_dx", kind, custom.triton_lora_linear_dx)
             _PLANS["triton"] = custom.triton_forward_plan
+            global _INTERPRETED
+            _INTERPRETED = importlib.import_module("loraq.kernels.decode").INTERPRETED
     try:
         importlib.import_module("loraq._C")
     except Exception as e:
