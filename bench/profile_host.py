@@ -257,6 +257,9 @@ def stub_kernels(args) -> int:
 
     fwd_mod.pick_config = pick
     # TRITON_INTERPRET=1 lets the triton backend take CPU tensors; the kernels are JITFunctions
+    ops.load_backends()  # before the switch below, which loading the kernels would reset
+    plans_on_cpu = ops._PLANS_ON_CPU
+    ops._PLANS_ON_CPU = True  # LoraLinear's plans on CPU tensors, as for the interpreter's kernels
     try:
         with environ(TRITON_INTERPRET="1"), fake_cuda() as (calls, _, _), fake_extension(args.cuda_op, calls):
             dt = torch.float16
@@ -283,6 +286,7 @@ def stub_kernels(args) -> int:
                 report([], lambda: (without_grad(layer, x), calls.clear()), 14)
     finally:
         fwd_mod.pick_config = real_pick
+        ops._PLANS_ON_CPU = plans_on_cpu
     return 0
 
 

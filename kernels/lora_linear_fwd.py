@@ -154,6 +154,7 @@ class ForwardPlan:
     ``current()``: whether the switches it was made under (``env.switches``) still hold."""
 
     __slots__ = ("_run_on", "cfg", "_switches", "_shape", "_dtype", "_device")
+    runs = True  # (LoraLinear also keeps "no plan" answers, whose runs is False)
 
     def __init__(self, run_on, cfg, x):
         self._run_on, self.cfg, self._switches = run_on, cfg, switches()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -33,6 +34,20 @@ def format_bytes(n: float) -> str:
 
 # state-dict key of the base's metadata (int64: N, K, then the format's own): the module's extra state
 META_KEY = getattr(nn.modules.module, "_EXTRA_STATE_KEY_SUFFIX", "_extra_state")
+
+
+class _NoPlan:
+    """A kept answer "no plan for this input" (the reference backend, a factor the kernels would
+    cast), asked again when a ``LORAQ_*`` switch changes."""
+
+    __slots__ = ("_switches",)
+    runs = False
+
+    def __init__(self):
+        self._switches = ops.plan_switches()
+
+    def current(self) -> bool:
+        return ops.plan_switches() == self._switches
 
 
 class LoraLinear(nn.Module):
@@ -113,6 +128,7 @@ class LoraLinear(nn.Module):
         if value.kind != self.compression or tuple(value.shape) != (self.out_features, self.in_features):
             raise ValueError(f"base must be a {self.compression} weight of shape "
                              f"{(self.out_features, self.in_features)}, got {value!r}")
+        self.__dict__.pop("_plans", None)  # they hold the old base's tensors
         self._meta = value.meta()
         for n, t in value.tensors().items():
             self.register_buffer(f"base_{n}", t.contiguous(), persistent=True)
@@ -259,6 +275,11 @@ class LoraLinear(nn.Module):
             return None
         return A, B, bias
 
+    def __setattr__(self, name, value):
+        if isinstance(value, torch.Tensor):  # a new parameter or buffer: plans must not keep the old one
+            self.__dict__.pop("_plans", None)
+        super().__setattr__(name, value)
+
     def __getstate__(self):
         # pickle and deepcopy: plans hold launch closures (not picklable) bound to this layer's tensors
         state = super().__getstate__()
@@ -272,34 +293,46 @@ class LoraLinear(nn.Module):
         tensors = self._plan_tensors()  # first: a training step leaves here, cheaply
         if tensors is None or (x.requires_grad and torch.is_grad_enabled()):
             return None
-        if torch.is_autocast_enabled(x.device.type) or transform_or_forward_ad_active():
+        dev = x.device.type
+        if (dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev)) or transform_or_forward_ad_active():
             return None
-        # the tensors' identities and storages: a replaced parameter or buffer (.to(), a new base,
-        # .data =) means new plans; values changed in place (load_state_dict) are read by the kernels
-        held = tensors + tuple(self._buffers.values())
-        owner = (tuple(map(id, held)), tuple(0 if t is None else t.data_ptr() for t in held), self.scaling,
-                 self.backend)
+        # what a plan was made for: each tensor's identity and storage, and the LoRA factors' and
+        # bias's layout (a replaced parameter or buffer, .to(), a new base, .data =, a view or
+        # resize_ at the same address mean new plans; values changed in place, as by
+        # load_state_dict, are read by the kernels). The base's buffers change layout only with a
+        # new base (the setter), checked here by identity and storage (0.9 µs a tensor for all four)
+        buffers = tuple(self._buffers.values())
+        owner = (tuple(map(id, tensors + buffers)),
+                 tuple(0 if t is None else (t.data_ptr(), t.dtype, t.shape, t.stride()) for t in tensors),
+                 tuple(0 if t is None else t.data_ptr() for t in buffers), self.scaling, self.backend)
         kept = self.__dict__.get("_plans")
         if kept is None or kept[0] != owner:
-            kept = self.__dict__["_plans"] = (owner, {})
+            # new tensors: no plan this call. A layer whose tensors change every call (offloading
+            # hooks) never makes one, and plans never hold tensors the layer no longer has.
+            self.__dict__["_plans"] = (owner, OrderedDict())
+            return None
         plans = kept[1]
         key = (x.shape, x.dtype, x.device)
-        if key in plans:
-            plan = plans[key]
-            if plan is None:
+        plan = plans.get(key)
+        if plan is not None:
+            if not plan.current():  # a switch changed (LORAQ_*): the full path; the next call, a new plan
+                plans.pop(key, None)
                 return None
-            if plan.current():
+            plans.move_to_end(key)  # least recently used first out
+            if plan.runs:
                 y = plan(x if x.dim() == 2 else x.reshape(-1, self.in_features))
                 return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
-            plans.pop(key, None)  # a switch changed (LORAQ_*): this call takes the full path, the next a new plan
             return None
         if x.dim() == 0 or x.shape[-1] != self.in_features or not x.is_floating_point():
             return None  # the full path raises the error
-        if len(plans) >= self._MAX_PLANS:
-            plans.clear()
         A, B, bias = tensors
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        plans[key] = plan = ops.forward_plan(x2, self.base, A, B, self.scaling, bias, self.backend)
+        made = ops.forward_plan(x2, self.base, A, B, self.scaling, bias, self.backend)
+        if made is None and x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None  # none in a capture (a new problem is not tuned there): ask again after it
+        while len(plans) >= self._MAX_PLANS:
+            plans.popitem(last=False)
+        plans[key] = _NoPlan() if made is None else made
         return None  # this first call takes the full path too (it tunes the problem if it is new)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -34,13 +34,24 @@ _IMPLS: Dict[str, Dict[str, Dict[str, Callable]]] = {b: {p: {} for p in _PRIMITI
 _WARNED = set()
 # backend -> the maker of its prepared forwards (forward_plan); a backend without one has none
 _PLANS: Dict[str, Callable] = {}
-_INTERPRETED = False  # the Triton kernels were defined for the interpreter (they run on CPU tensors)
+# CPU tensors can have plans: the Triton kernels were defined for the interpreter (tests), or a
+# harness records their launches (bench/profile_host.py --stub-kernels)
+_PLANS_ON_CPU = False
+
+
+def plan_switches() -> tuple:
+    """The environment switches that plans depend on, as they are now (``kernels.env.switches``;
+    empty without the Triton kernels)."""
+    return _SWITCHES() if _SWITCHES is not None else ()
+
+
+_SWITCHES: Optional[Callable[[], tuple]] = None
 
 
 def plans_possible(x: torch.Tensor) -> bool:
     """Whether :func:`forward_plan` can give ``x`` a plan at all: a CUDA tensor, or a CPU one when
     the Triton kernels run in the interpreter (tests). A cheap filter before anything else."""
-    return x.is_cuda or _INTERPRETED
+    return x.is_cuda or _PLANS_ON_CPU
 _RESOLVED: Dict[tuple, str] = {}  # (backend, device type, kind, interpreter) -> concrete backend
 
 
@@ -92,8 +103,9 @@ def _load_kernel_packages() -> Dict[str, str]:
                 register("triton", "lora_linear_fwd", kind, custom.triton_lora_linear_fwd)
                 register("triton", "lora_linear_dx", kind, custom.triton_lora_linear_dx)
             _PLANS["triton"] = custom.triton_forward_plan
-            global _INTERPRETED
-            _INTERPRETED = importlib.import_module("loraq.kernels.decode").INTERPRETED
+            global _PLANS_ON_CPU, _SWITCHES
+            _PLANS_ON_CPU = importlib.import_module("loraq.kernels.decode").INTERPRETED
+            _SWITCHES = importlib.import_module("loraq.kernels.env").switches
     try:
         importlib.import_module("loraq._C")
     except Exception as e:

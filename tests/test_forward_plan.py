@@ -28,9 +28,15 @@ def make_layer(fmt="int1", dtype=torch.float16, bias=True, rank=4, **kw):
 
 
 def full(layer, x):
-    """The forward without a kept plan (a call after the plans are dropped takes the full path)."""
-    layer.__dict__.pop("_plans", None)
-    return layer(x)
+    """The forward without a plan (``LoraLinear._forward``: the full path, the kept plans untouched)."""
+    return layer._forward(x)
+
+
+def warm(layer, x):
+    """Calls until the layer keeps a plan for ``x``: the first call of new tensors makes none (a
+    layer whose tensors change on every call never makes one), the next makes it."""
+    layer(x)
+    layer(x)
 
 
 @pytest.fixture
@@ -57,8 +63,7 @@ def test_planned_calls_give_the_full_paths_answer_bit_for_bit(fmt, kw, dtype, lo
         layer.disable_adapter()
     with torch.no_grad():
         for shape in [(1, K), (3, K), (2, 3, K), (K,)]:
-            first = torch.randn(shape, device=DEV, dtype=dtype)
-            layer(first)  # makes the plan
+            warm(layer, torch.randn(shape, device=DEV, dtype=dtype))
             x = torch.randn(shape, device=DEV, dtype=dtype)  # fresh values through the kept plan
             before = len(plan_calls)
             got = layer(x)
@@ -72,23 +77,25 @@ def test_values_changed_in_place_are_read_by_the_kept_plan(plan_calls):
     layer, other = make_layer(), make_layer()
     x = torch.randn(3, K, device=DEV, dtype=torch.float16)
     with torch.no_grad():
-        layer(x)
+        warm(layer, x)
         layer.lora_B.mul_(-2.0)  # an optimizer step, in place
         layer.bias.add_(1.0)
-        assert torch.equal(layer(x), full(layer, x))
-        layer(x)
+        calls = len(plan_calls)
+        assert torch.equal(layer(x), full(layer, x)) and len(plan_calls) == calls + 1
+        expected = other(x)
         layer.load_state_dict(other.state_dict())  # copies into the same tensors
         calls = len(plan_calls)
-        assert torch.equal(layer(x), other(x)) and len(plan_calls) == calls + 1
+        assert torch.equal(layer(x), expected) and len(plan_calls) == calls + 1
 
 
 @pytest.mark.parametrize("change", ["new lora_A", ".data of another dtype", "half()", "new base", "scaling",
-                                    "disable_adapter", "to(float32)"])
+                                    "disable_adapter", "to(float32)", "transposed view, same address",
+                                    "load_state_dict(assign=True)"])
 def test_a_replaced_tensor_or_setting_means_a_new_plan(change, plan_calls):
     layer = make_layer()
     x = torch.randn(2, K, device=DEV, dtype=torch.float16)
     with torch.no_grad():
-        layer(x)
+        warm(layer, x)
         layer(x)
         assert plan_calls
         if change == "new lora_A":
@@ -107,6 +114,13 @@ def test_a_replaced_tensor_or_setting_means_a_new_plan(change, plan_calls):
         elif change == "to(float32)":
             layer.float()
             x = x.float()
+        elif change == "transposed view, same address":  # the same storage read as [r, N]ᵀ
+            B, at = layer.lora_B, layer.lora_B.data_ptr()
+            B.data = B.data.view(4, N).t()
+            assert B.data_ptr() == at and B.shape == (N, 4) and not B.is_contiguous()
+        elif change == "load_state_dict(assign=True)":
+            layer.load_state_dict(make_layer().state_dict(), assign=True)
+            assert "_plans" not in layer.__dict__  # the old tensors are not kept alive by plans
         got = layer(x)
         assert torch.equal(got, full(layer, x))
         assert torch.equal(layer(x), full(layer, x))  # and through the new plan, if there is one
@@ -115,20 +129,52 @@ def test_a_replaced_tensor_or_setting_means_a_new_plan(change, plan_calls):
 def test_a_changed_switch_takes_the_full_path_then_a_new_plan(monkeypatch, plan_calls):
     layer = make_layer()
     x = torch.randn(2, K, device=DEV, dtype=torch.float16)
+    key = (x.shape, x.dtype, x.device)
     with torch.no_grad():
-        layer(x)
+        warm(layer, x)
         layer(x)
         assert len(plan_calls) == 1
-        old = layer.__dict__["_plans"][1][(x.shape, x.dtype, x.device)]
+        old = layer.__dict__["_plans"][1][key]
         monkeypatch.setenv("LORAQ_ONE_LAUNCH", "1")
         assert not old.current()
         got = layer(x)  # the stale plan is dropped: the full path answers
-        assert len(plan_calls) == 1 and torch.equal(got, full(layer, x))
-        layer(x)  # a new plan, made under the new switch (full() made it already)
-        new = layer.__dict__["_plans"][1][(x.shape, x.dtype, x.device)]
+        assert len(plan_calls) == 1 and key not in layer.__dict__["_plans"][1]
+        layer(x)  # a new plan, made under the new switch
+        new = layer.__dict__["_plans"][1][key]
         assert new is not old and new.current()
-        before = len(plan_calls)
-        assert torch.equal(layer(x), got) and len(plan_calls) == before + 1
+        assert torch.equal(layer(x), got) and len(plan_calls) == 2
+        assert torch.equal(got, full(layer, x))
+
+
+def test_no_plan_is_asked_again_when_a_switch_changes(monkeypatch, plan_calls):
+    """A shape that got no plan (LORAQ_BACKEND=reference) gets one once the switch is back."""
+    layer = make_layer()
+    layer.backend = None
+    x = torch.randn(2, K, device=DEV, dtype=torch.float16)
+    with torch.no_grad():
+        monkeypatch.setenv("LORAQ_BACKEND", "reference")
+        warm(layer, x)
+        layer(x)
+        assert not plan_calls and not layer.__dict__["_plans"][1][(x.shape, x.dtype, x.device)].runs
+        monkeypatch.setenv("LORAQ_BACKEND", "triton")
+        warm(layer, x)
+        expected = layer(x)
+        assert len(plan_calls) == 1 and torch.equal(expected, full(layer, x))
+
+
+def test_a_layer_whose_tensors_change_every_call_makes_no_plan(monkeypatch):
+    """Offloading hooks put new tensors in before each call: no plan is made (it would cost a
+    preparation every call and keep the last tensors alive)."""
+    made = []
+    real = ops.forward_plan
+    monkeypatch.setattr(ops, "forward_plan", lambda *a, **k: made.append(1) or real(*a, **k))
+    layer = make_layer()
+    x = torch.randn(2, K, device=DEV, dtype=torch.float16)
+    with torch.no_grad():
+        for _ in range(4):
+            layer._parameters["lora_B"] = torch.nn.Parameter(layer.lora_B.detach().clone())
+            assert torch.equal(layer(x), full(layer, x))
+    assert not made
 
 
 def test_calls_that_need_the_full_path_never_use_a_plan(plan_calls):
@@ -141,12 +187,12 @@ def test_calls_that_need_the_full_path_never_use_a_plan(plan_calls):
     assert layer.lora_A.grad is not None and not plan_calls
     with torch.no_grad():
         xg = x.clone().requires_grad_()  # under no_grad a leaf needing a gradient is fine
-        layer(xg)
+        warm(layer, xg)
         assert torch.equal(layer(xg), full(layer, x)) and len(plan_calls) == 1
     dropped = LoraLinear(compress_weight(torch.randn(N, K), "int1"), rank=4, dropout=0.5, backend="triton").to(DEV)
     dropped.train()
     with torch.no_grad():
-        for _ in range(2):
+        for _ in range(3):
             dropped(x)
     assert len(plan_calls) == 1
     with torch.no_grad(), torch.autocast(DEV.type, dtype=torch.bfloat16):
@@ -168,13 +214,18 @@ def test_a_bad_input_raises_the_full_paths_error_with_plans_kept():
             layer(torch.ones(2, K, device=DEV, dtype=torch.int64))
 
 
-def test_the_kept_plans_are_bounded(plan_calls):
+def test_the_kept_plans_are_bounded_least_recently_used_first_out(plan_calls):
     layer = make_layer()
+    busy = torch.randn(1, K, device=DEV, dtype=torch.float16)  # a decode step between prompts
     with torch.no_grad():
-        for M in range(1, LoraLinear._MAX_PLANS + 6):
+        warm(layer, busy)
+        for M in range(2, LoraLinear._MAX_PLANS + 8):
             x = torch.randn(M, K, device=DEV, dtype=torch.float16)
-            layer(x)
+            warm(layer, x)
             assert torch.equal(layer(x), full(layer, x))
+            calls = len(plan_calls)
+            layer(busy)
+            assert len(plan_calls) == calls + 1, f"M={M}: the busy shape's plan was dropped"
             assert len(layer.__dict__["_plans"][1]) <= LoraLinear._MAX_PLANS
 
 
@@ -215,6 +266,22 @@ def test_a_plan_is_not_made_while_a_cuda_graph_is_captured(monkeypatch):
 
 
 @pytest.mark.gpu
+def test_gpu_no_plan_is_kept_for_a_shape_first_met_in_a_capture(plan_calls):
+    """After the capture the shape is asked again, and gets its plan."""
+    layer = make_layer()
+    x = torch.randn(2, K, device=DEV, dtype=torch.float16)
+    with torch.no_grad():
+        warm(layer, torch.randn(1, K, device=DEV, dtype=torch.float16))  # the layer's tensors are known
+        graph = torch.cuda.CUDAGraph()
+        with pytest.warns(RuntimeWarning, match="captured"), torch.cuda.graph(graph):
+            layer(x)
+        assert (x.shape, x.dtype, x.device) not in layer.__dict__["_plans"][1]
+        warm(layer, x)
+        expected = layer(x)
+    assert plan_calls and torch.equal(expected, full(layer, x))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["int1", "sparse4x4"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("M", [1, 16, 300])
@@ -225,7 +292,7 @@ def test_gpu_planned_calls_at_real_sizes(fmt, dtype, M, plan_calls):
     layer = LoraLinear(base, rank=16, backend="triton", bias=torch.randn(1000)).to(DEV, dtype).eval()
     with torch.no_grad():
         layer.lora_B.normal_()
-        layer(torch.randn(M, 1537, device=DEV, dtype=dtype))
+        warm(layer, torch.randn(M, 1537, device=DEV, dtype=dtype))
         for _ in range(3):
             x = torch.randn(M, 1537, device=DEV, dtype=dtype)
             assert torch.equal(layer(x), full(layer, x))
@@ -248,7 +315,7 @@ def test_a_layer_with_plans_pickles_and_copies(tmp_path, plan_calls):
     layer = make_layer()
     x = torch.randn(2, K, device=DEV, dtype=torch.float16)
     with torch.no_grad():
-        layer(x)
+        warm(layer, x)
         expected = layer(x)
         assert plan_calls
         twin = copy.deepcopy(layer)
@@ -257,8 +324,18 @@ def test_a_layer_with_plans_pickles_and_copies(tmp_path, plan_calls):
         saved = torch.load(tmp_path / "layer.pt", weights_only=False)
         for other in (twin, loaded, saved):
             assert "_plans" not in other.__dict__
-            other(x)
+            warm(other, x)
             calls = len(plan_calls)
             assert torch.equal(other(x), expected) and len(plan_calls) == calls + 1
         twin.lora_B.zero_()  # the copy's own tensors: the original is unchanged
         assert torch.equal(layer(x), expected)
+
+
+def test_a_layer_on_the_meta_device_takes_the_full_path():
+    """Shapes only (the custom op's fake), also under no_grad and with the interpreter's plans."""
+    layer = make_layer().to("meta")
+    x = torch.randn(3, K, device="meta", dtype=torch.float16)
+    with torch.no_grad():
+        for _ in range(3):
+            y = layer(x)
+            assert y.shape == (3, N) and y.device.type == "meta"
