@@ -157,7 +157,7 @@ class ForwardPlan:
     runs = True  # (LoraLinear also keeps "no plan" answers, whose runs is False)
 
     def __init__(self, run_on, cfg, x):
-        self._run_on, self.cfg, self._switches = run_on, cfg, switches()
+        self._run_on, self.cfg, self._switches = on_input_device(run_on), cfg, switches()
         self._shape, self._dtype, self._device = x.shape, x.dtype, x.device
 
     def current(self) -> bool:
@@ -167,11 +167,7 @@ class ForwardPlan:
         if x.shape != self._shape or x.dtype != self._dtype or x.device != self._device:
             raise ValueError(f"this plan takes x of shape {tuple(self._shape)}, {self._dtype} on {self._device}; "
                              f"got {tuple(x.shape)}, {x.dtype} on {x.device}")
-        x = x.contiguous()
-        if x.is_cuda and x.device.index != torch.cuda.current_device():
-            with torch.cuda.device(x.device):
-                return self._run_on(x, self.cfg)
-        return self._run_on(x, self.cfg)
+        return self._run_on(x.contiguous(), self.cfg)
 
 
 @on_input_device

@@ -249,15 +249,15 @@ class LoraLinear(nn.Module):
 
     # -- eager inference through prepared launches ------------------------------------------
     # A small batch's kernel takes microseconds on the GPU; the checks, backend choice and tuner
-    # lookup before it take tens of microseconds of Python. After a first call of a given input
-    # shape, dtype and device, the layer keeps ops.forward_plan's prepared launch for it and, while
-    # nothing it depends on changes, calls it directly: the same kernel on the same tensors.
+    # lookup before it take tens of microseconds of Python. From the second call of a given input
+    # shape, dtype and device on the same tensors, the layer keeps ops.forward_plan's prepared
+    # launch for it and, while nothing it depends on changes, calls it directly: the same kernel on
+    # the same tensors.
     _MAX_PLANS = 32  # input signatures kept (a generation's prompts come in many lengths)
 
     def _plan_tensors(self):
         """``(A, B, bias)`` a call would use, or None where a plan must not be used: a gradient
-        wanted, LoRA dropout active, a parametrized or sharded parameter (not in ``_parameters``),
-        autocast, a torch.func transform or forward-mode AD."""
+        wanted, LoRA dropout active, a parametrized or sharded parameter (not in ``_parameters``)."""
         params = self._parameters
         if self.adapter_enabled:
             A, B = params.get("lora_A"), params.get("lora_B")
@@ -300,7 +300,8 @@ class LoraLinear(nn.Module):
         # bias's layout (a replaced parameter or buffer, .to(), a new base, .data =, a view or
         # resize_ at the same address mean new plans; values changed in place, as by
         # load_state_dict, are read by the kernels). The base's buffers change layout only with a
-        # new base (the setter), checked here by identity and storage (0.9 µs a tensor for all four)
+        # new base (the setter), so they are checked by identity and storage (the layout costs
+        # 0.9 µs a tensor)
         buffers = tuple(self._buffers.values())
         owner = (tuple(map(id, tensors + buffers)),
                  tuple(0 if t is None else (t.data_ptr(), t.dtype, t.shape, t.stride()) for t in tensors),
