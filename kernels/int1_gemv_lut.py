@@ -28,7 +28,7 @@ from .autotune import LUT
 from .decode import interpreter_upcast, lora_and_bias_args, weight_args
 from .host_math import block_r, cdiv, next_pow2
 from .fast_launch import fast
-from .splitk_finish import XA_BLOCK_K, _claim_share, _finish_if_last, _store_xa_part, one_launch_offered, run_one_launch, run_split
+from .splitk_finish import XA_BLOCK_K, _claim_share, _finish_if_last, _store_xa_part, bind_split, one_launch_offered, run_one_launch
 from .device_guard import on_input_device
 
 
@@ -154,29 +154,36 @@ def launch_lut(x, ptrs, ints, mode, N, lora_A, lora_B, scaling, bias, cfg, one_l
     Two launches: the lookups, then ``splitk_finish.finish``; or one, where the last program of
     each output tile finishes it (``one_launch``; None: ``splitk_finish.one_launch_offered()``).
     Returns ``y [M, N]`` in x's dtype."""
+    return bind_lut(x.shape, x.dtype, x.device, ptrs, ints, mode, N, lora_A, lora_B, scaling, bias, cfg,
+                    one_launch)(x)
+
+
+def bind_lut(shape, dtype, device, ptrs, ints, mode, N, lora_A, lora_B, scaling, bias, cfg, one_launch=None):
+    """:func:`launch_lut` for every contiguous ``x`` of ``shape`` ``[M, K]``, ``dtype`` and
+    ``device``, its grid and arguments worked out once: ``run(x) -> y`` (the tensors read at each
+    call)."""
     rows, block_n, chunk_k, bits, num_warps, num_stages, _ = cfg
     (packed, scale, col), (KW, G, group, _) = ptrs, ints
-    M, K = x.shape
+    M, K = shape
     has_lora = lora_A is not None
-    A = lora_A if has_lora else x  # an unused placeholder without LoRA
     R = lora_A.shape[0] if has_lora else 1
     grid = (cdiv(N, block_n), cdiv(K, chunk_k), cdiv(M, rows))
     one = one_launch_offered() if one_launch is None else one_launch
+    # x is contiguous: its rows K apart (one row: never stepped over). The finish's scalars 0
+    # without it: no extra specializations of the two-launch kernel
+    scalars = (M, N, K, KW, G, group, R, K, lora_A.stride(0) if has_lora else K, float(scaling) if one else 0.0,
+               lora_B.stride(0) if has_lora and one else 0)
+    meta = dict(SCALE=mode, HAS_LORA=has_lora, BLOCK_R=block_r(R), UPCAST=interpreter_upcast(dtype), ROWS=rows,
+                BLOCK_N=block_n, CHUNK_K=chunk_k, BITS=bits, ONE_LAUNCH=one, HAS_BIAS=bias is not None and one,
+                BLOCK_S=min(16, next_pow2(grid[1])) if one else 1, num_warps=num_warps, num_stages=num_stages)
+    launcher = fast(_int1_gemv_lut_kernel)
 
-    def launch(ws, parts, y=None, counters=None):
-        fast(_int1_gemv_lut_kernel)[grid](
-            x, packed, scale, col, A, parts if has_lora else ws, ws,
+    def launch(x, ws, parts, y=None, counters=None):
+        launcher.launch(grid, (
+            x, packed, scale, col, lora_A if has_lora else x, parts if has_lora else ws, ws,
             ws if y is None else y, lora_B if has_lora and one else ws, bias if bias is not None and one else ws,
-            ws if counters is None else counters,
-            # the finish's scalars 0 without it: no extra specializations of the two-launch kernel
-            M, N, K, KW, G, group, R, x.stride(0), A.stride(0), float(scaling) if one else 0.0,
-            lora_B.stride(0) if has_lora and one else 0, 0 if y is None else y.stride(0),
-            SCALE=mode, HAS_LORA=has_lora, BLOCK_R=block_r(R),
-            UPCAST=interpreter_upcast(x.dtype), ROWS=rows, BLOCK_N=block_n, CHUNK_K=chunk_k, BITS=bits,
-            ONE_LAUNCH=one, HAS_BIAS=bias is not None and one, BLOCK_S=min(16, next_pow2(grid[1])) if one else 1,
-            num_warps=num_warps, num_stages=num_stages,
-        )
+            ws if counters is None else counters, *scalars, 0 if y is None else N), meta)
 
     if one:
-        return run_one_launch(launch, M, N, grid[1], grid[0], grid[2], x, lora_B, R)
-    return run_split(launch, M, N, grid[1], x, lora_B, R, scaling, bias)
+        return lambda x: run_one_launch(lambda *a: launch(x, *a), M, N, grid[1], grid[0], grid[2], x, lora_B, R)
+    return bind_split(launch, M, N, grid[1], lora_B, R, scaling, bias, dtype, device)

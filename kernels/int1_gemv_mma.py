@@ -32,7 +32,7 @@ from .autotune import CUDA_LUT, MMA_GEMV, Config
 from .cuda_ext import MAX_SLOTS, extension_problem, fit_slices, sm_count, smem_limits
 from .decode import SCALE_GROUP, SCALE_ONEBIT, SCALE_ROW, lora_and_bias_args, weight_args
 from .env import env_is
-from .splitk_finish import one_launch_offered, run_cuda_one_launch, run_split
+from .splitk_finish import bind_split, one_launch_offered, run_cuda_one_launch
 from .device_guard import on_input_device
 
 MMA_MAX_M = 16  # rows of x: one mma tile of 8 (its N), or two on the same decoded weights
@@ -139,35 +139,50 @@ def launch_mma(x, ptrs, ints, mode, N, lora_A, lora_B, scaling, bias, cfg, one_l
     ``bias`` in ``x``'s dtype and contiguous, or None) and checked. Two launches (the kernel, then
     ``splitk_finish.finish``), or with ``one_launch`` (None: ``LORAQ_ONE_LAUNCH=1``) one: the
     kernel finishes itself (``csrc/gemv_finish.cuh``). Returns ``y [M, N]`` in ``x.dtype``."""
+    return bind_mma(x.shape, x.dtype, x.device, ptrs, ints, mode, N, lora_A, lora_B, scaling, bias, cfg,
+                    one_launch)(x)
+
+
+def bind_mma(shape, dtype, device, ptrs, ints, mode, N, lora_A, lora_B, scaling, bias, cfg, one_launch=None):
+    """:func:`launch_mma` for every contiguous ``x`` of ``shape`` ``[M, K]``, ``dtype`` and
+    ``device``, its plan (slices, blocks, the switches' answers) worked out once: ``run(x) -> y``.
+    The tensors are read at each call; a scale in another dtype than x's is cast at each call."""
     _, bps, _, split, warps, _, variant = cfg
     (packed, scale, col), (_, _, group, _) = ptrs, ints
-    M, K = x.shape
+    M, K = shape
+    index = device.index or 0
     lut = int(variant == CUDA_LUT)  # the lookup GEMV: one row of x, no offset decode
-    mode_op = mode if lut else op_mode(mode)  # the switch is read once a call: the plan and the launch agree
-    limits = smem_limits(x.device.index or 0)
+    mode_op = mode if lut else op_mode(mode)  # the switch is read once: the plan and the launch agree
+    limits = smem_limits(index)
     slices = (lut_k_slices(K, bps, split, limits) if lut
               else k_slices(M, K, bps, split, limits, offset=mode_op in OFFSET_MODES.values()))
-    blocks = max(1, -(-sm_count(x.device.index or 0) * bps // slices))  # per slice
+    blocks = max(1, -(-sm_count(index) * bps // slices))  # per slice
     has_lora = lora_A is not None
     R = lora_A.shape[0] if has_lora else 1
     slots = min(MAX_SLOTS, blocks * slices)
-    # the kernel reads the scales in x's dtype (the reference rounds Ŵ to it too); col is onebit's g
-    dt = x.dtype  # .to() of a tensor already in dt still costs a microsecond of host time
-    col = (col if col.dtype == dt else col.to(dt)) if col is not scale else None
-    scale = scale if scale.dtype == dt else scale.to(dt)
-    col = scale if col is None else col
     lora_A = lora_A.contiguous() if has_lora else None
-
     group = group if mode == SCALE_GROUP else 0
+    # the kernel reads the scales in x's dtype (the reference rounds Ŵ to it too); col is onebit's g
+    same_dtype = scale.dtype == dtype and col.dtype == dtype
+
+    def scales():
+        c = (col if col.dtype == dtype else col.to(dtype)) if col is not scale else None
+        s = scale if scale.dtype == dtype else scale.to(dtype)
+        return s, s if c is None else c
+
     if one_launch_offered() if one_launch is None else one_launch:
-        return _one_launch(x, packed, scale, col, lora_A, lora_B, bias, scaling, mode_op, group, N,
-                           blocks, warps, slices, slots, lut)
+        def run_one(x):
+            s, c = scales()
+            return _one_launch(x, packed, s, c, lora_A, lora_B, bias, scaling, mode_op, group, N, blocks, warps,
+                               slices, slots, lut)
+        return run_one
 
-    def launch(ws, parts):
-        torch.ops.loraq.int1_gemv_mma(x, packed, scale, col, lora_A if has_lora else None, ws,
-                                      parts if has_lora else None, mode_op, group, blocks, warps, slices, lut=lut)
+    def launch(x, ws, parts):
+        s, c = (scale, col) if same_dtype else scales()
+        torch.ops.loraq.int1_gemv_mma(x, packed, s, c, lora_A, ws, parts, mode_op, group, blocks, warps, slices,
+                                      lut=lut)
 
-    return run_split(launch, M, N, slots, x, lora_B, R, scaling, bias)
+    return bind_split(launch, M, N, slots, lora_B, R, scaling, bias, dtype, device)
 
 
 def _one_launch(x, packed, scale, col, lora_A, lora_B, bias, scaling, mode_op, group, N, blocks, warps, slices,
@@ -204,5 +219,5 @@ def int1_gemv_mma(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1
 
 
 __all__ = ["int1_gemv_mma", "mma_gemv_status", "mma_gemv_configs", "check_mma_config", "k_slices",
-           "launch_mma", "op_mode", "MMA_MAX_M", "OFFSET_MODES", "cuda_lut_status", "cuda_lut_configs",
+           "launch_mma", "bind_mma", "op_mode", "MMA_MAX_M", "OFFSET_MODES", "cuda_lut_status", "cuda_lut_configs",
            "lut_k_slices", "CUDA_LUT_TASK_INPUTS"]

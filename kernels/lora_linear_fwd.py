@@ -27,15 +27,15 @@ from .autotune import (CUDA_GATHER, CUDA_LUT, DENSE_SLAB, DENSE_SLAB_MIN_M, DOT,
                        lut_configs, pairs_configs, pick_config)
 from .cuda_ext import cuda_gemv_offered
 from .dense_slab import check_slab_config, slab_widths, slab_forward
-from .int1_gemv_lut import check_lut_config, launch_lut, lut_supported
-from .int1_gemv_mma import MMA_MAX_M, check_mma_config, cuda_lut_configs, launch_mma, mma_gemv_configs, mma_gemv_status
-from .sparse4x4_gemv import check_gather_config, launch_gather
-from .sparse4x4_gemv_cuda import (SPARSE_CUDA_MAX_M, check_sparse_cuda_config, launch_sparse_cuda, sparse_cuda_configs,
+from .int1_gemv_lut import bind_lut, check_lut_config, lut_supported
+from .int1_gemv_mma import MMA_MAX_M, bind_mma, check_mma_config, cuda_lut_configs, mma_gemv_configs, mma_gemv_status
+from .sparse4x4_gemv import bind_gather, check_gather_config
+from .sparse4x4_gemv_cuda import (SPARSE_CUDA_MAX_M, bind_sparse_cuda, check_sparse_cuda_config, sparse_cuda_configs,
                                   sparse_cuda_status)
 from .decode import (SCALE_GROUP, _dot, _int1_group_scale, _int1_sign_pairs, _int1_signs, _pair_order, _sparse4x4_tile,
                      decode_dtype, interpreter_upcast, lora_and_bias_args, lora_prologue, output_buffer, pair_ones,
                      split_plan, use_asm, weight_args)
-from .splitk_finish import XA_BLOCK_K, _store_xa_part, one_launch_offered, run_split
+from .splitk_finish import XA_BLOCK_K, _store_xa_part, bind_split, one_launch_offered
 from .host_math import block_r, cdiv, in_row_chunks, rows_per_launch
 from .autotune import capturing as autotune_capturing, rows_from
 from .env import switches
@@ -142,8 +142,8 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
     if rows < M:  # offsets past 32 bits: a launch per block of rows
         return in_row_chunks(lambda i, j: lora_linear_fwd(x[i:j], fmt, tensors, meta, lora_A, lora_B, scaling, bias,
                                                           config, rows_from(check, i)), M, rows, N, x)
-    run_on, cfg, _ = _prepared(x, fmt, tensors, meta, lora_A, lora_B, scaling, bias, config, check)
-    return run_on(x, cfg)
+    bind, cfg, _ = _prepared(x, fmt, tensors, meta, lora_A, lora_B, scaling, bias, config, check)
+    return bind(cfg)(x)
 
 
 class ForwardPlan:
@@ -153,11 +153,13 @@ class ForwardPlan:
     :func:`lora_linear_fwd` (its arguments' preparation, the cache lookup, the candidate checks).
     ``current()``: whether the switches it was made under (``env.switches``) still hold."""
 
-    __slots__ = ("_run_on", "cfg", "_switches", "_shape", "_dtype", "_device")
+    __slots__ = ("_run", "cfg", "_switches", "_shape", "_dtype", "_device")
     runs = True  # (LoraLinear also keeps "no plan" answers, whose runs is False)
 
-    def __init__(self, run_on, cfg, x):
-        self._run_on, self.cfg, self._switches = on_input_device(run_on), cfg, switches()
+    def __init__(self, run, cfg, x):
+        # run(x): the launcher bound to cfg and x's shape (its grid, arguments and the switches'
+        # answers worked out once: current() says when they no longer hold)
+        self._run, self.cfg, self._switches = on_input_device(run), cfg, switches()
         self._shape, self._dtype, self._device = x.shape, x.dtype, x.device
 
     def current(self) -> bool:
@@ -167,7 +169,7 @@ class ForwardPlan:
         if x.shape != self._shape or x.dtype != self._dtype or x.device != self._device:
             raise ValueError(f"this plan takes x of shape {tuple(self._shape)}, {self._dtype} on {self._device}; "
                              f"got {tuple(x.shape)}, {x.dtype} on {x.device}")
-        return self._run_on(x.contiguous(), self.cfg)
+        return self._run(x.contiguous())
 
 
 @on_input_device
@@ -182,17 +184,18 @@ def forward_plan(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scaling: 
     if M == 0 or rows_per_launch(M, max(K, meta["N"])) < M or autotune_capturing():
         return None
     x = x.contiguous()
-    run_on, cfg, bound = _prepared(x, fmt, tensors, meta, lora_A, lora_B, scaling, bias, None, check)
+    bind, cfg, bound = _prepared(x, fmt, tensors, meta, lora_A, lora_B, scaling, bias, None, check)
     ptrs, A, B, b = bound
     own = list(tensors.values())
     if not all(any(p is t for t in own) for p in ptrs) or A is not lora_A or B is not lora_B or b is not bias:
         return None
-    return ForwardPlan(run_on, cfg, x)
+    return ForwardPlan(bind(cfg), cfg, x)
 
 
 def _prepared(x, fmt, tensors, meta, lora_A, lora_B, scaling, bias, config, check):
-    """``(run_on(x, cfg) -> y, the config, (weight pointers, A, B, bias) as the kernels read them)``
-    for a contiguous ``x [M, K]`` that one launch covers; tunes the config if it is new."""
+    """``(bind(cfg) -> run, the config, (weight pointers, A, B, bias) as the kernels read them)``
+    for a contiguous ``x [M, K]`` that one launch covers; tunes the config if it is new.
+    ``run(x) -> y`` launches ``cfg`` for any contiguous x of this x's shape, dtype and device."""
     M, K = x.shape
     N = meta["N"]
     ptrs, ints, scale_mode = weight_args(fmt, tensors, meta)
@@ -200,43 +203,49 @@ def _prepared(x, fmt, tensors, meta, lora_A, lora_B, scaling, bias, config, chec
     A, B, bias = lora_and_bias_args(x, lora_A, lora_B, bias)
     R = A.shape[0] if has_lora else 1
 
-    def run_on(x, cfg):
-        # the GEMVs of small batches, on the arguments prepared above (x: this call's, of the same shape)
+    def bind(cfg):  # run(x) for this call's x and every x like it (a plan keeps it)
+        # the GEMVs of small batches, on the arguments prepared above
         if cfg[6] == LUT:
-            return launch_lut(x, ptrs, ints, scale_mode, N, A, B, scaling, bias, cfg)
+            return bind_lut(x.shape, x.dtype, x.device, ptrs, ints, scale_mode, N, A, B, scaling, bias, cfg)
         if cfg[6] in (MMA_GEMV, CUDA_LUT):
-            return launch_mma(x, ptrs, ints, scale_mode, N, A, B, scaling, bias, cfg)
+            return bind_mma(x.shape, x.dtype, x.device, ptrs, ints, scale_mode, N, A, B, scaling, bias, cfg)
         if cfg[6] in GATHER_FWD:
-            return launch_gather(x, ptrs, ints, N, A, B, scaling, bias, cfg)
+            return bind_gather(x.shape, x.dtype, x.device, ptrs, ints, N, A, B, scaling, bias, cfg)
         if cfg[6] in (CUDA_GATHER, SPARSE_MMA):
-            return launch_sparse_cuda(x, ptrs, N, A, B, scaling, bias, cfg)
+            return bind_sparse_cuda(x.shape, x.dtype, x.device, ptrs, N, A, B, scaling, bias, cfg)
         if cfg[6] == DENSE_SLAB:  # large batches: decoded slabs through cuBLAS
-            return slab_forward(x, fmt, ptrs, ints, scale_mode, N, A, B, scaling, bias, cfg)
+            return lambda x: slab_forward(x, fmt, ptrs, ints, scale_mode, N, A, B, scaling, bias, cfg)
         bm, bn, bk, split, warps, stages, swap = cfg
         split, k_per_split = split_plan(K, bk, split)
         grid = (cdiv(M, bm), cdiv(N, bn), split)
+        # x is contiguous: its rows K apart (one row: never stepped over)
+        scalars = (M, N, K, float(scaling), k_per_split, *ints)
+        meta = dict(FORMAT=INT1 if fmt == "int1" else SPARSE4X4, SCALE=scale_mode, HAS_LORA=has_lora,
+                    HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, UPCAST=interpreter_upcast(x.dtype),
+                    WDT=decode_dtype(x.dtype), BLOCK_R=block_r(R), BLOCK_M=bm, BLOCK_N=bn,
+                    BLOCK_K=bk, SPLIT_K=split, SWAP=swap in (DOT_SWAP, DOT_PAIRS), PAIRS=swap == DOT_PAIRS,
+                    GROUP32=scale_mode == SCALE_GROUP and ints[2] % 32 == 0, ASM=use_asm(),
+                    num_warps=warps, num_stages=stages)
+        launcher = fast(_lora_linear_fwd_kernel)
+        one2 = pair_ones(x.dtype)
 
-        def launch(y, parts, xa):
+        def launch(x, y, parts, xa):
             xa_arg, b_arg = (xa, B) if xa is not None else (x, x)  # unused placeholders
             a_arg = A if has_lora else x
-            fast(_lora_linear_fwd_kernel)[grid](
+            launcher.launch(grid, (
                 x, *ptrs, xa_arg, b_arg, bias if bias is not None else x, y, a_arg, parts if parts is not None else y,
-                M, N, K, float(scaling), k_per_split, *ints,
-                x.stride(0), y.stride(0), xa_arg.stride(0), b_arg.stride(0), a_arg.stride(0), R, pair_ones(x.dtype),
-                FORMAT=INT1 if fmt == "int1" else SPARSE4X4, SCALE=scale_mode, HAS_LORA=has_lora,
-                HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, UPCAST=interpreter_upcast(x.dtype),
-                WDT=decode_dtype(x.dtype), BLOCK_R=block_r(R), BLOCK_M=bm, BLOCK_N=bn,
-                BLOCK_K=bk, SPLIT_K=split, SWAP=swap in (DOT_SWAP, DOT_PAIRS), PAIRS=swap == DOT_PAIRS,
-                GROUP32=scale_mode == SCALE_GROUP and ints[2] % 32 == 0, ASM=use_asm(),
-                num_warps=warps, num_stages=stages,
-            )
+                *scalars, K, y.stride(0), xa_arg.stride(0), b_arg.stride(0), a_arg.stride(0), R, one2), meta)
 
         if split > 1:  # partial sums into the workspace; the finish adds LoRA and bias
-            return run_split(lambda ws, parts: launch(ws, parts, None), M, N, split, x, B, R, scaling, bias)
-        # unsplit (large batches): x·Aᵀ whole beforehand (cuBLAS), the LoRA path in the epilogue
-        y = output_buffer(M, N, x, 1)
-        launch(y, None, lora_prologue(x, A, B)[0] if has_lora else None)
-        return y.to(x.dtype)
+            return bind_split(lambda x, ws, parts: launch(x, ws, parts, None), M, N, split, B, R, scaling, bias,
+                              x.dtype, x.device)
+
+        def unsplit(x):  # large batches: x·Aᵀ whole beforehand (cuBLAS), the LoRA path in the epilogue
+            y = output_buffer(M, N, x, 1)
+            launch(x, y, None, lora_prologue(x, A, B)[0] if has_lora else None)
+            return y.to(x.dtype)
+
+        return unsplit
 
     # tuned per format, scale mode and LoRA on/off: each compiles to a different kernel. Small
     # batches also time a GEMV, under their own cache key.
@@ -308,6 +317,6 @@ def _prepared(x, fmt, tensors, meta, lora_A, lora_B, scaling, bias, config, chec
         variant = ((R if has_lora else 0) + (bias is not None), dense_slab_cap_mib())
     else:
         variant = ()
-    cfg = config or pick_config(op, M, N, K, x.dtype, x.device, lambda cfg: run_on(x, cfg), extra=extra,
+    cfg = config or pick_config(op, M, N, K, x.dtype, x.device, lambda cfg: bind(cfg)(x), extra=extra,
                                 variant=variant, check=check)
-    return run_on, cfg, (ptrs, A, B, bias)
+    return bind, cfg, (ptrs, A, B, bias)

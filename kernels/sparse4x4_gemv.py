@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .autotune import GATHER, GATHER_FWD, GATHER_T, GATHER_T_X4, GATHER_X4
 from .decode import interpreter_upcast, lora_and_bias_args, split_plan, weight_args
-from .splitk_finish import XA_BLOCK_K, _claim_share, _finish_if_last, _store_xa_part, one_launch_offered, run_one_launch, run_split
+from .splitk_finish import XA_BLOCK_K, _claim_share, _finish_if_last, _store_xa_part, bind_split, one_launch_offered, run_one_launch
 from .host_math import cdiv, block_r, next_pow2
 from .fast_launch import fast
 from .device_guard import on_input_device
@@ -220,31 +220,37 @@ def launch_gather(x, ptrs, ints, N, lora_A, lora_B, scaling, bias, cfg, one_laun
     launches: the gathers, then ``splitk_finish.finish``; or one, where the last program of each
     block of outputs finishes it (``one_launch``; None: ``splitk_finish.one_launch_offered()``).
     Returns ``y [M, N]`` in x's dtype."""
+    return bind_gather(x.shape, x.dtype, x.device, ptrs, ints, N, lora_A, lora_B, scaling, bias, cfg, one_launch)(x)
+
+
+def bind_gather(shape, dtype, device, ptrs, ints, N, lora_A, lora_B, scaling, bias, cfg, one_launch=None):
+    """:func:`launch_gather` for every contiguous ``x`` of ``shape`` ``[M, K]``, ``dtype`` and
+    ``device``, its grid and arguments worked out once: ``run(x) -> y`` (the tensors read at each
+    call)."""
     rows, block_n, block_k, split, num_warps, num_stages, _ = cfg
     (values, positions, _), (TK, PW, _, _) = ptrs, ints
-    M, K = x.shape
+    M, K = shape
     has_lora = lora_A is not None
-    A = lora_A if has_lora else x  # an unused placeholder without LoRA
     R = lora_A.shape[0] if has_lora else 1
     split, k_per_split = split_plan(K, block_k, split)
     grid = (cdiv(M, rows), cdiv(N, block_n), split)
     one = one_launch_offered() if one_launch is None else one_launch
+    # x is contiguous: its rows K apart (one row: never stepped over). The finish's scalars 0
+    # without it: no extra specializations of the two-launch kernel
+    scalars = (M, N, K, TK, PW, R, k_per_split, K, lora_A.stride(0) if has_lora else K,
+               float(scaling) if one else 0.0, lora_B.stride(0) if has_lora and one else 0)
+    meta = dict(HAS_LORA=has_lora, BLOCK_R=block_r(R), IEEE=dtype == torch.float32, UPCAST=interpreter_upcast(dtype),
+                ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, TRANSPOSE=cfg[6] in (GATHER_T, GATHER_T_X4),
+                X4=cfg[6] in (GATHER_X4, GATHER_T_X4), ONE_LAUNCH=one, HAS_BIAS=bias is not None and one,
+                BLOCK_S=min(16, next_pow2(split)) if one else 1, num_warps=num_warps, num_stages=num_stages)
+    launcher = fast(_sparse4x4_gemv_kernel)
 
-    def launch(ws, parts, y=None, counters=None):
-        fast(_sparse4x4_gemv_kernel)[grid](
-            x, values, positions, A, parts if has_lora else ws, ws,
+    def launch(x, ws, parts, y=None, counters=None):
+        launcher.launch(grid, (
+            x, values, positions, lora_A if has_lora else x, parts if has_lora else ws, ws,
             ws if y is None else y, lora_B if has_lora and one else ws, bias if bias is not None and one else ws,
-            ws if counters is None else counters,
-            # the finish's scalars 0 without it: no extra specializations of the two-launch kernel
-            M, N, K, TK, PW, R, k_per_split, x.stride(0), A.stride(0), float(scaling) if one else 0.0,
-            lora_B.stride(0) if has_lora and one else 0, 0 if y is None else y.stride(0),
-            HAS_LORA=has_lora, BLOCK_R=block_r(R), IEEE=x.dtype == torch.float32,
-            UPCAST=interpreter_upcast(x.dtype), ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k,
-            TRANSPOSE=cfg[6] in (GATHER_T, GATHER_T_X4), X4=cfg[6] in (GATHER_X4, GATHER_T_X4),
-            ONE_LAUNCH=one, HAS_BIAS=bias is not None and one, BLOCK_S=min(16, next_pow2(split)) if one else 1,
-            num_warps=num_warps, num_stages=num_stages,
-        )
+            ws if counters is None else counters, *scalars, 0 if y is None else N), meta)
 
     if one:  # grid: (groups of rows, blocks of outputs, slices of K)
-        return run_one_launch(launch, M, N, split, grid[1], grid[0], x, lora_B, R)
-    return run_split(launch, M, N, split, x, lora_B, R, scaling, bias)
+        return lambda x: run_one_launch(lambda *a: launch(x, *a), M, N, split, grid[1], grid[0], x, lora_B, R)
+    return bind_split(launch, M, N, split, lora_B, R, scaling, bias, dtype, device)

@@ -35,7 +35,7 @@ import torch
 from .autotune import CUDA_GATHER, SPARSE_MMA, Config
 from .cuda_ext import MAX_SLOTS, extension_problem, fit_slices, sm_count, smem_limits
 from .decode import lora_and_bias_args, weight_args
-from .splitk_finish import one_launch_offered, run_cuda_one_launch, run_split
+from .splitk_finish import bind_split, one_launch_offered, run_cuda_one_launch
 from .device_guard import on_input_device
 
 SPARSE_CUDA_MAX_M = 16  # rows of x a call (csrc: kMaxRows)
@@ -126,27 +126,36 @@ def launch_sparse_cuda(x, ptrs, N, lora_A, lora_B, scaling, bias, cfg, one_launc
     then ``splitk_finish.finish``; the tensor-core kernel with ``one_launch`` (None:
     ``LORAQ_ONE_LAUNCH=1``) finishes in its own launch (``csrc/gemv_finish.cuh``). Returns
     ``y [M, N]`` in ``x.dtype``."""
+    return bind_sparse_cuda(x.shape, x.dtype, x.device, ptrs, N, lora_A, lora_B, scaling, bias, cfg, one_launch)(x)
+
+
+def bind_sparse_cuda(shape, dtype, device, ptrs, N, lora_A, lora_B, scaling, bias, cfg, one_launch=None):
+    """:func:`launch_sparse_cuda` for every contiguous ``x`` of ``shape`` ``[M, K]``, ``dtype``
+    and ``device``, its plan worked out once: ``run(x) -> y``. The tensors are read at each call;
+    values in another dtype than x's are cast at each call."""
     rows, bps, _, split, warps, _, _ = cfg
     values, positions, _ = ptrs
-    M, K = x.shape
-    index = x.device.index or 0
+    M, K = shape
+    index = device.index or 0
     slices = sparse_slices(rows, M, K, bps, split, smem_limits(index))
     groups = -(-M // rows)  # blocks along z (the gather's rows of x; one for the tensor-core kernel)
     blocks = max(1, -(-sm_count(index) * bps // (slices * groups)))  # per slice and group
     has_lora = lora_A is not None
     R = lora_A.shape[0] if has_lora else 1
     slots = min(MAX_SLOTS, blocks * slices)
-    values = values if values.dtype == x.dtype else values.to(x.dtype)  # Ŵ in x's dtype, as the reference rounds it
     lora_A = lora_A.contiguous() if has_lora else None
 
+    def vals():  # Ŵ in x's dtype, as the reference rounds it
+        return values if values.dtype == dtype else values.to(dtype)
+
     if rows == SPARSE_MMA_ROWS and (one_launch_offered() if one_launch is None else one_launch):
-        return _one_launch(x, values, positions, lora_A, lora_B, bias, scaling, N, blocks, warps, slices, slots)
+        return lambda x: _one_launch(x, vals(), positions, lora_A, lora_B, bias, scaling, N, blocks, warps, slices,
+                                     slots)
 
-    def launch(ws, parts):
-        torch.ops.loraq.sparse4x4_gemv(x, values, positions, lora_A, ws, parts if has_lora else None, N, rows,
-                                       blocks, warps, slices)
+    def launch(x, ws, parts):
+        torch.ops.loraq.sparse4x4_gemv(x, vals(), positions, lora_A, ws, parts, N, rows, blocks, warps, slices)
 
-    return run_split(launch, M, N, slots, x, lora_B, R, scaling, bias)
+    return bind_split(launch, M, N, slots, lora_B, R, scaling, bias, dtype, device)
 
 
 def _one_launch(x, values, positions, lora_A, lora_B, bias, scaling, N, blocks, warps, slices, slots):
@@ -187,4 +196,4 @@ def sparse4x4_gemv_cuda(x, tensors, meta, lora_A=None, lora_B=None, scaling: flo
 
 
 __all__ = ["sparse4x4_gemv_cuda", "sparse_cuda_status", "sparse_cuda_configs", "check_sparse_cuda_config",
-           "sparse_slices", "rows_for", "launch_sparse_cuda", "SPARSE_CUDA_MAX_M"]
+           "sparse_slices", "rows_for", "launch_sparse_cuda", "bind_sparse_cuda", "SPARSE_CUDA_MAX_M"]

@@ -238,18 +238,32 @@ def finish(ws: torch.Tensor, parts: Optional[torch.Tensor], lora_B: Optional[tor
     ``parts [slots, M, BLOCK_R]`` (from :func:`xa_slots`) and ``lora_B [N, R]`` (in ``dtype``)
     are None without LoRA; ``bias [N]`` may be None."""
     M, N = ws.shape
-    has_lora = parts is not None
+    slots, width = (parts.shape[0], parts.shape[2]) if parts is not None else (1, 16)
+    return bind_finish(M, N, slots, width, lora_B, R, scaling, bias, dtype, ws.device)(ws, parts)
+
+
+def bind_finish(M: int, N: int, slots: int, width: int, lora_B: Optional[torch.Tensor], R: int, scaling: float,
+                bias: Optional[torch.Tensor], dtype: torch.dtype, device: torch.device):
+    """:func:`finish` with everything but ``ws [M, N]`` and ``parts [slots, M, width]`` (None
+    without LoRA: ``lora_B`` None) worked out once: ``run(ws, parts) -> y``. A prepared launch
+    (``lora_linear_fwd.ForwardPlan``) keeps one, so a call builds no grid or arguments; it reads
+    ``lora_B`` and ``bias`` (whose layouts the plan's owner checks) at each call."""
+    has_lora = lora_B is not None
     # fp32 in the interpreter for bf16, which truncates where a GPU rounds; torch casts after
-    y = torch.empty(M, N, device=ws.device, dtype=torch.float32 if interpreter_upcast(dtype) else dtype)
-    slots, block_r = (parts.shape[0], parts.shape[2]) if has_lora else (1, 16)
+    out = torch.float32 if interpreter_upcast(dtype) else dtype
     grid = (cdiv(N, FINISH_BLOCK_N), M)
-    fast(_splitk_finish_kernel)[grid](
-        ws, y, parts if has_lora else ws, lora_B if has_lora else ws, bias if bias is not None else ws,
-        M, N, R, slots, float(scaling), lora_B.stride(0) if has_lora else 0, y.stride(0),
-        HAS_LORA=has_lora, HAS_BIAS=bias is not None, BLOCK_R=block_r, BLOCK_N=FINISH_BLOCK_N,
-        BLOCK_S=min(16, next_pow2(slots)), num_warps=4,
-    )
-    return y if y.dtype == dtype else y.to(dtype)
+    tail = (M, N, R, slots, float(scaling), lora_B.stride(0) if has_lora else 0, N)  # y: [M, N], contiguous
+    meta = dict(HAS_LORA=has_lora, HAS_BIAS=bias is not None, BLOCK_R=width, BLOCK_N=FINISH_BLOCK_N,
+                BLOCK_S=min(16, next_pow2(slots)), num_warps=4)
+    launcher = fast(_splitk_finish_kernel)
+
+    def run(ws, parts):
+        y = torch.empty(M, N, device=device, dtype=out)
+        launcher.launch(grid, (ws, y, parts if has_lora else ws, lora_B if has_lora else ws,
+                               bias if bias is not None else ws, *tail), meta)
+        return y if out is dtype else y.to(dtype)
+
+    return run
 
 
 def one_launch_offered() -> bool:
@@ -313,13 +327,30 @@ def run_split(launch: Callable[[torch.Tensor, Optional[torch.Tensor]], None], M:
     """Run a split kernel and its finish: ``launch(ws, parts)`` adds the partial sums of
     ``x·Ŵᵀ`` into the zeroed ``ws [M, N]`` and, with LoRA (``lora_B`` given), stores the ``slots``
     shares of ``x·Aᵀ`` into ``parts``. Returns ``y [M, N]`` in ``x.dtype``."""
-    ws = zeroed_workspace(M, N, x.device)
-    parts = None
-    if lora_B is not None:
-        parts, _ = xa_slots(slots, M, R, x.device)
-    try:
-        launch(ws, parts)
-        return finish(ws, parts, lora_B, R, scaling, bias, x.dtype)
-    except BaseException:
-        ws.zero_()  # a kernel that ran but was not finished would leave its sums for the next call
-        raise
+    return bind_split(lambda x, ws, parts: launch(ws, parts), M, N, slots, lora_B, R, scaling, bias, x.dtype,
+                      x.device)(x)
+
+
+def bind_split(launch: Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], None], M: int, N: int,
+               slots: int, lora_B: Optional[torch.Tensor], R: int, scaling: float, bias: Optional[torch.Tensor],
+               dtype: torch.dtype, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """:func:`run_split` for every ``x [M, K]`` in ``dtype`` on ``device``, worked out once:
+    ``run(x) -> y`` calls ``launch(x, ws, parts)`` and the finish (:func:`bind_finish`)."""
+    has_lora = lora_B is not None
+    width = block_r(R) if has_lora else 16
+    # without LoRA the finish reads no slots: one, as finish() says (the same specialization)
+    fin = bind_finish(M, N, slots if has_lora else 1, width, lora_B, R, scaling, bias, dtype, device)
+    f32 = torch.float32
+
+    def run(x):
+        ws = zeroed_workspace(M, N, device)
+        # every slot is written by the kernel: not zeroed (xa_slots)
+        parts = torch.empty(slots, M, width, device=device, dtype=f32) if has_lora else None
+        try:
+            launch(x, ws, parts)
+            return fin(ws, parts)
+        except BaseException:
+            ws.zero_()  # a kernel that ran but was not finished would leave its sums for the next call
+            raise
+
+    return run

@@ -91,6 +91,22 @@ def test_profile_host_stub_kernels_runs_the_whole_stack_on_the_cpu():
     assert "fast_launch.py" in out.stdout  # the profile ran the fast path
 
 
+@pytest.mark.parametrize("fmt,cuda_op,kernel", [("int1", "mma", "int1_gemv_mma"), ("int1", "lut", "int1_gemv_mma"),
+                                                  ("sparse4x4", "mma", "sparse4x4_gemv")])
+def test_profile_host_runs_the_extensions_launchers_on_the_cpu(fmt, cuda_op, kernel):
+    """``--cuda-op``: the launchers of ``loraq._C``'s GEMVs (bound once by a plan, then called)
+    run their Python on the CPU, the extension's op recorded with the finish kernel after it."""
+    pytest.importorskip("triton")
+    out = subprocess.run([sys.executable, "bench/profile_host.py", "--stub-kernels", "--cuda-op", cuda_op,
+                          "--format", fmt, "--K", "64", "--N", "48"], cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr
+    first = out.stdout.splitlines()[0]
+    assert f"({kernel}, _splitk_finish_kernel;" in first, first
+    line = next(ln for ln in out.stdout.splitlines() if "LoraLinear forward, no grad" in ln)
+    assert all(float(v) > 0 for v in line.split("no grad")[1].split())
+
+
 def test_layer_with_a_parametrized_adapter():
     """A parametrization moves ``lora_A`` out of ``_parameters``: the forward still finds it."""
     from torch.nn.utils import parametrize
