@@ -242,7 +242,9 @@ def forward_plan(x: torch.Tensor, weight, lora_A: Optional[torch.Tensor] = None,
                  bias: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> Optional[Callable]:
     """:func:`lora_linear` prepared for every ``x`` of this 2-D ``x``'s shape, dtype and device:
     ``plan(x) -> y``, the same kernel on the same ``weight``, ``lora_A``, ``lora_B`` and ``bias``
-    tensors (their values at each call) without the per-call checks, backend choice and tuner
+    tensors (their values at each call; their storages, shapes and strides as they were when the
+    plan was made: after replacing or reshaping one in place, make a new plan; ``LoraLinear``
+    checks this itself) without the per-call checks, backend choice and tuner
     lookup, which cost more host time than a small batch's kernel takes on the GPU. Raises as
     :func:`lora_linear` does for bad arguments; returns None where the backend has no plan (the
     reference; a gradient wanted; an argument the kernels would cast, such as a LoRA factor in
