@@ -150,10 +150,11 @@ def check_lut_config(cfg) -> None:
 def launch_lut(x, ptrs, ints, mode, N, lora_A, lora_B, scaling, bias, cfg, one_launch=None):
     """The launch on arguments already prepared (``weight_args``'s; ``lora_A``, ``lora_B`` in
     ``x``'s dtype, or None without LoRA) and checked; ``cfg`` is an ``autotune.lut_configs``
-    entry. ``lora_linear_fwd`` calls this directly, so the forward prepares its arguments once.
+    entry (``lora_linear_fwd`` binds it, :func:`bind_lut`, so that a plan prepares it once).
     Two launches: the lookups, then ``splitk_finish.finish``; or one, where the last program of
     each output tile finishes it (``one_launch``; None: ``splitk_finish.one_launch_offered()``).
     Returns ``y [M, N]`` in x's dtype."""
+    x = x.contiguous()  # the bound launch steps K elements a row
     return bind_lut(x.shape, x.dtype, x.device, ptrs, ints, mode, N, lora_A, lora_B, scaling, bias, cfg,
                     one_launch)(x)
 

@@ -139,6 +139,7 @@ def launch_mma(x, ptrs, ints, mode, N, lora_A, lora_B, scaling, bias, cfg, one_l
     ``bias`` in ``x``'s dtype and contiguous, or None) and checked. Two launches (the kernel, then
     ``splitk_finish.finish``), or with ``one_launch`` (None: ``LORAQ_ONE_LAUNCH=1``) one: the
     kernel finishes itself (``csrc/gemv_finish.cuh``). Returns ``y [M, N]`` in ``x.dtype``."""
+    x = x.contiguous()  # the ops take a contiguous x
     return bind_mma(x.shape, x.dtype, x.device, ptrs, ints, mode, N, lora_A, lora_B, scaling, bias, cfg,
                     one_launch)(x)
 

@@ -230,11 +230,12 @@ def _prepared(x, fmt, tensors, meta, lora_A, lora_B, scaling, bias, config, chec
         one2 = pair_ones(x.dtype)
 
         def launch(x, y, parts, xa):
-            xa_arg, b_arg = (xa, B) if xa is not None else (x, x)  # unused placeholders
-            a_arg = A if has_lora else x
+            # without LoRA, x stands in for xa, B and A (unused) with its row stride, K
+            xa_arg, b_arg, a_arg = (xa, B, A) if xa is not None else (x, x, A if has_lora else x)
+            strides = (xa.stride(0), B.stride(0)) if xa is not None else (K, K)
             launcher.launch(grid, (
                 x, *ptrs, xa_arg, b_arg, bias if bias is not None else x, y, a_arg, parts if parts is not None else y,
-                *scalars, K, y.stride(0), xa_arg.stride(0), b_arg.stride(0), a_arg.stride(0), R, one2), meta)
+                *scalars, K, y.stride(0), *strides, A.stride(0) if has_lora else K, R, one2), meta)
 
         if split > 1:  # partial sums into the workspace; the finish adds LoRA and bias
             return bind_split(lambda x, ws, parts: launch(x, ws, parts, None), M, N, split, B, R, scaling, bias,

@@ -220,6 +220,7 @@ def launch_gather(x, ptrs, ints, N, lora_A, lora_B, scaling, bias, cfg, one_laun
     launches: the gathers, then ``splitk_finish.finish``; or one, where the last program of each
     block of outputs finishes it (``one_launch``; None: ``splitk_finish.one_launch_offered()``).
     Returns ``y [M, N]`` in x's dtype."""
+    x = x.contiguous()  # the bound launch steps K elements a row
     return bind_gather(x.shape, x.dtype, x.device, ptrs, ints, N, lora_A, lora_B, scaling, bias, cfg, one_launch)(x)
 
 

@@ -126,6 +126,7 @@ def launch_sparse_cuda(x, ptrs, N, lora_A, lora_B, scaling, bias, cfg, one_launc
     then ``splitk_finish.finish``; the tensor-core kernel with ``one_launch`` (None:
     ``LORAQ_ONE_LAUNCH=1``) finishes in its own launch (``csrc/gemv_finish.cuh``). Returns
     ``y [M, N]`` in ``x.dtype``."""
+    x = x.contiguous()  # the ops take a contiguous x
     return bind_sparse_cuda(x.shape, x.dtype, x.device, ptrs, N, lora_A, lora_B, scaling, bias, cfg, one_launch)(x)
 
 

@@ -237,6 +237,10 @@ def finish(ws: torch.Tensor, parts: Optional[torch.Tensor], lora_B: Optional[tor
     """``y = ws + s·(Σ_slots parts)·Bᵀ + b`` ``[M, N]`` in ``dtype``, and ``ws`` zeroed.
     ``parts [slots, M, BLOCK_R]`` (from :func:`xa_slots`) and ``lora_B [N, R]`` (in ``dtype``)
     are None without LoRA; ``bias [N]`` may be None."""
+    if (parts is None) != (lora_B is None):
+        given = lambda t: "None" if t is None else "given"  # noqa: E731
+        raise ValueError("finish takes parts and lora_B together (with LoRA) or neither (without): got "
+                         f"parts {given(parts)}, lora_B {given(lora_B)}")
     M, N = ws.shape
     slots, width = (parts.shape[0], parts.shape[2]) if parts is not None else (1, 16)
     return bind_finish(M, N, slots, width, lora_B, R, scaling, bias, dtype, ws.device)(ws, parts)

@@ -3,7 +3,9 @@
 and a new plan (or the full path) whenever anything a plan was made with changes. Tiny shapes
 under the Triton interpreter without a GPU; the ``gpu`` tests run the real kernels."""
 
+import gc
 import importlib
+import weakref
 
 import pytest
 import torch
@@ -11,7 +13,9 @@ import torch
 pytest.importorskip("triton")
 
 from loraq import LoraLinear, ops  # noqa: E402
+from loraq.custom_ops import _meta  # noqa: E402
 from loraq.formats import compress_weight  # noqa: E402
+from loraq.kernels import autotune  # noqa: E402
 
 fwd_mod = importlib.import_module("loraq.kernels.lora_linear_fwd")
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -71,6 +75,88 @@ def test_planned_calls_give_the_full_paths_answer_bit_for_bit(fmt, kw, dtype, lo
             expected = full(layer, x)
             assert got.shape == expected.shape == (*shape[:-1], N) and got.dtype == dtype
             assert torch.equal(got, expected), f"{shape}: planned {got} != full {expected}"
+
+
+# a config of each small-batch launcher a plan can bind (lookup, gather, split and unsplit tiles)
+BOUND_CONFIGS = [("int1", (1, 32, 32, 8, 4, 1, autotune.LUT)), ("int1", (4, 32, 64, 4, 4, 1, autotune.LUT)),
+                 ("int1", (16, 32, 32, 4, 4, 2, autotune.DOT)), ("int1", (16, 32, 32, 1, 4, 2, autotune.DOT_SWAP)),
+                 ("sparse4x4", (1, 16, 32, 4, 4, 2, autotune.GATHER)),
+                 ("sparse4x4", (4, 16, 32, 2, 4, 2, autotune.GATHER_T_X4)),
+                 ("sparse4x4", (16, 32, 32, 4, 4, 2, autotune.DOT))]
+
+
+@pytest.mark.parametrize("one_launch", ["0", "1"], ids=["two_launches", "one_launch"])
+@pytest.mark.parametrize("fmt, cfg", BOUND_CONFIGS, ids=[f"{f}-{c}" for f, c in BOUND_CONFIGS])
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "plain"])
+def test_a_plan_bound_to_any_config_gives_its_launchers_answer(monkeypatch, one_launch, fmt, cfg, lora):
+    """A plan binds whichever config the tuner picked (its grid, arguments and finish) once; called
+    again on fresh inputs (also a 1-row x with an odd row stride) it gives that config's launch
+    answer bit for bit, and it keeps no input alive."""
+    monkeypatch.setenv("LORAQ_ONE_LAUNCH", one_launch)
+    monkeypatch.setattr(fwd_mod, "pick_config", lambda *a, **k: cfg)
+    n, k, dt = 40, 128, torch.float16
+    w = compress_weight(torch.randn(n, k), fmt).to(dt).to(DEV)
+    tensors, meta = w.tensors(), _meta(w)
+    A = torch.randn(5, k, device=DEV, dtype=dt) / 5 if lora else None
+    B = torch.randn(n, 5, device=DEV, dtype=dt) if lora else None
+    b = torch.randn(n, device=DEV, dtype=dt)
+    for M in (1, 3):
+        first = torch.randn(M, k, device=DEV, dtype=dt)
+        plan = fwd_mod.forward_plan(first, fmt, tensors, meta, A, B, 0.7, b)
+        assert plan is not None and plan.cfg == cfg
+        gone = weakref.ref(first)
+        del first
+        gc.collect()
+        assert gone() is None, "the plan keeps the input it was made with alive"
+        wide = torch.randn(3, k + 7, device=DEV, dtype=dt)
+        for x in (torch.randn(M, k, device=DEV, dtype=dt), wide[1:2, :k] if M == 1 else wide[:, :k].contiguous()):
+            expected = fwd_mod.lora_linear_fwd(x, fmt, tensors, meta, A, B, 0.7, b, config=cfg)
+            assert torch.equal(plan(x), expected), f"M={M}, stride {x.stride()}"
+
+
+@pytest.mark.parametrize("fmt, cfg", BOUND_CONFIGS[:2] + BOUND_CONFIGS[4:6], ids=[
+    f"{f}-{c}" for f, c in BOUND_CONFIGS[:2] + BOUND_CONFIGS[4:6]])
+def test_the_gemv_launchers_take_a_row_strided_x(fmt, cfg):
+    """``launch_lut``/``launch_gather`` (whose bound forms step K elements a row) give a slice of
+    wider rows the answer of its contiguous copy."""
+    from loraq.kernels.decode import lora_and_bias_args, weight_args
+
+    launch = (importlib.import_module("loraq.kernels.int1_gemv_lut").launch_lut if fmt == "int1"
+              else importlib.import_module("loraq.kernels.sparse4x4_gemv").launch_gather)
+    n, k, dt = 40, 128, torch.float16
+    w = compress_weight(torch.randn(n, k), fmt).to(dt).to(DEV)
+    ptrs, ints, mode = weight_args(fmt, w.tensors(), _meta(w))
+    x = torch.randn(3, k + 16, device=DEV, dtype=dt)[:, :k]
+    A, B, b = lora_and_bias_args(x, torch.randn(5, k, device=DEV, dtype=dt) / 5,
+                                 torch.randn(n, 5, device=DEV, dtype=dt), torch.randn(n, device=DEV, dtype=dt))
+    args = (ptrs, ints, mode, n) if fmt == "int1" else (ptrs, ints, n)
+    assert torch.equal(launch(x, *args, A, B, 0.7, b, cfg), launch(x.contiguous(), *args, A, B, 0.7, b, cfg))
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "plain"])
+def test_a_bound_split_finishes_as_finish_does(monkeypatch, lora):
+    """``bind_split``'s finish launch is ``finish()``'s for the same problem: the same grid,
+    scalars and constexprs (without LoRA: one slot, so no other specialization compiles)."""
+    sf = importlib.import_module("loraq.kernels.splitk_finish")
+    launched = []
+
+    class Recorder:
+        def launch(self, grid, args, meta):
+            launched.append((grid, [a for a in args if not isinstance(a, torch.Tensor)], meta))
+
+    monkeypatch.setattr(sf, "fast", lambda fn: Recorder())
+    M, n, slots, R = 2, 8, 6, 3
+    B = torch.randn(n, R) if lora else None
+    bias = torch.randn(n)
+    sf.bind_split(lambda x, ws, parts: None, M, n, slots, B, R, 0.5, bias, torch.float32, torch.device("cpu"))(
+        torch.randn(M, 4))
+    ws = sf.zeroed_workspace(M, n, torch.device("cpu"))
+    parts = sf.xa_slots(slots, M, R, torch.device("cpu"))[0] if lora else None
+    sf.finish(ws, parts, B, R, 0.5, bias, torch.float32)
+    assert len(launched) == 2 and launched[0] == launched[1]
+    with pytest.raises(ValueError, match="parts and lora_B together"):
+        sf.finish(ws, None if lora else torch.zeros(slots, M, 16), B if lora else None, R, 0.5, bias, torch.float32)
+    assert len(launched) == 2
 
 
 def test_values_changed_in_place_are_read_by_the_kept_plan(plan_calls):
