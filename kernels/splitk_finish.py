@@ -15,7 +15,7 @@ of the call, on the GPU and on the host. Here a call is two launches:
    zeros back, so the workspace is ready for the next call; it sums the slots into ``x·Aᵀ`` and
    writes ``sum + s·(x·Aᵀ)·Bᵀ + b`` in the activation dtype.
 
-:func:`run_split` makes the two launches; if anything between them raises, it zeroes the
+:func:`bind_split` makes the two launches; if anything between them raises, it zeroes the
 workspace again before it re-raises. ``reference.splitk_finish_ref`` is the reference.
 """
 
@@ -325,21 +325,14 @@ def run_cuda_one_launch(launch: Callable[..., None], M: int, N: int, R: Optional
     return y
 
 
-def run_split(launch: Callable[[torch.Tensor, Optional[torch.Tensor]], None], M: int, N: int, slots: int,
-              x: torch.Tensor, lora_B: Optional[torch.Tensor], R: int, scaling: float,
-              bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """Run a split kernel and its finish: ``launch(ws, parts)`` adds the partial sums of
-    ``x·Ŵᵀ`` into the zeroed ``ws [M, N]`` and, with LoRA (``lora_B`` given), stores the ``slots``
-    shares of ``x·Aᵀ`` into ``parts``. Returns ``y [M, N]`` in ``x.dtype``."""
-    return bind_split(lambda x, ws, parts: launch(ws, parts), M, N, slots, lora_B, R, scaling, bias, x.dtype,
-                      x.device)(x)
-
-
 def bind_split(launch: Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], None], M: int, N: int,
                slots: int, lora_B: Optional[torch.Tensor], R: int, scaling: float, bias: Optional[torch.Tensor],
                dtype: torch.dtype, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """:func:`run_split` for every ``x [M, K]`` in ``dtype`` on ``device``, worked out once:
-    ``run(x) -> y`` calls ``launch(x, ws, parts)`` and the finish (:func:`bind_finish`)."""
+    """Run a split kernel and its finish, for every ``x [M, K]`` in ``dtype`` on ``device``:
+    ``run(x) -> y [M, N]`` (in ``dtype``) calls ``launch(x, ws, parts)``, which adds the partial
+    sums of ``x·Ŵᵀ`` into the zeroed ``ws [M, N]`` and, with LoRA (``lora_B`` given), stores the
+    ``slots`` shares of ``x·Aᵀ`` into ``parts``, then the finish (:func:`bind_finish`). Everything
+    but the workspace lookup and the allocations is worked out here, once."""
     has_lora = lora_B is not None
     width = block_r(R) if has_lora else 16
     # without LoRA the finish reads no slots: one, as finish() says (the same specialization)

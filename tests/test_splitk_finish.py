@@ -96,17 +96,18 @@ def test_a_replaced_workspace_is_kept_for_the_graphs_that_captured_it():
 
 
 def test_finish_workspace_is_zeroed_again_after_a_failed_call():
-    from loraq.kernels.splitk_finish import run_split, zeroed_workspace
+    from loraq.kernels.splitk_finish import bind_split, zeroed_workspace
 
     x = torch.randn(2, 8, device=DEV)
 
-    def launch(ws, parts):
+    def launch(x, ws, parts):
         ws += 1.0  # a kernel that ran, then something failed before its finish
         raise RuntimeError("boom")
 
-    with pytest.raises(RuntimeError, match="boom"):
-        run_split(launch, 2, 8, 1, x, None, 1, 1.0, None)
-    assert not zeroed_workspace(2, 8, DEV).any()
+    for B in (None, torch.randn(8, 3, device=DEV)):
+        with pytest.raises(RuntimeError, match="boom"):
+            bind_split(launch, 2, 8, 1, B, 3, 1.0, None, x.dtype, x.device)(x)
+        assert not zeroed_workspace(2, 8, DEV).any()
 
 
 @pytest.mark.parametrize("fmt, cfg", [("int1", (1, 32, 64, 4, 4, 1, 2)), ("sparse4x4", (1, 16, 32, 4, 4, 2, 3)),
