@@ -228,18 +228,18 @@ def _prepared(x, fmt, tensors, meta, lora_A, lora_B, scaling, bias, config, chec
                     num_warps=warps, num_stages=stages)
         launcher = fast(_lora_linear_fwd_kernel)
         one2 = pair_ones(x.dtype)
+        a_stride = A.stride(0) if has_lora else K
 
-        def launch(x, y, parts, xa):
+        def launch(x, y, parts, xa=None):
             # without LoRA, x stands in for xa, B and A (unused) with its row stride, K
             xa_arg, b_arg, a_arg = (xa, B, A) if xa is not None else (x, x, A if has_lora else x)
             strides = (xa.stride(0), B.stride(0)) if xa is not None else (K, K)
             launcher.launch(grid, (
                 x, *ptrs, xa_arg, b_arg, bias if bias is not None else x, y, a_arg, parts if parts is not None else y,
-                *scalars, K, y.stride(0), *strides, A.stride(0) if has_lora else K, R, one2), meta)
+                *scalars, K, y.stride(0), *strides, a_stride, R, one2), meta)
 
         if split > 1:  # partial sums into the workspace; the finish adds LoRA and bias
-            return bind_split(lambda x, ws, parts: launch(x, ws, parts, None), M, N, split, B, R, scaling, bias,
-                              x.dtype, x.device)
+            return bind_split(launch, M, N, split, B, R, scaling, bias, x.dtype, x.device)
 
         def unsplit(x):  # large batches: x·Aᵀ whole beforehand (cuBLAS), the LoRA path in the epilogue
             y = output_buffer(M, N, x, 1)
