@@ -16,7 +16,10 @@ cache does: the host time before the GPU's launches, measured without a GPU, wit
 path and with ``kernels.fast_launch`` (only the C launcher, about the same for both, is left out).
 ``--cuda-op`` does it as if the extension ``loraq._C`` were built and its GEMV picked, its ops
 recorded instead of run (their C++ dispatch left out). ``LoraLinear`` rows are its eager
-inference: after the first call, through a kept ``ops.forward_plan``.
+inference: after the first call, through a kept ``ops.forward_plan``; the training row runs a
+forward and backward (``x`` and the factors wanting gradients), through kept forward and ``dX``
+plans from the third step. The LoRA factors' gradients are torch matmuls, which with
+``--stub-kernels`` run on the CPU (a real cost, unlike on a GPU where each is a launch).
 """
 
 from __future__ import annotations
@@ -255,7 +258,8 @@ def stub_kernels(args) -> int:
             hit = picked[key] = more[0] if more and M <= 16 else real_pick(op, M, N, K, dtype, device, run)
         return hit
 
-    fwd_mod.pick_config = pick
+    dx_mod = importlib.import_module("loraq.kernels.lora_linear_dx")
+    fwd_mod.pick_config = dx_mod.pick_config = pick
     # TRITON_INTERPRET=1 lets the triton backend take CPU tensors; the kernels are JITFunctions
     ops.load_backends()  # before the switch below, which loading the kernels would reset
     plans_on_cpu = ops._PLANS_ON_CPU
@@ -266,6 +270,7 @@ def stub_kernels(args) -> int:
             W = torch.randn(args.N, args.K) / args.K**0.5
             w = compress_weight(W, args.format).to(dt)
             x = torch.randn(args.M, args.K, dtype=dt)
+            xg, dy = x.clone().requires_grad_(), torch.randn(args.M, args.N, dtype=dt)  # a training step
             A = torch.randn(args.rank, args.K, dtype=dt) / args.K**0.5
             B = torch.randn(args.N, args.rank, dtype=dt)
             layer = lnn.LoraLinear(w, rank=args.rank, backend="triton").to(dt)
@@ -274,7 +279,8 @@ def stub_kernels(args) -> int:
             rows = [("kernels.lora_linear_fwd (launcher)",
                      lambda: fwd_mod.lora_linear_fwd(x, args.format, w.tensors(), _meta(w), A, B, 2.0)),
                     ("ops.lora_linear (triton)", lambda: ops.lora_linear(x, w, A, B, 2.0, backend="triton")),
-                    ("LoraLinear forward, no grad", lambda: without_grad(layer, x))]
+                    ("LoraLinear forward, no grad", lambda: without_grad(layer, x)),
+                    ("LoraLinear forward + backward (training)", lambda: layer(xg).backward(dy))]
             calls.clear()
             rows[0][1]()
             print(f"cpu; {args.format} K={args.K} N={args.N} M={args.M} fp16; Triton's launches recorded, not run "
@@ -285,7 +291,7 @@ def stub_kernels(args) -> int:
             with environ(LORAQ_FAST_LAUNCH="1"):
                 report([], lambda: (without_grad(layer, x), calls.clear()), 14)
     finally:
-        fwd_mod.pick_config = real_pick
+        fwd_mod.pick_config = dx_mod.pick_config = real_pick
         ops._PLANS_ON_CPU = plans_on_cpu
     return 0
 

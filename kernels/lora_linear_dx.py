@@ -22,9 +22,10 @@ from .decode import (_dot, _int1_group_scale, _int1_sign_pairs_t, _int1_signs, _
                      _sparse4x4_tile, decode_dtype, interpreter_upcast, output_buffer, split_plan, use_asm,
                      weight_args)
 from .sparse4x4_gemv import check_gather_config
-from .sparse4x4_gemv_dx import DX_LIMITS, launch_gather_dx
+from .sparse4x4_gemv_dx import DX_LIMITS, bind_gather_dx
 from .host_math import block_r, cdiv, in_row_chunks, rows_per_launch
-from .autotune import rows_from
+from .autotune import capturing as autotune_capturing, rows_from
+from .env import switches
 from .fast_launch import fast
 from .device_guard import on_input_device
 
@@ -158,14 +159,72 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
                                                          None if dy_B is None else dy_B[i:j], scaling, config,
                                                          lora_B, rows_from(check, i)),
                              M, rows, K, dy)
+    dyb = None if lora_A is None else dy_B.to(dy.dtype).contiguous()
+    bind, cfg, _ = _prepared_dx(dy, dyb, fmt, tensors, meta, lora_A, scaling, lora_B, config, check)
+    return bind(cfg)(dy, dyb)
+
+
+class DxPlan:
+    """:func:`lora_linear_dx` prepared once for every ``dy`` (and ``dy_B``) of one shape, dtype
+    and device: calling it launches the config the tuner picked, on the weight, ``A`` and ``B``
+    tensors it was made with (their values at the call), skipping the per-call work (arguments,
+    cache lookup). ``current()``: whether the switches it was made under still hold."""
+
+    __slots__ = ("_run", "cfg", "_switches", "_shape", "_dtype", "_device", "_lora")
+    runs = True
+
+    def __init__(self, run, cfg, dy, lora: bool):
+        self._run, self.cfg, self._switches, self._lora = on_input_device(run), cfg, switches(), lora
+        self._shape, self._dtype, self._device = dy.shape, dy.dtype, dy.device
+
+    def current(self) -> bool:
+        return switches() == self._switches
+
+    def __call__(self, dy, dy_B=None):
+        if dy.shape != self._shape or dy.dtype != self._dtype or dy.device != self._device:
+            raise ValueError(f"this plan takes dy of shape {tuple(self._shape)}, {self._dtype} on {self._device}; "
+                             f"got {tuple(dy.shape)}, {dy.dtype} on {dy.device}")
+        if (dy_B is not None) != self._lora:
+            raise ValueError("this plan was made " + ("with" if self._lora else "without") + " the LoRA term: "
+                             + ("pass dy_B" if self._lora else "dy_B must be None"))
+        if dy_B is not None and (dy_B.shape[0] != dy.shape[0] or dy_B.dtype != dy.dtype or dy_B.device != dy.device):
+            raise ValueError(f"dy_B must be [{dy.shape[0]}, r] in dy's dtype on its device, got "
+                             f"{tuple(dy_B.shape)}, {dy_B.dtype} on {dy_B.device}")
+        return self._run(dy.contiguous(), None if dy_B is None else dy_B.contiguous())
+
+
+@on_input_device
+def dx_plan(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling: float = 1.0, lora_B=None, check=None):
+    """A :class:`DxPlan` of :func:`lora_linear_dx` for ``dy`` (and ``dy_B``) shaped like these
+    (the same arguments), tuned first if the problem is new; None where a plan would not stay
+    right: no rows, a batch split into launches, ``lora_A``/``lora_B`` that the launcher would
+    cast or copy (a plan reads the caller's tensors at each call), a CUDA graph being captured."""
+    M, N = dy.shape
+    K = meta["K"]
+    if M == 0 or rows_per_launch(M, max(K, N)) < M or autotune_capturing():
+        return None
+    dy = dy.contiguous()
+    dyb = None if lora_A is None else dy_B.to(dy.dtype).contiguous()
+    bind, cfg, (A, B) = _prepared_dx(dy, dyb, fmt, tensors, meta, lora_A, scaling, lora_B, None, check)
+    if lora_A is not None and (A is not lora_A or (lora_B is not None and B is not lora_B)):
+        return None
+    return DxPlan(bind(cfg), cfg, dy, lora_A is not None)
+
+
+def _prepared_dx(dy, dyb, fmt, tensors, meta, lora_A, scaling, lora_B, config, check):
+    """``(bind(cfg) -> run, the config, (A, B) as the kernels read them)`` for a contiguous
+    ``dy [M, N]`` that one launch covers and ``dyb`` (``dY·B`` in dy's dtype, contiguous, or None
+    without LoRA); tunes the config if it is new. ``run(dy, dyb) -> dx`` launches ``cfg`` for any
+    contiguous ``dy`` and ``dyb`` of these shapes, dtypes and device."""
+    M, N = dy.shape
+    K = meta["K"]
     ptrs, ints, scale_mode = weight_args(fmt, tensors, meta)
     has_lora = lora_A is not None
     if has_lora:
         A = lora_A.to(dy.dtype).contiguous()
-        dyb = dy_B.to(dy.dtype).contiguous()
         R = A.shape[0]
     else:
-        A = dyb = dy  # unused placeholders
+        A = None
         R = 1
     B = lora_B.to(dy.dtype).contiguous() if has_lora and lora_B is not None else None
 
@@ -183,25 +242,33 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
             raise ValueError(f"config {config}: dX takes tiled configs (variant DOT, DOT_SWAP or for int1 DOT_PAIRS), "
                              f"dense-slab configs (DENSE_SLAB), or for sparse4x4 the gathering GEMV's (GATHER)")
 
-    def run(cfg):
+    def bind(cfg):  # run(dy, dyb) for this call's dy and every dy like it (a plan keeps it)
         if cfg[6] == GATHER:  # small batches of sparse4x4, on the arguments prepared above
-            return launch_gather_dx(dy, ptrs, ints, K, A if has_lora else None, dyb, R, scaling, cfg)
+            gather_run = bind_gather_dx(dy.shape, ptrs, ints, K, A, R, scaling, cfg)
+            return lambda dy, dyb: gather_run(dy, dyb).to(dy.dtype)
         if cfg[6] == DENSE_SLAB:  # large batches: decoded column slabs through cuBLAS
-            return slab_dx(dy, fmt, ptrs, ints, scale_mode, K, A if has_lora else None, dyb, scaling, cfg, B)
+            return lambda dy, dyb: slab_dx(dy, fmt, ptrs, ints, scale_mode, K, A, dyb, scaling, cfg, B)
         bm, bk, bn, split, warps, stages, swap = cfg
         pipelining = dx_pipelining(cfg)
         split, n_per_split = split_plan(N, bn, split)
-        dx = output_buffer(M, K, dy, split)
-        fast(_lora_linear_dx_kernel)[(cdiv(M, bm), cdiv(K, bk), split)](
-            dy, *ptrs, dyb, A, dx, M, N, K, n_per_split, float(scaling), *ints,
-            dy.stride(0), dx.stride(0), dyb.stride(0), A.stride(0), R,
-            FORMAT=0 if fmt == "int1" else 1, SCALE=scale_mode, HAS_LORA=has_lora, IEEE=dy.dtype == torch.float32,
-            UPCAST=interpreter_upcast(dy.dtype), WDT=decode_dtype(dy.dtype), BLOCK_R=block_r(R),
-            BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, SPLIT_N=split, SWAP=swap in (DOT_SWAP, DOT_PAIRS),
-            PAIRS=swap == DOT_PAIRS, PREFETCH=pipelining[1], ASM=use_asm(),
-            num_warps=warps, num_stages=pipelining[0],
-        )
-        return dx
+        grid = (cdiv(M, bm), cdiv(K, bk), split)
+        scalars = (M, N, K, n_per_split, float(scaling), *ints)
+        kw = dict(FORMAT=0 if fmt == "int1" else 1, SCALE=scale_mode, HAS_LORA=has_lora, IEEE=dy.dtype == torch.float32,
+                  UPCAST=interpreter_upcast(dy.dtype), WDT=decode_dtype(dy.dtype), BLOCK_R=block_r(R),
+                  BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, SPLIT_N=split, SWAP=swap in (DOT_SWAP, DOT_PAIRS),
+                  PAIRS=swap == DOT_PAIRS, PREFETCH=pipelining[1], ASM=use_asm(),
+                  num_warps=warps, num_stages=pipelining[0])
+        launcher = fast(_lora_linear_dx_kernel)
+
+        def run(dy, dyb):
+            dx = output_buffer(M, K, dy, split)
+            # without LoRA, dy stands in for dyb and A (unused)
+            dyb_arg, a_arg = (dyb, A) if has_lora else (dy, dy)
+            launcher.launch(grid, (dy, *ptrs, dyb_arg, a_arg, dx, *scalars,
+                                   dy.stride(0), dx.stride(0), dyb_arg.stride(0), a_arg.stride(0), R), kw)
+            return dx if dx.dtype == dy.dtype else dx.to(dy.dtype)
+
+        return run
 
     # tuned per format, scale mode and LoRA on/off: each compiles to a different kernel. Small
     # batches of sparse4x4 also time the gathering GEMV, under their own cache key.
@@ -217,6 +284,6 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
                                               dy.element_size())
     # what else the candidates depend on: the slabs' widths and size cap (past 32 rows)
     variant = (R if has_lora else 0, dense_slab_cap_mib()) if M >= DENSE_SLAB_MIN_M and not gather else ()
-    cfg = config or pick_config(op, M, N, K, dy.dtype, dy.device, run, extra=extra, variant=variant,
-                                check=check)
-    return run(cfg).to(dy.dtype)
+    cfg = config or pick_config(op, M, N, K, dy.dtype, dy.device, lambda cfg: bind(cfg)(dy, dyb), extra=extra,
+                                variant=variant, check=check)
+    return bind, cfg, (A, B)

@@ -146,20 +146,30 @@ def launch_gather_dx(dy, ptrs, ints, K, A, dyb, R, scaling, cfg):
     """The launch on arguments already prepared (``weight_args``'s; ``A`` and ``dyb`` in ``dy``'s
     dtype, or None without LoRA); ``cfg`` is an ``autotune.gather_configs`` entry read as
     (rows, BLOCK_K, BLOCK_N, split, ...). Returns the output buffer (fp32 when N is split)."""
+    return bind_gather_dx(dy.shape, ptrs, ints, K, A, R, scaling, cfg)(dy, dyb)
+
+
+def bind_gather_dx(shape, ptrs, ints, K, A, R, scaling, cfg):
+    """:func:`launch_gather_dx` worked out once for ``dy`` of ``shape [M, N]``: returns
+    ``run(dy, dyb)`` (``dyb`` None without LoRA), which launches on each call's ``dy`` and ``dyb``
+    (their row strides read at each call)."""
     rows, block_k, block_n, split, num_warps, num_stages, _ = cfg
     (values, positions, _), (TK, PW, _, _) = ptrs, ints
-    M, N = dy.shape
+    M, N = shape
     has_lora = A is not None
-    if not has_lora:
-        A = dyb = dy  # unused placeholders
     split, n_per_split = split_plan(N, block_n, split)
-    dx = output_buffer(M, K, dy, split)
     grid = (cdiv(M, rows), cdiv(K, block_k), split)
-    fast(_sparse4x4_gemv_dx_kernel)[grid](
-        dy, values, positions, dyb, A, dx,
-        M, N, K, TK, PW, float(scaling), R, n_per_split,
-        dy.stride(0), dx.stride(0), dyb.stride(0), A.stride(0),
-        HAS_LORA=has_lora, BLOCK_R=block_r(R),
-        ROWS=rows, BLOCK_K=block_k, BLOCK_N=block_n, SPLIT_N=split, num_warps=num_warps, num_stages=num_stages,
-    )
-    return dx
+    scalars = (M, N, K, TK, PW, float(scaling), R, n_per_split)
+    meta = dict(HAS_LORA=has_lora, BLOCK_R=block_r(R), ROWS=rows, BLOCK_K=block_k, BLOCK_N=block_n, SPLIT_N=split,
+                num_warps=num_warps, num_stages=num_stages)
+    launcher = fast(_sparse4x4_gemv_dx_kernel)
+
+    def run(dy, dyb):
+        dx = output_buffer(M, K, dy, split)
+        # without LoRA, dy stands in for dyb and A (unused)
+        a_arg, dyb_arg = (A, dyb) if has_lora else (dy, dy)
+        launcher.launch(grid, (dy, values, positions, dyb_arg, a_arg, dx, *scalars,
+                               dy.stride(0), dx.stride(0), dyb_arg.stride(0), a_arg.stride(0)), meta)
+        return dx
+
+    return run

@@ -77,7 +77,13 @@ def _backward(ctx, dy):
             dxl = (s * (dyB @ Ac)).reshape(*ctx.lead, K)
         dA, dB = reference.lora_factor_grads(dy2, xl2, Ac, dyB, s, need[2], need[3], (A.dtype, B.dtype))
     if need[0]:
-        if fused_dx:
+        # PlannedLoraLinearFunction's kept plans: not with create_graph (the op has a backward) nor
+        # for factors cast here (a plan made on a temporary would be kept for nothing)
+        plans = getattr(ctx, "plans", None)
+        if plans is not None and not torch.is_grad_enabled() and (not fused_dx or (Ac is A and Bc is B)):
+            dx = plans.dx(dy2, ctx.weight, Ac, dyB, s, ctx.backend, Bc) if fused_dx else plans.dx(
+                dy2, ctx.weight, None, None, 1.0, ctx.backend, None)
+        elif fused_dx:
             dx = ops.lora_linear_dx(dy2, ctx.weight, Ac, dyB, s, backend=ctx.backend, lora_B=Bc)
         else:
             dx = ops.base_matmul_t(dy2, ctx.weight, backend=ctx.backend)
@@ -147,6 +153,59 @@ class LoraLinearFuncFunction(torch.autograd.Function):
         if tB is not None:
             extra.append((x_l @ A.to(dtype).t()) @ tB.to(dtype).t())
         return out + s * sum(extra) if extra else out
+
+
+class StepPlans:
+    """The kept plans of one input signature of a ``LoraLinear`` (its shape, dtype and device):
+    ``forward`` (an ``ops.forward_plan``) and, made on the first backward that can use one, the
+    ``dX`` plans (``ops.dx_plan``, with and without the LoRA term). ``LoraLinear`` checks that
+    its tensors are the ones the plans were made with before each call."""
+
+    __slots__ = ("forward", "_dx")
+    runs = True  # (LoraLinear also keeps "no plan" answers, whose runs is False)
+
+    def __init__(self, forward):
+        self.forward, self._dx = forward, {}
+
+    def current(self) -> bool:
+        """Whether the ``LORAQ_*`` switches the forward plan was made under still hold."""
+        return self.forward.current()
+
+    def dx(self, dy, weight, lora_A, dy_B, scaling: float, backend, lora_B):
+        """``ops.lora_linear_dx(dy, weight, lora_A, dy_B, scaling, backend, lora_B)`` (2-D ``dy``)
+        through a kept plan; the first call of a new key takes the full path (tuning the problem
+        if it is new) and then makes the plan. A plan reads the ``A`` and ``B`` it was made
+        with: the key holds their addresses, and the backward passes the layer's own (no cast)."""
+        key = (dy.shape, dy.dtype, dy.device, 0 if lora_A is None else lora_A.data_ptr(),
+               0 if lora_B is None else lora_B.data_ptr())
+        plan = self._dx.get(key)
+        if plan is not None and plan.current():
+            if plan.runs:
+                return plan(dy, dy_B)
+            return ops.lora_linear_dx(dy, weight, lora_A, dy_B, scaling, backend=backend, lora_B=lora_B)
+        out = ops.lora_linear_dx(dy, weight, lora_A, dy_B, scaling, backend=backend, lora_B=lora_B)
+        made = ops.dx_plan(dy, weight, lora_A, dy_B, scaling, backend, lora_B)
+        self._dx[key] = ops.NoPlan() if made is None else made
+        return out
+
+
+class PlannedLoraLinearFunction(torch.autograd.Function):
+    """:class:`LoraLinearFunction` (the same arguments, then ``plans``, a :class:`StepPlans`) whose
+    forward launches ``plans.forward`` on ``x`` (2-D, of the plan's signature) and whose backward
+    computes ``dX`` through ``plans.dx``: a ``LoraLinear`` training step through kept plans,
+    without the per-call checks, backend choice and tuner lookup. For the fused path only
+    (``x_lora`` None); the caller (``LoraLinear``) guarantees that the plan was made for these
+    tensors, in ``x``'s dtype."""
+
+    @staticmethod
+    def forward(ctx, x, x_lora, lora_A, lora_B, bias, weight, scaling: float, backend: Optional[str], plans):
+        _setup(ctx, x, x_lora, lora_A, lora_B, bias, weight, scaling, backend)
+        ctx.plans = plans
+        return plans.forward(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _backward(ctx, dy) + (None,)
 
 
 def lora_linear_function():

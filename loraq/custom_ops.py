@@ -369,6 +369,21 @@ def triton_forward_plan(x, weight, lora_A, lora_B, scaling, bias):
     return forward_plan(x, kind, tensors, meta, lora_A, lora_B, float(scaling), bias, check=check)
 
 
+def triton_dx_plan(dy, weight, lora_A, dy_B, scaling, lora_B=None):
+    """The ``triton`` backend's prepared ``dX`` (``kernels.lora_linear_dx.dx_plan``) for ``dy``
+    (and ``dy_B``) shaped like these, or None where calls must take the full path: a dense weight,
+    a dtype the kernels lack, or a call that needs the custom op (``_direct``)."""
+    kind = getattr(weight, "kind", "dense")
+    if kind == "dense" or dy.dtype not in KERNEL_DTYPES or not _direct(dy, lora_A, dy_B, lora_B):
+        return None
+    _check_device(dy, weight, "dy")
+    from loraq.kernels.lora_linear_dx import dx_plan
+
+    tensors, meta = weight.tensors(), _meta(weight)
+    check = dx_check(dy, kind, tensors, meta, lora_A, dy_B, float(scaling))
+    return dx_plan(dy, kind, tensors, meta, lora_A, dy_B, float(scaling), lora_B, check=check)
+
+
 def triton_lora_linear_dx(dy, weight, lora_A, dy_B, scaling, lora_B=None):
     """The ``triton`` backend's ``lora_linear_dx`` (``dY·Ŵ + s·(dY·B)·A``; ``lora_B``, when given,
     lets large batches merge ``s·B·A`` into the decoded weight)."""

@@ -10,7 +10,7 @@ from torch import nn
 
 from . import ops
 from .ops import plans_possible
-from .autograd import lora_linear_forward, lora_linear_function
+from .autograd import PlannedLoraLinearFunction, StepPlans, lora_linear_forward, lora_linear_function
 from .formats import FORMATS, CompressedWeight, check_dense_weight, format_class
 from .lora_init import INITS, init_lora, lora_scaling
 from .reference import check_input, transform_or_forward_ad_active
@@ -34,20 +34,6 @@ def format_bytes(n: float) -> str:
 
 # state-dict key of the base's metadata (int64: N, K, then the format's own): the module's extra state
 META_KEY = getattr(nn.modules.module, "_EXTRA_STATE_KEY_SUFFIX", "_extra_state")
-
-
-class _NoPlan:
-    """A kept answer "no plan for this input" (the reference backend, a factor the kernels would
-    cast), asked again when a ``LORAQ_*`` switch changes."""
-
-    __slots__ = ("_switches",)
-    runs = False
-
-    def __init__(self):
-        self._switches = ops.plan_switches()
-
-    def current(self) -> bool:
-        return ops.plan_switches() == self._switches
 
 
 class LoraLinear(nn.Module):
@@ -256,8 +242,8 @@ class LoraLinear(nn.Module):
     _MAX_PLANS = 32  # input signatures kept (a generation's prompts come in many lengths)
 
     def _plan_tensors(self):
-        """``(A, B, bias)`` a call would use, or None where a plan must not be used: a gradient
-        wanted, LoRA dropout active, a parametrized or sharded parameter (not in ``_parameters``)."""
+        """``(A, B, bias)`` a call would use, or None where a plan must not be used: LoRA dropout
+        active, a parametrized or sharded parameter (not in ``_parameters``)."""
         params = self._parameters
         if self.adapter_enabled:
             A, B = params.get("lora_A"), params.get("lora_B")
@@ -270,8 +256,6 @@ class LoraLinear(nn.Module):
         elif self.__dict__.get("bias", 0) is None:
             bias = None
         else:  # a bias computed by a parametrization: the full path reads it each call
-            return None
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (A, B, bias)):
             return None
         return A, B, bias
 
@@ -287,11 +271,13 @@ class LoraLinear(nn.Module):
         return state
 
     def _planned(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """The forward through a kept plan, or None: the caller takes the full path."""
+        """The forward through a kept plan, or None: the caller takes the full path. Where a
+        gradient is wanted, the plan runs inside ``PlannedLoraLinearFunction``, whose backward
+        computes ``dX`` through kept plans too."""
         if not plans_possible(x):  # plans are the kernels' (the GPU's, or their interpreter's in tests)
             return None
-        tensors = self._plan_tensors()  # first: a training step leaves here, cheaply
-        if tensors is None or (x.requires_grad and torch.is_grad_enabled()):
+        tensors = self._plan_tensors()  # first: a step with LoRA dropout leaves here, cheaply
+        if tensors is None:
             return None
         dev = x.device.type
         if (dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev)) or transform_or_forward_ad_active():
@@ -321,19 +307,27 @@ class LoraLinear(nn.Module):
                 return None
             plans.move_to_end(key)  # least recently used first out
             if plan.runs:
-                y = plan(x if x.dim() == 2 else x.reshape(-1, self.in_features))
+                x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+                if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad
+                                                                       for t in tensors)):
+                    A, B, bias = tensors  # a training step: autograd around the kept plans
+                    y = PlannedLoraLinearFunction.apply(x2, None, A, B, bias, self.base, self.scaling, self.backend,
+                                                        plan)
+                else:
+                    y = plan.forward(x2)
                 return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
             return None
         if x.dim() == 0 or x.shape[-1] != self.in_features or not x.is_floating_point():
             return None  # the full path raises the error
         A, B, bias = tensors
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        made = ops.forward_plan(x2, self.base, A, B, self.scaling, bias, self.backend)
+        with torch.no_grad():  # the kernel a plan launches is the one a step's forward runs
+            made = ops.forward_plan(x2, self.base, A, B, self.scaling, bias, self.backend)
         if made is None and x.is_cuda and torch.cuda.is_current_stream_capturing():
             return None  # none in a capture (a new problem is not tuned there): ask again after it
         while len(plans) >= self._MAX_PLANS:
             plans.popitem(last=False)
-        plans[key] = _NoPlan() if made is None else made
+        plans[key] = ops.NoPlan() if made is None else StepPlans(made)
         return None  # this first call takes the full path too (it tunes the problem if it is new)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

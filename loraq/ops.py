@@ -34,6 +34,7 @@ _IMPLS: Dict[str, Dict[str, Dict[str, Callable]]] = {b: {p: {} for p in _PRIMITI
 _WARNED = set()
 # backend -> the maker of its prepared forwards (forward_plan); a backend without one has none
 _PLANS: Dict[str, Callable] = {}
+_DX_PLANS: Dict[str, Callable] = {}  # and of its prepared dX (dx_plan)
 # CPU tensors can have plans: the Triton kernels were defined for the interpreter (tests), or a
 # harness records their launches (bench/profile_host.py --stub-kernels)
 _PLANS_ON_CPU = False
@@ -46,6 +47,20 @@ def plan_switches() -> tuple:
 
 
 _SWITCHES: Optional[Callable[[], tuple]] = None
+
+
+class NoPlan:
+    """A kept answer "no plan for this input" (the reference backend, a factor the kernels would
+    cast), asked again when a ``LORAQ_*`` switch changes."""
+
+    __slots__ = ("_switches",)
+    runs = False
+
+    def __init__(self):
+        self._switches = plan_switches()
+
+    def current(self) -> bool:
+        return plan_switches() == self._switches
 
 
 def plans_possible(x: torch.Tensor) -> bool:
@@ -103,6 +118,7 @@ def _load_kernel_packages() -> Dict[str, str]:
                 register("triton", "lora_linear_fwd", kind, custom.triton_lora_linear_fwd)
                 register("triton", "lora_linear_dx", kind, custom.triton_lora_linear_dx)
             _PLANS["triton"] = custom.triton_forward_plan
+            _DX_PLANS["triton"] = custom.triton_dx_plan
             global _PLANS_ON_CPU, _SWITCHES
             _PLANS_ON_CPU = importlib.import_module("loraq.kernels.decode").INTERPRETED
             _SWITCHES = importlib.import_module("loraq.kernels.env").switches
@@ -262,6 +278,26 @@ def forward_plan(x: torch.Tensor, weight, lora_A: Optional[torch.Tensor] = None,
     return None if make is None else make(x, weight, lora_A, lora_B, float(scaling), bias)
 
 
+def dx_plan(dy: torch.Tensor, weight, lora_A: Optional[torch.Tensor] = None, dy_B: Optional[torch.Tensor] = None,
+            scaling: float = 1.0, backend: Optional[str] = None,
+            lora_B: Optional[torch.Tensor] = None) -> Optional[Callable]:
+    """:func:`lora_linear_dx` prepared for every ``dy`` (and ``dy_B``) of these 2-D shapes, dtype
+    and device: ``plan(dy, dy_B) -> dX`` (``dy_B`` None for a plan made without ``lora_A``), the
+    same kernel on the same ``weight``, ``lora_A`` and ``lora_B`` tensors (their values at each
+    call; make a new plan after replacing or reshaping one). What :func:`forward_plan` is for the
+    forward, for the backward: ``LoraLinear`` keeps one per shape while training. Raises as
+    :func:`lora_linear_dx` does for bad arguments; returns None where the backend has no plan (the
+    reference, a gradient wanted through ``dX`` itself, a factor the kernels would cast).
+    ``plan.current()`` says whether the ``LORAQ_*`` switches it was made under still hold."""
+    N, K = reference.weight_shape(weight)
+    if dy.dim() != 2 or (dy_B is not None and dy_B.dim() != 2):
+        raise ValueError(f"dx_plan takes a 2-D dy [M, {N}] and dy_B [M, r], got shapes {tuple(dy.shape)}"
+                         + ("" if dy_B is None else f" and {tuple(dy_B.shape)}"))
+    check_dx_args(dy, weight, lora_A, dy_B, lora_B)
+    make = _DX_PLANS.get(resolve_backend(backend, dy.device, _kind(weight)))
+    return None if make is None else make(dy, weight, lora_A, dy_B, float(scaling), lora_B)
+
+
 def base_matmul_t(dy: torch.Tensor, weight, backend: Optional[str] = None) -> torch.Tensor:
     """``dy·Ŵ``: ``[..., N]`` → ``[..., K]``, the base part of ``dX`` in the backward pass."""
     return lora_linear_dx(dy, weight, None, None, 1.0, backend)
@@ -276,6 +312,16 @@ def lora_linear_dx(dy: torch.Tensor, weight, lora_A: Optional[torch.Tensor] = No
     ``dy·(Ŵ + s·B·A)`` instead (for large batches the Triton backend times that too); the result
     is the same to rounding."""
     N, K = reference.weight_shape(weight)
+    check_dx_args(dy, weight, lora_A, dy_B, lora_B)
+    fn = _impl("lora_linear_dx", weight, dy.device, backend)
+    r = None if dy_B is None else dy_B.reshape(-1, dy_B.shape[-1])
+    out = fn(dy.reshape(-1, N), weight, lora_A, r, float(scaling), lora_B=lora_B)
+    return out.reshape(*dy.shape[:-1], K)
+
+
+def check_dx_args(dy, weight, lora_A, dy_B, lora_B) -> None:
+    """:func:`lora_linear_dx`'s checks of its arguments (and :func:`dx_plan`'s)."""
+    N, K = reference.weight_shape(weight)
     reference.check_input(dy, N, name="dy", what="out_features")
     if (lora_A is None) != (dy_B is None):
         raise ValueError("lora_A and dy_B must be given together (or both None)")
@@ -289,7 +335,3 @@ def lora_linear_dx(dy: torch.Tensor, weight, lora_A: Optional[torch.Tensor] = No
     if dy_B is not None and not dy_B.is_floating_point():
         raise TypeError(f"dy_B must be floating point, got {dy_B.dtype}")
     reference.check_devices(dy, "dy", lora_A=lora_A, dy_B=dy_B, lora_B=lora_B)
-    fn = _impl("lora_linear_dx", weight, dy.device, backend)
-    r = None if dy_B is None else dy_B.reshape(-1, dy_B.shape[-1])
-    out = fn(dy.reshape(-1, N), weight, lora_A, r, float(scaling), lora_B=lora_B)
-    return out.reshape(*dy.shape[:-1], K)

@@ -264,13 +264,10 @@ def test_a_layer_whose_tensors_change_every_call_makes_no_plan(monkeypatch):
 
 
 def test_calls_that_need_the_full_path_never_use_a_plan(plan_calls):
-    """Gradients, LoRA dropout in training, autocast and torch.func transforms."""
+    """LoRA dropout in training, autocast and torch.func transforms (training steps through
+    plans: tests/test_training_plan.py)."""
     layer = make_layer(dtype=torch.float32)
     x = torch.randn(3, K, device=DEV)
-    for _ in range(2):  # gradients wanted: autograd
-        y = layer(x)
-        y.sum().backward()
-    assert layer.lora_A.grad is not None and not plan_calls
     with torch.no_grad():
         xg = x.clone().requires_grad_()  # under no_grad a leaf needing a gradient is fine
         warm(layer, xg)

@@ -1,0 +1,226 @@
+"""Training steps through kept plans: ``LoraLinear``'s forward with gradients wanted runs its kept
+``ops.forward_plan`` inside ``PlannedLoraLinearFunction``, whose backward computes ``dX`` through
+kept ``ops.dx_plan`` s. Every output and gradient must be the full path's, bit for bit, step after
+step with the parameters updated in place; anything a plan cannot serve takes the full path. Tiny
+shapes under the Triton interpreter without a GPU; the ``gpu`` test runs the real kernels."""
+
+import copy
+import importlib
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from loraq import LoraLinear, ops  # noqa: E402
+from loraq.formats import compress_weight  # noqa: E402
+
+fwd_mod = importlib.import_module("loraq.kernels.lora_linear_fwd")
+dx_mod = importlib.import_module("loraq.kernels.lora_linear_dx")
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+N, K = 40, 24
+
+
+def make_layer(fmt="int1", dtype=torch.float16, bias=True, rank=4, n=N, k=K, **kw):
+    base = compress_weight(torch.randn(n, k), fmt, **kw)
+    layer = LoraLinear(base, rank=rank, backend="triton", bias=torch.randn(n) if bias else None).to(DEV, dtype)
+    with torch.no_grad():
+        layer.lora_A.normal_(std=0.3)
+        layer.lora_B.normal_()
+    return layer
+
+
+@pytest.fixture
+def planned(monkeypatch):
+    """``{"forward": n, "dx": n}``: the calls of kept forward and dX plans."""
+    calls = {"forward": 0, "dx": 0}
+    real_fwd, real_dx = fwd_mod.ForwardPlan.__call__, dx_mod.DxPlan.__call__
+
+    def fwd(self, x):
+        calls["forward"] += 1
+        return real_fwd(self, x)
+
+    def dx(self, dy, dy_B=None):
+        calls["dx"] += 1
+        return real_dx(self, dy, dy_B)
+
+    monkeypatch.setattr(fwd_mod.ForwardPlan, "__call__", fwd)
+    monkeypatch.setattr(dx_mod.DxPlan, "__call__", dx)
+    return calls
+
+
+def sgd(layer, lr=0.05):
+    """An optimizer step in place (the plans read the new values) and the gradients cleared."""
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.grad is not None:
+                p.sub_(lr * p.grad)
+                p.grad = None
+
+
+def step(layer, x, dy, full=False):
+    """One forward and backward: ``(y, dX, {name: grad})``, the parameters' grads cleared after."""
+    x = x.detach().clone().requires_grad_(x.requires_grad)
+    y = (layer._forward(x) if full else layer(x))
+    y.backward(dy)
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    return y.detach(), None if x.grad is None else x.grad.clone(), grads
+
+
+def assert_steps_match(layer, shapes, steps=4, x_grad=True, planned=None, expect_plans=True):
+    """``steps`` training steps of ``layer`` (plans) and of a copy (the full path), each with fresh
+    inputs and an in-place update: outputs and every gradient equal bit for bit."""
+    twin = copy.deepcopy(layer)
+    dtype = layer.lora_A.dtype
+    for i in range(steps):
+        for shape in shapes:
+            x = torch.randn(shape, device=DEV, dtype=dtype).requires_grad_(x_grad)
+            dy = torch.randn(*shape[:-1], layer.out_features, device=DEV, dtype=dtype)
+            got, want = step(layer, x, dy), step(twin, x, dy, full=True)
+            assert torch.equal(got[0], want[0]), f"step {i}, {shape}: y"
+            assert (got[1] is None) == (want[1] is None)
+            assert got[1] is None or torch.equal(got[1], want[1]), f"step {i}, {shape}: dX"
+            assert got[2].keys() == want[2].keys()
+            for name in got[2]:
+                assert torch.equal(got[2][name], want[2][name]), f"step {i}, {shape}: d{name}"
+        sgd(layer)
+        sgd(twin)
+    if planned is not None and expect_plans:
+        assert planned["forward"] > 0, "no kept forward plan was used"
+        if x_grad:
+            assert planned["dx"] > 0, "no kept dX plan was used"
+
+
+@pytest.mark.parametrize("fmt, kw", [("int1", {}), ("int1", {"group_size": 8}), ("int1", {"scale": "onebit"}),
+                                     ("sparse4x4", {})], ids=["int1", "int1_g8", "int1_onebit", "sparse4x4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_training_steps_through_plans_give_the_full_paths_answers_bit_for_bit(fmt, kw, dtype, planned):
+    layer = make_layer(fmt, dtype, **kw)
+    assert_steps_match(layer, [(3, K), (2, 1, K)], planned=planned)
+
+
+@pytest.mark.parametrize("case", ["no bias", "trainable bias", "frozen adapter", "adapter disabled",
+                                  "parameters only", "odd sizes"])
+def test_every_kind_of_step_through_plans(case, planned):
+    """Which inputs want a gradient (x, the factors, the bias) and which paths the step takes."""
+    layer = make_layer(bias=case != "no bias", **({"n": 37, "k": 52} if case == "odd sizes" else {}))
+    if case == "trainable bias":
+        layer.bias.requires_grad_(True)
+    elif case == "frozen adapter":
+        layer.lora_A.requires_grad_(False)
+        layer.lora_B.requires_grad_(False)
+    elif case == "adapter disabled":  # dX without the LoRA term, through its own plan
+        layer.disable_adapter()
+    k = layer.in_features
+    assert_steps_match(layer, [(5, k), (1, k)], x_grad=case != "parameters only", planned=planned)
+
+
+def test_a_step_with_lora_dropout_takes_the_full_path(planned):
+    layer = LoraLinear(compress_weight(torch.randn(N, K), "int1"), rank=4, dropout=0.5, backend="triton").to(DEV)
+    x = torch.randn(3, K, device=DEV, requires_grad=True)
+    for _ in range(3):
+        layer(x).sum().backward()
+    assert planned == {"forward": 0, "dx": 0} and layer.lora_A.grad is not None
+
+
+def test_double_backward_takes_the_custom_op(planned):
+    """``create_graph=True``: the planned forward's backward computes dX through the op, which
+    has a backward of its own, and the second-order gradients are the full path's."""
+    layer = make_layer(dtype=torch.float32)
+    twin = copy.deepcopy(layer)
+    for i in range(3):
+        x = torch.randn(3, K, device=DEV, requires_grad=True)
+        out = []
+        for m, full in ((layer, False), (twin, True)):
+            xi = x.detach().clone().requires_grad_()
+            y = m._forward(xi) if full else m(xi)
+            (gx,) = torch.autograd.grad(y.square().sum(), xi, create_graph=True)
+            gx.square().sum().backward()
+            out.append((gx.detach(), m.lora_A.grad.clone(), m.lora_B.grad.clone()))
+            m.zero_grad()
+        for a, b in zip(*out):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), f"step {i}"
+    assert planned["forward"] > 0 and planned["dx"] == 0
+
+
+def test_a_replaced_parameter_between_steps_means_new_plans(planned):
+    layer = make_layer()
+    assert_steps_match(layer, [(3, K)])
+    layer.lora_B = torch.nn.Parameter(torch.randn(N, 4, device=DEV, dtype=torch.float16))
+    before = dict(planned)
+    assert_steps_match(layer, [(3, K)])  # the first steps after it take the full path
+    assert planned["forward"] > before["forward"] and planned["dx"] > before["dx"]
+
+
+def test_gradient_checkpointing_recomputes_through_the_plans(planned):
+    from torch.utils.checkpoint import checkpoint
+
+    layer = make_layer()
+    twin = copy.deepcopy(layer)
+    for _ in range(4):
+        x = torch.randn(4, K, device=DEV, dtype=torch.float16, requires_grad=True)
+        dy = torch.randn(4, N, device=DEV, dtype=torch.float16)
+        x2 = x.detach().clone().requires_grad_()
+        checkpoint(layer, x, use_reentrant=False).backward(dy)
+        twin._forward(x2).backward(dy)
+        assert torch.equal(x.grad, x2.grad)
+        assert torch.equal(layer.lora_A.grad, twin.lora_A.grad) and torch.equal(layer.lora_B.grad, twin.lora_B.grad)
+        sgd(layer)
+        sgd(twin)
+    assert planned["forward"] > 0 and planned["dx"] > 0
+
+
+def test_ops_dx_plan_is_lora_linear_dx_prepared():
+    for fmt in ("int1", "sparse4x4"):
+        base = compress_weight(torch.randn(N, K), fmt).to(DEV, torch.float16)
+        A = torch.randn(4, K, device=DEV, dtype=torch.float16) / 5
+        B = torch.randn(N, 4, device=DEV, dtype=torch.float16)
+        dy = torch.randn(5, N, device=DEV, dtype=torch.float16)
+        with_lora = ops.dx_plan(dy, base, A, dy @ B, 0.5, backend="triton", lora_B=B)
+        plain = ops.dx_plan(dy, base, backend="triton")
+        for _ in range(2):  # fresh values through the plans
+            dy = torch.randn(5, N, device=DEV, dtype=torch.float16)
+            dyB = dy @ B
+            assert torch.equal(with_lora(dy, dyB), ops.lora_linear_dx(dy, base, A, dyB, 0.5, "triton", lora_B=B))
+            assert torch.equal(plain(dy), ops.lora_linear_dx(dy, base, backend="triton"))
+        assert with_lora.current() and plain.current()
+    with pytest.raises(ValueError, match=r"this plan takes dy of shape \(5, 40\)"):
+        plain(torch.randn(4, N, device=DEV, dtype=torch.float16))
+    with pytest.raises(ValueError, match="made without the LoRA term"):
+        plain(dy, dyB)
+    with pytest.raises(ValueError, match="made with the LoRA term"):
+        with_lora(dy)
+    with pytest.raises(ValueError, match=r"dy_B must be \[5, r\]"):
+        with_lora(dy, dyB[:2])
+    with pytest.raises(ValueError, match="2-D"):
+        ops.dx_plan(dy.unsqueeze(0), base, backend="triton")
+    with pytest.raises(ValueError, match="lora_A and dy_B"):
+        ops.dx_plan(dy, base, A, None, backend="triton")
+    # no plan: the reference backend, a factor the kernels would cast, no rows, a gradient wanted
+    assert ops.dx_plan(dy, base, A, dyB, 0.5, backend="reference") is None
+    assert ops.dx_plan(dy, base, A.float(), dyB, 0.5, backend="triton") is None
+    assert ops.dx_plan(dy[:0], base, backend="triton") is None
+    with torch.enable_grad():
+        assert ops.dx_plan(dy.clone().requires_grad_(), base, backend="triton") is None
+
+
+def test_a_changed_switch_remakes_the_dx_plan(monkeypatch, planned):
+    layer = make_layer()
+    assert_steps_match(layer, [(2, K)], steps=3)
+    (plans,) = layer.__dict__["_plans"][1].values()
+    (old,) = plans._dx.values()
+    monkeypatch.setenv("LORAQ_ONE_LAUNCH", "1")
+    assert not old.current()
+    assert_steps_match(layer, [(2, K)], steps=3)  # the full path, then new plans made under it
+    (plans,) = layer.__dict__["_plans"][1].values()
+    assert all(p is not old and p.current() for p in plans._dx.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int1", "sparse4x4"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M", [1, 16, 300])
+def test_gpu_training_steps_through_plans_at_real_sizes(fmt, dtype, M, planned):
+    """The real kernels (and the CUDA GEMVs where built) through kept plans in training steps."""
+    layer = make_layer(fmt, dtype, rank=16, n=1000, k=1537)
+    assert_steps_match(layer, [(M, 1537)], planned=planned)
