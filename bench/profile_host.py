@@ -18,7 +18,8 @@ path and with ``kernels.fast_launch`` (only the C launcher, about the same for b
 recorded instead of run (their C++ dispatch left out). ``LoraLinear`` rows are its eager
 inference: after the first call, through a kept ``ops.forward_plan``; the training row runs a
 forward and backward (``x`` and the factors wanting gradients), through kept forward and ``dX``
-plans from the third step. The LoRA factors' gradients are torch matmuls, which with
+plans from the third step, and once more for an fp32 layer under autocast (whose plans read
+copies of the factors in the autocast dtype). The LoRA factors' gradients are torch matmuls, which with
 ``--stub-kernels`` run on the CPU (a real cost, unlike on a GPU where each is a launch).
 """
 
@@ -230,6 +231,14 @@ def fake_extension(on, calls):
 _MISSING = object()
 
 
+def autocast_step(layer, x, dy):
+    """A training step's forward under fp16 autocast on the CPU (as ``loraq train`` runs on
+    CUDA, in bf16) and its backward outside it."""
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = layer(x)
+    y.backward(dy)
+
+
 def stub_kernels(args) -> int:
     """Host time of each layer of the stack on CPU tensors, Triton's launches recorded instead of
     run (``fake_driver.fake_cuda``: all of Triton's per-call Python runs, its C launcher does not)
@@ -274,13 +283,15 @@ def stub_kernels(args) -> int:
             A = torch.randn(args.rank, args.K, dtype=dt) / args.K**0.5
             B = torch.randn(args.N, args.rank, dtype=dt)
             layer = lnn.LoraLinear(w, rank=args.rank, backend="triton").to(dt)
+            layer32 = lnn.LoraLinear(compress_weight(W, args.format), rank=args.rank, backend="triton")  # fp32, as loraq train has it
             from loraq.custom_ops import _meta
 
             rows = [("kernels.lora_linear_fwd (launcher)",
                      lambda: fwd_mod.lora_linear_fwd(x, args.format, w.tensors(), _meta(w), A, B, 2.0)),
                     ("ops.lora_linear (triton)", lambda: ops.lora_linear(x, w, A, B, 2.0, backend="triton")),
                     ("LoraLinear forward, no grad", lambda: without_grad(layer, x)),
-                    ("LoraLinear forward + backward (training)", lambda: layer(xg).backward(dy))]
+                    ("LoraLinear forward + backward (training)", lambda: layer(xg).backward(dy)),
+                    ("the same, fp32 layer under fp16 autocast", lambda: autocast_step(layer32, xg.float(), dy))]
             calls.clear()
             rows[0][1]()
             print(f"cpu; {args.format} K={args.K} N={args.N} M={args.M} fp16; Triton's launches recorded, not run "

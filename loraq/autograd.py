@@ -51,12 +51,17 @@ def lora_linear_forward(x, x_lora, lora_A, lora_B, bias, weight, scaling: float,
     return y if flat else y.reshape(*x.shape[:-1], N)
 
 
-def _setup(ctx, x, x_lora, lora_A, lora_B, bias, weight, scaling, backend) -> None:
-    """What the backward keeps (shared by the two Function classes below)."""
+def _setup(ctx, x, x_lora, lora_A, lora_B, bias, weight, scaling, backend, read=None) -> None:
+    """What the backward keeps (shared by the Function classes below). ``read``: the ``(A, B)``
+    that the forward read in place of ``lora_A`` and ``lora_B`` (copies in ``x``'s dtype, kept by
+    ``LoraLinear`` under autocast), which the backward reads too; the factors' gradients come back
+    in ``lora_A``'s and ``lora_B``'s own dtypes."""
     K = weight.shape[1]
     ctx.same_input = x_lora is None
     if lora_A is not None:
-        ctx.save_for_backward((x if x_lora is None else x_lora).reshape(-1, K), lora_A, lora_B)
+        ctx.lora_dtypes = (lora_A.dtype, lora_B.dtype)
+        A, B = (lora_A, lora_B) if read is None else read
+        ctx.save_for_backward((x if x_lora is None else x_lora).reshape(-1, K), A, B)
     ctx.weight, ctx.scaling, ctx.backend, ctx.lead = weight, scaling, backend, x.shape[:-1]
     ctx.has_lora = lora_A is not None
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -75,7 +80,7 @@ def _backward(ctx, dy):
         dyB = dy2 @ Bc  # [M, r]: shared by dX and dA
         if need[1]:
             dxl = (s * (dyB @ Ac)).reshape(*ctx.lead, K)
-        dA, dB = reference.lora_factor_grads(dy2, xl2, Ac, dyB, s, need[2], need[3], (A.dtype, B.dtype))
+        dA, dB = reference.lora_factor_grads(dy2, xl2, Ac, dyB, s, need[2], need[3], ctx.lora_dtypes)
     if need[0]:
         # PlannedLoraLinearFunction's kept plans: not with create_graph (the op has a backward) nor
         # for factors cast here (a plan made on a temporary would be kept for nothing)
@@ -190,22 +195,24 @@ class StepPlans:
 
 
 class PlannedLoraLinearFunction(torch.autograd.Function):
-    """:class:`LoraLinearFunction` (the same arguments, then ``plans``, a :class:`StepPlans`) whose
-    forward launches ``plans.forward`` on ``x`` (2-D, of the plan's signature) and whose backward
-    computes ``dX`` through ``plans.dx``: a ``LoraLinear`` training step through kept plans,
-    without the per-call checks, backend choice and tuner lookup. For the fused path only
-    (``x_lora`` None); the caller (``LoraLinear``) guarantees that the plan was made for these
-    tensors, in ``x``'s dtype."""
+    """:class:`LoraLinearFunction` (the same arguments, then ``plans``, a :class:`StepPlans`, and
+    ``read``) whose forward launches ``plans.forward`` on ``x`` (2-D, of the plan's signature) and
+    whose backward computes ``dX`` through ``plans.dx``: a ``LoraLinear`` training step through
+    kept plans, without the per-call checks, backend choice and tuner lookup. For the fused path
+    only (``x_lora`` None); the caller (``LoraLinear``) guarantees that the plan was made for these
+    tensors, in ``x``'s dtype, or for ``read = (A, B)``: copies of the factors in ``x``'s dtype
+    (under autocast), which the backward reads too."""
 
     @staticmethod
-    def forward(ctx, x, x_lora, lora_A, lora_B, bias, weight, scaling: float, backend: Optional[str], plans):
-        _setup(ctx, x, x_lora, lora_A, lora_B, bias, weight, scaling, backend)
+    def forward(ctx, x, x_lora, lora_A, lora_B, bias, weight, scaling: float, backend: Optional[str], plans,
+                read=None):
+        _setup(ctx, x, x_lora, lora_A, lora_B, bias, weight, scaling, backend, read)
         ctx.plans = plans
         return plans.forward(x)
 
     @staticmethod
     def backward(ctx, dy):
-        return _backward(ctx, dy) + (None,)
+        return _backward(ctx, dy) + (None, None)
 
 
 def lora_linear_function():

@@ -280,7 +280,12 @@ class LoraLinear(nn.Module):
         if tensors is None:
             return None
         dev = x.device.type
-        if (dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev)) or transform_or_forward_ad_active():
+        cast = None  # under autocast: the dtype x and the layer's tensors are computed in
+        if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+            cast = torch.get_autocast_dtype(dev)
+            if not x.is_floating_point() or cast not in (torch.float16, torch.bfloat16):
+                return None
+        if transform_or_forward_ad_active():
             return None
         # what a plan was made for: each tensor's identity and storage, and the LoRA factors' and
         # bias's layout (a replaced parameter or buffer, .to(), a new base, .data =, a view or
@@ -296,10 +301,12 @@ class LoraLinear(nn.Module):
         if kept is None or kept[0] != owner:
             # new tensors: no plan this call. A layer whose tensors change every call (offloading
             # hooks) never makes one, and plans never hold tensors the layer no longer has.
-            self.__dict__["_plans"] = (owner, OrderedDict())
+            self.__dict__["_plans"] = (owner, OrderedDict(), {})
             return None
         plans = kept[1]
-        key = (x.shape, x.dtype, x.device)
+        if cast is not None:  # the full path computes in the autocast dtype, as the kernels will
+            x = x.to(cast)
+        key = (x.shape, x.dtype, x.device, cast is not None)
         plan = plans.get(key)
         if plan is not None:
             if not plan.current():  # a switch changed (LORAQ_*): the full path; the next call, a new plan
@@ -308,18 +315,17 @@ class LoraLinear(nn.Module):
             plans.move_to_end(key)  # least recently used first out
             if plan.runs:
                 x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-                if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad
-                                                                       for t in tensors)):
-                    A, B, bias = tensors  # a training step: autograd around the kept plans
-                    y = PlannedLoraLinearFunction.apply(x2, None, A, B, bias, self.base, self.scaling, self.backend,
-                                                        plan)
+                read = tensors if cast is None else self._in_dtype(tensors, cast, kept[2])
+                if cast is not None:  # as the full path: the kernels' torch ops not cast again
+                    with torch.autocast(dev, enabled=False):
+                        y = self._run_plan(plan, x2, tensors, read)
                 else:
-                    y = plan.forward(x2)
+                    y = self._run_plan(plan, x2, tensors, read)
                 return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
             return None
         if x.dim() == 0 or x.shape[-1] != self.in_features or not x.is_floating_point():
             return None  # the full path raises the error
-        A, B, bias = tensors
+        A, B, bias = tensors if cast is None else self._in_dtype(tensors, cast, kept[2])
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         with torch.no_grad():  # the kernel a plan launches is the one a step's forward runs
             made = ops.forward_plan(x2, self.base, A, B, self.scaling, bias, self.backend)
@@ -329,6 +335,38 @@ class LoraLinear(nn.Module):
             plans.popitem(last=False)
         plans[key] = ops.NoPlan() if made is None else StepPlans(made)
         return None  # this first call takes the full path too (it tunes the problem if it is new)
+
+    def _run_plan(self, plan, x2, tensors, read):
+        """``y`` for a 2-D ``x2`` through ``plan`` (a ``StepPlans``), which reads ``read`` (the
+        layer's ``(A, B, bias)``, or their copies in x's dtype under autocast); where a gradient
+        is wanted, inside ``PlannedLoraLinearFunction``, the gradients going to ``tensors``."""
+        A, B, bias = tensors
+        if torch.is_grad_enabled() and (x2.requires_grad or any(t is not None and t.requires_grad for t in tensors)):
+            return PlannedLoraLinearFunction.apply(x2, None, A, B, bias, self.base, self.scaling, self.backend, plan,
+                                                   None if read is tensors or A is None else read[:2])
+        return plan.forward(x2)
+
+    @staticmethod
+    def _in_dtype(tensors, dtype, copies: dict):
+        """``tensors`` (``A, B, bias``) in ``dtype`` for plans under autocast: each one itself if
+        it is in ``dtype``, else a copy kept in ``copies`` (so that plans can read it at the
+        same address) and copied again when the tensor's version counter says that it changed
+        in place (an optimizer step, ``load_state_dict``)."""
+        out = []
+        for i, t in enumerate(tensors):
+            if t is None or t.dtype == dtype:
+                out.append(t)
+                continue
+            kept = copies.get((i, dtype))  # by dtype too: plans of fp16 and bf16 autocast each read theirs
+            if kept is None:
+                with torch.no_grad():
+                    kept = copies[i, dtype] = [t._version, t.detach().to(dtype, memory_format=torch.contiguous_format)]
+            elif kept[0] != t._version:
+                with torch.no_grad():
+                    kept[1].copy_(t)
+                kept[0] = t._version
+            out.append(kept[1])
+        return tuple(out)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         # parameters through _parameters rather than Module.__getattr__ (host time on every call);

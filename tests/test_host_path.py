@@ -85,7 +85,7 @@ def test_profile_host_stub_kernels_runs_the_whole_stack_on_the_cpu():
     # Triton's launch path and the fast one
     assert "_int1_gemv_lut_kernel" in out.stdout and "_splitk_finish_kernel" in out.stdout
     for row in ("kernels.lora_linear_fwd (launcher)", "ops.lora_linear (triton)", "LoraLinear forward, no grad",
-                "LoraLinear forward + backward (training)"):
+                "LoraLinear forward + backward (training)", "the same, fp32 layer under fp16 autocast"):
         line = next(ln for ln in out.stdout.splitlines() if row in ln)
         triton_us, fast_us = map(float, line.split(row)[1].split())
         assert triton_us > 0 and fast_us > 0

@@ -58,25 +58,39 @@ def sgd(layer, lr=0.05):
                 p.grad = None
 
 
-def step(layer, x, dy, full=False):
-    """One forward and backward: ``(y, dX, {name: grad})``, the parameters' grads cleared after."""
+def without_plans(layer):
+    """A copy of ``layer`` that always takes the full path."""
+    twin = copy.deepcopy(layer)
+    twin._planned = lambda x: None
+    return twin
+
+
+def step(layer, x, dy, autocast=None):
+    """One forward (under ``autocast``, a dtype, if given) and backward: ``(y, dX, {name: grad})``,
+    the parameters' grads cleared after."""
     x = x.detach().clone().requires_grad_(x.requires_grad)
-    y = (layer._forward(x) if full else layer(x))
-    y.backward(dy)
+    if autocast is None:
+        y = layer(x)
+    else:
+        with torch.autocast(DEV.type, dtype=autocast):
+            y = layer(x)
+    y.backward(dy.to(y.dtype))
     grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
     return y.detach(), None if x.grad is None else x.grad.clone(), grads
 
 
-def assert_steps_match(layer, shapes, steps=4, x_grad=True, planned=None, expect_plans=True):
+def assert_steps_match(layer, shapes, steps=4, x_grad=True, planned=None, expect_plans=True, autocast=()):
     """``steps`` training steps of ``layer`` (plans) and of a copy (the full path), each with fresh
-    inputs and an in-place update: outputs and every gradient equal bit for bit."""
-    twin = copy.deepcopy(layer)
+    inputs and an in-place update: outputs and every gradient equal bit for bit. ``autocast``: the
+    dtypes each step runs a forward under in turn (none: one forward without autocast)."""
+    twin = without_plans(layer)
     dtype = layer.lora_A.dtype
     for i in range(steps):
-        for shape in shapes:
+        for shape, cast in ((shape, cast) for shape in shapes for cast in (autocast or (None,))):
             x = torch.randn(shape, device=DEV, dtype=dtype).requires_grad_(x_grad)
             dy = torch.randn(*shape[:-1], layer.out_features, device=DEV, dtype=dtype)
-            got, want = step(layer, x, dy), step(twin, x, dy, full=True)
+            got, want = step(layer, x, dy, cast), step(twin, x, dy, cast)
+            assert got[0].dtype == (cast or dtype)
             assert torch.equal(got[0], want[0]), f"step {i}, {shape}: y"
             assert (got[1] is None) == (want[1] is None)
             assert got[1] is None or torch.equal(got[1], want[1]), f"step {i}, {shape}: dX"
@@ -115,6 +129,39 @@ def test_every_kind_of_step_through_plans(case, planned):
     assert_steps_match(layer, [(5, k), (1, k)], x_grad=case != "parameters only", planned=planned)
 
 
+@pytest.mark.parametrize("fmt", ["int1", "sparse4x4"])
+@pytest.mark.parametrize("casts", [(torch.bfloat16,), (torch.float16,), (torch.float16, torch.bfloat16)],
+                         ids=["bf16", "fp16", "fp16_and_bf16"])
+@pytest.mark.parametrize("bias", ["frozen bias", "trainable bias", "no bias"])
+def test_autocast_steps_through_plans_give_the_full_paths_answers_bit_for_bit(fmt, casts, bias, planned):
+    """An fp32 layer under autocast (as ``loraq train`` runs on CUDA): plans read copies of the
+    factors and bias in the autocast dtype, copied again after each in-place update; the
+    factors' gradients come back in fp32."""
+    layer = make_layer(fmt, torch.float32, bias=bias != "no bias")
+    if bias == "trainable bias":
+        layer.bias.requires_grad_(True)
+    assert_steps_match(layer, [(3, K), (2, 1, K)], planned=planned, autocast=casts)
+    assert layer.lora_A.dtype == torch.float32 and layer.lora_A.grad is None
+
+
+def test_eval_under_autocast_reads_the_factors_as_they_are_now(planned):
+    """No grad, autocast: a kept plan; ``load_state_dict`` and in-place edits reach it."""
+    layer, other = make_layer(dtype=torch.float32), make_layer(dtype=torch.float32)
+    twin = without_plans(layer)
+    x = torch.randn(3, K, device=DEV)
+    with torch.no_grad(), torch.autocast(DEV.type, dtype=torch.bfloat16):
+        for _ in range(3):
+            assert torch.equal(layer(x), twin(x))
+        assert planned["forward"] == 1
+        for edit in (lambda m: m.load_state_dict(other.state_dict()), lambda m: m.lora_B.mul_(-2),
+                     lambda m: m.bias.add_(1)):
+            edit(layer)
+            edit(twin)
+            y = layer(x)
+            assert y.dtype == torch.bfloat16 and torch.equal(y, twin(x))
+        assert planned["forward"] == 4
+
+
 def test_a_step_with_lora_dropout_takes_the_full_path(planned):
     layer = LoraLinear(compress_weight(torch.randn(N, K), "int1"), rank=4, dropout=0.5, backend="triton").to(DEV)
     x = torch.randn(3, K, device=DEV, requires_grad=True)
@@ -127,13 +174,13 @@ def test_double_backward_takes_the_custom_op(planned):
     """``create_graph=True``: the planned forward's backward computes dX through the op, which
     has a backward of its own, and the second-order gradients are the full path's."""
     layer = make_layer(dtype=torch.float32)
-    twin = copy.deepcopy(layer)
+    twin = without_plans(layer)
     for i in range(3):
         x = torch.randn(3, K, device=DEV, requires_grad=True)
         out = []
-        for m, full in ((layer, False), (twin, True)):
+        for m in (layer, twin):
             xi = x.detach().clone().requires_grad_()
-            y = m._forward(xi) if full else m(xi)
+            y = m(xi)
             (gx,) = torch.autograd.grad(y.square().sum(), xi, create_graph=True)
             gx.square().sum().backward()
             out.append((gx.detach(), m.lora_A.grad.clone(), m.lora_B.grad.clone()))
@@ -156,13 +203,13 @@ def test_gradient_checkpointing_recomputes_through_the_plans(planned):
     from torch.utils.checkpoint import checkpoint
 
     layer = make_layer()
-    twin = copy.deepcopy(layer)
+    twin = without_plans(layer)
     for _ in range(4):
         x = torch.randn(4, K, device=DEV, dtype=torch.float16, requires_grad=True)
         dy = torch.randn(4, N, device=DEV, dtype=torch.float16)
         x2 = x.detach().clone().requires_grad_()
         checkpoint(layer, x, use_reentrant=False).backward(dy)
-        twin._forward(x2).backward(dy)
+        twin(x2).backward(dy)
         assert torch.equal(x.grad, x2.grad)
         assert torch.equal(layer.lora_A.grad, twin.lora_A.grad) and torch.equal(layer.lora_B.grad, twin.lora_B.grad)
         sgd(layer)
