@@ -51,17 +51,12 @@ def lora_linear_forward(x, x_lora, lora_A, lora_B, bias, weight, scaling: float,
     return y if flat else y.reshape(*x.shape[:-1], N)
 
 
-def _setup(ctx, x, x_lora, lora_A, lora_B, bias, weight, scaling, backend, read=None) -> None:
-    """What the backward keeps (shared by the Function classes below). ``read``: the ``(A, B)``
-    that the forward read in place of ``lora_A`` and ``lora_B`` (copies in ``x``'s dtype, kept by
-    ``LoraLinear`` under autocast), which the backward reads too; the factors' gradients come back
-    in ``lora_A``'s and ``lora_B``'s own dtypes."""
+def _setup(ctx, x, x_lora, lora_A, lora_B, bias, weight, scaling, backend) -> None:
+    """What the backward keeps (shared by the Function classes below)."""
     K = weight.shape[1]
     ctx.same_input = x_lora is None
     if lora_A is not None:
-        ctx.lora_dtypes = (lora_A.dtype, lora_B.dtype)
-        A, B = (lora_A, lora_B) if read is None else read
-        ctx.save_for_backward((x if x_lora is None else x_lora).reshape(-1, K), A, B)
+        ctx.save_for_backward((x if x_lora is None else x_lora).reshape(-1, K), lora_A, lora_B)
     ctx.weight, ctx.scaling, ctx.backend, ctx.lead = weight, scaling, backend, x.shape[:-1]
     ctx.has_lora = lora_A is not None
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -72,20 +67,23 @@ def _backward(ctx, dy):
     dy2 = dy.reshape(-1, N)
     need = ctx.needs_input_grad
     dx = dxl = dA = dB = db = None
+    uncast = True  # A and B as the planned forward read them (not cast here): a dX plan may read them
     fused_dx = ctx.has_lora and ctx.same_input  # dX = dY·Ŵ + s·(dY·B)·A in one kernel
     if ctx.has_lora and (need[1] or need[2] or need[3] or (fused_dx and need[0])):
         xl2, A, B = ctx.saved_tensors
         s, dtype = ctx.scaling, dy2.dtype
-        Ac, Bc = A.to(dtype), B.to(dtype)
+        read = getattr(ctx, "read", None)  # the planned forward's copies of A and B in x's dtype
+        Ac, Bc = read if read is not None and read[0].dtype == dtype else (A.to(dtype), B.to(dtype))
+        uncast = (Ac is A and Bc is B) or read is not None and Ac is read[0]
         dyB = dy2 @ Bc  # [M, r]: shared by dX and dA
         if need[1]:
             dxl = (s * (dyB @ Ac)).reshape(*ctx.lead, K)
-        dA, dB = reference.lora_factor_grads(dy2, xl2, Ac, dyB, s, need[2], need[3], ctx.lora_dtypes)
+        dA, dB = reference.lora_factor_grads(dy2, xl2, Ac, dyB, s, need[2], need[3], (A.dtype, B.dtype))
     if need[0]:
         # PlannedLoraLinearFunction's kept plans: not with create_graph (the op has a backward) nor
         # for factors cast here (a plan made on a temporary would be kept for nothing)
         plans = getattr(ctx, "plans", None)
-        if plans is not None and not torch.is_grad_enabled() and (not fused_dx or (Ac is A and Bc is B)):
+        if plans is not None and not torch.is_grad_enabled() and uncast:
             dx = plans.dx(dy2, ctx.weight, Ac, dyB, s, ctx.backend, Bc) if fused_dx else plans.dx(
                 dy2, ctx.weight, None, None, 1.0, ctx.backend, None)
         elif fused_dx:
@@ -201,13 +199,16 @@ class PlannedLoraLinearFunction(torch.autograd.Function):
     kept plans, without the per-call checks, backend choice and tuner lookup. For the fused path
     only (``x_lora`` None); the caller (``LoraLinear``) guarantees that the plan was made for these
     tensors, in ``x``'s dtype, or for ``read = (A, B)``: copies of the factors in ``x``'s dtype
-    (under autocast), which the backward reads too."""
+    (under autocast), which the backward reads too instead of casting the factors again."""
 
     @staticmethod
     def forward(ctx, x, x_lora, lora_A, lora_B, bias, weight, scaling: float, backend: Optional[str], plans,
                 read=None):
-        _setup(ctx, x, x_lora, lora_A, lora_B, bias, weight, scaling, backend, read)
-        ctx.plans = plans
+        _setup(ctx, x, x_lora, lora_A, lora_B, bias, weight, scaling, backend)
+        # the copies are not saved tensors: a later forward of the layer (a shared encoder) copies
+        # into them again, the same values unless A or B changed, which autograd's check of the
+        # saved A and B refuses as for the full path
+        ctx.plans, ctx.read = plans, read
         return plans.forward(x)
 
     @staticmethod

@@ -350,22 +350,21 @@ class LoraLinear(nn.Module):
     def _in_dtype(tensors, dtype, copies: dict):
         """``tensors`` (``A, B, bias``) in ``dtype`` for plans under autocast: each one itself if
         it is in ``dtype``, else a copy kept in ``copies`` (so that plans can read it at the
-        same address) and copied again when the tensor's version counter says that it changed
-        in place (an optimizer step, ``load_state_dict``)."""
+        same address), copied again on every call, as the full path casts it on every call: a
+        write through ``.data`` leaves no trace (no version counter moves) that could tell when
+        a copy would be stale."""
         out = []
         for i, t in enumerate(tensors):
             if t is None or t.dtype == dtype:
                 out.append(t)
                 continue
             kept = copies.get((i, dtype))  # by dtype too: plans of fp16 and bf16 autocast each read theirs
-            if kept is None:
-                with torch.no_grad():
-                    kept = copies[i, dtype] = [t._version, t.detach().to(dtype, memory_format=torch.contiguous_format)]
-            elif kept[0] != t._version:
-                with torch.no_grad():
-                    kept[1].copy_(t)
-                kept[0] = t._version
-            out.append(kept[1])
+            with torch.no_grad():
+                if kept is None:
+                    kept = copies[i, dtype] = t.detach().to(dtype, memory_format=torch.contiguous_format)
+                else:
+                    kept.copy_(t)
+            out.append(kept)
         return tuple(out)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -162,6 +162,44 @@ def test_eval_under_autocast_reads_the_factors_as_they_are_now(planned):
         assert planned["forward"] == 4
 
 
+@pytest.mark.parametrize("cast", [None, torch.bfloat16], ids=["no_autocast", "bf16_autocast"])
+def test_a_layer_called_twice_before_the_backward(cast, planned):
+    """A shared encoder (both sentences of a pair through the same layers, then one loss): the
+    second forward must not disturb what the first one's backward reads."""
+    layer = make_layer(dtype=torch.float32)
+    twin = without_plans(layer)
+    for i in range(4):
+        a, b = (torch.randn(3, K, device=DEV, requires_grad=True) for _ in range(2))
+        grads = []
+        for m in (layer, twin):
+            xa, xb = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+            with torch.autocast(DEV.type, dtype=cast or torch.bfloat16, enabled=cast is not None):
+                loss = (m(xa).float() * m(xb).float()).sum()
+            loss.backward()
+            grads.append((xa.grad, xb.grad, m.lora_A.grad.clone(), m.lora_B.grad.clone()))
+            m.zero_grad()
+        for g, w in zip(*grads):
+            assert torch.equal(g, w), f"step {i}"
+        sgd(layer)
+        sgd(twin)
+    assert planned["forward"] > 0 and planned["dx"] > 0
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["eval", "training"])
+def test_writes_through_data_reach_the_autocast_copies(grad, planned):
+    """``p.data.zero_()`` moves no version counter: the copies are made again on every call."""
+    layer = make_layer(dtype=torch.float32)
+    twin = without_plans(layer)
+    x = torch.randn(3, K, device=DEV)
+    with torch.set_grad_enabled(grad), torch.autocast(DEV.type, dtype=torch.bfloat16):
+        for edit in (lambda m: None, lambda m: None, lambda m: m.lora_B.data.mul_(-3),
+                     lambda m: m.lora_A.data.zero_(), lambda m: m.bias.data.fill_(2)):
+            edit(layer)
+            edit(twin)
+            assert torch.equal(layer(x), twin(x))
+    assert planned["forward"] == 3
+
+
 def test_a_step_with_lora_dropout_takes_the_full_path(planned):
     layer = LoraLinear(compress_weight(torch.randn(N, K), "int1"), rank=4, dropout=0.5, backend="triton").to(DEV)
     x = torch.randn(3, K, device=DEV, requires_grad=True)
