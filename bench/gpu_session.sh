@@ -57,12 +57,13 @@ XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 KERNEL_TESTS=(tests/test_triton_kernels.py tests/test_int1_gemv_lut.py tests/test_sparse4x4_gemv.py
               tests/test_sparse4x4_gemv_dx.py tests/test_splitk_finish.py tests/test_dense_slab.py
               tests/test_int1_pairs.py tests/test_int1_gemv_mma.py tests/test_int1_gemv_lut_cuda.py
-              tests/test_sparse4x4_gemv_cuda.py tests/test_fast_launch.py tests/test_forward_plan.py)
+              tests/test_sparse4x4_gemv_cuda.py tests/test_fast_launch.py tests/test_forward_plan.py
+              tests/test_training_plan.py)
 if [ "${TESTS:-gpu}" = all ]; then SELECT=("${KERNEL_TESTS[@]}" tests/test_bench.py)
 elif [ "${TESTS:-gpu}" = slab ]; then SELECT=(tests/test_dense_slab.py tests/test_bench.py -k "gpu or dense_slab")
 elif [ "${TESTS:-gpu}" = mma ] || [ "${TESTS:-gpu}" = cuda ]; then
   SELECT=(tests/test_int1_gemv_mma.py tests/test_int1_gemv_lut_cuda.py tests/test_sparse4x4_gemv_cuda.py tests/test_ext.py tests/test_forward_plan.py
-          tests/test_bench.py -k "gpu or mma or gemv or dequantize")
+          tests/test_training_plan.py tests/test_bench.py -k "gpu or mma or gemv or dequantize")
 elif [ "${TESTS:-gpu}" = pairs ]; then SELECT=(tests/test_int1_pairs.py tests/test_bench.py -k "gpu or pairs")
 elif [ "${TESTS:-gpu}" = gemv ]; then SELECT=("${KERNEL_TESTS[@]:1}" tests/test_bench.py -k "gpu or every_lut or every_gather or finish")
 else SELECT=("${KERNEL_TESTS[@]}" tests/test_bench.py -k "gpu or every_tile or every_lut or every_gather or finish"); fi
