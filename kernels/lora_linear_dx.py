@@ -170,11 +170,12 @@ class DxPlan:
     tensors it was made with (their values at the call), skipping the per-call work (arguments,
     cache lookup). ``current()``: whether the switches it was made under still hold."""
 
-    __slots__ = ("_run", "cfg", "_switches", "_shape", "_dtype", "_device", "_lora")
+    __slots__ = ("_run", "cfg", "_switches", "_shape", "_dtype", "_device", "_rank")
     runs = True
 
-    def __init__(self, run, cfg, dy, lora: bool):
-        self._run, self.cfg, self._switches, self._lora = on_input_device(run), cfg, switches(), lora
+    def __init__(self, run, cfg, dy, rank: int):
+        # rank: r of the LoRA term's dy_B [M, r], 0 for a plan without it
+        self._run, self.cfg, self._switches, self._rank = on_input_device(run), cfg, switches(), rank
         self._shape, self._dtype, self._device = dy.shape, dy.dtype, dy.device
 
     def current(self) -> bool:
@@ -184,11 +185,12 @@ class DxPlan:
         if dy.shape != self._shape or dy.dtype != self._dtype or dy.device != self._device:
             raise ValueError(f"this plan takes dy of shape {tuple(self._shape)}, {self._dtype} on {self._device}; "
                              f"got {tuple(dy.shape)}, {dy.dtype} on {dy.device}")
-        if (dy_B is not None) != self._lora:
-            raise ValueError("this plan was made " + ("with" if self._lora else "without") + " the LoRA term: "
-                             + ("pass dy_B" if self._lora else "dy_B must be None"))
-        if dy_B is not None and (dy_B.shape[0] != dy.shape[0] or dy_B.dtype != dy.dtype or dy_B.device != dy.device):
-            raise ValueError(f"dy_B must be [{dy.shape[0]}, r] in dy's dtype on its device, got "
+        if (dy_B is not None) != bool(self._rank):
+            raise ValueError("this plan was made " + ("with" if self._rank else "without") + " the LoRA term: "
+                             + ("pass dy_B" if self._rank else "dy_B must be None"))
+        if dy_B is not None and (dy_B.shape != (dy.shape[0], self._rank) or dy_B.dtype != dy.dtype
+                                 or dy_B.device != dy.device):
+            raise ValueError(f"dy_B must be [{dy.shape[0]}, {self._rank}] in dy's dtype on its device, got "
                              f"{tuple(dy_B.shape)}, {dy_B.dtype} on {dy_B.device}")
         return self._run(dy.contiguous(), None if dy_B is None else dy_B.contiguous())
 
@@ -208,7 +210,7 @@ def dx_plan(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling: float 
     bind, cfg, (A, B) = _prepared_dx(dy, dyb, fmt, tensors, meta, lora_A, scaling, lora_B, None, check)
     if lora_A is not None and (A is not lora_A or (lora_B is not None and B is not lora_B)):
         return None
-    return DxPlan(bind(cfg), cfg, dy, lora_A is not None)
+    return DxPlan(bind(cfg), cfg, dy, 0 if lora_A is None else lora_A.shape[0])
 
 
 def _prepared_dx(dy, dyb, fmt, tensors, meta, lora_A, scaling, lora_B, config, check):

@@ -67,23 +67,26 @@ def _backward(ctx, dy):
     dy2 = dy.reshape(-1, N)
     need = ctx.needs_input_grad
     dx = dxl = dA = dB = db = None
-    uncast = True  # A and B as the planned forward read them (not cast here): a dX plan may read them
     fused_dx = ctx.has_lora and ctx.same_input  # dX = dY·Ŵ + s·(dY·B)·A in one kernel
     if ctx.has_lora and (need[1] or need[2] or need[3] or (fused_dx and need[0])):
         xl2, A, B = ctx.saved_tensors
         s, dtype = ctx.scaling, dy2.dtype
-        read = getattr(ctx, "read", None)  # the planned forward's copies of A and B in x's dtype
-        Ac, Bc = read if read is not None and read[0].dtype == dtype else (A.to(dtype), B.to(dtype))
-        uncast = (Ac is A and Bc is B) or read is not None and Ac is read[0]
+        # the planned forward's copies of A and B in x's dtype; not with create_graph, whose
+        # second-order graph must reach A and B through the casts
+        read = getattr(ctx, "read", None)
+        if read is not None and read[0].dtype == dtype and not torch.is_grad_enabled():
+            Ac, Bc = read
+        else:
+            Ac, Bc = A.to(dtype), B.to(dtype)
         dyB = dy2 @ Bc  # [M, r]: shared by dX and dA
         if need[1]:
             dxl = (s * (dyB @ Ac)).reshape(*ctx.lead, K)
         dA, dB = reference.lora_factor_grads(dy2, xl2, Ac, dyB, s, need[2], need[3], (A.dtype, B.dtype))
     if need[0]:
-        # PlannedLoraLinearFunction's kept plans: not with create_graph (the op has a backward) nor
-        # for factors cast here (a plan made on a temporary would be kept for nothing)
+        # PlannedLoraLinearFunction's kept plans: not with create_graph (the op has a backward);
+        # plans.dx takes the full path for factors that are not what its forward plan read
         plans = getattr(ctx, "plans", None)
-        if plans is not None and not torch.is_grad_enabled() and uncast:
+        if plans is not None and not torch.is_grad_enabled():
             dx = plans.dx(dy2, ctx.weight, Ac, dyB, s, ctx.backend, Bc) if fused_dx else plans.dx(
                 dy2, ctx.weight, None, None, 1.0, ctx.backend, None)
         elif fused_dx:
@@ -158,56 +161,80 @@ class LoraLinearFuncFunction(torch.autograd.Function):
         return out + s * sum(extra) if extra else out
 
 
+def _same_memory(t: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Whether ``t`` reads what ``ref`` holds: the same tensor, or a view of the same memory in
+    the same layout (a saved tensor unpacked by ``detach()``, as non-reentrant checkpointing
+    does)."""
+    return t is ref or (t.data_ptr() == ref.data_ptr() and t.dtype == ref.dtype and t.shape == ref.shape
+                        and t.stride() == ref.stride() and t.device == ref.device)
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    """Whether ``t``'s stream is capturing a CUDA graph (where no new plan is made)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 class StepPlans:
     """The kept plans of one input signature of a ``LoraLinear`` (its shape, dtype and device):
-    ``forward`` (an ``ops.forward_plan``) and, made on the first backward that can use one, the
+    ``forward`` (an ``ops.forward_plan``, made for ``lora = (A, B)``: the layer's factors, or
+    their copies in the autocast dtype) and, made on the first backward that can use one, the
     ``dX`` plans (``ops.dx_plan``, with and without the LoRA term). ``LoraLinear`` checks that
     its tensors are the ones the plans were made with before each call."""
 
-    __slots__ = ("forward", "_dx")
+    __slots__ = ("forward", "_lora", "_dx")
     runs = True  # (LoraLinear also keeps "no plan" answers, whose runs is False)
 
-    def __init__(self, forward):
-        self.forward, self._dx = forward, {}
+    def __init__(self, forward, lora=(None, None)):
+        self.forward, self._lora, self._dx = forward, lora, {}
 
     def current(self) -> bool:
         """Whether the ``LORAQ_*`` switches the forward plan was made under still hold."""
         return self.forward.current()
 
     def dx(self, dy, weight, lora_A, dy_B, scaling: float, backend, lora_B):
-        """``ops.lora_linear_dx(dy, weight, lora_A, dy_B, scaling, backend, lora_B)`` (2-D ``dy``)
-        through a kept plan; the first call of a new key takes the full path (tuning the problem
-        if it is new) and then makes the plan. A plan reads the ``A`` and ``B`` it was made
-        with: the key holds their addresses, and the backward passes the layer's own (no cast)."""
-        key = (dy.shape, dy.dtype, dy.device, 0 if lora_A is None else lora_A.data_ptr(),
-               0 if lora_B is None else lora_B.data_ptr())
+        """``ops.lora_linear_dx(dy, weight, lora_A, dy_B, scaling, backend, lora_B)`` (2-D ``dy``),
+        through a kept plan where ``lora_A`` and ``lora_B`` hold what the forward plan read (a
+        saved-tensor hook that unpacks them elsewhere, such as ``save_on_cpu``, means the full
+        path, without a plan kept for memory that the next step will not have). The first call of
+        a new key takes the full path (tuning the problem if it is new) and then makes the plan."""
+        full = lambda: ops.lora_linear_dx(dy, weight, lora_A, dy_B, scaling, backend=backend,  # noqa: E731
+                                          lora_B=lora_B)
+        A, B = self._lora
+        if lora_A is not None and (A is None or not _same_memory(lora_A, A) or not _same_memory(lora_B, B)):
+            return full()
+        key = (dy.shape, dy.dtype, dy.device, lora_A is not None)
         plan = self._dx.get(key)
         if plan is not None and plan.current():
-            if plan.runs:
-                return plan(dy, dy_B)
-            return ops.lora_linear_dx(dy, weight, lora_A, dy_B, scaling, backend=backend, lora_B=lora_B)
-        out = ops.lora_linear_dx(dy, weight, lora_A, dy_B, scaling, backend=backend, lora_B=lora_B)
-        made = ops.dx_plan(dy, weight, lora_A, dy_B, scaling, backend, lora_B)
-        self._dx[key] = ops.NoPlan() if made is None else made
+            return plan(dy, dy_B) if plan.runs else full()
+        out = full()
+        # a plan reads A and B where the forward plan does
+        made = ops.dx_plan(dy, weight, A if lora_A is not None else None, dy_B, scaling, backend,
+                           B if lora_A is not None else None)
+        if made is not None or not _capturing(dy):
+            self._dx[key] = ops.NoPlan() if made is None else made  # (none in a capture: asked again after it)
         return out
 
 
 class PlannedLoraLinearFunction(torch.autograd.Function):
     """:class:`LoraLinearFunction` (the same arguments, then ``plans``, a :class:`StepPlans`, and
     ``read``) whose forward launches ``plans.forward`` on ``x`` (2-D, of the plan's signature) and
-    whose backward computes ``dX`` through ``plans.dx``: a ``LoraLinear`` training step through
-    kept plans, without the per-call checks, backend choice and tuner lookup. For the fused path
-    only (``x_lora`` None); the caller (``LoraLinear``) guarantees that the plan was made for these
-    tensors, in ``x``'s dtype, or for ``read = (A, B)``: copies of the factors in ``x``'s dtype
-    (under autocast), which the backward reads too instead of casting the factors again."""
+    whose backward computes ``dX`` through ``plans.dx`` (but with ``create_graph``): a
+    ``LoraLinear`` training step through kept plans, without the per-call checks, backend choice
+    and tuner lookup. For the fused path only (``x_lora`` None); the caller (``LoraLinear``)
+    guarantees that the plan was made for these tensors, in ``x``'s dtype, or for
+    ``read = (A, B)``: copies of the factors in ``x``'s dtype (under autocast), which the
+    backward reads too instead of casting the factors again (but with ``create_graph``, where
+    the second-order graph must reach the factors through the casts)."""
 
     @staticmethod
     def forward(ctx, x, x_lora, lora_A, lora_B, bias, weight, scaling: float, backend: Optional[str], plans,
                 read=None):
         _setup(ctx, x, x_lora, lora_A, lora_B, bias, weight, scaling, backend)
-        # the copies are not saved tensors: a later forward of the layer (a shared encoder) copies
-        # into them again, the same values unless A or B changed, which autograd's check of the
-        # saved A and B refuses as for the full path
+        # The copies are not saved tensors: a layer called again before this backward (a shared
+        # encoder) copies into them again, the same values unless A or B changed, which
+        # autograd's check of the saved A and B refuses as for the full path. A write through
+        # .data between this forward and its backward moves no version counter: the backward
+        # then reads the copies as the forward read them, where the full path casts A and B again.
         ctx.plans, ctx.read = plans, read
         return plans.forward(x)
 

@@ -221,7 +221,7 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if type(x) is torch.Tensor and not torch.compiler.is_compiling():
-            y = self._planned(x)  # eager inference: a prepared launch (ops.forward_plan)
+            y = self._planned(x)  # eager calls: a prepared launch (ops.forward_plan), in training too
             if y is not None:
                 return y
         check_input(x, self.in_features)
@@ -233,12 +233,13 @@ class LoraLinear(nn.Module):
                 return self._forward(x)
         return self._forward(x)
 
-    # -- eager inference through prepared launches ------------------------------------------
+    # -- eager calls through prepared launches ----------------------------------------------
     # A small batch's kernel takes microseconds on the GPU; the checks, backend choice and tuner
-    # lookup before it take tens of microseconds of Python. From the second call of a given input
-    # shape, dtype and device on the same tensors, the layer keeps ops.forward_plan's prepared
-    # launch for it and, while nothing it depends on changes, calls it directly: the same kernel on
-    # the same tensors.
+    # lookup before it take tens of microseconds of Python. On the second call of a given input
+    # shape, dtype and device (and autocast or not) on the same tensors, the layer makes
+    # ops.forward_plan's prepared launch for it and, from the third, while nothing it depends on
+    # changes, calls it directly: the same kernel on the same tensors. Where a gradient is wanted
+    # it runs inside PlannedLoraLinearFunction, whose backward keeps ops.dx_plan's for dX.
     _MAX_PLANS = 32  # input signatures kept (a generation's prompts come in many lengths)
 
     def _plan_tensors(self):
@@ -333,7 +334,7 @@ class LoraLinear(nn.Module):
             return None  # none in a capture (a new problem is not tuned there): ask again after it
         while len(plans) >= self._MAX_PLANS:
             plans.popitem(last=False)
-        plans[key] = ops.NoPlan() if made is None else StepPlans(made)
+        plans[key] = ops.NoPlan() if made is None else StepPlans(made, (A, B))
         return None  # this first call takes the full path too (it tunes the problem if it is new)
 
     def _run_plan(self, plan, x2, tensors, read):
@@ -359,10 +360,13 @@ class LoraLinear(nn.Module):
                 out.append(t)
                 continue
             kept = copies.get((i, dtype))  # by dtype too: plans of fp16 and bf16 autocast each read theirs
-            with torch.no_grad():
-                if kept is None:
+            if kept is None:
+                # a normal tensor even under inference_mode (an inference tensor could not be
+                # copied into outside it): written in place in either mode
+                with torch.inference_mode(False), torch.no_grad():
                     kept = copies[i, dtype] = t.detach().to(dtype, memory_format=torch.contiguous_format)
-                else:
+            else:
+                with torch.no_grad():
                     kept.copy_(t)
             out.append(kept)
         return tuple(out)
