@@ -45,10 +45,16 @@ def lora_linear_forward(x, x_lora, lora_A, lora_B, bias, weight, scaling: float,
         y = ops.lora_linear(x2, weight, _in_dtype(lora_A, dtype), _in_dtype(lora_B, dtype), scaling, b,
                             backend=backend)
     else:  # LoRA dropout: the adapter sees another input than the base
-        xl2 = x_lora.reshape(-1, K)
-        y = ops.lora_linear(x2, weight, None, None, 1.0, b, backend=backend)
-        y = y + scaling * ((xl2 @ lora_A.to(dtype).t()) @ lora_B.to(dtype).t())
+        y = add_lora(ops.lora_linear(x2, weight, None, None, 1.0, b, backend=backend), x_lora.reshape(-1, K),
+                     lora_A, lora_B, scaling)
     return y if flat else y.reshape(*x.shape[:-1], N)
+
+
+def add_lora(y, xl2, lora_A, lora_B, scaling: float):
+    """``y + s·(x_l·Aᵀ)·Bᵀ`` for a 2-D ``x_l`` (the adapter's input after dropout), the factors
+    in ``y``'s dtype: the adapter's path where it does not ride in the kernel."""
+    dtype = y.dtype
+    return y + scaling * ((xl2 @ lora_A.to(dtype).t()) @ lora_B.to(dtype).t())
 
 
 def _setup(ctx, x, x_lora, lora_A, lora_B, bias, weight, scaling, backend) -> None:
@@ -220,11 +226,12 @@ class PlannedLoraLinearFunction(torch.autograd.Function):
     ``read``) whose forward launches ``plans.forward`` on ``x`` (2-D, of the plan's signature) and
     whose backward computes ``dX`` through ``plans.dx`` (but with ``create_graph``): a
     ``LoraLinear`` training step through kept plans, without the per-call checks, backend choice
-    and tuner lookup. For the fused path only (``x_lora`` None); the caller (``LoraLinear``)
-    guarantees that the plan was made for these tensors, in ``x``'s dtype, or for
-    ``read = (A, B)``: copies of the factors in ``x``'s dtype (under autocast), which the
-    backward reads too instead of casting the factors again (but with ``create_graph``, where
-    the second-order graph must reach the factors through the casts)."""
+    and tuner lookup. The caller (``LoraLinear``) guarantees that the plan was made for these
+    tensors, in ``x``'s dtype, or for ``read = (A, B)``: copies of the factors in ``x``'s dtype
+    (under autocast), which the backward reads too instead of casting the factors again (but with
+    ``create_graph``, where the second-order graph must reach the factors through the casts).
+    With ``x_lora`` (LoRA dropout) the plan is the base's alone and the adapter's path is added
+    after it."""
 
     @staticmethod
     def forward(ctx, x, x_lora, lora_A, lora_B, bias, weight, scaling: float, backend: Optional[str], plans,
@@ -236,7 +243,11 @@ class PlannedLoraLinearFunction(torch.autograd.Function):
         # .data between this forward and its backward moves no version counter: the backward
         # then reads the copies as the forward read them, where the full path casts A and B again.
         ctx.plans, ctx.read = plans, read
-        return plans.forward(x)
+        y = plans.forward(x)
+        if x_lora is None:
+            return y
+        A, B = (lora_A, lora_B) if read is None else read  # dropout: the base's plan, then the adapter's path
+        return add_lora(y, x_lora.reshape(-1, x.shape[-1]), A, B, scaling)
 
     @staticmethod
     def backward(ctx, dy):

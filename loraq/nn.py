@@ -10,7 +10,7 @@ from torch import nn
 
 from . import ops
 from .ops import plans_possible
-from .autograd import PlannedLoraLinearFunction, StepPlans, lora_linear_forward, lora_linear_function
+from .autograd import PlannedLoraLinearFunction, StepPlans, add_lora, lora_linear_forward, lora_linear_function
 from .formats import FORMATS, CompressedWeight, check_dense_weight, format_class
 from .lora_init import INITS, init_lora, lora_scaling
 from .reference import check_input, transform_or_forward_ad_active
@@ -243,12 +243,12 @@ class LoraLinear(nn.Module):
     _MAX_PLANS = 32  # input signatures kept (a generation's prompts come in many lengths)
 
     def _plan_tensors(self):
-        """``(A, B, bias)`` a call would use, or None where a plan must not be used: LoRA dropout
-        active, a parametrized or sharded parameter (not in ``_parameters``)."""
+        """``(A, B, bias)`` a call would use, or None where a plan must not be used: a
+        parametrized or sharded parameter (not in ``_parameters``)."""
         params = self._parameters
         if self.adapter_enabled:
             A, B = params.get("lora_A"), params.get("lora_B")
-            if A is None or B is None or (self.training and type(self._modules.get("lora_dropout")) is not nn.Identity):
+            if A is None or B is None:
                 return None
         else:
             A = B = None
@@ -307,7 +307,10 @@ class LoraLinear(nn.Module):
         plans = kept[1]
         if cast is not None:  # the full path computes in the autocast dtype, as the kernels will
             x = x.to(cast)
-        key = (x.shape, x.dtype, x.device, cast is not None)
+        # LoRA dropout active: the adapter sees another input than the base, so the plan is the
+        # base's (and bias's) alone, and the adapter's path is added as the full path adds it
+        split = tensors[0] is not None and self.training and not isinstance(self._modules["lora_dropout"], nn.Identity)
+        key = (x.shape, x.dtype, x.device, cast is not None, split)
         plan = plans.get(key)
         if plan is not None:
             if not plan.current():  # a switch changed (LORAQ_*): the full path; the next call, a new plan
@@ -317,19 +320,24 @@ class LoraLinear(nn.Module):
             if plan.runs:
                 x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
                 read = tensors if cast is None else self._in_dtype(tensors, cast, kept[2])
+                xl2 = None
+                if split:  # the same dropout call, drawing the same random numbers, as the full path's
+                    xl2 = self._modules["lora_dropout"](x).reshape(-1, self.in_features)
                 if cast is not None:  # as the full path: the kernels' torch ops not cast again
                     with torch.autocast(dev, enabled=False):
-                        y = self._run_plan(plan, x2, tensors, read)
+                        y = self._run_plan(plan, x2, xl2, tensors, read)
                 else:
-                    y = self._run_plan(plan, x2, tensors, read)
+                    y = self._run_plan(plan, x2, xl2, tensors, read)
                 return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
             return None
         if x.dim() == 0 or x.shape[-1] != self.in_features or not x.is_floating_point():
             return None  # the full path raises the error
         A, B, bias = tensors if cast is None else self._in_dtype(tensors, cast, kept[2])
+        if split:
+            A = B = None
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         with torch.no_grad():  # the kernel a plan launches is the one a step's forward runs
-            made = ops.forward_plan(x2, self.base, A, B, self.scaling, bias, self.backend)
+            made = ops.forward_plan(x2, self.base, A, B, 1.0 if split else self.scaling, bias, self.backend)
         if made is None and x.is_cuda and torch.cuda.is_current_stream_capturing():
             return None  # none in a capture (a new problem is not tuned there): ask again after it
         while len(plans) >= self._MAX_PLANS:
@@ -337,15 +345,18 @@ class LoraLinear(nn.Module):
         plans[key] = ops.NoPlan() if made is None else StepPlans(made, (A, B))
         return None  # this first call takes the full path too (it tunes the problem if it is new)
 
-    def _run_plan(self, plan, x2, tensors, read):
+    def _run_plan(self, plan, x2, xl2, tensors, read):
         """``y`` for a 2-D ``x2`` through ``plan`` (a ``StepPlans``), which reads ``read`` (the
         layer's ``(A, B, bias)``, or their copies in x's dtype under autocast); where a gradient
-        is wanted, inside ``PlannedLoraLinearFunction``, the gradients going to ``tensors``."""
+        is wanted, inside ``PlannedLoraLinearFunction``, the gradients going to ``tensors``.
+        ``xl2``: the adapter's input after dropout (the plan then computes the base alone), or None."""
         A, B, bias = tensors
-        if torch.is_grad_enabled() and (x2.requires_grad or any(t is not None and t.requires_grad for t in tensors)):
-            return PlannedLoraLinearFunction.apply(x2, None, A, B, bias, self.base, self.scaling, self.backend, plan,
+        if torch.is_grad_enabled() and (x2.requires_grad or (xl2 is not None and xl2.requires_grad)
+                                        or any(t is not None and t.requires_grad for t in tensors)):
+            return PlannedLoraLinearFunction.apply(x2, xl2, A, B, bias, self.base, self.scaling, self.backend, plan,
                                                    None if read is tensors or A is None else read[:2])
-        return plan.forward(x2)
+        y = plan.forward(x2)
+        return y if xl2 is None else add_lora(y, xl2, read[0], read[1], self.scaling)
 
     @staticmethod
     def _in_dtype(tensors, dtype, copies: dict):

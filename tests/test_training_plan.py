@@ -21,9 +21,10 @@ DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 N, K = 40, 24
 
 
-def make_layer(fmt="int1", dtype=torch.float16, bias=True, rank=4, n=N, k=K, **kw):
+def make_layer(fmt="int1", dtype=torch.float16, bias=True, rank=4, n=N, k=K, dropout=0.0, **kw):
     base = compress_weight(torch.randn(n, k), fmt, **kw)
-    layer = LoraLinear(base, rank=rank, backend="triton", bias=torch.randn(n) if bias else None).to(DEV, dtype)
+    layer = LoraLinear(base, rank=rank, backend="triton", bias=torch.randn(n) if bias else None,
+                       dropout=dropout).to(DEV, dtype)
     with torch.no_grad():
         layer.lora_A.normal_(std=0.3)
         layer.lora_B.normal_()
@@ -65,10 +66,11 @@ def without_plans(layer):
     return twin
 
 
-def step(layer, x, dy, autocast=None):
-    """One forward (under ``autocast``, a dtype, if given) and backward: ``(y, dX, {name: grad})``,
-    the parameters' grads cleared after."""
+def step(layer, x, dy, autocast=None, seed=0):
+    """One forward (under ``autocast``, a dtype, if given; the RNG seeded with ``seed`` for LoRA
+    dropout) and backward: ``(y, dX, {name: grad})``, the parameters' grads cleared after."""
     x = x.detach().clone().requires_grad_(x.requires_grad)
+    torch.manual_seed(seed)
     if autocast is None:
         y = layer(x)
     else:
@@ -89,7 +91,8 @@ def assert_steps_match(layer, shapes, steps=4, x_grad=True, planned=None, expect
         for shape, cast in ((shape, cast) for shape in shapes for cast in (autocast or (None,))):
             x = torch.randn(shape, device=DEV, dtype=dtype).requires_grad_(x_grad)
             dy = torch.randn(*shape[:-1], layer.out_features, device=DEV, dtype=dtype)
-            got, want = step(layer, x, dy, cast), step(twin, x, dy, cast)
+            seed = torch.randint(1 << 30, ()).item()
+            got, want = step(layer, x, dy, cast, seed), step(twin, x, dy, cast, seed)
             assert got[0].dtype == (cast or dtype)
             assert torch.equal(got[0], want[0]), f"step {i}, {shape}: y"
             assert (got[1] is None) == (want[1] is None)
@@ -263,12 +266,36 @@ def test_a_dx_plan_is_not_kept_as_none_from_a_capture(planned):
     assert len(plans._dx) == 1 and planned["dx"] == 1
 
 
-def test_a_step_with_lora_dropout_takes_the_full_path(planned):
-    layer = LoraLinear(compress_weight(torch.randn(N, K), "int1"), rank=4, dropout=0.5, backend="triton").to(DEV)
-    x = torch.randn(3, K, device=DEV, requires_grad=True)
-    for _ in range(3):
-        layer(x).sum().backward()
-    assert planned == {"forward": 0, "dx": 0} and layer.lora_A.grad is not None
+@pytest.mark.parametrize("fmt", ["int1", "sparse4x4"])
+@pytest.mark.parametrize("dtype, casts", [(torch.float32, ()), (torch.float16, ()), (torch.bfloat16, ()),
+                                          (torch.float32, (torch.bfloat16,))], ids=["fp32", "fp16", "bf16", "autocast"])
+@pytest.mark.parametrize("x_grad", [True, False], ids=["x_grad", "factors_only"])
+def test_lora_dropout_steps_through_plans(fmt, dtype, casts, x_grad, planned):
+    """LoRA dropout in training: the plan computes the base and bias, the adapter's path is added
+    on the dropped-out input as the full path adds it, with the same random numbers."""
+    layer = make_layer(fmt, dtype, dropout=0.3)
+    assert_steps_match(layer, [(3, K), (2, 2, K)], x_grad=x_grad, planned=planned, autocast=casts)
+
+
+def test_a_dropout_layer_in_eval_and_under_no_grad(planned):
+    """Training mode without gradients drops out too (through the base's plan); eval mode fuses
+    the adapter into the kernel (another plan)."""
+    layer = make_layer(dtype=torch.float32, dropout=0.5)
+    twin = without_plans(layer)
+    x = torch.randn(4, K, device=DEV)
+    with torch.no_grad():
+        for mode in ("train", "eval", "train"):
+            layer.train(mode == "train")
+            twin.train(mode == "train")
+            for i in range(3):
+                torch.manual_seed(i)
+                y = layer(x)
+                torch.manual_seed(i)
+                assert torch.equal(y, twin(x)), f"{mode} {i}"
+    # two plans (the keys end with "dropout or not"): training's used from its third call on,
+    # then eval's, then training's again
+    assert sorted(key[-1] for key in layer.__dict__["_plans"][1]) == [False, True]
+    assert planned["forward"] == 1 + 2 + 3
 
 
 @pytest.mark.parametrize("cast", [None, torch.bfloat16], ids=["no_autocast", "bf16_autocast"])
