@@ -277,7 +277,7 @@ class LoraLinear(nn.Module):
         computes ``dX`` through kept plans too."""
         if not plans_possible(x):  # plans are the kernels' (the GPU's, or their interpreter's in tests)
             return None
-        tensors = self._plan_tensors()  # first: a step with LoRA dropout leaves here, cheaply
+        tensors = self._plan_tensors()  # first: a parametrized layer leaves here, cheaply
         if tensors is None:
             return None
         dev = x.device.type
@@ -320,14 +320,11 @@ class LoraLinear(nn.Module):
             if plan.runs:
                 x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
                 read = tensors if cast is None else self._in_dtype(tensors, cast, kept[2])
-                xl2 = None
-                if split:  # the same dropout call, drawing the same random numbers, as the full path's
-                    xl2 = self._modules["lora_dropout"](x).reshape(-1, self.in_features)
                 if cast is not None:  # as the full path: the kernels' torch ops not cast again
                     with torch.autocast(dev, enabled=False):
-                        y = self._run_plan(plan, x2, xl2, tensors, read)
+                        y = self._run_plan(plan, x, x2, split, tensors, read)
                 else:
-                    y = self._run_plan(plan, x2, xl2, tensors, read)
+                    y = self._run_plan(plan, x, x2, split, tensors, read)
                 return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
             return None
         if x.dim() == 0 or x.shape[-1] != self.in_features or not x.is_floating_point():
@@ -345,12 +342,15 @@ class LoraLinear(nn.Module):
         plans[key] = ops.NoPlan() if made is None else StepPlans(made, (A, B))
         return None  # this first call takes the full path too (it tunes the problem if it is new)
 
-    def _run_plan(self, plan, x2, xl2, tensors, read):
-        """``y`` for a 2-D ``x2`` through ``plan`` (a ``StepPlans``), which reads ``read`` (the
-        layer's ``(A, B, bias)``, or their copies in x's dtype under autocast); where a gradient
-        is wanted, inside ``PlannedLoraLinearFunction``, the gradients going to ``tensors``.
-        ``xl2``: the adapter's input after dropout (the plan then computes the base alone), or None."""
+    def _run_plan(self, plan, x, x2, split, tensors, read):
+        """``y`` for ``x`` (``x2``: it as 2-D) through ``plan`` (a ``StepPlans``), which reads
+        ``read`` (the layer's ``(A, B, bias)``, or their copies in x's dtype under autocast);
+        where a gradient is wanted, inside ``PlannedLoraLinearFunction``, the gradients going to
+        ``tensors``. ``split``: LoRA dropout is active, the plan computes the base alone and the
+        adapter's path is added on the dropped-out input."""
         A, B, bias = tensors
+        # the same dropout call, drawing the same random numbers, as the full path's
+        xl2 = self._modules["lora_dropout"](x).reshape(-1, self.in_features) if split else None
         if torch.is_grad_enabled() and (x2.requires_grad or (xl2 is not None and xl2.requires_grad)
                                         or any(t is not None and t.requires_grad for t in tensors)):
             return PlannedLoraLinearFunction.apply(x2, xl2, A, B, bias, self.base, self.scaling, self.backend, plan,
