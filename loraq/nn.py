@@ -318,14 +318,11 @@ class LoraLinear(nn.Module):
                 return None
             plans.move_to_end(key)  # least recently used first out
             if plan.runs:
-                x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
                 read = tensors if cast is None else self._in_dtype(tensors, cast, kept[2])
                 if cast is not None:  # as the full path: the kernels' torch ops not cast again
                     with torch.autocast(dev, enabled=False):
-                        y = self._run_plan(plan, x, x2, split, tensors, read)
-                else:
-                    y = self._run_plan(plan, x, x2, split, tensors, read)
-                return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+                        return self._run_plan(plan, x, split, tensors, read)
+                return self._run_plan(plan, x, split, tensors, read)
             return None
         if x.dim() == 0 or x.shape[-1] != self.in_features or not x.is_floating_point():
             return None  # the full path raises the error
@@ -342,21 +339,32 @@ class LoraLinear(nn.Module):
         plans[key] = ops.NoPlan() if made is None else StepPlans(made, (A, B))
         return None  # this first call takes the full path too (it tunes the problem if it is new)
 
-    def _run_plan(self, plan, x, x2, split, tensors, read):
-        """``y`` for ``x`` (``x2``: it as 2-D) through ``plan`` (a ``StepPlans``), which reads
-        ``read`` (the layer's ``(A, B, bias)``, or their copies in x's dtype under autocast);
-        where a gradient is wanted, inside ``PlannedLoraLinearFunction``, the gradients going to
-        ``tensors``. ``split``: LoRA dropout is active, the plan computes the base alone and the
+    def _run_plan(self, plan, x, split, tensors, read):
+        """``y`` for ``x`` through ``plan`` (a ``StepPlans``), which reads ``read`` (the layer's
+        ``(A, B, bias)``, or their copies in x's dtype under autocast); where a gradient is wanted
+        (as the full path decides it), inside ``PlannedLoraLinearFunction``, the gradients going
+        to ``tensors``. ``split``: LoRA dropout is active, the plan computes the base alone and the
         adapter's path is added on the dropped-out input."""
         A, B, bias = tensors
-        # the same dropout call, drawing the same random numbers, as the full path's
-        xl2 = self._modules["lora_dropout"](x).reshape(-1, self.in_features) if split else None
-        if torch.is_grad_enabled() and (x2.requires_grad or (xl2 is not None and xl2.requires_grad)
-                                        or any(t is not None and t.requires_grad for t in tensors)):
-            return PlannedLoraLinearFunction.apply(x2, xl2, A, B, bias, self.base, self.scaling, self.backend, plan,
-                                                   None if read is tensors or A is None else read[:2])
-        y = plan.forward(x2)
-        return y if xl2 is None else add_lora(y, xl2, read[0], read[1], self.scaling)
+        K = self.in_features
+        xl = None
+        if split:
+            # the same dropout call on the same x as the full path's, before any view of x: the
+            # same random numbers, and autograd meets x's two uses in the full path's order (the
+            # order in which it sums their gradients into dX)
+            xl = self._modules["lora_dropout"](x)
+            if xl is x:  # a dropout that returned its input (p = 0): the full path's computation
+                return self._forward(x, xl)
+        x2 = x if x.dim() == 2 else x.reshape(-1, K)
+        xl2 = None if xl is None else xl if xl.dim() == 2 else xl.reshape(-1, K)
+        if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in tensors)):
+            y = PlannedLoraLinearFunction.apply(x2, xl2, A, B, bias, self.base, self.scaling, self.backend, plan,
+                                                None if read is tensors or A is None else read[:2])
+        else:
+            y = plan.forward(x2)
+            if xl2 is not None:
+                y = add_lora(y, xl2, read[0], read[1], self.scaling)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     @staticmethod
     def _in_dtype(tensors, dtype, copies: dict):
@@ -382,15 +390,19 @@ class LoraLinear(nn.Module):
             out.append(kept)
         return tuple(out)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, dropped: Optional[torch.Tensor] = None) -> torch.Tensor:
         # parameters through _parameters rather than Module.__getattr__ (host time on every call);
-        # getattr where they are not there (a parametrization, FSDP's flat parameters)
+        # getattr where they are not there (a parametrization, FSDP's flat parameters).
+        # dropped: lora_dropout(x) when the caller has called it already
         params = self._parameters
         if self.adapter_enabled:
             A = params["lora_A"] if "lora_A" in params else self.lora_A
             B = params["lora_B"] if "lora_B" in params else self.lora_B
             # x_lora None: the adapter sees x itself (no dropout active), the fused single-pass path
-            x_lora = None if not self.training or isinstance(self.lora_dropout, nn.Identity) else self.lora_dropout(x)
+            if dropped is not None:
+                x_lora = dropped
+            else:
+                x_lora = None if not self.training or isinstance(self.lora_dropout, nn.Identity) else self.lora_dropout(x)
         else:
             A = B = x_lora = None
         bias = params["bias"] if "bias" in params else self.bias  # a plain attribute when there is none

@@ -277,6 +277,48 @@ def test_lora_dropout_steps_through_plans(fmt, dtype, casts, x_grad, planned):
     assert_steps_match(layer, [(3, K), (2, 2, K)], x_grad=x_grad, planned=planned, autocast=casts)
 
 
+def test_lora_dropout_on_an_x_that_other_layers_read_too(planned):
+    """A 3-D x also read by other ops (a residual, q/k/v projections of one hidden state): dX sums
+    the gradients of x's uses in the full path's order, bit for bit (a scaling that rounds)."""
+    layer = LoraLinear(compress_weight(torch.randn(N, K), "int1"), rank=4, alpha=1.3, backend="triton",
+                       bias=torch.randn(N), dropout=0.3).to(DEV)
+    with torch.no_grad():
+        layer.lora_A.normal_(std=0.3)
+        layer.lora_B.normal_()
+    twin = without_plans(layer)
+    W = torch.randn(N, K, device=DEV)
+    for i in range(4):
+        x = torch.randn(2, 3, K, device=DEV)
+        dy = torch.randn(2, 3, N, device=DEV)
+        grads = []
+        for m in (layer, twin):
+            xx = x.clone().requires_grad_()
+            torch.manual_seed(i)
+            (m(xx) + xx @ W.t()).backward(dy)
+            grads.append((xx.grad, m.lora_A.grad.clone(), m.lora_B.grad.clone()))
+            m.zero_grad()
+        for a, b in zip(*grads):
+            assert torch.equal(a, b), f"call {i}"
+    assert planned["forward"] > 0 and planned["dx"] > 0
+
+
+@pytest.mark.parametrize("how", ["p=0", "dropout module in eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_dropout_that_returns_its_input_takes_the_full_paths_computation(how, dtype, planned):
+    """``nn.Dropout(p=0)`` (as training libraries switch dropout off) or the dropout module alone
+    in eval: the full path sees the adapter's input is x and fuses it into the kernel, and so do
+    the planned calls."""
+    layer = make_layer(dtype=dtype, dropout=0.1)
+    if how == "p=0":
+        layer.lora_dropout.p = 0.0
+    else:
+        layer.lora_dropout.eval()
+    assert_steps_match(layer, [(3, K), (2, 3, K)])
+    with torch.no_grad():
+        x = torch.randn(2, 3, K, device=DEV, dtype=dtype)
+        assert torch.equal(layer(x), without_plans(layer)(x))
+
+
 def test_a_dropout_layer_in_eval_and_under_no_grad(planned):
     """Training mode without gradients drops out too (through the base's plan); eval mode fuses
     the adapter into the kernel (another plan)."""
