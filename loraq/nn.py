@@ -36,6 +36,10 @@ def format_bytes(n: float) -> str:
 META_KEY = getattr(nn.modules.module, "_EXTRA_STATE_KEY_SUFFIX", "_extra_state")
 
 
+# a kept answer "this input signature was met once" (LoraLinear makes its plan if it comes again)
+_SEEN = object()
+
+
 class LoraLinear(nn.Module):
     """``y = x·Ŵᵀ + s·(dropout(x)·Aᵀ)·Bᵀ + b`` with ``Ŵ`` a frozen compressed weight.
 
@@ -236,9 +240,9 @@ class LoraLinear(nn.Module):
     # -- eager calls through prepared launches ----------------------------------------------
     # A small batch's kernel takes microseconds on the GPU; the checks, backend choice and tuner
     # lookup before it take tens of microseconds of Python. On the second call of a given input
-    # shape, dtype and device (and autocast or not) on the same tensors, the layer makes
-    # ops.forward_plan's prepared launch for it and, from the third, while nothing it depends on
-    # changes, calls it directly: the same kernel on the same tensors. Where a gradient is wanted
+    # shape, dtype and device (and autocast, LoRA dropout or not) on the same tensors, the layer
+    # makes ops.forward_plan's prepared launch for it and, from the third, while nothing it depends
+    # on changes, calls it directly: the same kernel on the same tensors. Where a gradient is wanted
     # it runs inside PlannedLoraLinearFunction, whose backward keeps ops.dx_plan's for dX.
     _MAX_PLANS = 32  # input signatures kept (a generation's prompts come in many lengths)
 
@@ -298,26 +302,26 @@ class LoraLinear(nn.Module):
         owner = (tuple(map(id, tensors + buffers)),
                  tuple(0 if t is None else (t.data_ptr(), t.dtype, t.shape, t.stride()) for t in tensors),
                  tuple(0 if t is None else t.data_ptr() for t in buffers), self.scaling, self.backend)
+        # LoRA dropout active: the adapter sees another input than the base, so the plan is the
+        # base's (and bias's) alone, and the adapter's path is added as the full path adds it
+        split = tensors[0] is not None and self.training and not isinstance(self._modules["lora_dropout"], nn.Identity)
+        key = (x.shape, x.dtype if cast is None else cast, x.device, cast is not None, split)
         kept = self.__dict__.get("_plans")
         if kept is None or kept[0] != owner:
             # new tensors: no plan this call. A layer whose tensors change every call (offloading
             # hooks) never makes one, and plans never hold tensors the layer no longer has.
-            self.__dict__["_plans"] = (owner, OrderedDict(), {})
+            self.__dict__["_plans"] = (owner, OrderedDict([(key, _SEEN)]), {})
             return None
         plans = kept[1]
-        if cast is not None:  # the full path computes in the autocast dtype, as the kernels will
-            x = x.to(cast)
-        # LoRA dropout active: the adapter sees another input than the base, so the plan is the
-        # base's (and bias's) alone, and the adapter's path is added as the full path adds it
-        split = tensors[0] is not None and self.training and not isinstance(self._modules["lora_dropout"], nn.Identity)
-        key = (x.shape, x.dtype, x.device, cast is not None, split)
         plan = plans.get(key)
-        if plan is not None:
+        if plan is not None and plan is not _SEEN:
             if not plan.current():  # a switch changed (LORAQ_*): the full path; the next call, a new plan
-                plans.pop(key, None)
+                plans[key] = _SEEN
                 return None
             plans.move_to_end(key)  # least recently used first out
             if plan.runs:
+                if cast is not None:  # the full path computes in the autocast dtype, as the kernels will
+                    x = x.to(cast)
                 read = tensors if cast is None else self._in_dtype(tensors, cast, kept[2])
                 if cast is not None:  # as the full path: the kernels' torch ops not cast again
                     with torch.autocast(dev, enabled=False):
@@ -326,6 +330,15 @@ class LoraLinear(nn.Module):
             return None
         if x.dim() == 0 or x.shape[-1] != self.in_features or not x.is_floating_point():
             return None  # the full path raises the error
+        while len(plans) >= self._MAX_PLANS and key not in plans:
+            plans.popitem(last=False)
+        if plan is None:
+            # a signature met for the first time: remembered, and a plan made if it comes again
+            # (shapes that never come again, as with dynamic padding, cost a dict entry, no plan)
+            plans[key] = _SEEN
+            return None
+        if cast is not None:
+            x = x.to(cast)
         A, B, bias = tensors if cast is None else self._in_dtype(tensors, cast, kept[2])
         if split:
             A = B = None
@@ -334,10 +347,9 @@ class LoraLinear(nn.Module):
             made = ops.forward_plan(x2, self.base, A, B, 1.0 if split else self.scaling, bias, self.backend)
         if made is None and x.is_cuda and torch.cuda.is_current_stream_capturing():
             return None  # none in a capture (a new problem is not tuned there): ask again after it
-        while len(plans) >= self._MAX_PLANS:
-            plans.popitem(last=False)
         plans[key] = ops.NoPlan() if made is None else StepPlans(made, (A, B))
-        return None  # this first call takes the full path too (it tunes the problem if it is new)
+        plans.move_to_end(key)
+        return None  # this call takes the full path too (it tunes the problem if it is new)
 
     def _run_plan(self, plan, x, split, tensors, read):
         """``y`` for ``x`` through ``plan`` (a ``StepPlans``), which reads ``read`` (the layer's

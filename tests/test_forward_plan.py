@@ -224,7 +224,7 @@ def test_a_changed_switch_takes_the_full_path_then_a_new_plan(monkeypatch, plan_
         monkeypatch.setenv("LORAQ_ONE_LAUNCH", "1")
         assert not old.current()
         got = layer(x)  # the stale plan is dropped: the full path answers
-        assert len(plan_calls) == 1 and key not in layer.__dict__["_plans"][1]
+        assert len(plan_calls) == 1 and not isinstance(layer.__dict__["_plans"][1][key], type(old))
         layer(x)  # a new plan, made under the new switch
         new = layer.__dict__["_plans"][1][key]
         assert new is not old and new.current()
@@ -261,6 +261,29 @@ def test_a_layer_whose_tensors_change_every_call_makes_no_plan(monkeypatch):
             layer._parameters["lora_B"] = torch.nn.Parameter(layer.lora_B.detach().clone())
             assert torch.equal(layer(x), full(layer, x))
     assert not made
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "training"])
+def test_shapes_met_once_make_no_plan(monkeypatch, grad, plan_calls):
+    """Dynamic padding: a batch shape that never comes again costs no plan (making one costs
+    about as much host time as the full path); one that comes again gets its plan then."""
+    made = []
+    real = ops.forward_plan
+    monkeypatch.setattr(ops, "forward_plan", lambda *a, **k: made.append(1) or real(*a, **k))
+    layer = make_layer()
+    if grad:
+        layer.train()
+    with torch.set_grad_enabled(grad):
+        for M in range(1, 12):
+            x = torch.randn(M, K, device=DEV, dtype=torch.float16, requires_grad=grad)
+            y = layer(x)
+            assert torch.equal(y, full(layer, x))
+            if grad:
+                y.sum().backward()
+        assert not made and not plan_calls
+        for _ in range(2):
+            layer(x)
+        assert len(made) == 1 and len(plan_calls) == 1
 
 
 def test_calls_that_need_the_full_path_never_use_a_plan(plan_calls):
