@@ -25,7 +25,7 @@ from .sparse4x4_gemv import check_gather_config
 from .sparse4x4_gemv_dx import DX_LIMITS, bind_gather_dx
 from .host_math import block_r, cdiv, in_row_chunks, rows_per_launch
 from .autotune import capturing as autotune_capturing, rows_from
-from .env import switches
+from .bound_plan import BoundPlan
 from .fast_launch import fast
 from .device_guard import on_input_device
 
@@ -164,27 +164,20 @@ def lora_linear_dx(dy, fmt: str, tensors, meta, lora_A=None, dy_B=None, scaling:
     return bind(cfg)(dy, dyb)
 
 
-class DxPlan:
+class DxPlan(BoundPlan):
     """:func:`lora_linear_dx` prepared once for every ``dy`` (and ``dy_B``) of one shape, dtype
     and device: calling it launches the config the tuner picked, on the weight, ``A`` and ``B``
     tensors it was made with (their values at the call), skipping the per-call work (arguments,
     cache lookup). ``current()``: whether the switches it was made under still hold."""
 
-    __slots__ = ("_run", "cfg", "_switches", "_shape", "_dtype", "_device", "_rank")
-    runs = True
+    __slots__ = ("_rank",)
 
     def __init__(self, run, cfg, dy, rank: int):
-        # rank: r of the LoRA term's dy_B [M, r], 0 for a plan without it
-        self._run, self.cfg, self._switches, self._rank = on_input_device(run), cfg, switches(), rank
-        self._shape, self._dtype, self._device = dy.shape, dy.dtype, dy.device
-
-    def current(self) -> bool:
-        return switches() == self._switches
+        super().__init__(run, cfg, dy)
+        self._rank = rank  # r of the LoRA term's dy_B [M, r], 0 for a plan without it
 
     def __call__(self, dy, dy_B=None):
-        if dy.shape != self._shape or dy.dtype != self._dtype or dy.device != self._device:
-            raise ValueError(f"this plan takes dy of shape {tuple(self._shape)}, {self._dtype} on {self._device}; "
-                             f"got {tuple(dy.shape)}, {dy.dtype} on {dy.device}")
+        self._check(dy, "dy")
         if (dy_B is not None) != bool(self._rank):
             raise ValueError("this plan was made " + ("with" if self._rank else "without") + " the LoRA term: "
                              + ("pass dy_B" if self._rank else "dy_B must be None"))

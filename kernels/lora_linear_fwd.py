@@ -38,7 +38,7 @@ from .decode import (SCALE_GROUP, _dot, _int1_group_scale, _int1_sign_pairs, _in
 from .splitk_finish import XA_BLOCK_K, _store_xa_part, bind_split, one_launch_offered
 from .host_math import block_r, cdiv, in_row_chunks, rows_per_launch
 from .autotune import capturing as autotune_capturing, rows_from
-from .env import switches
+from .bound_plan import BoundPlan
 from .fast_launch import fast
 from .device_guard import on_input_device
 
@@ -146,29 +146,17 @@ def lora_linear_fwd(x, fmt: str, tensors, meta, lora_A=None, lora_B=None, scalin
     return bind(cfg)(x)
 
 
-class ForwardPlan:
+class ForwardPlan(BoundPlan):
     """The fused forward prepared once for every ``x`` of one shape, dtype and device: calling it
     with such an ``x`` launches the config the tuner picked, on the weight, LoRA and bias tensors
     it was made with (their values as they are at the call), skipping the per-call work of
     :func:`lora_linear_fwd` (its arguments' preparation, the cache lookup, the candidate checks).
     ``current()``: whether the switches it was made under (``env.switches``) still hold."""
 
-    __slots__ = ("_run", "cfg", "_switches", "_shape", "_dtype", "_device")
-    runs = True  # (LoraLinear also keeps "no plan" answers, whose runs is False)
-
-    def __init__(self, run, cfg, x):
-        # run(x): the launcher bound to cfg and x's shape (its grid, arguments and the switches'
-        # answers worked out once: current() says when they no longer hold)
-        self._run, self.cfg, self._switches = on_input_device(run), cfg, switches()
-        self._shape, self._dtype, self._device = x.shape, x.dtype, x.device
-
-    def current(self) -> bool:
-        return switches() == self._switches
+    __slots__ = ()
 
     def __call__(self, x):
-        if x.shape != self._shape or x.dtype != self._dtype or x.device != self._device:
-            raise ValueError(f"this plan takes x of shape {tuple(self._shape)}, {self._dtype} on {self._device}; "
-                             f"got {tuple(x.shape)}, {x.dtype} on {x.device}")
+        self._check(x, "x")
         return self._run(x.contiguous())
 
 

@@ -322,7 +322,7 @@ class LoraLinear(nn.Module):
             if plan.runs:
                 if cast is not None:  # the full path computes in the autocast dtype, as the kernels will
                     x = x.to(cast)
-                read = tensors if cast is None else self._in_dtype(tensors, cast, kept[2])
+                read = tensors if cast is None else self._autocast_copies(tensors, cast, kept[2])
                 if cast is not None:  # as the full path: the kernels' torch ops not cast again
                     with torch.autocast(dev, enabled=False):
                         return self._run_plan(plan, x, split, tensors, read)
@@ -339,7 +339,7 @@ class LoraLinear(nn.Module):
             return None
         if cast is not None:
             x = x.to(cast)
-        A, B, bias = tensors if cast is None else self._in_dtype(tensors, cast, kept[2])
+        A, B, bias = tensors if cast is None else self._autocast_copies(tensors, cast, kept[2])
         if split:
             A = B = None
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
@@ -379,7 +379,7 @@ class LoraLinear(nn.Module):
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     @staticmethod
-    def _in_dtype(tensors, dtype, copies: dict):
+    def _autocast_copies(tensors, dtype, copies: dict):
         """``tensors`` (``A, B, bias``) in ``dtype`` for plans under autocast: each one itself if
         it is in ``dtype``, else a copy kept in ``copies`` (so that plans can read it at the
         same address), copied again on every call, as the full path casts it on every call: a
