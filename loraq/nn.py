@@ -319,15 +319,14 @@ class LoraLinear(nn.Module):
                 plans[key] = _SEEN
                 return None
             plans.move_to_end(key)  # least recently used first out
-            if plan.runs:
-                if cast is not None:  # the full path computes in the autocast dtype, as the kernels will
-                    x = x.to(cast)
-                read = tensors if cast is None else self._autocast_copies(tensors, cast, kept[2])
-                if cast is not None:  # as the full path: the kernels' torch ops not cast again
-                    with torch.autocast(dev, enabled=False):
-                        return self._run_plan(plan, x, split, tensors, read)
+            if not plan.runs:
+                return None
+            if cast is None:
+                return self._run_plan(plan, x, split, tensors, tensors)
+            # as the full path: x in the autocast dtype, the kernels' torch ops not cast again
+            x, read = x.to(cast), self._autocast_copies(tensors, cast, kept[2])
+            with torch.autocast(dev, enabled=False):
                 return self._run_plan(plan, x, split, tensors, read)
-            return None
         if x.dim() == 0 or x.shape[-1] != self.in_features or not x.is_floating_point():
             return None  # the full path raises the error
         while len(plans) >= self._MAX_PLANS and key not in plans:
