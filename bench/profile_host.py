@@ -147,6 +147,7 @@ def main(argv=None) -> int:
     W = torch.randn(args.N, args.K) / args.K**0.5
     w = compress_weight(W, args.format).to(dt).to(dev)
     x = torch.randn(args.M, args.K, device=dev, dtype=dt)
+    xg, dy = x.clone().requires_grad_(), torch.randn(args.M, args.N, device=dev, dtype=dt)  # a training step
     A = torch.randn(args.rank, args.K, device=dev, dtype=dt) / args.K**0.5
     B = torch.randn(args.N, args.rank, device=dev, dtype=dt)
     layer = lnn.LoraLinear(w, rank=args.rank).to(dev, dt)
@@ -155,7 +156,11 @@ def main(argv=None) -> int:
     rows = [("torch x @ Wᵀ (cuBLAS)", lambda: x @ Wd.t()),
             (f"ops.lora_linear ({be})", lambda: ops.lora_linear(x, w, A, B, 2.0, backend=be)),
             ("LoraLinear forward, no grad", lambda: without_grad(layer, x)),
-            ("LoraLinear forward + autograd graph", lambda: layer(x))]
+            ("LoraLinear forward + autograd graph", lambda: layer(x)),
+            ("LoraLinear forward + backward (training)", lambda: layer(xg).backward(dy))]
+    layer32 = lnn.LoraLinear(compress_weight(W, args.format), rank=args.rank).to(dev)  # as loraq train runs it
+    rows.append(("the same, fp32 layer under bf16 autocast",
+                 lambda: autocast_step(layer32, xg.float(), dy, dev.type, torch.bfloat16)))
     if dev.type == "cuda":
         from loraq.kernels import lora_linear_fwd
         from loraq.custom_ops import _meta
@@ -231,12 +236,12 @@ def fake_extension(on, calls):
 _MISSING = object()
 
 
-def autocast_step(layer, x, dy):
-    """A training step's forward under fp16 autocast on the CPU (as ``loraq train`` runs on
-    CUDA, in bf16) and its backward outside it."""
-    with torch.autocast("cpu", dtype=torch.float16):
+def autocast_step(layer, x, dy, device="cpu", dtype=torch.float16):
+    """A training step's forward under autocast (``loraq train`` runs bf16 autocast on CUDA) and
+    its backward outside it."""
+    with torch.autocast(device, dtype=dtype):
         y = layer(x)
-    y.backward(dy)
+    y.backward(dy.to(y.dtype))
 
 
 def stub_kernels(args) -> int:

@@ -92,6 +92,18 @@ def test_profile_host_stub_kernels_runs_the_whole_stack_on_the_cpu():
     assert "fast_launch.py" in out.stdout  # the profile ran the fast path
 
 
+def test_profile_host_times_each_row_of_its_default_mode():
+    """The mode a GPU machine runs (``bench/gpu_session.sh``), here on the CPU with the reference
+    backend: every row, the training step and the fp32 layer under autocast included."""
+    out = subprocess.run([sys.executable, "bench/profile_host.py", "--K", "64", "--N", "48", "--M", "3"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    for row in ("ops.lora_linear (reference)", "LoraLinear forward, no grad", "LoraLinear forward + autograd graph",
+                "LoraLinear forward + backward (training)", "the same, fp32 layer under bf16 autocast"):
+        line = next(ln for ln in out.stdout.splitlines() if row in ln)
+        assert all(float(v) > 0 for v in line.split(row)[1].split())
+
+
 @pytest.mark.parametrize("fmt,cuda_op,kernel", [("int1", "mma", "int1_gemv_mma"), ("int1", "lut", "int1_gemv_mma"),
                                                   ("sparse4x4", "mma", "sparse4x4_gemv")])
 def test_profile_host_runs_the_extensions_launchers_on_the_cpu(fmt, cuda_op, kernel):
