@@ -3,8 +3,9 @@
 Every instantiation a launcher can pick is compiled for sm_90 in one nvcc call (seconds: the
 headers have no torch in them):
 * ``mma``: the int1 mma GEMV (csrc/int1_gemv_mma.cuh): dtype x scale mode x 16-byte loads x tiles
-  of x x finish (two launches, or ``one``: the one-launch finish, csrc/gemv_finish.cuh); its loop
-  is the one that holds the mma (one 16-row x 512-input task);
+  of x x finish (two launches, or ``one``: the one-launch finish, csrc/gemv_finish.cuh) x row
+  groups a task (``rg``: 16-row x 512-input tasks, or 32 x 256, two launches only); its loop is the
+  one that holds the mma (one task);
 * ``sparse``: the sparse4x4 gather (csrc/sparse4x4_gemv.cuh): dtype x rows of x x 16-byte loads;
   its loop is the one with the most FFMA (one task: a lane's 32 stored values);
 * ``sparse_mma``: the sparse4x4 tensor-core kernel (csrc/sparse4x4_gemv_mma.cuh): dtype x 16-byte
@@ -57,8 +58,10 @@ def nvcc() -> Optional[str]:
 
 def instantiations(kernel: str = "mma") -> List[Dict]:
     if kernel == "mma":
-        return [dict(kernel=kernel, dtype=d, mode=m, vec=v, tiles=nt, one=one)
-                for d, m, v, nt, one in itertools.product(DTYPES, MODES, (True, False), (1, 2), (False, True))]
+        # rg: row groups a task (2: 32-row tasks, two launches only)
+        return [dict(kernel=kernel, dtype=d, mode=m, vec=v, tiles=nt, one=one, rg=rg)
+                for d, m, v, nt, one, rg in itertools.product(DTYPES, MODES, (True, False), (1, 2), (False, True), (1, 2))
+                if not (one and rg == 2)]
     if kernel == "sparse":
         return [dict(kernel=kernel, dtype=d, rows=r, vec=v) for d, r, v in itertools.product(DTYPES, (1, 2, 4, 8),
                                                                                                (True, False))]
@@ -79,8 +82,9 @@ def _template(inst) -> str:
     if inst["kernel"] == "mma":
         one = str(inst["one"]).lower()
         line = (f"template __global__ void loraq_mma::int1_gemv_mma_kernel<{t}, {inst['mode']}, {vec}, "
-                f"{inst['tiles']}, {one}>(const loraq_mma::Args);")
-        return line, f"I{mangled_t}Li{inst['mode']}ELb{int(inst['vec'])}ELi{inst['tiles']}ELb{int(inst['one'])}EE"
+                f"{inst['tiles']}, {one}, {inst['rg']}>(const loraq_mma::Args);")
+        return line, (f"I{mangled_t}Li{inst['mode']}ELb{int(inst['vec'])}ELi{inst['tiles']}ELb{int(inst['one'])}E"
+                      f"Li{inst['rg']}EE")
     if inst["kernel"] == "lut":
         one = str(inst["one"]).lower()
         line = (f"template __global__ void loraq_lut::int1_gemv_lut_kernel<{t}, {inst['mode']}, {vec}, {one}>"
@@ -154,9 +158,10 @@ def describe(r: Dict) -> str:
     total = sum(loop.values())
     loads = "16-byte" if r["vec"] else "scalar "
     if r["kernel"] == "mma":
-        what = (f"int1 mma {r['dtype']} {MODES[r['mode']]:13s} {loads} loads, {r['tiles']} tile(s) of x"
-                + (", one launch" if r["one"] else ""))
-        ops = f"{loop.get('HMMA', 0)} HMMA, {loop.get('LOP3', 0)} LOP3"
+        what = (f"int1 mma {r['dtype']} {MODES[r['mode']]:13s} {loads} loads, {r['tiles']} tile(s) of x, "
+                f"{16 * r['rg']}-row tasks" + (", one launch" if r["one"] else ""))
+        # a task is 16 x 512 or 32 x 256 weights either way: instructions and LDS compare directly
+        ops = f"{loop.get('HMMA', 0)} HMMA, {loop.get('LOP3', 0)} LOP3, {loop.get('LDS', 0)} LDS"
     elif r["kernel"] == "lut":
         what = (f"int1 lookup {r['dtype']} {MODES[r['mode']]:13s} {loads} loads"
                 + (", one launch" if r["one"] else ""))

@@ -32,20 +32,40 @@
 // inputs) in row-major order are cut into equal runs, one per warp. A warp sums its run in the
 // mma accumulator and adds it (times the row scale) into the fp32 workspace with atomics whenever
 // its 16 rows change. Every warp gets the same number of tasks, whatever N is.
+//
+// Two row groups a task (RG = 2, the launcher's "32-row tasks"): 32 weight rows x 256 inputs, lane
+// (g, t) loading 2 words (8 bytes, a quad still a whole 32-byte sector) of rows g, g + 8, g + 16
+// and g + 24. Each B fragment read from shared memory then feeds both row groups' mma: half the
+// LDS a weight. At 9 to 16 rows of x every LDS of B is 256 distinct bytes (two wavefronts), and
+// with 64 LDS and 64 HMMA a 16-row task, shared memory alone needs about 16 µs of 8192→28672's
+// time on an H100 (NOTES.md, v17). Per chunk a lane owns words LW·t .. LW·t + LW - 1 (LW = 4 / RG).
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "gemv_common.cuh"
 #include "gemv_finish.cuh"
 
 namespace loraq_mma {
 
-constexpr int kTaskRows = 16;     // weight rows a task (the mma's M)
-constexpr int kTaskInputs = 512;  // inputs a task: 4 lanes x 4 words x 32
+constexpr int kTaskRows = 16;     // weight rows a row group (the mma's M), and a task of one group
+constexpr int kTaskInputs = 512;  // inputs a task of one row group: 4 lanes x 4 words x 32
 constexpr int kTaskWords = kTaskInputs / 32;
+
+// A task of RG row groups (1 or 2): 16·RG weight rows x 512 / RG inputs (its chunk), lane t
+// loading kLaneWords consecutive words of each of its 2·RG rows.
+template <int RG>
+struct Task {
+  static_assert(RG == 1 || RG == 2, "a task is one or two row groups");
+  static constexpr int kLaneWords = 4 / RG;
+  static constexpr int kRows = kTaskRows * RG;
+  static constexpr int kWords = 4 * kLaneWords;  // words a row of the task
+  static constexpr int kInputs = 32 * kWords;
+};
 constexpr int kTileRows = 8;      // rows of x an mma takes (its N)
 constexpr int kMaxRows = 16;      // rows of x: one or two mma tiles (NT), each decoded A feeds both
 constexpr int kRowPadUnits = 4;   // 32 bytes of padding per row of x in shared memory: no bank conflicts
@@ -124,11 +144,12 @@ __device__ __forceinline__ uint32_t sign_pair(uint32_t word, int p, uint32_t min
   return ((word << (15 - p)) & 0x80008000u) ^ minus2;
 }
 
-// 8-byte units of the shared copy of x: row m of x, chunk c (512 inputs) of the slice, word j of
-// lane t's four, register pair i. The four lanes t of a quad read adjacent units; rows of x are
-// 32 bytes apart modulo 128, so the 16 lanes of a half warp hit 16 different 8-byte bank pairs.
-__host__ __device__ __forceinline__ int x_unit(int m, int row_units, int c, int j, int i, int t) {
-  return m * row_units + ((c * 4 + j) * 8 + i) * 4 + t;
+// 8-byte units of the shared copy of x: row m of x, chunk c (a task's inputs) of the slice, word j
+// of lane t's LW (Task::kLaneWords), register pair i. The four lanes t of a quad read adjacent
+// units; rows of x are 32 bytes apart modulo 128, so the 16 lanes of a half warp hit 16 different
+// 8-byte bank pairs.
+__host__ __device__ __forceinline__ int x_unit(int m, int row_units, int c, int j, int i, int t, int LW = 4) {
+  return m * row_units + ((c * LW + j) * 8 + i) * 4 + t;
 }
 
 struct Args {
@@ -190,7 +211,7 @@ __host__ __device__ __forceinline__ uint32_t scaled_pair(uint32_t two, int p, fl
 }
 
 // Fill the shared copy of this block's slice of x in pair order: unit (m, c, j, i, t) holds, for
-// word w = 16c + 4t + j of the slice, the pairs (x[32w + p], x[32w + p + 16]) for p = 2i, 2i + 1.
+// word w = 4·LW·c + LW·t + j of the slice (LW = 4: 16c + 4t + j), the pairs (x[32w + p], x[32w + p + 16]) for p = 2i, 2i + 1.
 // Inputs past K are 0 (the padding bits of the last word decode to -1 and must add nothing).
 // Onebit: x·g. The offset decode: x·2^-(p & 3), and each word's share of C added into the table
 // after the rows (zeroed before). Thread `tid` of `threads` (__host__ too: tests/cuda/ runs it on the CPU).
@@ -198,15 +219,16 @@ __host__ __device__ __forceinline__ uint32_t scaled_pair(uint32_t two, int p, fl
 // An item is a word of one row of x: four 16-byte loads (where x's rows are aligned), two items a
 // round in flight, then eight 8-byte stores. Item bits 0-1 are t and the next ones the row of x,
 // so that a warp's stores spread over the banks (rows of x are 4 units apart modulo 16).
-template <typename T, int MODE>
+template <typename T, int MODE, int LW = 4>
 __host__ __device__ void fill_x(const Args& a, uint32_t* xs, int k0, int chunks, int row_units, int tid,
                                 int threads) {
+  constexpr int kChunkWords = 4 * LW;  // words a row of a chunk
   const bool vx = loraq_gemv::rows_aligned16(a.x, a.K), vg = loraq_gemv::rows_aligned16(a.col, a.K);
-  const int items = a.M * chunks * kTaskWords;
+  const int items = a.M * chunks * kChunkWords;
   auto word_of = [&](int item, int& m, int& w) {
     const int t = item & 3, rest = item >> 2, cj = rest / a.M;
     m = rest % a.M;
-    w = (cj >> 2) * kTaskWords + 4 * t + (cj & 3);
+    w = (cj / LW) * kChunkWords + LW * t + cj % LW;
   };
   auto load = [&](int item) {
     int m, w;
@@ -222,7 +244,7 @@ __host__ __device__ void fill_x(const Args& a, uint32_t* xs, int k0, int chunks,
   auto store = [&](int item, const XWord& d) {
     int m, w;
     word_of(item, m, w);
-    const int c = w >> 4, t = (w >> 2) & 3, j = w & 3;
+    const int c = w / kChunkWords, t = (w / LW) & 3, j = w % LW;
     float csum = 0.f;  // the offset decode's share of C from this word
 #pragma unroll
     for (int i = 0; i < 8; ++i) {  // pairs 2i, 2i + 1: inputs 2i, 2i + 1 with 2i + 16, 2i + 17
@@ -234,7 +256,7 @@ __host__ __device__ void fill_x(const Args& a, uint32_t* xs, int k0, int chunks,
         lo = scaled_pair<T>(lo, 2 * i, csum);
         hi = scaled_pair<T>(hi, 2 * i, csum);
       }
-      *reinterpret_cast<uint2*>(xs + 2 * x_unit(m, row_units, c, j, i, t)) =
+      *reinterpret_cast<uint2*>(xs + 2 * x_unit(m, row_units, c, j, i, t, LW)) =
           make_uint2((lo & 0xFFFFu) | (hi << 16), (lo >> 16) | (hi & 0xFFFF0000u));
     }
     if (is_offset(MODE)) loraq_gemv::add_shared(offset_c(xs, a.M, row_units, m, c), csum);
@@ -242,31 +264,46 @@ __host__ __device__ void fill_x(const Args& a, uint32_t* xs, int k0, int chunks,
   loraq_gemv::staged_copy<is_onebit(MODE) ? 1 : 2, XWord>(items, tid, threads, load, store);
 }
 
-// Lane (g, t)'s four words of one weight row for the task's chunk, zeros past the row or past N.
-template <bool VEC>
-__device__ __forceinline__ uint4 load_words(const Args& a, int n, int word) {
-  uint4 u = make_uint4(0u, 0u, 0u, 0u);
+// A lane's LW consecutive words of one weight row for the task's chunk (LW = Task::kLaneWords): a
+// uint4 or a uint2, so that one vector load fills it.
+template <int LW>
+using Words = std::conditional_t<LW == 4, uint4, uint2>;
+
+// Word j of a lane's words.
+template <typename W>
+__device__ __forceinline__ uint32_t word_at(const W& u, int j) {
+  if constexpr (sizeof(W) == 16) return j == 0 ? u.x : j == 1 ? u.y : j == 2 ? u.z : u.w;
+  else return j == 0 ? u.x : u.y;
+}
+
+// Lane (g, t)'s LW words of one weight row for the task's chunk, zeros past the row or past N.
+template <bool VEC, int LW>
+__device__ __forceinline__ Words<LW> load_words(const Args& a, int n, int word) {
+  Words<LW> u{};
   if (n >= a.N) return u;
   const int32_t* row = a.packed + (int64_t)n * a.KW;
-  if (VEC) {  // KW % 4 == 0 and an aligned base: one 16-byte load (word is a multiple of 4)
-    if (word < a.KW) u = loraq_gemv::load_ro(reinterpret_cast<const uint4*>(row + word));
+  if (VEC) {  // KW % 4 == 0 and an aligned base: one 16- or 8-byte load (word is a multiple of LW)
+    if (word < a.KW) u = loraq_gemv::load_ro(reinterpret_cast<const Words<LW>*>(row + word));
   } else {
-    if (word < a.KW) u.x = (uint32_t)loraq_gemv::load_ro(row + word);
-    if (word + 1 < a.KW) u.y = (uint32_t)loraq_gemv::load_ro(row + word + 1);
-    if (word + 2 < a.KW) u.z = (uint32_t)loraq_gemv::load_ro(row + word + 2);
-    if (word + 3 < a.KW) u.w = (uint32_t)loraq_gemv::load_ro(row + word + 3);
+    uint32_t w[LW] = {};
+#pragma unroll
+    for (int e = 0; e < LW; ++e)
+      if (word + e < a.KW) w[e] = (uint32_t)loraq_gemv::load_ro(row + word + e);
+    if constexpr (LW == 4) u = make_uint4(w[0], w[1], w[2], w[3]);
+    else u = make_uint2(w[0], w[1]);
   }
   return u;
 }
 
-// Lane (g, t)'s lines of task `task` (rows g and g + 8 of its row group, its four words of the
-// chunk) on their way into L2.
+// Lane (g, t)'s lines of task `task` (rows g + 8h of its 16·RG rows, its words of the chunk) on
+// their way into L2.
+template <int RG>
 __device__ __forceinline__ void prefetch_task(const Args& a, int64_t task, int chunks, int g, int word0) {
-  const int rg = (int)(task / chunks), word = word0 + (int)(task % chunks) * kTaskWords;
+  const int rb = (int)(task / chunks), word = word0 + (int)(task % chunks) * Task<RG>::kWords;
   if (word >= a.KW) return;
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int n = rg * kTaskRows + g + 8 * half;
+  for (int h = 0; h < 2 * RG; ++h) {
+    const int n = rb * Task<RG>::kRows + g + 8 * h;
     if (n < a.N) loraq_gemv::prefetch_l2(a.packed + (int64_t)n * a.KW + word);
   }
 }
@@ -281,45 +318,49 @@ __device__ __forceinline__ uint32_t minus_pair(const Args& a, int n, int word) {
   return b | (b << 16);
 }
 
-// One task: 16 rows x 512 inputs, 32 mma steps a tile of x. u, v: the words of rows g and g + 8;
-// xrow[tile]: the first unit of the row of x that lane g reads for each tile. OFFSET: the offset
-// decode (mu[0] holds (16, 16) then), else pair order's.
-template <typename T, int NT, bool OFFSET>
-__device__ __forceinline__ void task_mma(float (&acc)[NT][4], const uint4& u, const uint4& v,
-                                         const uint32_t (&mu)[4], const uint32_t (&mv)[4], const uint32_t* xs,
+// One task: 16·RG rows x 512 / RG inputs, 32 / RG mma steps a tile of x and row group. wd[h]: the
+// words of row g + 8h (h = 2r + half: row group r); m[h][j]: the decode's (-α, -α) for word j of
+// row h (the offset decode: m[0][0] holds (16, 16)); xrow[tile]: the first unit of the row of x
+// that lane g reads for each tile. Each B fragment is read once and feeds every row group.
+template <typename T, int NT, int RG, bool OFFSET>
+__device__ __forceinline__ void task_mma(float (&acc)[RG][NT][4], const Words<Task<RG>::kLaneWords> (&wd)[2 * RG],
+                                         const uint32_t (&m)[2 * RG][Task<RG>::kLaneWords], const uint32_t* xs,
                                          const int (&xrow)[NT], int c, int t) {
-  const uint32_t wu[4] = {u.x, u.y, u.z, u.w};
-  const uint32_t wv[4] = {v.x, v.y, v.z, v.w};
+  constexpr int LW = Task<RG>::kLaneWords;
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    uint32_t cu[4], cv[4];  // the offset decode's four copies of each word
+  for (int j = 0; j < LW; ++j) {
+    uint32_t cp[2 * RG][4];  // the offset decode's four copies of each word
     if (OFFSET) {
 #pragma unroll
-      for (int h = 0; h < 4; ++h) {
-        cu[h] = offset_copy<T>(wu[j], h);
-        cv[h] = offset_copy<T>(wv[j], h);
-      }
+      for (int h = 0; h < 2 * RG; ++h)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) cp[h][q] = offset_copy<T>(word_at(wd[h], j), q);
     }
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      // registers 2i (columns 2t, 2t+1) and 2i + 1 (columns 2t+8, 2t+9), rows g and g + 8; i and
-      // j are constants once unrolled, so each shift is an immediate
-      uint32_t fa[4];
-      if (OFFSET) {
-        fa[0] = offset_pair<T>(cu[i >> 1], 2 * i, mu[0]);
-        fa[1] = offset_pair<T>(cv[i >> 1], 2 * i, mu[0]);
-        fa[2] = offset_pair<T>(cu[i >> 1], 2 * i + 1, mu[0]);
-        fa[3] = offset_pair<T>(cv[i >> 1], 2 * i + 1, mu[0]);
-      } else {
-        fa[0] = sign_pair(wu[j], 2 * i, mu[j]);
-        fa[1] = sign_pair(wv[j], 2 * i, mv[j]);
-        fa[2] = sign_pair(wu[j], 2 * i + 1, mu[j]);
-        fa[3] = sign_pair(wv[j], 2 * i + 1, mv[j]);
-      }
+      uint2 b[NT];  // x's pairs 2i, 2i + 1 of word j for this lane, each tile
 #pragma unroll
-      for (int tile = 0; tile < NT; ++tile) {
-        const uint2 b = *reinterpret_cast<const uint2*>(xs + 2 * (xrow[tile] + ((c * 4 + j) * 8 + i) * 4 + t));
-        mma(acc[tile], fa, b.x, b.y, T());
+      for (int tile = 0; tile < NT; ++tile)
+        b[tile] = *reinterpret_cast<const uint2*>(xs + 2 * (xrow[tile] + ((c * LW + j) * 8 + i) * 4 + t));
+#pragma unroll
+      for (int r = 0; r < RG; ++r) {
+        // registers 2i (columns 2t, 2t+1) and 2i + 1 (columns 2t+8, 2t+9), rows g and g + 8 of
+        // group r; i and j are constants once unrolled, so each shift is an immediate
+        const int u = 2 * r, v = 2 * r + 1;
+        uint32_t fa[4];
+        if (OFFSET) {
+          fa[0] = offset_pair<T>(cp[u][i >> 1], 2 * i, m[0][0]);
+          fa[1] = offset_pair<T>(cp[v][i >> 1], 2 * i, m[0][0]);
+          fa[2] = offset_pair<T>(cp[u][i >> 1], 2 * i + 1, m[0][0]);
+          fa[3] = offset_pair<T>(cp[v][i >> 1], 2 * i + 1, m[0][0]);
+        } else {
+          fa[0] = sign_pair(word_at(wd[u], j), 2 * i, m[u][j]);
+          fa[1] = sign_pair(word_at(wd[v], j), 2 * i, m[v][j]);
+          fa[2] = sign_pair(word_at(wd[u], j), 2 * i + 1, m[u][j]);
+          fa[3] = sign_pair(word_at(wd[v], j), 2 * i + 1, m[v][j]);
+        }
+#pragma unroll
+        for (int tile = 0; tile < NT; ++tile) mma(acc[r][tile], fa, b[tile].x, b[tile].y, T());
       }
     }
   }
@@ -356,46 +397,51 @@ __device__ __forceinline__ void subtract_half_c(const Args& a, float (&acc)[NT][
 }
 
 // A warp's run of tasks [first, first + count) of its K slice, summed on the tensor cores and
-// added into the workspace whenever its 16 rows change.
-template <typename T, int MODE, bool VEC, int NT>
+// added into the workspace whenever its 16·RG rows change.
+template <typename T, int MODE, bool VEC, int NT, int RG>
 __device__ __forceinline__ void run_tasks(const Args& a, uint32_t* xs, int64_t first, int count, int chunks,
                                           int row_units, int word0, int g, int t) {
+  using S = Task<RG>;
+  constexpr int LW = S::kLaneWords;
   // lane g reads row g of x for tile 0, row 8 + g for tile 1; lanes past the rows of x read row 0
   // (their columns of the product are never stored)
   int xrow[NT];
 #pragma unroll
   for (int tile = 0; tile < NT; ++tile) xrow[tile] = (tile * kTileRows + g < a.M ? tile * kTileRows + g : 0) * row_units;
 
-  float acc[NT][4] = {};
-  int rg = (int)(first / chunks), c = (int)(first % chunks);  // the task: row group, chunk
-  uint4 u = load_words<VEC>(a, rg * kTaskRows + g, word0 + c * kTaskWords);
-  uint4 v = load_words<VEC>(a, rg * kTaskRows + g + 8, word0 + c * kTaskWords);
+  float acc[RG][NT][4] = {};
+  int rb = (int)(first / chunks), c = (int)(first % chunks);  // the task: block of 16·RG rows, chunk
+  Words<LW> wd[2 * RG];
+#pragma unroll
+  for (int h = 0; h < 2 * RG; ++h) wd[h] = load_words<VEC, LW>(a, rb * S::kRows + g + 8 * h, word0 + c * S::kWords);
   for (int left = count; left > 0; --left) {
     // the next task's words first: their loads fly while this task decodes
-    int nc = c + 1, nrg = rg;
+    int nc = c + 1, nrb = rb;
     if (nc == chunks) {
       nc = 0;
-      ++nrg;
+      ++nrb;
     }
-    uint4 nu = make_uint4(0u, 0u, 0u, 0u), nv = nu;
-    if (left > 1) {
-      nu = load_words<VEC>(a, nrg * kTaskRows + g, word0 + nc * kTaskWords);
-      nv = load_words<VEC>(a, nrg * kTaskRows + g + 8, word0 + nc * kTaskWords);
-    }
-    uint32_t mu[4], mv[4];
-    if (is_offset(MODE)) mu[0] = a.sixteens;
+    Words<LW> next[2 * RG] = {};
+    if (left > 1)
 #pragma unroll
-    for (int j = 0; j < 4 && !is_offset(MODE); ++j) {
-      mu[j] = minus_pair<T, MODE>(a, rg * kTaskRows + g, word0 + c * kTaskWords + j);
-      mv[j] = minus_pair<T, MODE>(a, rg * kTaskRows + g + 8, word0 + c * kTaskWords + j);
-    }
-    task_mma<T, NT, is_offset(MODE)>(acc, u, v, mu, mv, xs, xrow, c, t);
-    if (is_offset(MODE)) subtract_half_c<NT>(a, acc, xs, row_units, c, t);
-    if (left == 1 || nrg != rg) flush<T, MODE, NT>(a, acc, rg, g, t);
-    rg = nrg;
+      for (int h = 0; h < 2 * RG; ++h) next[h] = load_words<VEC, LW>(a, nrb * S::kRows + g + 8 * h, word0 + nc * S::kWords);
+    uint32_t m[2 * RG][LW];
+    if (is_offset(MODE)) m[0][0] = a.sixteens;
+#pragma unroll
+    for (int h = 0; h < 2 * RG && !is_offset(MODE); ++h)
+#pragma unroll
+      for (int j = 0; j < LW; ++j) m[h][j] = minus_pair<T, MODE>(a, rb * S::kRows + g + 8 * h, word0 + c * S::kWords + j);
+    task_mma<T, NT, RG, is_offset(MODE)>(acc, wd, m, xs, xrow, c, t);
+    if (is_offset(MODE))
+#pragma unroll
+      for (int r = 0; r < RG; ++r) subtract_half_c<NT>(a, acc[r], xs, row_units, c, t);
+    if (left == 1 || nrb != rb)
+#pragma unroll
+      for (int r = 0; r < RG; ++r) flush<T, MODE, NT>(a, acc[r], rb * RG + r, g, t);
+    rb = nrb;
     c = nc;
-    u = nu;
-    v = nv;
+#pragma unroll
+    for (int h = 0; h < 2 * RG; ++h) wd[h] = next[h];
   }
 }
 
@@ -407,25 +453,30 @@ __device__ __forceinline__ void finish_after_run(const Args& a) {
 }
 
 // ONE: the one-launch finish (gemv_finish.cuh; a.fin.y set), a separate instantiation so that the
-// two-launch kernel's registers and loop stay as they were.
-template <typename T, int MODE, bool VEC, int NT, bool ONE>
-__global__ void __launch_bounds__(1024) int1_gemv_mma_kernel(const Args a) {
+// two-launch kernel's registers and loop stay as they were; one row group a task only (its units
+// are 16 rows x 512 inputs). RG: row groups a task (above).
+// Blocks of up to 1024 threads (64 registers: 32 warps an SM) with one row group a task; with two,
+// 768 (80 registers, 24 warps an SM: their second group's accumulators and words spilled at 64).
+template <typename T, int MODE, bool VEC, int NT, bool ONE, int RG = 1>
+__global__ void __launch_bounds__(RG == 1 ? 1024 : 768) int1_gemv_mma_kernel(const Args a) {
+  static_assert(!ONE || RG == 1, "the one-launch finish takes tasks of one row group");
+  using S = Task<RG>;
   extern __shared__ uint4 smem_raw[];
   uint32_t* xs = reinterpret_cast<uint32_t*>(smem_raw);
   const int slice = blockIdx.y;
   const int k0 = slice * a.slice_inputs;
-  const int chunks = (min(a.K - k0, a.slice_inputs) + kTaskInputs - 1) / kTaskInputs;
-  const int row_units = chunks * 128 + kRowPadUnits;  // 8-byte units a row of x (512 inputs: 128)
+  const int chunks = (min(a.K - k0, a.slice_inputs) + S::kInputs - 1) / S::kInputs;
+  const int row_units = chunks * (S::kInputs / 4) + kRowPadUnits;  // 8-byte units a row of x (4 inputs each)
 
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int warps = blockDim.x >> 5;
   const int64_t warp = (int64_t)blockIdx.x * warps + (threadIdx.x >> 5), total = (int64_t)gridDim.x * warps;
-  const int64_t tasks = (int64_t)((a.N + kTaskRows - 1) / kTaskRows) * chunks;
-  const int word0 = k0 / 32 + 4 * t;  // lane t's first word of chunk 0
+  const int64_t tasks = (int64_t)((a.N + S::kRows - 1) / S::kRows) * chunks;
+  const int word0 = k0 / 32 + S::kLaneWords * t;  // lane t's first word of chunk 0
   {  // the first two tasks start for L2 before the copy of x (the plan is made again after it: held
      // across the copy, it would take registers)
     const auto [first, count] = loraq_gemv::warp_run(warp, total, tasks);
-    for (int i = 0; i < 2 && i < count; ++i) prefetch_task(a, first + i, chunks, g, word0);
+    for (int i = 0; i < 2 && i < count; ++i) prefetch_task<RG>(a, first + i, chunks, g, word0);
   }
   if (is_offset(MODE)) {  // the table of C: zero before fill_x adds into it
     for (int i = threadIdx.x; i < a.M * chunks; i += blockDim.x) offset_c(xs, a.M, row_units, 0, 0)[i] = 0.f;
@@ -435,12 +486,12 @@ __global__ void __launch_bounds__(1024) int1_gemv_mma_kernel(const Args a) {
   if (ONE && a.parts != nullptr)  // this warp's batch of x·Aᵀ's items
     loraq_gemv::own_xa_batch<T>(a, (int)(blockIdx.y * total + warp), loraq_gemv::xa_batch(a, (int)(total * gridDim.y)), lane);
   if (!ONE && a.parts != nullptr && block < a.slots) loraq_gemv::store_xa_share<T>(a, block);
-  fill_x<T, MODE>(a, xs, k0, chunks, row_units, threadIdx.x, blockDim.x);
+  fill_x<T, MODE, S::kLaneWords>(a, xs, k0, chunks, row_units, threadIdx.x, blockDim.x);
   __syncthreads();
   const loraq_gemv::WarpRun run = loraq_gemv::warp_run(warp, total, tasks);  // this warp's run of tasks
   const int64_t first = run.first;
   const int count = run.count;
-  if (count > 0) run_tasks<T, MODE, VEC, NT>(a, xs, first, count, chunks, row_units, word0, g, t);
+  if (count > 0) run_tasks<T, MODE, VEC, NT, RG>(a, xs, first, count, chunks, row_units, word0, g, t);
   if (ONE) finish_after_run<T>(a);
 }
 

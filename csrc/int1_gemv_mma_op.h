@@ -31,27 +31,30 @@ struct Launch {
   cudaStream_t stream;
 };
 
-template <typename T, bool VEC, int NT, bool ONE>
+template <typename T, bool VEC, int NT, bool ONE, int RG>
 void launch_mode(int64_t mode, const Args& a, const Launch& l) {
   using namespace loraq_mma;
   auto go = [&](auto kernel) { loraq_ops::launch_kernel(kernel, a, l.grid, l.threads, l.smem, l.max_smem, l.stream); };
-  if (mode == kScaleRow) go(int1_gemv_mma_kernel<T, kScaleRow, VEC, NT, ONE>);
-  else if (mode == kScaleGroup) go(int1_gemv_mma_kernel<T, kScaleGroup, VEC, NT, ONE>);
-  else if (mode == kScaleOnebit) go(int1_gemv_mma_kernel<T, kScaleOnebit, VEC, NT, ONE>);
-  else if (mode == kScaleRowOffset) go(int1_gemv_mma_kernel<T, kScaleRowOffset, VEC, NT, ONE>);
-  else go(int1_gemv_mma_kernel<T, kScaleOnebitOffset, VEC, NT, ONE>);
+  if (mode == kScaleRow) go(int1_gemv_mma_kernel<T, kScaleRow, VEC, NT, ONE, RG>);
+  else if (mode == kScaleGroup) go(int1_gemv_mma_kernel<T, kScaleGroup, VEC, NT, ONE, RG>);
+  else if (mode == kScaleOnebit) go(int1_gemv_mma_kernel<T, kScaleOnebit, VEC, NT, ONE, RG>);
+  else if (mode == kScaleRowOffset) go(int1_gemv_mma_kernel<T, kScaleRowOffset, VEC, NT, ONE, RG>);
+  else go(int1_gemv_mma_kernel<T, kScaleOnebitOffset, VEC, NT, ONE, RG>);
+}
+
+// One or two tiles of x; the one-launch finish (a.fin.y set, one row group a task), or two launches
+// with tasks of one or two row groups.
+template <typename T, bool VEC, int NT>
+void launch_task_shape(int64_t mode, int64_t row_groups, const Args& a, const Launch& l) {
+  if (a.fin.y != nullptr) launch_mode<T, VEC, NT, true, 1>(mode, a, l);
+  else if (row_groups == 2) launch_mode<T, VEC, NT, false, 2>(mode, a, l);
+  else launch_mode<T, VEC, NT, false, 1>(mode, a, l);
 }
 
 template <typename T, bool VEC>
-void launch_tiles(int64_t mode, const Args& a, const Launch& l) {
-  const bool one = a.fin.y != nullptr;
-  if (a.M <= loraq_mma::kTileRows) {
-    if (one) launch_mode<T, VEC, 1, true>(mode, a, l);
-    else launch_mode<T, VEC, 1, false>(mode, a, l);
-  } else {
-    if (one) launch_mode<T, VEC, 2, true>(mode, a, l);
-    else launch_mode<T, VEC, 2, false>(mode, a, l);
-  }
+void launch_tiles(int64_t mode, int64_t row_groups, const Args& a, const Launch& l) {
+  if (a.M <= loraq_mma::kTileRows) launch_task_shape<T, VEC, 1>(mode, row_groups, a, l);
+  else launch_task_shape<T, VEC, 2>(mode, row_groups, a, l);
 }
 
 // The lookup GEMV (one row of x; modes 0 to 2), two launches or one.
@@ -65,8 +68,8 @@ void launch_lut_mode(int64_t mode, const Args& a, const Launch& l) {
 }
 
 template <typename T, bool VEC>
-void launch_kernels(bool lut, int64_t mode, const Args& a, const Launch& l) {
-  if (!lut) launch_tiles<T, VEC>(mode, a, l);
+void launch_kernels(bool lut, int64_t mode, int64_t row_groups, const Args& a, const Launch& l) {
+  if (!lut) launch_tiles<T, VEC>(mode, row_groups, a, l);
   else if (a.fin.y != nullptr) launch_lut_mode<T, VEC, true>(mode, a, l);
   else launch_lut_mode<T, VEC, false>(mode, a, l);
 }
@@ -81,12 +84,15 @@ void launch_kernels(bool lut, int64_t mode, const Args& a, const Launch& l) {
 // and counters the zeroed int32 counters (loraq_gemv::finish_counters of them), left zero.
 // lut = 1: the lookup GEMV (int1_gemv_lut.cuh) instead, for one row of x and modes 0 to 2; its
 // K slices are whole tasks of 512 inputs and its shared memory the slice's table.
+// row_groups = 2: the mma GEMV's tasks of 32 weight rows x 256 inputs (two launches only; its K
+// slices are whole tasks of 256 inputs); 1: 16 x 512.
 void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale,
                    const torch::Tensor& col, const c10::optional<torch::Tensor>& lora_A, torch::Tensor ws,
                    const c10::optional<torch::Tensor>& parts, int64_t mode, int64_t group_size, int64_t blocks,
                    int64_t warps, int64_t k_split, const c10::optional<torch::Tensor>& y,
                    const c10::optional<torch::Tensor>& counters, const c10::optional<torch::Tensor>& lora_B,
-                   const c10::optional<torch::Tensor>& bias, double scaling, int64_t slots, int64_t lut) {
+                   const c10::optional<torch::Tensor>& bias, double scaling, int64_t slots, int64_t lut,
+                   int64_t row_groups) {
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               "int1_gemv_mma: x must be float16 or bfloat16, got ", x.scalar_type());
   loraq_ops::check_cuda_tensor("int1_gemv_mma", x, "x", x.scalar_type(), 2);
@@ -106,7 +112,10 @@ void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const to
   TORCH_CHECK(lut == 0 || (M == 1 && mode <= 2),
               "int1_gemv_mma: the lookup GEMV (lut = 1) takes one row of x and modes 0 to 2, got ", M, " rows and mode ",
               mode);
-  const int64_t task_inputs = lut ? loraq_lut::kTaskInputs : loraq_mma::kTaskInputs;
+  TORCH_CHECK(row_groups == 1 || (row_groups == 2 && lut == 0 && !y.has_value()),
+              "int1_gemv_mma: row_groups must be 1, or 2 for the mma GEMV in two launches (no y), got ", row_groups,
+              lut ? " with lut = 1" : (y.has_value() ? " with y" : ""));
+  const int64_t task_inputs = lut ? loraq_lut::kTaskInputs : loraq_mma::kTaskInputs / row_groups;
   const bool onebit = mode == 2 || mode == 4;
   TORCH_CHECK(mode != 1 || (group_size > 0 && group_size % 32 == 0 && scale.size(1) == (K + group_size - 1) / group_size),
               "int1_gemv_mma: per-group scales need a group size that is a multiple of 32 and scale [N, ceil(K/group)]");
@@ -189,10 +198,12 @@ void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const to
   }
   if (N == 0) return;
   const int64_t chunks = a.slice_inputs / task_inputs;
-  // x's rows, then with the offset decode its table of C (M·chunks floats); the lookup GEMV: its
-  // table of sums. kernels/int1_gemv_mma.py's k_slices plans with the same sizes
+  // x's rows (8 bytes a unit of 4 inputs), then with the offset decode its table of C (M·chunks
+  // floats); the lookup GEMV: its table of sums. kernels/int1_gemv_mma.py's k_slices plans with the
+  // same sizes
   const size_t smem = lut ? (size_t)loraq_lut::table_bytes((int)chunks)
-                          : (size_t)M * (chunks * 128 + loraq_mma::kRowPadUnits) * 8 + (mode >= 3 ? (size_t)M * chunks * 4 : 0);
+                          : (size_t)M * (a.slice_inputs / 4 + loraq_mma::kRowPadUnits) * 8 +
+                                (mode >= 3 ? (size_t)M * chunks * 4 : 0);
   const c10::cuda::CUDAGuard guard(x.device());
   int max_smem = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.device().index()));
@@ -203,11 +214,11 @@ void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const to
   const Launch l{dim3((unsigned)blocks, (unsigned)slices), (int)warps * 32, smem, max_smem,
                  c10::cuda::getCurrentCUDAStream()};
   if (x.scalar_type() == at::kHalf) {
-    if (vec) launch_kernels<__half, true>(lut, mode, a, l);
-    else launch_kernels<__half, false>(lut, mode, a, l);
+    if (vec) launch_kernels<__half, true>(lut, mode, row_groups, a, l);
+    else launch_kernels<__half, false>(lut, mode, row_groups, a, l);
   } else {
-    if (vec) launch_kernels<__nv_bfloat16, true>(lut, mode, a, l);
-    else launch_kernels<__nv_bfloat16, false>(lut, mode, a, l);
+    if (vec) launch_kernels<__nv_bfloat16, true>(lut, mode, row_groups, a, l);
+    else launch_kernels<__nv_bfloat16, false>(lut, mode, row_groups, a, l);
   }
 }
 
@@ -216,7 +227,7 @@ void int1_gemv_mma_meta(const torch::Tensor&, const torch::Tensor&, const torch:
                         const c10::optional<torch::Tensor>&, torch::Tensor, const c10::optional<torch::Tensor>&,
                         int64_t, int64_t, int64_t, int64_t, int64_t, const c10::optional<torch::Tensor>&,
                         const c10::optional<torch::Tensor>&, const c10::optional<torch::Tensor>&,
-                        const c10::optional<torch::Tensor>&, double, int64_t, int64_t) {}
+                        const c10::optional<torch::Tensor>&, double, int64_t, int64_t, int64_t) {}
 
 }  // namespace loraq_mma_op
 
@@ -225,7 +236,7 @@ TORCH_LIBRARY_FRAGMENT(loraq, m) {
       "int1_gemv_mma(Tensor x, Tensor packed, Tensor scale, Tensor col, Tensor? lora_A, Tensor(a!) ws, "
       "Tensor(b!)? parts, int mode, int group_size, int blocks, int warps, int k_split, Tensor(c!)? y=None, "
       "Tensor(d!)? counters=None, Tensor? lora_B=None, Tensor? bias=None, float scaling=1.0, int slots=0, "
-      "int lut=0) -> ()");
+      "int lut=0, int row_groups=1) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(loraq, CUDA, m) { m.impl("int1_gemv_mma", &loraq_mma_op::int1_gemv_mma); }

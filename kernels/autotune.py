@@ -557,7 +557,9 @@ VARIANT_NAMES = {DOT: "tiled", DOT_SWAP: "tiled, swapped", LUT: "lookup GEMV", G
 
 def describe(cfg: Config) -> str:
     """``cfg`` with the name of its kernel, e.g. ``"lookup GEMV (1, 256, 256, 4, 4, 1, 2)"``."""
-    return f"{VARIANT_NAMES.get(cfg[6], 'variant ' + str(cfg[6]))} {tuple(cfg)}"
+    # the mma GEMV's tasks of 32 rows x 256 inputs (int1_gemv_mma.MMA_TASK32_INPUTS; that module imports this one)
+    tall = ", 32-row tasks" if cfg[6] == MMA_GEMV and cfg[2] == 256 else ""
+    return f"{VARIANT_NAMES.get(cfg[6], 'variant ' + str(cfg[6]))}{tall} {tuple(cfg)}"
 
 
 def picked(op_prefix: str, M: int, N: int, K: int, dtype: torch.dtype) -> List[Tuple[str, Config]]:

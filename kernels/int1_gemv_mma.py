@@ -16,7 +16,11 @@ It is an autotune candidate of :func:`lora_linear_fwd` for int1 in fp16 and bf16
 ``MMA_MAX_M`` rows when the extension is built (``CUDA_HOME=... pip install --no-build-isolation
 -e .``), the GPU has ``mma.sync`` for bf16 (compute capability 8.0 or newer) and
 ``LORAQ_CUDA_GEMV`` is not ``0`` (``cuda_ext.cuda_gemv_offered``; a forced ``config`` runs it
-regardless). Written without a GPU; its GPU tests passed on an H100 on 2026-11-24. With
+regardless). Written without a GPU; its GPU tests passed on an H100 on 2026-11-24. From
+``MMA_TASK32_MIN_M`` rows the tuner also times tasks of 32 weight rows x 256 inputs (config field
+2 = ``MMA_TASK32_INPUTS``, two launches only; written without a GPU, not measured yet): each B
+fragment read from shared memory feeds two row groups' mma, half the shared-memory reads a weight
+where every read is two wavefronts (NOTES.md, v17). With
 ``LORAQ_OFFSET_DECODE=1`` (opt-in: written without a GPU, its GPU tests not run yet) per-row and
 onebit weights take the offset decode, one ``LOP3`` a register of A instead of a shift and a
 ``LOP3`` (the op's modes 3 and 4; ``csrc/int1_gemv_mma.cuh``). Configs:
@@ -39,6 +43,19 @@ MMA_MAX_M = 16  # rows of x: one mma tile of 8 (its N), or two on the same decod
 MMA_TASK_INPUTS = 512  # inputs a task: 4 lanes x 4 words of 32
 # (blocks an SM, warps a block): 64 registers a thread (the kernel's launch bound) allow 32 warps an SM
 MMA_SHAPES = ((2, 16), (4, 8), (1, 32), (2, 8))
+# Tasks of two row groups (32 weight rows x 256 inputs, the op's row_groups = 2): from 5 rows of x,
+# where a warp's read of B from shared memory is two wavefronts (8 distinct rows of 32 bytes; up to
+# 4 rows it is one). Their kernels take up to 80 registers (launch bound: 768 threads, 24 warps, a
+# block): 24 warps an SM fit the registers.
+MMA_TASK32_INPUTS = 256
+MMA_TASK32_MIN_M = 5
+MMA_TASK32_SHAPES = ((1, 24), (2, 12), (3, 8), (2, 8))
+MMA_TASK32_MAX_WARPS = 24
+
+
+def row_groups(cfg) -> int:
+    """Row groups a task of the mma GEMV config ``cfg``: 2 for 32-row tasks, else 1."""
+    return 2 if cfg[6] == MMA_GEMV and cfg[2] == MMA_TASK32_INPUTS else 1
 # the op's modes for per-row α and onebit with the offset decode (csrc/int1_gemv_mma.cuh: one LOP3 a
 # register of A instead of two, about 16% fewer instructions in the loop, and an error up to fp16's
 # rounding of y where x does not average zero, NOTES.md v14b; opt-in with LORAQ_OFFSET_DECODE=1
@@ -69,13 +86,15 @@ def mma_gemv_status(x: torch.Tensor, meta) -> Tuple[bool, str]:
 
 
 @lru_cache(maxsize=1024)  # per call otherwise (host time): a few shapes, a few configs
-def k_slices(M: int, K: int, blocks_per_sm: int, at_least: int = 1, limits=None, offset: bool = False) -> int:
-    """K slices (about ``at_least`` or more) so that ``blocks_per_sm`` blocks' copies of ``x``
-    (``M`` rows of a slice, pair order, 2 bytes an input, 32 bytes of padding a row, and with the
-    offset decode (``offset``) 4 bytes a row and task) fit the shared memory
-    (``cuda_ext.fit_slices``; ``limits``: ``cuda_ext.smem_limits`` of the GPU)."""
+def k_slices(M: int, K: int, blocks_per_sm: int, at_least: int = 1, limits=None, offset: bool = False,
+             task_inputs: int = MMA_TASK_INPUTS) -> int:
+    """K slices (about ``at_least`` or more) of whole tasks of ``task_inputs`` inputs (512, or
+    ``MMA_TASK32_INPUTS``) so that ``blocks_per_sm`` blocks' copies of ``x`` (``M`` rows of a slice,
+    pair order, 2 bytes an input, 32 bytes of padding a row, and with the offset decode
+    (``offset``) 4 bytes a row and task) fit the shared memory (``cuda_ext.fit_slices``;
+    ``limits``: ``cuda_ext.smem_limits`` of the GPU)."""
     table = 4 if offset else 0
-    return fit_slices(K, MMA_TASK_INPUTS, lambda inputs: M * (inputs * 2 + 32 + table * (inputs // MMA_TASK_INPUTS)),
+    return fit_slices(K, task_inputs, lambda inputs: M * (inputs * 2 + 32 + table * (inputs // task_inputs)),
                       blocks_per_sm, at_least,
                       f"{M} rows of x", *([limits] if limits else []))
 
@@ -112,10 +131,13 @@ def cuda_lut_configs(M: int) -> List[Config]:
 
 def mma_gemv_configs(M: int) -> List[Config]:
     """The mma GEMV's candidates for ``1 ≤ M ≤ MMA_MAX_M`` rows of x (K slices: 1, raised at run
-    time when x's slice does not fit the shared memory)."""
+    time when x's slice does not fit the shared memory): 16-row tasks, and from
+    ``MMA_TASK32_MIN_M`` rows 32-row tasks too."""
     if not 1 <= M <= MMA_MAX_M:
         raise ValueError(f"the mma GEMV takes 1 to {MMA_MAX_M} rows of x, got {M}")
-    return [(MMA_MAX_M, bps, MMA_TASK_INPUTS, 1, warps, 1, MMA_GEMV) for bps, warps in MMA_SHAPES]
+    tall = MMA_TASK32_SHAPES if M >= MMA_TASK32_MIN_M else ()
+    return ([(MMA_MAX_M, bps, MMA_TASK_INPUTS, 1, warps, 1, MMA_GEMV) for bps, warps in MMA_SHAPES]
+            + [(MMA_MAX_M, bps, MMA_TASK32_INPUTS, 1, warps, 1, MMA_GEMV) for bps, warps in tall])
 
 
 def check_mma_config(cfg) -> None:
@@ -125,12 +147,15 @@ def check_mma_config(cfg) -> None:
         raise ValueError(f"config {cfg} is not an mma GEMV config (its last field must be {MMA_GEMV}, or "
                          f"{CUDA_LUT} for the lookup GEMV)")
     rows, bps, inputs, split, warps, stages, variant = cfg
-    fixed = (MMA_MAX_M, MMA_TASK_INPUTS) if variant == MMA_GEMV else (1, CUDA_LUT_TASK_INPUTS)
-    if (rows, inputs) != fixed or stages != 1:
-        raise ValueError(f"config {cfg}: the {'mma' if variant == MMA_GEMV else 'lookup'} GEMV's fields 0, 2 "
-                         f"and 5 are fixed ({fixed[0]}, {fixed[1]}, 1)")
-    if bps < 1 or split < 1 or not 1 <= warps <= 32 or bps * warps > 64:
-        raise ValueError(f"config {cfg}: blocks an SM and K slices must be ≥ 1, warps 1 to 32, "
+    if variant == MMA_GEMV:
+        if rows != MMA_MAX_M or inputs not in (MMA_TASK_INPUTS, MMA_TASK32_INPUTS) or stages != 1:
+            raise ValueError(f"config {cfg}: the mma GEMV's fields 0 and 5 are fixed ({MMA_MAX_M}, 1) and field 2 "
+                             f"(inputs a task) is {MMA_TASK_INPUTS}, or {MMA_TASK32_INPUTS} for 32-row tasks")
+    elif (rows, inputs) != (1, CUDA_LUT_TASK_INPUTS) or stages != 1:
+        raise ValueError(f"config {cfg}: the lookup GEMV's fields 0, 2 and 5 are fixed (1, {CUDA_LUT_TASK_INPUTS}, 1)")
+    top = MMA_TASK32_MAX_WARPS if row_groups(cfg) == 2 else 32  # the kernel's launch bound
+    if bps < 1 or split < 1 or not 1 <= warps <= top or bps * warps > 64:
+        raise ValueError(f"config {cfg}: blocks an SM and K slices must be ≥ 1, warps 1 to {top}, "
                          "and at most 64 warps an SM")
 
 
@@ -148,15 +173,16 @@ def bind_mma(shape, dtype, device, ptrs, ints, mode, N, lora_A, lora_B, scaling,
     """:func:`launch_mma` for every contiguous ``x`` of ``shape`` ``[M, K]``, ``dtype`` and
     ``device``, its plan (slices, blocks, the switches' answers) worked out once: ``run(x) -> y``.
     The tensors are read at each call; a scale in another dtype than x's is cast at each call."""
-    _, bps, _, split, warps, _, variant = cfg
+    _, bps, inputs, split, warps, _, variant = cfg
     (packed, scale, col), (_, _, group, _) = ptrs, ints
     M, K = shape
     index = device.index or 0
     lut = int(variant == CUDA_LUT)  # the lookup GEMV: one row of x, no offset decode
+    rg = row_groups(cfg)  # 32-row tasks: two launches only
     mode_op = mode if lut else op_mode(mode)  # the switch is read once: the plan and the launch agree
     limits = smem_limits(index)
     slices = (lut_k_slices(K, bps, split, limits) if lut
-              else k_slices(M, K, bps, split, limits, offset=mode_op in OFFSET_MODES.values()))
+              else k_slices(M, K, bps, split, limits, offset=mode_op in OFFSET_MODES.values(), task_inputs=inputs))
     blocks = max(1, -(-sm_count(index) * bps // slices))  # per slice
     has_lora = lora_A is not None
     R = lora_A.shape[0] if has_lora else 1
@@ -171,7 +197,7 @@ def bind_mma(shape, dtype, device, ptrs, ints, mode, N, lora_A, lora_B, scaling,
         s = scale if scale.dtype == dtype else scale.to(dtype)
         return s, s if c is None else c
 
-    if one_launch_offered() if one_launch is None else one_launch:
+    if rg == 1 and (one_launch_offered() if one_launch is None else one_launch):
         def run_one(x):
             s, c = scales()
             return _one_launch(x, packed, s, c, lora_A, lora_B, bias, scaling, mode_op, group, N, blocks, warps,
@@ -181,7 +207,7 @@ def bind_mma(shape, dtype, device, ptrs, ints, mode, N, lora_A, lora_B, scaling,
     def launch(x, ws, parts):
         s, c = (scale, col) if same_dtype else scales()
         torch.ops.loraq.int1_gemv_mma(x, packed, s, c, lora_A, ws, parts, mode_op, group, blocks, warps, slices,
-                                      lut=lut)
+                                      lut=lut, row_groups=rg)
 
     return bind_split(launch, M, N, slots, lora_B, R, scaling, bias, dtype, device)
 
@@ -200,18 +226,23 @@ def _one_launch(x, packed, scale, col, lora_A, lora_B, bias, scaling, mode_op, g
 
 @on_input_device
 def int1_gemv_mma(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1.0, bias=None,
-                  blocks_per_sm: int = 2, warps: int = 16, k_split: int = 1, one_launch=None, lookup: bool = False):
+                  blocks_per_sm: int = 2, warps: int = 16, k_split: int = 1, one_launch=None, lookup: bool = False,
+                  task_rows: int = 16):
     """``y [M, N]`` for ``x [M, K]`` (1 to 16 rows, fp16/bf16, CUDA) and an int1 weight's
     ``tensors``/``meta``, in ``x.dtype``; raises ValueError (with the reason) where the kernel
-    does not run. ``one_launch``: finish in the same launch (None: ``LORAQ_ONE_LAUNCH=1``).
-    ``lookup``: the lookup GEMV (one row of x) instead of the mma GEMV."""
+    does not run. ``one_launch``: finish in the same launch (None: ``LORAQ_ONE_LAUNCH=1``; tasks of
+    32 rows always take two launches). ``lookup``: the lookup GEMV (one row of x) instead of the mma
+    GEMV. ``task_rows``: the mma GEMV's tasks, 16 weight rows x 512 inputs or 32 x 256."""
     if x.dim() != 2 or x.shape[1] != meta["K"]:
         raise ValueError(f"x must be [M, {meta['K']}], got {tuple(x.shape)}")
     ok, why = (cuda_lut_status if lookup else mma_gemv_status)(x, meta)
     if not ok:
         raise ValueError(why)
+    if task_rows not in (16, 32) or (lookup and task_rows != 16):
+        raise ValueError(f"task_rows must be 16, or 32 for the mma GEMV, got {task_rows}")
+    inputs = MMA_TASK32_INPUTS if task_rows == 32 else MMA_TASK_INPUTS
     cfg = ((1, blocks_per_sm, CUDA_LUT_TASK_INPUTS, k_split, warps, 1, CUDA_LUT) if lookup
-           else (MMA_MAX_M, blocks_per_sm, MMA_TASK_INPUTS, k_split, warps, 1, MMA_GEMV))
+           else (MMA_MAX_M, blocks_per_sm, inputs, k_split, warps, 1, MMA_GEMV))
     check_mma_config(cfg)
     x = x.contiguous()
     ptrs, ints, mode = weight_args("int1", tensors, meta)
@@ -221,4 +252,5 @@ def int1_gemv_mma(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1
 
 __all__ = ["int1_gemv_mma", "mma_gemv_status", "mma_gemv_configs", "check_mma_config", "k_slices",
            "launch_mma", "bind_mma", "op_mode", "MMA_MAX_M", "OFFSET_MODES", "cuda_lut_status", "cuda_lut_configs",
-           "lut_k_slices", "CUDA_LUT_TASK_INPUTS"]
+           "lut_k_slices", "CUDA_LUT_TASK_INPUTS", "MMA_TASK32_INPUTS", "MMA_TASK32_MIN_M", "MMA_TASK32_SHAPES",
+           "row_groups"]

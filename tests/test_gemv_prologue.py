@@ -21,7 +21,6 @@ import torch
 from host_cuda import host_library
 from weights import aligned, offset_view
 
-TASK_INPUTS = 512  # csrc/int1_gemv_mma.cuh: kTaskInputs
 ROW_PAD_UNITS = 4  # kRowPadUnits
 XA_RANKS = 4  # csrc/gemv_common.cuh: kXaRanks
 GUARD = 64  # words past what a fill may write, checked untouched
@@ -32,7 +31,7 @@ def lib(tmp_path_factory):
     """tests/cuda/gemv_prologue_emulate.cu built into a shared library (nvcc, host code only)."""
     so = host_library("gemv_prologue_emulate.cu", tmp_path_factory.mktemp("prologue"))
     so.int1_fill_emulate.restype = ctypes.c_int
-    so.int1_fill_emulate.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5
+    so.int1_fill_emulate.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 6
     so.int1_offset_pair_emulate.restype = ctypes.c_uint32
     so.int1_offset_pair_emulate.argtypes = [ctypes.c_int, ctypes.c_uint32, ctypes.c_int]
     so.xa_share_emulate.restype = ctypes.c_int
@@ -45,16 +44,18 @@ def bits(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().view(torch.int16).numpy().astype(np.uint16).astype(np.uint32)
 
 
-def pair_order(x: torch.Tensor, k0: int, chunks: int, g=None, offset=False):
+def pair_order(x: torch.Tensor, k0: int, chunks: int, g=None, offset=False, lw=4):
     """The shared copy the kernel must leave, built from its definition: unit (m, c, j, i, t) =
-    ``m·row_units + ((4c + j)·8 + i)·4 + t`` holds, for word w = 16c + 4t + j of the slice, the
-    pairs (x[32w + p], x[32w + p + 16]) for p = 2i, 2i + 1 (low half first); zeros past K; the
-    padding units untouched (all ones). The offset decode: each input times 2^-(p & 3) (rounded to
-    x's dtype), and C = Σ (32 + 2^(p & 3))·x' of each row and chunk of 512 inputs in a table after
+    ``m·row_units + ((LW·c + j)·8 + i)·4 + t`` holds, for word w = 4·LW·c + LW·t + j of the slice
+    (``lw``: the words a lane loads of each row, 4 for tasks of 512 inputs, 2 for 256), the pairs
+    (x[32w + p], x[32w + p + 16]) for p = 2i, 2i + 1 (low half first); zeros past K; the padding
+    units untouched (all ones). The offset decode: each input times 2^-(p & 3) (rounded to x's
+    dtype), and C = Σ (32 + 2^(p & 3))·x' of each row and chunk (a task's inputs) in a table after
     the rows (chunk-major). Returns ``(xs without the table, C [M, chunks] or None)``."""
     M, K = x.shape
     vals = (x.float() * g.float()).to(x.dtype) if g is not None else x  # onebit: x·g rounded to x's dtype
-    row_units = chunks * TASK_INPUTS // 4 + ROW_PAD_UNITS
+    chunk_words = 4 * lw
+    row_units = chunks * 32 * chunk_words // 4 + ROW_PAD_UNITS
     xs = np.full(M * row_units * 2, 0xFFFFFFFF, dtype=np.uint32)
     C = np.zeros((M, chunks)) if offset else None
     p_of_k = torch.arange(K) % 32 % 16  # the register an input goes to
@@ -62,30 +63,31 @@ def pair_order(x: torch.Tensor, k0: int, chunks: int, g=None, offset=False):
         vals = (vals.float() * 2.0 ** -(p_of_k % 4).float()).to(x.dtype)
     b = bits(vals)
     for m in range(M):
-        for w in range(chunks * 16):
-            c, t, j = w >> 4, (w >> 2) & 3, w & 3
+        for w in range(chunks * chunk_words):
+            c, t, j = w // chunk_words, (w // lw) % 4, w % lw
             for p in range(16):
                 lo_k, hi_k = k0 + 32 * w + p, k0 + 32 * w + p + 16
                 lo = b[m, lo_k] if lo_k < K else 0
                 hi = b[m, hi_k] if hi_k < K else 0
-                unit = m * row_units + ((c * 4 + j) * 8 + (p >> 1)) * 4 + t
+                unit = m * row_units + ((c * lw + j) * 8 + (p >> 1)) * 4 + t
                 xs[2 * unit + (p & 1)] = lo | (hi << 16)
                 if offset:
                     C[m, c] += sum((32 + 2 ** (p % 4)) * float(vals[m, k]) for k in (lo_k, hi_k) if k < K)
     return xs, C
 
 
-def fill(lib, x, k0, chunks, threads, g=None, offset=False):
+def fill(lib, x, k0, chunks, threads, g=None, offset=False, lw=4):
     """``(xs without the table, C [M, chunks] or None)`` from the kernel's fill_x run thread by
-    thread (xs with room for the offset decode's table of C after the rows of x)."""
+    thread (xs with room for the offset decode's table of C after the rows of x); ``lw`` as in
+    :func:`pair_order`."""
     M, K = x.shape
-    row_units = chunks * TASK_INPUTS // 4 + ROW_PAD_UNITS
+    row_units = chunks * 32 * 4 * lw // 4 + ROW_PAD_UNITS
     rows_words = M * row_units * 2
     xs = np.full(rows_words + M * chunks + GUARD, 0xFFFFFFFF, dtype=np.uint32)
     dtype = 0 if x.dtype == torch.float16 else 1
     mode = {(False, False): 0, (True, False): 2, (False, True): 3, (True, True): 4}[(g is not None, offset)]
     rc = lib.int1_fill_emulate(dtype, mode, x.data_ptr(), g.data_ptr() if g is not None else None,
-                               xs.ctypes.data, M, K, k0, chunks, threads)
+                               xs.ctypes.data, M, K, k0, chunks, threads, lw)
     assert rc == 0
     table = xs[rows_words:rows_words + M * chunks]
     assert (xs[rows_words + M * chunks:] == 0xFFFFFFFF).all()  # nothing written past the table
@@ -107,11 +109,15 @@ def same_copy(got, want):
 @pytest.mark.parametrize("threads", [32, 96, 1024])
 @pytest.mark.parametrize("where", ["aligned", "unaligned"])
 @pytest.mark.parametrize("offset", [False, True], ids=["pair order", "offset decode"])
-def test_int1_fill_is_the_pair_order(lib, dtype, M, K, k0, chunks, threads, where, offset):
+@pytest.mark.parametrize("lw", [4, 2], ids=["16-row tasks", "32-row tasks"])
+def test_int1_fill_is_the_pair_order(lib, dtype, M, K, k0, chunks, threads, where, offset, lw):
+    """Slices of 512-input chunks (16-row tasks), or the same inputs in twice the chunks of 256
+    (32-row tasks: their lanes own 2 words a chunk instead of 4)."""
     torch.manual_seed(M * 7919 + K + k0 + threads)
     x = torch.randn(M, K, dtype=dtype)
     x = aligned(x) if where == "aligned" else offset_view(x, 1)
-    same_copy(fill(lib, x, k0, chunks, threads, offset=offset), pair_order(x, k0, chunks, offset=offset))
+    chunks = chunks * 4 // lw
+    same_copy(fill(lib, x, k0, chunks, threads, offset=offset, lw=lw), pair_order(x, k0, chunks, offset=offset, lw=lw))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -123,21 +129,25 @@ def test_int1_fill_onebit_multiplies_by_g(lib, dtype, M, K, g_where, offset):
     x = aligned(torch.randn(M, K, dtype=dtype))
     g = torch.rand(K, dtype=dtype) + 0.5
     g = aligned(g) if g_where == "aligned" else offset_view(g, 3)
-    chunks = -(-K // TASK_INPUTS)
-    got = fill(lib, x, 0, chunks, 64, g, offset)
-    same_copy(got, pair_order(x, 0, chunks, g, offset))
-    assert not np.array_equal(got[0], pair_order(x, 0, chunks, offset=offset)[0])  # g was applied
+    for lw in (4, 2):  # chunks of 512 and of 256 inputs
+        chunks = -(-K // (128 * lw))
+        got = fill(lib, x, 0, chunks, 64, g, offset, lw)
+        same_copy(got, pair_order(x, 0, chunks, g, offset, lw))
+        assert not np.array_equal(got[0], pair_order(x, 0, chunks, offset=offset, lw=lw)[0])  # g was applied
 
 
 def test_int1_fill_refuses_bad_arguments(lib):
     x = torch.randn(2, 64, dtype=torch.float16)
     xs = np.zeros(2 * (128 + ROW_PAD_UNITS) * 2, dtype=np.uint32)
-    for args in [(2, 0, 0, 1, 32), (2, 64, 100, 1, 32), (2, 64, 0, 0, 32), (2, 64, 0, 1, 0), (0, 64, 0, 1, 32)]:
-        M, K, k0, chunks, threads = args
-        assert lib.int1_fill_emulate(0, 0, x.data_ptr(), None, xs.ctypes.data, M, K, k0, chunks, threads) == 1
+    for args in [(2, 0, 0, 1, 32, 4), (2, 64, 100, 1, 32, 4), (2, 64, 0, 0, 32, 4), (2, 64, 0, 1, 0, 4),
+                 (0, 64, 0, 1, 32, 4), (2, 64, 256, 1, 32, 4), (2, 64, 128, 1, 32, 2), (2, 64, 0, 1, 32, 3),
+                 (2, 64, 0, 1, 32, 1)]:  # k0 a whole chunk (512 or 256 inputs); 4 or 2 words a lane
+        M, K, k0, chunks, threads, lw = args
+        assert lib.int1_fill_emulate(0, 0, x.data_ptr(), None, xs.ctypes.data, M, K, k0, chunks, threads, lw) == 1
     for dtype, mode in [(2, 0), (0, 1), (0, 5), (0, -1), (0, 2), (0, 4)]:  # group fills as row; onebit needs g
-        assert lib.int1_fill_emulate(dtype, mode, x.data_ptr(), None, xs.ctypes.data, 2, 64, 0, 1, 32) == 1
+        assert lib.int1_fill_emulate(dtype, mode, x.data_ptr(), None, xs.ctypes.data, 2, 64, 0, 1, 32, 4) == 1
     assert not xs.any()  # nothing written
+    assert lib.int1_fill_emulate(0, 0, x.data_ptr(), None, xs.ctypes.data, 2, 64, 256, 1, 32, 2) == 0  # 256: a chunk of 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

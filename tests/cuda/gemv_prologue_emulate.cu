@@ -7,21 +7,23 @@
 
 #include "../../csrc/int1_gemv_mma.cuh"
 
-// xs (uint32 words, 2 a unit, M rows of chunks·128 + kRowPadUnits units, then M·chunks floats) as
-// `threads` threads of one block fill it for the slice starting at input k0. dtype 0: fp16, 1:
-// bf16; mode as the op's: 0 (row; group fills the same), 2 (onebit: x·g), 3 and 4 (0 and 2 with
-// the offset decode: x scaled per register, and the table of C, zeroed first as the kernel does).
-template <typename T>
+// xs (uint32 words, 2 a unit, M rows of chunks·(task inputs / 4) + kRowPadUnits units, then
+// M·chunks floats) as `threads` threads of one block fill it for the slice starting at input k0.
+// dtype 0: fp16, 1: bf16; mode as the op's: 0 (row; group fills the same), 2 (onebit: x·g), 3 and 4
+// (0 and 2 with the offset decode: x scaled per register, and the table of C, zeroed first as the
+// kernel does); lane_words: the words a lane loads of each of its rows, 4 (tasks of 16 rows x 512
+// inputs: the chunks) or 2 (32 x 256).
+template <typename T, int LW>
 static int fill_all(int mode, const loraq_mma::Args& a, uint32_t* xs, int k0, int chunks, int row_units, int threads) {
   using namespace loraq_mma;
   if (is_offset(mode))
     for (int i = 0; i < a.M * chunks; ++i) offset_c(xs, a.M, row_units, 0, 0)[i] = 0.f;
   for (int tid = 0; tid < threads; ++tid) {
     switch (mode) {
-      case kScaleRow: fill_x<T, kScaleRow>(a, xs, k0, chunks, row_units, tid, threads); break;
-      case kScaleOnebit: fill_x<T, kScaleOnebit>(a, xs, k0, chunks, row_units, tid, threads); break;
-      case kScaleRowOffset: fill_x<T, kScaleRowOffset>(a, xs, k0, chunks, row_units, tid, threads); break;
-      case kScaleOnebitOffset: fill_x<T, kScaleOnebitOffset>(a, xs, k0, chunks, row_units, tid, threads); break;
+      case kScaleRow: fill_x<T, kScaleRow, LW>(a, xs, k0, chunks, row_units, tid, threads); break;
+      case kScaleOnebit: fill_x<T, kScaleOnebit, LW>(a, xs, k0, chunks, row_units, tid, threads); break;
+      case kScaleRowOffset: fill_x<T, kScaleRowOffset, LW>(a, xs, k0, chunks, row_units, tid, threads); break;
+      case kScaleOnebitOffset: fill_x<T, kScaleOnebitOffset, LW>(a, xs, k0, chunks, row_units, tid, threads); break;
       default: return 1;
     }
   }
@@ -29,9 +31,11 @@ static int fill_all(int mode, const loraq_mma::Args& a, uint32_t* xs, int k0, in
 }
 
 extern "C" int int1_fill_emulate(int dtype, int mode, const void* x, const void* g, uint32_t* xs, int M, int K,
-                                 int k0, int chunks, int threads) {
+                                 int k0, int chunks, int threads, int lane_words) {
   using namespace loraq_mma;
-  if (M < 1 || K < 1 || chunks < 1 || threads < 1 || k0 < 0 || k0 % kTaskInputs) return 1;
+  if (lane_words != 4 && lane_words != 2) return 1;
+  const int task_inputs = 128 * lane_words;
+  if (M < 1 || K < 1 || chunks < 1 || threads < 1 || k0 < 0 || k0 % task_inputs) return 1;
   if (mode != kScaleRow && mode != kScaleOnebit && !is_offset(mode)) return 1;
   if (mode > kScaleOnebitOffset || (is_onebit(mode) && g == nullptr)) return 1;
   Args a{};
@@ -39,9 +43,13 @@ extern "C" int int1_fill_emulate(int dtype, int mode, const void* x, const void*
   a.col = g;
   a.M = M;
   a.K = K;
-  const int row_units = chunks * (kTaskInputs / 4) + kRowPadUnits;
-  if (dtype == 0) return fill_all<__half>(mode, a, xs, k0, chunks, row_units, threads);
-  if (dtype == 1) return fill_all<__nv_bfloat16>(mode, a, xs, k0, chunks, row_units, threads);
+  const int row_units = chunks * (task_inputs / 4) + kRowPadUnits;
+  if (dtype == 0)
+    return lane_words == 4 ? fill_all<__half, 4>(mode, a, xs, k0, chunks, row_units, threads)
+                           : fill_all<__half, 2>(mode, a, xs, k0, chunks, row_units, threads);
+  if (dtype == 1)
+    return lane_words == 4 ? fill_all<__nv_bfloat16, 4>(mode, a, xs, k0, chunks, row_units, threads)
+                           : fill_all<__nv_bfloat16, 2>(mode, a, xs, k0, chunks, row_units, threads);
   return 1;
 }
 
