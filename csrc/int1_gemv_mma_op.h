@@ -115,6 +115,8 @@ void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const to
   TORCH_CHECK(row_groups == 1 || (row_groups == 2 && lut == 0 && !y.has_value()),
               "int1_gemv_mma: row_groups must be 1, or 2 for the mma GEMV in two launches (no y), got ", row_groups,
               lut ? " with lut = 1" : (y.has_value() ? " with y" : ""));
+  TORCH_CHECK(row_groups == 1 || warps <= 24,
+              "int1_gemv_mma: row_groups = 2 takes 1 to 24 warps a block (its launch bound: 768 threads), got ", warps);
   const int64_t task_inputs = lut ? loraq_lut::kTaskInputs : loraq_mma::kTaskInputs / row_groups;
   const bool onebit = mode == 2 || mode == 4;
   TORCH_CHECK(mode != 1 || (group_size > 0 && group_size % 32 == 0 && scale.size(1) == (K + group_size - 1) / group_size),

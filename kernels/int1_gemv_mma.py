@@ -153,10 +153,12 @@ def check_mma_config(cfg) -> None:
                              f"(inputs a task) is {MMA_TASK_INPUTS}, or {MMA_TASK32_INPUTS} for 32-row tasks")
     elif (rows, inputs) != (1, CUDA_LUT_TASK_INPUTS) or stages != 1:
         raise ValueError(f"config {cfg}: the lookup GEMV's fields 0, 2 and 5 are fixed (1, {CUDA_LUT_TASK_INPUTS}, 1)")
-    top = MMA_TASK32_MAX_WARPS if row_groups(cfg) == 2 else 32  # the kernel's launch bound
-    if bps < 1 or split < 1 or not 1 <= warps <= top or bps * warps > 64:
+    # warps a block: the kernel's launch bound; an SM: the hardware's 64, or the 24 that 32-row
+    # tasks' 80 registers a thread fit (more blocks would run in a second wave, planned as one)
+    top, per_sm = (MMA_TASK32_MAX_WARPS, MMA_TASK32_MAX_WARPS) if row_groups(cfg) == 2 else (32, 64)
+    if bps < 1 or split < 1 or not 1 <= warps <= top or bps * warps > per_sm:
         raise ValueError(f"config {cfg}: blocks an SM and K slices must be ≥ 1, warps 1 to {top}, "
-                         "and at most 64 warps an SM")
+                         f"and at most {per_sm} warps an SM")
 
 
 def launch_mma(x, ptrs, ints, mode, N, lora_A, lora_B, scaling, bias, cfg, one_launch=None):
