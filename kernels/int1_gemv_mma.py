@@ -51,6 +51,14 @@ MMA_TASK32_INPUTS = 256
 MMA_TASK32_MIN_M = 5
 MMA_TASK32_SHAPES = ((1, 24), (2, 12), (3, 8), (2, 8))
 MMA_TASK32_MAX_WARPS = 24
+# From 9 rows of x, also K cut in at least 4 slices: each block copies its slice of x into shared
+# memory before its first task (all blocks: blocks an SM x SMs x K / slices x rows x 2 bytes). At
+# 8192→28672 and 16 rows, one block an SM needs 2 slices to fit: 17 MB from L2, about 3 µs at an
+# assumed 5.5 TB/s in which no weight streams; 4 slices copy half that, for more flushes of partial
+# sums (NOTES.md, v17). (rows of a task, blocks an SM, warps)
+MMA_SPLIT_MIN_M = 9
+MMA_SPLIT_AT_LEAST = 4
+MMA_SPLIT_SHAPES = ((16, 1, 32), (16, 2, 16), (32, 1, 24))
 
 
 def row_groups(cfg) -> int:
@@ -130,14 +138,18 @@ def cuda_lut_configs(M: int) -> List[Config]:
 
 
 def mma_gemv_configs(M: int) -> List[Config]:
-    """The mma GEMV's candidates for ``1 ≤ M ≤ MMA_MAX_M`` rows of x (K slices: 1, raised at run
-    time when x's slice does not fit the shared memory): 16-row tasks, and from
-    ``MMA_TASK32_MIN_M`` rows 32-row tasks too."""
+    """The mma GEMV's candidates for ``1 ≤ M ≤ MMA_MAX_M`` rows of x: 16-row tasks, from
+    ``MMA_TASK32_MIN_M`` rows 32-row tasks too, with K slices 1 (raised at run time when x's slice
+    does not fit the shared memory); from ``MMA_SPLIT_MIN_M`` rows a few with at least
+    ``MMA_SPLIT_AT_LEAST`` slices too (``MMA_SPLIT_SHAPES``)."""
     if not 1 <= M <= MMA_MAX_M:
         raise ValueError(f"the mma GEMV takes 1 to {MMA_MAX_M} rows of x, got {M}")
     tall = MMA_TASK32_SHAPES if M >= MMA_TASK32_MIN_M else ()
+    split = MMA_SPLIT_SHAPES if M >= MMA_SPLIT_MIN_M else ()
     return ([(MMA_MAX_M, bps, MMA_TASK_INPUTS, 1, warps, 1, MMA_GEMV) for bps, warps in MMA_SHAPES]
-            + [(MMA_MAX_M, bps, MMA_TASK32_INPUTS, 1, warps, 1, MMA_GEMV) for bps, warps in tall])
+            + [(MMA_MAX_M, bps, MMA_TASK32_INPUTS, 1, warps, 1, MMA_GEMV) for bps, warps in tall]
+            + [(MMA_MAX_M, bps, MMA_TASK32_INPUTS if rows == 32 else MMA_TASK_INPUTS, MMA_SPLIT_AT_LEAST, warps, 1,
+                MMA_GEMV) for rows, bps, warps in split])
 
 
 def check_mma_config(cfg) -> None:
@@ -255,4 +267,5 @@ def int1_gemv_mma(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1
 __all__ = ["int1_gemv_mma", "mma_gemv_status", "mma_gemv_configs", "check_mma_config", "k_slices",
            "launch_mma", "bind_mma", "op_mode", "MMA_MAX_M", "OFFSET_MODES", "cuda_lut_status", "cuda_lut_configs",
            "lut_k_slices", "CUDA_LUT_TASK_INPUTS", "MMA_TASK32_INPUTS", "MMA_TASK32_MIN_M", "MMA_TASK32_SHAPES",
+           "MMA_SPLIT_MIN_M", "MMA_SPLIT_SHAPES", "MMA_SPLIT_AT_LEAST",
            "row_groups"]

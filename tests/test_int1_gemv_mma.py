@@ -18,7 +18,8 @@ from loraq.kernels import lora_linear_fwd  # noqa: E402
 from loraq.kernels.autotune import CUDA_LUT, MMA_GEMV, describe  # noqa: E402
 from loraq.kernels.cuda_ext import SMEM_BUDGET, smem_limits  # noqa: E402
 from loraq.kernels.int1_gemv_mma import (MMA_MAX_M, MMA_SHAPES, MMA_TASK32_INPUTS,  # noqa: E402
-                                         MMA_TASK32_MIN_M, MMA_TASK32_SHAPES, MMA_TASK_INPUTS, check_mma_config,
+                                         MMA_SPLIT_AT_LEAST, MMA_SPLIT_MIN_M, MMA_SPLIT_SHAPES, MMA_TASK32_MIN_M,
+                                         MMA_TASK32_SHAPES, MMA_TASK_INPUTS, check_mma_config,
                                          int1_gemv_mma, k_slices, mma_gemv_configs, mma_gemv_status, row_groups)
 from test_triton_kernels import _kernel_args, check, f64, problem, tuner_calls, workspaces_clean  # noqa: E402
 from weights import offset_view  # noqa: E402
@@ -60,12 +61,17 @@ def test_k_slices_raise_when_one_task_does_not_fit():
 
 def test_configs_are_valid_and_bad_ones_are_refused():
     """16-row tasks at every M; 32-row tasks from MMA_TASK32_MIN_M rows of x (where a warp's read
-    of B is two wavefronts), with at most 24 warps an SM (their kernels' 80 registers)."""
+    of B is two wavefronts), with at most 24 warps an SM (their kernels' 80 registers); from
+    MMA_SPLIT_MIN_M rows a few with K in at least 4 slices (smaller copies of x)."""
     for M in (1, 4, 5, 8, 9, 16):
         configs = mma_gemv_configs(M)
-        tall = [c for c in configs if row_groups(c) == 2]
-        assert all(c[6] == MMA_GEMV for c in configs) and len(configs) == len(MMA_SHAPES) + len(tall)
+        assert len(set(configs)) == len(configs) and all(c[6] == MMA_GEMV for c in configs)
+        split = [c for c in configs if c[3] == MMA_SPLIT_AT_LEAST]
+        tall = [c for c in configs if row_groups(c) == 2 and c not in split]
+        assert len(configs) == len(MMA_SHAPES) + len(tall) + len(split)
         assert len(tall) == (len(MMA_TASK32_SHAPES) if M >= MMA_TASK32_MIN_M else 0)
+        assert len(split) == (len(MMA_SPLIT_SHAPES) if M >= MMA_SPLIT_MIN_M else 0)
+        assert all(c[3] == 1 for c in configs if c not in split)
         for cfg in configs:
             check_mma_config(cfg)
             assert "CUDA mma GEMV" in describe(cfg)
