@@ -45,13 +45,22 @@ __host__ __device__ __forceinline__ V load_ro(const V* p) {
 #endif
 }
 
-// *p += v for a float in shared memory that several threads add to (a plain add on the host, where
-// the emulation runs one thread at a time).
+// *p += v for a float in shared (or global) memory that several threads add to (a plain add on the
+// host, where the emulation runs one thread at a time).
 __host__ __device__ __forceinline__ void add_shared(float* p, float v) {
 #ifdef __CUDA_ARCH__
   atomicAdd(p, v);
 #else
   *p += v;
+#endif
+}
+
+// A non-negative float truncated to int (__float2int_rz on the GPU; the host's cast does the same).
+__host__ __device__ __forceinline__ int trunc_to_int(float v) {
+#ifdef __CUDA_ARCH__
+  return __float2int_rz(v);
+#else
+  return (int)v;
 #endif
 }
 
@@ -88,8 +97,8 @@ __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint3
 // them: lane (g, t) holds rows 2t, 2t + 1 of each tile for weight rows n0 (times s0) and n0 + 8
 // (times s1); rows past M or N are dropped.
 template <int NT>
-__device__ __forceinline__ void add_fragments(float* ws, int M, int N, float (&acc)[NT][4], int n0, int t,
-                                              float s0, float s1) {
+__host__ __device__ __forceinline__ void add_fragments(float* ws, int M, int N, float (&acc)[NT][4], int n0, int t,
+                                                       float s0, float s1) {
   const int n1 = n0 + 8;
 #pragma unroll
   for (int tile = 0; tile < NT; ++tile) {
@@ -97,8 +106,8 @@ __device__ __forceinline__ void add_fragments(float* ws, int M, int N, float (&a
     for (int e = 0; e < 2; ++e) {
       const int m = tile * 8 + 2 * t + e;
       if (m < M) {
-        if (n0 < N) atomicAdd(ws + (int64_t)m * N + n0, acc[tile][e] * s0);
-        if (n1 < N) atomicAdd(ws + (int64_t)m * N + n1, acc[tile][2 + e] * s1);
+        if (n0 < N) add_shared(ws + (int64_t)m * N + n0, acc[tile][e] * s0);  // an atomic add (in L2 here)
+        if (n1 < N) add_shared(ws + (int64_t)m * N + n1, acc[tile][2 + e] * s1);
       }
       acc[tile][e] = 0.f;
       acc[tile][2 + e] = 0.f;

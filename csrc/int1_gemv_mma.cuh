@@ -140,7 +140,7 @@ using loraq_gemv::to_float;
 
 // Register p (0..15) of a word: the signs of its bits p and p + 16 as a pair of ±s, where
 // `minus2` holds (-s, -s) (s = 1, or a group's α folded in).
-__device__ __forceinline__ uint32_t sign_pair(uint32_t word, int p, uint32_t minus2) {
+__host__ __device__ __forceinline__ uint32_t sign_pair(uint32_t word, int p, uint32_t minus2) {
   return ((word << (15 - p)) & 0x80008000u) ^ minus2;
 }
 
@@ -148,8 +148,11 @@ __device__ __forceinline__ uint32_t sign_pair(uint32_t word, int p, uint32_t min
 // of lane t's LW (Task::kLaneWords), register pair i. The four lanes t of a quad read adjacent
 // units; rows of x are 32 bytes apart modulo 128, so the 16 lanes of a half warp hit 16 different
 // 8-byte bank pairs.
+__host__ __device__ __forceinline__ int x_unit_at(int row_base, int c, int j, int i, int t, int LW = 4) {
+  return row_base + ((c * LW + j) * 8 + i) * 4 + t;
+}
 __host__ __device__ __forceinline__ int x_unit(int m, int row_units, int c, int j, int i, int t, int LW = 4) {
-  return m * row_units + ((c * LW + j) * 8 + i) * 4 + t;
+  return x_unit_at(m * row_units, c, j, i, t, LW);
 }
 
 struct Args {
@@ -271,14 +274,14 @@ using Words = std::conditional_t<LW == 4, uint4, uint2>;
 
 // Word j of a lane's words.
 template <typename W>
-__device__ __forceinline__ uint32_t word_at(const W& u, int j) {
+__host__ __device__ __forceinline__ uint32_t word_at(const W& u, int j) {
   if constexpr (sizeof(W) == 16) return j == 0 ? u.x : j == 1 ? u.y : j == 2 ? u.z : u.w;
   else return j == 0 ? u.x : u.y;
 }
 
 // Lane (g, t)'s LW words of one weight row for the task's chunk, zeros past the row or past N.
 template <bool VEC, int LW>
-__device__ __forceinline__ Words<LW> load_words(const Args& a, int n, int word) {
+__host__ __device__ __forceinline__ Words<LW> load_words(const Args& a, int n, int word) {
   Words<LW> u{};
   if (n >= a.N) return u;
   const int32_t* row = a.packed + (int64_t)n * a.KW;
@@ -310,12 +313,34 @@ __device__ __forceinline__ void prefetch_task(const Args& a, int64_t task, int c
 
 // (-α, -α) in T for the group of word `word` of row n (group mode), else (-1, -1).
 template <typename T, int MODE>
-__device__ __forceinline__ uint32_t minus_pair(const Args& a, int n, int word) {
+__host__ __device__ __forceinline__ uint32_t minus_pair(const Args& a, int n, int word) {
   if (MODE != kScaleGroup || n >= a.N || word >= a.KW) return a.minus_ones;
   const T* s = static_cast<const T*>(a.scale);
-  const int group = __float2int_rz(((float)word + 0.5f) * a.inv_group_words);
+  const int group = loraq_gemv::trunc_to_int(((float)word + 0.5f) * a.inv_group_words);
   const uint32_t b = bits16(s[(int64_t)n * a.G + group]) ^ 0x8000u;
   return b | (b << 16);
+}
+
+// Lane (g, t)'s A registers for mma step (j, i) of one row group: registers 2i (columns 2t, 2t+1)
+// and 2i + 1 (columns 2t+8, 2t+9) of its words j of rows g (wu) and g + 8 (wv), with the decode's
+// (-α, -α) of each (mu, mv); the offset decode (OFFSET) takes the words' copies (cu, cv:
+// offset_copy's, h = 0..3) and (16, 16) in mu. i is a constant once unrolled, so each shift is an
+// immediate. (__host__ too: tests/cuda/int1_mma_emulate.cu builds the fragments with it.)
+template <typename T, bool OFFSET>
+__host__ __device__ __forceinline__ void a_fragment(uint32_t (&fa)[4], uint32_t wu, uint32_t wv, uint32_t mu,
+                                                    uint32_t mv, const uint32_t (&cu)[4], const uint32_t (&cv)[4],
+                                                    int i) {
+  if (OFFSET) {
+    fa[0] = offset_pair<T>(cu[i >> 1], 2 * i, mu);
+    fa[1] = offset_pair<T>(cv[i >> 1], 2 * i, mu);
+    fa[2] = offset_pair<T>(cu[i >> 1], 2 * i + 1, mu);
+    fa[3] = offset_pair<T>(cv[i >> 1], 2 * i + 1, mu);
+  } else {
+    fa[0] = sign_pair(wu, 2 * i, mu);
+    fa[1] = sign_pair(wv, 2 * i, mv);
+    fa[2] = sign_pair(wu, 2 * i + 1, mu);
+    fa[3] = sign_pair(wv, 2 * i + 1, mv);
+  }
 }
 
 // One task: 16·RG rows x 512 / RG inputs, 32 / RG mma steps a tile of x and row group. wd[h]: the
@@ -330,35 +355,21 @@ __device__ __forceinline__ void task_mma(float (&acc)[RG][NT][4], const Words<Ta
 #pragma unroll
   for (int j = 0; j < LW; ++j) {
     uint32_t cp[2 * RG][4];  // the offset decode's four copies of each word
-    if (OFFSET) {
 #pragma unroll
-      for (int h = 0; h < 2 * RG; ++h)
+    for (int h = 0; h < 2 * RG; ++h)
 #pragma unroll
-        for (int q = 0; q < 4; ++q) cp[h][q] = offset_copy<T>(word_at(wd[h], j), q);
-    }
+      for (int q = 0; q < 4; ++q) cp[h][q] = OFFSET ? offset_copy<T>(word_at(wd[h], j), q) : 0u;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       uint2 b[NT];  // x's pairs 2i, 2i + 1 of word j for this lane, each tile
 #pragma unroll
-      for (int tile = 0; tile < NT; ++tile)
-        b[tile] = *reinterpret_cast<const uint2*>(xs + 2 * (xrow[tile] + ((c * LW + j) * 8 + i) * 4 + t));
+      for (int tile = 0; tile < NT; ++tile) b[tile] = *reinterpret_cast<const uint2*>(xs + 2 * x_unit_at(xrow[tile], c, j, i, t, LW));
 #pragma unroll
       for (int r = 0; r < RG; ++r) {
-        // registers 2i (columns 2t, 2t+1) and 2i + 1 (columns 2t+8, 2t+9), rows g and g + 8 of
-        // group r; i and j are constants once unrolled, so each shift is an immediate
         const int u = 2 * r, v = 2 * r + 1;
         uint32_t fa[4];
-        if (OFFSET) {
-          fa[0] = offset_pair<T>(cp[u][i >> 1], 2 * i, m[0][0]);
-          fa[1] = offset_pair<T>(cp[v][i >> 1], 2 * i, m[0][0]);
-          fa[2] = offset_pair<T>(cp[u][i >> 1], 2 * i + 1, m[0][0]);
-          fa[3] = offset_pair<T>(cp[v][i >> 1], 2 * i + 1, m[0][0]);
-        } else {
-          fa[0] = sign_pair(word_at(wd[u], j), 2 * i, m[u][j]);
-          fa[1] = sign_pair(word_at(wd[v], j), 2 * i, m[v][j]);
-          fa[2] = sign_pair(word_at(wd[u], j), 2 * i + 1, m[u][j]);
-          fa[3] = sign_pair(word_at(wd[v], j), 2 * i + 1, m[v][j]);
-        }
+        a_fragment<T, OFFSET>(fa, word_at(wd[u], j), word_at(wd[v], j), OFFSET ? m[0][0] : m[u][j],
+                              OFFSET ? m[0][0] : m[v][j], cp[u], cp[v], i);
 #pragma unroll
         for (int tile = 0; tile < NT; ++tile) mma(acc[r][tile], fa, b[tile].x, b[tile].y, T());
       }
@@ -370,7 +381,7 @@ __device__ __forceinline__ void task_mma(float (&acc)[RG][NT][4], const Words<Ta
 // onebit h, rounded to T as the reference rounds Ŵ; group mode folded it into the decode), and
 // times 2 with the offset decode (its tasks subtracted C/2 already).
 template <typename T, int MODE, int NT>
-__device__ __forceinline__ void flush(const Args& a, float (&acc)[NT][4], int rg, int g, int t) {
+__host__ __device__ __forceinline__ void flush(const Args& a, float (&acc)[NT][4], int rg, int g, int t) {
   static_assert(kTileRows == 8, "add_fragments takes m16n8 fragments");
   const T* s = static_cast<const T*>(a.scale);
   const int n0 = rg * kTaskRows + g, n1 = n0 + 8;
@@ -383,7 +394,7 @@ __device__ __forceinline__ void flush(const Args& a, float (&acc)[NT][4], int rg
 // The offset decode, after a task of chunk c: its C/2 off the accumulators of lane (g, t)'s rows of
 // x (2t, 2t + 1 of each tile; rows past M read nothing, their columns are never stored).
 template <int NT>
-__device__ __forceinline__ void subtract_half_c(const Args& a, float (&acc)[NT][4], uint32_t* xs, int row_units,
+__host__ __device__ __forceinline__ void subtract_half_c(const Args& a, float (&acc)[NT][4], uint32_t* xs, int row_units,
                                                 int c, int t) {
 #pragma unroll
   for (int tile = 0; tile < NT; ++tile)
