@@ -63,7 +63,8 @@ if [ "${TESTS:-gpu}" = all ]; then SELECT=("${KERNEL_TESTS[@]}" tests/test_bench
 elif [ "${TESTS:-gpu}" = slab ]; then SELECT=(tests/test_dense_slab.py tests/test_bench.py -k "gpu or dense_slab")
 elif [ "${TESTS:-gpu}" = mma ] || [ "${TESTS:-gpu}" = cuda ]; then
   SELECT=(tests/test_int1_gemv_mma.py tests/test_int1_gemv_lut_cuda.py tests/test_sparse4x4_gemv_cuda.py tests/test_ext.py tests/test_forward_plan.py
-          tests/test_training_plan.py tests/test_bench.py -k "gpu or mma or gemv or dequantize")
+          tests/test_training_plan.py tests/test_bench.py
+          -k "(gpu or mma or gemv or dequantize) and not (compiles or k_slices or fragment or emulat)")  # not the CPU tests
 elif [ "${TESTS:-gpu}" = pairs ]; then SELECT=(tests/test_int1_pairs.py tests/test_bench.py -k "gpu or pairs")
 elif [ "${TESTS:-gpu}" = gemv ]; then SELECT=("${KERNEL_TESTS[@]:1}" tests/test_bench.py -k "gpu or every_lut or every_gather or finish")
 else SELECT=("${KERNEL_TESTS[@]}" tests/test_bench.py -k "gpu or every_tile or every_lut or every_gather or finish"); fi

@@ -311,12 +311,13 @@ def test_offset_decode_keeps_its_precision_when_x_does_not_average_zero(dtype, M
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("M", [1, 5, 9, 16])
-@pytest.mark.parametrize("N, K", [(37, 300), (1000, 1000), (77, 4100), (4096, 4096), (300, 14336)])
+@pytest.mark.parametrize("M", [1, 5, 16])
+@pytest.mark.parametrize("N, K", [(37, 300), (77, 4100), (4096, 4096)])
 def test_32_row_tasks_match_reference(kind, dtype, M, N, K):
     """Tasks of two row groups (32 rows x 256 inputs): odd N (a task whose second group is partly
     or wholly past N), odd K (a partial word, task and slice), LoRA and bias; M = 1 too (the tuner
-    offers them from 5 rows, a forced config runs them at any)."""
+    offers them from 5 rows, a forced config runs them at any). Fewer cases than the 16-row tasks'
+    own: the host emulation (test_int1_gemv_mma_emulated.py) covers the kernel's code in depth."""
     _needs_kernel()
     run_mma(kind, dtype, M, N, K, cfg=CFG32)
 
