@@ -45,9 +45,9 @@ __host__ __device__ __forceinline__ V load_ro(const V* p) {
 #endif
 }
 
-// *p += v for a float in shared (or global) memory that several threads add to (a plain add on the
-// host, where the emulation runs one thread at a time).
-__host__ __device__ __forceinline__ void add_shared(float* p, float v) {
+// *p += v for a float in shared or global memory that several threads add to: atomicAdd on the GPU,
+// a plain add on the host, where the emulations run one thread at a time.
+__host__ __device__ __forceinline__ void atomic_add_float(float* p, float v) {
 #ifdef __CUDA_ARCH__
   atomicAdd(p, v);
 #else
@@ -106,8 +106,8 @@ __host__ __device__ __forceinline__ void add_fragments(float* ws, int M, int N, 
     for (int e = 0; e < 2; ++e) {
       const int m = tile * 8 + 2 * t + e;
       if (m < M) {
-        if (n0 < N) add_shared(ws + (int64_t)m * N + n0, acc[tile][e] * s0);  // an atomic add (in L2 here)
-        if (n1 < N) add_shared(ws + (int64_t)m * N + n1, acc[tile][2 + e] * s1);
+        if (n0 < N) atomic_add_float(ws + (int64_t)m * N + n0, acc[tile][e] * s0);
+        if (n1 < N) atomic_add_float(ws + (int64_t)m * N + n1, acc[tile][2 + e] * s1);
       }
       acc[tile][e] = 0.f;
       acc[tile][2 + e] = 0.f;

@@ -262,7 +262,7 @@ __host__ __device__ void fill_x(const Args& a, uint32_t* xs, int k0, int chunks,
       *reinterpret_cast<uint2*>(xs + 2 * x_unit(m, row_units, c, j, i, t, LW)) =
           make_uint2((lo & 0xFFFFu) | (hi << 16), (lo >> 16) | (hi & 0xFFFF0000u));
     }
-    if (is_offset(MODE)) loraq_gemv::add_shared(offset_c(xs, a.M, row_units, m, c), csum);
+    if (is_offset(MODE)) loraq_gemv::atomic_add_float(offset_c(xs, a.M, row_units, m, c), csum);
   };
   loraq_gemv::staged_copy<is_onebit(MODE) ? 1 : 2, XWord>(items, tid, threads, load, store);
 }

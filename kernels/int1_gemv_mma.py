@@ -60,15 +60,16 @@ MMA_SPLIT_MIN_M = 9
 MMA_SPLIT_AT_LEAST = 4
 MMA_SPLIT_SHAPES = ((16, 1, 32), (16, 2, 16), (32, 1, 24))
 
-
-def row_groups(cfg) -> int:
-    """Row groups a task of the mma GEMV config ``cfg``: 2 for 32-row tasks, else 1."""
-    return 2 if cfg[6] == MMA_GEMV and cfg[2] == MMA_TASK32_INPUTS else 1
 # the op's modes for per-row α and onebit with the offset decode (csrc/int1_gemv_mma.cuh: one LOP3 a
 # register of A instead of two, about 16% fewer instructions in the loop, and an error up to fp16's
 # rounding of y where x does not average zero, NOTES.md v14b; opt-in with LORAQ_OFFSET_DECODE=1
 # until its GPU tests have run)
 OFFSET_MODES = {SCALE_ROW: 3, SCALE_ONEBIT: 4}
+
+
+def row_groups(cfg) -> int:
+    """Row groups a task of the mma GEMV config ``cfg``: 2 for 32-row tasks, else 1."""
+    return 2 if cfg[6] == MMA_GEMV and cfg[2] == MMA_TASK32_INPUTS else 1
 
 
 def op_mode(mode: int) -> int:

@@ -6,54 +6,22 @@
 // (warp_run), 16·RG weight rows x 512 / RG inputs a task. Per task every lane loads its words
 // (load_words), takes its decode constants (minus_pair) and, per mma step, its A registers
 // (a_fragment) and its B registers (x_unit_at): the kernel's own functions. What is the
-// emulator's: the mma itself, computed from the PTX ISA's fragment layout for m16n8k16 (A rows
-// {g, g+8, g, g+8} at columns {2t, 2t, 2t+8, 2t+8}; B column g at rows {2t, 2t+8}; C rows {g, g,
-// g+8, g+8} at columns {2t, 2t+1, 2t, 2t+1}), and the loop of task_mma / run_tasks around those
-// calls, which it follows line by line. The offset decode's C (subtract_half_c) and the flush
-// into ws (flush, add_fragments: plain adds here) are the kernel's.
+// emulator's: the mma itself (mma_emulate.h, from the PTX ISA's fragment layout), and the loop of
+// task_mma / run_tasks around those calls, which it follows line by line. The offset decode's C
+// (subtract_half_c) and the flush into ws (flush, add_fragments: plain adds here) are the kernel's.
 #include <stdint.h>
-#include <string.h>
 
 #include <algorithm>
 #include <vector>
 
 #include "../../csrc/int1_gemv_mma.cuh"
+#include "mma_emulate.h"
 
 namespace int1_mma_emu {
 
 using namespace loraq_mma;
 
-template <typename T>
-float half_at(uint32_t pair, int h) {
-  const uint16_t bits = (uint16_t)(h ? pair >> 16 : pair & 0xFFFFu);
-  T v;
-  memcpy(&v, &bits, 2);
-  return loraq_gemv::to_float(v);
-}
-
-// acc[lane] (one m16n8 tile's C fragments) += A·B from the 32 lanes' registers.
-template <typename T>
-void mma(float (&acc)[32][4], const uint32_t (&fa)[32][4], const uint32_t (&fb)[32][2]) {
-  float A[16][16], B[16][8];
-  for (int lane = 0; lane < 32; ++lane) {
-    const int g = lane >> 2, t = lane & 3;
-    for (int e = 0; e < 8; ++e) {  // a0..a7: register e / 2, half e % 2
-      const int row = g + ((e == 2 || e == 3 || e == 6 || e == 7) ? 8 : 0);
-      const int col = 2 * t + (e & 1) + (e >= 4 ? 8 : 0);
-      A[row][col] = half_at<T>(fa[lane][e >> 1], e & 1);
-    }
-    for (int e = 0; e < 4; ++e) B[2 * t + (e & 1) + (e >= 2 ? 8 : 0)][g] = half_at<T>(fb[lane][e >> 1], e & 1);
-  }
-  for (int lane = 0; lane < 32; ++lane) {
-    const int g = lane >> 2, t = lane & 3;
-    for (int e = 0; e < 4; ++e) {
-      const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e & 1);
-      float s = 0.f;
-      for (int k = 0; k < 16; ++k) s += A[row][k] * B[k][col];
-      acc[lane][e] += s;
-    }
-  }
-}
+using mma_emulate::mma;
 
 template <typename T, int MODE, bool VEC, int NT, int RG>
 void emulate(const Args& a, int blocks, int warps) {

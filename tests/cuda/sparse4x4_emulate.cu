@@ -5,7 +5,6 @@
 // memory", then every lane of every warp's run of tasks (the lanes never talk to each other;
 // the device's atomics are plain adds here). The per-thread code is the kernel's own.
 #include <stdint.h>
-#include <string.h>
 
 #include <vector>
 
@@ -87,47 +86,17 @@ extern "C" int sparse4x4_emulate(int dtype, int rows, int vec, const void* x, co
 //
 // A warp's tasks as the kernel runs them: per mma step, every lane builds its A registers
 // (a_regs, the kernel's decode) and reads its B registers from the shared copy of x (x_unit,
-// the kernel's layout); the mma itself is computed here from the PTX ISA's fragment layout for
-// m16n8k16 (A rows {g, g+8, g, g+8} at columns {2t, 2t, 2t+8, 2t+8}; B column g at rows {2t, 2t+8};
-// C rows {g, g, g+8, g+8} at columns {2t, 2t+1, 2t, 2t+1}).
+// the kernel's layout); the mma itself is computed here (mma_emulate.h) from the PTX ISA's fragment
+// layout for m16n8k16.
 
 #include "../../csrc/sparse4x4_gemv_mma.cuh"
+#include "mma_emulate.h"
 
 namespace mma_emu {
 
 using namespace loraq_sparse_mma;
 
-template <typename T>
-float half_at(uint32_t pair, int h) {
-  const uint16_t bits = (uint16_t)(h ? pair >> 16 : pair & 0xFFFFu);
-  T v;
-  memcpy(&v, &bits, 2);
-  return loraq_gemv::to_float(v);
-}
-
-// D[16 x 8] += A·B from the 32 lanes' registers.
-template <typename T>
-void mma(float (&acc)[32][4], const uint32_t (&fa)[32][4], const uint32_t (&fb)[32][2]) {
-  float A[16][16], B[16][8];
-  for (int lane = 0; lane < 32; ++lane) {
-    const int g = lane >> 2, t = lane & 3;
-    for (int e = 0; e < 8; ++e) {  // a0..a7: register e / 2, half e % 2
-      const int row = g + ((e == 2 || e == 3 || e == 6 || e == 7) ? 8 : 0);
-      const int col = 2 * t + (e & 1) + (e >= 4 ? 8 : 0);
-      A[row][col] = half_at<T>(fa[lane][e >> 1], e & 1);
-    }
-    for (int e = 0; e < 4; ++e) B[2 * t + (e & 1) + (e >= 2 ? 8 : 0)][g] = half_at<T>(fb[lane][e >> 1], e & 1);
-  }
-  for (int lane = 0; lane < 32; ++lane) {
-    const int g = lane >> 2, t = lane & 3;
-    for (int e = 0; e < 4; ++e) {
-      const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e & 1);
-      float s = 0.f;
-      for (int k = 0; k < 16; ++k) s += A[row][k] * B[k][col];
-      acc[lane][e] += s;
-    }
-  }
-}
+using mma_emulate::mma;
 
 template <typename T, bool VEC, int NT>
 void emulate(const Args& a, int blocks, int warps) {
