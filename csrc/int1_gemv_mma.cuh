@@ -56,6 +56,13 @@ constexpr int kTaskRows = 16;     // weight rows a row group (the mma's M), and 
 constexpr int kTaskInputs = 512;  // inputs a task of one row group: 4 lanes x 4 words x 32
 constexpr int kTaskWords = kTaskInputs / 32;
 
+// Inputs a K slice when K is cut in k_split slices of whole tasks of task_inputs (the op's plan;
+// the host emulations use it too). int64 for the op's checks before K is known to fit an int.
+__host__ __device__ __forceinline__ int64_t slice_inputs_for(int64_t K, int64_t k_split, int64_t task_inputs) {
+  const int64_t per = (K + k_split - 1) / k_split;
+  return (per + task_inputs - 1) / task_inputs * task_inputs;
+}
+
 // A task of RG row groups (1 or 2): 16·RG weight rows x 512 / RG inputs (its chunk), lane t
 // loading kLaneWords consecutive words of each of its 2·RG rows.
 template <int RG>

@@ -158,8 +158,7 @@ void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const to
   // K slices of whole tasks (none when K = 0)
   int64_t slices = 0;
   if (K > 0) {
-    const int64_t per = (K + k_split - 1) / k_split;
-    a.slice_inputs = (int)((per + task_inputs - 1) / task_inputs * task_inputs);
+    a.slice_inputs = (int)loraq_mma::slice_inputs_for(K, k_split, task_inputs);
     slices = (K + a.slice_inputs - 1) / a.slice_inputs;
   }
   const bool one = y.has_value();

@@ -115,8 +115,7 @@ extern "C" int int1_finish_emulate(int dtype, const void* x, const float* xf, co
   a.M = M;
   a.N = N;
   a.K = K;
-  const int per = (K + k_split - 1) / k_split;
-  a.slice_inputs = (per + kTaskInputs - 1) / kTaskInputs * kTaskInputs;
+  a.slice_inputs = (int)slice_inputs_for(K, k_split, kTaskInputs);
   const int slices = (K + a.slice_inputs - 1) / a.slice_inputs;
   if (A != nullptr) {
     if (R < 1 || block_r < R || block_r % loraq_gemv::kXaRanks || slots < 1 || slots > blocks * slices) return 1;

@@ -155,9 +155,7 @@ extern "C" int int1_mma_emulate(int dtype, int mode, int rg, int vec, const void
   a.inv_group_words = mode == 1 ? 32.f / (float)group_size : 0.f;
   a.minus_ones = dtype == 0 ? Half2Bits<__half>::kMinusOnes : Half2Bits<__nv_bfloat16>::kMinusOnes;
   a.sixteens = dtype == 0 ? OffsetDecode<__half>::kSixteens : OffsetDecode<__nv_bfloat16>::kSixteens;
-  const int task_inputs = kTaskInputs / rg;  // the op's slice plan
-  const int per = (K + k_split - 1) / k_split;
-  a.slice_inputs = (per + task_inputs - 1) / task_inputs * task_inputs;
+  a.slice_inputs = (int)slice_inputs_for(K, k_split, kTaskInputs / rg);  // the op's slice plan
   if (dtype == 0)
     return vec ? int1_mma_emu::by_shape<__half, true>(mode, rg, a, blocks, warps)
                : int1_mma_emu::by_shape<__half, false>(mode, rg, a, blocks, warps);
