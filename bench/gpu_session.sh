@@ -56,13 +56,14 @@ python3 bench/profile_host.py --stub-kernels --M 1 2>&1 | head -n 5 >> "$INFO"; 
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 KERNEL_TESTS=(tests/test_triton_kernels.py tests/test_int1_gemv_lut.py tests/test_sparse4x4_gemv.py
               tests/test_sparse4x4_gemv_dx.py tests/test_splitk_finish.py tests/test_dense_slab.py
-              tests/test_int1_pairs.py tests/test_int1_gemv_mma.py tests/test_int1_gemv_lut_cuda.py
+              tests/test_int1_pairs.py tests/test_int1_gemv_mma.py tests/test_int1_gemv_lut_cuda.py tests/test_int1_gemv_lut8_cuda.py
               tests/test_sparse4x4_gemv_cuda.py tests/test_fast_launch.py tests/test_forward_plan.py
               tests/test_training_plan.py)
 if [ "${TESTS:-gpu}" = all ]; then SELECT=("${KERNEL_TESTS[@]}" tests/test_bench.py)
 elif [ "${TESTS:-gpu}" = slab ]; then SELECT=(tests/test_dense_slab.py tests/test_bench.py -k "gpu or dense_slab")
 elif [ "${TESTS:-gpu}" = mma ] || [ "${TESTS:-gpu}" = cuda ]; then
-  SELECT=(tests/test_int1_gemv_mma.py tests/test_int1_gemv_lut_cuda.py tests/test_sparse4x4_gemv_cuda.py tests/test_ext.py tests/test_forward_plan.py
+  SELECT=(tests/test_int1_gemv_mma.py tests/test_int1_gemv_lut_cuda.py tests/test_int1_gemv_lut8_cuda.py tests/test_sparse4x4_gemv_cuda.py
+          tests/test_ext.py tests/test_forward_plan.py
           tests/test_training_plan.py tests/test_bench.py
           -k "(gpu or mma or gemv or dequantize) and not (compiles or k_slices or fragment or emulat)")  # not the CPU tests
 elif [ "${TESTS:-gpu}" = pairs ]; then SELECT=(tests/test_int1_pairs.py tests/test_bench.py -k "gpu or pairs")

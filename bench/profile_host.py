@@ -131,9 +131,10 @@ def main(argv=None) -> int:
     p.add_argument("--stub-kernels", action="store_true",
                    help="run every layer of the stack on the CPU, Triton's launches recorded by a fake driver "
                         "instead of run: the Python before the GPU works (measurable on any CPU)")
-    p.add_argument("--cuda-op", choices=["mma", "lut"],
+    p.add_argument("--cuda-op", choices=["mma", "lut", "lut8"],
                    help="with --stub-kernels: as if the CUDA extension were built, its GEMV picked at up to 16 rows "
-                        "(mma: the tensor-core GEMVs of both formats; lut: int1's lookup GEMV, one row), its ops "
+                        "(mma: the tensor-core GEMVs of both formats; lut, lut8: int1's lookup GEMVs of 4 and 8 "
+                        "inputs an entry, one row), its ops "
                         "recorded instead of run")
     args = p.parse_args(argv)
     default = 64 if args.stub else 4096
@@ -214,6 +215,7 @@ def fake_extension(on, calls):
 
     ok = lambda *a: (True, "")  # noqa: E731
     patches = [(lora_linear_fwd, "mma_gemv_status", ok), (lora_linear_fwd, "sparse_cuda_status", ok),
+               (lora_linear_fwd, "cuda_lut8_status", ok),
                (lora_linear_fwd, "cuda_gemv_offered", lambda: True)]
     for mod in (int1_gemv_mma, sparse4x4_gemv_cuda):
         patches += [(mod, "sm_count", lambda index: 132), (mod, "smem_limits", lambda index: (232448, 233472))]
@@ -255,12 +257,13 @@ def stub_kernels(args) -> int:
 
     from fake_driver import fake_cuda
 
-    from loraq.kernels.autotune import CUDA_GATHER, CUDA_LUT, MMA_GEMV, SPARSE_MMA
+    from loraq.kernels.autotune import CUDA_GATHER, CUDA_LUT, CUDA_LUT8, MMA_GEMV, SPARSE_MMA
 
     fwd_mod = importlib.import_module("loraq.kernels.lora_linear_fwd")
     real_pick = fwd_mod.pick_config
     picked = {}
-    cuda = (MMA_GEMV, CUDA_LUT, CUDA_GATHER, SPARSE_MMA)
+    cuda = (MMA_GEMV, CUDA_LUT, CUDA_LUT8, CUDA_GATHER, SPARSE_MMA)
+    lookups = {"lut": CUDA_LUT, "lut8": CUDA_LUT8}
 
     def pick(op, M, N, K, dtype, device, run, bench=None, extra=None, variant=(), check=None):
         key = (op, M, N, K, dtype, device.index, variant)
@@ -268,7 +271,8 @@ def stub_kernels(args) -> int:
         if hit is None:
             more = list((extra() if callable(extra) else extra) or [])
             if args.cuda_op:  # the extension's GEMV, as the H100 picked at 1 and 16 rows
-                more = [c for c in more if c[6] in cuda and (args.cuda_op == "lut") == (c[6] == CUDA_LUT)]
+                want = lookups.get(args.cuda_op)  # None: the tensor-core GEMVs
+                more = [c for c in more if c[6] in cuda and (c[6] == want if want else c[6] not in lookups.values())]
             hit = picked[key] = more[0] if more and M <= 16 else real_pick(op, M, N, K, dtype, device, run)
         return hit
 

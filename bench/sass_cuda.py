@@ -43,9 +43,9 @@ if _interpret is not None:  # nothing here compiles Triton: leave the caller's s
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 DTYPES = {"fp16": "__half", "bf16": "__nv_bfloat16"}
 MODES = {0: "row", 1: "group", 2: "onebit", 3: "row+offset", 4: "onebit+offset"}  # 3, 4: the offset decode
-KERNELS = ("mma", "sparse", "sparse_mma", "lut")
+KERNELS = ("mma", "sparse", "sparse_mma", "lut", "lut8")
 HEADERS = {"mma": "int1_gemv_mma.cuh", "sparse": "sparse4x4_gemv.cuh", "sparse_mma": "sparse4x4_gemv_mma.cuh",
-           "lut": "int1_gemv_lut.cuh"}
+           "lut": "int1_gemv_lut.cuh", "lut8": "int1_gemv_lut8.cuh"}
 
 
 def nvcc() -> Optional[str]:
@@ -71,6 +71,9 @@ def instantiations(kernel: str = "mma") -> List[Dict]:
     if kernel == "lut":
         return [dict(kernel=kernel, dtype=d, mode=m, vec=v, one=one)
                 for d, m, v, one in itertools.product(DTYPES, (0, 1, 2), (True, False), (False, True))]
+    if kernel == "lut8":  # 32-bit loads only: no vec; two launches only
+        return [dict(kernel=kernel, dtype=d, mode=m, vec=True, one=False)
+                for d, m in itertools.product(DTYPES, (0, 1, 2))]
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
 
 
@@ -90,6 +93,9 @@ def _template(inst) -> str:
         line = (f"template __global__ void loraq_lut::int1_gemv_lut_kernel<{t}, {inst['mode']}, {vec}, {one}>"
                 "(const loraq_mma::Args);")
         return line, f"I{mangled_t}Li{inst['mode']}ELb{int(inst['vec'])}ELb{int(inst['one'])}EE"
+    if inst["kernel"] == "lut8":
+        line = f"template __global__ void loraq_lut8::int1_gemv_lut8_kernel<{t}, {inst['mode']}>(const loraq_mma::Args);"
+        return line, f"I{mangled_t}Li{inst['mode']}EE"
     if inst["kernel"] == "sparse_mma":
         args = "loraq_sparse_mma::MmaArgs" if inst["one"] else "loraq_sparse::Args"
         line = (f"template __global__ void loraq_sparse_mma::sparse4x4_gemv_mma_kernel<{t}, {vec}, {inst['tiles']}, "
@@ -138,7 +144,7 @@ def compile_all(arch: int = 90, kernel: str = "mma") -> List[Dict]:
         if m and name:
             usage[name]["registers"] = int(m.group(1))
     functions = re.split(r"\n\s*Function : ", sass)
-    key_op = {"sparse": "FFMA", "lut": "LDS"}.get(kernel, "HMMA")
+    key_op = {"sparse": "FFMA", "lut": "LDS", "lut8": "LDS"}.get(kernel, "HMMA")
     out = []
     for inst in insts:
         key = _template(inst)[1]
@@ -167,6 +173,11 @@ def describe(r: Dict) -> str:
                 + (", one launch" if r["one"] else ""))
         # a lookup (an LDS) is 4 weights of a lane; the loop holds two tasks of 256
         ops = f"{total / max(1, 4 * loop.get('LDS', 0)):.2f} a weight; {loop.get('LDS', 0)} LDS, {loop.get('LOP3', 0)} LOP3, {loop.get('FADD', 0)} FADD"
+    elif r["kernel"] == "lut8":
+        what = f"int1 byte lookup {r['dtype']} {MODES[r['mode']]:13s} 4-byte loads"
+        # a lookup (an LDS) is 8 weights of a lane; the loop holds two batches of 8 rows (64 LDS)
+        ops = (f"{total / max(1, 8 * loop.get('LDS', 0)):.3f} a weight; {loop.get('LDS', 0)} LDS, "
+               f"{loop.get('PRMT', 0)} PRMT, {loop.get('FADD', 0)} FADD, {loop.get('SHFL', 0)} SHFL")
     elif r["kernel"] == "sparse_mma":
         what = (f"sparse4x4 mma {r['dtype']} {loads} loads, {r['tiles']} tile(s) of x"
                 + (", one launch" if r["one"] else ""))

@@ -55,6 +55,22 @@ __host__ __device__ __forceinline__ void atomic_add_float(float* p, float v) {
 #endif
 }
 
+// Bytes of a (0..3) and b (4..7) picked by the low four nibbles of s (prmt, default mode; the
+// selectors of the kernels have bit 3 of those nibbles clear). In PTX: __byte_perm masks the selector with
+// 0x7777 first, one more instruction per register.
+__host__ __device__ __forceinline__ uint32_t byte_perm(uint32_t a, uint32_t b, uint32_t s) {
+#ifdef __CUDA_ARCH__
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(s));
+  return d;
+#else
+  const uint64_t both = ((uint64_t)b << 32) | a;
+  uint32_t out = 0;
+  for (int i = 0; i < 4; ++i) out |= (uint32_t)((both >> (8 * ((s >> (4 * i)) & 7))) & 0xFF) << (8 * i);
+  return out;
+#endif
+}
+
 // A non-negative float truncated to int (__float2int_rz on the GPU; the host's cast does the same).
 __host__ __device__ __forceinline__ int trunc_to_int(float v) {
 #ifdef __CUDA_ARCH__

@@ -15,6 +15,7 @@
 #include "finish_op.h"
 #include "op_checks.h"
 #include "int1_gemv_lut.cuh"
+#include "int1_gemv_lut8.cuh"
 #include "int1_gemv_mma.cuh"
 
 namespace loraq_mma_op {
@@ -67,9 +68,20 @@ void launch_lut_mode(int64_t mode, const Args& a, const Launch& l) {
   else go(loraq_lut::int1_gemv_lut_kernel<T, kScaleOnebit, VEC, ONE>);
 }
 
+// The byte-lookup GEMV (one row of x; modes 0 to 2; two launches; 32-bit loads: no VEC).
+template <typename T>
+void launch_lut8_mode(int64_t mode, const Args& a, const Launch& l) {
+  using namespace loraq_mma;
+  auto go = [&](auto kernel) { loraq_ops::launch_kernel(kernel, a, l.grid, l.threads, l.smem, l.max_smem, l.stream); };
+  if (mode == kScaleRow) go(loraq_lut8::int1_gemv_lut8_kernel<T, kScaleRow>);
+  else if (mode == kScaleGroup) go(loraq_lut8::int1_gemv_lut8_kernel<T, kScaleGroup>);
+  else go(loraq_lut8::int1_gemv_lut8_kernel<T, kScaleOnebit>);
+}
+
 template <typename T, bool VEC>
-void launch_kernels(bool lut, int64_t mode, int64_t row_groups, const Args& a, const Launch& l) {
-  if (!lut) launch_tiles<T, VEC>(mode, row_groups, a, l);
+void launch_kernels(int64_t lut, int64_t mode, int64_t row_groups, const Args& a, const Launch& l) {
+  if (lut == 0) launch_tiles<T, VEC>(mode, row_groups, a, l);
+  else if (lut == 2) launch_lut8_mode<T>(mode, a, l);
   else if (a.fin.y != nullptr) launch_lut_mode<T, VEC, true>(mode, a, l);
   else launch_lut_mode<T, VEC, false>(mode, a, l);
 }
@@ -84,6 +96,9 @@ void launch_kernels(bool lut, int64_t mode, int64_t row_groups, const Args& a, c
 // and counters the zeroed int32 counters (loraq_gemv::finish_counters of them), left zero.
 // lut = 1: the lookup GEMV (int1_gemv_lut.cuh) instead, for one row of x and modes 0 to 2; its
 // K slices are whole tasks of 512 inputs and its shared memory the slice's table.
+// lut = 2: the byte-lookup GEMV (int1_gemv_lut8.cuh) instead, for one row of x, modes 0 to 2 and
+// two launches; its K slices are 1024 inputs (k_split at least ceil(K / 1024)) and its shared
+// memory a 128 KiB table.
 // row_groups = 2: the mma GEMV's tasks of 32 weight rows x 256 inputs (two launches only; its K
 // slices are whole tasks of 256 inputs); 1: 16 x 512.
 void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale,
@@ -108,16 +123,22 @@ void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const to
   TORCH_CHECK(mode >= 0 && mode <= 4,
               "int1_gemv_mma: mode must be 0 (row), 1 (group), 2 (onebit), 3 (row) or 4 (onebit) with the offset "
               "decode, got ", mode);
-  TORCH_CHECK(lut == 0 || lut == 1, "int1_gemv_mma: lut must be 0 (the mma GEMV) or 1 (the lookup GEMV), got ", lut);
-  TORCH_CHECK(lut == 0 || (M == 1 && mode <= 2),
-              "int1_gemv_mma: the lookup GEMV (lut = 1) takes one row of x and modes 0 to 2, got ", M, " rows and mode ",
-              mode);
+  TORCH_CHECK(lut >= 0 && lut <= 2,
+              "int1_gemv_mma: lut must be 0 (the mma GEMV), 1 (the lookup GEMV) or 2 (the byte-lookup GEMV), got ", lut);
+  TORCH_CHECK(lut == 0 || (M == 1 && mode <= 2), "int1_gemv_mma: the lookup GEMV (lut = ", lut,
+              ") takes one row of x and modes 0 to 2, got ", M, " rows and mode ", mode);
+  TORCH_CHECK(lut != 2 || !y.has_value(), "int1_gemv_mma: the byte-lookup GEMV (lut = 2) runs in two launches (no y)");
+  TORCH_CHECK(lut != 2 || k_split >= (K + loraq_lut8::kSliceInputs - 1) / loraq_lut8::kSliceInputs,
+              "int1_gemv_mma: the byte-lookup GEMV's K slices are ", loraq_lut8::kSliceInputs,
+              " inputs: k_split must be at least ceil(K / ", loraq_lut8::kSliceInputs, ") = ",
+              (K + loraq_lut8::kSliceInputs - 1) / loraq_lut8::kSliceInputs, ", got ", k_split);
   TORCH_CHECK(row_groups == 1 || (row_groups == 2 && lut == 0 && !y.has_value()),
               "int1_gemv_mma: row_groups must be 1, or 2 for the mma GEMV in two launches (no y), got ", row_groups,
-              lut ? " with lut = 1" : (y.has_value() ? " with y" : ""));
+              lut ? " with a lookup GEMV (lut = 1 or 2)" : (y.has_value() ? " with y" : ""));
   TORCH_CHECK(row_groups == 1 || warps <= 24,
               "int1_gemv_mma: row_groups = 2 takes 1 to 24 warps a block (its launch bound: 768 threads), got ", warps);
-  const int64_t task_inputs = lut ? loraq_lut::kTaskInputs : loraq_mma::kTaskInputs / row_groups;
+  const int64_t task_inputs = lut == 2 ? loraq_lut8::kSliceInputs
+                              : lut ? loraq_lut::kTaskInputs : loraq_mma::kTaskInputs / row_groups;
   const bool onebit = mode == 2 || mode == 4;
   TORCH_CHECK(mode != 1 || (group_size > 0 && group_size % 32 == 0 && scale.size(1) == (K + group_size - 1) / group_size),
               "int1_gemv_mma: per-group scales need a group size that is a multiple of 32 and scale [N, ceil(K/group)]");
@@ -202,7 +223,8 @@ void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const to
   // x's rows (8 bytes a unit of 4 inputs), then with the offset decode its table of C (M·chunks
   // floats); the lookup GEMV: its table of sums. kernels/int1_gemv_mma.py's k_slices plans with the
   // same sizes
-  const size_t smem = lut ? (size_t)loraq_lut::table_bytes((int)chunks)
+  const size_t smem = lut == 2 ? (size_t)loraq_lut8::kTableBytes
+                     : lut ? (size_t)loraq_lut::table_bytes((int)chunks)
                           : (size_t)M * (a.slice_inputs / 4 + loraq_mma::kRowPadUnits) * 8 +
                                 (mode >= 3 ? (size_t)M * chunks * 4 : 0);
   const c10::cuda::CUDAGuard guard(x.device());

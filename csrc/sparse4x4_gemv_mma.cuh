@@ -62,6 +62,7 @@ constexpr int kRowPadUnits = 4;              // 32 bytes of padding per row of x
 constexpr int kThreads = 512;                // the launch bound
 
 using loraq_gemv::bits16;
+using loraq_gemv::byte_perm;
 using loraq_gemv::from_float;
 using loraq_gemv::load_ro;
 using loraq_gemv::to_float;
@@ -80,22 +81,6 @@ __host__ __device__ __forceinline__ uint32_t funnel_rc(uint32_t lo, uint32_t hi,
 #else
   const uint64_t both = ((uint64_t)hi << 32) | lo;
   return (uint32_t)(both >> (s < 32 ? s : 32));
-#endif
-}
-
-// Bytes of a (0..3) and b (4..7) picked by the low four nibbles of s (prmt, default mode; every
-// selector here has bit 3 of those nibbles clear). In PTX: __byte_perm masks the selector with
-// 0x7777 first, one more instruction per register.
-__host__ __device__ __forceinline__ uint32_t byte_perm(uint32_t a, uint32_t b, uint32_t s) {
-#ifdef __CUDA_ARCH__
-  uint32_t d;
-  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(s));
-  return d;
-#else
-  const uint64_t both = ((uint64_t)b << 32) | a;
-  uint32_t out = 0;
-  for (int i = 0; i < 4; ++i) out |= (uint32_t)((both >> (8 * ((s >> (4 * i)) & 7))) & 0xFF) << (8 * i);
-  return out;
 #endif
 }
 

@@ -43,9 +43,10 @@ Config = Tuple[int, int, int, int, int, int, int]
 # kernels/int1_gemv_mma.py: a candidate only where the extension loraq._C is built), and the
 # sparse4x4 forward for up to 16 rows as a CUDA gather (CUDA_GATHER) or on mma.sync with the tiles
 # decoded into its registers (SPARSE_MMA; both kernels/sparse4x4_gemv_cuda.py, the same condition);
-# the int1 forward for one row of x by table lookup in CUDA (CUDA_LUT, kernels/int1_gemv_mma.py).
+# the int1 forward for one row of x by table lookup in CUDA, 4 inputs an entry (CUDA_LUT) or 8
+# (CUDA_LUT8; both kernels/int1_gemv_mma.py).
 (DOT, DOT_SWAP, LUT, GATHER, GATHER_T, GATHER_X4, GATHER_T_X4, DENSE_SLAB, DOT_PAIRS, MMA_GEMV, CUDA_GATHER, SPARSE_MMA,
- CUDA_LUT) = range(13)
+ CUDA_LUT, CUDA_LUT8) = range(14)
 GATHER_FWD = (GATHER, GATHER_T, GATHER_X4, GATHER_T_X4)  # the forward's gathering variants
 
 # Small batches: one 16-row tile of x, wide weight tiles, the reduction split so that a few
@@ -552,7 +553,7 @@ VARIANT_NAMES = {DOT: "tiled", DOT_SWAP: "tiled, swapped", LUT: "lookup GEMV", G
                  GATHER_T_X4: "gather GEMV, swapped, x by fours", DENSE_SLAB: "dense slab + cuBLAS",
                  DOT_PAIRS: "tiled, swapped, pair-order signs", MMA_GEMV: "CUDA mma GEMV (loraq._C)",
                  CUDA_GATHER: "CUDA gather GEMV (loraq._C)", SPARSE_MMA: "CUDA sparse mma GEMV (loraq._C)",
-                 CUDA_LUT: "CUDA lookup GEMV (loraq._C)"}
+                 CUDA_LUT: "CUDA lookup GEMV (loraq._C)", CUDA_LUT8: "CUDA byte-lookup GEMV (loraq._C)"}
 
 
 def describe(cfg: Config) -> str:

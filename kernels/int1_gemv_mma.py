@@ -1,5 +1,5 @@
 """``y = x·Ŵᵀ + s·(x·Aᵀ)·Bᵀ + b`` for up to 16 rows of ``x`` and an int1 ``Ŵ``, on tensor cores
-(and, for one row, by table lookup: ``CUDA_LUT`` below).
+(and, for one row, by table lookup: ``CUDA_LUT`` and ``CUDA_LUT8`` below).
 
 The kernel is CUDA C++ (``csrc/int1_gemv_mma.cuh``, built into ``loraq._C`` as
 ``torch.ops.loraq.int1_gemv_mma``): each warp decodes its weights two signs at a time straight
@@ -32,7 +32,7 @@ from typing import List, Tuple
 
 import torch
 
-from .autotune import CUDA_LUT, MMA_GEMV, Config
+from .autotune import CUDA_LUT, CUDA_LUT8, MMA_GEMV, Config
 from .cuda_ext import MAX_SLOTS, extension_problem, fit_slices, sm_count, smem_limits
 from .decode import SCALE_GROUP, SCALE_ONEBIT, SCALE_ROW, lora_and_bias_args, weight_args
 from .env import env_is
@@ -138,6 +138,41 @@ def cuda_lut_configs(M: int) -> List[Config]:
     return [(1, bps, CUDA_LUT_TASK_INPUTS, 1, warps, 1, CUDA_LUT) for bps, warps in CUDA_LUT_SHAPES]
 
 
+# The byte-lookup GEMV (csrc/int1_gemv_lut8.cuh, the op's lut = 2) for one row of x: each block
+# tabulates the 256 signed sums of every 8 inputs of a K slice of 1024 (a 128 KiB table, one block
+# an SM) and a lane adds one entry a byte of weights: a PRMT, an LDS and an FADD for 8 weights.
+# Written without a GPU (2026-11-25), not measured. Configs (1, 1, CUDA_LUT8_SLICE_INPUTS, 1, warps
+# a block, 1, CUDA_LUT8): blocks an SM, the slice and K's slices (ceil(K / 1024)) are fixed.
+CUDA_LUT8_SLICE_INPUTS = 1024
+CUDA_LUT8_TABLE_BYTES = 128 * 1024
+CUDA_LUT8_WARPS = (32, 16)
+
+
+def cuda_lut8_status(x: torch.Tensor, meta) -> Tuple[bool, str]:
+    """``(usable, why not)`` for the byte-lookup GEMV on ``x`` and an int1 weight's ``meta``:
+    the CUDA lookup GEMV's conditions and a GPU whose blocks may take its 128 KiB table."""
+    ok, why = cuda_lut_status(x, meta)
+    if not ok:
+        return ok, why
+    per_block = smem_limits(x.device.index or 0)[0]
+    if per_block < CUDA_LUT8_TABLE_BYTES:
+        return False, (f"the byte-lookup GEMV's table needs {CUDA_LUT8_TABLE_BYTES} bytes of shared memory a block, "
+                       f"this GPU allows {per_block}")
+    return True, ""
+
+
+def lut8_k_slices(K: int) -> int:
+    """The byte-lookup GEMV's K slices: one a 1024 inputs."""
+    return max(1, -(-K // CUDA_LUT8_SLICE_INPUTS))
+
+
+def cuda_lut8_configs(M: int) -> List[Config]:
+    """The byte-lookup GEMV's candidates (one row of x)."""
+    if M != 1:
+        raise ValueError(f"the CUDA byte-lookup GEMV takes one row of x, got {M}")
+    return [(1, 1, CUDA_LUT8_SLICE_INPUTS, 1, warps, 1, CUDA_LUT8) for warps in CUDA_LUT8_WARPS]
+
+
 def mma_gemv_configs(M: int) -> List[Config]:
     """The mma GEMV's candidates for ``1 ≤ M ≤ MMA_MAX_M`` rows of x: 16-row tasks, from
     ``MMA_TASK32_MIN_M`` rows 32-row tasks too, with K slices 1 (raised at run time when x's slice
@@ -155,11 +190,16 @@ def mma_gemv_configs(M: int) -> List[Config]:
 
 def check_mma_config(cfg) -> None:
     """Raise ValueError unless ``cfg`` is a config the mma GEMV (or, variant ``CUDA_LUT``, the
-    lookup GEMV) runs."""
-    if len(cfg) != 7 or cfg[6] not in (MMA_GEMV, CUDA_LUT):
+    lookup GEMV; ``CUDA_LUT8``, the byte-lookup GEMV) runs."""
+    if len(cfg) != 7 or cfg[6] not in (MMA_GEMV, CUDA_LUT, CUDA_LUT8):
         raise ValueError(f"config {cfg} is not an mma GEMV config (its last field must be {MMA_GEMV}, or "
-                         f"{CUDA_LUT} for the lookup GEMV)")
+                         f"{CUDA_LUT} for the lookup GEMV, {CUDA_LUT8} for the byte-lookup GEMV)")
     rows, bps, inputs, split, warps, stages, variant = cfg
+    if variant == CUDA_LUT8:
+        if (rows, bps, inputs, split, stages) != (1, 1, CUDA_LUT8_SLICE_INPUTS, 1, 1) or not 1 <= warps <= 32:
+            raise ValueError(f"config {cfg}: the byte-lookup GEMV's fields 0 to 3 and 5 are fixed "
+                             f"(1, 1, {CUDA_LUT8_SLICE_INPUTS}, 1, 1) and it takes 1 to 32 warps a block")
+        return
     if variant == MMA_GEMV:
         if rows != MMA_MAX_M or inputs not in (MMA_TASK_INPUTS, MMA_TASK32_INPUTS) or stages != 1:
             raise ValueError(f"config {cfg}: the mma GEMV's fields 0 and 5 are fixed ({MMA_MAX_M}, 1) and field 2 "
@@ -192,13 +232,17 @@ def bind_mma(shape, dtype, device, ptrs, ints, mode, N, lora_A, lora_B, scaling,
     (packed, scale, col), (_, _, group, _) = ptrs, ints
     M, K = shape
     index = device.index or 0
-    lut = int(variant == CUDA_LUT)  # the lookup GEMV: one row of x, no offset decode
+    lut = {CUDA_LUT: 1, CUDA_LUT8: 2}.get(variant, 0)  # the lookup GEMVs: one row of x, no offset decode
     rg = row_groups(cfg)  # 32-row tasks: two launches only
     mode_op = mode if lut else op_mode(mode)  # the switch is read once: the plan and the launch agree
     limits = smem_limits(index)
-    slices = (lut_k_slices(K, bps, split, limits) if lut
-              else k_slices(M, K, bps, split, limits, offset=mode_op in OFFSET_MODES.values(), task_inputs=inputs))
-    blocks = max(1, -(-sm_count(index) * bps // slices))  # per slice
+    if lut == 2:  # slices of 1024 inputs, one block an SM in one wave (the rest of an SM count idles)
+        slices = lut8_k_slices(K)
+        blocks = max(1, sm_count(index) // slices)
+    else:
+        slices = (lut_k_slices(K, bps, split, limits) if lut
+                  else k_slices(M, K, bps, split, limits, offset=mode_op in OFFSET_MODES.values(), task_inputs=inputs))
+        blocks = max(1, -(-sm_count(index) * bps // slices))  # per slice
     has_lora = lora_A is not None
     R = lora_A.shape[0] if has_lora else 1
     slots = min(MAX_SLOTS, blocks * slices)
@@ -212,7 +256,8 @@ def bind_mma(shape, dtype, device, ptrs, ints, mode, N, lora_A, lora_B, scaling,
         s = scale if scale.dtype == dtype else scale.to(dtype)
         return s, s if c is None else c
 
-    if rg == 1 and (one_launch_offered() if one_launch is None else one_launch):
+    # 32-row tasks and the byte-lookup GEMV: two launches only
+    if rg == 1 and lut != 2 and (one_launch_offered() if one_launch is None else one_launch):
         def run_one(x):
             s, c = scales()
             return _one_launch(x, packed, s, c, lora_A, lora_B, bias, scaling, mode_op, group, N, blocks, warps,
@@ -241,23 +286,33 @@ def _one_launch(x, packed, scale, col, lora_A, lora_B, bias, scaling, mode_op, g
 
 @on_input_device
 def int1_gemv_mma(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1.0, bias=None,
-                  blocks_per_sm: int = 2, warps: int = 16, k_split: int = 1, one_launch=None, lookup: bool = False,
+                  blocks_per_sm: int = 2, warps: int = 16, k_split: int = 1, one_launch=None, lookup=False,
                   task_rows: int = 16):
     """``y [M, N]`` for ``x [M, K]`` (1 to 16 rows, fp16/bf16, CUDA) and an int1 weight's
     ``tensors``/``meta``, in ``x.dtype``; raises ValueError (with the reason) where the kernel
     does not run. ``one_launch``: finish in the same launch (None: ``LORAQ_ONE_LAUNCH=1``; tasks of
-    32 rows always take two launches). ``lookup``: the lookup GEMV (one row of x) instead of the mma
-    GEMV. ``task_rows``: the mma GEMV's tasks, 16 weight rows x 512 inputs or 32 x 256."""
+    32 rows and the byte-lookup GEMV always take two launches). ``lookup``: ``True`` (or
+    ``"nibble"``) the lookup GEMV of 4 inputs an entry, ``"byte"`` the byte-lookup GEMV (both one
+    row of x; the byte-lookup GEMV ignores ``blocks_per_sm`` and ``k_split``: one block an SM, K in
+    slices of 1024) instead of the mma GEMV. ``task_rows``: the mma GEMV's tasks, 16 weight rows x
+    512 inputs or 32 x 256."""
+    if lookup not in (False, True, "nibble", "byte"):
+        raise ValueError(f"lookup must be False, True, 'nibble' or 'byte', got {lookup!r}")
     if x.dim() != 2 or x.shape[1] != meta["K"]:
         raise ValueError(f"x must be [M, {meta['K']}], got {tuple(x.shape)}")
-    ok, why = (cuda_lut_status if lookup else mma_gemv_status)(x, meta)
+    status = {False: mma_gemv_status, "byte": cuda_lut8_status}.get(lookup, cuda_lut_status)
+    ok, why = status(x, meta)
     if not ok:
         raise ValueError(why)
     if task_rows not in (16, 32) or (lookup and task_rows != 16):
         raise ValueError(f"task_rows must be 16, or 32 for the mma GEMV, got {task_rows}")
     inputs = MMA_TASK32_INPUTS if task_rows == 32 else MMA_TASK_INPUTS
-    cfg = ((1, blocks_per_sm, CUDA_LUT_TASK_INPUTS, k_split, warps, 1, CUDA_LUT) if lookup
-           else (MMA_MAX_M, blocks_per_sm, inputs, k_split, warps, 1, MMA_GEMV))
+    if lookup == "byte":
+        cfg = (1, 1, CUDA_LUT8_SLICE_INPUTS, 1, warps, 1, CUDA_LUT8)
+    elif lookup:
+        cfg = (1, blocks_per_sm, CUDA_LUT_TASK_INPUTS, k_split, warps, 1, CUDA_LUT)
+    else:
+        cfg = (MMA_MAX_M, blocks_per_sm, inputs, k_split, warps, 1, MMA_GEMV)
     check_mma_config(cfg)
     x = x.contiguous()
     ptrs, ints, mode = weight_args("int1", tensors, meta)
@@ -269,4 +324,5 @@ __all__ = ["int1_gemv_mma", "mma_gemv_status", "mma_gemv_configs", "check_mma_co
            "launch_mma", "bind_mma", "op_mode", "MMA_MAX_M", "OFFSET_MODES", "cuda_lut_status", "cuda_lut_configs",
            "lut_k_slices", "CUDA_LUT_TASK_INPUTS", "MMA_TASK32_INPUTS", "MMA_TASK32_MIN_M", "MMA_TASK32_SHAPES",
            "MMA_SPLIT_MIN_M", "MMA_SPLIT_SHAPES", "MMA_SPLIT_AT_LEAST",
-           "row_groups"]
+           "row_groups", "cuda_lut8_status", "cuda_lut8_configs", "lut8_k_slices", "CUDA_LUT8_SLICE_INPUTS",
+           "CUDA_LUT8_TABLE_BYTES", "CUDA_LUT8_WARPS"]

@@ -22,13 +22,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import (CUDA_GATHER, CUDA_LUT, DENSE_SLAB, DENSE_SLAB_MIN_M, DOT, DOT_PAIRS, DOT_SWAP, GATHER_FWD, GATHER_MAX_M, LUT,
+from .autotune import (CUDA_GATHER, CUDA_LUT, CUDA_LUT8, DENSE_SLAB, DENSE_SLAB_MIN_M, DOT, DOT_PAIRS, DOT_SWAP, GATHER_FWD, GATHER_MAX_M, LUT,
                        LUT_MAX_M, MMA_GEMV, SPARSE_MMA, dense_slab_cap_mib, dense_slab_configs, gather_fwd_configs,
                        lut_configs, pairs_configs, pick_config)
 from .cuda_ext import cuda_gemv_offered
 from .dense_slab import check_slab_config, slab_widths, slab_forward
 from .int1_gemv_lut import bind_lut, check_lut_config, lut_supported
-from .int1_gemv_mma import MMA_MAX_M, bind_mma, check_mma_config, cuda_lut_configs, mma_gemv_configs, mma_gemv_status
+from .int1_gemv_mma import (MMA_MAX_M, bind_mma, check_mma_config, cuda_lut8_configs, cuda_lut8_status,
+                           cuda_lut_configs, mma_gemv_configs, mma_gemv_status)
 from .sparse4x4_gemv import bind_gather, check_gather_config
 from .sparse4x4_gemv_cuda import (SPARSE_CUDA_MAX_M, bind_sparse_cuda, check_sparse_cuda_config, sparse_cuda_configs,
                                   sparse_cuda_status)
@@ -195,7 +196,7 @@ def _prepared(x, fmt, tensors, meta, lora_A, lora_B, scaling, bias, config, chec
         # the GEMVs of small batches, on the arguments prepared above
         if cfg[6] == LUT:
             return bind_lut(x.shape, x.dtype, x.device, ptrs, ints, scale_mode, N, A, B, scaling, bias, cfg)
-        if cfg[6] in (MMA_GEMV, CUDA_LUT):
+        if cfg[6] in (MMA_GEMV, CUDA_LUT, CUDA_LUT8):
             return bind_mma(x.shape, x.dtype, x.device, ptrs, ints, scale_mode, N, A, B, scaling, bias, cfg)
         if cfg[6] in GATHER_FWD:
             return bind_gather(x.shape, x.dtype, x.device, ptrs, ints, N, A, B, scaling, bias, cfg)
@@ -252,16 +253,20 @@ def _prepared(x, fmt, tensors, meta, lora_A, lora_B, scaling, bias, config, chec
 
     def sparse_cuda_problem():  # the sparse4x4 CUDA GEMVs (up to 16 rows, fp16/bf16, loraq._C built)
         return f"it takes a sparse4x4 weight, got {fmt}" if fmt != "sparse4x4" else sparse_cuda_status(x)[1]
-    variants = (DOT, DOT_SWAP, LUT, DENSE_SLAB, DOT_PAIRS, MMA_GEMV, CUDA_GATHER, SPARSE_MMA, CUDA_LUT) + GATHER_FWD
+    variants = (DOT, DOT_SWAP, LUT, DENSE_SLAB, DOT_PAIRS, MMA_GEMV, CUDA_GATHER, SPARSE_MMA, CUDA_LUT,
+                CUDA_LUT8) + GATHER_FWD
     if config is not None:  # a forced GEMV config gets the checks its public launcher makes
         if config[6] not in variants:
             raise ValueError(f"config {config}: its last field (the variant) must be one of {variants} "
                              "(kernels/autotune.py)")
-        if config[6] in (MMA_GEMV, CUDA_LUT):
+        if config[6] in (MMA_GEMV, CUDA_LUT, CUDA_LUT8):
             check_mma_config(config)
-            if mma_problem() or (config[6] == CUDA_LUT and M != 1):
-                raise ValueError(f"config {config} is a CUDA int1 GEMV, which cannot run here: "
-                                 f"{mma_problem() or f'the lookup GEMV takes one row of x, got {M}'}")
+            problem = mma_problem() or (f"the lookup GEMV takes one row of x, got {M}"
+                                        if config[6] != MMA_GEMV and M != 1 else "")
+            if not problem and config[6] == CUDA_LUT8:
+                problem = cuda_lut8_status(x, meta)[1]
+            if problem:
+                raise ValueError(f"config {config} is a CUDA int1 GEMV, which cannot run here: {problem}")
         if config[6] in (CUDA_GATHER, SPARSE_MMA):
             check_sparse_cuda_config(config)
             if sparse_cuda_problem():
@@ -280,10 +285,12 @@ def _prepared(x, fmt, tensors, meta, lora_A, lora_B, scaling, bias, config, chec
     # int1 in fp16 and bf16 up to PAIRS_MAX_M rows: the pair-order decode too (in fp32 its dot is
     # plain FMAs, as the others': not worth the tuning time)
     pairs = fmt == "int1" and x.dtype in (torch.float16, torch.bfloat16)
-    def mma():  # offered (LORAQ_CUDA_GEMV not 0) and able to run here; one row: the lookup GEMV too
+    def mma():  # offered (LORAQ_CUDA_GEMV not 0) and able to run here; one row: the lookup GEMVs too
         if M > MMA_MAX_M or not cuda_gemv_offered() or mma_problem():
             return []
-        return mma_gemv_configs(M) + (cuda_lut_configs(M) if M == 1 else [])
+        if M != 1:
+            return mma_gemv_configs(M)
+        return mma_gemv_configs(M) + cuda_lut_configs(M) + (cuda_lut8_configs(M) if cuda_lut8_status(x, meta)[0] else [])
 
     def sparse_cuda():  # the same for the sparse4x4 CUDA GEMVs
         if M > SPARSE_CUDA_MAX_M or not cuda_gemv_offered() or sparse_cuda_problem():

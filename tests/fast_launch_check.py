@@ -41,7 +41,8 @@ from loraq.kernels import autotune, fast_launch  # noqa: E402
 fwd_mod = importlib.import_module("loraq.kernels.lora_linear_fwd")
 dx_mod = importlib.import_module("loraq.kernels.lora_linear_dx")
 
-CUDA_ONLY = (autotune.MMA_GEMV, autotune.CUDA_GATHER, autotune.SPARSE_MMA, autotune.CUDA_LUT)  # loraq._C's kernels
+CUDA_ONLY = (autotune.MMA_GEMV, autotune.CUDA_GATHER, autotune.SPARSE_MMA, autotune.CUDA_LUT,  # loraq._C's kernels
+             autotune.CUDA_LUT8)
 
 
 class Mismatch(AssertionError):

@@ -351,7 +351,7 @@ def test_32_row_tasks_refused_where_they_do_not_run():
     y = torch.full((1, 64), 7.0, dtype=torch.float16, device="cuda")
     counters = torch.zeros(64, dtype=torch.int32, device="cuda")
     for warps, kwargs, match in [(4, dict(row_groups=3), "row_groups must be 1"),
-                                 (4, dict(row_groups=2, lut=1), "with lut"),
+                                 (4, dict(row_groups=2, lut=1), "with a lookup GEMV"),
                                  (4, dict(row_groups=2, y=y, counters=counters), "with y"),
                                  (32, dict(row_groups=2), "1 to 24 warps")]:  # its launch bound: 768 threads
         with pytest.raises(RuntimeError, match=match):

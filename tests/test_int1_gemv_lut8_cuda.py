@@ -1,0 +1,300 @@
+"""The int1 byte-lookup GEMV in CUDA (csrc/int1_gemv_lut8.cuh; the op's ``lut = 2``), without a
+GPU: its table fill, loads, lane sums and the transpose's steps run on the host
+(tests/cuda/int1_lut8_emulate.cu, the kernel's own code, block by block and lane by lane as the
+kernel splits the work) against x·Ŵᵀ in float64; its table layout is checked for bank conflicts;
+every instantiation is compiled for sm_90. The tests marked ``gpu`` run the op itself against the
+reference."""
+
+import ctypes
+import random
+
+import pytest
+import torch
+
+from host_cuda import host_library, sass_cuda
+from loraq.formats import Int1Weight
+from test_int1_gemv_lut_cuda import expected
+from weights import aligned, offset_view
+
+DTYPES = {torch.float16: 0, torch.bfloat16: 1}
+SLICE_INPUTS = 1024  # csrc/int1_gemv_lut8.cuh: kSliceInputs
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    so = host_library("int1_lut8_emulate.cu", tmp_path_factory.mktemp("lut8"))
+    so.int1_lut8_emulate.restype = ctypes.c_int
+    so.int1_lut8_emulate.argtypes = ([ctypes.c_int] * 2 + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6
+                                     + [ctypes.c_void_p])
+    so.int1_lut8_entry_offset.argtypes = [ctypes.c_int] * 3
+    so.int1_lut8_permuted_offset.argtypes = [ctypes.c_uint32, ctypes.c_int, ctypes.c_int]
+    return so
+
+
+def weight(kind, N, K):
+    W = torch.randn(N, K)
+    if kind == "onebit":
+        return Int1Weight.from_dense(W, scale="onebit")
+    return Int1Weight.from_dense(W, group_size=int(kind[1:]) if kind != "row" else None)
+
+
+def emulate(lib, x, w, dtype, blocks, warps):
+    N, K = w.shape
+    mode = 2 if w.scale_mode == "onebit" else (1 if w.group_size else 0)
+    scale = w.scale.to(dtype).contiguous()
+    g = w.col_scale.to(dtype).contiguous() if mode == 2 else None
+    packed = w.packed.contiguous()
+    ws = torch.zeros(N, dtype=torch.float32)
+    rc = lib.int1_lut8_emulate(DTYPES[dtype], mode, x.data_ptr(), None if g is None else g.data_ptr(),
+                               packed.data_ptr(), scale.data_ptr(), N, K, scale.shape[1], w.group_size or 0,
+                               blocks, warps, ws.data_ptr())
+    assert rc == 0
+    return ws.double()
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("kind", ["row", "g32", "g96", "onebit"])
+@pytest.mark.parametrize("N, K, blocks, warps", [
+    (37, 45, 1, 1), (100, 700, 3, 4), (33, 1100, 2, 32), (129, 2048, 5, 3), (16, 1025, 1, 2), (300, 3000, 2, 8),
+    (7, 64, 4, 32)])
+@pytest.mark.parametrize("where", ["aligned", "offset"])
+def test_the_kernels_sums_are_x_times_w(lib, dtype, kind, N, K, blocks, warps, where):
+    """Odd N and K (a last word and a last slice cut short), runs of rows that end inside a batch,
+    warps with no rows at all (N = 7 over 128 warps), x aligned to 16 bytes or not."""
+    w = weight(kind, N, K)
+    x = torch.randn(1, K).to(dtype)
+    x = aligned(x) if where == "aligned" else offset_view(x, 1)
+    got = emulate(lib, x, w, dtype, blocks, warps)
+    want = expected(x, w, dtype)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max())), \
+        float((got - want).abs().max())
+
+
+def test_small_integers_give_exact_sums(lib):
+    """Integer inputs and scales of 1: every entry and sum is an exact integer in fp32, so any
+    slip of a byte, lane, row or step of the transpose shows as a wrong integer."""
+    N, K = 45, 2100
+    w = Int1Weight.from_dense(torch.randn(N, K))
+    w.scale.fill_(1.0)
+    x = torch.randint(-3, 4, (1, K)).half()
+    got = emulate(lib, x, w, torch.float16, 2, 5)
+    assert torch.equal(got, expected(x, w, torch.float16))
+
+
+def test_a_wrong_row_order_is_caught(lib):
+    """The check has teeth: the weight rows swapped in pairs give other sums."""
+    N, K = 16, 1024
+    w = weight("row", N, K)
+    x = torch.randn(1, K).half()
+    got = emulate(lib, x, w, torch.float16, 1, 1)
+    swapped = Int1Weight(w.packed.view(8, 2, -1).flip(1).reshape(N, -1).contiguous(), w.scale, w.col_scale,
+                         (N, K), w.group_size, w.scale_mode)
+    assert not torch.allclose(got, expected(x, swapped, torch.float16), rtol=1e-3, atol=1e-3)
+
+
+def test_the_emulation_refuses_bad_arguments(lib):
+    x = torch.randn(1, 64, dtype=torch.float16)
+    w = Int1Weight.from_dense(torch.randn(8, 64))
+    ws = torch.zeros(8)
+    args = [0, 0, x.data_ptr(), None, w.packed.data_ptr(), w.scale.half().data_ptr(), 8, 64, 1, 0, 1, 1,
+            ws.data_ptr()]
+    for i, bad in [(1, 3), (11, 33), (10, 0), (0, 2)]:
+        changed = list(args)
+        changed[i] = bad
+        assert lib.int1_lut8_emulate(*changed) == 1
+    group16 = list(args)
+    group16[1], group16[9] = 1, 16
+    assert lib.int1_lut8_emulate(*group16) == 1
+    assert torch.count_nonzero(ws) == 0
+
+
+def test_the_layout_has_no_bank_conflicts_and_no_overlap(lib):
+    """Every (byte, entry, lane column) has its own 4 bytes inside the 128 KiB table, and lane l's
+    entries all lie in bank l: a warp's lookup is one wavefront whatever the weights."""
+    size = lib.int1_lut8_table_bytes()
+    assert size == 128 * 1024
+    seen = set()
+    for b in range(4):
+        for e in range(256):
+            for lane in range(32):
+                o = lib.int1_lut8_entry_offset(b, e, lane)
+                assert 0 <= o <= size - 4 and o % 4 == 0
+                assert (o // 4) % 32 == lane
+                seen.add(o)
+    assert len(seen) == size // 4
+
+
+def test_the_permute_builds_each_bytes_entry_offset(lib):
+    """One PRMT of the weight word and the lane's low byte (plus 64 KiB for bytes 2 and 3, the
+    LDS's immediate) is the offset of the entry the byte picks in the lane's column."""
+    rng = random.Random(0)
+    words = [0, 0xFFFFFFFF, 0x80000001, 0x01020304] + [rng.getrandbits(32) for _ in range(200)]
+    for word in words:
+        for lane in (0, 1, 17, 31):
+            for b in range(4):
+                byte = (word >> (8 * b)) & 0xFF
+                assert lib.int1_lut8_permuted_offset(word, lane, b) == lib.int1_lut8_entry_offset(b, byte, lane)
+
+
+def test_every_instantiation_compiles_for_hopper():
+    """Every instantiation the op can launch compiles for sm_90 without spilling; its loop (a batch
+    of 8 rows: 32 lookups of 8 weights a lane) stays under 1 instruction a weight with per-row and
+    onebit scales, and the table's base folds into every LDS (no IADD a lookup)."""
+    if sass_cuda.nvcc() is None:
+        pytest.skip("no nvcc")
+    results = sass_cuda.compile_all(90, "lut8")
+    assert len(results) == 6
+    for r in results:
+        loop = r["loop"]
+        assert loop is not None and loop["LDS"] == 32 and loop["PRMT"] == 32, sass_cuda.describe(r)
+        assert r["spill_bytes"] == 0 and r["registers"] <= 64, sass_cuda.describe(r)
+        per_weight = sum(loop.values()) / 256
+        assert per_weight <= (1.0 if r["mode"] != 1 else 1.5), sass_cuda.describe(r)
+
+
+# --- the launcher, off the GPU ----------------------------------------------------------------
+from loraq import reference  # noqa: E402
+from loraq.kernels import lora_linear_fwd  # noqa: E402
+from loraq.kernels.autotune import CUDA_LUT, CUDA_LUT8, MMA_GEMV, describe  # noqa: E402
+from loraq.kernels.int1_gemv_mma import (CUDA_LUT8_SLICE_INPUTS, check_mma_config, cuda_lut8_configs,  # noqa: E402
+                                         int1_gemv_mma, lut8_k_slices)
+from test_triton_kernels import _kernel_args, check, f64, problem, tuner_calls  # noqa: E402
+
+LUT8_CFG = (1, 1, CUDA_LUT8_SLICE_INPUTS, 1, 32, 1, CUDA_LUT8)
+
+
+@pytest.mark.parametrize("K, slices", [(1, 1), (1023, 1), (1024, 1), (1025, 2), (4096, 4), (8192, 8), (14336, 14)])
+def test_k_is_cut_in_slices_of_1024(K, slices):
+    assert lut8_k_slices(K) == slices
+    assert SLICE_INPUTS == CUDA_LUT8_SLICE_INPUTS
+
+
+def test_configs_are_valid_and_bad_ones_are_refused():
+    for cfg in cuda_lut8_configs(1):
+        check_mma_config(cfg)
+        assert describe(cfg).startswith("CUDA byte-lookup GEMV (loraq._C)")
+    with pytest.raises(ValueError, match="one row of x"):
+        cuda_lut8_configs(2)
+    for bad in [(16, 1, 1024, 1, 32, 1, CUDA_LUT8), (1, 2, 1024, 1, 32, 1, CUDA_LUT8), (1, 1, 512, 1, 32, 1, CUDA_LUT8),
+                (1, 1, 1024, 3, 32, 1, CUDA_LUT8), (1, 1, 1024, 1, 33, 1, CUDA_LUT8), (1, 1, 1024, 1, 0, 1, CUDA_LUT8),
+                (1, 1, 1024, 1, 32, 2, CUDA_LUT8)]:
+        with pytest.raises(ValueError, match="byte-lookup"):
+            check_mma_config(bad)
+
+
+def test_forced_off_the_gpu_it_raises_with_the_reason():
+    w, x, A, B, b = problem("int1", torch.float16, 1, 37, 300, device="cpu")
+    tensors, meta = _kernel_args(w)
+    with pytest.raises(ValueError, match="CUDA int1 GEMV, which cannot run here: .*CUDA kernel"):
+        lora_linear_fwd(x, "int1", tensors, meta, A, B, 0.5, b, config=LUT8_CFG)
+    with pytest.raises(ValueError, match="one row of x, got 2"):
+        int1_gemv_mma(torch.cat([x, x]), tensors, meta, lookup="byte")
+    with pytest.raises(ValueError, match="lookup must be"):
+        int1_gemv_mma(x, tensors, meta, lookup="word")
+
+
+@pytest.mark.parametrize("M", [1, 2, 16])
+@pytest.mark.parametrize("table_fits", [True, False])
+def test_the_tuner_gets_it_for_one_row_where_the_table_fits(monkeypatch, M, table_fits):
+    """Where the CUDA GEMVs can run (faked here), one row of x adds both lookup GEMVs' configs to
+    the mma GEMV's, the byte-lookup one only where a block may take its 128 KiB table."""
+    import importlib
+
+    module = importlib.import_module("loraq.kernels.lora_linear_fwd")
+    monkeypatch.setattr(module, "mma_gemv_status", lambda x, meta: (True, ""))
+    monkeypatch.setattr(module, "cuda_lut8_status",
+                        lambda x, meta: (True, "") if table_fits else (False, "the table needs more"))
+    monkeypatch.setenv("LORAQ_CUDA_GEMV", "1")
+    w, x, A, B, b = problem("int1", torch.float16, M, 37, 300, device="cpu")
+    with tuner_calls(lora_linear_fwd) as seen:
+        lora_linear_fwd(x, "int1", *_kernel_args(w), A, B, 0.5, b)
+    variants = [c[6] for c in seen[0].candidates]
+    assert MMA_GEMV in variants
+    assert (CUDA_LUT in variants) == (M == 1)
+    assert (CUDA_LUT8 in variants) == (M == 1 and table_fits)
+
+
+def test_the_status_asks_for_the_tables_shared_memory(monkeypatch):
+    """On a GPU whose blocks take less than 128 KiB of shared memory the kernel is not offered,
+    with the reason (the status of the 4-input lookup GEMV first)."""
+    import importlib
+
+    module = importlib.import_module("loraq.kernels.int1_gemv_mma")
+    w, x, *_ = problem("int1", torch.float16, 1, 37, 300, device="cpu")
+    meta = _kernel_args(w)[1]
+    assert not module.cuda_lut8_status(x, meta)[0]  # on the CPU: the lookup GEMV's own reason
+    monkeypatch.setattr(module, "cuda_lut_status", lambda x, meta: (True, ""))
+    monkeypatch.setattr(module, "smem_limits", lambda index: (101376, 102400))
+    ok, why = module.cuda_lut8_status(x, meta)
+    assert not ok and "131072 bytes of shared memory a block, this GPU allows 101376" in why
+    monkeypatch.setattr(module, "smem_limits", lambda index: (232448, 233472))
+    assert module.cuda_lut8_status(x, meta) == (True, "")
+
+
+# --- on a GPU, with the extension built -------------------------------------------------------
+from test_int1_gemv_mma import _needs_kernel  # noqa: E402  (the byte-lookup GEMV needs what the mma GEMV needs)
+
+
+def run_lut8(kind, dtype, N, K, cfg=LUT8_CFG, lora=True, bias=True):
+    w, x, A, B, b = problem(kind, dtype, 1, N, K, r=5, lora=lora, bias=bias)
+    tensors, meta = _kernel_args(w)
+    y = lora_linear_fwd(x, "int1", tensors, meta, A, B, 0.5, b, config=cfg)
+    assert y.shape == (1, N) and y.dtype == dtype
+    check(y, reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 0.5, f64(b)),
+          reference.lora_linear_ref(x, w, A, B, 0.5, b), f"byte lookup {kind} {dtype} N={N} K={K} {cfg}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["int1", "int1_g32", "int1_g96", "int1_onebit"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("N, K", [(37, 300), (1000, 1000), (77, 4100), (4096, 4096), (300, 14336), (28672, 8192)])
+def test_gpu_matches_reference(kind, dtype, N, K):
+    _needs_kernel()
+    run_lut8(kind, dtype, N, K)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("warps", [32, 16, 7, 1])
+def test_gpu_every_block_size(warps):
+    _needs_kernel()
+    run_lut8("int1_g64", torch.float16, 1000, 4100, LUT8_CFG[:4] + (warps,) + LUT8_CFG[5:])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lora_bias", [(True, True), (False, False), (True, False), (False, True)],
+                         ids=["lora+bias", "plain", "lora", "bias"])
+def test_gpu_with_and_without_lora_and_bias(lora_bias):
+    _needs_kernel()
+    run_lut8("int1", torch.bfloat16, 333, 2000, lora=lora_bias[0], bias=lora_bias[1])
+
+
+@pytest.mark.gpu
+def test_gpu_exact_with_small_integers():
+    """Integer x and scales of 1: the sums are exact, so y equals x·signsᵀ exactly (fp32 workspace,
+    |y| ≤ K < 2^11 so that fp16 holds it; two K slices)."""
+    _needs_kernel()
+    N, K = 3000, 2000
+    w = Int1Weight.from_dense(torch.randn(N, K))
+    w.scale.fill_(1.0)
+    x = torch.randint(-1, 2, (1, K)).half()
+    tensors, meta = _kernel_args(w.to("cuda"))
+    y = lora_linear_fwd(x.cuda(), "int1", tensors, meta, None, None, 1.0, None, config=LUT8_CFG)
+    assert torch.equal(y.cpu().double(), (x.double() @ w.signs().double().T))
+
+
+@pytest.mark.gpu
+def test_gpu_the_op_refuses_more_rows_one_launch_and_too_few_slices():
+    _needs_kernel()
+    w, x, A, B, b = problem("int1", torch.float16, 2, 64, 2048)
+    tensors, _ = _kernel_args(w)
+    ws = torch.zeros(2, 64, device="cuda")
+    scale = tensors["scale"].half()
+    packed = tensors["packed"]
+    with pytest.raises(RuntimeError, match=r"lookup GEMV \(lut = 2\) takes one row of x"):
+        torch.ops.loraq.int1_gemv_mma(x, packed, scale, scale, None, ws, None, 0, 0, 1, 32, 2, lut=2)
+    with pytest.raises(RuntimeError, match="k_split must be at least ceil"):
+        torch.ops.loraq.int1_gemv_mma(x[:1], packed, scale, scale, None, ws[:1], None, 0, 0, 1, 32, 1, lut=2)
+    y = torch.empty(1, 64, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="two launches"):
+        torch.ops.loraq.int1_gemv_mma(x[:1], packed, scale, scale, None, ws[:1], None, 0, 0, 1, 32, 2, y, lut=2)
+    assert torch.count_nonzero(ws) == 0
