@@ -175,7 +175,7 @@ def describe(r: Dict) -> str:
         ops = f"{total / max(1, 4 * loop.get('LDS', 0)):.2f} a weight; {loop.get('LDS', 0)} LDS, {loop.get('LOP3', 0)} LOP3, {loop.get('FADD', 0)} FADD"
     elif r["kernel"] == "lut8":
         what = f"int1 byte lookup {r['dtype']} {MODES[r['mode']]:13s} 4-byte loads"
-        # a lookup (an LDS) is 8 weights of a lane; the loop holds two batches of 8 rows (64 LDS)
+        # a lookup (an LDS) is 8 weights of a lane; the loop is one batch of 8 rows (32 LDS)
         ops = (f"{total / max(1, 8 * loop.get('LDS', 0)):.3f} a weight; {loop.get('LDS', 0)} LDS, "
                f"{loop.get('PRMT', 0)} PRMT, {loop.get('FADD', 0)} FADD, {loop.get('SHFL', 0)} SHFL")
     elif r["kernel"] == "sparse_mma":

@@ -174,6 +174,17 @@ __host__ __device__ __forceinline__ void lane_sums(const Args& a, const unsigned
   }
 }
 
+// One lane's part of a batch (rows n0 .. n0 + kRows - 1 of the warp's rows up to `end`) before the
+// warp's reduction: the next batch's words into `later` while batches are left after this one,
+// then its sums of `now` (the words load_rows gave it).
+template <typename T, int MODE>
+__host__ __device__ __forceinline__ void lane_batch(const Args& a, const unsigned char* table, const int32_t* col,
+                                                    const uint32_t (&now)[kRows], uint32_t (&later)[kRows], int n0,
+                                                    int end, int left, int word_c, int l, float (&s)[kRows]) {
+  if (left > 1) load_rows(col, a.KW, n0 + kRows, end - n0 - kRows, later);
+  lane_sums<T, MODE>(a, table, now, n0, end - n0, word_c, l, s);
+}
+
 // A step of the transpose: lanes l and l ^ bit (bit = 16, 8, 4) each hold P pairs (v[i], v[i + P]);
 // the lane with the bit set keeps the second of each pair and sends the first, the other the
 // reverse, and each adds what it receives to what it keeps (v[i] after the step).
@@ -188,6 +199,10 @@ __host__ __device__ __forceinline__ float kept(const float* v, bool upper, int i
 
 // The row whose sum lane l holds after the transpose's three steps (bits 4, 3, 2 of l pick halves).
 __host__ __device__ constexpr int row_of_lane(int l) { return (l >> 2) & (kRows - 1); }
+
+// Whether lane l adds its row n into the workspace: one lane of the four that hold it, for the
+// warp's rows (up to `end`) only.
+__host__ __device__ constexpr bool adds_row(int l, int n, int end) { return (l & 3) == 0 && n < end; }
 
 // The scale row n's sum is multiplied by: α or onebit h, rounded to T as the reference rounds Ŵ
 // (group mode: 1, lane_sums applied α).
@@ -248,13 +263,12 @@ __global__ void __launch_bounds__(kThreads, 1) int1_gemv_lut8_kernel(const Args 
   int n0 = (int)run.first;
   // one batch: look up `now` while the next batch's words load into `later`; false after the last
   auto step = [&](const uint32_t (&now)[kRows], uint32_t (&later)[kRows]) {
-    if (left > 1) load_rows(col, a.KW, n0 + kRows, end - n0 - kRows, later);
     const int n = n0 + row_of_lane(lane);
-    const float scale = n < end ? row_scale<T, MODE>(a, n) : 0.f;
+    const float scale = n < end ? row_scale<T, MODE>(a, n) : 0.f;  // its load issued early
     float s[kRows];
-    lane_sums<T, MODE>(a, lut8_table, now, n0, end - n0, word_c, lane, s);
+    lane_batch<T, MODE>(a, lut8_table, col, now, later, n0, end, left, word_c, lane, s);
     const float sum = reduce_rows(s, lane);
-    if ((lane & 3) == 0 && n < end) atomicAdd(a.ws + n, sum * scale);
+    if (adds_row(lane, n, end)) atomicAdd(a.ws + n, sum * scale);
     n0 += kRows;
     return --left > 0;
   };
@@ -262,7 +276,7 @@ __global__ void __launch_bounds__(kThreads, 1) int1_gemv_lut8_kernel(const Args 
   // batches), ptxas added the table's base to each lookup's address with an IADD instead
   while (left > 0) {
     uint32_t next[kRows];
-    step(w0, next);
+    if (!step(w0, next)) break;  // the last batch loads nothing into next
 #pragma unroll
     for (int r = 0; r < kRows; ++r) w0[r] = next[r];
   }

@@ -231,9 +231,11 @@ void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const to
   int max_smem = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.device().index()));
   TORCH_CHECK(smem <= (size_t)max_smem, "int1_gemv_mma: ", lut ? "the slice's table" : "x's slice", " needs ", smem,
-              " bytes of shared memory (", max_smem, " available): split K more");
+              " bytes of shared memory (", max_smem, " available)",
+              lut == 2 ? ": the byte-lookup GEMV does not run on this GPU" : ": split K more");
   const bool vec = KW % 4 == 0 && reinterpret_cast<uintptr_t>(a.packed) % 16 == 0;
-  TORCH_CHECK(slices <= 65535, "int1_gemv_mma: ", slices, " K slices exceed the grid's 65535: split K less");
+  TORCH_CHECK(slices <= 65535, "int1_gemv_mma: ", slices, " K slices exceed the grid's 65535",
+              lut == 2 ? ": K is too long for the byte-lookup GEMV (slices of 1024 inputs)" : ": split K less");
   const Launch l{dim3((unsigned)blocks, (unsigned)slices), (int)warps * 32, smem, max_smem,
                  c10::cuda::getCurrentCUDAStream()};
   if (x.scalar_type() == at::kHalf) {

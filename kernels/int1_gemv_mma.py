@@ -146,6 +146,7 @@ def cuda_lut_configs(M: int) -> List[Config]:
 CUDA_LUT8_SLICE_INPUTS = 1024
 CUDA_LUT8_TABLE_BYTES = 128 * 1024
 CUDA_LUT8_WARPS = (32, 16)
+MAX_GRID_Y = 65535  # K slices are the grid's y
 
 
 def cuda_lut8_status(x: torch.Tensor, meta) -> Tuple[bool, str]:
@@ -154,6 +155,9 @@ def cuda_lut8_status(x: torch.Tensor, meta) -> Tuple[bool, str]:
     ok, why = cuda_lut_status(x, meta)
     if not ok:
         return ok, why
+    if lut8_k_slices(x.shape[-1]) > MAX_GRID_Y:
+        return False, (f"the byte-lookup GEMV cuts K in slices of {CUDA_LUT8_SLICE_INPUTS}, at most {MAX_GRID_Y} "
+                       f"(the grid's y), got K = {x.shape[-1]}")
     per_block = smem_limits(x.device.index or 0)[0]
     if per_block < CUDA_LUT8_TABLE_BYTES:
         return False, (f"the byte-lookup GEMV's table needs {CUDA_LUT8_TABLE_BYTES} bytes of shared memory a block, "
@@ -236,7 +240,10 @@ def bind_mma(shape, dtype, device, ptrs, ints, mode, N, lora_A, lora_B, scaling,
     rg = row_groups(cfg)  # 32-row tasks: two launches only
     mode_op = mode if lut else op_mode(mode)  # the switch is read once: the plan and the launch agree
     limits = smem_limits(index)
-    if lut == 2:  # slices of 1024 inputs, one block an SM in one wave (the rest of an SM count idles)
+    # slices of 1024 inputs, one block an SM in one wave: the SMs left over idle (4 of 132 at
+    # K = 8192; from 67 slices up to half of them, where spreading them would not shorten the
+    # slices that got fewer blocks)
+    if lut == 2:
         slices = lut8_k_slices(K)
         blocks = max(1, sm_count(index) // slices)
     else:

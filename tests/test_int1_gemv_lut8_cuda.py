@@ -38,11 +38,13 @@ def weight(kind, N, K):
     return Int1Weight.from_dense(W, group_size=int(kind[1:]) if kind != "row" else None)
 
 
-def emulate(lib, x, w, dtype, blocks, warps):
+def emulate(lib, x, w, dtype, blocks, warps, g_offset=False):
     N, K = w.shape
     mode = 2 if w.scale_mode == "onebit" else (1 if w.group_size else 0)
     scale = w.scale.to(dtype).contiguous()
     g = w.col_scale.to(dtype).contiguous() if mode == 2 else None
+    if g is not None:
+        g = offset_view(g, 1) if g_offset else aligned(g)
     packed = w.packed.contiguous()
     ws = torch.zeros(N, dtype=torch.float32)
     rc = lib.int1_lut8_emulate(DTYPES[dtype], mode, x.data_ptr(), None if g is None else g.data_ptr(),
@@ -56,15 +58,16 @@ def emulate(lib, x, w, dtype, blocks, warps):
 @pytest.mark.parametrize("kind", ["row", "g32", "g96", "onebit"])
 @pytest.mark.parametrize("N, K, blocks, warps", [
     (37, 45, 1, 1), (100, 700, 3, 4), (33, 1100, 2, 32), (129, 2048, 5, 3), (16, 1025, 1, 2), (300, 3000, 2, 8),
-    (7, 64, 4, 32)])
+    (7, 64, 4, 32), (5, 7, 1, 1), (40, 31, 2, 3)])
 @pytest.mark.parametrize("where", ["aligned", "offset"])
 def test_the_kernels_sums_are_x_times_w(lib, dtype, kind, N, K, blocks, warps, where):
-    """Odd N and K (a last word and a last slice cut short), runs of rows that end inside a batch,
-    warps with no rows at all (N = 7 over 128 warps), x aligned to 16 bytes or not."""
+    """Odd N and K (a last word and a last slice cut short, K below one word), runs of rows that
+    end inside a batch, warps with no rows at all (N = 7 over 128 warps), x (and onebit's g)
+    aligned to 16 bytes or not."""
     w = weight(kind, N, K)
     x = torch.randn(1, K).to(dtype)
     x = aligned(x) if where == "aligned" else offset_view(x, 1)
-    got = emulate(lib, x, w, dtype, blocks, warps)
+    got = emulate(lib, x, w, dtype, blocks, warps, g_offset=where == "offset")
     want = expected(x, w, dtype)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max())), \
         float((got - want).abs().max())
@@ -81,15 +84,42 @@ def test_small_integers_give_exact_sums(lib):
     assert torch.equal(got, expected(x, w, torch.float16))
 
 
-def test_a_wrong_row_order_is_caught(lib):
-    """The check has teeth: the weight rows swapped in pairs give other sums."""
-    N, K = 16, 1024
-    w = weight("row", N, K)
-    x = torch.randn(1, K).half()
-    got = emulate(lib, x, w, torch.float16, 1, 1)
-    swapped = Int1Weight(w.packed.view(8, 2, -1).flip(1).reshape(N, -1).contiguous(), w.scale, w.col_scale,
-                         (N, K), w.group_size, w.scale_mode)
-    assert not torch.allclose(got, expected(x, swapped, torch.float16), rtol=1e-3, atol=1e-3)
+@pytest.mark.parametrize("old, new", [
+    ("return (l >> 2) & (kRows - 1);", "return ((l >> 2) ^ 1) & (kRows - 1);"),  # the row a lane ends with
+    ("return upper ? v[i] : v[i + P];", "return upper ? v[i + P] : v[i];"),  # the half a lane sends
+    ("return 0x6604u | ((uint32_t)b << 4);", "return 0x6604u | ((uint32_t)(b ^ 1) << 4);"),  # the byte a lookup takes
+    ("if (left > 1) load_rows(col, a.KW, n0 + kRows,", "if (left > 1) load_rows(col, a.KW, n0 + kRows - 1,"),
+])
+def test_a_planted_bug_fails_the_check(tmp_path, old, new):
+    """The check has teeth: the emulation built from a copy of the kernel with one line changed
+    (each a plausible slip) no longer gives x·Ŵᵀ."""
+    if sass_cuda.nvcc() is None:
+        pytest.skip("no nvcc")
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "csrc", tmp_path / "csrc")
+    (tmp_path / "tests" / "cuda").mkdir(parents=True)
+    shutil.copy(root / "tests" / "cuda" / "int1_lut8_emulate.cu", tmp_path / "tests" / "cuda")
+    header = tmp_path / "csrc" / "int1_gemv_lut8.cuh"
+    text = header.read_text()
+    assert text.count(old) == 1, old
+    header.write_text(text.replace(old, new))
+    so = tmp_path / "libmutant.so"
+    done = subprocess.run([sass_cuda.nvcc(), "-O2", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-o", str(so),
+                           str(tmp_path / "tests" / "cuda" / "int1_lut8_emulate.cu")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    mutant = ctypes.CDLL(str(so))
+    mutant.int1_lut8_emulate.restype = ctypes.c_int
+    mutant.int1_lut8_emulate.argtypes = ([ctypes.c_int] * 2 + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6
+                                         + [ctypes.c_void_p])
+    w = weight("row", 100, 2100)
+    x = torch.randn(1, 2100).half()
+    want = expected(x, w, torch.float16)
+    got = emulate(mutant, x, w, torch.float16, 2, 3)
+    assert not torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
 
 
 def test_the_emulation_refuses_bad_arguments(lib):
@@ -235,6 +265,16 @@ def test_the_status_asks_for_the_tables_shared_memory(monkeypatch):
 from test_int1_gemv_mma import _needs_kernel  # noqa: E402  (the byte-lookup GEMV needs what the mma GEMV needs)
 
 
+def _needs_lut8():
+    _needs_kernel()
+    from loraq.kernels.int1_gemv_mma import cuda_lut8_status
+
+    ok, why = cuda_lut8_status(torch.zeros(1, 32, dtype=torch.float16, device="cuda"),
+                               {"scale_mode": "mean_abs", "group_size": None})
+    if not ok:
+        pytest.skip(why)
+
+
 def run_lut8(kind, dtype, N, K, cfg=LUT8_CFG, lora=True, bias=True):
     w, x, A, B, b = problem(kind, dtype, 1, N, K, r=5, lora=lora, bias=bias)
     tensors, meta = _kernel_args(w)
@@ -249,22 +289,30 @@ def run_lut8(kind, dtype, N, K, cfg=LUT8_CFG, lora=True, bias=True):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("N, K", [(37, 300), (1000, 1000), (77, 4100), (4096, 4096), (300, 14336), (28672, 8192)])
 def test_gpu_matches_reference(kind, dtype, N, K):
-    _needs_kernel()
+    _needs_lut8()
     run_lut8(kind, dtype, N, K)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("warps", [32, 16, 7, 1])
 def test_gpu_every_block_size(warps):
-    _needs_kernel()
+    _needs_lut8()
     run_lut8("int1_g64", torch.float16, 1000, 4100, LUT8_CFG[:4] + (warps,) + LUT8_CFG[5:])
+
+
+@pytest.mark.gpu
+def test_gpu_more_slices_than_sms():
+    """K in more slices than the GPU has SMs: one block a slice, in more than one wave."""
+    _needs_lut8()
+    K = 1024 * (torch.cuda.get_device_properties(0).multi_processor_count + 5) - 100
+    run_lut8("int1", torch.float16, 77, K)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("lora_bias", [(True, True), (False, False), (True, False), (False, True)],
                          ids=["lora+bias", "plain", "lora", "bias"])
 def test_gpu_with_and_without_lora_and_bias(lora_bias):
-    _needs_kernel()
+    _needs_lut8()
     run_lut8("int1", torch.bfloat16, 333, 2000, lora=lora_bias[0], bias=lora_bias[1])
 
 
@@ -272,7 +320,7 @@ def test_gpu_with_and_without_lora_and_bias(lora_bias):
 def test_gpu_exact_with_small_integers():
     """Integer x and scales of 1: the sums are exact, so y equals x·signsᵀ exactly (fp32 workspace,
     |y| ≤ K < 2^11 so that fp16 holds it; two K slices)."""
-    _needs_kernel()
+    _needs_lut8()
     N, K = 3000, 2000
     w = Int1Weight.from_dense(torch.randn(N, K))
     w.scale.fill_(1.0)
@@ -284,7 +332,7 @@ def test_gpu_exact_with_small_integers():
 
 @pytest.mark.gpu
 def test_gpu_the_op_refuses_more_rows_one_launch_and_too_few_slices():
-    _needs_kernel()
+    _needs_lut8()
     w, x, A, B, b = problem("int1", torch.float16, 2, 64, 2048)
     tensors, _ = _kernel_args(w)
     ws = torch.zeros(2, 64, device="cuda")

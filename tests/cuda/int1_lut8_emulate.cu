@@ -1,9 +1,10 @@
 // The int1 byte-lookup GEMV (csrc/int1_gemv_lut8.cuh) on the host for
 // tests/test_int1_gemv_lut8_cuda.py, built with nvcc into a shared library and called with
 // ctypes. The table fill (every thread of a block in turn), a lane's loads and sums of a batch of
-// rows, the transpose's steps (sent, kept: each lane's half of every exchange), the row each lane
-// ends with and its scale are the kernel's own code; the walk over slices, blocks, warps and
-// batches follows the kernel's (loraq_gemv::warp_run, batches_for). Device-only and not run here:
+// rows with the next batch's loads (lane_batch), the transpose's steps (sent, kept: each lane's half
+// of every exchange), the row each lane ends with, whether it adds it, and its scale are the
+// kernel's own code; the walk over slices, blocks, warps and batches follows the kernel's
+// (loraq_gemv::warp_run, batches_for, the copy of the next batch's words). Device-only and not run here:
 // the LDS, the shuffles themselves and the atomics.
 #include <stdint.h>
 
@@ -43,25 +44,30 @@ static void run(const loraq_mma::Args& a, int blocks, int warps, float* ws) {
     for (int64_t warp = 0; warp < total; ++warp) {
       const loraq_gemv::WarpRun run = loraq_gemv::warp_run(warp, total, a.N);
       const int end = (int)run.first + run.count;
+      uint32_t words[32][kRows];  // each lane's w0, loaded before the table as the kernel does
+      for (int l = 0; l < 32; ++l)
+        load_rows(a.packed + std::min(slice * kSliceWords + l, a.KW - 1), a.KW, (int)run.first, run.count, words[l]);
       int n0 = (int)run.first;
-      for (int left = batches_for(a.N, total); left > 0; --left, n0 += kRows) {
+      for (int left = batches_for(a.N, total); left > 0; n0 += kRows) {
         float s[32][kRows];
+        uint32_t next[32][kRows] = {};
         for (int l = 0; l < 32; ++l) {
           const int word_c = std::min(slice * kSliceWords + l, a.KW - 1);
-          uint32_t w[kRows];
-          load_rows(a.packed + word_c, a.KW, n0, end - n0, w);
-          lane_sums<T, MODE>(a, table.data(), w, n0, end - n0, word_c, l, s[l]);
+          lane_batch<T, MODE>(a, table.data(), a.packed + word_c, words[l], next[l], n0, end, left, word_c, l, s[l]);
         }
         step<4>(s, 16);
         step<2>(s, 8);
         step<1>(s, 4);
         float t[32];
-        for (int l = 0; l < 32; ++l) t[l] = s[l][0] + s[l ^ 2][0];  // the two plain shuffles
+        for (int l = 0; l < 32; ++l) t[l] = s[l][0] + s[l ^ 2][0];  // reduce_rows's two plain shuffles
         for (int l = 0; l < 32; ++l) {
           const float sum = t[l] + t[l ^ 1];
           const int n = n0 + row_of_lane(l);
-          if ((l & 3) == 0 && n < end) ws[n] += sum * row_scale<T, MODE>(a, n);
+          if (adds_row(l, n, end)) ws[n] += sum * row_scale<T, MODE>(a, n);
         }
+        if (--left == 0) break;
+        for (int l = 0; l < 32; ++l)
+          for (int r = 0; r < kRows; ++r) words[l][r] = next[l][r];
       }
     }
   }
