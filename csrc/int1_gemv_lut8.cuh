@@ -50,7 +50,7 @@ constexpr int kEntries = 256;                   // sums a byte of 8 inputs
 constexpr int kHalfBytes = 65536;               // bytes 0 and 1 of the words in the first half, 2 and 3 in the second
 constexpr int kTableBytes = 2 * kHalfBytes;     // 128 KiB: one block an SM
 constexpr int kRows = 8;                        // rows a batch: a lane's words in flight
-constexpr int kItems = 4 * kEntries / 32;       // a lane column's 32 entries of one byte: 32 items a column
+constexpr int kItems = 4 * kEntries / 32;       // items a lane column: 4 bytes x 8 blocks of 32 entries
 constexpr int kThreads = 1024;                  // the launch bound
 
 // Byte offset of entry e of byte b of lane column l.
