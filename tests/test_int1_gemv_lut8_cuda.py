@@ -183,12 +183,12 @@ def test_every_instantiation_compiles_for_hopper():
 
 
 # --- the launcher, off the GPU ----------------------------------------------------------------
-from loraq import reference  # noqa: E402
 from loraq.kernels import lora_linear_fwd  # noqa: E402
 from loraq.kernels.autotune import CUDA_LUT, CUDA_LUT8, MMA_GEMV, describe  # noqa: E402
 from loraq.kernels.int1_gemv_mma import (CUDA_LUT8_SLICE_INPUTS, check_mma_config, cuda_lut8_configs,  # noqa: E402
                                          int1_gemv_mma, lut8_k_slices)
-from test_triton_kernels import _kernel_args, check, f64, problem, tuner_calls  # noqa: E402
+from test_int1_gemv_lut_cuda import run_lut  # noqa: E402  (the byte-lookup configs through the same check)
+from test_triton_kernels import _kernel_args, problem, tuner_calls  # noqa: E402
 
 LUT8_CFG = (1, 1, CUDA_LUT8_SLICE_INPUTS, 1, 32, 1, CUDA_LUT8)
 
@@ -275,29 +275,20 @@ def _needs_lut8():
         pytest.skip(why)
 
 
-def run_lut8(kind, dtype, N, K, cfg=LUT8_CFG, lora=True, bias=True):
-    w, x, A, B, b = problem(kind, dtype, 1, N, K, r=5, lora=lora, bias=bias)
-    tensors, meta = _kernel_args(w)
-    y = lora_linear_fwd(x, "int1", tensors, meta, A, B, 0.5, b, config=cfg)
-    assert y.shape == (1, N) and y.dtype == dtype
-    check(y, reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 0.5, f64(b)),
-          reference.lora_linear_ref(x, w, A, B, 0.5, b), f"byte lookup {kind} {dtype} N={N} K={K} {cfg}")
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["int1", "int1_g32", "int1_g96", "int1_onebit"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("N, K", [(37, 300), (1000, 1000), (77, 4100), (4096, 4096), (300, 14336), (28672, 8192)])
 def test_gpu_matches_reference(kind, dtype, N, K):
     _needs_lut8()
-    run_lut8(kind, dtype, N, K)
+    run_lut(kind, dtype, N, K, LUT8_CFG)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("warps", [32, 16, 7, 1])
 def test_gpu_every_block_size(warps):
     _needs_lut8()
-    run_lut8("int1_g64", torch.float16, 1000, 4100, LUT8_CFG[:4] + (warps,) + LUT8_CFG[5:])
+    run_lut("int1_g64", torch.float16, 1000, 4100, LUT8_CFG[:4] + (warps,) + LUT8_CFG[5:])
 
 
 @pytest.mark.gpu
@@ -305,7 +296,7 @@ def test_gpu_more_slices_than_sms():
     """K in more slices than the GPU has SMs: one block a slice, in more than one wave."""
     _needs_lut8()
     K = 1024 * (torch.cuda.get_device_properties(0).multi_processor_count + 5) - 100
-    run_lut8("int1", torch.float16, 77, K)
+    run_lut("int1", torch.float16, 77, K, LUT8_CFG)
 
 
 @pytest.mark.gpu
@@ -313,7 +304,7 @@ def test_gpu_more_slices_than_sms():
                          ids=["lora+bias", "plain", "lora", "bias"])
 def test_gpu_with_and_without_lora_and_bias(lora_bias):
     _needs_lut8()
-    run_lut8("int1", torch.bfloat16, 333, 2000, lora=lora_bias[0], bias=lora_bias[1])
+    run_lut("int1", torch.bfloat16, 333, 2000, LUT8_CFG, lora=lora_bias[0], bias=lora_bias[1])
 
 
 @pytest.mark.gpu

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../../csrc/int1_gemv_lut8.cuh"
+#include "int1_one_row_args.h"
 
 using namespace loraq_lut8;
 
@@ -86,22 +87,8 @@ static void run_mode(int mode, const loraq_mma::Args& a, int blocks, int warps, 
 extern "C" int int1_lut8_emulate(int dtype, int mode, const void* x, const void* g, const int32_t* packed,
                                  const void* scale, int N, int K, int G, int group_size, int blocks, int warps,
                                  float* ws) {
-  if (dtype < 0 || dtype > 1 || mode < 0 || mode > 2 || N < 1 || K < 1 || blocks < 1 || warps < 1 || warps > 32 ||
-      (mode == kScaleOnebit && g == nullptr) || (mode == kScaleGroup && (group_size < 32 || group_size % 32)))
-    return 1;
-  loraq_mma::Args a{};
-  a.x = x;
-  a.col = g;
-  a.packed = packed;
-  a.scale = scale;
-  a.M = 1;
-  a.N = N;
-  a.K = K;
-  a.KW = (K + 31) / 32;
-  a.G = G;
-  a.group_size = mode == kScaleGroup ? group_size : K;
-  a.inv_group_words = mode == kScaleGroup ? 32.f / (float)group_size : 0.f;
-  a.slice_inputs = kSliceInputs;
+  if (!one_row_args_ok(dtype, mode, g, N, K, group_size, blocks, warps)) return 1;
+  const loraq_mma::Args a = one_row_args(mode, x, g, packed, scale, N, K, G, group_size, kSliceInputs);
   if (dtype == 0) run_mode<__half>(mode, a, blocks, warps, ws);
   else run_mode<__nv_bfloat16>(mode, a, blocks, warps, ws);
   return 0;

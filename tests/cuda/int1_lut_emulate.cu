@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../../csrc/int1_gemv_lut.cuh"
+#include "int1_one_row_args.h"
 
 // group_offset(w, i, chunks) and table_bytes(chunks), for the layout tests.
 extern "C" int int1_lut_group_offset(int w, int i, int chunks) { return loraq_lut::group_offset(w, i, chunks); }
@@ -94,23 +95,10 @@ extern "C" int int1_lut_emulate(int dtype, int mode, const void* x, const void* 
                                 const void* scale, int N, int K, int G, int group_size, int slice_inputs, int blocks,
                                 int warps, float* ws) {
   using namespace loraq_lut;
-  if (dtype < 0 || dtype > 1 || mode < 0 || mode > 2 || N < 1 || K < 1 || blocks < 1 || warps < 1 || warps > 32 ||
-      slice_inputs < 1 || slice_inputs % kTaskInputs || (mode == kScaleOnebit && g == nullptr) ||
-      (mode == kScaleGroup && (group_size < 32 || group_size % 32)))
+  if (!one_row_args_ok(dtype, mode, g, N, K, group_size, blocks, warps) || slice_inputs < 1 ||
+      slice_inputs % kTaskInputs)
     return 1;
-  loraq_mma::Args a{};
-  a.x = x;
-  a.col = g;
-  a.packed = packed;
-  a.scale = scale;
-  a.M = 1;
-  a.N = N;
-  a.K = K;
-  a.KW = (K + 31) / 32;
-  a.G = G;
-  a.group_size = mode == kScaleGroup ? group_size : K;
-  a.inv_group_words = mode == kScaleGroup ? 32.f / (float)group_size : 0.f;
-  a.slice_inputs = slice_inputs;
+  loraq_mma::Args a = one_row_args(mode, x, g, packed, scale, N, K, G, group_size, slice_inputs);
   if (dtype == 0) return run<__half>(mode, a, blocks, warps, ws);
   return run<__nv_bfloat16>(mode, a, blocks, warps, ws);
 }
