@@ -101,8 +101,7 @@ def test_a_planted_bug_fails_the_check(tmp_path, old, new):
 
     root = Path(__file__).resolve().parents[1]
     shutil.copytree(root / "csrc", tmp_path / "csrc")
-    (tmp_path / "tests" / "cuda").mkdir(parents=True)
-    shutil.copy(root / "tests" / "cuda" / "int1_lut8_emulate.cu", tmp_path / "tests" / "cuda")
+    shutil.copytree(root / "tests" / "cuda", tmp_path / "tests" / "cuda")
     header = tmp_path / "csrc" / "int1_gemv_lut8.cuh"
     text = header.read_text()
     assert text.count(old) == 1, old
