@@ -13,7 +13,7 @@ import torch
 
 from host_cuda import host_library, sass_cuda
 from loraq.formats import Int1Weight
-from test_int1_gemv_lut_cuda import expected
+from test_int1_gemv_lut_cuda import LUT_CFG, expected
 from weights import aligned, offset_view
 
 DTYPES = {torch.float16: 0, torch.bfloat16: 1}
@@ -211,13 +211,15 @@ def test_configs_are_valid_and_bad_ones_are_refused():
             check_mma_config(bad)
 
 
-def test_forced_off_the_gpu_it_raises_with_the_reason():
+@pytest.mark.parametrize("cfg, lookup", [(LUT_CFG, True), (LUT8_CFG, "byte")], ids=["nibble", "byte"])
+def test_forced_off_the_gpu_it_raises_with_the_reason(cfg, lookup):
+    """Both lookup GEMVs, forced off the GPU or given two rows of x, raise with the reason."""
     w, x, A, B, b = problem("int1", torch.float16, 1, 37, 300, device="cpu")
     tensors, meta = _kernel_args(w)
     with pytest.raises(ValueError, match="CUDA int1 GEMV, which cannot run here: .*CUDA kernel"):
-        lora_linear_fwd(x, "int1", tensors, meta, A, B, 0.5, b, config=LUT8_CFG)
+        lora_linear_fwd(x, "int1", tensors, meta, A, B, 0.5, b, config=cfg)
     with pytest.raises(ValueError, match="one row of x, got 2"):
-        int1_gemv_mma(torch.cat([x, x]), tensors, meta, lookup="byte")
+        int1_gemv_mma(torch.cat([x, x]), tensors, meta, lookup=lookup)
     with pytest.raises(ValueError, match="lookup must be"):
         int1_gemv_mma(x, tensors, meta, lookup="word")
 

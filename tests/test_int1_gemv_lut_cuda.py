@@ -134,11 +134,11 @@ def test_every_instantiation_compiles_for_hopper():
 # --- the launcher, off the GPU ----------------------------------------------------------------
 from loraq import reference  # noqa: E402
 from loraq.kernels import lora_linear_fwd  # noqa: E402
-from loraq.kernels.autotune import CUDA_LUT, MMA_GEMV  # noqa: E402
+from loraq.kernels.autotune import CUDA_LUT  # noqa: E402
 from loraq.kernels.cuda_ext import SMEM_BUDGET  # noqa: E402
 from loraq.kernels.int1_gemv_mma import (CUDA_LUT_TASK_INPUTS, check_mma_config, cuda_lut_configs,  # noqa: E402
-                                         int1_gemv_mma, lut_k_slices)
-from test_triton_kernels import _kernel_args, check, f64, problem, tuner_calls  # noqa: E402
+                                         lut_k_slices)
+from test_triton_kernels import _kernel_args, check, f64, problem  # noqa: E402
 
 LUT_CFG = (1, 1, CUDA_LUT_TASK_INPUTS, 1, 32, 1, CUDA_LUT)
 
@@ -166,30 +166,8 @@ def test_lut_configs_are_valid_and_bad_ones_are_refused():
             check_mma_config(bad)
 
 
-def test_forced_off_the_gpu_it_raises_with_the_reason():
-    w, x, A, B, b = problem("int1", torch.float16, 1, 37, 300, device="cpu")
-    tensors, meta = _kernel_args(w)
-    with pytest.raises(ValueError, match="CUDA int1 GEMV, which cannot run here: .*CUDA kernel"):
-        lora_linear_fwd(x, "int1", tensors, meta, A, B, 0.5, b, config=LUT_CFG)
-    with pytest.raises(ValueError, match="one row of x, got 2"):
-        int1_gemv_mma(torch.cat([x, x]), tensors, meta, lookup=True)
-
-
-@pytest.mark.parametrize("M", [1, 2, 16])
-def test_the_tuner_gets_it_for_one_row_only(monkeypatch, M):
-    """Where the CUDA GEMVs can run (faked here: usable for fp16), one row of x adds the lookup
-    GEMV's configs to the mma GEMV's; more rows do not."""
-    import importlib
-
-    module = importlib.import_module("loraq.kernels.lora_linear_fwd")
-    monkeypatch.setattr(module, "mma_gemv_status", lambda x, meta: (True, ""))
-    monkeypatch.setenv("LORAQ_CUDA_GEMV", "1")
-    w, x, A, B, b = problem("int1", torch.float16, M, 37, 300, device="cpu")
-    with tuner_calls(lora_linear_fwd) as seen:
-        lora_linear_fwd(x, "int1", *_kernel_args(w), A, B, 0.5, b)
-    variants = [c[6] for c in seen[0].candidates]
-    assert MMA_GEMV in variants
-    assert (CUDA_LUT in variants) == (M == 1)
+# forced off the GPU, and the tuner's offer at one row: tests/test_int1_gemv_lut8_cuda.py, for
+# both lookup GEMVs
 
 
 # --- on a GPU, with the extension built -------------------------------------------------------
