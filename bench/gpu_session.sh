@@ -77,12 +77,12 @@ TESTS_PID=$!
 wait "$TESTS_PID"; TESTS_RC=$?
 kill -KILL -- "-$TESTS_PID" 2>/dev/null && sleep 2
 echo "tests exit $TESTS_RC"; tail -n 25 "$OUT/tests.txt"
-# SANITIZE=1: the CUDA GEMVs' exact and LoRA/bias tests once more under compute-sanitizer's memcheck
+# SANITIZE=1: the CUDA GEMVs' exact and LoRA/bias tests (and the byte-lookup GEMV's one-launch ones) once more under compute-sanitizer's memcheck
 # (out-of-bounds and misaligned accesses), appended to tests.txt
 if [ "${SANITIZE:-0}" = 1 ]; then
   timeout "${SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q \
-    -p no:cacheprovider tests/test_int1_gemv_mma.py tests/test_int1_gemv_lut_cuda.py tests/test_sparse4x4_gemv_cuda.py \
-    -k "(each_weight or each_value or with_and_without) and not emulated" >> "$OUT/tests.txt" 2>&1
+    -p no:cacheprovider tests/test_int1_gemv_mma.py tests/test_int1_gemv_lut_cuda.py tests/test_int1_gemv_lut8_cuda.py \
+    tests/test_sparse4x4_gemv_cuda.py -k "(each_weight or each_value or with_and_without or one_launch_every_block) and not emulated" >> "$OUT/tests.txt" 2>&1
   echo "sanitize exit $?" | tee -a "$OUT/tests.txt"
 fi
 timeout "${BENCH_TIMEOUT:-270}" python3 bench/bench_kernels.py --backward ${BENCH_DX_LORA:+--backward-lora} --csv "$OUT/bench.csv" \

@@ -13,7 +13,9 @@ headers have no torch in them):
   columns, 512 stored values);
 * ``lut``: the int1 lookup GEMV for one row of x (csrc/int1_gemv_lut.cuh): dtype x scale mode (row,
   group, onebit) x 16-byte loads x finish; its loop is the one with the most LDS (one task: a
-  lane's 2 x 256 weights, 128 lookups).
+  lane's 2 x 256 weights, 128 lookups);
+* ``lut8``: the int1 byte-lookup GEMV for one row of x (csrc/int1_gemv_lut8.cuh): dtype x scale mode
+  x finish; its loop is the one with the most LDS (a batch: 8 rows, 32 lookups of 8 weights a lane).
 Per kernel: the registers, the spills, and the opcodes of that loop.
 
     python bench/sass_cuda.py                    # one line each, both kernels
@@ -71,9 +73,9 @@ def instantiations(kernel: str = "mma") -> List[Dict]:
     if kernel == "lut":
         return [dict(kernel=kernel, dtype=d, mode=m, vec=v, one=one)
                 for d, m, v, one in itertools.product(DTYPES, (0, 1, 2), (True, False), (False, True))]
-    if kernel == "lut8":  # 32-bit loads only: no vec; two launches only
-        return [dict(kernel=kernel, dtype=d, mode=m, vec=True, one=False)
-                for d, m in itertools.product(DTYPES, (0, 1, 2))]
+    if kernel == "lut8":  # 32-bit loads only: no vec
+        return [dict(kernel=kernel, dtype=d, mode=m, vec=True, one=one)
+                for d, m, one in itertools.product(DTYPES, (0, 1, 2), (False, True))]
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
 
 
@@ -94,8 +96,10 @@ def _template(inst) -> str:
                 "(const loraq_mma::Args);")
         return line, f"I{mangled_t}Li{inst['mode']}ELb{int(inst['vec'])}ELb{int(inst['one'])}EE"
     if inst["kernel"] == "lut8":
-        line = f"template __global__ void loraq_lut8::int1_gemv_lut8_kernel<{t}, {inst['mode']}>(const loraq_mma::Args);"
-        return line, f"I{mangled_t}Li{inst['mode']}EE"
+        one = str(inst["one"]).lower()
+        line = (f"template __global__ void loraq_lut8::int1_gemv_lut8_kernel<{t}, {inst['mode']}, {one}>"
+                "(const loraq_mma::Args);")
+        return line, f"I{mangled_t}Li{inst['mode']}ELb{int(inst['one'])}EE"
     if inst["kernel"] == "sparse_mma":
         args = "loraq_sparse_mma::MmaArgs" if inst["one"] else "loraq_sparse::Args"
         line = (f"template __global__ void loraq_sparse_mma::sparse4x4_gemv_mma_kernel<{t}, {vec}, {inst['tiles']}, "
@@ -174,7 +178,8 @@ def describe(r: Dict) -> str:
         # a lookup (an LDS) is 4 weights of a lane; the loop holds two tasks of 256
         ops = f"{total / max(1, 4 * loop.get('LDS', 0)):.2f} a weight; {loop.get('LDS', 0)} LDS, {loop.get('LOP3', 0)} LOP3, {loop.get('FADD', 0)} FADD"
     elif r["kernel"] == "lut8":
-        what = f"int1 byte lookup {r['dtype']} {MODES[r['mode']]:13s} 4-byte loads"
+        what = (f"int1 byte lookup {r['dtype']} {MODES[r['mode']]:13s} 4-byte loads"
+                + (", one launch" if r["one"] else ""))
         # a lookup (an LDS) is 8 weights of a lane; the loop is one batch of 8 rows (32 LDS)
         ops = (f"{total / max(1, 8 * loop.get('LDS', 0)):.3f} a weight; {loop.get('LDS', 0)} LDS, "
                f"{loop.get('PRMT', 0)} PRMT, {loop.get('FADD', 0)} FADD, {loop.get('SHFL', 0)} SHFL")

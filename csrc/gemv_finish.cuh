@@ -10,7 +10,8 @@
 //    items are added into xa [M, block_r] (zero, after ws) with atomics; a counter of the items
 //    done says when xa is whole.
 //  * Each unit of outputs (16 weight rows, all rows of x) has an arrival counter. After its run a
-//    warp adds to it the number of its tasks in that unit; the warp whose add completes the unit
+//    warp adds to it the number of its tasks in that unit (the byte-lookup GEMV, whose warps take
+//    runs of rows: its rows there, row_arrivals); the warp whose add completes the unit
 //    (unit_tasks: its tasks over every K slice) finishes it: it waits for xa, then writes
 //    y = ws + s·xa·Bᵀ + b in T and zeroes ws there.
 //  * No block schedule can deadlock it: a waiting finisher claims and computes batches that nobody
@@ -91,6 +92,22 @@ __host__ __device__ __forceinline__ int run_tasks_in_group(int64_t first, int co
   const int64_t lo = first > (int64_t)rg * chunks ? first : (int64_t)rg * chunks;
   const int64_t hi = first + count < (int64_t)(rg + 1) * chunks ? first + count : (int64_t)(rg + 1) * chunks;
   return hi > lo ? (int)(hi - lo) : 0;
+}
+
+// A warp's arrivals when warps take runs of rows, not tasks (the byte-lookup GEMV: warp_run over
+// the N rows, in every K slice): the units are `rows` weight rows and each receives rows x slices,
+// a row a slice. The run that ends at N (the slice's last warp: only its run can) also brings the
+// rows past N up to the end of the last unit, so that a short last unit is complete at the same
+// count. Units [u0, u1) get run_tasks_in_group(first, count, rows, u) each.
+struct RowArrivals {
+  int64_t first;
+  int count, u0, u1;
+};
+__host__ __device__ __forceinline__ RowArrivals row_arrivals(int64_t first, int count, int N, int rows) {
+  const int units = (N + rows - 1) / rows;
+  if (first + count == N) count = (int)((int64_t)units * rows - first);
+  if (count <= 0) return {first, 0, 0, 0};
+  return {first, count, (int)(first / rows), (int)((first + count - 1) / rows) + 1};
 }
 
 // L2 reads of what other warps of the launch wrote (their atomics are performed in L2; L1 is not
@@ -334,6 +351,24 @@ __device__ __forceinline__ void finish_input_slices(const Args& a, int task_inpu
   const int k0 = at.block_y * a.slice_inputs;
   const int chunks = (min(a.K - k0, a.slice_inputs) + task_inputs - 1) / task_inputs;
   finish_row_groups<T, INLINE_WAIT>(a, at, chunks, rows);
+}
+
+// The finish after a warp's run for a kernel whose warps take runs of the N rows (blockIdx.x and
+// the warp: warp_run over N, in each K slice blockIdx.y): units of `rows` weight rows (every row of
+// x) arrived at by rows (row_arrivals; unit_tasks = rows x slices), then leave.
+template <typename T, bool INLINE_WAIT, typename Args>
+__device__ __forceinline__ void finish_row_runs(const Args& a, int rows) {
+  const Indices at = fresh_indices();
+  const int lane = at.thread & 31, warps = at.threads >> 5;
+  const int64_t warp = (int64_t)at.block_x * warps + (at.thread >> 5), total = (int64_t)at.blocks_x * warps;
+  const WarpRun run = warp_run(warp, total, a.N);
+  const RowArrivals r = row_arrivals(run.first, run.count, a.N, rows);
+  const int launch_warps = (int)(total * at.blocks_y);  // below 2^30: the ops check
+  const int batch = xa_batch(a, launch_warps);
+  arrive_and_finish<T, INLINE_WAIT>(
+      a, r.u0, r.u1, [&](int u) { return run_tasks_in_group(r.first, r.count, rows, u); },
+      [&](int u) { return Outputs{0, a.M, u * rows, min(rows, a.N - u * rows)}; }, batch, lane);
+  leave(a, launch_warps, batch, lane);
 }
 #endif  // __CUDACC__
 

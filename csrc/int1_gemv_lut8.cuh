@@ -26,6 +26,8 @@
 // then reduced over the warp by a transpose: three steps in which lanes exchange half their
 // values (after them lane l holds row (l / 4) % 8 summed over 8 lanes) and two plain shuffles.
 // One lane of four adds its row, times the row scale, into the fp32 workspace with an atomic.
+// The finish is splitk_finish's second launch, or (ONE, LORAQ_ONE_LAUNCH=1) gemv_finish.cuh's in
+// this launch: a warp arrives at each unit of 16 rows with its rows there (finish_row_runs).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -34,6 +36,7 @@
 #include <string.h>
 
 #include "gemv_common.cuh"
+#include "gemv_finish.cuh"
 #include "int1_gemv_lut.cuh"
 #include "int1_gemv_mma.cuh"
 
@@ -52,6 +55,7 @@ constexpr int kTableBytes = 2 * kHalfBytes;     // 128 KiB: one block an SM
 constexpr int kRows = 8;                        // rows a batch: a lane's words in flight
 constexpr int kItems = 4 * kEntries / 32;       // items a lane column: 4 bytes x 8 blocks of 32 entries
 constexpr int kThreads = 1024;                  // the launch bound
+constexpr int kUnitRows = 16;                   // rows a unit of the one-launch finish (the op's kTaskRows)
 
 // Byte offset of entry e of byte b of lane column l.
 __host__ __device__ constexpr uint32_t entry_offset(int b, int e, int l) {
@@ -240,8 +244,10 @@ __device__ __forceinline__ float reduce_rows(float (&s)[kRows], int lane) {
   return t;
 }
 
-// One row of x (a.M == 1), two launches (the finish is splitk_finish's).
-template <typename T, int MODE>
+// One row of x (a.M == 1). ONE: the one-launch finish (gemv_finish.cuh; a.fin.y set; units of
+// kUnitRows rows arrived at by rows, unit_tasks = kUnitRows x slices), a separate instantiation;
+// else two launches (the finish is splitk_finish's).
+template <typename T, int MODE, bool ONE>
 __global__ void __launch_bounds__(kThreads, 1) int1_gemv_lut8_kernel(const Args a) {
   extern __shared__ __align__(128) unsigned char lut8_table[];
   const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
@@ -253,7 +259,9 @@ __global__ void __launch_bounds__(kThreads, 1) int1_gemv_lut8_kernel(const Args 
   uint32_t w0[kRows];
   load_rows(col, a.KW, (int)run.first, run.count, w0);  // the first rows' words load while the table is built
   const int block = blockIdx.y * gridDim.x + blockIdx.x;
-  if (a.parts != nullptr && block < a.slots) loraq_gemv::store_xa_share<T>(a, block);
+  if (ONE && a.parts != nullptr)  // this warp's batch of x·Aᵀ's items
+    loraq_gemv::own_xa_batch<T>(a, (int)(blockIdx.y * total + warp), loraq_gemv::xa_batch(a, (int)(total * gridDim.y)), lane);
+  if (!ONE && a.parts != nullptr && block < a.slots) loraq_gemv::store_xa_share<T>(a, block);
   fill_table<T, MODE>(a, lut8_table, blockIdx.y * kSliceInputs, threadIdx.x, blockDim.x);
   __syncthreads();
   // every warp runs the same number of batches, the most any warp needs (its last rows past `end`
@@ -280,6 +288,7 @@ __global__ void __launch_bounds__(kThreads, 1) int1_gemv_lut8_kernel(const Args 
 #pragma unroll
     for (int r = 0; r < kRows; ++r) w0[r] = next[r];
   }
+  if (ONE) loraq_gemv::finish_row_runs<T, false>(a, kUnitRows);
 }
 #endif  // __CUDACC__
 

@@ -68,20 +68,21 @@ void launch_lut_mode(int64_t mode, const Args& a, const Launch& l) {
   else go(loraq_lut::int1_gemv_lut_kernel<T, kScaleOnebit, VEC, ONE>);
 }
 
-// The byte-lookup GEMV (one row of x; modes 0 to 2; two launches; 32-bit loads: no VEC).
-template <typename T>
+// The byte-lookup GEMV (one row of x; modes 0 to 2; 32-bit loads: no VEC), two launches or one.
+template <typename T, bool ONE>
 void launch_lut8_mode(int64_t mode, const Args& a, const Launch& l) {
   using namespace loraq_mma;
   auto go = [&](auto kernel) { loraq_ops::launch_kernel(kernel, a, l.grid, l.threads, l.smem, l.max_smem, l.stream); };
-  if (mode == kScaleRow) go(loraq_lut8::int1_gemv_lut8_kernel<T, kScaleRow>);
-  else if (mode == kScaleGroup) go(loraq_lut8::int1_gemv_lut8_kernel<T, kScaleGroup>);
-  else go(loraq_lut8::int1_gemv_lut8_kernel<T, kScaleOnebit>);
+  if (mode == kScaleRow) go(loraq_lut8::int1_gemv_lut8_kernel<T, kScaleRow, ONE>);
+  else if (mode == kScaleGroup) go(loraq_lut8::int1_gemv_lut8_kernel<T, kScaleGroup, ONE>);
+  else go(loraq_lut8::int1_gemv_lut8_kernel<T, kScaleOnebit, ONE>);
 }
 
 template <typename T, bool VEC>
 void launch_kernels(int64_t lut, int64_t mode, int64_t row_groups, const Args& a, const Launch& l) {
   if (lut == 0) launch_tiles<T, VEC>(mode, row_groups, a, l);
-  else if (lut == 2) launch_lut8_mode<T>(mode, a, l);
+  else if (lut == 2 && a.fin.y != nullptr) launch_lut8_mode<T, true>(mode, a, l);
+  else if (lut == 2) launch_lut8_mode<T, false>(mode, a, l);
   else if (a.fin.y != nullptr) launch_lut_mode<T, VEC, true>(mode, a, l);
   else launch_lut_mode<T, VEC, false>(mode, a, l);
 }
@@ -96,9 +97,9 @@ void launch_kernels(int64_t lut, int64_t mode, int64_t row_groups, const Args& a
 // and counters the zeroed int32 counters (loraq_gemv::finish_counters of them), left zero.
 // lut = 1: the lookup GEMV (int1_gemv_lut.cuh) instead, for one row of x and modes 0 to 2; its
 // K slices are whole tasks of 512 inputs and its shared memory the slice's table.
-// lut = 2: the byte-lookup GEMV (int1_gemv_lut8.cuh) instead, for one row of x, modes 0 to 2 and
-// two launches; its K slices are 1024 inputs (k_split at least ceil(K / 1024)) and its shared
-// memory a 128 KiB table.
+// lut = 2: the byte-lookup GEMV (int1_gemv_lut8.cuh) instead, for one row of x and modes 0 to 2;
+// its K slices are 1024 inputs (k_split at least ceil(K / 1024)), its shared memory a 128 KiB
+// table, and with y its units' arrivals are counted by rows (16 a unit a K slice).
 // row_groups = 2: the mma GEMV's tasks of 32 weight rows x 256 inputs (two launches only; its K
 // slices are whole tasks of 256 inputs); 1: 16 x 512.
 void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale,
@@ -127,7 +128,6 @@ void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const to
               "int1_gemv_mma: lut must be 0 (the mma GEMV), 1 (the lookup GEMV) or 2 (the byte-lookup GEMV), got ", lut);
   TORCH_CHECK(lut == 0 || (M == 1 && mode <= 2), "int1_gemv_mma: the lookup GEMV (lut = ", lut,
               ") takes one row of x and modes 0 to 2, got ", M, " rows and mode ", mode);
-  TORCH_CHECK(lut != 2 || !y.has_value(), "int1_gemv_mma: the byte-lookup GEMV (lut = 2) runs in two launches (no y)");
   TORCH_CHECK(lut != 2 || k_split >= (K + loraq_lut8::kSliceInputs - 1) / loraq_lut8::kSliceInputs,
               "int1_gemv_mma: the byte-lookup GEMV's K slices are ", loraq_lut8::kSliceInputs,
               " inputs: k_split must be at least ceil(K / ", loraq_lut8::kSliceInputs, ") = ",
@@ -206,10 +206,12 @@ void int1_gemv_mma(const torch::Tensor& x, const torch::Tensor& packed, const to
       a.slots = (int)slots;
     }
   }
+  // every kernel's units: 16 rows; a unit receives a task a K chunk, or (lut = 2) a row a K slice
+  static_assert(loraq_lut8::kUnitRows == loraq_mma::kTaskRows, "the byte-lookup GEMV's units are the op's");
   if (one)
     loraq_ops::set_finish("int1_gemv_mma", a, x, ws, parts, *y, counters, lora_A, lora_B, bias, scaling,
                           blocks * std::max<int64_t>(slices, 1) * warps, loraq_mma::kTaskRows,
-                          (K + task_inputs - 1) / task_inputs);  // both kernels' units: 16 rows
+                          lut == 2 ? loraq_mma::kTaskRows * slices : (K + task_inputs - 1) / task_inputs);
   if (K == 0) {  // x·Ŵᵀ = 0 (the workspace stays zero) and so are the shares of x·Aᵀ; validated above
     if (one) {
       loraq_ops::finish_without_inputs(*y, bias);

@@ -141,8 +141,9 @@ def cuda_lut_configs(M: int) -> List[Config]:
 # The byte-lookup GEMV (csrc/int1_gemv_lut8.cuh, the op's lut = 2) for one row of x: each block
 # tabulates the 256 signed sums of every 8 inputs of a K slice of 1024 (a 128 KiB table, one block
 # an SM) and a lane adds one entry a byte of weights: a PRMT, an LDS and an FADD for 8 weights.
-# Written without a GPU (2026-11-25), not measured. Configs (1, 1, CUDA_LUT8_SLICE_INPUTS, 1, warps
-# a block, 1, CUDA_LUT8): blocks an SM, the slice and K's slices (ceil(K / 1024)) are fixed.
+# Written without a GPU (2026-11-25), not measured; two launches, or one with LORAQ_ONE_LAUNCH=1.
+# Configs (1, 1, CUDA_LUT8_SLICE_INPUTS, 1, warps a block, 1, CUDA_LUT8): blocks an SM, the slice
+# and K's slices (ceil(K / 1024)) are fixed.
 CUDA_LUT8_SLICE_INPUTS = 1024
 CUDA_LUT8_TABLE_BYTES = 128 * 1024
 CUDA_LUT8_WARPS = (32, 16)
@@ -263,8 +264,8 @@ def bind_mma(shape, dtype, device, ptrs, ints, mode, N, lora_A, lora_B, scaling,
         s = scale if scale.dtype == dtype else scale.to(dtype)
         return s, s if c is None else c
 
-    # 32-row tasks and the byte-lookup GEMV: two launches only
-    if rg == 1 and lut != 2 and (one_launch_offered() if one_launch is None else one_launch):
+    # 32-row tasks: two launches only
+    if rg == 1 and (one_launch_offered() if one_launch is None else one_launch):
         def run_one(x):
             s, c = scales()
             return _one_launch(x, packed, s, c, lora_A, lora_B, bias, scaling, mode_op, group, N, blocks, warps,
@@ -298,7 +299,7 @@ def int1_gemv_mma(x, tensors, meta, lora_A=None, lora_B=None, scaling: float = 1
     """``y [M, N]`` for ``x [M, K]`` (1 to 16 rows, fp16/bf16, CUDA) and an int1 weight's
     ``tensors``/``meta``, in ``x.dtype``; raises ValueError (with the reason) where the kernel
     does not run. ``one_launch``: finish in the same launch (None: ``LORAQ_ONE_LAUNCH=1``; tasks of
-    32 rows and the byte-lookup GEMV always take two launches). ``lookup``: ``True`` (or
+    32 rows always take two launches). ``lookup``: ``True`` (or
     ``"nibble"``) the lookup GEMV of 4 inputs an entry, ``"byte"`` the byte-lookup GEMV (both one
     row of x; the byte-lookup GEMV ignores ``blocks_per_sm`` and ``k_split``: one block an SM, K in
     slices of 1024) instead of the mma GEMV. ``task_rows``: the mma GEMV's tasks, 16 weight rows x

@@ -1,7 +1,7 @@
 """The CUDA GEMVs' one-launch finish (csrc/gemv_finish.cuh, LORAQ_ONE_LAUNCH=1) on the host.
 
-tests/cuda/gemv_finish_emulate.cu runs the int1 mma GEMV's grid block by block, in the order a
-test gives, with the kernel's own task split, items of x·Aᵀ, counters and finish of each output
+tests/cuda/gemv_finish_emulate.cu runs the int1 mma GEMV's grid (or the byte-lookup GEMV's) block
+by block, in the order a test gives, with the kernel's own task split (or row runs), items of x·Aᵀ, counters and finish of each output
 (the sums of each task come from a dense W: the protocol is under test, not the mma). Each run must
 give y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ + b, leave the sums, x·Aᵀ and every counter zero for the next call,
 and never wait forever, whatever the order of the blocks: with blocks that start late, the
@@ -18,6 +18,7 @@ import torch
 from host_cuda import host_library
 
 TASK_INPUTS, TASK_ROWS, XA_RANKS = 512, 16, 4
+LUT8_SLICE_INPUTS = 1024  # the byte-lookup GEMV's K slices (its units are TASK_ROWS rows too)
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +26,16 @@ def lib(tmp_path_factory):
     so = host_library("gemv_finish_emulate.cu", tmp_path_factory.mktemp("finish"))
     so.int1_finish_emulate.restype = ctypes.c_int
     so.int1_finish_emulate.argtypes = ([ctypes.c_int] + [ctypes.c_void_p] * 6 + [ctypes.c_float]
-                                       + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 10 + [ctypes.c_void_p] * 2)
+                                       + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 10 + [ctypes.c_void_p] * 2
+                                       + [ctypes.c_int])
+    so.row_arrival_counts.restype = ctypes.c_int
+    so.row_arrival_counts.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     return so
 
 
-def _slices(K, k_split):
+def _slices(K, k_split, task_inputs=TASK_INPUTS):
     per = -(-K // k_split)
-    inputs = -(-per // TASK_INPUTS) * TASK_INPUTS
+    inputs = -(-per // task_inputs) * task_inputs
     return -(-K // inputs)
 
 
@@ -49,11 +53,13 @@ def _counters(N, M, R, slots, launch_warps):
 class Problem:
     """One call's inputs and the buffers the kernel shares between calls."""
 
-    def __init__(self, dtype, M, N, K, R, bias, blocks, warps, k_split, slots=None, seed=0):
+    def __init__(self, dtype, M, N, K, R, bias, blocks, warps, k_split, slots=None, seed=0, split=0):
+        """split 0: the mma GEMV's tasks; 1: the byte-lookup GEMV's row runs (one row of x,
+        K slices of 1024: k_split at least ceil(K / 1024))."""
         g = torch.Generator().manual_seed(seed)
         self.dtype, self.M, self.N, self.K, self.R = dtype, M, N, K, R
-        self.blocks, self.warps, self.k_split = blocks, warps, k_split
-        self.slices = _slices(K, k_split)
+        self.blocks, self.warps, self.k_split, self.split = blocks, warps, k_split, split
+        self.slices = _slices(K, k_split, LUT8_SLICE_INPUTS if split else TASK_INPUTS)
         self.x = torch.randn(M, K, generator=g).to(dtype)
         self.W = torch.randn(N, K, generator=g).sign()  # int1's values; any would do
         self.A = (torch.randn(R, K, generator=g) / K ** 0.5).to(dtype) if R else None
@@ -86,7 +92,7 @@ class Problem:
                                      ptr(self.A), ptr(self.B), ptr(self.bias), self.scaling, ptr(y), ptr(self.ws),
                                      ptr(self.xa), ptr(self.counters), self.n_counters, self.M, self.N, self.K,
                                      self.R, self.block_r, self.slots, self.blocks, self.warps, self.k_split,
-                                     order.ctypes.data, stats.ctypes.data)
+                                     order.ctypes.data, stats.ctypes.data, self.split)
         return rc, y, stats
 
     def orders(self):
@@ -131,6 +137,55 @@ def test_one_launch_finish_in_any_block_order(lib, dtype, shape):
             assert stats[0] == -(-N // TASK_ROWS), "every row group is finished once"
             if R:
                 assert stats[1] + stats[2] == _items(p.slots, M, R), "every item of x·Aᵀ is computed once"
+
+
+LUT8_SHAPES = [  # N, K, R, bias, blocks, warps, k_split (one row of x)
+    (37, 1000, 16, True, 3, 2, 1),
+    (16, 1024, 0, True, 2, 2, 1),
+    (100, 3000, 5, False, 4, 3, 3),
+    (300, 2100, 33, True, 2, 4, 5),  # more slices asked for than K needs: three of 1024
+    (5, 45, 1, False, 3, 4, 1),  # more warps than rows: most warps have no run, the last one pads
+    (64, 4096, 8, True, 1, 7, 4),  # N a multiple of 16: nothing to pad
+    (17, 2048, 4, False, 5, 8, 2),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", LUT8_SHAPES, ids=lambda s: "N{}-K{}-R{}-b{}-{}x{}-s{}".format(*s))
+def test_byte_lookup_one_launch_finish_in_any_block_order(lib, dtype, shape):
+    """The byte-lookup GEMV's split (csrc/int1_gemv_lut8.cuh): each K slice's warps take runs of
+    the N rows and arrive at their units by rows (row_arrivals), a unit whole at 16 rows a slice."""
+    N, K, R, bias, blocks, warps, k_split = shape
+    p = Problem(dtype, 1, N, K, R, bias, blocks, warps, k_split, split=1)
+    assert p.slices == -(-K // LUT8_SLICE_INPUTS)
+    for name, order in p.orders().items():
+        for call in range(2):
+            rc, y, stats = p.run(lib, order)
+            assert rc == 0, (name, call, rc)
+            _close(y, p.expected(), dtype)
+            p.assert_left_zero()
+            assert stats[0] == -(-N // TASK_ROWS), "every unit is finished once"
+            if R:
+                assert stats[1] + stats[2] == _items(p.slots, 1, R), "every item of x·Aᵀ is computed once"
+
+
+def test_row_runs_bring_each_unit_16_rows_a_slice(lib):
+    """row_arrivals over every warp of a slice: each unit gets exactly 16 (the slice's last run
+    pads the last unit past N), and no warp arrives at a unit past the last, for every N and
+    number of warps, with runs that are empty."""
+    for N in range(1, 70):
+        for total in (1, 2, 3, 5, 16, 31, 64, 100):
+            counts = np.zeros(8, dtype=np.int32)
+            units = lib.row_arrival_counts(N, total, counts.ctypes.data, 8)
+            assert units == -(-N // TASK_ROWS), (N, total)
+            assert counts[:units].tolist() == [TASK_ROWS] * units and not counts[units:].any(), (N, total)
+
+
+def test_the_byte_lookup_split_refuses_more_rows_and_too_few_slices(lib):
+    p = Problem(torch.float16, 2, 40, 600, 4, False, 2, 2, 1, split=1)
+    assert p.run(lib, [0, 1])[0] == 1
+    p = Problem(torch.float16, 1, 40, 2100, 4, False, 2, 2, 2, split=1)  # 3 slices of 1024 needed
+    assert p.run(lib, list(range(2 * p.slices)))[0] == 1
 
 
 def test_finishers_compute_the_batches_of_blocks_that_have_not_started(lib):
