@@ -109,6 +109,11 @@ __host__ __device__ __forceinline__ RowArrivals row_arrivals(int64_t first, int 
   if (count <= 0) return {first, 0, 0, 0};
   return {first, count, (int)(first / rows), (int)((first + count - 1) / rows) + 1};
 }
+// Warp `warp` of the `total` of a K slice: its run of the N rows (warp_run) as arrivals.
+__host__ __device__ __forceinline__ RowArrivals warp_row_arrivals(int64_t warp, int64_t total, int N, int rows) {
+  const WarpRun run = warp_run(warp, total, N);
+  return row_arrivals(run.first, run.count, N, rows);
+}
 
 // L2 reads of what other warps of the launch wrote (their atomics are performed in L2; L1 is not
 // coherent), and the int atomics, as plain accesses on the host where warps run one at a time.
@@ -361,8 +366,7 @@ __device__ __forceinline__ void finish_row_runs(const Args& a, int rows) {
   const Indices at = fresh_indices();
   const int lane = at.thread & 31, warps = at.threads >> 5;
   const int64_t warp = (int64_t)at.block_x * warps + (at.thread >> 5), total = (int64_t)at.blocks_x * warps;
-  const WarpRun run = warp_run(warp, total, a.N);
-  const RowArrivals r = row_arrivals(run.first, run.count, a.N, rows);
+  const RowArrivals r = warp_row_arrivals(warp, total, a.N, rows);
   const int launch_warps = (int)(total * at.blocks_y);  // below 2^30: the ops check
   const int batch = xa_batch(a, launch_warps);
   arrive_and_finish<T, INLINE_WAIT>(

@@ -329,7 +329,8 @@ __global__ void __launch_bounds__(1024) int1_gemv_lut_kernel(const Args a) {
   const int64_t first = run.first;
   const int count = run.count;
   if (count > 0) loraq_lut::run_tasks<T, MODE, VEC>(a, lut_table, first, count, chunks, slice_word0, r, h);
-  if (ONE) loraq_gemv::finish_input_slices<T, false>(a, kTaskInputs, kTaskRows);
+  // the wait for x·Aᵀ inlined: out of line, what lived across its call went to the stack (240 bytes)
+  if (ONE) loraq_gemv::finish_input_slices<T, true>(a, kTaskInputs, kTaskRows);
 }
 #endif  // __CUDACC__
 

@@ -288,7 +288,8 @@ __global__ void __launch_bounds__(kThreads, 1) int1_gemv_lut8_kernel(const Args 
 #pragma unroll
     for (int r = 0; r < kRows; ++r) w0[r] = next[r];
   }
-  if (ONE) loraq_gemv::finish_row_runs<T, false>(a, kUnitRows);
+  // the wait for x·Aᵀ inlined: out of line, what lives across its call went to the stack (188 bytes)
+  if (ONE) loraq_gemv::finish_row_runs<T, true>(a, kUnitRows);
 }
 #endif  // __CUDACC__
 

@@ -147,6 +147,9 @@ LUT8_SHAPES = [  # N, K, R, bias, blocks, warps, k_split (one row of x)
     (5, 45, 1, False, 3, 4, 1),  # more warps than rows: most warps have no run, the last one pads
     (64, 4096, 8, True, 1, 7, 4),  # N a multiple of 16: nothing to pad
     (17, 2048, 4, False, 5, 8, 2),
+    (5, 3000, 4, True, 3, 4, 3),  # several slices, more warps than rows
+    (1000, 2048, 16, True, 1, 1, 2),  # one warp a slice: all 63 units
+    (3, 5000, 9, True, 2, 8, 7),
 ]
 
 

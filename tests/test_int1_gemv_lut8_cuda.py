@@ -170,9 +170,8 @@ def test_every_instantiation_compiles_for_hopper():
     """Every instantiation the op can launch compiles for sm_90 at 64 registers; its loop (a batch
     of 8 rows: 32 lookups of 8 weights a lane) stays under 1 instruction a weight with per-row and
     onebit scales, and the table's base folds into every LDS (no IADD a lookup). The two-launch
-    kernels spill nothing; the one-launch ones (csrc/gemv_finish.cuh) spill only in their finish,
-    after the loop (188 bytes with nvcc 13.0), touch the stack nowhere in the loop, and their loop
-    is the two-launch one's within 2%."""
+    kernels spill nothing, nor do the one-launch ones (csrc/gemv_finish.cuh; with the wait for
+    x·Aᵀ out of line they spilled 188 bytes), whose loop is the two-launch one's within 2%."""
     if sass_cuda.nvcc() is None:
         pytest.skip("no nvcc")
     results = sass_cuda.compile_all(90, "lut8")
@@ -181,9 +180,7 @@ def test_every_instantiation_compiles_for_hopper():
     for r in results:
         loop = r["loop"]
         assert loop is not None and loop["LDS"] == 32 and loop["PRMT"] == 32, sass_cuda.describe(r)
-        assert r["registers"] <= 64 and r["spill_bytes"] <= (256 if r["one"] else 0), sass_cuda.describe(r)
-        assert r["call_spill_bytes"] <= (64 if r["one"] else 0), sass_cuda.describe(r)  # the out-of-line wait
-        assert loop.get("STL", 0) == 0 and loop.get("LDL", 0) == 0, sass_cuda.describe(r)
+        assert r["registers"] <= 64 and r["spill_bytes"] == 0 and r["call_spill_bytes"] == 0, sass_cuda.describe(r)
         per_weight = sum(loop.values()) / 256
         assert per_weight <= (1.0 if r["mode"] != 1 else 1.5), sass_cuda.describe(r)
         if r["one"]:
@@ -442,6 +439,16 @@ def test_gpu_one_launch_more_slices_than_sms_and_fewer_rows_than_warps():
     _needs_lut8()
     run_one_launch("int1", torch.float16, 77, 1024 * (torch.cuda.get_device_properties(0).multi_processor_count + 5) - 100)
     run_one_launch("int1_onebit", torch.bfloat16, 5, 3000)
+
+
+@pytest.mark.gpu
+def test_gpu_one_launch_a_warp_arrives_at_more_than_32_units():
+    """One block a slice of one warp: each warp's run is all 1000 rows, 63 units, so its lanes take
+    the units 32 at a time (arrive_and_finish's outer loop, which the host emulation does not
+    reach: it arrives unit by unit)."""
+    _needs_lut8()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    run_one_launch("int1", torch.float16, 1000, 1024 * (sms // 2 + 1), warps=1)
 
 
 @pytest.mark.gpu

@@ -114,8 +114,10 @@ def test_the_table_layout_has_no_bank_conflicts_and_no_overlap(lib, chunks):
 
 
 def test_every_instantiation_compiles_for_hopper():
-    """Every instantiation the op can launch compiles for sm_90; two-launch ones do not spill, and
-    the loop (two tasks: 128 lookups of 4 weights a lane) stays near 4 instructions a lookup."""
+    """Every instantiation the op can launch compiles for sm_90; two-launch ones do not spill, the
+    one-launch ones (their wait for x·Aᵀ inlined: out of line, 240 bytes went to the stack) at most
+    16 bytes and nothing in the loop, and the loop (two tasks: 128 lookups of 4 weights a lane)
+    stays near 4 instructions a lookup."""
     if sass_cuda.nvcc() is None:
         pytest.skip("no nvcc")
     results = sass_cuda.compile_all(90, "lut")
@@ -124,9 +126,8 @@ def test_every_instantiation_compiles_for_hopper():
         loop = r["loop"]
         assert loop is not None and loop["LDS"] == 128, sass_cuda.describe(r)
         total = sum(loop.values())
-        if not r["one"]:
-            assert r["spill_bytes"] == 0, sass_cuda.describe(r)
-        assert r["spill_bytes"] + r["call_spill_bytes"] <= 320, sass_cuda.describe(r)
+        assert r["spill_bytes"] <= (16 if r["one"] else 0) and r["call_spill_bytes"] == 0, sass_cuda.describe(r)
+        assert loop.get("STL", 0) == 0 and loop.get("LDL", 0) == 0, sass_cuda.describe(r)
         limit = 1.5 if r["mode"] != 1 and r["vec"] else (1.7 if r["mode"] != 1 else 2.4)
         assert total / 512 <= limit, sass_cuda.describe(r)
 

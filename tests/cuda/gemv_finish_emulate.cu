@@ -56,9 +56,9 @@ static Arrivals warp_work(const loraq_mma::Args& a, const float* W, const float*
   using namespace loraq_gemv;
   const int k0 = by * a.slice_inputs, k1 = std::min(a.K, k0 + a.slice_inputs);
   if (split == 1) {
-    const WarpRun r = warp_run(warp, total, a.N);
+    const WarpRun r = warp_run(warp, total, a.N);  // the kernel's rows
     add_sums(a, W, xf, (int)r.first, (int)r.first + r.count, k0, k1);
-    const RowArrivals ra = row_arrivals(r.first, r.count, a.N, loraq_lut8::kUnitRows);
+    const RowArrivals ra = warp_row_arrivals(warp, total, a.N, loraq_lut8::kUnitRows);  // finish_row_runs's
     return {ra.u0, ra.u1, ra.first, ra.count, loraq_lut8::kUnitRows};
   }
   using loraq_mma::kTaskInputs;
@@ -175,8 +175,7 @@ extern "C" int row_arrival_counts(int N, int total, int* per_unit, int capacity)
   using namespace loraq_gemv;
   const int units = (N + loraq_lut8::kUnitRows - 1) / loraq_lut8::kUnitRows;
   for (int w = 0; w < total; ++w) {
-    const WarpRun r = warp_run(w, total, N);
-    const RowArrivals ra = row_arrivals(r.first, r.count, N, loraq_lut8::kUnitRows);
+    const RowArrivals ra = warp_row_arrivals(w, total, N, loraq_lut8::kUnitRows);
     for (int u = ra.u0; u < ra.u1; ++u) {
       if (u < 0 || u >= capacity) return -1;
       per_unit[u] += run_tasks_in_group(ra.first, ra.count, loraq_lut8::kUnitRows, u);
