@@ -127,16 +127,22 @@ SHAPES = [  # M, N, K, R, bias, blocks, warps, k_split
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}-N{}-K{}-R{}-b{}-{}x{}-s{}".format(*s))
 def test_one_launch_finish_in_any_block_order(lib, dtype, shape):
     M, N, K, R, bias, blocks, warps, k_split = shape
-    p = Problem(dtype, M, N, K, R, bias, blocks, warps, k_split)
+    _right_in_every_order(lib, Problem(dtype, M, N, K, R, bias, blocks, warps, k_split))
+
+
+def _right_in_every_order(lib, p):
+    """p's call in every block order, twice each (the second call finds what the first left:
+    zeros): y right, everything zero after, every unit finished once, every item of x·Aᵀ
+    computed once."""
     for name, order in p.orders().items():
-        for call in range(2):  # the second call finds what the first left: zeros
+        for call in range(2):
             rc, y, stats = p.run(lib, order)
             assert rc == 0, (name, call, rc)
-            _close(y, p.expected(), dtype)
+            _close(y, p.expected(), p.dtype)
             p.assert_left_zero()
-            assert stats[0] == -(-N // TASK_ROWS), "every row group is finished once"
-            if R:
-                assert stats[1] + stats[2] == _items(p.slots, M, R), "every item of x·Aᵀ is computed once"
+            assert stats[0] == -(-p.N // TASK_ROWS), "every unit is finished once"
+            if p.R:
+                assert stats[1] + stats[2] == _items(p.slots, p.M, p.R), "every item of x·Aᵀ is computed once"
 
 
 LUT8_SHAPES = [  # N, K, R, bias, blocks, warps, k_split (one row of x)
@@ -161,15 +167,7 @@ def test_byte_lookup_one_launch_finish_in_any_block_order(lib, dtype, shape):
     N, K, R, bias, blocks, warps, k_split = shape
     p = Problem(dtype, 1, N, K, R, bias, blocks, warps, k_split, split=1)
     assert p.slices == -(-K // LUT8_SLICE_INPUTS)
-    for name, order in p.orders().items():
-        for call in range(2):
-            rc, y, stats = p.run(lib, order)
-            assert rc == 0, (name, call, rc)
-            _close(y, p.expected(), dtype)
-            p.assert_left_zero()
-            assert stats[0] == -(-N // TASK_ROWS), "every unit is finished once"
-            if R:
-                assert stats[1] + stats[2] == _items(p.slots, 1, R), "every item of x·Aᵀ is computed once"
+    _right_in_every_order(lib, p)
 
 
 def test_row_runs_bring_each_unit_16_rows_a_slice(lib):

@@ -317,7 +317,7 @@ def test_the_plan_launches_it_in_one_launch_when_asked(monkeypatch, one_launch, 
 
 
 # --- on a GPU, with the extension built -------------------------------------------------------
-from test_int1_gemv_mma import _needs_kernel  # noqa: E402  (the byte-lookup GEMV needs what the mma GEMV needs)
+from test_int1_gemv_mma import _needs_kernel, calls_then_graph_replays  # noqa: E402  (what the mma GEMV needs)
 
 
 def _needs_lut8():
@@ -459,22 +459,6 @@ def test_gpu_one_launch_many_calls_and_a_cuda_graph():
     w, x, A, B, b = problem("int1", torch.float16, 1, 4096, 4096, r=16)
     tensors, meta = _kernel_args(w)
     run = lambda: int1_gemv_mma(x, tensors, meta, A, B, 0.5, b, one_launch=True, lookup="byte")  # noqa: E731
-    first = run()
     want = (reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 0.5, f64(b)),
             reference.lora_linear_ref(x, w, A, B, 0.5, b))
-    for _ in range(10):
-        check(run(), *want, "byte lookup, one launch, again")
-    assert workspaces_clean()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run()  # the workspace of this stream exists before the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            y = run()
-    torch.cuda.current_stream().wait_stream(stream)
-    for _ in range(5):
-        graph.replay()
-        torch.cuda.synchronize()
-        check(y, *want, "byte lookup, one launch, graph replay")
-        torch.testing.assert_close(y, first, rtol=2e-3, atol=2e-3 * first.abs().max().item())
+    calls_then_graph_replays(run, want, "byte lookup, one launch")

@@ -431,11 +431,18 @@ def test_one_launch_many_calls_and_a_cuda_graph():
     w, x, A, B, b = problem("int1", torch.float16, 3, 4096, 4096, r=16)
     tensors, meta = _kernel_args(w)
     run = lambda: int1_gemv_mma(x, tensors, meta, A, B, 0.5, b, 2, 16, 1, one_launch=True)  # noqa: E731
-    first = run()
     want = (reference.lora_linear_ref(f64(x), w.to(torch.float64), f64(A), f64(B), 0.5, f64(b)),
             reference.lora_linear_ref(x, w, A, B, 0.5, b))
+    calls_then_graph_replays(run, want, "one launch")
+
+
+def calls_then_graph_replays(run, want, what):
+    """``run()`` (a one-launch call) ten times, then captured in a CUDA graph replayed five
+    times: each answer checked against ``want`` (the float64 and the dtype's reference), the
+    workspaces zero after the calls, and every replay's answer the first call's."""
+    first = run()
     for _ in range(10):
-        check(run(), *want, "one launch, again")
+        check(run(), *want, f"{what}, again")
     assert workspaces_clean()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -448,7 +455,7 @@ def test_one_launch_many_calls_and_a_cuda_graph():
     for _ in range(5):
         graph.replay()
         torch.cuda.synchronize()
-        check(y, *want, "one launch, graph replay")
+        check(y, *want, f"{what}, graph replay")
         torch.testing.assert_close(y, first, rtol=2e-3, atol=2e-3 * first.abs().max().item())
 
 
