@@ -54,7 +54,8 @@ def extension_kwargs():
 
 
 setup(
-    packages=["loraq", "loraq.formats", "loraq.kernels"],
-    package_dir={"loraq": "loraq", "loraq.kernels": "kernels"},
+    packages=["loraq", "loraq.formats", "loraq.kernels", "loraq.csrc"],
+    package_dir={"loraq": "loraq", "loraq.kernels": "kernels", "loraq.csrc": "csrc"},
+    package_data={"loraq.csrc": ["*.cu", "*.cuh", "*.h", "*.cpp"]},
     **extension_kwargs(),
 )

@@ -40,8 +40,9 @@ if [ "${LORAQ_BUILD_EXT:-0}" = 1 ]; then
 fi
 LORAQ_BUILD_EXT="${LORAQ_BUILD_EXT:-0}" python3 -m pip install -q --no-deps --no-build-isolation -e . \
   > "$INFO" 2>&1 || { cat "$INFO"; exit 1; }
-python3 -c "import loraq._C, torch; print('loraq._C built; ops:', [o for o in ('int1_gemv_mma', 'sparse4x4_gemv') if hasattr(torch.ops.loraq, o)])" \
-  >> "$INFO" 2>&1 || echo "loraq._C not built (LORAQ_BUILD_EXT=${LORAQ_BUILD_EXT:-0})" >> "$INFO"
+# loraq._C, or a build of `loraq build-ext` in $LORAQ_CACHE_DIR/ext
+python3 -c "import torch; from loraq import extension as e; assert not e.load(), e.load(); print('compiled ops from', e.origin(), [o for o in ('int1_gemv_mma', 'sparse4x4_gemv') if hasattr(torch.ops.loraq, o)])" \
+  >> "$INFO" 2>&1 || echo "no compiled extension (LORAQ_BUILD_EXT=${LORAQ_BUILD_EXT:-0})" >> "$INFO"
 # the other libraries, when bench/fetch_baselines.sh downloaded them (this machine has no network)
 if compgen -G "bench/wheels/*" > /dev/null; then
   python3 -m pip install -q --no-deps --no-build-isolation bench/wheels/* >> "$INFO" 2>&1 \

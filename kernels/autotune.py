@@ -12,6 +12,7 @@ nothing is timed: an untuned problem gets the first candidate, with a warning.
 """
 
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -258,17 +259,10 @@ def cache_file(device: torch.device) -> Optional[Path]:
     import triton
 
     name = re.sub(r"[^A-Za-z0-9]+", "_", gpu_name(device)).strip("_")
-    root = os.environ.get("LORAQ_CACHE_DIR") or None
+    root = importlib.import_module("loraq.extension").cache_root()  # the compiled extension's builds live there too
     if root is None:
-        try:
-            root = Path.home() / ".cache" / "loraq"
-        except RuntimeError:  # no home directory (a service account)
-            return None
-    # "~/x" set where no shell expands it (a .env file, Docker's ENV, os.environ in Python) is the
-    # home folder's, not a folder named "~" in the working directory; a relative folder is taken
-    # from where the process is now (the in-memory table is keyed by the file it was read from)
-    root = os.path.abspath(os.path.expanduser(root))
-    return Path(root) / "autotune" / f"{name}-triton{triton.__version__}-v{CACHE_VERSION}.json"
+        return None
+    return root / "autotune" / f"{name}-triton{triton.__version__}-v{CACHE_VERSION}.json"
 
 
 def _is_config(value) -> bool:

@@ -17,16 +17,19 @@ SMEM_BUDGET = 200 * 1024  # bytes of x an SM may hold for its blocks (an H100 ha
 MAX_SLOTS = 32  # blocks that store a share of x·Aᵀ (the finish sums the shares)
 
 
-@lru_cache(maxsize=None)
+_FOUND = set()  # ops found: asked again only while missing (a build in this process may add them)
+
+
 def extension_problem(op: str) -> str:
     """Why ``torch.ops.loraq.<op>`` is missing, or "" when it exists."""
-    try:
-        importlib.import_module("loraq._C")  # registers torch.ops.loraq.*
-    except Exception as e:
-        return (f"the compiled extension loraq._C is not built ({type(e).__name__}); build it with "
-                "CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .")
+    if op in _FOUND:
+        return ""
+    problem = importlib.import_module("loraq.extension").load()  # loraq._C, or `loraq build-ext`'s build
+    if problem:
+        return problem
     if not hasattr(torch.ops.loraq, op):
-        return f"this build of loraq._C has no {op} (rebuild the extension)"
+        return f"this build of loraq's extension has no {op} (build it again: `loraq build-ext --force`)"
+    _FOUND.add(op)
     return ""
 
 

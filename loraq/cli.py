@@ -1,4 +1,4 @@
-"""The ``loraq`` command: ``info``, ``train``, ``sweep``, ``evaluate``, ``demo``. Each has a Python function with the same options."""
+"""The ``loraq`` command: ``info``, ``train``, ``sweep``, ``evaluate``, ``demo``, ``build-ext``. Each has a Python function with the same options."""
 
 from __future__ import annotations
 
@@ -56,6 +56,10 @@ def info_text() -> str:
     lines.append("backends:")
     for name, (ok, why) in ops.backend_status().items():
         lines.append(f"  {name:<12} {'available' if ok else 'unavailable'}: {why}")
+    from . import extension
+
+    if extension.origin():
+        lines.append(f"  {'compiled':<12} {extension.origin()}")
     lines.append("settings:")
     settings = sorted((k, v) for k, v in os.environ.items() if k.startswith("LORAQ_") or k == "TRITON_INTERPRET")
     lines += [f"  {k}={v}{_setting_problem(k, v, ops)}" for k, v in settings] \
@@ -121,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sweep_parser(sub)
     add_evaluate_parser(sub)
     add_demo_parser(sub)
+    add_build_ext_parser(sub)
     return parser
 
 
@@ -226,6 +231,71 @@ def add_evaluate_parser(sub) -> None:
     p.add_argument("--output", help="where to write the results (default: the run folder)")
 
 
+def add_build_ext_parser(sub) -> None:
+    p = sub.add_parser("build-ext", help="compile loraq's CUDA extension (the small-batch CUDA GEMVs) for an install "
+                       "that has none, into the cache folder (needs nvcc and ninja; minutes)",
+                       formatter_class=HelpFormatter)
+    p.add_argument("--arch", help="compute capabilities, e.g. 9.0 or 8.0;9.0+PTX (default: the visible GPUs', "
+                   "or 8.0;9.0+PTX without one)")
+    p.add_argument("--jobs", type=int, help="compilers run at once (default: every core)")
+    p.add_argument("--force", action="store_true", help="build again even when a build for these sources exists")
+    p.add_argument("--verbose", action="store_true", help="print the compiler commands and output")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+
+
+def run_build_ext(args) -> int:
+    import time
+
+    from . import extension
+
+    if args.jobs is not None and args.jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
+    archs = extension.parse_archs(args.arch) if args.arch else None
+    where, _ = extension.import_installed()
+    if where:
+        print(f"nothing to build: this install has the compiled extension {where}")
+        return 0
+    before = extension.build_record()
+    start = time.monotonic()
+    try:
+        folder = extension.build(archs, jobs=args.jobs, force=args.force, verbose=args.verbose,
+                                 progress=not args.quiet)
+    except RuntimeError as e:  # the compiler failed: its last lines, exit 1
+        print(f"loraq build-ext: error: {e}", file=sys.stderr)
+        return 1
+    record = extension.build_record(folder)
+    archs_built = ";".join(record["archs"])
+    if before is not None and before == record:
+        print(f"already built for {archs_built}: {folder} (--force builds it again)")
+    else:
+        print(f"built for {archs_built} in {time.monotonic() - start:.0f} s: {folder}")
+    ok, check = _extension_check()
+    print(f"check: {check}")
+    if not ok:
+        return 1
+    print("loraq now loads it whenever loraq._C is missing; on CUDA the tuner times its GEMVs beside the Triton "
+          "kernels (LORAQ_CUDA_GEMV=0 leaves them out)")
+    return 0
+
+
+def _extension_check():
+    """``(passed, what was checked)``: the extension's CPU ops against loraq's Python dequantize
+    (its GPU kernels need a GPU)."""
+    import torch
+
+    from .formats import Int1Weight, Sparse4x4Weight
+
+    q = Int1Weight.from_dense(torch.randn(7, 45, dtype=torch.float16), group_size=16)
+    s = Sparse4x4Weight.from_dense(torch.randn(30, 37))
+    ok = (torch.equal(torch.ops.loraq.int1_dequantize(q.packed, q.scale, 45, 16), q.dequantize())
+          and torch.equal(torch.ops.loraq.sparse4x4_dequantize(s.values, s.positions, 30, 37), s.dequantize()))
+    if not ok:
+        return False, "the extension's dequantize differs from loraq's Python: build it again with --force"
+    gemvs = [op for op in ("int1_gemv_mma", "sparse4x4_gemv") if hasattr(torch.ops.loraq, op)]
+    return True, (f"int1 and sparse4x4 dequantize on the CPU match loraq's Python; GEMV ops registered: "
+                  f"{', '.join(gemvs)}")
+
+
 def _check_backend(device: str) -> None:
     """A ``LORAQ_BACKEND`` that cannot run on ``device`` fails here, as bad input, before anything is
     written: the layers would raise it mid-run, after the run folder was started."""
@@ -315,7 +385,8 @@ def _main(argv: Optional[List[str]]) -> int:
     if args.command == "info":
         print(info_text())
         return 0
-    handler = {"train": run_train, "sweep": run_sweep, "evaluate": run_evaluate, "demo": run_demo}[args.command]
+    handler = {"train": run_train, "sweep": run_sweep, "evaluate": run_evaluate, "demo": run_demo,
+               "build-ext": run_build_ext}[args.command]
     try:
         return handler(args)
     except (ValueError, FileNotFoundError, ImportError) as e:  # bad input or a missing extra: one line, exit 2

@@ -24,7 +24,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from . import reference
+from . import extension, reference
 from .formats import CompressedWeight
 
 BACKENDS = ("auto", "cuda", "triton", "reference")
@@ -122,13 +122,7 @@ def _load_kernel_packages() -> Dict[str, str]:
             global _PLANS_ON_CPU, _SWITCHES
             _PLANS_ON_CPU = importlib.import_module("loraq.kernels.decode").INTERPRETED
             _SWITCHES = importlib.import_module("loraq.kernels.env").switches
-    try:
-        importlib.import_module("loraq._C")
-    except Exception as e:
-        why["cuda"] = (
-            f"the compiled extension loraq._C is not built ({type(e).__name__}); build it with "
-            "CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e ."
-        )
+    extension.load()  # loraq._C, or the build of `loraq build-ext` (backend_status asks it why not)
     return why
 
 
@@ -153,13 +147,16 @@ def backend_status(device: Optional[torch.device] = None) -> Dict[str, Tuple[boo
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
-    problems = _import_problems()
+    problems = dict(_import_problems())
+    if extension.load():  # asked each time: a build of `loraq build-ext` in this process loads it
+        problems["cuda"] = extension.load()
     status: Dict[str, Tuple[bool, str]] = {"reference": (True, "pure PyTorch, runs on every device")}
     for name in ("triton", "cuda"):
         if name in problems:
             status[name] = (False, problems[name])
         elif not any(_IMPLS[name][p] for p in _PRIMITIVES):
-            have = " (loraq._C is built but holds only dequantize ops)" if name == "cuda" else ""
+            have = (" (the compiled extension is loaded: its CUDA GEMVs run inside the triton backend, timed "
+                    "by its tuner)") if name == "cuda" else ""
             status[name] = (False, f"this build of loraq registers no fused {name} matmul kernels yet{have}")
         elif name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             status[name] = (False, "Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on the CPU)")

@@ -1,11 +1,14 @@
-"""The compiled extension loraq._C (built with CUDA_HOME=... pip install --no-build-isolation -e .)."""
+"""The compiled extension: loraq._C (built with CUDA_HOME=... pip install --no-build-isolation -e .),
+or the same sources built by ``loraq build-ext`` (``loraq.extension``)."""
 
 import pytest
 import torch
 
+from loraq import extension
 from loraq.formats import Int1Weight, Sparse4x4Weight
 
-_C = pytest.importorskip("loraq._C", reason="loraq._C is not built (LORAQ_BUILD_EXT=0 or no CUDA toolkit)")
+if extension.load():
+    pytest.skip(f"no compiled extension: {extension.load()}", allow_module_level=True)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
