@@ -7,7 +7,7 @@ their launchers are ``int1_gemv_mma.py`` and ``sparse4x4_gemv_cuda.py``.
 
 import importlib
 from functools import lru_cache
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -20,17 +20,18 @@ MAX_SLOTS = 32  # blocks that store a share of x·Aᵀ (the finish sums the shar
 _FOUND = set()  # ops found: asked again only while missing (a build in this process may add them)
 
 
-def extension_problem(op: str) -> str:
-    """Why ``torch.ops.loraq.<op>`` is missing, or "" when it exists."""
-    if op in _FOUND:
-        return ""
-    problem = importlib.import_module("loraq.extension").load()  # loraq._C, or `loraq build-ext`'s build
-    if problem:
-        return problem
-    if not hasattr(torch.ops.loraq, op):
-        return f"this build of loraq's extension has no {op} (build it again: `loraq build-ext --force`)"
-    _FOUND.add(op)
-    return ""
+def extension_problem(op: str, capability: Optional[Tuple[int, int]] = None) -> str:
+    """Why ``torch.ops.loraq.<op>`` is missing, or cannot run on a GPU of compute ``capability``
+    (a build of ``loraq build-ext`` for other GPUs); "" when it can."""
+    extension = importlib.import_module("loraq.extension")  # loraq._C, or `loraq build-ext`'s build
+    if op not in _FOUND:
+        problem = extension.load()
+        if problem:
+            return problem
+        if not hasattr(torch.ops.loraq, op):
+            return f"this build of loraq's extension has no {op} (build it again: `loraq build-ext --force`)"
+        _FOUND.add(op)
+    return "" if capability is None else extension.arch_problem(capability)
 
 
 def cuda_gemv_offered() -> bool:

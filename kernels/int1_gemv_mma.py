@@ -88,9 +88,10 @@ def mma_gemv_status(x: torch.Tensor, meta) -> Tuple[bool, str]:
         return False, f"the mma GEMV takes 1 to {MMA_MAX_M} rows of x, got {x.shape[0]}"
     if meta.get("scale_mode") != "onebit" and meta.get("group_size") and meta["group_size"] % 32:
         return False, f"the mma GEMV needs a group size that is a multiple of 32, got {meta['group_size']}"
-    if torch.cuda.get_device_capability(x.device) < (8, 0):
+    capability = torch.cuda.get_device_capability(x.device)
+    if capability < (8, 0):
         return False, "the mma GEMV needs compute capability 8.0 or newer (mma.sync with bf16)"
-    problem = extension_problem("int1_gemv_mma")
+    problem = extension_problem("int1_gemv_mma", capability)
     return (not problem), problem
 
 

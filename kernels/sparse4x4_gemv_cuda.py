@@ -59,9 +59,10 @@ def sparse_cuda_status(x: torch.Tensor) -> Tuple[bool, str]:
         return False, f"the sparse4x4 CUDA GEMVs take float16 or bfloat16, got {x.dtype}"
     if not 1 <= x.shape[0] <= SPARSE_CUDA_MAX_M:
         return False, f"the sparse4x4 CUDA GEMVs take 1 to {SPARSE_CUDA_MAX_M} rows of x, got {x.shape[0]}"
-    if torch.cuda.get_device_capability(x.device) < (8, 0):
+    capability = torch.cuda.get_device_capability(x.device)
+    if capability < (8, 0):
         return False, "the sparse4x4 CUDA GEMVs need compute capability 8.0 or newer (mma.sync with bf16)"
-    problem = extension_problem("sparse4x4_gemv")
+    problem = extension_problem("sparse4x4_gemv", capability)
     return (not problem), problem
 
 

@@ -287,8 +287,11 @@ def _extension_check():
 
     q = Int1Weight.from_dense(torch.randn(7, 45, dtype=torch.float16), group_size=16)
     s = Sparse4x4Weight.from_dense(torch.randn(30, 37))
-    ok = (torch.equal(torch.ops.loraq.int1_dequantize(q.packed, q.scale, 45, 16), q.dequantize())
-          and torch.equal(torch.ops.loraq.sparse4x4_dequantize(s.values, s.positions, 30, 37), s.dequantize()))
+    try:
+        ok = (torch.equal(torch.ops.loraq.int1_dequantize(q.packed, q.scale, 45, 16), q.dequantize())
+              and torch.equal(torch.ops.loraq.sparse4x4_dequantize(s.values, s.positions, 30, 37), s.dequantize()))
+    except Exception as e:  # ops missing (not loaded) or failing
+        return False, f"the extension's dequantize did not run ({type(e).__name__}: {e}): build it again with --force"
     if not ok:
         return False, "the extension's dequantize differs from loraq's Python: build it again with --force"
     gemvs = [op for op in ("int1_gemv_mma", "sparse4x4_gemv") if hasattr(torch.ops.loraq, op)]

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -35,7 +36,10 @@ HEADERS = (".cuh", ".h")
 FLAGS = ["-O3"]  # as setup.py's: for the host and the device compiler
 _ARCH = re.compile(r"^\d+\.\d+(\+PTX)?$")
 
-_STATE: Optional[Tuple[str, str]] = None  # (where the ops came from, why they are missing): one is ""
+# (where the ops came from, why they are missing, the architectures of a `loraq build-ext` build
+# or None): one of the first two is ""
+_STATE: Optional[Tuple[str, str, Optional[List[str]]]] = None
+_NVCC = "nvcc.exe" if os.name == "nt" else "nvcc"
 
 
 def sources_dir() -> Optional[Path]:
@@ -134,24 +138,52 @@ def origin() -> str:
     return _STATE[0]
 
 
-def _load() -> Tuple[str, str]:
+def arch_problem(capability: Tuple[int, int]) -> str:
+    """Why the loaded build cannot run on a GPU of compute ``capability`` ("" when it can, or when
+    the architectures are not known: ``loraq._C``). A build for ``major.minor`` runs on the same
+    major at that minor or newer; one with ``+PTX`` also on every newer GPU."""
+    if load() or not _STATE[2]:
+        return ""
+    for arch in _STATE[2]:
+        built = tuple(int(v) for v in arch.split("+")[0].split("."))
+        if (built[0] == capability[0] and built[1] <= capability[1]) or (arch.endswith("+PTX")
+                                                                           and built <= tuple(capability)):
+            return ""
+    cap = "%d.%d" % tuple(capability)
+    return (f"the extension built by `loraq build-ext` is for {';'.join(_STATE[2])}, not for this GPU's {cap}: "
+            f"run `loraq build-ext` on it (it adds {cap})")
+
+
+def _not_built(error: Exception) -> str:
+    if torch.version.cuda is None:  # a CPU-only (or ROCm) torch: no build of it can help
+        return (f"the compiled extension loraq._C is not built ({type(error).__name__}); it needs a CUDA "
+                f"build of torch (this is {torch.__version__})")
+    return (f"the compiled extension loraq._C is not built ({type(error).__name__}); build it with "
+            "`loraq build-ext` (needs nvcc and ninja), or install loraq from source with "
+            "CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .")
+
+
+def _record_archs(record: Dict) -> List[str]:
+    archs = record.get("archs")
+    return [a for a in archs if isinstance(a, str) and _ARCH.match(a)] if isinstance(archs, list) else []
+
+
+def _load() -> Tuple[str, str, Optional[List[str]]]:
     where, error = import_installed()
     if error is None:
-        return where, ""
+        return where, "", None
     folder = build_dir()
     record = build_record(folder) if folder is not None else None
     if record is None:
-        return "", (f"the compiled extension loraq._C is not built ({type(error).__name__}); build it with "
-                    "`loraq build-ext` (needs nvcc and ninja), or install loraq from source with "
-                    "CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .")
+        return "", _not_built(error), None
     library = folder / record["library"]
     try:
         torch.ops.load_library(str(library))
     except Exception as e:  # a damaged file, or a library it needs went away
         return "", (f"the extension built by `loraq build-ext` in {folder} does not load "
-                    f"({type(e).__name__}: {e}); build it again with `loraq build-ext --force`")
-    archs = ";".join(record.get("archs", [])) or "?"
-    return f"{library} (built by `loraq build-ext` for {archs})", ""
+                    f"({type(e).__name__}: {e}); build it again with `loraq build-ext --force`"), None
+    archs = _record_archs(record)
+    return f"{library} (built by `loraq build-ext` for {';'.join(archs) or '?'})", "", archs
 
 
 def cuda_home() -> Optional[Path]:
@@ -160,13 +192,13 @@ def cuda_home() -> Optional[Path]:
     for env in ("CUDA_HOME", "CUDA_PATH"):  # named: that one or none
         if os.environ.get(env):
             home = Path(os.environ[env])
-            return home if (home / "bin" / "nvcc").exists() else None
+            return home if (home / "bin" / _NVCC).exists() else None
     candidates = [Path("/usr/local/cuda")]
-    nvcc = shutil.which("nvcc")
+    nvcc = shutil.which(_NVCC)
     if nvcc:  # a wrapper script in /usr/local/bin is not the toolkit: its folder has no headers
         candidates.append(Path(os.path.realpath(nvcc)).parent.parent)
     for home in candidates:
-        if (home / "bin" / "nvcc").exists() and (home / "include" / "cuda_runtime.h").exists():
+        if (home / "bin" / _NVCC).exists() and (home / "include" / "cuda_runtime.h").exists():
             return home
     return None
 
@@ -206,13 +238,14 @@ def check_can_build() -> Tuple[List[Path], Path, Path]:
         raise ValueError("this install of loraq holds no CUDA sources (loraq/csrc): reinstall loraq "
                          "(its wheels and source archives ship them)")
     if torch.version.cuda is None:
-        raise ValueError(f"torch {torch.__version__} is a CPU-only build: the CUDA extension cannot link "
+        kind = "a ROCm" if getattr(torch.version, "hip", None) else "a CPU-only"
+        raise ValueError(f"torch {torch.__version__} is {kind} build: loraq's CUDA extension cannot link "
                          "against it (install a CUDA build of torch)")
     if ninja_dir() is None:
         raise ValueError("building the extension needs ninja: pip install ninja")
     home = cuda_home()
     if home is None:
-        named = [f"{env}={os.environ[env]} has no bin/nvcc" for env in ("CUDA_HOME", "CUDA_PATH")
+        named = [f"{env}={os.environ[env]} has no bin/{_NVCC}" for env in ("CUDA_HOME", "CUDA_PATH")
                  if os.environ.get(env)][:1]
         raise ValueError(f"no CUDA toolkit with nvcc found{' (' + named[0] + ')' if named else ''}: "
                          "set CUDA_HOME to one (e.g. CUDA_HOME=/usr/local/cuda)")
@@ -225,14 +258,16 @@ def check_can_build() -> Tuple[List[Path], Path, Path]:
 def build(archs: Optional[List[str]] = None, jobs: Optional[int] = None, force: bool = False,
           verbose: bool = False, progress: bool = True) -> Path:
     """Compile ``loraq/csrc`` for ``archs`` (default :func:`default_archs`) into this install's
-    build folder and load it, unless this process already loaded a build (a library registers
-    ``torch.ops.loraq`` once per process: new processes load the new one); returns the folder.
-    A finished build for the same key and architectures is reused unless ``force``. Bad
-    arguments or a missing toolkit raise ValueError before anything is written; a failed compile
-    raises RuntimeError with the compiler's last lines. ``jobs``: the compilers run at once
-    (default: torch's, every core); ``verbose``: the compiler commands and output;
-    ``progress``: a line on stderr counting the elapsed time."""
-    global _STATE
+    build folder and load it; returns the folder. A finished build that loads and covers
+    ``archs`` is reused unless ``force``; one that does not cover them is rebuilt for its
+    architectures and ``archs`` together (two GPUs sharing a home folder both stay served). One
+    process builds a folder at a time: another waits for it, then reuses its build. A process
+    that already loaded a build keeps it (``torch.ops.loraq`` registers once per process; a
+    RuntimeWarning says so): new processes load the new one. Bad arguments or a missing toolkit
+    raise ValueError before anything is written; a failed compile raises RuntimeError with the
+    compiler's last lines. ``jobs``: the compilers run at once (default: torch's, every core);
+    ``verbose``: the compiler commands and output; ``progress``: a line on stderr counting the
+    elapsed time."""
     archs = default_archs() if archs is None else parse_archs(";".join(archs))
     if jobs is not None and jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
@@ -240,24 +275,68 @@ def build(archs: Optional[List[str]] = None, jobs: Optional[int] = None, force: 
     if error is None:
         raise ValueError(f"this install already has the compiled extension: {where}")
     files, home, folder = check_can_build()
-    record = build_record(folder)
-    if record is not None and not force and set(record.get("archs", [])) >= set(archs):
-        load()
-        return folder
-    # from scratch, into new files: a library a process has loaded stays mapped intact
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    start = time.monotonic()
-    with _Ticker(f"compiling loraq's CUDA extension for {';'.join(archs)}", progress and not verbose):
-        library = _compile(files, folder, home, archs, jobs, verbose)
-    record = {"library": library.name, "archs": archs, "torch": torch.__version__, "cuda": torch.version.cuda,
-              "python": sys.implementation.cache_tag, "sources": [p.name for p in files],
-              "seconds": round(time.monotonic() - start, 1), "built": time.strftime("%Y-%m-%d %H:%M:%S")}
-    _write_atomic(folder / "build.json", json.dumps(record, indent=1))
-    if _STATE is None or _STATE[1]:  # nothing loaded yet in this process: this build
-        _STATE = None
-        load()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(folder.parent / f"{folder.name}.lock"):
+        record = build_record(folder)  # read under the lock: another process may have just built it
+        if record is not None and not force:
+            have = _record_archs(record)
+            if all(_covered(a, have) for a in archs) and _reload() == "":
+                return folder
+            archs = _union(have, archs)  # damaged, or lacking some of archs: for both
+        # from scratch, into new files: a library a process has loaded stays mapped intact
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        start = time.monotonic()
+        with _Ticker(f"compiling loraq's CUDA extension for {';'.join(archs)}", progress and not verbose):
+            library = _compile(files, folder, home, archs, jobs, verbose)
+        record = {"library": library.name, "archs": archs, "torch": torch.__version__, "cuda": torch.version.cuda,
+                  "python": sys.implementation.cache_tag, "sources": [p.name for p in files],
+                  "seconds": round(time.monotonic() - start, 1), "built": time.strftime("%Y-%m-%d %H:%M:%S"),
+                  "process": os.getpid()}
+        _write_atomic(folder / "build.json", json.dumps(record, indent=1))
+    if _STATE is not None and not _STATE[1]:
+        warnings.warn(f"this process keeps the compiled extension it loaded before ({_STATE[0]}); new processes "
+                      f"load the build in {folder}", RuntimeWarning, stacklevel=2)
+    elif _reload():
+        raise RuntimeError(f"the new build in {folder} does not load: {load()}")
     return folder
+
+
+def _reload() -> str:
+    """:func:`load`, asked again if it failed before (a build may have appeared since)."""
+    global _STATE
+    if _STATE is not None and _STATE[1]:
+        _STATE = None
+    return load()
+
+
+def _covered(arch: str, have: List[str]) -> bool:
+    return arch in have or (not arch.endswith("+PTX") and arch + "+PTX" in have)
+
+
+def _union(have: List[str], archs: List[str]) -> List[str]:
+    both = [a for a in dict.fromkeys(have + archs) if not (a + "+PTX" in have + archs)]
+    return sorted(both, key=lambda a: tuple(int(v) for v in a.split("+")[0].split(".")))
+
+
+class _locked:
+    """An exclusive lock on ``path`` (POSIX ``flock``; nothing where there is none), held while
+    one process checks and builds a folder."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        self.file = open(self.path, "a")
+        try:
+            import fcntl
+        except ImportError:  # Windows: builds are not serialized
+            return self
+        fcntl.flock(self.file.fileno(), fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()  # releases the lock
 
 
 # Run in a process of its own: torch's builder remembers what it built per process (a second
@@ -328,5 +407,5 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["load", "origin", "import_installed", "build", "build_dir", "build_record", "build_key", "cache_root", "sources_dir",
+__all__ = ["load", "origin", "arch_problem", "import_installed", "build", "build_dir", "build_record", "build_key", "cache_root", "sources_dir",
            "source_files", "cuda_home", "default_archs", "parse_archs", "check_can_build"]

@@ -155,8 +155,8 @@ def backend_status(device: Optional[torch.device] = None) -> Dict[str, Tuple[boo
         if name in problems:
             status[name] = (False, problems[name])
         elif not any(_IMPLS[name][p] for p in _PRIMITIVES):
-            have = (" (the compiled extension is loaded: its CUDA GEMVs run inside the triton backend, timed "
-                    "by its tuner)") if name == "cuda" else ""
+            have = (" (the compiled extension is loaded: with Triton, its CUDA GEMVs are candidates of the "
+                    "triton backend's tuner)") if name == "cuda" else ""
             status[name] = (False, f"this build of loraq registers no fused {name} matmul kernels yet{have}")
         elif name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             status[name] = (False, "Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on the CPU)")
