@@ -5,8 +5,10 @@
 # or missed, and every row) and the autotune winners under cache/autotune/ (seven files: a device
 # call returns eight at most). SEED_CACHE=<folder of autotune .json files> starts from an earlier
 # call's winners, so that a second call does not tune again.
-# TEST_TIMEOUT / BENCH_TIMEOUT (seconds; 270 each by default, so that install, tests and benchmark
-# fit one 10-minute device call) keep the call inside a device lease; TESTS picks the
+# TEST_TIMEOUT / BENCH_TIMEOUT (seconds) keep the call inside a device lease: the benchmark gets 270
+# by default, the tests what is left of CALL_BUDGET (default 570 of a device call's 600 s) after
+# the install, the benchmark and the SANITIZE and NCU steps asked for, at most 270 and at least 60
+# (test_seconds, below; the extension's build counts against it); TESTS picks the
 # tests (default "gpu": the GPU-marked large shapes and every tile, lookup and gather config;
 # "gemv": those of the lookup and gathering GEMVs alone; "slab": the dense-slab path's; "pairs": int1's
 # pair decode's; "cuda" (alias "mma"): the CUDA GEMVs' (the lookup GEMV's too) and the extension's; "all": the files, which compile for many
@@ -21,6 +23,22 @@
 # seconds, default 240).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+
+# Seconds for the tests: what CALL_BUDGET leaves after the time spent so far ($SECONDS), the
+# benchmark, and the sanitize and ncu steps when asked for (each at its timeout, ncu's per problem);
+# 270 at most, 60 at least (then the steps after them may not fit: run them in a call of their own).
+test_seconds() {
+  local reserve=$(( ${BENCH_TIMEOUT:-270} + 20 )) problems
+  [ "${SANITIZE:-0}" = 1 ] && reserve=$(( reserve + ${SANITIZE_TIMEOUT:-240} ))
+  if [ -n "${NCU:-}" ]; then
+    IFS=';' read -ra problems <<< "$NCU"
+    reserve=$(( reserve + ${#problems[@]} * (${NCU_TIMEOUT:-90} + 30) ))  # + the untimed tuning run
+  fi
+  local left=$(( ${CALL_BUDGET:-570} - SECONDS - reserve ))
+  (( left > 270 )) && left=270
+  (( left < 60 )) && left=60
+  echo "$left"
+}
 OUT="${OUT:-bench/results/run-$(date +%Y%m%d-%H%M%S)}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -72,7 +90,9 @@ elif [ "${TESTS:-gpu}" = gemv ]; then SELECT=("${KERNEL_TESTS[@]:1}" tests/test_
 else SELECT=("${KERNEL_TESTS[@]}" tests/test_bench.py -k "gpu or every_tile or every_lut or every_gather or finish"); fi
 # in a process group of its own, killed whole before anything is timed: no test process (an xdist
 # worker of a pytest that timeout stopped) may still be launching kernels while the benchmark tunes
-setsid timeout "${TEST_TIMEOUT:-270}" python3 -m pytest -q -ra -p no:cacheprovider $XDIST "${SELECT[@]}" \
+TEST_SECONDS="${TEST_TIMEOUT:-$(test_seconds)}"
+echo "tests: at most $TEST_SECONDS s ($SECONDS s of the call spent)"
+setsid timeout "$TEST_SECONDS" python3 -m pytest -q -ra -p no:cacheprovider $XDIST "${SELECT[@]}" \
   > "$OUT/tests.txt" 2>&1 &
 TESTS_PID=$!
 wait "$TESTS_PID"; TESTS_RC=$?

@@ -3,6 +3,7 @@ the other libraries' providers pack exactly our weights."""
 
 import csv
 import re
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -568,6 +569,29 @@ def test_gpu_session_script_parses_and_documents_its_ncu_step():
     assert ncu_step.index('python3 "${args[@]}"; }') < ncu_step.index("ncu --nvtx")
     assert '--nvtx-include "loraq_call/"' in ncu_step
     assert 'NVTX_RANGE = "loraq_call"' in (REPO / "bench" / "run_problem.py").read_text()
+
+
+def test_gpu_session_gives_the_tests_what_the_call_has_left():
+    """A device call stops at 600 s: the tests get what is left after the time spent (the install
+    and the extension's build) and the steps after them, so that the benchmark is not cut off."""
+    script = (REPO / "bench" / "gpu_session.sh").read_text()
+    function = script[script.index("test_seconds() {"):]
+    function = function[: function.index("\n}\n") + 3]
+
+    def seconds(spent, **env):
+        out = subprocess.run(["bash", "-c", f"{function}\nSECONDS={spent}; test_seconds"], capture_output=True,
+                             text=True, timeout=60, env={"PATH": os.environ["PATH"], **env})
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout)
+
+    assert seconds(10) == 270  # a quick install: the most
+    assert seconds(150) == 570 - 150 - 290  # after a 2.5-minute build of the extension
+    assert seconds(150, BENCH_TIMEOUT="200") == 570 - 150 - 220
+    assert seconds(0, NCU="forward int1 8192 28672 1") == 570 - 290 - 120
+    assert seconds(0, NCU="forward int1 8192 28672 1;forward int1 8192 28672 16") == 60  # 40 left: the least
+    assert seconds(0, NCU="a;b", NCU_TIMEOUT="30", CALL_BUDGET="900") == 270
+    assert seconds(100, SANITIZE="1") == 60  # the least: the steps after the tests may not fit
+    assert 'TEST_SECONDS="${TEST_TIMEOUT:-$(test_seconds)}"' in script  # an explicit TEST_TIMEOUT wins
 
 
 def test_bench_kernels_refuses_an_output_it_could_not_write_before_it_measures(tmp_path, monkeypatch, capsys):
