@@ -27,7 +27,7 @@ PROBE = r"""
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/add.h>
-// a tiny op library built through loraq.extension's machinery: PROBE_TAG changes its build key
+// a tiny op library built through loraq.extension's machinery, in an op namespace of its test's own
 at::Tensor probe_add(const at::Tensor& a, const at::Tensor& b) { return at::add(a, b); }
 TORCH_LIBRARY(loraq_probe_%(tag)s, m) { m.def("add(Tensor a, Tensor b) -> Tensor"); m.impl("add", &probe_add); }
 """
@@ -187,10 +187,15 @@ def test_a_build_that_cannot_run_says_why_and_writes_nothing(isolated, monkeypat
     assert extension._STATE is None  # nothing loaded, nothing remembered
 
 
-def test_without_a_build_the_reason_names_the_command(isolated):
+def test_without_a_build_the_reason_names_the_command(isolated, monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "12.8")
     problem = extension.load()
     assert "not built" in problem and "loraq build-ext" in problem and "--no-build-isolation" in problem
     assert extension.origin() == ""
+    monkeypatch.setattr(extension, "_STATE", None)
+    monkeypatch.setattr(torch.version, "cuda", None)  # a CPU-only torch: no build can help, none is offered
+    problem = extension.load()
+    assert "needs a CUDA build of torch" in problem and "build-ext" not in problem
 
 
 def test_a_damaged_build_is_reported_not_loaded(isolated):
