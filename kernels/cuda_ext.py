@@ -5,12 +5,12 @@ The kernels themselves are CUDA C++ in ``csrc/`` (``int1_gemv_mma.cuh``, ``spars
 their launchers are ``int1_gemv_mma.py`` and ``sparse4x4_gemv_cuda.py``.
 """
 
-import importlib
 from functools import lru_cache
 from typing import Callable, Optional, Tuple
 
 import torch
 
+from .. import extension  # loraq._C, or `loraq build-ext`'s build (the csrc layer)
 from .env import env_is
 
 SMEM_BUDGET = 200 * 1024  # bytes of x an SM may hold for its blocks (an H100 has 228 KiB)
@@ -23,7 +23,6 @@ _FOUND = set()  # ops found: asked again only while missing (a build in this pro
 def extension_problem(op: str, capability: Optional[Tuple[int, int]] = None) -> str:
     """Why ``torch.ops.loraq.<op>`` is missing, or cannot run on a GPU of compute ``capability``
     (a build of ``loraq build-ext`` for other GPUs); "" when it can."""
-    extension = importlib.import_module("loraq.extension")  # loraq._C, or `loraq build-ext`'s build
     if op not in _FOUND:
         problem = extension.load()
         if problem:

@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import warnings
+from functools import lru_cache
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -144,13 +145,18 @@ def arch_problem(capability: Tuple[int, int]) -> str:
     major at that minor or newer; one with ``+PTX`` also on every newer GPU."""
     if load() or not _STATE[2]:
         return ""
-    for arch in _STATE[2]:
+    return _arch_problem(tuple(capability), tuple(_STATE[2]))
+
+
+@lru_cache(maxsize=None)  # asked on the launch path's cache key: parse once
+def _arch_problem(capability: Tuple[int, int], archs: Tuple[str, ...]) -> str:
+    for arch in archs:
         built = tuple(int(v) for v in arch.split("+")[0].split("."))
         if (built[0] == capability[0] and built[1] <= capability[1]) or (arch.endswith("+PTX")
-                                                                           and built <= tuple(capability)):
+                                                                           and built <= capability):
             return ""
-    cap = "%d.%d" % tuple(capability)
-    return (f"the extension built by `loraq build-ext` is for {';'.join(_STATE[2])}, not for this GPU's {cap}: "
+    cap = "%d.%d" % capability
+    return (f"the extension built by `loraq build-ext` is for {';'.join(archs)}, not for this GPU's {cap}: "
             f"run `loraq build-ext` on it (it adds {cap})")
 
 

@@ -148,8 +148,9 @@ def backend_status(device: Optional[torch.device] = None) -> Dict[str, Tuple[boo
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     problems = dict(_import_problems())
-    if extension.load():  # asked each time: a build of `loraq build-ext` in this process loads it
-        problems["cuda"] = extension.load()
+    cuda_problem = extension.load()  # asked each time: a build of `loraq build-ext` in this process loads it
+    if cuda_problem:
+        problems["cuda"] = cuda_problem
     status: Dict[str, Tuple[bool, str]] = {"reference": (True, "pure PyTorch, runs on every device")}
     for name in ("triton", "cuda"):
         if name in problems:
