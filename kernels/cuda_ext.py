@@ -10,7 +10,9 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from .. import extension  # loraq._C, or `loraq build-ext`'s build (the csrc layer)
+# absolute: other packages' probes (transformers looks for a package named `kernels`) may import
+# this folder as a top-level package, where a relative import past it fails
+from loraq import extension  # loraq._C, or `loraq build-ext`'s build (the csrc layer)
 from .env import env_is
 
 SMEM_BUDGET = 200 * 1024  # bytes of x an SM may hold for its blocks (an H100 has 228 KiB)
