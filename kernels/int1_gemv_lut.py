@@ -30,6 +30,7 @@ from .host_math import block_r, cdiv, next_pow2
 from .fast_launch import fast
 from .splitk_finish import XA_BLOCK_K, _claim_share, _finish_if_last, _store_xa_part, bind_split, one_launch_offered, run_one_launch
 from .device_guard import on_input_device
+from .triton_support import gather_problem
 
 
 @triton.jit
@@ -145,6 +146,8 @@ def check_lut_config(cfg) -> None:
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     if chunk_k % 32 or chunk_k & (chunk_k - 1):
         raise ValueError(f"chunk_k must be a power of two and a multiple of 32, got {chunk_k}")
+    if gather_problem():
+        raise ValueError(f"config {cfg} cannot run here: {gather_problem()}")
 
 
 def launch_lut(x, ptrs, ints, mode, N, lora_A, lora_B, scaling, bias, cfg, one_launch=None):

@@ -42,6 +42,7 @@ from .autotune import capturing as autotune_capturing, rows_from
 from .bound_plan import BoundPlan
 from .fast_launch import fast
 from .device_guard import on_input_device
+from .triton_support import gather_problem
 
 INT1, SPARSE4X4 = 0, 1
 
@@ -72,7 +73,8 @@ def _lora_linear_fwd_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_end = tl.minimum(K, (pid_s + 1) * K_PER_SPLIT)
-    if SPLIT_K > 1 and HAS_LORA and pid_n == 0:  # this slice's share of x·Aᵀ, for the finish
+    # (nested: Triton before 3.4 refuses a chain of three or more boolean operands)
+    if (SPLIT_K > 1 and HAS_LORA) and pid_n == 0:  # this slice's share of x·Aᵀ, for the finish
         # (before the main loop: its registers are free again when the loop's are needed)
         _store_xa_part(x_ptr, a_ptr, parts_ptr, pid_m * BLOCK_M, M, pid_s * K_PER_SPLIT, k_end, R, pid_s,
                        stride_xm, stride_ar, BLOCK_M, BLOCK_R, XA_BLOCK_K, IEEE, UPCAST)
@@ -239,7 +241,7 @@ def _prepared(x, fmt, tensors, meta, lora_A, lora_B, scaling, bias, config, chec
 
     # tuned per format, scale mode and LoRA on/off: each compiles to a different kernel. Small
     # batches also time a GEMV, under their own cache key.
-    lut = M <= LUT_MAX_M and fmt == "int1" and lut_supported(meta)
+    lut = M <= LUT_MAX_M and fmt == "int1" and lut_supported(meta) and not gather_problem()
     gather = M <= GATHER_MAX_M and fmt == "sparse4x4"
     if config is not None and config[6] == LUT and not (fmt == "int1" and lut_supported(meta)):
         raise ValueError(f"config {config} is the lookup GEMV: it takes an int1 weight whose group size is a "

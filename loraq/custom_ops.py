@@ -8,8 +8,8 @@ adapters at the bottom turn a format object into the ops' tensor arguments; :mod
 registers them as the ``triton`` backend.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: torch.library.custom_op reads these annotations
+# as types, and torch 2.4 refuses them as strings ("unsupported type Tensor").
 from typing import Optional
 
 import torch
@@ -278,13 +278,17 @@ def _transform_function(name, setup, backward, jvp):
         ctx.constants = tuple(None if isinstance(a, Tensor) else a for a in inputs)
 
     def jvp_(ctx, *tangents):
+        # the tangent's op call goes through this Function too: under a nested transform
+        # (hessian) its inputs may need gradients, and before torch 2.5 the op's own autograd
+        # (a Function without setup_context) refuses every torch.func transform
         inputs = [c if t is None else t for c, t in zip(ctx.constants, ctx.saved_tensors)]
-        return jvp(op, inputs, tangents)
+        return jvp(function.apply, inputs, tangents)
 
-    return type(f"{name}_function", (torch.autograd.Function,), {
+    function = type(f"{name}_function", (torch.autograd.Function,), {
         "generate_vmap_rule": True, "forward": staticmethod(lambda *inputs: op(*inputs)),
         "setup_context": staticmethod(setup_context), "backward": staticmethod(backward),
         "jvp": staticmethod(jvp_)})
+    return function
 
 
 _TRANSFORM_FUNCTIONS = {

@@ -142,6 +142,11 @@ def load_backends() -> None:
     _import_problems()
 
 
+def _interpreter_problem() -> str:
+    """Why Triton's interpreter would compute wrong here ("" where it runs right)."""
+    return importlib.import_module("loraq.kernels.triton_support").interpreter_problem()
+
+
 def backend_status(device: Optional[torch.device] = None) -> Dict[str, Tuple[bool, str]]:
     """``{backend: (available, reason)}`` for ``device`` (CUDA if present, else CPU)."""
     if device is None:
@@ -161,6 +166,8 @@ def backend_status(device: Optional[torch.device] = None) -> Dict[str, Tuple[boo
             status[name] = (False, f"this build of loraq registers no fused {name} matmul kernels yet{have}")
         elif name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             status[name] = (False, "Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on the CPU)")
+        elif name == "triton" and device.type != "cuda" and _interpreter_problem():
+            status[name] = (False, _interpreter_problem())
         elif name == "cuda" and device.type != "cuda":
             status[name] = (False, f"CUDA kernels need a CUDA device, got {device}")
         else:

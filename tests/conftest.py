@@ -22,6 +22,15 @@ from loraq.kernels import autotune  # noqa: E402
 autotune.CHECK_HITS = True
 
 
+def pytest_configure(config):
+    """Stop before any test where Triton's interpreter would compute garbage (Triton < 3.2 under
+    numpy 2): every kernel test would fail with wrong numbers instead of this one reason."""
+    from loraq.kernels.triton_support import interpreter_problem
+
+    if os.environ.get("TRITON_INTERPRET") == "1" and interpreter_problem():
+        pytest.exit(f"cannot run the kernel tests on the CPU: {interpreter_problem()}", returncode=4)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -1,7 +1,7 @@
 import os
 import subprocess
 import sys
-from importlib.metadata import entry_points
+from importlib.metadata import distribution
 
 import pytest
 
@@ -20,7 +20,8 @@ def test_version():
 
 
 def test_console_script_is_declared():
-    scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
+    # the distribution's own entry points (entry_points(group=...) is Python 3.10+)
+    scripts = {e.name: e.value for e in distribution("loraq").entry_points if e.group == "console_scripts"}
     assert scripts.get("loraq") == "loraq.cli:main"
 
 
