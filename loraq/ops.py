@@ -25,6 +25,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from . import extension, reference
+from .compat import getenv, trace_constant
 from .formats import CompressedWeight
 
 BACKENDS = ("auto", "cuda", "triton", "reference")
@@ -47,6 +48,8 @@ def plan_switches() -> tuple:
 
 
 _SWITCHES: Optional[Callable[[], tuple]] = None
+# why Triton's interpreter would compute wrong here, "" where it runs right (kernels.triton_support)
+_interpreter_problem: Callable[[], str] = lambda: ""  # noqa: E731
 
 
 class NoPlan:
@@ -119,9 +122,10 @@ def _load_kernel_packages() -> Dict[str, str]:
                 register("triton", "lora_linear_dx", kind, custom.triton_lora_linear_dx)
             _PLANS["triton"] = custom.triton_forward_plan
             _DX_PLANS["triton"] = custom.triton_dx_plan
-            global _PLANS_ON_CPU, _SWITCHES
+            global _PLANS_ON_CPU, _SWITCHES, _interpreter_problem
             _PLANS_ON_CPU = importlib.import_module("loraq.kernels.decode").INTERPRETED
             _SWITCHES = importlib.import_module("loraq.kernels.env").switches
+            _interpreter_problem = importlib.import_module("loraq.kernels.triton_support").interpreter_problem
     extension.load()  # loraq._C, or the build of `loraq build-ext` (backend_status asks it why not)
     return why
 
@@ -140,11 +144,6 @@ def load_backends() -> None:
     """Import the kernel packages now (once per process). ``LoraLinear`` calls it on construction
     so that ``torch.compile`` never meets the import inside a traced forward."""
     _import_problems()
-
-
-def _interpreter_problem() -> str:
-    """Why Triton's interpreter would compute wrong here ("" where it runs right)."""
-    return importlib.import_module("loraq.kernels.triton_support").interpreter_problem()
 
 
 def backend_status(device: Optional[torch.device] = None) -> Dict[str, Tuple[bool, str]]:
@@ -180,8 +179,8 @@ def resolve_backend(backend: Optional[str], device: torch.device, kind: str) -> 
     """The concrete backend to run ``kind`` weights on ``device``; errors name what is missing.
 
     Remembered per (asked backend, device type, kind), so a layer's forward pays a dict lookup."""
-    backend = backend or os.environ.get("LORAQ_BACKEND", "auto")
-    key = (backend, torch.device(device).type, kind, os.environ.get("TRITON_INTERPRET"))
+    backend = backend or getenv("LORAQ_BACKEND", "auto")
+    key = (backend, torch.device(device).type, kind, getenv("TRITON_INTERPRET"))
     found = _RESOLVED.get(key)
     if found is None:
         found = _resolve(backend, device, kind)
@@ -190,6 +189,7 @@ def resolve_backend(backend: Optional[str], device: torch.device, kind: str) -> 
     return found
 
 
+@trace_constant  # a choice made once when tracing (torch.compile < 2.5 cannot trace its checks)
 def _resolve(backend: str, device: torch.device, kind: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} (or LORAQ_BACKEND), got {backend!r}")
@@ -337,6 +337,6 @@ def check_dx_args(dy, weight, lora_A, dy_B, lora_B) -> None:
     if lora_B is not None and (lora_A is None or lora_B.dim() != 2 or tuple(lora_B.shape) != (N, lora_A.shape[0])):
         raise ValueError(f"lora_B must be [{N}, r] with lora_A's rank (and lora_A given); got "
                          f"{tuple(lora_B.shape)}" + ("" if lora_A is None else f" for r = {lora_A.shape[0]}"))
-    if dy_B is not None and not dy_B.is_floating_point():
+    if dy_B is not None and not torch.is_floating_point(dy_B):
         raise TypeError(f"dy_B must be floating point, got {dy_B.dtype}")
     reference.check_devices(dy, "dy", lora_A=lora_A, dy_B=dy_B, lora_B=lora_B)

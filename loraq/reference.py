@@ -11,6 +11,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from .compat import trace_constant
 from .formats import CompressedWeight
 
 Weight = Union[torch.Tensor, CompressedWeight]
@@ -18,7 +19,7 @@ Weight = Union[torch.Tensor, CompressedWeight]
 
 #: Whether a ``torch.func`` transform (``grad``, ``vmap``) is active: the autograd Function and the
 #: custom ops' fast path choose by it (one C call).
-transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+transforms_active = trace_constant(getattr(torch._C, "_are_functorch_transforms_active", lambda: False))
 
 
 def transform_or_forward_ad_active() -> bool:
@@ -41,7 +42,7 @@ def check_input(x: torch.Tensor, K: int, name: str = "x", what: str = "in_featur
     """Raise a clear error unless ``x`` is a floating tensor whose last dimension is ``K``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
+    if not torch.is_floating_point(x):  # (a method call: torch.compile < 2.5 refuses it in a backward)
         raise TypeError(f"{name} must be floating point, got {x.dtype}")
     if x.dim() == 0 or x.shape[-1] != K:
         got = "a scalar" if x.dim() == 0 else f"{x.shape[-1]} (shape {tuple(x.shape)})"
