@@ -11,9 +11,18 @@ import glob
 import os
 import sys
 
+import setuptools
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SETUPTOOLS_FLOOR = (77, 0)  # pyproject.toml's [build-system]: the [project] table and its license string
+
+if tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in setuptools.__version__.split(".")[:2]) < SETUPTOOLS_FLOOR:
+    # an isolated build gets it from [build-system]; --no-build-isolation takes this environment's,
+    # which (setuptools 58, Python 3.9's) would build a package named UNKNOWN without saying why
+    sys.exit(f"loraq: building needs setuptools >= {SETUPTOOLS_FLOOR[0]}, this environment has "
+             f"{setuptools.__version__}: python -m pip install -U 'setuptools>={SETUPTOOLS_FLOOR[0]}' "
+             "(or build without --no-build-isolation)")
 
 
 def _skip(reason):

@@ -20,6 +20,19 @@ from typing import List
 import torch
 
 
+def unsupported() -> str:
+    """Why this Triton's launch path cannot be faked here ("" where it can): the fake hooks
+    ``JITFunction._do_compile`` and its per-device caches, which older Triton releases (3.0 among
+    them) do not have."""
+    import triton
+    from triton.runtime.jit import JITFunction
+
+    if hasattr(JITFunction, "_do_compile"):
+        return ""
+    return (f"bench/fake_driver.py hooks JITFunction._do_compile, which Triton {triton.__version__} lacks "
+            "(its launch path is not faked)")
+
+
 class FakeDriver:
     """The parts of Triton's active driver that a launch asks for: an sm_90 GPU whose current
     device and stream are what ``device`` and ``stream`` say (set them to switch)."""
@@ -68,6 +81,9 @@ def fake_cuda():
     from triton.runtime.jit import JITFunction
 
     from loraq.kernels import fast_launch
+
+    if unsupported():
+        raise RuntimeError(unsupported())
 
     calls: List[tuple] = []
     compiles: List[str] = []

@@ -255,8 +255,11 @@ def stub_kernels(args) -> int:
     candidate at up to 16 rows (what the H100 picked), else the first tiled one."""
     import importlib
 
-    from fake_driver import fake_cuda
+    from fake_driver import fake_cuda, unsupported
 
+    if unsupported():
+        print(f"profile_host: --stub-kernels cannot run here: {unsupported()}", file=sys.stderr)
+        return 2
     from loraq.kernels.autotune import CUDA_GATHER, CUDA_LUT, CUDA_LUT8, MMA_GEMV, SPARSE_MMA
 
     fwd_mod = importlib.import_module("loraq.kernels.lora_linear_fwd")

@@ -1,4 +1,6 @@
+import importlib.util
 import os
+from pathlib import Path
 
 import torch
 
@@ -59,3 +61,16 @@ def fake_gpu(tmp_path, monkeypatch):
     monkeypatch.setattr(autotune, "_WARNED", set())
     monkeypatch.setattr(autotune, "_CAPTURE_WARNED", set())
     return tmp_path
+
+
+@pytest.fixture
+def needs_fake_driver():
+    """Skip, with the reason, where ``bench/fake_driver.py`` cannot fake this Triton's launch
+    path (releases before the ``JITFunction._do_compile`` it hooks)."""
+    pytest.importorskip("triton")
+    path = Path(__file__).resolve().parents[1] / "bench" / "fake_driver.py"
+    spec = importlib.util.spec_from_file_location("_fake_driver_probe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if module.unsupported():
+        pytest.skip(module.unsupported())

@@ -16,7 +16,7 @@ KERNELS = ("_int1_gemv_lut_kernel", "_sparse4x4_gemv_kernel", "_splitk_finish_ke
            "_lora_linear_dx_kernel", "_sparse4x4_gemv_dx_kernel", "_decode_slab_kernel")
 
 
-def test_fast_path_passes_the_launcher_what_triton_passes():
+def test_fast_path_passes_the_launcher_what_triton_passes(needs_fake_driver):
     """tests/fast_launch_check.py, in a process where the kernels are JITFunctions (no interpreter)
     and Triton's launches are recorded by a fake driver: every kernel, many specializations."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -16,6 +16,7 @@ from loraq import LoraLinear, ops  # noqa: E402
 from loraq.custom_ops import _meta  # noqa: E402
 from loraq.formats import compress_weight  # noqa: E402
 from loraq.kernels import autotune  # noqa: E402
+from test_triton_kernels import with_gather_marks  # noqa: E402
 
 fwd_mod = importlib.import_module("loraq.kernels.lora_linear_fwd")
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -86,7 +87,7 @@ BOUND_CONFIGS = [("int1", (1, 32, 32, 8, 4, 1, autotune.LUT)), ("int1", (4, 32, 
 
 
 @pytest.mark.parametrize("one_launch", ["0", "1"], ids=["two_launches", "one_launch"])
-@pytest.mark.parametrize("fmt, cfg", BOUND_CONFIGS, ids=[f"{f}-{c}" for f, c in BOUND_CONFIGS])
+@pytest.mark.parametrize("fmt, cfg", with_gather_marks(BOUND_CONFIGS))
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "plain"])
 def test_a_plan_bound_to_any_config_gives_its_launchers_answer(monkeypatch, one_launch, fmt, cfg, lora):
     """A plan binds whichever config the tuner picked (its grid, arguments and finish) once; called
@@ -114,8 +115,7 @@ def test_a_plan_bound_to_any_config_gives_its_launchers_answer(monkeypatch, one_
             assert torch.equal(plan(x), expected), f"M={M}, stride {x.stride()}"
 
 
-@pytest.mark.parametrize("fmt, cfg", BOUND_CONFIGS[:2] + BOUND_CONFIGS[4:6], ids=[
-    f"{f}-{c}" for f, c in BOUND_CONFIGS[:2] + BOUND_CONFIGS[4:6]])
+@pytest.mark.parametrize("fmt, cfg", with_gather_marks(BOUND_CONFIGS[:2] + BOUND_CONFIGS[4:6]))
 def test_the_gemv_launchers_take_a_row_strided_x(fmt, cfg):
     """``launch_lut``/``launch_gather`` (whose bound forms step K elements a row) give a slice of
     wider rows the answer of its contiguous copy."""

@@ -76,8 +76,7 @@ def test_layer_sees_a_replaced_adapter_and_a_moved_base():
         assert layer(x.double()).dtype == torch.float64
 
 
-def test_profile_host_stub_kernels_runs_the_whole_stack_on_the_cpu():
-    pytest.importorskip("triton")
+def test_profile_host_stub_kernels_runs_the_whole_stack_on_the_cpu(needs_fake_driver):
     out = subprocess.run([sys.executable, "bench/profile_host.py", "--stub-kernels", "--K", "64", "--N", "48"],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
@@ -106,10 +105,9 @@ def test_profile_host_times_each_row_of_its_default_mode():
 
 @pytest.mark.parametrize("fmt,cuda_op,kernel", [("int1", "mma", "int1_gemv_mma"), ("int1", "lut", "int1_gemv_mma"),
                                                   ("sparse4x4", "mma", "sparse4x4_gemv")])
-def test_profile_host_runs_the_extensions_launchers_on_the_cpu(fmt, cuda_op, kernel):
+def test_profile_host_runs_the_extensions_launchers_on_the_cpu(fmt, cuda_op, kernel, needs_fake_driver):
     """``--cuda-op``: the launchers of ``loraq._C``'s GEMVs (bound once by a plan, then called)
     run their Python on the CPU, the extension's op recorded with the finish kernel after it."""
-    pytest.importorskip("triton")
     out = subprocess.run([sys.executable, "bench/profile_host.py", "--stub-kernels", "--cuda-op", cuda_op,
                           "--format", fmt, "--K", "64", "--N", "48"], cwd=REPO, capture_output=True, text=True,
                          timeout=600)

@@ -10,8 +10,8 @@ pytest.importorskip("triton")
 
 from loraq import reference  # noqa: E402
 from loraq.kernels.autotune import lut_configs  # noqa: E402
-from test_triton_kernels import (DTYPES, check, f64, interpreter_program_order, problem, tuner_calls,  # noqa: E402
-                                 workspaces_clean)
+from test_triton_kernels import (DTYPES, check, f64, interpreter_program_order, needs_gather, problem,  # noqa: E402
+                                 tuner_calls, workspaces_clean)
 
 INT1_KINDS = ["int1", "int1_g16", "int1_onebit"]
 
@@ -20,6 +20,7 @@ def _meta(w):
     return {"N": w.shape[0], "K": w.shape[1], "group_size": w.group_size, "scale_mode": w.scale_mode}
 
 
+@needs_gather
 @pytest.mark.parametrize("kind", INT1_KINDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bits", [4, 8])
@@ -37,6 +38,7 @@ def test_lut_gemv_matches_reference(kind, dtype, bits, lora_bias, M, rows):
           reference.lora_linear_ref(x, w, A, B, 0.7, b), f"lut{bits} {kind} {dtype} M={M} rows={rows}")
 
 
+@needs_gather
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lora, bias", [(True, True), (False, True), (True, False), (False, False)])
 @pytest.mark.parametrize("M, rows, block_n", [(1, 1, 16), (3, 1, 32), (5, 2, 16)], ids=["M1", "M3", "M5-rows2"])
@@ -58,6 +60,7 @@ def test_lut_one_launch_matches_two_and_leaves_its_counters_zero(dtype, lora, bi
     # (a GPU's fp32 atomics add in any order: there the reference check above is the test)
 
 
+@needs_gather
 @pytest.mark.parametrize("seed", [0, 1, 2], ids=["reversed", "shuffled1", "shuffled2"])
 @pytest.mark.parametrize("M, rows", [(1, 1), (5, 2)], ids=["M1", "M5-rows2"])
 def test_lut_one_launch_in_any_program_order(seed, M, rows):
@@ -83,6 +86,7 @@ def test_lut_one_launch_in_any_program_order(seed, M, rows):
         faulthandler.cancel_dump_traceback_later()
 
 
+@needs_gather
 def test_lut_one_launch_is_opt_in(monkeypatch):
     from loraq.kernels.splitk_finish import one_launch_offered
 
@@ -99,6 +103,7 @@ def test_lut_one_launch_is_opt_in(monkeypatch):
     assert workspaces_clean()
 
 
+@needs_gather
 @pytest.mark.parametrize("M, cfg", [(M, c) for M in (1, 3) for c in lut_configs(M)], ids=str)
 def test_every_lut_config_through_the_forward_launcher(M, cfg):
     """Each LUT candidate the autotuner may pick, forced through ``lora_linear_fwd``."""
@@ -143,6 +148,7 @@ def test_lut_refuses_what_it_cannot_do():
         lora_linear_fwd(xs, "sparse4x4", s4.tensors(), {"N": 16, "K": 48}, config=LUT_M1[0])
 
 
+@needs_gather
 def test_the_launcher_offers_the_lut_only_for_a_few_rows_of_int1():
     """The LUT candidates join the tuning for M ≤ 4 int1 (supported scales) under their own cache
     key, never for more rows, sparse4x4 or groups the table cannot scale."""
@@ -158,6 +164,7 @@ def test_the_launcher_offers_the_lut_only_for_a_few_rows_of_int1():
         (True, 1, True), (False, 5, False), (False, 1, False), (True, 3, True), (False, 1, False), (True, 2, True)]
 
 
+@needs_gather
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -173,6 +180,7 @@ def test_gpu_every_lut_config_at_a_large_shape(dtype, M):
         check(lora_linear_fwd(x, "int1", w.tensors(), _meta(w), A, B, 2.0, b, config=cfg), ref, low, f"{cfg}")
 
 
+@needs_gather
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

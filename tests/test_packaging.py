@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -21,7 +23,28 @@ def test_import_needs_no_gpu_triton_or_extension():
     assert out.returncode == 0, out.stderr
 
 
+def skip_with_old_setuptools():
+    """setup.py run directly (or pip with --no-build-isolation) takes this environment's
+    setuptools, which it refuses before 77 (pip's isolated build gets 77 or later)."""
+    import setuptools
+
+    if tuple(int(p) for p in setuptools.__version__.split(".")[:2]) < (77, 0):
+        pytest.skip(f"setuptools {setuptools.__version__} here: setup.py needs 77 or later")
+
+
+def test_setup_refuses_an_old_setuptools_with_the_command_that_fixes_it(tmp_path):
+    """An old setuptools (Python 3.9's venv has 58) would build a package named UNKNOWN."""
+    (tmp_path / "setuptools").mkdir()
+    (tmp_path / "setuptools" / "__init__.py").write_text("__version__ = '58.1.0'\ndef setup(**kw): pass\n")
+    out = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 1 and out.stdout == ""
+    assert "needs setuptools >= 77, this environment has 58.1.0" in out.stderr
+    assert "pip install -U 'setuptools>=77'" in out.stderr
+
+
 def _setup_name(tmp_path, env, break_torch=False):
+    skip_with_old_setuptools()
     env = {**os.environ, **env}
     if break_torch:  # what an isolated build environment without torch looks like
         (tmp_path / "torch").mkdir()
@@ -56,5 +79,5 @@ def test_the_readme_lists_every_environment_variable_the_code_reads():
     sources = [*(ROOT / "loraq").rglob("*.py"), *(ROOT / "kernels").rglob("*.py"), ROOT / "setup.py"]
     read = set()
     for path in sources:
-        read |= set(re.findall(r"(?:environ(?:\.get)?\(?\[?|env_is\()\s*\"(LORAQ_[A-Z_]+)\"", path.read_text()))
+        read |= set(re.findall(r"(?:environ(?:\.get)?\(?\[?|env_is\(|getenv\()\s*\"(LORAQ_[A-Z_]+)\"", path.read_text()))
     assert listed and listed == read, (sorted(listed - read), sorted(read - listed))

@@ -9,7 +9,8 @@ import torch
 pytest.importorskip("triton")
 
 from loraq import reference  # noqa: E402
-from test_triton_kernels import DEV, DTYPES, SLACK, _kernel_args, problem, workspaces_clean  # noqa: E402
+from test_triton_kernels import (DEV, DTYPES, SLACK, _kernel_args, problem, with_gather_marks,  # noqa: E402
+                                 workspaces_clean)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -110,9 +111,9 @@ def test_finish_workspace_is_zeroed_again_after_a_failed_call():
         assert not zeroed_workspace(2, 8, DEV).any()
 
 
-@pytest.mark.parametrize("fmt, cfg", [("int1", (1, 32, 64, 4, 4, 1, 2)), ("sparse4x4", (1, 16, 32, 4, 4, 2, 3)),
-                                      ("sparse4x4", (4, 16, 32, 2, 4, 2, 4)), ("int1", (16, 32, 32, 4, 4, 2, 1)),
-                                      ("sparse4x4", (16, 64, 128, 2, 4, 3, 0))], ids=str)
+@pytest.mark.parametrize("fmt, cfg", with_gather_marks([
+    ("int1", (1, 32, 64, 4, 4, 1, 2)), ("sparse4x4", (1, 16, 32, 4, 4, 2, 3)), ("sparse4x4", (4, 16, 32, 2, 4, 2, 4)),
+    ("int1", (16, 32, 32, 4, 4, 2, 1)), ("sparse4x4", (16, 64, 128, 2, 4, 3, 0))]))
 def test_finish_of_each_split_kernel_gives_the_same_answer_twice_and_leaves_zeros(fmt, cfg):
     """The lookup GEMV, both gathering orders and the split tiled kernel: a second call sees a
     clean workspace (same output, bit for bit) and leaves one."""

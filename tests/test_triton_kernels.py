@@ -20,6 +20,7 @@ from loraq import LoraLinear, ops, reference  # noqa: E402
 from loraq.autograd import LoraLinearFunction  # noqa: E402
 from loraq.formats import Int1Weight  # noqa: E402
 from loraq.kernels.autotune import LARGE_M, MID_M, SMALL_M, configs_for, wrong_on_gpu  # noqa: E402
+from loraq.kernels.triton_support import gather_problem  # noqa: E402
 from weights import make_weight  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -27,6 +28,15 @@ DEV = torch.device("cuda" if CUDA else "cpu")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FORMATS = ["int1", "int1_g16", "int1_onebit", "sparse4x4"]
 SLACK = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+#: on the tests that run the int1 lookup GEMV: it needs tl.gather (Triton >= 3.3)
+needs_gather = pytest.mark.skipif(bool(gather_problem()), reason=gather_problem() or "-")
+
+
+def with_gather_marks(cases):
+    """``(fmt, config)`` cases as pytest params (id ``fmt-config``), the lookup GEMV's marked ``needs_gather``."""
+    from loraq.kernels.autotune import LUT
+
+    return [pytest.param(f, c, marks=needs_gather if c[6] == LUT else (), id=f"{f}-{c}") for f, c in cases]
 
 
 make = make_weight
@@ -270,7 +280,8 @@ def test_per_sample_gradients_with_torch_func(fmt):
             torch.testing.assert_close(per_sample[k], torch.stack([g[j] for g in manual]), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("fmt, M, variant", [("int1", 3, "lut"), ("sparse4x4", 3, "gather"), ("int1", 5, "split"),
+@pytest.mark.parametrize("fmt, M, variant", [pytest.param("int1", 3, "lut", marks=needs_gather),
+                                             ("sparse4x4", 3, "gather"), ("int1", 5, "split"),
                                              ("sparse4x4", 40, "slab"), ("int1", 40, "tiled")])
 def test_non_contiguous_adapters_and_bias_in_every_path(fmt, M, variant):
     """Transposed A and B and a strided bias give the reference's answer in each kernel family
@@ -334,6 +345,7 @@ def test_a_bias_in_another_dtype_in_every_dense_slab_placement(placement, lora):
           reference.lora_linear_ref(x, w, A, B, 0.5, b), f"{placement} lora={lora}")
 
 
+@needs_gather
 @pytest.mark.parametrize("one_launch", [False, True])
 def test_the_public_gemvs_take_non_contiguous_adapters_and_bias(one_launch):
     """``loraq.kernels.int1_gemv_lut`` and ``sparse4x4_gemv`` called directly (not through the
