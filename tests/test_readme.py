@@ -173,7 +173,7 @@ def test_environment_table_defaults_are_the_codes(monkeypatch, tmp_path):
     src = _package_sources()
     for name, default in _env_table().items():
         monkeypatch.delenv(name, raising=False)
-        got = re.findall(rf"environ\.get\(\"{name}\", \"([^\"]*)\"\)", src)
+        got = re.findall(rf"(?:environ\.get|getenv)\(\"{name}\", \"([^\"]*)\"\)", src)  # getenv: loraq.compat
         if got:
             assert set(got) == {default}, (name, default, got)
         elif re.search(rf"env_is\(\"{name}\", \"1\"\)", src):
