@@ -9,6 +9,7 @@
 
 import glob
 import os
+import re
 import sys
 
 import setuptools
@@ -17,7 +18,7 @@ from setuptools import setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 SETUPTOOLS_FLOOR = (77, 0)  # pyproject.toml's [build-system]: the [project] table and its license string
 
-if tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in setuptools.__version__.split(".")[:2]) < SETUPTOOLS_FLOOR:
+if tuple(map(int, re.match(r"(\d+)(?:\.(\d+))?", setuptools.__version__).groups("0"))) < SETUPTOOLS_FLOOR:
     # an isolated build gets it from [build-system]; --no-build-isolation takes this environment's,
     # which (setuptools 58, Python 3.9's) would build a package named UNKNOWN without saying why
     sys.exit(f"loraq: building needs setuptools >= {SETUPTOOLS_FLOOR[0]}, this environment has "

@@ -12,6 +12,7 @@ Answers "did the config get wgmma (HGMMA) or mma.sync (HMMA)?", "does it spill (
     python bench/sass_report.py fwd int1 "(32, 256, 4096, 3, 4, 1, 7)"   # merged: Ŵ + s·B·A
     python bench/sass_report.py dx int1 "(16, 64, 128, 4, 4, 2, 8)" --scale 1   # per-group scales
     python bench/sass_report.py check     # every kernel, variant and scale mode compiles (exit 1 if not)
+    python bench/sass_report.py check --arch 80    # the same for the A100
 """
 
 from __future__ import annotations
@@ -316,11 +317,15 @@ def main(argv=None) -> int:
                    help="int1's scale mode: 0 per row, 1 per group, 2 onebit (default 0)")
     p.add_argument("--group32", action="store_true",
                    help="with --scale 1: a group size that is a multiple of 32 (the forward's pair decode)")
+    p.add_argument("--arch", type=int, default=90, help="with check: the GPU architecture, e.g. 80 for the A100 "
+                   "(default 90, Hopper)")
     args = p.parse_args(argv)
     if args.op == "check":
         if args.format or args.config:
             p.error("check takes no format or config")
-        return 1 if check() else 0
+        return 1 if check(args.arch) else 0
+    if args.arch != 90:
+        p.error("--arch goes with check (the single reports are for sm_90)")
     if not args.format or not args.config:
         p.error("fwd and dx take a format and a config")
     if args.config in ("lut", "gather", "tiled"):

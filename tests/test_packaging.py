@@ -28,7 +28,9 @@ def skip_with_old_setuptools():
     setuptools, which it refuses before 77 (pip's isolated build gets 77 or later)."""
     import setuptools
 
-    if tuple(int(p) for p in setuptools.__version__.split(".")[:2]) < (77, 0):
+    import re
+
+    if tuple(map(int, re.match(r"(\d+)(?:\.(\d+))?", setuptools.__version__).groups("0"))) < (77, 0):
         pytest.skip(f"setuptools {setuptools.__version__} here: setup.py needs 77 or later")
 
 
