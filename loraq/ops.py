@@ -48,8 +48,9 @@ def plan_switches() -> tuple:
 
 
 _SWITCHES: Optional[Callable[[], tuple]] = None
-# why Triton's interpreter would compute wrong here, "" where it runs right (kernels.triton_support)
-_interpreter_problem: Callable[[], str] = lambda: ""  # noqa: E731
+# why Triton's interpreter would compute wrong here, "" where it runs right (kernels.triton_support;
+# a string read once: the versions it depends on do not change, and a traced forward reads it)
+_INTERPRETER_PROBLEM = ""
 
 
 class NoPlan:
@@ -122,10 +123,10 @@ def _load_kernel_packages() -> Dict[str, str]:
                 register("triton", "lora_linear_dx", kind, custom.triton_lora_linear_dx)
             _PLANS["triton"] = custom.triton_forward_plan
             _DX_PLANS["triton"] = custom.triton_dx_plan
-            global _PLANS_ON_CPU, _SWITCHES, _interpreter_problem
+            global _PLANS_ON_CPU, _SWITCHES, _INTERPRETER_PROBLEM
             _PLANS_ON_CPU = importlib.import_module("loraq.kernels.decode").INTERPRETED
             _SWITCHES = importlib.import_module("loraq.kernels.env").switches
-            _interpreter_problem = importlib.import_module("loraq.kernels.triton_support").interpreter_problem
+            _INTERPRETER_PROBLEM = importlib.import_module("loraq.kernels.triton_support").interpreter_problem()
     extension.load()  # loraq._C, or the build of `loraq build-ext` (backend_status asks it why not)
     return why
 
@@ -165,12 +166,12 @@ def backend_status(device: Optional[torch.device] = None) -> Dict[str, Tuple[boo
             status[name] = (False, f"this build of loraq registers no fused {name} matmul kernels yet{have}")
         elif name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             status[name] = (False, "Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on the CPU)")
-        elif name == "triton" and device.type != "cuda" and _interpreter_problem():
-            status[name] = (False, _interpreter_problem())
+        elif name == "triton" and device.type != "cuda" and _INTERPRETER_PROBLEM:
+            status[name] = (False, _INTERPRETER_PROBLEM)
         elif name == "cuda" and device.type != "cuda":
             status[name] = (False, f"CUDA kernels need a CUDA device, got {device}")
         else:
-            kinds = sorted(set().union(*(_IMPLS[name][p] for p in _PRIMITIVES)))
+            kinds = sorted({k for p in _PRIMITIVES for k in _IMPLS[name][p]})  # (Dynamo 2.6 fails set().union(*...))
             status[name] = (True, f"kernels for {', '.join(kinds)}")
     return status
 

@@ -131,7 +131,7 @@ def test_backend_status_names_the_interpreter_problem(monkeypatch):
     asking for it by name raises that reason; on CUDA the interpreter is not involved."""
     pytest.importorskip("triton")
     why = "Triton 3.0.0's interpreter (TRITON_INTERPRET=1) leaves kernel outputs unwritten with numpy 2.0.2"
-    monkeypatch.setattr(ops, "_interpreter_problem", lambda: why)
+    monkeypatch.setattr(ops, "_INTERPRETER_PROBLEM", why)
     monkeypatch.setattr(ops, "_RESOLVED", {})
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert ops.backend_status(torch.device("cpu"))["triton"] == (False, why)
