@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.nn import Parameter
 
 from .env import env_is
+from .triton_support import triton_release
 
 try:
     from triton import knobs as _knobs
@@ -84,13 +85,10 @@ def supported() -> bool:
     if _JITFunction is None:
         return False
     try:
-        import triton
-
-        version = tuple(int(part) for part in triton.__version__.split(".")[:2])
         src = inspect.getsource(_JITFunction.run)
-    except (OSError, TypeError, ValueError):
+    except (OSError, TypeError):
         return False
-    return (version in TESTED and "*bound_args.values())" in src
+    return (triton_release() in TESTED and "*bound_args.values())" in src
             and "kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, launch_metadata,"
             in src)
 
